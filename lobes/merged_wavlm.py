@@ -1,0 +1,193 @@
+"""A frozen WavLM whose weights are the task-vector merge of eq. (4), with learnable λ.
+
+    W_merged^(l) = W_base^(l) + Σ_k λ_k^(l) ΔW_k^(l)           (eq. 4; k ∈ {ASR, SER}, l = merge group)
+
+How it runs: each merge group's submodule (the CNN block, each transformer layer, ...) is wrapped so that its
+merged weights are built just before it runs and handed to it with ``torch.func.functional_call``. W_base and
+every ΔW stay frozen; only λ receives gradients (dL/dλ_k^(l) = Σ_{W in group l} <dL/dW, ΔW_k>). Merged weights
+exist only while their group computes (and, without checkpointing, as autograd's saved tensors until backward),
+so at most one merged copy of the backbone is alive in a step. With ``gradient_checkpointing`` each group's
+merge is recomputed in backward as well, so only one group's merged weights are alive at a time.
+
+The backbone is kept in eval mode (no dropout): it is a frozen feature extractor, as in the paper, and this
+makes its features deterministic (needed for feature caching of static merges).
+"""
+import weakref
+
+import torch
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+from lobes import layer_groups
+from lobes.errors import DataError
+from lobes.merge_coefficients import MergeCoefficients
+from lobes.wavlm_encoder import load_wavlm, run_wavlm
+
+
+def _resolve_vector(name, vec):
+    """Accept a path to a saved task vector, a TaskVector, or a plain {key: tensor} dict."""
+    if isinstance(vec, dict):
+        return dict(vec)
+    if hasattr(vec, "delta"):
+        return dict(vec.delta)
+    from lobes.task_vector import load_task_vector
+
+    return dict(load_task_vector(vec).delta)
+
+
+def _check_vector(name, delta, base_state):
+    missing = sorted(set(base_state) - set(delta))
+    extra = sorted(set(delta) - set(base_state))
+    shapes = [f"{k}: vector {tuple(delta[k].shape)} vs base {tuple(base_state[k].shape)}"
+              for k in sorted(set(delta) & set(base_state)) if delta[k].shape != base_state[k].shape]
+    if missing or extra or shapes:
+        def head(items):
+            return ", ".join(items[:20]) + (f" ... (+{len(items) - 20} more)" if len(items) > 20 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {head(missing)}")
+        if extra:
+            parts.append(f"unexpected keys: {head(extra)}")
+        if shapes:
+            parts.append(f"shape mismatches: {head(shapes)}")
+        raise DataError(f"task vector '{name}' does not fit the base model ({'; '.join(parts)})")
+
+
+class _MergedGroup(torch.nn.Module):
+    """Runs one merge group's submodule with its merged weights (built on every call)."""
+
+    def __init__(self, inner, prefix, owner):
+        super().__init__()
+        self.inner = inner
+        self.prefix = prefix
+        self._owner = weakref.ref(owner)  # a plain reference would make the owner its own submodule
+
+    def _call(self, *args, **kwargs):
+        params = self._owner().merged_parameters(self.prefix)
+        return functional_call(self.inner, params, args, kwargs)
+
+    def forward(self, *args, **kwargs):
+        owner = self._owner()
+        if owner.gradient_checkpointing and torch.is_grad_enabled() and owner.num_vectors:
+            return checkpoint(self._call, *args, use_reentrant=False, **kwargs)
+        return self._call(*args, **kwargs)
+
+
+class MergedWavLM(torch.nn.Module):
+    """Frozen base + frozen task vectors + learnable λ (see module docstring).
+
+    Arguments
+    ---------
+    source : hub id or local dir of the base WavLM (W_base).
+    task_vectors : ordered {name: path | TaskVector | dict}; ``{}`` gives Setup 1 (frozen base, no merge).
+    lambda_mode, lambda_init : see :class:`lobes.merge_coefficients.MergeCoefficients`.
+    delta_dtype : store ΔW in this dtype (e.g. ``torch.bfloat16``) to save memory; merging is done in fp32.
+    """
+
+    def __init__(self, source, task_vectors=None, lambda_mode="layerwise", lambda_init=0.5, normalize_wav=True,
+                 delta_dtype=None, gradient_checkpointing=False, cache_dir=None):
+        super().__init__()
+        self.model = load_wavlm(source, cache_dir=cache_dir)
+        self.model.requires_grad_(False)
+        self.source = str(source)
+        self.normalize_wav = normalize_wav
+        self.gradient_checkpointing = gradient_checkpointing
+        cfg = self.model.config
+        self.stable_layer_norm = bool(cfg.do_stable_layer_norm)
+        base_state = {k: v for k, v in self.model.state_dict().items()}
+        self.keys = list(base_state)
+        self.group_of = {k: layer_groups.group_of(k, cfg.num_hidden_layers, self.stable_layer_norm)
+                         for k in self.keys}
+
+        task_vectors = dict(task_vectors or {})
+        self.lambdas = MergeCoefficients(list(task_vectors), self.num_groups, lambda_mode, lambda_init)
+        # ΔW are frozen Parameters (not buffers): DDP broadcasts buffers every step, parameters only once.
+        self.deltas = torch.nn.ModuleList()
+        for name, vec in task_vectors.items():
+            delta = _resolve_vector(name, vec)
+            _check_vector(name, delta, base_state)
+            store = torch.nn.ParameterDict({
+                k.replace(".", "__"): torch.nn.Parameter(
+                    delta[k].detach().to(delta_dtype or base_state[k].dtype), requires_grad=False)
+                for k in self.keys})
+            self.deltas.append(store)
+
+        for path, _ in layer_groups.group_modules(cfg.num_hidden_layers, self.stable_layer_norm):
+            parent_path, _, attr = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path) if parent_path else self.model
+            parent._modules[attr] = _MergedGroup(parent._modules[attr], path, self)
+        self._base = {k: self._find_base(k) for k in self.keys}
+        self.model.eval()
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    def _find_base(self, key):
+        for path, _ in layer_groups.group_modules(self.num_layers, self.stable_layer_norm):
+            if key.startswith(path + "."):
+                local = key[len(path) + 1:]
+                return path, local
+        return None, key
+
+    @property
+    def num_layers(self):
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self):
+        return self.model.config.hidden_size
+
+    @property
+    def num_groups(self):
+        return layer_groups.num_groups(self.model.config.num_hidden_layers)
+
+    @property
+    def num_vectors(self):
+        return len(self.deltas)
+
+    def base_parameter(self, key):
+        path, local = self._base[key]
+        module = self.model.get_submodule(path).inner if path else self.model
+        return module.get_parameter(local)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.model.eval()  # frozen feature extractor: never dropout
+        return self
+
+    # -- eq. (4) -------------------------------------------------------------------------------------
+    def merged_weight(self, key, lam=None):
+        """W_base + Σ_k λ_k^(g) ΔW_k for one parameter (g = its group)."""
+        base = self.base_parameter(key)
+        if not self.num_vectors:
+            return base
+        lam = self.lambdas() if lam is None else lam
+        g = self.group_of[key]
+        w = base
+        for k, store in enumerate(self.deltas):
+            w = w + lam[k, g] * store[key.replace(".", "__")].to(base.dtype)
+        return w
+
+    def merged_parameters(self, prefix):
+        """Merged weights of one wrapped submodule, keyed by their names inside it."""
+        if not self.num_vectors:
+            return {}
+        lam = self.lambdas()
+        n = len(prefix) + 1
+        return {k[n:]: self.merged_weight(k, lam) for k in self.keys if k.startswith(prefix + ".")}
+
+    def merged_state_dict(self):
+        """Every backbone weight merged with the current λ (detached): the folded model of eq. (4)."""
+        with torch.no_grad():
+            lam = self.lambdas()
+            return {k: self.merged_weight(k, lam).detach().clone() for k in self.keys}
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(self, wavs, wav_lens):
+        """Hidden states [L+1, B, T, D] and frame mask [B, T] of the merged model."""
+        if not self.num_vectors or not self.lambdas.lam.requires_grad:
+            with torch.no_grad():  # nothing upstream of the features is trainable
+                return run_wavlm(self.model, wavs, wav_lens, self.normalize_wav)
+        return run_wavlm(self.model, wavs, wav_lens, self.normalize_wav)
+
+    def coefficients(self):
+        """{vector name: [λ per group]} (group 0 = CNN + positional embedding)."""
+        return self.lambdas.as_dict()

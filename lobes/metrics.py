@@ -1,0 +1,397 @@
+"""Evaluation metrics for categorical SER and ASR, with bootstrap confidence intervals.
+
+All SER metrics are fractions in [0, 1] computed from the confusion matrix ``C`` (rows = true class, columns =
+predicted class, ``C[i, j]`` = number of utterances of class ``i`` predicted as ``j``). With ``tp_c = C[c, c]``,
+``n_c = sum_j C[c, j]`` (support) and ``p_c = sum_i C[i, c]`` (times predicted):
+
+* ``uar`` (unweighted average recall, the paper's primary metric)
+      UAR = mean_{c in T} tp_c / n_c,      T = classes present in y_true.
+  Classes absent from y_true have no defined recall and are left out of the mean (same as
+  ``sklearn.metrics.balanced_accuracy_score``); on MSP-Podcast Test1 every class is present, so T = all 8.
+* ``precision`` (macro precision, "Pre." in Table 1)
+      Pre = mean_{c in U} prec_c,   prec_c = tp_c / p_c  (0 when p_c = 0),   U = classes in y_true OR y_pred.
+  A class that occurs but is never predicted therefore counts as precision 0 (sklearn ``zero_division=0`` with
+  ``labels=sorted(U)``); a class that appears nowhere is ignored.
+* ``macro_f1`` ("MaF1")
+      MaF1 = mean_{c in U} F1_c,   F1_c = 2 prec_c rec_c / (prec_c + rec_c) = 2 tp_c / (n_c + p_c)  (0 when tp_c = 0).
+  This is the mean of per-class F1, not the F1 of macro precision and macro recall.
+* ``accuracy`` (weighted accuracy, WA) = sum_c tp_c / N.
+
+Confidence intervals come from a percentile bootstrap (the ``confidence-intervals`` package of Ferrer & Riera, the
+toolkit the paper cites): draw ``B`` resampled test sets, recompute the metric on each, and report the
+``alpha/2`` and ``100 - alpha/2`` percentiles. With ``conditions`` (speaker ids) whole speakers are resampled
+first and utterances within each selected speaker second, so the interval accounts for speaker correlation.
+"""
+import json
+import math
+import warnings
+
+import numpy as np
+
+from lobes.errors import DataError
+from lobes.io_utils import atomic_write
+
+try:  # the package the paper cites; a numpy fallback below keeps the toolkit usable without it
+    from confidence_intervals import get_bootstrap_indices as _ci_bootstrap_indices
+    from confidence_intervals import get_conf_int as _ci_conf_int
+except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
+    _ci_bootstrap_indices = None
+    _ci_conf_int = None
+
+# Speaker ids that do not identify a speaker (MSP-Podcast SpkrID may be "Unknown"): each such utterance is its own
+# bootstrap condition rather than all of them being lumped into one giant fake speaker.
+UNKNOWN_SPEAKERS = {"", "unknown", "none", "nan"}
+
+SER_CI_METRICS = ("uar", "precision", "macro_f1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input checking
+# ----------------------------------------------------------------------------------------------------------------
+def _as_labels(values, name, n_classes):
+    """Integer class indices in [0, n_classes) as an int64 array; DataError naming ``name`` otherwise."""
+    try:
+        arr = np.asarray(values)
+    except Exception as e:  # ragged input and the like
+        raise DataError(f"{name}: cannot read class indices ({e})") from e
+    if arr.ndim != 1:
+        raise DataError(f"{name}: expected a 1-D sequence of class indices, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise DataError(f"{name}: class indices must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = (arr < 0) | (arr >= n_classes)
+    if np.any(bad):
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{name}[{i}] = {arr[i]} is not a class index in [0, {n_classes})")
+    return arr
+
+
+def _check_pair(y_true, y_pred, n_classes):
+    if not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
+        raise DataError(f"n_classes must be a positive integer, got {n_classes!r}")
+    t = _as_labels(y_true, "y_true", n_classes)
+    p = _as_labels(y_pred, "y_pred", n_classes)
+    if len(t) != len(p):
+        raise DataError(f"y_true has {len(t)} labels but y_pred has {len(p)}")
+    if len(t) == 0:
+        raise DataError("y_true is empty: no utterances to score")
+    return t, p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Point metrics
+# ----------------------------------------------------------------------------------------------------------------
+def confusion_counts(y_true, y_pred, n_classes):
+    """``n_classes x n_classes`` int confusion matrix, rows = true class (one ``bincount``: fast inside bootstraps)."""
+    t = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def metrics_from_confusion(confusion):
+    """UAR, macro precision, macro F1 and accuracy from a confusion matrix, exactly as defined in the module doc.
+
+    Returns a dict of floats. Used inside the bootstrap loops (numpy only, no sklearn overhead); ``ser_metrics``
+    computes the reported values with sklearn and the tests check both agree.
+    """
+    c = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(c)
+    n_true = c.sum(axis=1)
+    n_pred = c.sum(axis=0)
+    total = c.sum()
+    in_true = n_true > 0
+    in_any = in_true | (n_pred > 0)
+    recall = np.divide(tp, n_true, out=np.zeros_like(tp), where=in_true)
+    precision = np.divide(tp, n_pred, out=np.zeros_like(tp), where=n_pred > 0)
+    f1 = np.divide(2 * tp, n_true + n_pred, out=np.zeros_like(tp), where=in_any)
+    return {
+        "uar": float(recall[in_true].mean()) if in_true.any() else float("nan"),
+        "precision": float(precision[in_any].mean()) if in_any.any() else float("nan"),
+        "macro_f1": float(f1[in_any].mean()) if in_any.any() else float("nan"),
+        "accuracy": float(tp.sum() / total) if total else float("nan"),
+    }
+
+
+def _metric_fn(name, n_classes):
+    """``metric(labels, samples)`` for one of ``metrics_from_confusion``'s keys, in the bootstrap package's order."""
+
+    def fn(labels, samples):
+        return metrics_from_confusion(confusion_counts(labels, samples, n_classes))[name]
+
+    fn.__name__ = name
+    return fn
+
+
+def uar_fn(n_classes=8):
+    """``metric(labels, samples) -> UAR`` for ``bootstrap_ci``."""
+    return _metric_fn("uar", n_classes)
+
+
+def precision_fn(n_classes=8):
+    """``metric(labels, samples) -> macro precision`` for ``bootstrap_ci``."""
+    return _metric_fn("precision", n_classes)
+
+
+def macro_f1_fn(n_classes=8):
+    """``metric(labels, samples) -> macro F1`` for ``bootstrap_ci``."""
+    return _metric_fn("macro_f1", n_classes)
+
+
+def ser_metrics(y_true, y_pred, n_classes=8):
+    """Categorical SER metrics (fractions in [0, 1]) of integer class predictions.
+
+    Returns ``{"uar", "precision", "macro_f1", "accuracy", "per_class_recall", "confusion", "n"}``:
+    ``per_class_recall[c] = tp_c / n_c`` or ``None`` when class ``c`` is absent from y_true (JSON has no NaN);
+    ``confusion`` is a ``n_classes x n_classes`` list of int lists, rows = true class; ``n`` = number of utterances.
+    Definitions (which classes enter each macro average) are in the module docstring.
+    """
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix
+    from sklearn.metrics import precision_recall_fscore_support
+
+    t, p = _check_pair(y_true, y_pred, n_classes)
+    present = sorted(set(t.tolist()) | set(p.tolist()))  # U: classes in y_true or y_pred
+    # balanced_accuracy_score drops classes absent from y_true, warning "y_pred contains classes not in y_true".
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        uar = balanced_accuracy_score(t, p)
+    prec, _, f1, _ = precision_recall_fscore_support(t, p, labels=present, average=None, zero_division=0)
+    confusion = confusion_matrix(t, p, labels=list(range(n_classes)))
+    support = confusion.sum(axis=1)
+    per_class_recall = [float(confusion[c, c] / support[c]) if support[c] else None for c in range(n_classes)]
+    return {
+        "uar": float(uar),
+        "precision": float(np.mean(prec)),
+        "macro_f1": float(np.mean(f1)),
+        "accuracy": float(accuracy_score(t, p)),
+        "per_class_recall": per_class_recall,
+        "confusion": confusion.astype(int).tolist(),
+        "n": int(len(t)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bootstrap
+# ----------------------------------------------------------------------------------------------------------------
+def speaker_conditions(speakers):
+    """Map speaker ids to the integer condition array the bootstrap package expects.
+
+    Known speakers get one integer each (in sorted order of their ids); every utterance whose id is in
+    ``UNKNOWN_SPEAKERS`` (case-insensitive) or is None gets its own condition, so unknown speakers are resampled
+    like independent utterances.
+    """
+    ids = ["" if s is None else str(s) for s in speakers]
+    known = sorted({s for s in ids if s.strip().lower() not in UNKNOWN_SPEAKERS})
+    index = {s: i for i, s in enumerate(known)}
+    out = np.empty(len(ids), dtype=np.int64)
+    next_id = len(known)
+    for i, s in enumerate(ids):
+        if s in index:
+            out[i] = index[s]
+        else:
+            out[i] = next_id
+            next_id += 1
+    return out
+
+
+def _numpy_bootstrap_indices(n, conditions, rng):
+    """Fallback resampler (same two-level scheme as the package): speakers with replacement, then utterances."""
+    if conditions is None:
+        return rng.integers(0, n, size=n)
+    uniq = np.unique(conditions)
+    picked, counts = np.unique(rng.choice(uniq, size=len(uniq), replace=True), return_counts=True)
+    parts = []
+    for cond, k in zip(picked, counts):
+        members = np.flatnonzero(conditions == cond)
+        parts.append(np.repeat(rng.choice(members, size=len(members), replace=True), k))
+    return np.concatenate(parts)
+
+
+def bootstrap_sets(n, conditions=None, num_bootstraps=1000, seed=0):
+    """Yield ``num_bootstraps`` index arrays, each one resampled test set of the ``n`` utterances.
+
+    With the ``confidence-intervals`` package, set ``b`` is ``get_bootstrap_indices(n, conditions,
+    random_state=seed * num_bootstraps + b)``: the package itself uses ``random_state=b`` (it has no seed argument
+    and never touches numpy's global RNG), so ``seed=0`` reproduces ``evaluate_with_conf_int`` exactly and other
+    seeds give disjoint, equally reproducible streams. Without the package: ``numpy.random.default_rng(seed)``.
+    """
+    if num_bootstraps < 1:
+        raise DataError(f"num_bootstraps must be >= 1, got {num_bootstraps}")
+    if conditions is not None:
+        conditions = np.asarray(conditions)
+        if len(conditions) != n:
+            raise DataError(f"conditions has {len(conditions)} entries but there are {n} utterances")
+    if _ci_bootstrap_indices is not None:
+        offset = int(seed) * int(num_bootstraps)
+        for b in range(num_bootstraps):
+            yield np.asarray(_ci_bootstrap_indices(n, conditions, random_state=offset + b))
+    else:
+        rng = np.random.default_rng(seed)
+        for _ in range(num_bootstraps):
+            yield _numpy_bootstrap_indices(n, conditions, rng)
+
+
+def _percentile_ci(values, alpha):
+    """(alpha/2, 100-alpha/2) percentiles of the bootstrap values (the package's ``get_conf_int``)."""
+    values = np.asarray(values, dtype=np.float64)
+    if _ci_conf_int is not None:
+        low, high = _ci_conf_int(values, alpha)
+    else:
+        low, high = np.percentile(values, alpha / 2), np.percentile(values, 100 - alpha / 2)
+    return float(low), float(high)
+
+
+def _conditions_from(conditions, n):
+    if conditions is None:
+        return None
+    conditions = np.asarray(conditions)
+    if conditions.dtype.kind not in "iu":  # speaker id strings -> integers, as the package needs
+        conditions = speaker_conditions(conditions.tolist())
+    if len(conditions) != n:
+        raise DataError(f"conditions has {len(conditions)} entries but there are {n} utterances")
+    return conditions
+
+
+def bootstrap_ci(y_true, y_pred, metric_fn, num_bootstraps=1000, alpha=5, conditions=None, seed=0):
+    """Point value and percentile-bootstrap ``(low, high)`` interval of ``metric_fn(y_true, y_pred)``.
+
+    ``metric_fn(labels, samples)`` follows ``confidence_intervals.evaluate_with_conf_int``'s argument order.
+    ``conditions``: per-utterance speaker ids (strings or ints) for a speaker-level bootstrap (see
+    ``speaker_conditions``). The interval is ``[P_{alpha/2}, P_{100-alpha/2}]`` of the metric over the resampled
+    sets (95% for ``alpha=5``). Deterministic for a given ``seed`` (see ``bootstrap_sets``).
+    """
+    t = np.asarray(y_true)
+    p = np.asarray(y_pred)
+    if len(t) != len(p):
+        raise DataError(f"y_true has {len(t)} labels but y_pred has {len(p)}")
+    if len(t) == 0:
+        raise DataError("y_true is empty: no utterances to score")
+    cond = _conditions_from(conditions, len(t))
+    value = float(metric_fn(t, p))
+    vals = [metric_fn(t[idx], p[idx]) for idx in bootstrap_sets(len(t), cond, num_bootstraps, seed)]
+    return value, _percentile_ci(vals, alpha)
+
+
+def ser_report(y_true, y_pred, speakers=None, num_bootstraps=1000, n_classes=8, alpha=5, seed=0):
+    """``ser_metrics`` plus ``{metric}_ci: [low, high]`` for uar, precision and macro_f1.
+
+    All three intervals come from the same resampled sets (one pass; the confusion matrix of each set gives every
+    metric), which is identical to calling ``bootstrap_ci`` once per metric with the same seed. ``speakers``:
+    optional per-utterance speaker ids for a speaker-level bootstrap.
+    """
+    out = ser_metrics(y_true, y_pred, n_classes)
+    t, p = _check_pair(y_true, y_pred, n_classes)
+    cond = _conditions_from(speakers, len(t))
+    vals = {k: [] for k in SER_CI_METRICS}
+    for idx in bootstrap_sets(len(t), cond, num_bootstraps, seed):
+        m = metrics_from_confusion(confusion_counts(t[idx], p[idx], n_classes))
+        for k in SER_CI_METRICS:
+            vals[k].append(m[k])
+    for k in SER_CI_METRICS:
+        out[f"{k}_ci"] = list(_percentile_ci(vals[k], alpha))
+    out["num_bootstraps"] = int(num_bootstraps)
+    out["ci_level"] = (100 - alpha) / 100
+    out["ci_unit"] = "speaker" if cond is not None else "utterance"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ASR
+# ----------------------------------------------------------------------------------------------------------------
+def _check_transcripts(refs, hyps):
+    if isinstance(refs, str) or isinstance(hyps, str):
+        raise DataError("refs and hyps must be lists of transcripts, not single strings")
+    refs, hyps = list(refs), list(hyps)
+    if len(refs) == 0:
+        raise DataError("refs is empty: no transcripts to score")
+    if len(refs) != len(hyps):
+        raise DataError(f"refs has {len(refs)} transcripts but hyps has {len(hyps)}")
+    for name, seq in (("refs", refs), ("hyps", hyps)):
+        for i, s in enumerate(seq):
+            if not isinstance(s, str):
+                raise DataError(f"{name}[{i}] is {type(s).__name__}, expected a transcript string")
+    if sum(len(r.split()) for r in refs) == 0:
+        raise DataError("refs contain no words: WER is undefined")
+    return refs, hyps
+
+
+def wer_details(refs, hyps):
+    """Corpus-level word error counts via jiwer: ``{"wer", "substitutions", "deletions", "insertions", "hits",
+    "n_ref_words", "n_utts"}`` with ``wer = (S + D + I) / N`` (N = total reference words, i.e. pooled over
+    utterances, not a mean of per-utterance WERs). Words are whitespace-separated tokens; normalise the text first
+    (``lobes.ctc_text.normalize_transcript``) - this function compares strings as given. Empty reference strings
+    are allowed (their hypothesis words count as insertions) as long as the corpus has at least one word.
+    """
+    import jiwer
+
+    refs, hyps = _check_transcripts(refs, hyps)
+    out = jiwer.process_words(refs, hyps)
+    s, d, i, h = out.substitutions, out.deletions, out.insertions, out.hits
+    n = s + d + h
+    return {
+        "wer": (s + d + i) / n,
+        "substitutions": int(s),
+        "deletions": int(d),
+        "insertions": int(i),
+        "hits": int(h),
+        "n_ref_words": int(n),
+        "n_utts": len(refs),
+    }
+
+
+def wer(refs, hyps):
+    """Corpus WER as a fraction (can exceed 1 with many insertions); see ``wer_details``."""
+    return wer_details(refs, hyps)["wer"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results files
+# ----------------------------------------------------------------------------------------------------------------
+def _jsonable(obj, where="metrics"):
+    """numpy/torch scalars and arrays -> Python types; NaN/inf rejected (JSON has no such numbers)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy arrays/scalars, torch tensors
+        return _jsonable(obj.tolist(), where)
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise DataError(f"{where} = {obj} is not a finite number; JSON cannot store it")
+        return obj
+    raise DataError(f"{where}: cannot write a {type(obj).__name__} to JSON")
+
+
+def write_metrics(path, metrics):
+    """Write ``metrics`` as indented JSON, atomically (temp file + rename).
+
+    The per-experiment file is ``<output_folder>/metrics.json``::
+
+        {"experiment": "adaltm_dual_in_domain",
+         "part": "Part 2: Ablation", "row": "Setup 4: Proposed Dual-Vector", "order": 4,   # optional, for tables
+         "test": {uar, uar_ci, precision, precision_ci, macro_f1, macro_f1_ci, accuracy, per_class_recall,
+                  confusion, n},                                                         # ser_report output
+         "wer": 0.2309,                                                                  # optional, fraction
+         "lambdas": {"ASR": [...], "SER": [...]}, "alphas": [...]}                       # optional
+    """
+    data = _jsonable(metrics)
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def read_metrics(path):
+    """Load a ``metrics.json``; DataError naming the file when it is missing, not JSON or not an object."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: metrics file not found") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -1,0 +1,100 @@
+"""WavLM as a feature extractor that returns every hidden state, from a hub id or a local directory.
+
+``wavlm_source`` in every recipe goes through :func:`load_wavlm`: ``microsoft/wavlm-large`` (downloaded by
+transformers on a machine with network access) or a local ``save_pretrained`` directory (the tiny model of the
+tests and demo, or a pre-downloaded WavLM-Large).
+
+Hidden-state convention (HF ``output_hidden_states``): index 0 is the CNN + positional-convolution output
+(the input of transformer layer 1), index l (1..L) is the output of transformer layer l; with stable layer
+norm (WavLM-Large) the final encoder layer norm is applied to index L only.
+"""
+import torch
+import torch.nn.functional as F
+from transformers import WavLMConfig, WavLMModel
+
+from lobes.errors import DataError
+
+
+def load_wavlm(source, cache_dir=None, layerdrop=0.0, apply_spec_augment=False, **config_overrides):
+    """Load a ``WavLMModel``. LayerDrop is off by default: a weighted layer sum needs every layer every step."""
+    try:
+        config = WavLMConfig.from_pretrained(source, cache_dir=cache_dir)
+    except (OSError, ValueError) as e:
+        raise DataError(f"wavlm_source '{source}' is neither a local WavLM directory nor a reachable hub id: {e}")
+    config.layerdrop = layerdrop
+    config.apply_spec_augment = apply_spec_augment
+    for k, v in config_overrides.items():
+        setattr(config, k, v)
+    return WavLMModel.from_pretrained(source, config=config, cache_dir=cache_dir)
+
+
+def lengths_to_mask(rel_lens, max_len):
+    """SpeechBrain relative lengths (fraction of the longest item) -> bool mask [B, max_len]."""
+    abs_lens = torch.round(rel_lens.float() * max_len).long().clamp(1, max_len)
+    return torch.arange(max_len, device=rel_lens.device)[None, :] < abs_lens[:, None]
+
+
+def normalize_waveforms(wavs, mask):
+    """Zero mean, unit variance per utterance over its valid samples (WavLM-Large's input normalisation)."""
+    m = mask.to(wavs.dtype)
+    n = m.sum(1, keepdim=True)
+    mean = (wavs * m).sum(1, keepdim=True) / n
+    var = (((wavs - mean) * m) ** 2).sum(1, keepdim=True) / n
+    return (wavs - mean) / torch.sqrt(var + 1e-7) * m
+
+
+def frame_mask(model, sample_mask):
+    """Mask of valid output frames, from the valid-sample mask, using the CNN's length arithmetic."""
+    frame_lens = model._get_feat_extract_output_lengths(sample_mask.sum(1))
+    n_frames = model._get_feat_extract_output_lengths(torch.tensor(sample_mask.shape[1])).item()
+    return torch.arange(n_frames, device=sample_mask.device)[None, :] < frame_lens[:, None]
+
+
+def run_wavlm(model, wavs, wav_lens, normalize=True):
+    """Run any WavLM-shaped module; returns (hidden states [L+1, B, T, D], frame mask [B, T])."""
+    if wavs.dim() != 2:
+        raise DataError(f"expected a batch of mono waveforms [B, samples], got shape {tuple(wavs.shape)}")
+    mask = lengths_to_mask(wav_lens, wavs.shape[1])
+    if normalize:
+        wavs = normalize_waveforms(wavs, mask)
+    out = model(wavs, attention_mask=mask.long(), output_hidden_states=True)
+    hidden = torch.stack(out.hidden_states, dim=0)
+    fmask = frame_mask(model, mask)[:, : hidden.shape[2]]
+    return hidden, fmask
+
+
+class WavLMEncoder(torch.nn.Module):
+    """A plain (fine-tunable or frozen) WavLM returning all hidden states.
+
+    Used by the ASR-CTC, SER and MTL recipes; AdaLTM uses :class:`lobes.merged_wavlm.MergedWavLM`, which has
+    the same ``forward`` contract.
+    """
+
+    def __init__(self, source, freeze=False, freeze_feature_extractor=True, normalize_wav=True,
+                 gradient_checkpointing=False, cache_dir=None):
+        super().__init__()
+        self.model = load_wavlm(source, cache_dir=cache_dir)
+        self.normalize_wav = normalize_wav
+        self.freeze = freeze
+        if freeze:
+            self.model.requires_grad_(False)
+        elif freeze_feature_extractor:
+            # The CNN is kept frozen during fine-tuning, as in wav2vec2/WavLM CTC recipes.
+            self.model.feature_extractor.requires_grad_(False)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @property
+    def num_layers(self):
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self):
+        return self.model.config.hidden_size
+
+    def forward(self, wavs, wav_lens):
+        if self.freeze:
+            self.model.eval()
+            with torch.no_grad():
+                return run_wavlm(self.model, wavs, wav_lens, self.normalize_wav)
+        return run_wavlm(self.model, wavs, wav_lens, self.normalize_wav)

@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Data preparation for MSP-Podcast (v1.11 / v1.12 layout): SpeechBrain JSON manifests for 8-class SER.
+
+    python recipes/MSP-Podcast/msp_podcast_prepare.py --data_folder /corpora/MSP-Podcast --save_folder exp/msp \
+        [--transcript_only] [--test_set Test1] [--no_check_audio]
+
+Reads ``Labels/labels_consensus.csv`` (split from ``Split_Set``: Train -> train, Development -> valid,
+``test_set`` -> test; O and X dropped), ``Labels/labels_detailed.csv`` (soft labels = distribution of the
+annotators' primary votes over the 8 classes; v1.11 ``EmoDetail`` and newer ``EmoClass_Major`` layouts)
+and ``Transcripts/<stem>.txt`` (normalised for CTC). Writes ``<save_folder>/{train,valid,test}.json``:
+``{utt_id: {wav, duration, emo, emo_soft, spk_id, gender[, wrd]}}``.
+
+Durations: with ``check_audio=True`` each file's header is read (sample rate, length; nothing decoded);
+with ``check_audio=False`` they are estimated from the file size assuming 16 kHz 16-bit mono PCM with a
+44-byte header (exact for the corpus' own wav files), so a 270k-row label file is prepared in seconds.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from lobes.audio import check_audio as check_audio_file
+from lobes.ctc_text import normalize_transcript
+from lobes.emotions import DROPPED_LETTERS, EMOTION_TO_INDEX, EMOTIONS, LETTER_TO_EMOTION, WORD_TO_EMOTION
+from lobes.errors import DataError
+from lobes.io_utils import atomic_write
+
+SAMPLE_RATE = 16000
+CONSENSUS_COLUMNS = ["FileName", "EmoClass", "SpkrID", "Gender", "Split_Set"]
+OPTS_FILE = "msp_prepare_opts.json"
+WAV_HEADER_BYTES = 44
+BYTES_PER_SECOND = SAMPLE_RATE * 2
+
+
+def _split_map(test_set):
+    return {"Train": "train", "Development": "valid", test_set: "test"}
+
+
+def _stem(file_name):
+    name = file_name.strip()
+    return name[:-4] if name.lower().endswith(".wav") else name
+
+
+def _vote_to_emotion(word):
+    """Annotator's primary-emotion word -> class name, or None for Other-... and unknown words."""
+    w = word.strip()
+    if w in LETTER_TO_EMOTION:  # some releases store the letter code instead of the word
+        return LETTER_TO_EMOTION[w]
+    return WORD_TO_EMOTION.get(w.lower())
+
+
+def read_detailed_votes(path, keep=None):
+    """Count the 8-class primary votes per utterance stem from ``labels_detailed.csv``.
+
+    Supports v1.11 (``FileName,EmoDetail`` with ``"WORKER; Primary; Secondary,...; A:x; V:x; D:x;"``) and the
+    newer layout with an ``EmoClass_Major`` column. Returns ``{stem: [8 vote counts]}``; ``keep`` (a set of
+    stems) limits the work to the utterances being prepared.
+    """
+    votes = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        if "FileName" not in header:
+            raise DataError(f"{path}: no FileName column in header {header}")
+        name_i = header.index("FileName")
+        if "EmoClass_Major" in header:
+            col, v111 = header.index("EmoClass_Major"), False
+        elif "EmoDetail" in header:
+            col, v111 = header.index("EmoDetail"), True
+        else:
+            raise DataError(f"{path}: neither an EmoDetail nor an EmoClass_Major column in header {header}")
+        for line_no, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) <= max(name_i, col):
+                raise DataError(f"{path}:{line_no}: expected {len(header)} columns, got {len(row)}")
+            stem = _stem(row[name_i])
+            if keep is not None and stem not in keep:
+                continue
+            field = row[col]
+            if v111:
+                parts = field.split(";")
+                if len(parts) < 2:
+                    raise DataError(f"{path}:{line_no}: cannot parse EmoDetail {field!r} for {stem}")
+                field = parts[1]
+            emo = _vote_to_emotion(field)
+            counts = votes.setdefault(stem, [0] * len(EMOTIONS))
+            if emo is not None:
+                counts[EMOTION_TO_INDEX[emo]] += 1
+    return votes
+
+
+def soft_label(vote_counts, emo):
+    """Normalised vote distribution; one-hot of the consensus class when there are no usable votes."""
+    total = sum(vote_counts) if vote_counts else 0
+    if total == 0:
+        soft = [0.0] * len(EMOTIONS)
+        soft[EMOTION_TO_INDEX[emo]] = 1.0
+        return soft
+    return [c / total for c in vote_counts]
+
+
+def _list_dir(folder, suffix):
+    """{stem: DirEntry} of the files in ``folder`` ending in ``suffix`` (one scandir, no per-file stat)."""
+    if not folder.is_dir():
+        return {}
+    with os.scandir(folder) as it:
+        return {e.name[: -len(suffix)]: e for e in it if e.name.endswith(suffix)}
+
+
+def _opts(data_folder, splits, transcript_only, test_set, check_audio):
+    return {"data_folder": str(Path(data_folder).resolve()), "splits": list(splits),
+            "transcript_only": bool(transcript_only), "test_set": test_set, "check_audio": bool(check_audio)}
+
+
+def _already_done(save_folder, splits, opts):
+    opts_path = save_folder / OPTS_FILE
+    if not opts_path.exists() or not all((save_folder / f"{s}.json").exists() for s in splits):
+        return False
+    try:
+        return json.loads(opts_path.read_text()) == opts
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "test"), transcript_only=False,
+                        test_set="Test1", skip_prep=False, check_audio=True):
+    """Write ``<save_folder>/<split>.json`` for each of ``splits`` (names among train / valid / test).
+
+    Returns ``{split: manifest path}``. Skips the work when the manifests exist and were made with the same
+    options. Raises ``DataError`` naming the file / row for bad input; nothing is written in that case.
+    """
+    save_folder = Path(save_folder)
+    paths = {s: save_folder / f"{s}.json" for s in splits}
+    if skip_prep:
+        return paths
+    unknown = set(splits) - {"train", "valid", "test"}
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; choose among train, valid, test")
+    opts = _opts(data_folder, splits, transcript_only, test_set, check_audio)
+    if _already_done(save_folder, splits, opts):
+        print(f"MSP-Podcast manifests in {save_folder} already prepared with the same options; skipping.")
+        return paths
+
+    data_folder = Path(data_folder).resolve()
+    labels_path = data_folder / "Labels" / "labels_consensus.csv"
+    if not labels_path.is_file():
+        raise DataError(f"{labels_path}: MSP-Podcast consensus labels not found (is data_folder right?)")
+    audio_dir = data_folder / "Audios"
+    wanted = {k: v for k, v in _split_map(test_set).items() if v in splits}
+
+    # Pass 1: consensus rows of the wanted splits (validated), without touching audio.
+    rows = []
+    with open(labels_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing_cols = [c for c in CONSENSUS_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing_cols:
+            raise DataError(f"{labels_path}: missing column(s) {missing_cols}")
+        for line_no, row in enumerate(reader, start=2):
+            split = wanted.get(row["Split_Set"].strip())
+            if split is None:
+                continue
+            letter = row["EmoClass"].strip()
+            if letter in DROPPED_LETTERS:
+                continue
+            if letter not in LETTER_TO_EMOTION:
+                raise DataError(f"{labels_path}:{line_no}: unknown EmoClass {letter!r} for {row['FileName']}")
+            rows.append((split, _stem(row["FileName"]), LETTER_TO_EMOTION[letter], row))
+
+    audios = _list_dir(audio_dir, ".wav")
+    transcripts = _list_dir(data_folder / "Transcripts", ".txt")
+    detailed_path = data_folder / "Labels" / "labels_detailed.csv"
+    keep = {stem for _, stem, _, _ in rows}
+    if detailed_path.is_file():
+        votes = read_detailed_votes(detailed_path, keep)
+    else:
+        print(f"Warning: {detailed_path} not found; emo_soft is the one-hot consensus class.")
+        votes = {}
+
+    # Pass 2: per-utterance checks and manifest entries.
+    manifests = {s: {} for s in splits}
+    for split, stem, emo, row in rows:
+        entry = audios.get(stem)
+        if entry is None:
+            raise DataError(f"{labels_path}: audio file for {row['FileName']} not found in {audio_dir}")
+        wrd = None
+        if stem in transcripts:
+            wrd = normalize_transcript(Path(transcripts[stem].path).read_text(encoding="utf-8", errors="replace"))
+            if not wrd and transcript_only:
+                raise DataError(f"{transcripts[stem].path}: transcript of {stem} is empty")
+        if transcript_only and not wrd:
+            continue
+        if check_audio:
+            duration = check_audio_file(entry.path, SAMPLE_RATE)
+        else:
+            duration = max(0, entry.stat().st_size - WAV_HEADER_BYTES) / BYTES_PER_SECOND
+        item = {
+            "wav": entry.path,
+            "duration": round(duration, 4),
+            "emo": emo,
+            "emo_soft": soft_label(votes.get(stem), emo),
+            "spk_id": row["SpkrID"].strip(),
+            "gender": row["Gender"].strip(),
+        }
+        if wrd:
+            item["wrd"] = wrd
+        if stem in manifests[split]:
+            raise DataError(f"{labels_path}: {row['FileName']} listed twice")
+        manifests[split][stem] = item
+
+    # All checks passed: write. The options file goes last, so a crash mid-way never looks 'already done'.
+    (save_folder / OPTS_FILE).unlink(missing_ok=True)
+    for split, manifest in manifests.items():
+        with atomic_write(paths[split]) as f:
+            json.dump(manifest, f, indent=2)
+    with atomic_write(save_folder / OPTS_FILE) as f:
+        json.dump(opts, f, indent=2)
+
+    subset = " (utterances with a transcript only)" if transcript_only else ""
+    print(f"MSP-Podcast manifests{subset} written to {save_folder}:")
+    for split, manifest in manifests.items():
+        per_class = Counter(item["emo"] for item in manifest.values())
+        n_wrd = sum("wrd" in item for item in manifest.values())
+        print(f"  {split}: {len(manifest)} utterances ({n_wrd} with transcript); "
+              + ", ".join(f"{e} {per_class.get(e, 0)}" for e in EMOTIONS))
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Prepare MSP-Podcast manifests for 8-class SER (and ASR subset).")
+    p.add_argument("--data_folder", required=True, help="MSP-Podcast root (Audios/, Labels/, Transcripts/)")
+    p.add_argument("--save_folder", required=True, help="where {train,valid,test}.json go")
+    p.add_argument("--splits", nargs="+", default=["train", "valid", "test"])
+    p.add_argument("--transcript_only", action="store_true", help="keep only utterances with a transcript")
+    p.add_argument("--test_set", default="Test1", help="Split_Set value used as the test split")
+    p.add_argument("--no_check_audio", action="store_true", help="skip header checks (durations from file size)")
+    args = p.parse_args(argv)
+    try:
+        prepare_msp_podcast(args.data_folder, args.save_folder, splits=tuple(args.splits),
+                            transcript_only=args.transcript_only, test_set=args.test_set,
+                            check_audio=not args.no_check_audio)
+    except DataError as e:
+        sys.exit(f"Error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Command-line tools: corpus generation, task-vector extraction, result tables, plots, inference."""
