@@ -31,7 +31,7 @@ import numpy as np
 from lobes.errors import DataError
 from lobes.io_utils import atomic_write
 
-try:  # the package the paper cites; a numpy fallback below keeps the toolkit usable without it
+try:  # the package the paper cites; without it the same numbers come from numpy (see bootstrap_sets)
     from confidence_intervals import get_bootstrap_indices as _ci_bootstrap_indices
     from confidence_intervals import get_conf_int as _ci_conf_int
 except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
@@ -194,45 +194,84 @@ def speaker_conditions(speakers):
     return out
 
 
-def _numpy_bootstrap_indices(n, conditions, rng):
-    """Fallback resampler (same two-level scheme as the package): speakers with replacement, then utterances."""
-    if conditions is None:
-        return rng.integers(0, n, size=n)
-    uniq = np.unique(conditions)
-    picked, counts = np.unique(rng.choice(uniq, size=len(uniq), replace=True), return_counts=True)
+class _ConditionGroups:
+    """Utterance positions of each condition, grouped once (the package recomputes ``conditions == s`` per draw)."""
+
+    def __init__(self, conditions):
+        conditions = np.asarray(conditions)
+        self.unique, inverse = np.unique(conditions, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")  # positions ascending within each condition
+        sizes = np.bincount(inverse, minlength=len(self.unique))
+        self.members = np.split(order, np.cumsum(sizes)[:-1])
+        self.rng = np.random.RandomState(0)
+
+
+def _condition_indices(groups, random_state):
+    """One speaker-level bootstrap set, bit-identical to ``confidence_intervals.get_bootstrap_indices(n, conditions,
+    random_state)`` (a test checks this) but ~50x faster: the package calls ``sklearn.utils.resample`` once per
+    selected speaker, whose parameter validation dominates (about 0.13 s per set for 46k utterances / 300 speakers).
+
+    Scheme (the package's): draw ``S`` speakers with replacement from the ``S`` speakers; for each distinct drawn
+    speaker (ascending id) drawn ``k`` times, draw its ``m`` utterances with replacement and repeat each draw ``k``
+    times. Like the package (and ``sklearn.utils.resample`` with an int seed) every draw uses a fresh
+    ``RandomState(random_state)``, so the within-speaker draw depends only on ``m``: cached per size.
+    """
+    rs = groups.rng  # re-seeding one generator is 10x cheaper than building a RandomState per draw
+    n_cond = len(groups.unique)
+    rs.seed(random_state)
+    picked = rs.choice(n_cond, size=n_cond, replace=True)
+    picked, counts = np.unique(picked, return_counts=True)
+    draws = {}
     parts = []
-    for cond, k in zip(picked, counts):
-        members = np.flatnonzero(conditions == cond)
-        parts.append(np.repeat(rng.choice(members, size=len(members), replace=True), k))
+    for g, k in zip(picked, counts):
+        members = groups.members[g]
+        m = len(members)
+        if m not in draws:
+            rs.seed(random_state)
+            draws[m] = rs.choice(m, size=m, replace=True)
+        parts.append(np.repeat(members[draws[m]], k))
     return np.concatenate(parts)
+
+
+def _utterance_indices(n, random_state):
+    """One utterance-level bootstrap set: the package's ``get_bootstrap_indices(n, None, random_state)``, or the same
+    numbers without it (``sklearn.utils.resample`` with an int seed is ``RandomState(seed).choice(n, n)``)."""
+    if _ci_bootstrap_indices is not None:
+        return np.asarray(_ci_bootstrap_indices(n, None, random_state=random_state))
+    return np.random.RandomState(random_state).choice(n, size=n, replace=True)
 
 
 def bootstrap_sets(n, conditions=None, num_bootstraps=1000, seed=0):
     """Yield ``num_bootstraps`` index arrays, each one resampled test set of the ``n`` utterances.
 
-    With the ``confidence-intervals`` package, set ``b`` is ``get_bootstrap_indices(n, conditions,
-    random_state=seed * num_bootstraps + b)``: the package itself uses ``random_state=b`` (it has no seed argument
-    and never touches numpy's global RNG), so ``seed=0`` reproduces ``evaluate_with_conf_int`` exactly and other
-    seeds give disjoint, equally reproducible streams. Without the package: ``numpy.random.default_rng(seed)``.
+    Set ``b`` equals ``confidence_intervals.get_bootstrap_indices(n, conditions, random_state=seed *
+    num_bootstraps + b)``. The package itself has no seed argument: it uses ``random_state=b`` for set ``b`` (and
+    never touches numpy's global RNG), so ``seed=0`` reproduces ``evaluate_with_conf_int`` exactly and every seed is
+    reproducible, other seeds giving disjoint streams. Speaker-level sets come from ``_condition_indices``.
     """
     if num_bootstraps < 1:
         raise DataError(f"num_bootstraps must be >= 1, got {num_bootstraps}")
+    if n < 1:
+        raise DataError("cannot bootstrap an empty test set")
+    offset = int(seed) * int(num_bootstraps)
+    if offset < 0 or offset + num_bootstraps > 2**32:
+        raise DataError(f"seed {seed} out of range for {num_bootstraps} bootstraps (random states must be < 2**32)")
+    groups = None
     if conditions is not None:
-        conditions = np.asarray(conditions)
         if len(conditions) != n:
             raise DataError(f"conditions has {len(conditions)} entries but there are {n} utterances")
-    if _ci_bootstrap_indices is not None:
-        offset = int(seed) * int(num_bootstraps)
-        for b in range(num_bootstraps):
-            yield np.asarray(_ci_bootstrap_indices(n, conditions, random_state=offset + b))
-    else:
-        rng = np.random.default_rng(seed)
-        for _ in range(num_bootstraps):
-            yield _numpy_bootstrap_indices(n, conditions, rng)
+        groups = _ConditionGroups(conditions)
+    for b in range(num_bootstraps):
+        if groups is None:
+            yield _utterance_indices(n, offset + b)
+        else:
+            yield _condition_indices(groups, offset + b)
 
 
 def _percentile_ci(values, alpha):
     """(alpha/2, 100-alpha/2) percentiles of the bootstrap values (the package's ``get_conf_int``)."""
+    if not 0 < alpha < 100:
+        raise DataError(f"alpha must be in (0, 100) percent, got {alpha}")
     values = np.asarray(values, dtype=np.float64)
     if _ci_conf_int is not None:
         low, high = _ci_conf_int(values, alpha)

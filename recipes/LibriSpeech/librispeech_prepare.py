@@ -22,7 +22,14 @@ from lobes.io_utils import atomic_write
 
 SAMPLE_RATE = 16000
 DEFAULT_SPLITS = ("train-clean-100", "dev-clean", "dev-other", "test-clean", "test-other")
-OPTS_FILE = "librispeech_prepare_opts.json"
+OPTS_FILE = "librispeech_prepare.opts"  # JSON, but not *.json: only manifests match that
+
+
+def write_manifest(manifest, f):
+    """JSON with one utterance per line (readable; fast C encoder per entry)."""
+    f.write("{\n")
+    f.write(",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()))
+    f.write("\n}\n")
 
 
 def _subdirs(folder):
@@ -115,7 +122,7 @@ def prepare_librispeech(data_folder, save_folder, splits=DEFAULT_SPLITS, skip_pr
     opts_path.unlink(missing_ok=True)
     for s, manifest in manifests.items():
         with atomic_write(paths[s]) as f:
-            json.dump(manifest, f, indent=2)
+            write_manifest(manifest, f)
         hours = sum(item["duration"] for item in manifest.values()) / 3600
         n_spk = len({item["spk_id"] for item in manifest.values()})
         print(f"  {s}: {len(manifest)} utterances, {n_spk} speakers, {hours:.2f} h")

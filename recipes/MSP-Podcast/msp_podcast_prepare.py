@@ -30,7 +30,7 @@ from lobes.io_utils import atomic_write
 
 SAMPLE_RATE = 16000
 CONSENSUS_COLUMNS = ["FileName", "EmoClass", "SpkrID", "Gender", "Split_Set"]
-OPTS_FILE = "msp_prepare_opts.json"
+OPTS_FILE = "msp_podcast_prepare.opts"  # JSON, but not *.json: only manifests match that
 WAV_HEADER_BYTES = 44
 BYTES_PER_SECOND = SAMPLE_RATE * 2
 
@@ -72,24 +72,33 @@ def read_detailed_votes(path, keep=None):
             col, v111 = header.index("EmoDetail"), True
         else:
             raise DataError(f"{path}: neither an EmoDetail nor an EmoClass_Major column in header {header}")
+        n_cols = max(name_i, col) + 1
+        word_index = {}  # cache: primary word -> class index or None (millions of rows, few distinct words)
         for line_no, row in enumerate(reader, start=2):
             if not row:
                 continue
-            if len(row) <= max(name_i, col):
+            if len(row) < n_cols:
                 raise DataError(f"{path}:{line_no}: expected {len(header)} columns, got {len(row)}")
-            stem = _stem(row[name_i])
+            stem = row[name_i].strip()
+            if stem[-4:].lower() == ".wav":
+                stem = stem[:-4]
             if keep is not None and stem not in keep:
                 continue
             field = row[col]
             if v111:
-                parts = field.split(";")
+                parts = field.split(";", 2)
                 if len(parts) < 2:
                     raise DataError(f"{path}:{line_no}: cannot parse EmoDetail {field!r} for {stem}")
                 field = parts[1]
-            emo = _vote_to_emotion(field)
-            counts = votes.setdefault(stem, [0] * len(EMOTIONS))
-            if emo is not None:
-                counts[EMOTION_TO_INDEX[emo]] += 1
+            if field not in word_index:
+                emo = _vote_to_emotion(field)
+                word_index[field] = None if emo is None else EMOTION_TO_INDEX[emo]
+            idx = word_index[field]
+            counts = votes.get(stem)
+            if counts is None:
+                counts = votes[stem] = [0] * len(EMOTIONS)
+            if idx is not None:
+                counts[idx] += 1
     return votes
 
 
@@ -101,6 +110,13 @@ def soft_label(vote_counts, emo):
         soft[EMOTION_TO_INDEX[emo]] = 1.0
         return soft
     return [c / total for c in vote_counts]
+
+
+def write_manifest(manifest, f):
+    """JSON with one utterance per line: readable, and ~10x faster than indent=2 (C encoder per entry)."""
+    f.write("{\n")
+    f.write(",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()))
+    f.write("\n}\n")
 
 
 def _list_dir(folder, suffix):
@@ -188,7 +204,8 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
             raise DataError(f"{labels_path}: audio file for {row['FileName']} not found in {audio_dir}")
         wrd = None
         if stem in transcripts:
-            wrd = normalize_transcript(Path(transcripts[stem].path).read_text(encoding="utf-8", errors="replace"))
+            with open(transcripts[stem].path, encoding="utf-8", errors="replace") as f:
+                wrd = normalize_transcript(f.read())
             if not wrd and transcript_only:
                 raise DataError(f"{transcripts[stem].path}: transcript of {stem} is empty")
         if transcript_only and not wrd:
@@ -215,7 +232,7 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
     (save_folder / OPTS_FILE).unlink(missing_ok=True)
     for split, manifest in manifests.items():
         with atomic_write(paths[split]) as f:
-            json.dump(manifest, f, indent=2)
+            write_manifest(manifest, f)
     with atomic_write(save_folder / OPTS_FILE) as f:
         json.dump(opts, f, indent=2)
 

@@ -1,0 +1,128 @@
+"""Data pipelines shared by every recipe: manifests -> SpeechBrain datasets -> (dynamic) batches.
+
+Manifest keys are documented in docs/DESIGN.md. Pipelines:
+- ``sig``                : waveform (mono, 16 kHz, checked by ``lobes.audio.read_audio``);
+- ``emo_idx``, ``soft_label``: hard class index and soft label vector (AdaLTM's class-balanced soft CE);
+- ``wrd``, ``tokens``    : normalised transcript and its CTC character indices.
+
+Dynamic batching groups utterances of similar duration into batches of at most ``max_batch_length`` seconds
+(SpeechBrain's ``DynamicBatchSampler``), so long podcast turns do not run out of memory and little of a batch
+is padding; see ``padding_share`` to measure it.
+"""
+import json
+from collections import Counter
+
+import speechbrain as sb
+import torch
+from speechbrain.dataio.sampler import DynamicBatchSampler
+
+from lobes import ctc_text
+from lobes.audio import read_audio
+from lobes.emotions import EMOTIONS, EMOTION_TO_INDEX
+from lobes.errors import DataError
+
+
+@sb.utils.data_pipeline.takes("wav")
+@sb.utils.data_pipeline.provides("sig")
+def audio_pipeline(wav):
+    return read_audio(wav)
+
+
+@sb.utils.data_pipeline.takes("emo", "emo_soft")
+@sb.utils.data_pipeline.provides("emo_idx", "soft_label")
+def emotion_pipeline(emo, emo_soft):
+    if emo not in EMOTION_TO_INDEX:
+        raise DataError(f"unknown emotion class '{emo}' (expected one of {EMOTIONS})")
+    yield torch.tensor([EMOTION_TO_INDEX[emo]], dtype=torch.long)  # 1-D: PaddedBatch cannot pad 0-d tensors
+    yield torch.tensor(emo_soft, dtype=torch.float)
+
+
+@sb.utils.data_pipeline.takes("wrd")
+@sb.utils.data_pipeline.provides("wrd", "tokens")
+def ctc_text_pipeline(wrd):
+    yield wrd
+    yield ctc_text.encode(wrd)
+
+
+def _check_manifest(path, required):
+    try:
+        data = json.loads(open(path).read())
+    except FileNotFoundError:
+        raise DataError(f"manifest '{path}' does not exist: run data preparation (stage 0) first")
+    except json.JSONDecodeError as e:
+        raise DataError(f"manifest '{path}' is not valid JSON ({e})")
+    if not data:
+        raise DataError(f"manifest '{path}' holds no utterances")
+    for utt, entry in data.items():
+        missing = [k for k in required if k not in entry]
+        if missing:
+            raise DataError(f"manifest '{path}': utterance '{utt}' lacks {missing}")
+    return data
+
+
+def make_dataset(manifest, pipelines, output_keys, required=("wav", "duration"), sort=None, data_root=None):
+    """A ``DynamicItemDataset`` from one manifest, validated first so errors name the utterance."""
+    data = _check_manifest(manifest, required)
+    ds = sb.dataio.dataset.DynamicItemDataset(data)
+    for p in pipelines:
+        ds.add_dynamic_item(p)
+    ds.set_output_keys(["id"] + list(output_keys))
+    if sort in ("ascending", "descending"):
+        ds = ds.filtered_sorted(sort_key="duration", reverse=sort == "descending")
+    return ds
+
+
+def class_counts(manifest):
+    """Training-set counts of the hard labels, in ``EMOTIONS`` order (for the class-balanced loss)."""
+    counts = Counter(entry["emo"] for entry in _check_manifest(manifest, ("emo",)).values())
+    return [counts.get(e, 0) for e in EMOTIONS]
+
+
+def loader_kwargs(hparams, dataset, train):
+    """DataLoader kwargs: a ``DynamicBatchSampler`` when ``dynamic_batching`` is on, else fixed batches."""
+    if hparams.get("dynamic_batching", False):
+        sampler = DynamicBatchSampler(
+            dataset,
+            max_batch_length=hparams["max_batch_length"],
+            num_buckets=hparams.get("num_buckets", 20),
+            length_func=lambda x: x["duration"],
+            shuffle=train,
+            batch_ordering="random" if train else "ascending",
+            max_batch_ex=hparams.get("max_batch_ex", None),
+        )
+        return {"batch_sampler": sampler, "num_workers": hparams.get("num_workers", 0)}
+    return {"batch_size": hparams["batch_size"], "shuffle": train and hparams.get("sorting", "random") == "random",
+            "num_workers": hparams.get("num_workers", 0)}
+
+
+def padding_share(durations, batches):
+    """Share of padded frames over all batches (each padded to its longest item)."""
+    total = padded = 0.0
+    for batch in batches:
+        lens = [durations[i] for i in batch]
+        total += len(lens) * max(lens)
+        padded += len(lens) * max(lens) - sum(lens)
+    return padded / total if total else 0.0
+
+
+def msp_manifests(hparams):
+    """{train, valid, test} -> manifest paths written by msp_podcast_prepare.py into ``prep_folder``."""
+    from pathlib import Path
+
+    return {s: str(Path(hparams["prep_folder"]) / f"{s}.json") for s in ("train", "valid", "test")}
+
+
+def ser_datasets(manifests, with_text=False, sort=None):
+    """Datasets yielding ``sig, emo_idx, soft_label, spk_id`` (+ ``wrd, tokens`` for multi-task recipes)."""
+    pipelines = [audio_pipeline, emotion_pipeline] + ([ctc_text_pipeline] if with_text else [])
+    keys = ["sig", "emo_idx", "soft_label", "spk_id"] + (["wrd", "tokens"] if with_text else [])
+    required = ("wav", "duration", "emo", "emo_soft") + (("wrd",) if with_text else ())
+    return {s: make_dataset(p, pipelines, keys, required, sort=sort if s == "train" else None)
+            for s, p in manifests.items()}
+
+
+def asr_datasets(manifests, sort=None):
+    """Datasets yielding ``sig, wrd, tokens`` from any manifest with ``wav`` and ``wrd``."""
+    return {s: make_dataset(p, [audio_pipeline, ctc_text_pipeline], ["sig", "wrd", "tokens"],
+                            ("wav", "duration", "wrd"), sort=sort if s == "train" else None)
+            for s, p in manifests.items()}

@@ -1,0 +1,114 @@
+"""HarmoniFuse prompt-adaptive dynamic fusion over the layers of the speech language model.
+
+The paper: "per-layer importance weights are computed as a sum of a task- and layer-specific learnable
+scalar and an input-dependent score from a small FFN on the hidden state". The precise form used here:
+
+    p_l(x)    = LN( Σ_t m_t h_{l,t} / Σ_t m_t )            mask-aware mean pool of layer l, LN without affine
+    s_{τ,l}(x) = b_{τ,l} + f(p_l(x))                        f = Linear(D, H) - Tanh - Linear(H, 1), shared by layers
+    α_{τ,l}(x) = softmax_l s_{τ,l}(x)                        one distribution over layers per sample
+    fused_t    = Σ_l α_{τ,l}(x) h_{l,t}                      [B, T, D]
+
+* Task (prompt) conditioning comes from two places: the static term b_τ, and the hidden states themselves,
+  which are computed from a sequence that starts with the task's prompt tokens. In
+  :class:`lobes.speech_lm.SpeechLM` the pool mask m covers only the prompt + speech positions (the
+  condition), never the target tokens: pooling over targets would let a causal LM see future tokens through
+  α, and generation could not reproduce it. So α is fixed once the prefix is read.
+* The output layer of f starts at zero (no bias: a constant is cancelled by the softmax), so at step 0 the
+  dynamic model equals the static one; the ablations differ only by what training learns.
+* LayerNorm on the pooled vector makes f see a scale-free summary: residual-stream norms grow with depth and
+  f would otherwise mostly learn "deeper = larger".
+* ``mode="static"`` drops f (ablation: static fusion only); ``mode="last"`` returns the last layer
+  (no fusion, weights one-hot on the last layer).
+"""
+import torch
+import torch.nn.functional as F
+
+from lobes.errors import DataError
+from lobes.gated_encoder_fusion import stack_hidden_states, task_indices
+
+MODES = ("dynamic", "static", "last")
+
+
+def masked_mean(hs, mask):
+    """Mean over time of [N, B, T, D] with a [B, T] bool mask (None = all frames) -> [N, B, D]."""
+    if mask is None:
+        return hs.mean(dim=2)
+    m = mask.to(hs.dtype)[None, :, :, None]
+    return (hs * m).sum(dim=2) / m.sum(dim=2).clamp(min=1.0)
+
+
+class PromptAdaptiveFusion(torch.nn.Module):
+    """Task- and input-dependent softmax weighting of L hidden states (see module doc).
+
+    ``forward(hidden_states, task, pool_mask=None) -> (fused [B, T, D], weights [B, L])``;
+    ``hidden_states``: [L, B, T, D] tensor or a list of L tensors [B, T, D].
+    """
+
+    def __init__(self, num_layers, hidden_size, tasks=("asr", "ser"), ffn_hidden=64, mode="dynamic",
+                 normalize_pooled=True):
+        super().__init__()
+        if mode not in MODES:
+            raise DataError(f"fusion mode must be one of {MODES}, got '{mode}'")
+        self.tasks = tuple(tasks)
+        self.num_layers = int(num_layers)
+        self.hidden_size = int(hidden_size)
+        self.mode = mode
+        self.normalize_pooled = normalize_pooled
+        self.layer_bias = torch.nn.Parameter(torch.zeros(len(self.tasks), self.num_layers))  # b_{τ,l}
+        if mode == "dynamic":
+            self.ffn = torch.nn.Sequential(
+                torch.nn.Linear(self.hidden_size, ffn_hidden), torch.nn.Tanh(),
+                torch.nn.Linear(ffn_hidden, 1, bias=False))
+            torch.nn.init.zeros_(self.ffn[2].weight)
+        else:
+            self.ffn = None
+
+    def _check(self, hs):
+        if hs.shape[0] != self.num_layers or hs.shape[-1] != self.hidden_size:
+            raise DataError(f"fusion built for {self.num_layers} layers of size {self.hidden_size}, got hidden "
+                            f"states of shape {tuple(hs.shape)}")
+
+    def scores(self, hidden_states, task, pool_mask=None):
+        """s_{τ,l}(x): [B, L] (before the softmax)."""
+        hs = stack_hidden_states(hidden_states)
+        self._check(hs)
+        idx = task_indices(task, self.tasks, hs.shape[1], hs.device)
+        s = self.layer_bias[idx]
+        if self.mode == "dynamic":
+            pooled = masked_mean(hs, pool_mask)                        # [L, B, D]
+            if self.normalize_pooled:
+                pooled = F.layer_norm(pooled, (pooled.shape[-1],))
+            s = s + self.ffn(pooled.to(self.ffn[0].weight.dtype)).squeeze(-1).transpose(0, 1)
+        return s
+
+    def layer_weights(self, hidden_states, task, pool_mask=None):
+        """α(x): [B, L], a distribution over layers per sample."""
+        hs = stack_hidden_states(hidden_states)
+        if self.mode == "last":
+            self._check(hs)
+            w = torch.zeros(hs.shape[1], self.num_layers, device=hs.device, dtype=hs.dtype)
+            w[:, -1] = 1.0
+            return w
+        return F.softmax(self.scores(hs, task, pool_mask), dim=-1)
+
+    @staticmethod
+    def fuse(hidden_states, weights):
+        """Σ_l α_l h_l for precomputed weights [B, L] (generation reuses the prefix's α)."""
+        hs = stack_hidden_states(hidden_states)
+        return torch.einsum("lbtd,bl->btd", hs, weights.to(hs.dtype))
+
+    def forward(self, hidden_states, task, pool_mask=None):
+        hs = stack_hidden_states(hidden_states)
+        w = self.layer_weights(hs, task, pool_mask)
+        if self.mode == "last":
+            return hs[-1], w
+        return self.fuse(hs, w), w
+
+    def static_weights(self, task):
+        """softmax(b_τ): the input-independent part (detached, for plots)."""
+        idx = task_indices(task, self.tasks, 1, self.layer_bias.device)
+        if self.mode == "last":
+            w = torch.zeros(self.num_layers)
+            w[-1] = 1.0
+            return w
+        return F.softmax(self.layer_bias[idx][0], dim=-1).detach().clone()

@@ -1,0 +1,179 @@
+"""Figures for the papers: confusion matrices, λ per merge group (AdaLTM Figures 2/3) and layer weights α.
+
+Every figure is drawn on its own ``matplotlib.figure.Figure`` with an Agg canvas (no pyplot global state, no
+display needed) at a fixed ``figsize`` x ``dpi``, so a PNG is exactly ``figsize[0]*dpi`` x ``figsize[1]*dpi``
+pixels, and saved atomically (temp file in the target folder, then rename).
+Group axis convention (``lobes.layer_groups``): group 0 = CNN feature extractor + positional embedding,
+group l = transformer layer l. Layer-weight axis: index 0 = CNN output (when included), l = layer l.
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lobes.errors import DataError
+from lobes.io_utils import atomic_path
+
+DEFAULT_DPI = 100
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _new_figure(figsize, dpi):
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path, dpi):
+    """Write ``fig`` to ``path`` atomically; the format follows the suffix (png when there is none)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=fmt)  # no bbox_inches="tight": keeps the pixel size fixed
+    return path
+
+
+def _values(seq, where):
+    """A non-empty list of finite floats; DataError naming ``where`` otherwise."""
+    try:
+        arr = np.asarray(seq, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{where}: expected a list of numbers ({e})") from e
+    if arr.ndim != 1 or arr.size == 0:
+        raise DataError(f"{where}: expected a non-empty 1-D list of numbers, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise DataError(f"{where}: contains NaN or inf")
+    return arr
+
+
+def _series(mapping, what):
+    if not isinstance(mapping, dict) or not mapping:
+        raise DataError(f"{what}: expected a non-empty {{name: [values]}} dict")
+    return {str(k): _values(v, f"{what}['{k}']") for k, v in mapping.items()}
+
+
+def plot_confusion(confusion, class_names, path, title=None, normalize=True, figsize=(7, 6), dpi=DEFAULT_DPI):
+    """Confusion matrix heat map (rows = true class, columns = predicted class).
+
+    Cell colour = row-normalised rate ``C[i, j] / sum_j C[i, j]`` (so the diagonal is per-class recall) when
+    ``normalize``, raw counts otherwise; every cell is annotated with its count (and the rate).
+    """
+    c = np.asarray(confusion, dtype=np.float64)
+    k = len(class_names)
+    if c.shape != (k, k):
+        raise DataError(f"confusion has shape {c.shape} but there are {k} class names")
+    if np.any(c < 0) or not np.all(np.isfinite(c)):
+        raise DataError("confusion: counts must be finite and non-negative")
+    rows = c.sum(axis=1, keepdims=True)
+    rate = np.divide(c, rows, out=np.zeros_like(c), where=rows > 0)
+    shown = rate if normalize else c
+    fig = _new_figure(figsize, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(1.0, c.max()))
+    fig.colorbar(im, ax=ax, label="row-normalised rate" if normalize else "count")
+    ax.set_xticks(range(k), labels=class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels=class_names)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    for i in range(k):
+        for j in range(k):
+            text = f"{int(c[i, j])}\n{100 * rate[i, j]:.0f}%" if normalize else f"{int(c[i, j])}"
+            dark = shown[i, j] > 0.6 * (1 if normalize else max(1.0, c.max()))
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def _group_axis(ax, num_groups):
+    ax.set_xlabel("Merge group (0 = CNN + pos. emb., l = Transformer layer l)")
+    step = max(1, math.ceil(num_groups / 13))
+    ax.set_xticks(range(0, num_groups, step))
+    ax.set_xlim(-0.5, num_groups - 0.5)
+
+
+def plot_lambdas(lambdas, path, title=None, init=0.5, figsize=(8, 4.5), dpi=DEFAULT_DPI):
+    """λ per merge group, one line per task vector name (e.g. ``{"ASR": [25 floats], "SER": [25 floats]}``).
+
+    A dashed horizontal line marks ``init`` (λ's initial value, 0.5 in the paper; None to omit).
+    """
+    series = _series(lambdas, "lambdas")
+    fig = _new_figure(figsize, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    for k, (name, vals) in enumerate(series.items()):
+        ax.plot(range(len(vals)), vals, marker=MARKERS[k % len(MARKERS)], markersize=4, label=f"λ {name}")
+    if init is not None:
+        ax.axhline(init, color="gray", linestyle="--", linewidth=0.8, label=f"init ({init:g})")
+    _group_axis(ax, max(len(v) for v in series.values()))
+    ax.set_ylabel("λ")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_lambda_comparison(runs, path, title=None, init=0.5, figsize=(9, 5), dpi=DEFAULT_DPI):
+    """Overlay λ of several runs (dual vs single vector, in- vs out-of-domain; Figures 2/3).
+
+    ``runs``: ``{run name: {vector name: [λ per group]}}``. One colour per (run, vector) line; the line style
+    encodes the run and the marker the vector name, so the same vector keeps its marker across runs.
+    """
+    if not isinstance(runs, dict) or not runs:
+        raise DataError("runs: expected a non-empty {run name: {vector name: [values]}} dict")
+    all_series = {str(run): _series(vecs, f"runs['{run}']") for run, vecs in runs.items()}
+    vec_names = list(dict.fromkeys(v for s in all_series.values() for v in s))
+    fig = _new_figure(figsize, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = [f"C{i % 10}" for i in range(sum(len(s) for s in all_series.values()))]
+    n = 0
+    for r, (run, series) in enumerate(all_series.items()):
+        for name, vals in series.items():
+            ax.plot(range(len(vals)), vals, color=colors[n], linestyle=LINESTYLES[r % len(LINESTYLES)],
+                    marker=MARKERS[vec_names.index(name) % len(MARKERS)], markersize=4,
+                    label=f"λ {name} ({run})")
+            n += 1
+    if init is not None:
+        ax.axhline(init, color="gray", linestyle="--", linewidth=0.8)
+    _group_axis(ax, max(len(v) for s in all_series.values() for v in s.values()))
+    ax.set_ylabel("λ")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_layer_weights(weights, path, title=None, first_index=0, figsize=(8, 4.5), dpi=DEFAULT_DPI):
+    """Grouped bars of layer weights α (softmax over layers), one bar set per name.
+
+    ``weights``: ``{name: [α per layer]}`` - the AdaLTM SER head's α (``{"SER": [...]}``) or HarmoniFuse's per-task
+    encoder / LM fusion weights (``{"ASR": [...], "SER": [...]}``). Bar ``i`` sits at layer ``first_index + i``
+    (0 when the CNN output is included, 1 when only transformer layers are weighted). A dotted line marks the
+    uniform weight ``1 / num_layers`` of the longest set (what a zero-initialised softmax starts at).
+    """
+    series = _series(weights, "weights")
+    fig = _new_figure(figsize, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(series)
+    longest = max(len(v) for v in series.values())
+    for k, (name, vals) in enumerate(series.items()):
+        x = np.arange(len(vals)) + first_index - 0.4 + width * (k + 0.5)
+        ax.bar(x, vals, width=width, label=f"α {name}")
+    ax.axhline(1.0 / longest, color="gray", linestyle=":", linewidth=0.8, label="uniform")
+    ax.set_xlabel("Layer (0 = CNN output)" if first_index == 0 else "Transformer layer")
+    step = max(1, math.ceil(longest / 13))
+    ax.set_xticks(range(first_index, first_index + longest, step))
+    ax.set_ylabel("α")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path, dpi)

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Fine-tune WavLM for 8-class SER on MSP-Podcast; exports the fine-tuned backbone (W_SER).
+
+    python train.py hparams/train_ser.yaml --data_folder /path/to/MSP-Podcast [--key=value ...]
+    torchrun --nproc_per_node=4 train.py hparams/train_ser.yaml --data_folder ...
+"""
+import sys
+from pathlib import Path
+
+import speechbrain as sb
+from hyperpyyaml import load_hyperpyyaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/MSP-Podcast: the prepare script
+from msp_podcast_prepare import prepare_msp_podcast  # noqa: E402
+
+from lobes.brains import ToolkitBrain, export_finetuned_backbone  # noqa: E402
+from lobes.dataio import class_counts, loader_kwargs, msp_manifests, ser_datasets  # noqa: E402
+
+
+class SERBrain(ToolkitBrain):
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        return self.ser_logits(*self.encode(batch))
+
+    def compute_objectives(self, logits, batch, stage):
+        if stage != sb.Stage.TRAIN:
+            self.collect_ser(batch, logits)
+        return self.hparams.loss(logits, batch.soft_label.data)
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TEST:
+            self.write_test_metrics(stage_loss, {"alphas": self.modules.weighted_sum.alpha().tolist()})
+        else:
+            self.log_and_checkpoint(stage, stage_loss, epoch, self.ser_stats())
+
+
+if __name__ == "__main__":
+    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+    sb.utils.distributed.ddp_init_group(run_opts)
+    with open(hparams_file) as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file,
+                                   overrides=overrides)
+    if not hparams["skip_prep"]:
+        sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
+            "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
+            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"]})
+    manifests = msp_manifests(hparams)
+    datasets = ser_datasets(manifests)
+    hparams["loss"].set_counts(class_counts(manifests["train"]))
+
+    brain = SERBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                     run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    brain.fit(hparams["epoch_counter"], datasets["train"], datasets["valid"],
+              train_loader_kwargs=loader_kwargs(hparams, datasets["train"], train=True),
+              valid_loader_kwargs=loader_kwargs(hparams, datasets["valid"], train=False))
+    brain.evaluate(datasets["test"], min_key="loss",
+                   test_loader_kwargs=loader_kwargs(hparams, datasets["test"], train=False))
+    export_finetuned_backbone(brain.modules.wavlm, hparams["export_folder"])

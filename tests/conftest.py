@@ -1,0 +1,70 @@
+"""Shared pytest fixtures (session-scoped, built once per test run; names are stable, recipe tests reuse them).
+
+- ``mini_corpora``: synthetic corpora from ``tools.make_mini_corpora`` (seed 1234, default sizes), with
+  ``.msp`` / ``.libri`` (pathlib.Path roots) and ``.msp_counts`` / ``.libri_counts`` (their mini_counts.json).
+- ``load_recipe``: ``load_recipe("recipes/MSP-Podcast/msp_podcast_prepare.py")`` imports a recipe script
+  (recipe folders have hyphens, so they are not packages).
+- ``msp_manifests`` / ``libri_manifests``: folders holding the manifests prepared from ``mini_corpora``
+  (MSP: train/valid/test.json, all labelled utterances; LibriSpeech: train-clean-100/dev-clean/test-clean.json).
+"""
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MINI_SEED = 1234
+
+
+def _load_recipe(relpath):
+    path = (REPO_ROOT / relpath).resolve()
+    name = "recipe_" + "_".join(path.relative_to(REPO_ROOT).with_suffix("").parts).replace("-", "_")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_recipe():
+    return _load_recipe
+
+
+@pytest.fixture(scope="session")
+def mini_corpora(tmp_path_factory):
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed: cannot generate the mini corpora")
+    from tools.make_mini_corpora import make_mini_corpora
+
+    root = tmp_path_factory.mktemp("mini_corpora")
+    msp, libri = root / "msp", root / "libri"
+    make_mini_corpora(msp, libri, seed=MINI_SEED)
+    return SimpleNamespace(
+        msp=msp, libri=libri, seed=MINI_SEED,
+        msp_counts=json.loads((msp / "mini_counts.json").read_text()),
+        libri_counts=json.loads((libri / "mini_counts.json").read_text()),
+    )
+
+
+@pytest.fixture(scope="session")
+def msp_manifests(mini_corpora, tmp_path_factory):
+    prep = _load_recipe("recipes/MSP-Podcast/msp_podcast_prepare.py")
+    out = tmp_path_factory.mktemp("msp_manifests")
+    prep.prepare_msp_podcast(mini_corpora.msp, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def libri_manifests(mini_corpora, tmp_path_factory):
+    prep = _load_recipe("recipes/LibriSpeech/librispeech_prepare.py")
+    out = tmp_path_factory.mktemp("libri_manifests")
+    prep.prepare_librispeech(mini_corpora.libri, out)
+    return out

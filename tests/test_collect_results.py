@@ -1,0 +1,124 @@
+"""tools.collect_results on hand-written metrics.json files: exact markdown rows and CSV values."""
+import csv
+import json
+
+import pytest
+
+from lobes.errors import DataError
+from tools import collect_results as CR
+
+
+def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def ser(uar, uar_ci, pre, pre_ci, f1, f1_ci, n=100):
+    return {"uar": uar, "uar_ci": uar_ci, "precision": pre, "precision_ci": pre_ci,
+            "macro_f1": f1, "macro_f1_ci": f1_ci, "accuracy": 0.5, "n": n}
+
+
+@pytest.fixture
+def exps(tmp_path):
+    root = tmp_path / "exp"
+    # Written in an order that differs from the table order on purpose.
+    write(root / "dual" / "1986" / "metrics.json", {
+        "experiment": "adaltm_dual", "part": "Part 2: Ablation", "row": "Setup 4: Proposed Dual-Vector", "order": 4,
+        "test": ser(0.3894, [0.3833, 0.3955], 0.3426, [0.3384, 0.3468], 0.3520, [0.3472, 0.3568])})
+    write(root / "baseline" / "metrics.json", {
+        "experiment": "frozen", "table_order": {"part": "Part 2: Ablation", "row": "Setup 1: Baseline", "order": 1},
+        "test": ser(0.3705, [0.3638, 0.3772], 0.3446, [0.3404, 0.3488], 0.3446, [0.3399, 0.3493])})
+    write(root / "zzz_extra" / "metrics.json", {  # same part, no order: after the ordered rows
+        "experiment": "extra", "part": "Part 2: Ablation", "test": {"uar": 0.4, "precision": 0.3, "macro_f1": 0.2}})
+    write(root / "asr_in" / "metrics.json", {"experiment": "asr_in", "part": "Part 10: ASR", "wer": 0.2309})
+    write(root / "mtl" / "metrics.json", {  # no part: first, under no heading
+        "experiment": "MTL w/ static init.",
+        "test": ser(0.2921, [0.2883, 0.2959], 0.3830, [0.3584, 0.4076], 0.2906, [0.2856, 0.2956]), "wer": 0.6637})
+    return root
+
+
+EXPECTED_MD = """\
+| Method/Setup | UAR | Pre. | MaF1 | WER |
+|---|:---:|:---:|:---:|:---:|
+| MTL w/ static init. | 29.21 ± 0.38 | 38.30 ± 2.46 | 29.06 ± 0.50 | 66.37 |
+| **Part 2: Ablation** | | | | |
+| Setup 1: Baseline | 37.05 ± 0.67 | 34.46 ± 0.42 | 34.46 ± 0.47 | - |
+| Setup 4: Proposed Dual-Vector | 38.94 ± 0.61 | 34.26 ± 0.42 | 35.20 ± 0.48 | - |
+| extra | 40.00 | 30.00 | 20.00 | - |
+| **Part 10: ASR** | | | | |
+| asr_in | - | - | - | 23.09 |
+"""
+
+
+def test_collect_and_write_table(exps, tmp_path):
+    rows = CR.collect([exps])
+    assert [r["label"] for r in rows] == [
+        "MTL w/ static init.", "Setup 1: Baseline", "Setup 4: Proposed Dual-Vector", "extra", "asr_in"]
+    md, csv_path = CR.write_table(rows, tmp_path / "results" / "table")
+    assert md.name == "table.md" and csv_path.name == "table.csv"
+    assert md.read_text() == EXPECTED_MD
+    assert sorted(p.name for p in md.parent.iterdir()) == ["table.csv", "table.md"]  # no temp files left
+
+    with open(csv_path, newline="") as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0].keys()) == list(CR.CSV_COLUMNS)
+    assert [g["experiment"] for g in got] == ["MTL w/ static init.", "frozen", "adaltm_dual", "extra", "asr_in"]
+    dual = got[2]
+    assert dual["part"] == "Part 2: Ablation" and float(dual["order"]) == 4
+    assert float(dual["uar"]) == 0.3894
+    assert (float(dual["uar_ci_low"]), float(dual["uar_ci_high"])) == (0.3833, 0.3955)
+    assert (float(dual["macro_f1_ci_low"]), float(dual["macro_f1_ci_high"])) == (0.3472, 0.3568)
+    assert float(dual["accuracy"]) == 0.5 and dual["n"] == "100" and dual["wer"] == ""
+    assert got[0]["wer"] == "0.6637" and got[0]["part"] == ""
+    asr = got[4]
+    assert asr["wer"] == "0.2309" and asr["uar"] == "" and asr["uar_ci_low"] == ""
+
+
+def test_files_and_folders_mixed_without_duplicates(exps):
+    rows = CR.collect([exps / "dual", exps / "dual" / "1986" / "metrics.json", exps / "mtl"])
+    assert [r["experiment"] for r in rows] == ["MTL w/ static init.", "adaltm_dual"]
+
+
+def test_cli_writes_table(exps, tmp_path, capsys):
+    rc = CR.main([str(exps / "baseline"), str(exps / "dual"), "--out", str(tmp_path / "t.md")])
+    assert rc == 0
+    text = (tmp_path / "t.md").read_text()
+    assert text.splitlines()[3:] == ["| Setup 1: Baseline | 37.05 ± 0.67 | 34.46 ± 0.42 | 34.46 ± 0.47 | - |",
+                                     "| Setup 4: Proposed Dual-Vector | 38.94 ± 0.61 | 34.26 ± 0.42 | 35.20 ± 0.48 | - |"]
+    assert (tmp_path / "t.csv").exists()
+    assert capsys.readouterr().out == text
+
+
+def test_one_experiment_in_several_rows(tmp_path):
+    write(tmp_path / "dual" / "metrics.json", {
+        "experiment": "dual", "test": {"uar": 0.3894, "precision": 0.3426, "macro_f1": 0.352},
+        "table_rows": [{"part": "Part 4: Granularity", "row": "Adaptive Layer-wise Merging (Ours)", "order": 3},
+                       {"part": "Part 2: Ablation", "row": "Setup 4: Proposed Dual-Vector", "order": 4}]})
+    assert CR.markdown_table(CR.collect([tmp_path])).splitlines()[2:] == [
+        "| **Part 2: Ablation** | | | | |",
+        "| Setup 4: Proposed Dual-Vector | 38.94 | 34.26 | 35.20 | - |",
+        "| **Part 4: Granularity** | | | | |",
+        "| Adaptive Layer-wise Merging (Ours) | 38.94 | 34.26 | 35.20 | - |",
+    ]
+    write(tmp_path / "dual" / "metrics.json", {"test": {"uar": 0.3}, "table_rows": {"part": "x"}})
+    with pytest.raises(DataError, match="'table_rows' must be"):
+        CR.collect([tmp_path])
+
+
+def test_bad_inputs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no metrics.json"):
+        CR.collect([tmp_path / "empty"])
+    with pytest.raises(DataError, match="no such file"):
+        CR.collect([tmp_path / "nope"])
+    bad = tmp_path / "bad" / "metrics.json"
+    write(bad, {"test": {"uar": 0.3, "uar_ci": [0.4, 0.2]}})
+    with pytest.raises(DataError, match=r"bad/metrics.json: test.uar_ci: low 0.4 > high 0.2"):
+        CR.collect([bad])
+    write(bad, {"experiment": "x"})
+    with pytest.raises(DataError, match="neither"):
+        CR.collect([bad])
+    write(bad, {"test": {"uar": "high"}})
+    with pytest.raises(DataError, match="test.uar"):
+        CR.collect([bad])
+    assert CR.main([str(bad), "--out", str(tmp_path / "t")]) == 2

@@ -1,0 +1,96 @@
+"""Plots: PNG files of the exact pixel size, with content, written atomically; tools.plot_coefficients end to end."""
+import json
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from lobes import plots
+from lobes.emotions import EMOTIONS
+from lobes.errors import DataError
+from tools import plot_coefficients as PC
+
+
+def check_png(path, height, width):
+    img = imread(path)
+    assert img.shape == (height, width, 4)
+    assert img[..., :3].std() > 0.01  # something was drawn, not a blank canvas
+    return img
+
+
+def lam(n=25, offset=0.0):
+    return (0.5 + offset + 0.1 * np.sin(np.arange(n))).tolist()
+
+
+def test_plot_confusion_size_and_no_temp_files(tmp_path):
+    conf = np.arange(64).reshape(8, 8).tolist()
+    out = plots.plot_confusion(conf, EMOTIONS, tmp_path / "figs" / "confusion.png", title="Test1")
+    check_png(out, 600, 700)  # default figsize (7, 6) at 100 dpi
+    assert sorted(p.name for p in out.parent.iterdir()) == ["confusion.png"]
+    out2 = plots.plot_confusion(conf, EMOTIONS, tmp_path / "c2.png", normalize=False, figsize=(4, 3), dpi=50)
+    check_png(out2, 150, 200)
+
+
+def test_plot_lambdas_and_comparison_sizes(tmp_path):
+    out = plots.plot_lambdas({"ASR": lam(), "SER": lam(offset=0.2)}, tmp_path / "lambda.png", title="dual")
+    check_png(out, 450, 800)
+    runs = {"dual": {"ASR": lam(), "SER": lam(offset=0.2)}, "single": {"SER": lam(offset=-0.1)},
+            "global": {"ASR": [0.6] * 25}}
+    out = plots.plot_lambda_comparison(runs, tmp_path / "cmp.png", dpi=80)
+    check_png(out, 400, 720)  # (9, 5) inches at 80 dpi
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp.png", "lambda.png"]
+
+
+def test_plot_layer_weights_size(tmp_path):
+    alpha = np.exp(np.linspace(0, 1, 25))
+    alpha = (alpha / alpha.sum()).tolist()
+    out = plots.plot_layer_weights({"ASR": alpha, "SER": alpha[::-1]}, tmp_path / "alpha.png", first_index=1)
+    check_png(out, 450, 800)
+
+
+def test_plot_bad_input_leaves_nothing(tmp_path):
+    with pytest.raises(DataError, match="8 class names"):
+        plots.plot_confusion([[1, 2], [3, 4]], EMOTIONS, tmp_path / "c.png")
+    with pytest.raises(DataError, match=r"lambdas\['SER'\]: contains NaN"):
+        plots.plot_lambdas({"SER": [0.5, float("nan")]}, tmp_path / "l.png")
+    with pytest.raises(DataError, match="non-empty"):
+        plots.plot_layer_weights({}, tmp_path / "a.png")
+    with pytest.raises(DataError, match=r"runs\['x'\]\['ASR'\]"):
+        plots.plot_lambda_comparison({"x": {"ASR": []}}, tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_coefficients_tool(tmp_path):
+    exp = tmp_path / "exp"
+    for name, data in {
+        "dual/1986": {"lambda": {"ASR": lam(), "SER": lam(offset=0.2)}, "alpha": lam()},
+        "ser_only/1986": {"lambda": {"SER": lam(offset=0.1)}},
+        "harmonifuse": {"alpha": {"ASR": lam(), "SER": lam(offset=0.3)}},
+    }.items():
+        (exp / name).mkdir(parents=True)
+        (exp / name / "coefficients.json").write_text(json.dumps(data))
+    out = tmp_path / "plots"
+    assert PC.main([str(exp), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dual_1986_alpha.png", "dual_1986_lambda.png", "harmonifuse_alpha.png",
+        "lambda_comparison.png", "ser_only_1986_lambda.png"]
+    for p in out.iterdir():
+        check_png(p, 500 if p.name == "lambda_comparison.png" else 450, 900 if p.name == "lambda_comparison.png" else 800)
+
+    written = PC.plot_runs([exp / "dual", exp / "ser_only"], tmp_path / "p2", labels=["Dual", "SER only"])
+    assert [p.name for p in written] == ["Dual_lambda.png", "Dual_alpha.png", "SER_only_lambda.png",
+                                         "lambda_comparison.png"]
+
+
+def test_plot_coefficients_bad_input(tmp_path):
+    f = tmp_path / "run" / "coefficients.json"
+    f.parent.mkdir()
+    f.write_text(json.dumps({"lam": [1]}))
+    with pytest.raises(DataError, match="neither 'lambda' nor 'alpha'"):
+        PC.plot_runs([f], tmp_path / "out")
+    f.write_text(json.dumps({"lambda": {"ASR": ["a"]}}))
+    with pytest.raises(DataError, match=r"run/coefficients.json: lambdas\['ASR'\]"):
+        PC.plot_runs([tmp_path / "run"], tmp_path / "out")
+    with pytest.raises(DataError, match="2 labels given for 1"):
+        PC.plot_runs([f], tmp_path / "out", labels=["a", "b"])
+    assert PC.main([str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2

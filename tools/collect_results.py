@@ -1,0 +1,228 @@
+"""Collect experiments' ``metrics.json`` files into a Table-1 style results table.
+
+    python -m tools.collect_results EXP_DIR [EXP_DIR ...] --out results/table
+
+Each argument is a ``metrics.json`` file or a folder searched recursively for ``metrics.json``. Writes
+``<out>.md`` (Method/Setup | UAR | Pre. | MaF1 | WER, in %, each SER value with the half-width of its 95% CI,
+``38.94 ± 0.61``; ``-`` where a value is absent) and ``<out>.csv`` (one row per experiment, numeric columns as
+fractions exactly as in metrics.json, CI bounds as ``*_ci_low`` / ``*_ci_high``, empty cells where absent).
+
+Row placement comes from optional keys of metrics.json (top level, or inside a ``table_order`` object)::
+
+    {"part": "Part 2: Ablation", "row": "Setup 4: Proposed Dual-Vector", "order": 4}
+
+One experiment can fill several rows (the paper's in-domain dual-vector run appears in Parts 2, 3 and 4) with
+``"table_rows": [{"part": ..., "row": ..., "order": ...}, ...]``: one row per entry, same metrics.
+
+Rows are grouped by ``part`` (parts in natural order, "Part 2" before "Part 10"; rows without a part first, under
+no heading); inside a part, rows with ``order`` come first by ascending order, then the rest alphabetically by
+label. The label is ``row``, else ``experiment``, else the folder holding metrics.json.
+"""
+import argparse
+import csv
+import io
+import math
+import re
+import sys
+from pathlib import Path
+
+from lobes.errors import DataError
+from lobes.io_utils import atomic_write
+from lobes.metrics import read_metrics
+
+SER_KEYS = ("uar", "precision", "macro_f1")
+HEADER = ("Method/Setup", "UAR", "Pre.", "MaF1", "WER")
+CSV_COLUMNS = (
+    "part", "row", "order", "experiment", "path",
+    "uar", "uar_ci_low", "uar_ci_high",
+    "precision", "precision_ci_low", "precision_ci_high",
+    "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high",
+    "accuracy", "n", "wer",
+)
+
+
+def find_metrics_files(paths):
+    """``metrics.json`` files named by ``paths`` (files, or folders searched recursively), deduplicated, in order."""
+    found = []
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            hits = sorted(p.rglob("metrics.json"))
+            if not hits:
+                raise DataError(f"{p}: no metrics.json found in this folder or below")
+            found.extend(hits)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    seen, out = set(), []
+    for f in found:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
+
+
+def _number(value, where, allow_none=True):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _ci(value, where):
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise DataError(f"{where}: expected [low, high], got {value!r}")
+    low, high = (_number(v, where, allow_none=False) for v in value)
+    if low > high:
+        raise DataError(f"{where}: low {low} > high {high}")
+    return [low, high]
+
+
+def rows_from_metrics(data, path):
+    """Table rows of one loaded metrics.json: one per ``table_rows`` entry, else one (see module doc)."""
+    entries = data.get("table_rows")
+    if entries is None:
+        return [row_from_metrics(data, path)]
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise DataError(f"{path}: 'table_rows' must be a non-empty list of {{part, row, order}} objects")
+    return [row_from_metrics(data, path, placement=e) for e in entries]
+
+
+def row_from_metrics(data, path, placement=None):
+    """One table row (a flat dict) from a loaded metrics.json; DataError naming ``path`` on malformed content.
+
+    ``placement`` ({part, row, order}) overrides the file's own top-level / ``table_order`` keys.
+    """
+    if placement is None:
+        placement = dict(data)
+        if isinstance(data.get("table_order"), dict):
+            placement.update(data["table_order"])
+    test = data.get("test")
+    if test is not None and not isinstance(test, dict):
+        raise DataError(f"{path}: 'test' must be an object of SER metrics")
+    test = test or {}
+    row = {
+        "part": placement.get("part"),
+        "row": placement.get("row"),
+        "order": _number(placement.get("order"), f"{path}: order"),
+        "experiment": data.get("experiment") or Path(path).parent.name,
+        "path": str(path),
+        "accuracy": _number(test.get("accuracy"), f"{path}: test.accuracy"),
+        "n": test.get("n"),
+        "wer": _number(data.get("wer"), f"{path}: wer"),
+    }
+    for key in SER_KEYS:
+        row[key] = _number(test.get(key), f"{path}: test.{key}")
+        row[f"{key}_ci"] = _ci(test.get(f"{key}_ci"), f"{path}: test.{key}_ci")
+    if all(row[k] is None for k in SER_KEYS) and row["wer"] is None:
+        raise DataError(f"{path}: holds neither test SER metrics (test.uar/precision/macro_f1) nor a wer")
+    for key in ("part", "row"):
+        if row[key] is not None and not isinstance(row[key], str):
+            raise DataError(f"{path}: '{key}' must be a string, got {row[key]!r}")
+    row["label"] = row["row"] or row["experiment"]
+    return row
+
+
+def _natural(text):
+    """Sort key that orders embedded numbers numerically ("Part 2" < "Part 10")."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def sort_rows(rows):
+    """Table order: no-part rows first, then parts in natural order; in a part, by ``order``, then by label."""
+    def key(r):
+        part = r.get("part")
+        order = r.get("order")
+        return (part is not None, _natural(part or ""),
+                order is None, order if order is not None else 0.0, _natural(r["label"]))
+
+    return sorted(rows, key=key)
+
+
+def collect(paths):
+    """Rows (dicts, in table order) for every metrics.json named by or found below ``paths``."""
+    files = find_metrics_files(paths)
+    return sort_rows([row for f in files for row in rows_from_metrics(read_metrics(f), f)])
+
+
+def _pct(value):
+    return f"{100 * value:.2f}"
+
+
+def format_cell(value, ci=None):
+    """``value`` in % with 2 decimals, plus ``± half-width`` of the CI, ``100 * (high - low) / 2``; ``-`` if None."""
+    if value is None:
+        return "-"
+    if ci is None:
+        return _pct(value)
+    return f"{_pct(value)} ± {100 * (ci[1] - ci[0]) / 2:.2f}"
+
+
+def markdown_table(rows):
+    """Markdown text: header, then rows in the given order with a bold heading row whenever ``part`` changes."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + [":---:"] * (len(HEADER) - 1)) + "|"]
+    current = None
+    for r in rows:
+        part = r.get("part")
+        if part is not None and part != current:
+            lines.append(f"| **{part}** |" + " |" * (len(HEADER) - 1))
+        current = part
+        cells = [r["label"].replace("|", "\\|")]
+        cells += [format_cell(r.get(k), r.get(f"{k}_ci")) for k in SER_KEYS]
+        cells.append(format_cell(r.get("wer")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows):
+    """CSV text, ``CSV_COLUMNS`` in that order; numbers as Python ``repr`` (full precision), None as empty."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        flat = dict(r)
+        for key in SER_KEYS:
+            ci = r.get(f"{key}_ci")
+            flat[f"{key}_ci_low"], flat[f"{key}_ci_high"] = ci if ci is not None else (None, None)
+        writer.writerow(["" if flat.get(c) is None else flat[c] for c in CSV_COLUMNS])
+    return buf.getvalue()
+
+
+def write_table(rows, out_prefix):
+    """Write ``<out_prefix>.md`` and ``<out_prefix>.csv`` atomically; returns their paths."""
+    out_prefix = Path(out_prefix)
+    if out_prefix.suffix in (".md", ".csv"):  # "--out results/table.md" means the same prefix
+        out_prefix = out_prefix.with_suffix("")
+    md = out_prefix.with_name(out_prefix.name + ".md")
+    csv_path = out_prefix.with_name(out_prefix.name + ".csv")
+    with atomic_write(md) as f:
+        f.write(markdown_table(rows))
+    with atomic_write(csv_path, newline="") as f:
+        f.write(csv_text(rows))
+    return md, csv_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="experiment folders (searched recursively) or metrics.json files")
+    parser.add_argument("--out", default="results/table", help="output prefix: writes <out>.md and <out>.csv")
+    args = parser.parse_args(argv)
+    try:
+        rows = collect(args.paths)
+        md, csv_path = write_table(rows, args.out)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table(rows), end="")
+    print(f"wrote {md} and {csv_path} ({len(rows)} rows)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Plot the learned merging coefficients λ and layer weights α of AdaLTM runs (the paper's Figures 2/3).
+
+    python -m tools.plot_coefficients EXP_DIR [EXP_DIR ...] --out DIR [--labels NAME ...]
+
+Each argument is a ``coefficients.json`` file or a folder searched recursively for it. The file, written by the
+AdaLTM recipe, holds (either key may be absent, not both)::
+
+    {"lambda": {"ASR": [λ per merge group], "SER": [λ per merge group]},   # MergeCoefficients.as_dict()
+     "alpha": [α per layer]}                                               # or {name: [α per layer]}
+
+Writes, under ``--out``: ``<run>_lambda.png`` and ``<run>_alpha.png`` per run and ``lambda_comparison.png``
+overlaying the λ of every run. A run is named by ``--labels`` (one per found file, in the printed order), else by
+its folder relative to the folders' common parent (``dual/1986``), ``/`` becoming ``_`` in file names.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from lobes.errors import DataError
+from lobes.plots import plot_lambda_comparison, plot_lambdas, plot_layer_weights
+
+FILENAME = "coefficients.json"
+
+
+def find_coefficient_files(paths):
+    """``coefficients.json`` files named by ``paths`` (files, or folders searched recursively), deduplicated."""
+    found = []
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            hits = sorted(p.rglob(FILENAME))
+            if not hits:
+                raise DataError(f"{p}: no {FILENAME} found in this folder or below")
+            found.extend(hits)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    seen, out = set(), []
+    for f in found:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            out.append(f)
+    return out
+
+
+def load_coefficients(path):
+    """``(lambdas or None, alphas or None)`` from one file; α given as a list becomes ``{"SER": list}``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    lam, alpha = data.get("lambda"), data.get("alpha")
+    if lam is None and alpha is None:
+        raise DataError(f"{path}: has neither 'lambda' nor 'alpha'")
+    if lam is not None and not isinstance(lam, dict):
+        raise DataError(f"{path}: 'lambda' must be {{vector name: [λ per group]}}")
+    if isinstance(alpha, list):
+        alpha = {"SER": alpha}
+    elif alpha is not None and not isinstance(alpha, dict):
+        raise DataError(f"{path}: 'alpha' must be a list or {{name: [α per layer]}}")
+    return lam, alpha
+
+
+def run_names(files):
+    """Each file's folder relative to the common parent of all folders (its own name when there is one run)."""
+    dirs = [f.resolve().parent for f in files]
+    if len(dirs) == 1:
+        return [dirs[0].name]
+    common = Path(os.path.commonpath([str(d) for d in dirs]))
+    names = [d.relative_to(common).as_posix() if d != common else d.name for d in dirs]
+    return [n or d.name for n, d in zip(names, dirs)]
+
+
+def _safe(name):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
+
+
+def plot_runs(paths, out_dir, labels=None):
+    """Draw every plot; returns the written paths (per-run λ and α plots, then the comparison)."""
+    files = find_coefficient_files(paths)
+    names = list(labels) if labels else run_names(files)
+    if len(names) != len(files):
+        raise DataError(f"{len(names)} labels given for {len(files)} {FILENAME} files: {[str(f) for f in files]}")
+    if len(set(names)) != len(names):
+        raise DataError(f"run names are not unique: {names}")
+    out_dir = Path(out_dir)
+    written, comparison = [], {}
+    for f, name in zip(files, names):
+        lam, alpha = load_coefficients(f)
+        try:
+            if lam is not None:
+                written.append(plot_lambdas(lam, out_dir / f"{_safe(name)}_lambda.png", title=f"λ per merge group: {name}"))
+                comparison[name] = lam
+            if alpha is not None:
+                written.append(plot_layer_weights(alpha, out_dir / f"{_safe(name)}_alpha.png",
+                                                  title=f"Layer weights α: {name}"))
+        except DataError as e:
+            raise DataError(f"{f}: {e}") from e
+    if comparison:
+        written.append(plot_lambda_comparison(comparison, out_dir / "lambda_comparison.png",
+                                              title="λ per merge group"))
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help=f"experiment folders (searched recursively) or {FILENAME} files")
+    parser.add_argument("--out", required=True, help="folder for the PNG files")
+    parser.add_argument("--labels", nargs="+", help="run names, one per found file (default: relative folders)")
+    args = parser.parse_args(argv)
+    try:
+        written = plot_runs(args.paths, args.out, args.labels)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in written:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
