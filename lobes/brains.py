@@ -13,6 +13,7 @@ from pathlib import Path
 import speechbrain as sb
 import torch
 
+from lobes import ctc_text
 from lobes import metrics as M
 from lobes.emotions import EMOTIONS
 
@@ -63,6 +64,20 @@ class ToolkitBrain(sb.Brain):
     def ser_logits(self, hidden, mask):
         """Eq. (5) weighted layer sum (α) followed by the emotion head."""
         return self.modules.ser_head(self.modules.weighted_sum(hidden), mask)
+
+    def ctc_log_probs(self, hidden):
+        """CTC head on the last hidden state -> log-probabilities [B, T, V]."""
+        return torch.log_softmax(self.modules.ctc_head(hidden[-1]).float(), dim=-1)
+
+    def ctc_loss(self, log_probs, mask, batch):
+        tokens, rel = batch.tokens
+        token_lens = torch.round(rel * tokens.shape[1]).long()
+        return torch.nn.functional.ctc_loss(
+            log_probs.transpose(0, 1), tokens, mask.sum(1), token_lens, blank=ctc_text.CHAR_TO_INDEX[ctc_text.BLANK],
+            reduction="mean", zero_infinity=True)
+
+    def ctc_hyps(self, log_probs, mask):
+        return ctc_text.ctc_greedy_decode(log_probs.detach(), mask.sum(1))
 
     # -- output collection -------------------------------------------------------------------------------
     def reset_outputs(self):
@@ -149,6 +164,28 @@ class ToolkitBrain(sb.Brain):
                 f.write(f"{i},{EMOTIONS[t]},{EMOTIONS[p]}," + ",".join(f"{x:.6f}" for x in prob) + "\n")
 
 
+class CTCASRBrain(ToolkitBrain):
+    """WavLM + linear CTC head; greedy decoding and WER on valid/test. Subclassed by each ASR recipe."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        hidden, mask = self.encode(batch)
+        return self.ctc_log_probs(hidden), mask
+
+    def compute_objectives(self, predictions, batch, stage):
+        log_probs, mask = predictions
+        if stage != sb.Stage.TRAIN:
+            self.collect_asr(batch, self.ctc_hyps(log_probs, mask))
+        return self.ctc_loss(log_probs, mask, batch)
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TEST:
+            self.write_test_metrics(stage_loss)
+        else:
+            stats = {} if stage == sb.Stage.TRAIN else {"WER": round(100 * self.asr_wer(), 2)}
+            self.log_and_checkpoint(stage, stage_loss, epoch, stats)
+
+
 def export_finetuned_backbone(encoder, out_dir):
     """Save a fine-tuned ``WavLMEncoder``'s WavLM as an HF directory (the W_ft of a task vector)."""
     import shutil
@@ -163,3 +200,14 @@ def export_finetuned_backbone(encoder, out_dir):
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def fit_and_evaluate(brain, datasets, hparams):
+    """The common tail of every train.py: fit with validation, then test on the best (lowest-loss) checkpoint."""
+    from lobes.dataio import loader_kwargs
+
+    brain.fit(hparams["epoch_counter"], datasets["train"], datasets["valid"],
+              train_loader_kwargs=loader_kwargs(hparams, datasets["train"], train=True),
+              valid_loader_kwargs=loader_kwargs(hparams, datasets["valid"], train=False))
+    return brain.evaluate(datasets["test"], min_key="loss",
+                          test_loader_kwargs=loader_kwargs(hparams, datasets["test"], train=False))

@@ -18,7 +18,7 @@ import torch
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from lobes import layer_groups
+from lobes import layer_groups, merged_linear
 from lobes.errors import DataError
 from lobes.merge_coefficients import MergeCoefficients
 from lobes.wavlm_encoder import load_wavlm, run_wavlm
@@ -63,7 +63,10 @@ class _MergedGroup(torch.nn.Module):
         self._owner = weakref.ref(owner)  # a plain reference would make the owner its own submodule
 
     def _call(self, *args, **kwargs):
-        params = self._owner().merged_parameters(self.prefix)
+        owner = self._owner()
+        if owner.merge_impl == "fused" and owner.num_vectors:
+            return owner._fused_call(self, args, kwargs)
+        params = owner.merged_parameters(self.prefix)
         return functional_call(self.inner, params, args, kwargs)
 
     def forward(self, *args, **kwargs):
@@ -82,11 +85,17 @@ class MergedWavLM(torch.nn.Module):
     task_vectors : ordered {name: path | TaskVector | dict}; ``{}`` gives Setup 1 (frozen base, no merge).
     lambda_mode, lambda_init : see :class:`lobes.merge_coefficients.MergeCoefficients`.
     delta_dtype : store ΔW in this dtype (e.g. ``torch.bfloat16``) to save memory; merging is done in fp32.
+    merge_impl : ``"functional"`` (autograd through ``W_base + λ ΔW``; merged weights stay saved until backward)
+        or ``"fused"`` (:mod:`lobes.merged_linear`: one merge node whose backward reduces dL/dW into λ with a dot
+        product, and merged weights rebuilt in backward instead of saved). Same outputs and λ gradients.
     """
 
     def __init__(self, source, task_vectors=None, lambda_mode="layerwise", lambda_init=0.5, normalize_wav=True,
-                 delta_dtype=None, gradient_checkpointing=False, cache_dir=None):
+                 delta_dtype=None, gradient_checkpointing=False, cache_dir=None, merge_impl="functional"):
         super().__init__()
+        if merge_impl not in ("functional", "fused"):
+            raise ValueError(f"merge_impl '{merge_impl}' is not 'functional' or 'fused'")
+        self.merge_impl = merge_impl
         self.model = load_wavlm(source, cache_dir=cache_dir)
         self.model.requires_grad_(False)
         self.source = str(source)
@@ -173,6 +182,16 @@ class MergedWavLM(torch.nn.Module):
         lam = self.lambdas()
         n = len(prefix) + 1
         return {k[n:]: self.merged_weight(k, lam) for k in self.keys if k.startswith(prefix + ".")}
+
+    def _fused_call(self, group, args, kwargs):
+        """merge_impl="fused": run one wrapped group through :func:`lobes.merged_linear.fused_call`."""
+        n = len(group.prefix) + 1
+        keys = [k for k in self.keys if k.startswith(group.prefix + ".")]
+        sources = {k[n:]: (self.base_parameter(k), [s[k.replace(".", "__")] for s in self.deltas]) for k in keys}
+        lam = self.lambdas()[:, self.group_of[keys[0]]]  # every key of a wrapped module is in one group
+        # with checkpointing the whole group is recomputed in backward anyway (its own saved-tensor hooks)
+        return merged_linear.fused_call(group.inner, sources, lam, args, kwargs,
+                                        rebuild_in_backward=not self.gradient_checkpointing)
 
     def merged_state_dict(self):
         """Every backbone weight merged with the current λ (detached): the folded model of eq. (4)."""

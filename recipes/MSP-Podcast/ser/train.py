@@ -13,8 +13,8 @@ from hyperpyyaml import load_hyperpyyaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/MSP-Podcast: the prepare script
 from msp_podcast_prepare import prepare_msp_podcast  # noqa: E402
 
-from lobes.brains import ToolkitBrain, export_finetuned_backbone  # noqa: E402
-from lobes.dataio import class_counts, loader_kwargs, msp_manifests, ser_datasets  # noqa: E402
+from lobes.brains import ToolkitBrain, export_finetuned_backbone, fit_and_evaluate  # noqa: E402
+from lobes.dataio import class_counts, msp_manifests, ser_datasets  # noqa: E402
 
 
 class SERBrain(ToolkitBrain):
@@ -51,9 +51,5 @@ if __name__ == "__main__":
 
     brain = SERBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                      run_opts=run_opts, checkpointer=hparams["checkpointer"])
-    brain.fit(hparams["epoch_counter"], datasets["train"], datasets["valid"],
-              train_loader_kwargs=loader_kwargs(hparams, datasets["train"], train=True),
-              valid_loader_kwargs=loader_kwargs(hparams, datasets["valid"], train=False))
-    brain.evaluate(datasets["test"], min_key="loss",
-                   test_loader_kwargs=loader_kwargs(hparams, datasets["test"], train=False))
+    fit_and_evaluate(brain, datasets, hparams)
     export_finetuned_backbone(brain.modules.wavlm, hparams["export_folder"])

@@ -1,0 +1,67 @@
+"""Experiment rows as small YAML files on top of one recipe YAML.
+
+Table 1 has many rows that differ in a handful of keys (which task vectors, which λ mode). A row file names
+its base with ``base_hparams:`` (relative to itself) and lists only what changes; everything else, and the
+command line's ``--key=value`` overrides (applied last), works as with any SpeechBrain hparams file:
+
+    # hparams/rows/setup2_asr_only.yaml
+    base_hparams: ../adaltm.yaml
+    experiment: setup2_asr_only
+    task_vectors:
+        ASR: !ref <vectors_folder>/asr_in.safetensors
+
+A plain hparams file (no ``base_hparams``) is loaded unchanged.
+"""
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import ruamel.yaml
+from hyperpyyaml import load_hyperpyyaml
+
+
+def _yaml():
+    y = ruamel.yaml.YAML()  # round-trip mode keeps !ref / !new tags untouched for hyperpyyaml
+    y.preserve_quotes = True
+    return y
+
+
+def _merge(dst, src):
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict) and not getattr(v, "tag", None):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def resolve_row(hparams_file):
+    """YAML text of a row file folded into its base (recursively); a plain file is returned as it is."""
+    hparams_file = Path(hparams_file)
+    text = hparams_file.read_text()
+    row = _yaml().load(text) or {}
+    if "base_hparams" not in row:
+        return text
+    base_path = (hparams_file.parent / row.pop("base_hparams")).resolve()
+    base = _yaml().load(resolve_row(base_path))
+    unknown = [k for k in row if k not in base]
+    if unknown:  # a typo in a row must not silently train the base configuration
+        raise KeyError(f"{hparams_file}: keys {unknown} do not exist in its base {base_path}")
+    buf = io.StringIO()
+    _yaml().dump(_merge(base, row), buf)
+    return buf.getvalue()
+
+
+def load_hparams(hparams_file, overrides=""):
+    """Load a recipe or row YAML with command-line overrides.
+
+    Returns (hparams, path of the effective YAML, overrides); the effective YAML is what
+    ``create_experiment_directory`` should save, so the experiment folder records the full configuration.
+    """
+    text = resolve_row(hparams_file)
+    fd, path = tempfile.mkstemp(prefix="hparams_", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    # !ref / !include paths in the file are resolved relative to the current directory, as in SpeechBrain.
+    return load_hyperpyyaml(text, overrides or None), path, overrides

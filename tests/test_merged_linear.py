@@ -1,0 +1,96 @@
+"""merge_impl="fused" (lobes.merged_linear): same outputs and λ gradients as the functional path, and the
+merged weights are not kept alive by autograd (rebuilt in backward)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from transformers import WavLMModel
+
+from lobes.merged_linear import MergeWeight, RebuildMergedInBackward, merge_values
+from lobes.merged_wavlm import MergedWavLM
+from tools.make_tiny_wavlm import make_tiny_wavlm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = make_tiny_wavlm(tmp_path_factory.mktemp("fused") / "base", seed=0)
+    state = WavLMModel.from_pretrained(base).state_dict()
+    g = torch.Generator().manual_seed(11)
+    asr = {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    ser = {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    return base, asr, ser
+
+
+def _wavs():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(2, 8000, generator=g), torch.tensor([1.0, 0.7])
+
+
+def _run(base, asr, ser, impl, **kw):
+    m = MergedWavLM(base, {"ASR": asr, "SER": ser}, merge_impl=impl, **kw)
+    with torch.no_grad():  # distinct λ per vector and group, so a mixed-up column would show
+        m.lambdas.lam.copy_(torch.linspace(-0.4, 1.3, m.lambdas.lam.numel()).view(m.lambdas.lam.shape))
+    h, mask = m(*_wavs())
+    ((h * mask[None, ..., None]).pow(2).mean() + h[1].mean()).backward()
+    return h.detach(), m.lambdas.lam.grad.clone()
+
+
+@pytest.mark.parametrize("kw", [{}, {"gradient_checkpointing": True}, {"delta_dtype": torch.bfloat16}],
+                         ids=["plain", "checkpointing", "bf16_delta"])
+def test_fused_equals_functional(tiny, kw):
+    base, asr, ser = tiny
+    h_ref, g_ref = _run(base, asr, ser, "functional", **kw)
+    h, g = _run(base, asr, ser, "fused", **kw)
+    assert g.shape == (2, 5) and g.abs().min() > 0  # every group of both vectors gets a gradient
+    assert (h - h_ref).abs().max().item() <= 1e-5
+    assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-5), (g - g_ref).abs().max()
+
+
+def test_fused_fixed_lambda_runs_without_graph(tiny):
+    base, asr, ser = tiny
+    ref, _ = MergedWavLM(base, {"ASR": asr, "SER": ser}, lambda_mode="fixed")(*_wavs())
+    got, _ = MergedWavLM(base, {"ASR": asr, "SER": ser}, lambda_mode="fixed", merge_impl="fused")(*_wavs())
+    assert not got.requires_grad and (got - ref).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="merge_impl 'naive'"):
+        MergedWavLM(base, {"ASR": asr}, merge_impl="naive")
+
+
+def test_merge_weight_gradient_is_the_inner_product():
+    base = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    d1 = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    d2 = torch.tensor([[0.5, 0.5], [2.0, 0.0]])
+    lam = torch.tensor([0.5, -2.0], requires_grad=True)
+    w = MergeWeight.apply(lam, base, d1, d2)
+    assert w.tolist() == [[1.0 + 0.5 - 1.0, 2.0 - 1.0], [3.0 - 4.0, 4.0 - 0.5]]
+    grad_w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    w.backward(grad_w)
+    # dL/dλ_k = <dL/dW, ΔW_k>: 1 - 4 = -3 and 0.5 + 1 + 6 = 7.5
+    assert lam.grad.tolist() == [-3.0, 7.5]
+
+
+def test_saved_merged_weight_is_freed_and_rebuilt_bitwise():
+    g = torch.Generator().manual_seed(0)
+    base, d1, d2 = (torch.randn(6, 4, generator=g) for _ in range(3))
+    x = torch.randn(3, 4, generator=g).requires_grad_()  # so the linear must save w for dL/dx
+    sources = {"weight": (base, [d1, d2])}
+
+    def forward(rebuild):
+        lam = torch.tensor([0.3, 0.9], requires_grad=True)
+        w = MergeWeight.apply(lam, base, d1, d2)
+        ref = StorageWeakRef(w.untyped_storage())
+        if rebuild:
+            with RebuildMergedInBackward({"weight": w}, sources, lam.tolist()):
+                y = F.linear(x, w)  # saves x and a transposed view of w
+        else:
+            y = F.linear(x, w)
+        del w
+        alive = not ref.expired()
+        (y * torch.arange(6.0)).sum().backward()
+        return alive, lam.grad
+
+    alive_plain, grad_plain = forward(False)
+    alive_fused, grad_fused = forward(True)
+    assert alive_plain and not alive_fused  # only the plain graph keeps the merged weight until backward
+    assert torch.equal(grad_plain, grad_fused)  # rebuilt W is bitwise the forward one
+    expected_w = base + 0.3 * d1 + 0.9 * d2
+    assert torch.allclose(merge_values(base, [d1, d2], [0.3, 0.9]), expected_w, atol=1e-6)
