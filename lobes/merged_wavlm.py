@@ -210,3 +210,15 @@ class MergedWavLM(torch.nn.Module):
     def coefficients(self):
         """{vector name: [λ per group]} (group 0 = CNN + positional embedding)."""
         return self.lambdas.as_dict()
+
+
+def apply_static_merge(model, task_vectors, lam=0.5):
+    """In place: W <- W + λ Σ_k ΔW_k on a plain WavLMModel (eq. 4 with one fixed λ; the MTL 'static init')."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, vec in (task_vectors or {}).items():
+            delta = _resolve_vector(name, vec)
+            _check_vector(name, delta, state)
+            for k, d in delta.items():
+                state[k].add_(lam * d.to(state[k].dtype))
+    return model

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# AdaLTM recipe (ESPnet-style stages). Every Table-1 row of the paper, from data to results table.
+#
+#   stage 0: data preparation (MSP-Podcast; LibriSpeech for the out-of-domain ASR model)
+#            with --mini true: first generate the mini corpora and the tiny WavLM (offline demo)
+#   stage 1: ASR-CTC fine-tuning: in-domain (MSP-Podcast transcripts) and out-of-domain (LibriSpeech)
+#            skipped for a model given with --asr_in_source / --asr_out_source
+#   stage 2: SER fine-tuning on MSP-Podcast (skipped for a model given with --ser_source)
+#   stage 3: task-vector extraction, then training of the selected Table-1 rows (AdaLTM + MTL)
+#   stage 4: evaluation summary: results table (markdown + CSV, 95% CIs) and λ / α plots
+#
+# Examples
+#   bash run.sh --mini true                                   # whole pipeline on generated data (CPU, minutes)
+#   bash run.sh --data_folder /data/MSP-Podcast --libri_folder /data/LibriSpeech --ngpu 4
+#   bash run.sh --stage 3 --asr_in_source exp/my_asr/finetuned_wavlm --ser_source tiantiaf/wavlm-large-categorical-emotion \
+#       --asr_out_source patrickvonplaten/wavlm-libri-clean-100h-large --data_folder /data/MSP-Podcast
+#   bash run.sh --stage 3 --stop_stage 3 --rows "setup4_dual" -- --number_of_epochs=5   # args after -- go to train.py
+set -euo pipefail
+
+log() { echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${BASH_SOURCE[0]##*/}:${BASH_LINENO[0]}) $*"; }
+
+recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "${recipe_dir}/../../.." && pwd)
+msp_dir=$(cd "${recipe_dir}/.." && pwd)
+
+# ----------------------------------------------------------------- options
+stage=0
+stop_stage=4
+ngpu=1                      # >1: torchrun --nproc_per_node=<ngpu> (SpeechBrain DDP)
+device=                     # cuda:0 / cpu; empty = SpeechBrain's default
+mini=false                  # true: generate mini corpora + tiny WavLM and use fast demo settings
+data_folder=                # MSP-Podcast root (Audios/ Labels/ Transcripts/)
+libri_folder=               # LibriSpeech root (train-clean-100/ dev-clean/ test-clean/)
+wavlm_source=microsoft/wavlm-large    # W_base: hub id or local directory
+exp=exp/adaltm_recipe       # everything this recipe writes
+asr_in_source=              # existing in-domain ASR model (skips its fine-tuning)
+asr_in_kind=auto            # hf | hf_ctc | speechbrain | auto
+asr_out_source=             # e.g. patrickvonplaten/wavlm-libri-clean-100h-large
+asr_out_kind=auto
+ser_source=                 # e.g. tiantiaf/wavlm-large-categorical-emotion
+ser_kind=auto
+rows="setup1_frozen setup2_asr_only setup3_ser_only setup4_dual out_of_domain_dual static_global adaptive_global"
+mtl_rows="fully_trainable static_init"
+seed=1986
+ft_args=""                  # extra overrides for the stage-1/2 fine-tuning runs
+adaltm_args=""              # extra overrides for the AdaLTM rows
+mtl_args=""                 # extra overrides for the MTL rows
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --) shift; break ;;
+        --*) name=${1#--}; [ $# -ge 2 ] || { echo "option $1 needs a value" >&2; exit 1; }
+             if ! declare -p "${name}" >/dev/null 2>&1; then echo "unknown option $1" >&2; exit 1; fi
+             printf -v "${name}" '%s' "$2"; shift 2 ;;
+        *) echo "unexpected argument $1 (train.py overrides go after --)" >&2; exit 1 ;;
+    esac
+done
+extra=("$@")                # passed to every train.py
+
+cd "${root}"
+py=${PYTHON:-python}
+[ -x "${root}/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && py="${root}/.venv/bin/python"
+
+if [ "${mini}" = true ]; then
+    data_folder=${data_folder:-${exp}/data/MSP-Podcast}
+    libri_folder=${libri_folder:-${exp}/data/LibriSpeech}
+    [ "${wavlm_source}" = microsoft/wavlm-large ] && wavlm_source=${exp}/data/tiny_wavlm
+    # tiny model, ~150 training utterances: a few quick epochs with large learning rates
+    ft_args="--number_of_epochs=12 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${ft_args}"
+    adaltm_args="--number_of_epochs=12 --lr=0.005 --batch_size=8 --head_hidden=64 --num_bootstraps=200 ${adaltm_args}"
+    mtl_args="--number_of_epochs=6 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${mtl_args}"
+fi
+[ -n "${data_folder}" ] || { echo "--data_folder (MSP-Podcast root) is required (or --mini true)" >&2; exit 1; }
+
+prep=${exp}/prep
+vectors=${exp}/task_vectors
+common=(--seed="${seed}" --wavlm_source="${wavlm_source}" ${device:+--device="${device}"})
+
+launch() {  # launch <train.py> <hparams> [overrides...]
+    if [ "${ngpu}" -gt 1 ]; then
+        local backend=(); [ "${device}" = cpu ] && backend=(--distributed_backend=gloo)
+        "${py}" -m torch.distributed.run --standalone --nproc_per_node="${ngpu}" "$@" "${backend[@]}"
+    else
+        "${py}" "$@"
+    fi
+}
+
+if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
+    log "Stage 0: data preparation"
+    if [ "${mini}" = true ]; then
+        log "generating the mini corpora and the tiny WavLM under ${exp}/data"
+        "${py}" -m tools.make_mini_corpora --msp_out "${data_folder}" --libri_out "${libri_folder}"
+        "${py}" -m tools.make_tiny_wavlm --out "${wavlm_source}"
+    fi
+    "${py}" "${msp_dir}/msp_podcast_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}/msp" \
+        --transcript_only
+    if [ -n "${libri_folder}" ] && [ -z "${asr_out_source}" ]; then
+        "${py}" "${root}/recipes/LibriSpeech/librispeech_prepare.py" --data_folder "${libri_folder}" \
+            --save_folder "${prep}/libri"
+    fi
+fi
+
+if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
+    if [ -z "${asr_in_source}" ]; then
+        log "Stage 1a: in-domain ASR-CTC fine-tuning on MSP-Podcast transcripts"
+        launch "${msp_dir}/asr_ctc/train.py" "${msp_dir}/asr_ctc/hparams/train_asr_ctc.yaml" "${common[@]}" \
+            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True \
+            --output_folder="${exp}/asr_ctc_msp" ${ft_args} "${extra[@]}"
+    else
+        log "Stage 1a: using the given in-domain ASR model ${asr_in_source}"
+    fi
+    if [ -z "${asr_out_source}" ]; then
+        [ -n "${libri_folder}" ] || { echo "--libri_folder or --asr_out_source is needed for the out-of-domain vector" >&2; exit 1; }
+        log "Stage 1b: out-of-domain ASR-CTC fine-tuning on LibriSpeech"
+        launch "${root}/recipes/LibriSpeech/asr_ctc/train.py" "${root}/recipes/LibriSpeech/asr_ctc/hparams/train_asr_ctc.yaml" \
+            "${common[@]}" --data_folder="${libri_folder}" --prep_folder="${prep}/libri" --skip_prep=True \
+            --output_folder="${exp}/asr_ctc_libri" ${ft_args} "${extra[@]}"
+    else
+        log "Stage 1b: using the given out-of-domain ASR model ${asr_out_source}"
+    fi
+fi
+
+if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
+    if [ -z "${ser_source}" ]; then
+        log "Stage 2: SER fine-tuning on MSP-Podcast"
+        launch "${msp_dir}/ser/train.py" "${msp_dir}/ser/hparams/train_ser.yaml" "${common[@]}" \
+            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True \
+            --output_folder="${exp}/ser" ${ft_args} "${extra[@]}"
+    else
+        log "Stage 2: importing the SER model ${ser_source}"
+    fi
+fi
+
+if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
+    log "Stage 3a: task vectors ΔW = W_ft − W_base"
+    asr_in=${asr_in_source:-${exp}/asr_ctc_msp/finetuned_wavlm}
+    asr_out=${asr_out_source:-${exp}/asr_ctc_libri/finetuned_wavlm}
+    ser=${ser_source:-${exp}/ser/finetuned_wavlm}
+    [ -n "${asr_in_source}" ] || asr_in_kind=hf
+    [ -n "${asr_out_source}" ] || asr_out_kind=hf
+    [ -n "${ser_source}" ] || ser_kind=hf
+    for spec in "ASR ${asr_in} ${asr_in_kind} asr_in" "ASR ${asr_out} ${asr_out_kind} asr_out" "SER ${ser} ${ser_kind} ser"; do
+        read -r name src kind out <<< "${spec}"
+        if [ -f "${vectors}/${out}.safetensors" ]; then
+            log "  ${out}: ${vectors}/${out}.safetensors exists, kept"; continue
+        fi
+        "${py}" -m tools.extract_task_vector --base "${wavlm_source}" --finetuned "${src}" --kind "${kind}" \
+            --name "${name}" --out "${vectors}/${out}.safetensors"
+    done
+    for row in ${rows}; do
+        log "Stage 3b: AdaLTM row ${row}"
+        launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${common[@]}" \
+            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True \
+            --exp_folder="${exp}/rows" --vectors_folder="${vectors}" ${adaltm_args} "${extra[@]}"
+    done
+    for row in ${mtl_rows}; do
+        log "Stage 3c: MTL baseline ${row}"
+        launch "${msp_dir}/mtl/train.py" "${msp_dir}/mtl/hparams/rows/${row}.yaml" "${common[@]}" \
+            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True \
+            --exp_folder="${exp}/rows" --vectors_folder="${vectors}" ${mtl_args} "${extra[@]}"
+    done
+fi
+
+if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
+    log "Stage 4: results table and plots"
+    "${py}" -m tools.collect_results "${exp}/rows" --out "${exp}/results/table"
+    "${py}" -m tools.plot_coefficients "${exp}/rows" --out "${exp}/results/plots"
+    log "results: ${exp}/results/table.md"
+    cat "${exp}/results/table.md"
+fi

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Multi-task (CTC + SER) fine-tuning of the whole WavLM: the Table-1 Part-1 baselines.
+
+    python train.py hparams/rows/fully_trainable.yaml --data_folder /path/to/MSP-Podcast
+    python train.py hparams/rows/static_init.yaml --data_folder ... --vectors_folder exp/adaltm/task_vectors
+"""
+import sys
+from pathlib import Path
+
+import speechbrain as sb
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from msp_podcast_prepare import prepare_msp_podcast  # noqa: E402
+
+from lobes.brains import ToolkitBrain, fit_and_evaluate  # noqa: E402
+from lobes.dataio import class_counts, msp_manifests, ser_datasets  # noqa: E402
+from lobes.hparams_io import load_hparams  # noqa: E402
+from lobes.merged_wavlm import apply_static_merge  # noqa: E402
+
+
+class MTLBrain(ToolkitBrain):
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        hidden, mask = self.encode(batch)
+        return self.ser_logits(hidden, mask), self.ctc_log_probs(hidden), mask
+
+    def compute_objectives(self, predictions, batch, stage):
+        logits, log_probs, mask = predictions
+        if stage != sb.Stage.TRAIN:
+            self.collect_ser(batch, logits)
+            self.collect_asr(batch, self.ctc_hyps(log_probs, mask))
+        ser = self.hparams.loss(logits, batch.soft_label.data)
+        ctc = self.ctc_loss(log_probs, mask, batch)
+        return self.hparams.ser_weight * ser + self.hparams.ctc_weight * ctc
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TEST:
+            self.write_test_metrics(stage_loss)
+        else:
+            stats = {} if stage == sb.Stage.TRAIN else {**self.ser_stats(), "WER": round(100 * self.asr_wer(), 2)}
+            self.log_and_checkpoint(stage, stage_loss, epoch, stats)
+
+
+if __name__ == "__main__":
+    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+    sb.utils.distributed.ddp_init_group(run_opts)
+    hparams, base_file, overrides = load_hparams(hparams_file, overrides)
+    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=base_file,
+                                   overrides=overrides)
+    if not hparams["skip_prep"]:
+        sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
+            "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
+            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"]})
+    manifests = msp_manifests(hparams)
+    datasets = ser_datasets(manifests, with_text=True)
+    hparams["loss"].set_counts(class_counts(manifests["train"]))
+    # Static init (before the checkpointer may resume a later state over it)
+    apply_static_merge(hparams["wavlm"].model, hparams["init_task_vectors"], hparams["init_lambda"])
+
+    brain = MTLBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                     run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    fit_and_evaluate(brain, datasets, hparams)
