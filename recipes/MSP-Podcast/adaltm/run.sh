@@ -42,7 +42,8 @@ ser_kind=auto
 rows="setup1_frozen setup2_asr_only setup3_ser_only setup4_dual out_of_domain_dual static_global adaptive_global"
 mtl_rows="fully_trainable static_init"
 seed=1986
-ft_args=""                  # extra overrides for the stage-1/2 fine-tuning runs
+asr_args=""                 # extra overrides for the stage-1 ASR-CTC fine-tuning runs
+ser_args=""                 # extra overrides for the stage-2 SER fine-tuning
 adaltm_args=""              # extra overrides for the AdaLTM rows
 mtl_args=""                 # extra overrides for the MTL rows
 
@@ -66,7 +67,8 @@ if [ "${mini}" = true ]; then
     libri_folder=${libri_folder:-${exp}/data/LibriSpeech}
     [ "${wavlm_source}" = microsoft/wavlm-large ] && wavlm_source=${exp}/data/tiny_wavlm
     # tiny model, ~150 training utterances: a few quick epochs with large learning rates
-    ft_args="--number_of_epochs=12 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${ft_args}"
+    asr_args="--number_of_epochs=8 --lr=0.003 --lr_wavlm=0.001 ${asr_args}"
+    ser_args="--number_of_epochs=15 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${ser_args}"
     adaltm_args="--number_of_epochs=12 --lr=0.005 --batch_size=8 --head_hidden=64 --num_bootstraps=200 ${adaltm_args}"
     mtl_args="--number_of_epochs=6 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${mtl_args}"
 fi
@@ -105,7 +107,7 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
         log "Stage 1a: in-domain ASR-CTC fine-tuning on MSP-Podcast transcripts"
         launch "${msp_dir}/asr_ctc/train.py" "${msp_dir}/asr_ctc/hparams/train_asr_ctc.yaml" "${common[@]}" \
             --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True \
-            --output_folder="${exp}/asr_ctc_msp" ${ft_args} "${extra[@]}"
+            --output_folder="${exp}/asr_ctc_msp" ${asr_args} "${extra[@]}"
     else
         log "Stage 1a: using the given in-domain ASR model ${asr_in_source}"
     fi
@@ -114,7 +116,7 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
         log "Stage 1b: out-of-domain ASR-CTC fine-tuning on LibriSpeech"
         launch "${root}/recipes/LibriSpeech/asr_ctc/train.py" "${root}/recipes/LibriSpeech/asr_ctc/hparams/train_asr_ctc.yaml" \
             "${common[@]}" --data_folder="${libri_folder}" --prep_folder="${prep}/libri" --skip_prep=True \
-            --output_folder="${exp}/asr_ctc_libri" ${ft_args} "${extra[@]}"
+            --output_folder="${exp}/asr_ctc_libri" ${asr_args} "${extra[@]}"
     else
         log "Stage 1b: using the given out-of-domain ASR model ${asr_out_source}"
     fi
@@ -125,7 +127,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
         log "Stage 2: SER fine-tuning on MSP-Podcast"
         launch "${msp_dir}/ser/train.py" "${msp_dir}/ser/hparams/train_ser.yaml" "${common[@]}" \
             --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True \
-            --output_folder="${exp}/ser" ${ft_args} "${extra[@]}"
+            --output_folder="${exp}/ser" ${ser_args} "${extra[@]}"
     else
         log "Stage 2: importing the SER model ${ser_source}"
     fi

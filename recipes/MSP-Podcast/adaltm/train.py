@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import speechbrain as sb
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msp_podcast_prepare import prepare_msp_podcast  # noqa: E402
@@ -58,6 +59,11 @@ class AdaLTMBrain(ToolkitBrain):
             return self.log_and_checkpoint(stage, stage_loss, epoch, stats)
         coeffs = self.coefficients()
         out = self.write_test_metrics(stage_loss, {"lambdas": coeffs["lambda"], "alphas": coeffs["alpha"]})
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank records the λ it ended with: DDP must keep them identical across ranks
+            rank = torch.distributed.get_rank()
+            with atomic_write(Path(self.hparams.output_folder) / "ranks" / f"coefficients_rank{rank}.json") as f:
+                json.dump(coeffs, f)
         if sb.utils.distributed.if_main_process():
             self.write_artifacts(coeffs, out)
 
