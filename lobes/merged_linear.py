@@ -3,9 +3,12 @@ and merged weights that are rebuilt in backward instead of being kept alive by t
 
 Used by :class:`lobes.merged_wavlm.MergedWavLM` with ``merge_impl="fused"`` (see benchmarks/RESULTS.md):
 
-- :class:`MergeWeight` builds W with in-place ``add_(ΔW_k, alpha=λ_k)`` (no λ_k·ΔW_k temporary) and returns
-  dL/dλ_k = <dL/dW, ΔW_k> as a BLAS dot product (no dL/dW ⊙ ΔW_k temporary, no full set of weight gradients:
-  each dL/dW is reduced to K numbers as soon as autograd produces it).
+- :class:`MergeWeight` builds W in one pass and returns dL/dλ = [<dL/dW, ΔW_k>]_k without a dL/dW ⊙ ΔW_k
+  temporary and without a full set of weight gradients (each dL/dW is reduced to K numbers as soon as
+  autograd produces it). When the K task vectors of a weight lie in one [K, n] tensor (:func:`stack_deltas`,
+  which ``MergedWavLM(merge_impl="fused")`` applies), both are single BLAS GEMV calls: W = addmv(W_base,
+  ΔWᵀ, λ) reads every ΔW once (vs. 2 passes and a λ_k·ΔW_k temporary per vector with plain autograd),
+  and dL/dλ = mv(ΔW, dL/dW) reads dL/dW once for all K.
 - :class:`RebuildMergedInBackward` is a saved-tensor hook: when an op that consumes a merged W (linear, conv,
   the attention projections inside ``F.multi_head_attention_forward``, layer/group norm) saves W (or a view
   of it) for its backward, it stores a recipe instead, and W is rebuilt from W_base, ΔW and the same λ
@@ -16,8 +19,43 @@ import torch
 from torch.func import functional_call
 
 
+def stack_deltas(stores):
+    """Re-lay K ParameterDicts of ΔW (same keys) so that each key's K tensors are rows of one [K, ...] tensor.
+
+    Values, names and the Parameters' dict places are unchanged (each entry becomes a view of its row), so
+    ``state_dict`` and every other code path are unaffected; only :func:`stacked_view` can now see them as one.
+    """
+    if len(stores) < 2:
+        return
+    for name in list(stores[0].keys()):
+        rows = torch.stack([s[name].detach() for s in stores])
+        for k, s in enumerate(stores):
+            s[name] = torch.nn.Parameter(rows[k], requires_grad=False)
+
+
+def stacked_view(deltas):
+    """The ΔW_k as one [K, n] matrix view when they are equally spaced contiguous slices of one storage
+    (the layout of :func:`stack_deltas`), else None (e.g. after ``.double()``, which copies each one)."""
+    d0 = deltas[0]
+    if not all(d.is_contiguous() and d.shape == d0.shape and d.dtype == d0.dtype for d in deltas):
+        return None
+    n = d0.numel()
+    if len(deltas) == 1:
+        return d0.view(1, n)
+    if any(d.untyped_storage().data_ptr() != d0.untyped_storage().data_ptr() for d in deltas):
+        return None
+    step = deltas[1].storage_offset() - d0.storage_offset()
+    if step < n or any(d.storage_offset() - d0.storage_offset() != k * step for k, d in enumerate(deltas)):
+        return None
+    return d0.as_strided((len(deltas), n), (step, 1), d0.storage_offset())
+
+
 def merge_values(base, deltas, coeffs):
     """W_base + Σ_k c_k ΔW_k in ``base``'s dtype (ΔW may be stored in a lower precision)."""
+    stacked = stacked_view(deltas)
+    if stacked is not None:
+        lam = torch.tensor(coeffs, dtype=base.dtype)
+        return torch.addmv(base.reshape(-1), stacked.to(base.dtype).t(), lam).view(base.shape)
     w = torch.add(base, deltas[0].to(base.dtype), alpha=coeffs[0])
     for d, c in zip(deltas[1:], coeffs[1:]):
         w.add_(d.to(base.dtype), alpha=c)
@@ -34,9 +72,14 @@ class MergeWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_w):
-        g = grad_w.reshape(-1)
-        grads = [torch.dot(g, d.reshape(-1).to(g.dtype)) for d in ctx.saved_tensors]
-        return (torch.stack(grads), None) + (None,) * len(grads)
+        deltas = ctx.saved_tensors
+        g = grad_w.reshape(-1)  # a linear's dL/dW arrives transposed: one copy, then contiguous reads
+        stacked = stacked_view(deltas)
+        if stacked is not None:
+            grad_lam = torch.mv(stacked.to(g.dtype), g)
+        else:
+            grad_lam = torch.stack([torch.dot(g, d.reshape(-1).to(g.dtype)) for d in deltas])
+        return (grad_lam, None) + (None,) * len(deltas)
 
 
 class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):

@@ -120,6 +120,8 @@ class MergedWavLM(torch.nn.Module):
                     delta[k].detach().to(delta_dtype or base_state[k].dtype), requires_grad=False)
                 for k in self.keys})
             self.deltas.append(store)
+        if merge_impl == "fused":
+            merged_linear.stack_deltas(self.deltas)  # each key's K task vectors in one [K, ...] tensor (one GEMV)
 
         for path, _ in layer_groups.group_modules(cfg.num_hidden_layers, self.stable_layer_norm):
             parent_path, _, attr = path.rpartition(".")

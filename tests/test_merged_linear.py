@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import WavLMModel
 
-from lobes.merged_linear import MergeWeight, RebuildMergedInBackward, merge_values
+from lobes.merged_linear import MergeWeight, RebuildMergedInBackward, merge_values, stack_deltas, stacked_view
 from lobes.merged_wavlm import MergedWavLM
 from tools.make_tiny_wavlm import make_tiny_wavlm
 
@@ -49,16 +49,35 @@ def test_fused_equals_functional(tiny, kw):
 def test_fused_fixed_lambda_runs_without_graph(tiny):
     base, asr, ser = tiny
     ref, _ = MergedWavLM(base, {"ASR": asr, "SER": ser}, lambda_mode="fixed")(*_wavs())
-    got, _ = MergedWavLM(base, {"ASR": asr, "SER": ser}, lambda_mode="fixed", merge_impl="fused")(*_wavs())
+    fused = MergedWavLM(base, {"ASR": asr, "SER": ser}, lambda_mode="fixed", merge_impl="fused")
+    got, _ = fused(*_wavs())
     assert not got.requires_grad and (got - ref).abs().max().item() <= 1e-5
+    # the fused layout keeps every ΔW's name and value, now as rows of one [K, n] tensor per key
+    key = "encoder__layers__1__feed_forward__intermediate_dense__weight"
+    assert stacked_view([s[key] for s in fused.deltas]) is not None
+    assert all(torch.equal(fused.deltas[i][k.replace(".", "__")], vec[k])
+               for i, vec in enumerate((asr, ser)) for k in vec)
     with pytest.raises(ValueError, match="merge_impl 'naive'"):
         MergedWavLM(base, {"ASR": asr}, merge_impl="naive")
 
 
-def test_merge_weight_gradient_is_the_inner_product():
+def _stacked_pair(d1, d2):
+    stores = [torch.nn.ParameterDict({"w": torch.nn.Parameter(d, requires_grad=False)}) for d in (d1, d2)]
+    stack_deltas(stores)
+    return stores[0]["w"], stores[1]["w"]
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["separate", "stacked_gemv"])
+def test_merge_weight_gradient_is_the_inner_product(stacked):
     base = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     d1 = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
     d2 = torch.tensor([[0.5, 0.5], [2.0, 0.0]])
+    if stacked:
+        d1, d2 = _stacked_pair(d1, d2)
+        view = stacked_view([d1, d2])
+        assert view.shape == (2, 4) and view[1].tolist() == [0.5, 0.5, 2.0, 0.0]  # rows = ΔW_k, one storage
+    else:
+        assert stacked_view([d1, d2]) is None
     lam = torch.tensor([0.5, -2.0], requires_grad=True)
     w = MergeWeight.apply(lam, base, d1, d2)
     assert w.tolist() == [[1.0 + 0.5 - 1.0, 2.0 - 1.0], [3.0 - 4.0, 4.0 - 0.5]]
@@ -68,9 +87,12 @@ def test_merge_weight_gradient_is_the_inner_product():
     assert lam.grad.tolist() == [-3.0, 7.5]
 
 
-def test_saved_merged_weight_is_freed_and_rebuilt_bitwise():
+@pytest.mark.parametrize("stacked", [False, True], ids=["separate", "stacked_gemv"])
+def test_saved_merged_weight_is_freed_and_rebuilt_bitwise(stacked):
     g = torch.Generator().manual_seed(0)
     base, d1, d2 = (torch.randn(6, 4, generator=g) for _ in range(3))
+    if stacked:
+        d1, d2 = _stacked_pair(d1, d2)
     x = torch.randn(3, 4, generator=g).requires_grad_()  # so the linear must save w for dL/dx
     sources = {"weight": (base, [d1, d2])}
 

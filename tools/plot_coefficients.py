@@ -61,7 +61,7 @@ def load_coefficients(path):
     if lam is not None and not isinstance(lam, dict):
         raise DataError(f"{path}: 'lambda' must be {{vector name: [λ per group]}}")
     if isinstance(alpha, list):
-        alpha = {"SER": alpha}
+        alpha = {"α": alpha}
     elif alpha is not None and not isinstance(alpha, dict):
         raise DataError(f"{path}: 'alpha' must be a list or {{name: [α per layer]}}")
     return lam, alpha
@@ -94,7 +94,7 @@ def plot_runs(paths, out_dir, labels=None):
     for f, name in zip(files, names):
         lam, alpha = load_coefficients(f)
         try:
-            if lam is not None:
+            if lam:  # Setup 1 (no task vector) has an empty λ table: α only
                 written.append(plot_lambdas(lam, out_dir / f"{_safe(name)}_lambda.png", title=f"λ per merge group: {name}"))
                 comparison[name] = lam
             if alpha is not None:

@@ -69,8 +69,8 @@ if [ "${mini}" = true ]; then
     # tiny model, ~150 training utterances: a few quick epochs with large learning rates
     asr_args="--number_of_epochs=8 --lr=0.003 --lr_wavlm=0.001 ${asr_args}"
     ser_args="--number_of_epochs=15 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${ser_args}"
-    adaltm_args="--number_of_epochs=12 --lr=0.005 --batch_size=8 --head_hidden=64 --num_bootstraps=200 ${adaltm_args}"
-    mtl_args="--number_of_epochs=6 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${mtl_args}"
+    adaltm_args="--number_of_epochs=8 --lr=0.01 --batch_size=16 --head_hidden=64 --num_bootstraps=200 ${adaltm_args}"
+    mtl_args="--number_of_epochs=4 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${mtl_args}"
 fi
 [ -n "${data_folder}" ] || { echo "--data_folder (MSP-Podcast root) is required (or --mini true)" >&2; exit 1; }
 

@@ -1,0 +1,281 @@
+"""λ-training step vs full fine-tuning (issue 8, target 1): step time and peak memory, side by side, as ratios.
+
+    .venv/bin/python benchmarks/bench_merge_step.py [--steps 3 --warmup 1] [--out benchmarks/logs/merge_step.json]
+    .venv/bin/python benchmarks/bench_merge_step.py --profile fused     # torch.profiler top ops of one variant
+
+Every variant runs in its own fresh process (``--child``) on the same WavLM-Base-shaped random-init model
+(see ``_common.base_config``), batch 2 x 4 s of random audio, 2 threads, and the same downstream (α weighted
+layer sum + SER head + cross-entropy; AdamW). A step = zero_grad, forward, backward, optimizer step.
+
+Variants (λ: 2 task vectors x 13 groups for a 12-layer model):
+  ft_all          (a) full fine-tuning, AdamW over all 94.4M backbone weights (the reference, 1.00)
+  ft_cnn_frozen       full fine-tuning with the CNN frozen (what the SER/ASR/MTL recipes do) - context
+  naive           (b) AdaMerging-style: all merged weights materialised, one functional_call of the model
+  functional      (c) MergedWavLM(merge_impl="functional"): per-group merge + functional_call
+  functional_gc   (c) ... with gradient_checkpointing=True
+  fused           (e) MergedWavLM(merge_impl="fused"): lobes.merged_linear (merge node + rebuild in backward)
+  fused_bf16      (e) ... with ΔW stored in bf16 (delta_dtype=torch.bfloat16)
+  fused_gc            fused + gradient_checkpointing
+  frozen          (d) frozen backbone under no_grad + α + head
+``bf16_error`` (not a training variant) measures what bf16 ΔW does to the merged weights and hidden states.
+"""
+import argparse
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+VARIANTS = ["ft_all", "ft_cnn_frozen", "naive", "functional", "functional_gc", "fused", "fused_bf16", "fused_gc",
+            "frozen"]
+NUM_VECTORS = 2
+BATCH, SECONDS, SR = 2, 4.0, 16000
+DELTA_STD = 0.01  # task-vector entries ~ N(0, 0.01²): half the init std of the weights (0.02)
+
+
+def random_task_vectors(state, seed=1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [{k: DELTA_STD * torch.randn(v.shape, generator=g) for k, v in state.items()}
+            for _ in range(NUM_VECTORS)]
+
+
+class NaiveAdaMerging:
+    """What a user would write from the AdaMerging recipe: build every merged weight of the model, then one
+    ``functional_call`` of the whole model with them (all merged weights alive from the start of the step)."""
+
+    def __init__(self, model, deltas):
+        import torch
+        from lobes import layer_groups
+
+        self.model = model.requires_grad_(False).eval()
+        cfg = model.config
+        self.base = dict(model.named_parameters())
+        self.deltas = deltas
+        self.group = {k: layer_groups.group_of(k, cfg.num_hidden_layers, cfg.do_stable_layer_norm)
+                      for k in self.base}
+        self.lam = torch.nn.Parameter(torch.full((len(deltas), layer_groups.num_groups(cfg.num_hidden_layers)), 0.5))
+
+    def __call__(self, wavs, wav_lens):
+        from torch.func import functional_call
+        from lobes.wavlm_encoder import run_wavlm
+
+        merged = {}
+        for k, w in self.base.items():
+            for i, d in enumerate(self.deltas):
+                w = w + self.lam[i, self.group[k]] * d[k]
+            merged[k] = w
+        model = self.model
+
+        class _Merged:  # run_wavlm needs a callable with the model's length arithmetic
+            _get_feat_extract_output_lengths = staticmethod(model._get_feat_extract_output_lengths)
+
+            def __call__(self, *a, **kw):
+                return functional_call(model, merged, a, kw)
+
+        return run_wavlm(_Merged(), wavs, wav_lens)
+
+
+def build(variant, model_dir):
+    """-> (encoder callable (wavs, lens) -> (hidden, mask), trainable backbone parameters)."""
+    import torch
+    from lobes.merged_wavlm import MergedWavLM
+    from lobes.wavlm_encoder import WavLMEncoder, load_wavlm
+
+    if variant in ("ft_all", "ft_cnn_frozen"):
+        enc = WavLMEncoder(model_dir, freeze=False, freeze_feature_extractor=variant == "ft_cnn_frozen")
+        enc.train()
+        return enc, [p for p in enc.parameters() if p.requires_grad]
+    if variant == "frozen":
+        enc = WavLMEncoder(model_dir, freeze=True)
+        return enc, []
+    state = load_wavlm(model_dir).state_dict()
+    deltas = random_task_vectors(state)
+    del state
+    if variant == "naive":
+        enc = NaiveAdaMerging(load_wavlm(model_dir), deltas)
+        return enc, [enc.lam]
+    impl = "fused" if variant.startswith("fused") else "functional"
+    enc = MergedWavLM(model_dir, {f"tv{i}": d for i, d in enumerate(deltas)}, lambda_mode="layerwise",
+                      merge_impl=impl, gradient_checkpointing=variant.endswith("_gc"),
+                      delta_dtype=torch.bfloat16 if variant.endswith("_bf16") else None)
+    del deltas
+    enc.train()
+    return enc, [enc.lambdas.lam]
+
+
+def child(variant, model_dir, steps, warmup, profile=False):
+    import torch
+    from lobes.ser_head import SERHead
+    from lobes.weighted_sum import WeightedLayerSum
+
+    C.set_threads()
+    torch.manual_seed(0)
+    gc.collect()
+    rss_import = C.rss_bytes()
+    enc, backbone_params = build(variant, model_dir)
+    ws, head = WeightedLayerSum(12), SERHead(768, 256, num_classes=8, dropout=0.0)
+    opt = torch.optim.AdamW(backbone_params + list(ws.parameters()) + list(head.parameters()), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    wavs = torch.randn(BATCH, int(SECONDS * SR), generator=g)
+    lens = torch.ones(BATCH)
+    labels = torch.randint(0, 8, (BATCH,), generator=g)
+    gc.collect()
+    rss_built = C.rss_bytes()
+    C.reset_peak_rss()
+
+    def step():
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        hidden, mask = enc(wavs, lens)
+        loss = torch.nn.functional.cross_entropy(head(ws(hidden), mask), labels)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        return t3 - t0, t1 - t0, t2 - t1, t3 - t2, time.process_time() - c0
+
+    for _ in range(warmup):
+        step()
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            times = [step() for _ in range(steps)]
+        ka = p.key_averages()
+        total = sum(e.self_cpu_time_total for e in ka)
+        top = sorted(ka, key=lambda e: -e.self_cpu_time_total)[:18]
+        C.emit({"variant": variant, "step_s": C.median([t[0] for t in times]),
+                "total_self_cpu_s": total / 1e6 / steps,
+                "top": [{"op": e.key, "self_cpu_s_per_step": e.self_cpu_time_total / 1e6 / steps,
+                         "share": e.self_cpu_time_total / total, "calls_per_step": e.count / steps} for e in top]})
+        return
+    load = os.getloadavg()[0]
+    times = [step() for _ in range(steps)]
+    peak = C.peak_rss_bytes()
+    C.emit({"variant": variant, "step_s": C.median([t[0] for t in times]),
+            "cpu_s": C.median([t[4] for t in times]), "loadavg_1min": [load, os.getloadavg()[0]],
+            "forward_s": C.median([t[1] for t in times]), "backward_s": C.median([t[2] for t in times]),
+            "optimizer_s": C.median([t[3] for t in times]), "all_steps_s": [t[0] for t in times],
+            "rss_import": rss_import, "rss_built": rss_built, "peak_rss": peak,
+            "trainable_backbone_params": sum(p.numel() for p in backbone_params)})
+
+
+def bf16_error(model_dir):
+    """Max |merged(ΔW fp32) - merged(ΔW bf16)| over all weights at λ = 0.5 (init) and λ = 1, and the effect on
+    the hidden states of the merged model."""
+    import torch
+    from lobes.merged_wavlm import MergedWavLM
+    from lobes.wavlm_encoder import load_wavlm
+
+    C.set_threads()
+    state = load_wavlm(model_dir).state_dict()
+    deltas = random_task_vectors(state)
+    out = {}
+    for lam in (0.5, 1.0):
+        max_abs = max_rel = 0.0
+        num = den = 0.0
+        for k, w in state.items():
+            exact = w + lam * deltas[0][k] + lam * deltas[1][k]
+            approx = w + lam * deltas[0][k].bfloat16().float() + lam * deltas[1][k].bfloat16().float()
+            err = (exact - approx).abs()
+            max_abs = max(max_abs, err.max().item())
+            max_rel = max(max_rel, (err / (lam * (deltas[0][k].abs() + deltas[1][k].abs())).clamp_min(1e-12)).max().item())
+            num += err.pow(2).sum().item()
+            den += (exact - w).pow(2).sum().item()
+        out[f"lambda_{lam}"] = {"max_abs_error": max_abs, "max_error_rel_to_lambda_dW": max_rel,
+                                "rel_frobenius_error_of_merge_update": (num / den) ** 0.5,
+                                "max_abs_merged_weight": max(v.abs().max().item() for v in state.values())}
+    g = torch.Generator().manual_seed(0)
+    wavs = torch.randn(BATCH, int(SECONDS * SR), generator=g)
+    hs = {}
+    for name, dt in (("fp32", None), ("bf16", torch.bfloat16)):
+        m = MergedWavLM(model_dir, {"tv0": deltas[0], "tv1": deltas[1]}, lambda_mode="fixed", delta_dtype=dt)
+        with torch.no_grad():
+            hs[name] = m(wavs, torch.ones(BATCH))[0]
+        del m
+    diff = (hs["fp32"] - hs["bf16"]).abs()
+    out["hidden_states"] = {"max_abs_diff": diff.max().item(),
+                            "max_abs_diff_last_layer": diff[-1].max().item(),
+                            "rms_last_layer": hs["fp32"][-1].pow(2).mean().sqrt().item()}
+    C.emit(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help="existing WavLM dir (default: a random-init WavLM-Base in a temp dir)")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per variant (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--profile", help="profile this variant with torch.profiler instead of the comparison")
+    p.add_argument("--out", default=str(Path(__file__).parent / "logs" / "merge_step.json"))
+    a = p.parse_args(argv)
+    if a.child:
+        if a.child == "bf16_error":
+            return bf16_error(a.model_dir)
+        name, _, mode = a.child.partition(":")
+        return child(name, a.model_dir, a.steps, a.warmup, profile=mode == "profile")
+
+    C.set_threads()
+    tmp = None
+    model_dir = a.model_dir
+    if model_dir is None:
+        tmp = tempfile.mkdtemp(prefix="bench_wavlm_base_")
+        model_dir = C.make_model_dir(Path(tmp) / "wavlm_base")
+    try:
+        t_start = time.time()
+        if a.profile:
+            r = C.run_child(__file__, ["--child", a.profile + ":profile", "--model-dir", model_dir,
+                                       "--steps", a.steps, "--warmup", a.warmup])
+            print(f"profile of '{a.profile}': {r['step_s']:.2f} s/step under the profiler, "
+                  f"{r['total_self_cpu_s']:.2f} s of op self time per step")
+            print(f"{'op':40s} {'s/step':>8s} {'share':>7s} {'calls':>7s}")
+            for e in r["top"]:
+                print(f"{e['op'][:40]:40s} {e['self_cpu_s_per_step']:8.3f} {100 * e['share']:6.1f}% "
+                      f"{e['calls_per_step']:7.0f}")
+            C.save_json(Path(a.out).with_name(f"profile_{a.profile}.json"), {"machine": C.machine_info(), **r})
+            return
+        results = {}
+        for v in a.variants.split(","):
+            results[v] = C.run_child(__file__, ["--child", v, "--model-dir", model_dir, "--steps", a.steps,
+                                                "--warmup", a.warmup])
+            r = results[v]
+            print(f"  {v:15s} {r['step_s']:6.2f} s/step ({r['cpu_s']:.2f} s CPU)  peak RSS "
+                  f"{C.gib(r['peak_rss']):5.2f} GiB  load {r['loadavg_1min']}", flush=True)
+        bf16 = C.run_child(__file__, ["--child", "bf16_error", "--model-dir", model_dir])
+        ref = results.get("ft_all")
+        print(f"\n{'variant':15s} {'step s':>7s} {'time x':>7s} {'cpu x':>6s} {'fwd s':>6s} {'bwd s':>6s} {'opt s':>6s} "
+              f"{'peak GiB':>8s} {'mem x':>6s} {'above-import GiB':>16s} {'x':>6s}")
+        for v, r in results.items():
+            r["above_import"] = r["peak_rss"] - r["rss_import"]
+            if ref:
+                r["time_ratio"] = r["step_s"] / ref["step_s"]
+                r["cpu_ratio"] = r["cpu_s"] / ref["cpu_s"]
+                r["peak_rss_ratio"] = r["peak_rss"] / ref["peak_rss"]
+                r["above_import_ratio"] = r["above_import"] / (ref["peak_rss"] - ref["rss_import"])
+            print(f"{v:15s} {r['step_s']:7.2f} {r.get('time_ratio', float('nan')):7.3f} "
+                  f"{r.get('cpu_ratio', float('nan')):6.3f} {r['forward_s']:6.2f} "
+                  f"{r['backward_s']:6.2f} {r['optimizer_s']:6.2f} {C.gib(r['peak_rss']):8.2f} "
+                  f"{r.get('peak_rss_ratio', float('nan')):6.3f} {C.gib(r['above_import']):16.2f} "
+                  f"{r.get('above_import_ratio', float('nan')):6.3f}")
+        print("\nbf16 ΔW vs fp32 ΔW:", bf16)
+        C.save_json(a.out, {"machine": C.machine_info(), "steps": a.steps, "warmup": a.warmup,
+                            "batch": [BATCH, SECONDS], "wall_s": time.time() - t_start,
+                            "results": results, "bf16_delta": bf16})
+        print(f"\nwall {time.time() - t_start:.0f} s; written {a.out}")
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
