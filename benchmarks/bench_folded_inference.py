@@ -9,7 +9,7 @@ Models, all in eval mode under ``torch.inference_mode`` and timed through ``lobe
   plain        WavLMModel of the same config (the reference, 1.00)
   folded       the exported folded model
   merged_*     MergedWavLM with fixed λ (context: it re-merges every group on every call)
-Rounds alternate the models (plain, folded, merged..., plain, ...) so drift in machine load hits all alike;
+Rounds alternate the models, rotating their order each round, so drift in machine load hits all alike;
 the median seconds per batch per model are reported, and throughput = audio seconds / wall second.
 """
 import argparse
@@ -69,8 +69,10 @@ def main(argv=None):
             got = run_wavlm(folded, wavs, lens)[0]
             max_diff = (ref - got).abs().max().item()
             times = {name: [] for name in models}
-            for _ in range(a.rounds + 1):  # first round = warm-up, discarded
-                for name, model in models.items():
+            names = list(models)
+            for r in range(a.rounds + 1):  # first round = warm-up, discarded
+                for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no fixed position
+                    model = models[name]
                     fn = model if name.startswith("merged") else (lambda w, l, mm=model: run_wavlm(mm, w, l))
                     t0 = time.perf_counter()
                     fn(wavs, lens)

@@ -88,8 +88,9 @@ def build(variant, model_dir):
     from lobes.merged_wavlm import MergedWavLM
     from lobes.wavlm_encoder import WavLMEncoder, load_wavlm
 
-    if variant in ("ft_all", "ft_cnn_frozen"):
-        enc = WavLMEncoder(model_dir, freeze=False, freeze_feature_extractor=variant == "ft_cnn_frozen")
+    if variant.startswith(("ft_all", "ft_cnn_frozen")):  # "_gc" suffix: HF gradient checkpointing (bench_amp)
+        enc = WavLMEncoder(model_dir, freeze=False, freeze_feature_extractor=variant.startswith("ft_cnn_frozen"),
+                           gradient_checkpointing=variant.endswith("_gc"))
         enc.train()
         return enc, [p for p in enc.parameters() if p.requires_grad]
     if variant == "frozen":
@@ -110,7 +111,7 @@ def build(variant, model_dir):
     return enc, [enc.lambdas.lam]
 
 
-def child(variant, model_dir, steps, warmup, profile=False):
+def child(variant, model_dir, steps, warmup, profile=False, precision="fp32"):
     import torch
     from lobes.ser_head import SERHead
     from lobes.weighted_sum import WeightedLayerSum
@@ -134,8 +135,9 @@ def child(variant, model_dir, steps, warmup, profile=False):
         c0 = time.process_time()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        hidden, mask = enc(wavs, lens)
-        loss = torch.nn.functional.cross_entropy(head(ws(hidden), mask), labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            hidden, mask = enc(wavs, lens)
+            loss = torch.nn.functional.cross_entropy(head(ws(hidden), mask).float(), labels)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -161,7 +163,7 @@ def child(variant, model_dir, steps, warmup, profile=False):
     load = os.getloadavg()[0]
     times = [step() for _ in range(steps)]
     peak = C.peak_rss_bytes()
-    C.emit({"variant": variant, "step_s": C.median([t[0] for t in times]),
+    C.emit({"variant": variant, "precision": precision, "step_s": C.median([t[0] for t in times]),
             "cpu_s": C.median([t[4] for t in times]), "loadavg_1min": [load, os.getloadavg()[0]],
             "forward_s": C.median([t[1] for t in times]), "backward_s": C.median([t[2] for t in times]),
             "optimizer_s": C.median([t[3] for t in times]), "all_steps_s": [t[0] for t in times],
@@ -215,6 +217,7 @@ def main(argv=None):
     p.add_argument("--model-dir", help="existing WavLM dir (default: a random-init WavLM-Base in a temp dir)")
     p.add_argument("--steps", type=int, default=3, help="measured steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = CPU autocast (bench_amp)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--profile", help="profile this variant with torch.profiler instead of the comparison")
     p.add_argument("--out", default=str(Path(__file__).parent / "logs" / "merge_step.json"))
@@ -223,7 +226,7 @@ def main(argv=None):
         if a.child == "bf16_error":
             return bf16_error(a.model_dir)
         name, _, mode = a.child.partition(":")
-        return child(name, a.model_dir, a.steps, a.warmup, profile=mode == "profile")
+        return child(name, a.model_dir, a.steps, a.warmup, profile=mode == "profile", precision=a.precision)
 
     C.set_threads()
     tmp = None

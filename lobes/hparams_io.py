@@ -24,6 +24,7 @@ from hyperpyyaml import load_hyperpyyaml
 def _yaml():
     y = ruamel.yaml.YAML()  # round-trip mode keeps !ref / !new tags untouched for hyperpyyaml
     y.preserve_quotes = True
+    y.width = 1 << 16  # never fold long lines: folded flow scalars lose their spaces on reload
     return y
 
 

@@ -12,6 +12,8 @@ the task from its prompt tokens. Two ways to use it:
 2. :class:`InterleavedLoader` over ready-made DataLoaders, yielding ``(task, batch)`` pairs.
 
 :func:`batch_task` returns the task of either kind of batch (and rejects a mixed one).
+For evaluation, :func:`make_sequential_dataloader` runs every batch of every task exactly once, task after
+task (no cycling of the smaller set, no ratio), over the same task-tagged concatenation.
 
 Schedule (:func:`interleave_schedule`). With ratio r_τ (e.g. asr:ser = 2:1) and n_τ batches per pass of
 task τ, an epoch is R rounds, each holding exactly r_τ batches of τ, so counts are R·r_τ (exact ratio):
@@ -246,6 +248,44 @@ def make_interleaved_dataloader(datasets, batch_samplers, ratio=None, length="ma
     concat = TaskTaggedConcat(datasets)
     sampler = InterleavedBatchSampler({t: batch_samplers[t] for t in concat.tasks}, concat.offsets,
                                       ratio, length, order, seed)
+    return DataLoader(concat, batch_sampler=sampler, collate_fn=collate_fn, **loader_kwargs)
+
+
+class SequentialTaskBatchSampler(torch.utils.data.Sampler):
+    """Evaluation batch sampler over a :class:`TaskTaggedConcat`: all batches of the first task, then the next.
+
+    Each task's batch sampler is run once, so every utterance is scored exactly once (interleaving would
+    cycle the smaller set). Batches never mix tasks.
+    """
+
+    def __init__(self, batch_samplers, offsets):
+        if not batch_samplers:
+            raise DataError("sequential evaluation needs at least one task")
+        missing = set(batch_samplers) - set(offsets)
+        if missing:
+            raise DataError(f"no dataset offset for task(s) {sorted(missing)}")
+        self.samplers, self.offsets = dict(batch_samplers), dict(offsets)
+
+    def __iter__(self):
+        for task, sampler in self.samplers.items():
+            off = self.offsets[task]
+            for batch in sampler:
+                yield [off + int(i) for i in batch]
+
+    def __len__(self):
+        return sum(len(s) for s in self.samplers.values())
+
+
+def make_sequential_dataloader(datasets, batch_samplers, collate_fn=None, **loader_kwargs):
+    """DataLoader for evaluation: :class:`SequentialTaskBatchSampler` over the task-tagged concatenation."""
+    if set(datasets) != set(batch_samplers):
+        raise DataError(f"datasets {sorted(datasets)} and batch_samplers {sorted(batch_samplers)} name "
+                        "different tasks")
+    if collate_fn is None:
+        from speechbrain.dataio.batch import PaddedBatch
+        collate_fn = PaddedBatch
+    concat = TaskTaggedConcat(datasets)
+    sampler = SequentialTaskBatchSampler({t: batch_samplers[t] for t in concat.tasks}, concat.offsets)
     return DataLoader(concat, batch_sampler=sampler, collate_fn=collate_fn, **loader_kwargs)
 
 

@@ -4,6 +4,8 @@
     LM input  = [BOS] [prompt_τ (P learned vectors)] [speech embeddings] [target tokens]       ┘
     LM hidden states of layers 1..L ─ final norm ─ PromptAdaptiveFusion[τ](prefix) ─ lm_head ─ next token
 
+* Encoder fusion: :class:`lobes.gated_encoder_fusion.GatedEncoderFusion`, or with ``fixed_layer=l`` the
+  ablation :class:`FixedLayerSelect` (transformer layer l's output for every task, as in fixed-layer SLMs).
 * Encoder: any module whose ``forward(wavs, wav_lens)`` returns ``(hidden_states [L+1, B, T, D],
   frames)`` with index 0 the CNN output; ``frames`` is a bool frame mask [B, T] (what
   :class:`lobes.wavlm_encoder.WavLMEncoder` returns), absolute frame counts [B] (int) or SpeechBrain relative
@@ -29,12 +31,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
 from lobes.dynamic_fusion import PromptAdaptiveFusion
 from lobes.emotions import EMOTIONS
 from lobes.errors import DataError
-from lobes.gated_encoder_fusion import GatedEncoderFusion
-from lobes.io_utils import atomic_write
+from lobes.gated_encoder_fusion import GatedEncoderFusion, stack_hidden_states, task_indices
+from lobes.io_utils import atomic_path, atomic_write
 
 CHAR_TOKENIZER_FILE = "char_tokenizer.json"
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -171,7 +174,8 @@ class SpeechLM(torch.nn.Module):
     def __init__(self, encoder, lm_source, tasks=("asr", "ser"), num_prompt_tokens=4, stack=4,
                  adapter_hidden=None, encoder_gate="channel", include_cnn=False, encoder_layer_norm=False,
                  lm_fusion="dynamic", fusion_ffn_hidden=64, freeze_lm=True, lm_from_config=False,
-                 ser_task="ser", ser_mode="generate", emotions=EMOTIONS, encoder_layers=None, encoder_dim=None):
+                 ser_task="ser", ser_mode="generate", emotions=EMOTIONS, encoder_layers=None, encoder_dim=None,
+                 fixed_layer=None):
         super().__init__()
         if ser_mode not in ("generate", "classify"):
             raise DataError(f"ser_mode must be 'generate' or 'classify', got '{ser_mode}'")
@@ -193,8 +197,11 @@ class SpeechLM(torch.nn.Module):
             self.lm.requires_grad_(False)
         lm_dim = self.lm.get_input_embeddings().embedding_dim
         lm_layers = self.lm.config.num_hidden_layers
-        self.encoder_fusion = GatedEncoderFusion(enc_layers, enc_dim, self.tasks, gate=encoder_gate,
-                                                 include_cnn=include_cnn, layer_norm=encoder_layer_norm)
+        if fixed_layer is None:
+            self.encoder_fusion = GatedEncoderFusion(enc_layers, enc_dim, self.tasks, gate=encoder_gate,
+                                                     include_cnn=include_cnn, layer_norm=encoder_layer_norm)
+        else:  # ablation: one fixed encoder layer for every task, no weights, no gate
+            self.encoder_fusion = FixedLayerSelect(fixed_layer, enc_layers, enc_dim, self.tasks)
         self.adapter = SpeechAdapter(enc_dim, lm_dim, stack=stack, hidden=adapter_hidden)
         # Prompts start at the scale of the LM's own token embeddings.
         emb_std = self.lm.get_input_embeddings().weight.detach().float().std().item()
@@ -398,3 +405,100 @@ class SpeechLM(torch.nn.Module):
     def reset_fusion_stats(self):
         self._alpha_sum.zero_()
         self._alpha_count.zero_()
+
+
+# ------------------------------------------------------------------------------------- ablation and recipe helpers
+class FixedLayerSelect(torch.nn.Module):
+    """Drop-in for :class:`GatedEncoderFusion` that returns one fixed encoder layer for every task.
+
+    ``layer`` counts transformer layers 1..L (hidden-state index ``layer``; 0, the CNN output, is not offered).
+    ``layer_weights`` is one-hot on that layer and ``gate_values`` all ones, so plots and logs keep working.
+    """
+
+    def __init__(self, layer, num_layers, hidden_size, tasks=("asr", "ser")):
+        super().__init__()
+        self.tasks = tuple(tasks)
+        self.num_layers, self.hidden_size = int(num_layers), int(hidden_size)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= self.num_layers:
+            raise DataError(f"fixed_layer={layer!r} is not a transformer layer of this {self.num_layers}-layer "
+                            f"encoder (valid: 1..{self.num_layers})")
+        self.layer = layer
+        self.include_cnn = False
+
+    def forward(self, hidden_states, task):
+        hs = stack_hidden_states(hidden_states)
+        if hs.shape[0] != self.num_layers + 1:
+            raise DataError(f"encoder gave {hs.shape[0]} hidden states, expected {self.num_layers + 1} "
+                            f"(CNN output + {self.num_layers} layers)")
+        task_indices(task, self.tasks, hs.shape[1], hs.device)  # same task checks as the gated fusion
+        return hs[self.layer]
+
+    def layer_weights(self, task):
+        task_indices(task, self.tasks, 1, "cpu")
+        w = torch.zeros(self.num_layers)
+        w[self.layer - 1] = 1.0
+        return w
+
+    def gate_values(self, task):
+        task_indices(task, self.tasks, 1, "cpu")
+        return torch.ones(self.hidden_size)
+
+
+def rescale_layer_index(layer, num_layers, reference_layers=None):
+    """Map a layer counted on a ``reference_layers``-deep encoder to this ``num_layers``-deep one.
+
+    ``round(layer · num_layers / reference_layers)``, at least 1: the paper's layers 12 and 24 of WavLM-Large
+    (24 layers) are the middle and the top; on the 4-layer test WavLM they become 2 and 4. Identity when
+    ``reference_layers`` is None or equals ``num_layers``; None stays None (no fixed layer).
+    """
+    if layer is None:
+        return None
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise DataError(f"fixed_layer must be an integer layer number, got {layer!r}")
+    if reference_layers is None or int(reference_layers) == int(num_layers):
+        return layer
+    if not 1 <= layer <= int(reference_layers):
+        raise DataError(f"fixed_layer={layer} is outside 1..{reference_layers} (layer_depth_reference)")
+    return max(1, int(round(layer * int(num_layers) / int(reference_layers))))
+
+
+@register_checkpoint_hooks
+class TrainableParameters:
+    """Checkpoint recoverable holding only the parameters of ``module`` that train (safetensors file).
+
+    A frozen LM (and a frozen WavLM) is re-read from its source, not copied into every checkpoint: with a
+    1B-parameter LM that is gigabytes per epoch. Loading checks that the file holds exactly the parameters
+    that train now (a checkpoint from a differently frozen configuration is refused, naming the file).
+    """
+
+    def __init__(self, module):
+        self.module = module
+
+    def _trainable(self):
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    @mark_as_saver
+    def save(self, path):
+        from safetensors.torch import save_file
+        state = {n: p.detach().cpu().contiguous() for n, p in self._trainable().items()}
+        with atomic_path(path) as tmp:
+            save_file(state, tmp)
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=False):
+        from safetensors.torch import load_file
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # SafetensorError, OSError
+            raise DataError(f"{path}: cannot read the trainable-parameter checkpoint ({e})") from e
+        params = self._trainable()
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise DataError(f"{path}: checkpoint does not match the trainable parameters (missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}); was it saved with other freeze settings?")
+        with torch.no_grad():
+            for n, p in params.items():
+                if state[n].shape != p.shape:
+                    raise DataError(f"{path}: '{n}' has shape {tuple(state[n].shape)}, model has {tuple(p.shape)}")
+                p.copy_(state[n].to(p.device, p.dtype))
+

@@ -216,7 +216,11 @@ def _complete_metadata(tv):
 
 # ---------------------------------------------------------------------------------------------------- disk
 def save_task_vector(tv, path):
-    """Write ``tv`` as safetensors (atomic); returns the path. Fingerprint fields are recomputed."""
+    """Write ``tv`` as safetensors (atomic); returns the path.
+
+    Fingerprint fields are recomputed from the tensors and ``tv.metadata`` is set to exactly what was
+    written, so ``load_task_vector(path).metadata == tv.metadata``.
+    """
     from safetensors.torch import save_file
 
     meta = _complete_metadata(tv)

@@ -1,0 +1,415 @@
+#!/usr/bin/env python3
+"""HarmoniFuse: one speech LM for ASR (LibriSpeech) and 8-class SER (MSP-Podcast), batch-interleaved.
+
+    python train.py hparams/harmonifuse.yaml --msp_folder /data/MSP-Podcast --libri_folder /data/LibriSpeech \
+        --wavlm_source microsoft/wavlm-large --lm_source /models/my-causal-lm
+    python train.py hparams/rows/static_encoder_fusion.yaml ...            # an ablation row
+    torchrun --nproc_per_node=4 train.py hparams/harmonifuse.yaml ...       # DDP: each rank its own shards
+
+Training alternates whole batches of one task (ratio ``interleave_ratio``), the task prompt set per batch; no
+utterance needs both labels. Validation runs both tasks; the kept checkpoint has the lowest combined
+validation loss (mean ASR batch loss + mean SER batch loss). The test stage writes to the output folder:
+metrics.json (``wer`` = first test split, ``wer_by_split``; SER ``test`` report with 95% CIs and ``ua`` / ``wa``
+/ ``macro_f1``), fusion_weights.json, encoder_layer_weights.png, lm_fusion_weights.png, confusion.png and
+per-utterance asr_predictions.csv / ser_predictions.csv. A generated SER output that is not exactly one of
+the 8 class names is "invalid" and counted as wrong (see ``ser_report_with_invalid``).
+"""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import speechbrain as sb
+import torch
+from speechbrain.dataio.sampler import DistributedSamplerWrapper, DynamicBatchSampler, ReproducibleRandomSampler
+from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "LibriSpeech"))
+from librispeech_prepare import prepare_librispeech  # noqa: E402
+from msp_podcast_prepare import prepare_msp_podcast  # noqa: E402
+
+from lobes import metrics as M  # noqa: E402
+from lobes import plots  # noqa: E402
+from lobes.brains import ToolkitBrain  # noqa: E402
+from lobes.ctc_text import normalize_transcript  # noqa: E402
+from lobes.dataio import asr_datasets, ser_datasets  # noqa: E402
+from lobes.emotions import EMOTIONS  # noqa: E402
+from lobes.errors import DataError  # noqa: E402
+from lobes.hparams_io import load_hparams  # noqa: E402
+from lobes.interleave import batch_task, make_interleaved_dataloader, make_sequential_dataloader  # noqa: E402
+from lobes.io_utils import atomic_write  # noqa: E402
+
+INVALID = "<invalid>"                         # column of generated SER outputs that are not a class name
+SER_CLASSES = EMOTIONS + [INVALID]            # index len(EMOTIONS) = invalid; never a true label
+
+
+# ------------------------------------------------------------------------------------------------ SER scoring
+def emotion_index(text):
+    """Generated text -> class index; anything but an exact class name (surrounding spaces aside) is invalid."""
+    text = text.strip()
+    return EMOTIONS.index(text) if text in EMOTIONS else len(EMOTIONS)
+
+
+def _emotion_scores(confusion):
+    """UA, WA, macro precision and macro F1 of a (K+1)x(K+1) confusion whose last column is "invalid".
+
+    An invalid output is a miss of its true class (lowers that class's recall and F1, and WA) but is not a
+    class of its own: precision / F1 are averaged over the K emotions only (those in y_true or predicted),
+    which is what ``lobes.metrics.metrics_from_confusion`` gives when nothing is invalid.
+    """
+    import numpy as np
+
+    c = np.asarray(confusion, dtype=np.float64)
+    k = c.shape[0] - 1
+    tp = np.diag(c)[:k]
+    n_true, n_pred = c[:k].sum(1), c[:, :k].sum(0)
+    in_true, in_any = n_true > 0, (n_true > 0) | (n_pred > 0)
+    recall = np.divide(tp, n_true, out=np.zeros_like(tp), where=in_true)
+    prec = np.divide(tp, n_pred, out=np.zeros_like(tp), where=n_pred > 0)
+    f1 = np.divide(2 * tp, n_true + n_pred, out=np.zeros_like(tp), where=in_any)
+    return {"uar": float(recall[in_true].mean()), "precision": float(prec[in_any].mean()),
+            "macro_f1": float(f1[in_any].mean()), "accuracy": float(tp.sum() / c.sum())}
+
+
+def ser_report_with_invalid(y_true, y_pred, speakers=None, num_bootstraps=1000, seed=0):
+    """``lobes.metrics.ser_report`` where ``y_pred`` may hold ``len(EMOTIONS)`` (= invalid output).
+
+    Same keys and bootstrap sets as ``ser_report`` (identical numbers when nothing is invalid); adds
+    ``n_invalid``; ``confusion`` is 9x9 (last row empty, last column = invalid), ``per_class_recall`` 8 values.
+    """
+    k = len(EMOTIONS)
+    report = M.ser_report(y_true, y_pred, speakers=speakers, num_bootstraps=num_bootstraps, n_classes=k + 1,
+                          seed=seed)  # UA, WA and their CIs are already right: the invalid row is empty
+    for name in ("precision", "macro_f1"):
+        def fn(labels, samples, name=name):
+            return _emotion_scores(M.confusion_counts(labels, samples, k + 1))[name]
+        report[name], report[f"{name}_ci"] = M.bootstrap_ci(y_true, y_pred, fn, num_bootstraps=num_bootstraps,
+                                                            conditions=speakers, seed=seed)
+    report["per_class_recall"] = report["per_class_recall"][:k]
+    report["n_invalid"] = sum(1 for p in y_pred if p == k)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ the Brain
+class HarmoniFuseBrain(ToolkitBrain):
+    """Batches carry ``task`` (``asr`` / ``ser``; evaluation tags ``asr:<split>``, ``ser:<split>``)."""
+
+    @property
+    def speech_lm(self):
+        m = self.modules.speech_lm
+        return m.module if hasattr(m, "module") else m  # DDP wrapper -> model (generate, fusion_weights)
+
+    # -- optimisation: DLR by sub-module path ("speech_lm.encoder"), the LM of a frozen config never trains --
+    def init_optimizers(self):
+        backbone_opt = getattr(self.hparams, "backbone_opt_class", None)
+        backbone_ids = set()
+        for path in getattr(self.hparams, "backbone_modules", []) or []:
+            top, _, rest = path.partition(".")
+            if top not in self.modules:
+                raise DataError(f"backbone_modules: '{path}' names no module (modules: {list(self.modules)})")
+            mod = self.modules[top]
+            mod = mod.module if hasattr(mod, "module") else mod
+            mod = mod.get_submodule(rest) if rest else mod
+            backbone_ids |= {id(p) for p in mod.parameters()}
+        head, backbone = [], []
+        for p in self.modules.parameters():  # de-duplicated: a shared parameter is optimised once
+            if p.requires_grad:
+                (backbone if id(p) in backbone_ids and backbone_opt is not None else head).append(p)
+        self.optimizers_dict = {}
+        if head:
+            self.optimizer = self.opt_class(head)
+            self.optimizers_dict["opt_class"] = self.optimizer
+        if backbone:
+            self.backbone_optimizer = backbone_opt(backbone)
+            self.optimizers_dict["backbone_opt_class"] = self.backbone_optimizer
+        if self.checkpointer is not None:
+            for name, opt in self.optimizers_dict.items():
+                self.checkpointer.add_recoverable(name, opt)
+
+    # -- forward / objectives ----------------------------------------------------------------------------
+    def targets(self, batch, task):
+        if task == "asr":
+            return list(batch.wrd)
+        return [EMOTIONS[i] for i in batch.emo_idx.data.view(-1).tolist()]
+
+    def decoding(self, stage):
+        if stage == sb.Stage.TEST:
+            return True
+        if stage != sb.Stage.VALID:
+            return False
+        epoch = self.hparams.epoch_counter.current
+        return epoch % self.hparams.valid_search_interval == 0 or epoch >= self.hparams.number_of_epochs
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        tag = batch_task(batch)
+        task = tag.split(":")[0]
+        wavs, lens = batch.sig
+        out = self.modules.speech_lm(wavs, lens, task, self.targets(batch, task))
+        hyps = None
+        if self.decoding(stage):
+            max_len = self.hparams.asr_max_decode_len if task == "asr" else self.hparams.ser_max_decode_len
+            hyps = self.speech_lm.generate(wavs, lens, task, max_len=max_len)
+        return tag, task, out, hyps
+
+    def compute_objectives(self, predictions, batch, stage):
+        tag, task, out, hyps = predictions
+        loss = out.loss
+        if not torch.isfinite(loss):
+            return loss  # the NaN guard (check_loss_isfinite) names the batch
+        sums = self.task_loss.setdefault(tag, [0.0, 0])
+        sums[0] += loss.item()
+        sums[1] += 1
+        if hyps is not None:
+            if task == "asr":
+                o = self.asr_by_split.setdefault(tag.partition(":")[2] or "valid", {"ids": [], "refs": [], "hyps": []})
+                o["ids"] += list(batch.id)
+                o["refs"] += [normalize_transcript(r) for r in batch.wrd]
+                o["hyps"] += [normalize_transcript(h) for h in hyps]
+            else:
+                self.ser_out["ids"] += list(batch.id)
+                self.ser_out["true"] += batch.emo_idx.data.view(-1).cpu().tolist()
+                self.ser_out["pred"] += [emotion_index(h) for h in hyps]
+                self.ser_out["text"] += list(hyps)
+                self.ser_out["spk"] += list(batch.spk_id)
+        return loss
+
+    # -- stages --------------------------------------------------------------------------------------------
+    def on_stage_start(self, stage, epoch=None):
+        self.task_loss = {}
+        self.asr_by_split = {}
+        self.ser_out = {"ids": [], "true": [], "pred": [], "text": [], "spk": []}
+        if stage == sb.Stage.TEST:
+            self.speech_lm.reset_fusion_stats()  # the plotted dynamic weights are those of the test inputs
+
+    def task_means(self):
+        return {tag: s / n for tag, (s, n) in self.task_loss.items() if n}
+
+    def combined_loss(self):
+        """Σ over tasks of the task's mean batch loss: each task counts once, whatever its batch count."""
+        by_task = {}
+        for tag, v in self.task_means().items():
+            by_task.setdefault(tag.split(":")[0], []).append(v)
+        return sum(sum(v) / len(v) for v in by_task.values())
+
+    def ser_scores(self):
+        if not self.ser_out["true"]:
+            return {}
+        m = _emotion_scores(M.confusion_counts(self.ser_out["true"], self.ser_out["pred"], len(SER_CLASSES)))
+        n_inv = sum(p == len(EMOTIONS) for p in self.ser_out["pred"])
+        return {"UA": round(100 * m["uar"], 2), "WA": round(100 * m["accuracy"], 2), "invalid": n_inv}
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TEST:
+            return self.write_test_outputs()
+        stats = {f"loss_{tag.split(':')[0]}": round(v, 4) for tag, v in self.task_means().items()}
+        if stage == sb.Stage.TRAIN:
+            return self.log_and_checkpoint(stage, stage_loss, epoch, stats)
+        for split, o in self.asr_by_split.items():
+            stats["WER"] = round(100 * M.wer(o["refs"], o["hyps"]), 2)
+        stats.update(self.ser_scores())
+        for task in self.hparams.train_tasks:
+            w = self.speech_lm.encoder_fusion.layer_weights(task)
+            stats[f"enc_top_layer_{task}"] = int(w.argmax()) + 1
+        self.log_and_checkpoint(stage, self.combined_loss(), epoch, stats)
+
+    # -- test outputs -------------------------------------------------------------------------------------
+    def write_test_outputs(self):
+        h = self.hparams
+        out = {"experiment": h.experiment, "test_loss": self.combined_loss(), "train_tasks": list(h.train_tasks),
+               "encoder_fusion": fusion_description(self.speech_lm), "lm_fusion": self.speech_lm.lm_fusion.mode,
+               "test_loss_by_split": self.task_means()}
+        if h.table_rows:
+            out["table_rows"] = h.table_rows
+        if self.asr_by_split:
+            details = {split: M.wer_details(o["refs"], o["hyps"]) for split, o in self.asr_by_split.items()}
+            first = next(iter(details))  # libri_test_splits order: test-clean first
+            out["wer"] = details[first]["wer"]
+            out["wer_split"] = first
+            out["wer_by_split"] = details
+            for split, d in details.items():
+                out[f"wer_{split.replace('test-', '')}"] = d["wer"]
+            o = self.asr_by_split[first]
+            out["asr_examples"] = [{"id": i, "ref": r, "hyp": x} for i, r, x in
+                                   list(zip(o["ids"], o["refs"], o["hyps"]))[:5]]
+        if self.ser_out["true"]:
+            speakers = self.ser_out["spk"] if h.speaker_bootstrap else None
+            rep = ser_report_with_invalid(self.ser_out["true"], self.ser_out["pred"], speakers,
+                                          num_bootstraps=h.num_bootstraps, seed=h.seed)
+            out["test"] = {**rep, "classes": SER_CLASSES}
+            out.update({"ua": rep["uar"], "wa": rep["accuracy"], "macro_f1": rep["macro_f1"],
+                        "invalid_rate": rep["n_invalid"] / rep["n"]})
+        stats = {k: round(100 * out[k], 2) for k in ("wer", "ua", "wa") if k in out}
+        h.train_logger.log_stats(stats_meta={"Epoch loaded": h.epoch_counter.current},
+                                 test_stats={"loss": out["test_loss"], **stats})
+        if sb.utils.distributed.if_main_process():
+            folder = Path(h.output_folder)
+            M.write_metrics(folder / "metrics.json", out)
+            self.write_predictions(folder)
+            write_fusion_artifacts(self.speech_lm, list(h.train_tasks), folder)
+            if "test" in out:
+                plots.plot_confusion(out["test"]["confusion"], SER_CLASSES, folder / "confusion.png",
+                                     title=f"SER confusion — {h.experiment}")
+        return out
+
+    def write_predictions(self, folder):
+        if self.asr_by_split:
+            with atomic_write(folder / "asr_predictions.csv", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["split", "id", "ref", "hyp"])
+                for split, o in self.asr_by_split.items():
+                    for row in zip(o["ids"], o["refs"], o["hyps"]):
+                        w.writerow([split, *row])
+        if self.ser_out["true"]:
+            with atomic_write(folder / "ser_predictions.csv", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["id", "true", "pred", "generated"])
+                for i, t, p, text in zip(self.ser_out["ids"], self.ser_out["true"], self.ser_out["pred"],
+                                         self.ser_out["text"]):
+                    w.writerow([i, EMOTIONS[t], SER_CLASSES[p], text])
+
+
+def fusion_description(model):
+    fusion = model.encoder_fusion
+    if hasattr(fusion, "layer") and not hasattr(fusion, "layer_logits"):
+        return f"fixed layer {fusion.layer}"
+    return f"gated (gate={fusion.gate})" if fusion.gate != "none" else "weighted sum (no gate)"
+
+
+def write_fusion_artifacts(model, tasks, folder):
+    """fusion_weights.json and the two per-task bar plots (encoder α^τ, mean dynamic LM weights on the test set)."""
+    weights = {t: model.fusion_weights(t) for t in tasks}
+    as_list = {k: {t: (w[k].tolist() if w[k] is not None else None) for t, w in weights.items()}
+               for k in ("encoder", "encoder_gate", "lm_static", "lm_dynamic_mean")}
+    first = 0 if getattr(model.encoder_fusion, "include_cnn", False) else 1
+    data = {"tasks": tasks, "encoder_fusion": fusion_description(model), "lm_fusion": model.lm_fusion.mode,
+            "encoder_first_layer": first, **as_list,
+            "lm_dynamic_count": {t: int(model._alpha_count[model.tasks.index(t)].item()) for t in tasks}}
+    with atomic_write(folder / "fusion_weights.json") as f:
+        json.dump(data, f, indent=2)
+    plots.plot_layer_weights({t.upper(): as_list["encoder"][t] for t in tasks}, folder / "encoder_layer_weights.png",
+                             title=f"Encoder layer weights α^τ ({data['encoder_fusion']})", first_index=first)
+    lm = {t.upper(): v for t, v in as_list["lm_dynamic_mean"].items() if v is not None}
+    if lm:
+        plots.plot_layer_weights(lm, folder / "lm_fusion_weights.png", first_index=1,
+                                 title=f"LM layer weights, mean over test utterances ({data['lm_fusion']})")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ data
+def prepare(hparams):
+    tasks = hparams["train_tasks"]
+    if "ser" in tasks:
+        sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
+            "data_folder": hparams["msp_folder"], "save_folder": hparams["msp_prep_folder"],
+            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"]})
+    if "asr" in tasks:
+        splits = list(hparams["libri_train_splits"]) + [hparams["libri_valid_split"]] + list(hparams["libri_test_splits"])
+        required = list(hparams["libri_train_splits"]) + [hparams["libri_valid_split"], hparams["libri_test_splits"][0]]
+        sb.utils.distributed.run_on_main(prepare_librispeech, kwargs={
+            "data_folder": hparams["libri_folder"], "save_folder": hparams["libri_prep_folder"],
+            "splits": tuple(dict.fromkeys(splits)), "required_splits": tuple(required)})
+
+
+def libri_train_manifest(hparams):
+    """One manifest for the ASR training splits (several splits are merged into one file, once)."""
+    folder = Path(hparams["libri_prep_folder"])
+    splits = list(hparams["libri_train_splits"])
+    if len(splits) == 1:
+        return str(folder / f"{splits[0]}.json")
+    merged = folder / ("train_" + "+".join(splits) + ".json")
+    if sb.utils.distributed.if_main_process():
+        data = {}
+        for s in splits:
+            path = folder / f"{s}.json"
+            try:
+                part = json.loads(path.read_text())
+            except FileNotFoundError:
+                raise DataError(f"manifest '{path}' does not exist: run data preparation (stage 0) first")
+            dup = set(part) & set(data)
+            if dup:
+                raise DataError(f"{path}: utterance ids also in another training split, e.g. {sorted(dup)[:3]}")
+            data.update(part)
+        with atomic_write(merged) as f:
+            json.dump(data, f, indent=2)
+    sb.utils.distributed.ddp_barrier()
+    return str(merged)
+
+
+def build_datasets(hparams):
+    """{"train" | "valid" | "test": {tag: dataset}}; tags: asr, ser (train), asr:<split>, ser:<split> (eval)."""
+    tasks = hparams["train_tasks"]
+    out = {"train": {}, "valid": {}, "test": {}}
+    if "asr" in tasks:
+        lp = Path(hparams["libri_prep_folder"])
+        man = {"train": libri_train_manifest(hparams), "valid": str(lp / f"{hparams['libri_valid_split']}.json")}
+        tests = [s for s in hparams["libri_test_splits"] if (lp / f"{s}.json").exists()]
+        man.update({f"test:{s}": str(lp / f"{s}.json") for s in tests})
+        ds = asr_datasets(man)
+        out["train"]["asr"] = ds["train"]
+        out["valid"][f"asr:{hparams['libri_valid_split']}"] = ds["valid"]
+        out["test"].update({f"asr:{s}": ds[f"test:{s}"] for s in tests})
+    if "ser" in tasks:
+        mp = Path(hparams["msp_prep_folder"])
+        ds = ser_datasets({s: str(mp / f"{s}.json") for s in ("train", "valid", "test")})
+        out["train"]["ser"] = ds["train"]
+        out["valid"]["ser:valid"] = ds["valid"]
+        out["test"]["ser:test"] = ds["test"]
+    return out
+
+
+def task_batch_sampler(hparams, dataset, task, train):
+    """Batches of one task's dataset: fixed size or dynamic (seconds of audio); DDP shards when training."""
+    ddp = train and torch.distributed.is_available() and torch.distributed.is_initialized()
+    seed = hparams["seed"]
+    if hparams["dynamic_batching"]:
+        sampler = DynamicBatchSampler(
+            dataset, max_batch_length=hparams[f"max_batch_length_{task}"], num_buckets=hparams["num_buckets"],
+            length_func=lambda x: x["duration"], shuffle=train, batch_ordering="random" if train else "ascending")
+        return DistributedSamplerWrapper(sampler, shuffle=True) if ddp else sampler
+    if ddp:
+        base = DistributedSampler(dataset, shuffle=True, seed=seed)
+    elif train:
+        base = ReproducibleRandomSampler(dataset, seed=seed)
+    else:
+        base = SequentialSampler(dataset)
+    return BatchSampler(base, hparams[f"{task}_batch_size"], drop_last=False)
+
+
+def make_loaders(hparams, datasets):
+    tasks = list(hparams["train_tasks"])
+    ratio = {t: hparams["interleave_ratio"][t] for t in tasks}
+    length = hparams["interleave_length"]
+    train = make_interleaved_dataloader(
+        datasets["train"], {t: task_batch_sampler(hparams, datasets["train"][t], t, True) for t in tasks},
+        ratio=ratio, length=int(length) if str(length).isdigit() else length, order=hparams["interleave_order"],
+        seed=hparams["seed"], num_workers=hparams["num_workers"])
+
+    def evaluation(sets):
+        return make_sequential_dataloader(
+            sets, {tag: task_batch_sampler(hparams, ds, tag.split(":")[0], False) for tag, ds in sets.items()},
+            num_workers=hparams["num_workers"])
+
+    return train, evaluation(datasets["valid"]), evaluation(datasets["test"])
+
+
+# ------------------------------------------------------------------------------------------------ main
+if __name__ == "__main__":
+    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+    sb.utils.distributed.ddp_init_group(run_opts)
+    hparams, base_file, overrides = load_hparams(hparams_file, overrides)
+    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=base_file, overrides=overrides)
+    unknown = set(hparams["train_tasks"]) - {"asr", "ser"}
+    if unknown or not hparams["train_tasks"]:
+        raise DataError(f"train_tasks must be a non-empty subset of [asr, ser], got {hparams['train_tasks']}")
+    if not hparams["skip_prep"]:
+        prepare(hparams)
+    datasets = build_datasets(hparams)
+    train_loader, valid_loader, test_loader = make_loaders(hparams, datasets)
+
+    brain = HarmoniFuseBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                             run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    brain.train_sampler = train_loader.batch_sampler  # fit() calls its set_epoch(epoch) every epoch
+    brain.fit(hparams["epoch_counter"], train_loader, valid_loader)
+    brain.evaluate(test_loader, min_key="loss")
