@@ -12,7 +12,8 @@
   task vectors) are resolved against the folder training ran from, found by matching ``output_folder`` against
   the experiment path; ``overrides`` (hyperpyyaml style, nested) fix paths of a moved experiment. AdaLTM
   checkpoints hold only λ, α and the head, so W_base and the task vectors must still exist.
-- a folded AdaLTM export (``folded_wavlm/``: plain HF ``WavLMModel`` + ``downstream.safetensors`` + ``downstream.json``).
+- a folded AdaLTM export (``folded_wavlm/``: a plain HF ``WavLMModel`` + ``downstream.safetensors`` +
+  ``downstream.json``).
 
 Audio: any format libsndfile reads (wav, flac, ogg, mp3), any sample rate and channel count: channels are averaged
 and the signal resampled to 16 kHz (logged once per call). Unreadable files are reported in their result's
@@ -158,7 +159,8 @@ class Recognizer:
         self.description = description
         self.device = torch.device(device)
         self.modules.to(self.device).eval()
-        self.min_samples = _min_samples(encoder.model.config)
+        config = getattr(getattr(encoder, "model", None), "config", None)
+        self.min_samples = _min_samples(config) if config is not None else 400  # 400 = WavLM's 25 ms
 
     @property
     def has_ser(self):

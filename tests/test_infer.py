@@ -192,8 +192,8 @@ def test_cli_reports_corrupt_files_and_predicts_the_rest(adaltm_exp, exp_model, 
                  str(folder), str(tmp_path / "missing.wav")])
     assert code == 1
     err = capsys.readouterr().err
-    for name in ("broken.wav", "empty.flac", "missing.wav"):
-        assert f"FAILED {tmp_path}" in err and name in err
+    for path in (folder / "broken.wav", folder / "sub" / "empty.flac", tmp_path / "missing.wav"):
+        assert f"FAILED {path}: " in err  # each failure named, with its reason
     assert "2 of 5 files predicted" in err
 
     results = {Path(r["file"]).name: r for r in json.loads(out_json.read_text())}

@@ -41,7 +41,7 @@ def test_card_lists_exactly_the_metrics_of_metrics_json(adaltm_exp, tmp_path):  
     assert _metric_rows(text) == expected  # no WER row: this experiment has no CTC head
     assert f"{test['n']} test utterances" in text
     # setup: row name, task vectors and λ mode of the run; plots that exist are linked
-    assert "Setup 4: Proposed" in text and "λ mode: **layerwise**" in text
+    assert "**Setup 4: Proposed Dual-Vector**" in text and "λ mode: **layerwise**" in text
     assert "asr_in.safetensors" in text and "ser.safetensors" in text
     for png in ("lambdas.png", "alphas.png", "confusion.png"):
         assert f"]({png})" in text

@@ -1,7 +1,8 @@
 """Predict emotions (and transcripts, for models with a CTC head) for audio files and folders.
 
     python -m tools.infer --model exp/adaltm/setup4_dual/1986 wav1.wav folder/ ...
-    python -m tools.infer --model exp/adaltm/setup4_dual/1986/folded_wavlm --device cuda --csv out.csv --json out.json clips/
+    python -m tools.infer --model exp/adaltm/setup4_dual/1986/folded_wavlm --device cuda \
+        --csv out.csv --json out.json clips/
 
 ``--model``: an experiment directory of the SER / AdaLTM / MTL recipes (best checkpoint + its hyperparams.yaml) or a
 folded AdaLTM export (``folded_wavlm/``). Folders are searched recursively for .wav/.flac/.ogg/.mp3. Any sample
@@ -82,8 +83,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # torch's notice about HF WavLM's mask types, once per batch: noise for a user of this tool
     warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
-    for noisy in ("speechbrain", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # rebuilding hparams logs seeds and optional-package notices
+        handler.addFilter(lambda r: r.levelno >= logging.ERROR
+                          or not r.name.startswith(("speechbrain", "transformers")))
 
     import torch
 

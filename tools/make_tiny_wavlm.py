@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import WavLMConfig, WavLMModel
+from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
 
 CONFIG = Path(__file__).parent / "tiny_configs" / "wavlm.json"
 
@@ -32,6 +32,9 @@ def make_tiny_wavlm(out, seed=0, num_layers=None, hidden_size=None, overwrite=Fa
     model = WavLMModel(WavLMConfig(**cfg))
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
+    # the same preprocessor config as WavLM-Large, so loaders that expect one (e.g. SpeechBrain's) work offline
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(tmp)
     tmp.replace(out) if not out.exists() else None
     if tmp.exists():  # out existed (overwrite=True): swap file by file
         for f in tmp.iterdir():

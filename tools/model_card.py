@@ -114,7 +114,8 @@ def setup_section(hp, kind, metrics):
     if kind == "AdaLTM":
         vectors = _plain(hp.get("task_vectors")) or {}
         if vectors:
-            lines.append("- Task vectors (ΔW = W_ft − W_base): " + ", ".join(f"{k} = `{v}`" for k, v in vectors.items()))
+            lines.append("- Task vectors (ΔW = W_ft − W_base): "
+                         + ", ".join(f"{k} = `{v}`" for k, v in vectors.items()))
             lines.append(f"- λ mode: **{hp.get('lambda_mode')}** (init {hp.get('lambda_init')}); "
                          + ("λ fixed, not trained" if hp.get("lambda_mode") == "fixed" else "λ trained"))
         else:
