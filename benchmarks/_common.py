@@ -92,10 +92,10 @@ def machine_info():
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
 
 
-def run_child(script, args, timeout=900):
+def run_child(script, args, timeout=900, env=None):
     """Run ``python script --child ...`` in a fresh process; returns the dict it printed as ``RESULT {json}``."""
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
     proc = subprocess.run([sys.executable, str(script)] + [str(a) for a in args], capture_output=True,
                           text=True, env=env, timeout=timeout, cwd=REPO)
     for line in reversed(proc.stdout.splitlines()):
@@ -125,3 +125,34 @@ def median(xs):
 
 def gib(x):
     return x / GIB
+
+
+def aggregate(runs):
+    """One variant's child results over rounds -> one row. Time: the quietest round (lowest median step; load
+    from other processes only ever adds time), with that round's breakdown; memory: mean over rounds."""
+    best = min(runs, key=lambda r: r["step_s"])
+    row = {k: best[k] for k in ("step_s", "cpu_s", "forward_s", "backward_s", "optimizer_s", "loadavg_1min")}
+    row["median_all_steps_s"] = median([t for r in runs for t in r["all_steps_s"]])
+    for k in ("peak_rss", "rss_import", "rss_built"):
+        row[k] = sum(r[k] for r in runs) / len(runs)
+    row["above_import"] = row["peak_rss"] - row["rss_import"]
+    row["trainable_backbone_params"] = runs[0]["trainable_backbone_params"]
+    return row
+
+
+def add_ratios(results, ref_name):
+    ref = results[ref_name]
+    for r in results.values():
+        r["time_ratio"] = r["step_s"] / ref["step_s"]
+        r["cpu_ratio"] = r["cpu_s"] / ref["cpu_s"]
+        r["peak_rss_ratio"] = r["peak_rss"] / ref["peak_rss"]
+        r["above_import_ratio"] = r["above_import"] / ref["above_import"]
+
+
+def print_table(results):
+    print(f"\n{'variant':24s} {'step s':>7s} {'time x':>7s} {'cpu x':>6s} {'fwd s':>6s} {'bwd s':>6s} "
+          f"{'opt s':>6s} {'peak GiB':>8s} {'mem x':>6s} {'above-import GiB':>16s} {'x':>6s}")
+    for v, r in results.items():
+        print(f"{v:24s} {r['step_s']:7.2f} {r['time_ratio']:7.3f} {r['cpu_ratio']:6.3f} {r['forward_s']:6.2f} "
+              f"{r['backward_s']:6.2f} {r['optimizer_s']:6.2f} {gib(r['peak_rss']):8.2f} "
+              f"{r['peak_rss_ratio']:6.3f} {gib(r['above_import']):16.2f} {r['above_import_ratio']:6.3f}")

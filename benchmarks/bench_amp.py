@@ -9,7 +9,7 @@ variant, WavLM-Base-shaped random init, batch 2 x 4 s, 2 threads, α + SER head,
   gradients and AdamW state stay fp32, as SpeechBrain's ``precision: bf16`` does)
   x gradient checkpointing off | on (HF ``gradient_checkpointing_enable``, non-reentrant).
 Context row: λ-training (``MergedWavLM(merge_impl="fused")``) under bf16 autocast.
-Ratios are vs fp32 without checkpointing.
+Ratios are vs fp32 without checkpointing (fused rows: vs fused fp32).
 """
 import argparse
 import shutil
@@ -31,6 +31,7 @@ def main(argv=None):
     p.add_argument("--model-dir", help="existing WavLM dir (default: a random-init WavLM-Base in a temp dir)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2, help="round-robin repeats; the quietest round counts")
     p.add_argument("--out", default=str(Path(__file__).parent / "logs" / "amp.json"))
     a = p.parse_args(argv)
     C.set_threads()
@@ -41,26 +42,23 @@ def main(argv=None):
         model_dir = C.make_model_dir(Path(tmp) / "wavlm_base")
     try:
         t_start = time.time()
-        results = {}
-        for variant, precision in RUNS:
-            r = C.run_child(STEP_SCRIPT, ["--child", variant, "--model-dir", model_dir, "--steps", a.steps,
-                                          "--warmup", a.warmup, "--precision", precision])
-            results[f"{variant}/{precision}"] = r
-            print(f"  {variant}/{precision}: {r['step_s']:.2f} s/step, peak RSS {C.gib(r['peak_rss']):.2f} GiB, "
-                  f"load {r['loadavg_1min']}", flush=True)
-        refs = {"ft": results["ft_cnn_frozen/fp32"], "fused": results["fused/fp32"]}
-        print(f"\n{'run':24s} {'step s':>7s} {'time x':>7s} {'cpu x':>6s} {'peak GiB':>8s} {'mem x':>6s} "
-              f"{'above-import x':>14s}")
-        for name, r in results.items():
-            ref = refs["fused" if name.startswith("fused") else "ft"]
-            r["time_ratio"] = r["step_s"] / ref["step_s"]
-            r["cpu_ratio"] = r["cpu_s"] / ref["cpu_s"]
-            r["peak_rss_ratio"] = r["peak_rss"] / ref["peak_rss"]
-            r["above_import_ratio"] = (r["peak_rss"] - r["rss_import"]) / (ref["peak_rss"] - ref["rss_import"])
-            print(f"{name:24s} {r['step_s']:7.2f} {r['time_ratio']:7.3f} {r['cpu_ratio']:6.3f} "
-                  f"{C.gib(r['peak_rss']):8.2f} {r['peak_rss_ratio']:6.3f} {r['above_import_ratio']:14.3f}")
-        C.save_json(a.out, {"machine": C.machine_info(), "steps": a.steps, "warmup": a.warmup,
-                            "results": results, "wall_s": time.time() - t_start})
+        runs = {f"{v}/{prec}": [] for v, prec in RUNS}
+        for rnd in range(a.rounds):
+            for variant, precision in RUNS:
+                r = C.run_child(STEP_SCRIPT, ["--child", variant, "--model-dir", model_dir, "--steps", a.steps,
+                                              "--warmup", a.warmup, "--precision", precision])
+                runs[f"{variant}/{precision}"].append(r)
+                print(f"  round {rnd} {variant}/{precision}: {r['step_s']:.2f} s/step, peak RSS "
+                      f"{C.gib(r['peak_rss']):.2f} GiB, load {[round(x, 1) for x in r['loadavg_1min']]}", flush=True)
+        results = {k: C.aggregate(rs) for k, rs in runs.items()}
+        ft = {k: r for k, r in results.items() if k.startswith("ft")}
+        fused = {k: r for k, r in results.items() if k.startswith("fused")}
+        C.add_ratios(ft, "ft_cnn_frozen/fp32")
+        C.add_ratios(fused, "fused/fp32")
+        C.print_table(results)
+        C.save_json(a.out, {"machine": C.machine_info(), "command": " ".join(sys.argv), "steps": a.steps,
+                            "warmup": a.warmup, "rounds": a.rounds, "results": results, "runs": runs,
+                            "wall_s": time.time() - t_start})
         print(f"\nwall {time.time() - t_start:.0f} s; written {a.out}")
     finally:
         if tmp:

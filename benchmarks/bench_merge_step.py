@@ -1,6 +1,6 @@
 """λ-training step vs full fine-tuning (issue 8, target 1): step time and peak memory, side by side, as ratios.
 
-    .venv/bin/python benchmarks/bench_merge_step.py [--steps 3 --warmup 1] [--out benchmarks/logs/merge_step.json]
+    .venv/bin/python benchmarks/bench_merge_step.py [--steps 3 --warmup 1 --rounds 2] [--out benchmarks/logs/merge_step.json]
     .venv/bin/python benchmarks/bench_merge_step.py --profile fused     # torch.profiler top ops of one variant
 
 Every variant runs in its own fresh process (``--child``) on the same WavLM-Base-shaped random-init model
@@ -16,6 +16,7 @@ Variants (λ: 2 task vectors x 13 groups for a 12-layer model):
   fused           (e) MergedWavLM(merge_impl="fused"): lobes.merged_linear (merge node + rebuild in backward)
   fused_bf16      (e) ... with ΔW stored in bf16 (delta_dtype=torch.bfloat16)
   fused_gc            fused + gradient_checkpointing
+  fused_gc_bf16       fused + gradient_checkpointing + bf16 ΔW (least memory)
   frozen          (d) frozen backbone under no_grad + α + head
 ``bf16_error`` (not a training variant) measures what bf16 ΔW does to the merged weights and hidden states.
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 VARIANTS = ["ft_all", "ft_cnn_frozen", "naive", "functional", "functional_gc", "fused", "fused_bf16", "fused_gc",
-            "frozen"]
+            "fused_gc_bf16", "frozen"]
 NUM_VECTORS = 2
 BATCH, SECONDS, SR = 2, 4.0, 16000
 DELTA_STD = 0.01  # task-vector entries ~ N(0, 0.01²): half the init std of the weights (0.02)
@@ -104,8 +105,8 @@ def build(variant, model_dir):
         return enc, [enc.lam]
     impl = "fused" if variant.startswith("fused") else "functional"
     enc = MergedWavLM(model_dir, {f"tv{i}": d for i, d in enumerate(deltas)}, lambda_mode="layerwise",
-                      merge_impl=impl, gradient_checkpointing=variant.endswith("_gc"),
-                      delta_dtype=torch.bfloat16 if variant.endswith("_bf16") else None)
+                      merge_impl=impl, gradient_checkpointing="_gc" in variant,
+                      delta_dtype=torch.bfloat16 if "_bf16" in variant else None)
     del deltas
     enc.train()
     return enc, [enc.lambdas.lam]
@@ -121,7 +122,10 @@ def child(variant, model_dir, steps, warmup, profile=False, precision="fp32"):
     gc.collect()
     rss_import = C.rss_bytes()
     enc, backbone_params = build(variant, model_dir)
-    ws, head = WeightedLayerSum(12), SERHead(768, 256, num_classes=8, dropout=0.0)
+    from transformers import WavLMConfig
+
+    cfg = WavLMConfig.from_pretrained(model_dir)
+    ws, head = WeightedLayerSum(cfg.num_hidden_layers), SERHead(cfg.hidden_size, 256, num_classes=8, dropout=0.0)
     opt = torch.optim.AdamW(backbone_params + list(ws.parameters()) + list(head.parameters()), lr=1e-5)
     g = torch.Generator().manual_seed(0)
     wavs = torch.randn(BATCH, int(SECONDS * SR), generator=g)
@@ -219,6 +223,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = CPU autocast (bench_amp)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--rounds", type=int, default=2, help="round-robin repeats; the quietest round counts")
+    p.add_argument("--mmap-threshold", type=int, help="MALLOC_MMAP_THRESHOLD_ for the children: glibc returns "
+                   "every larger block to the OS on free, so peak RSS tracks live tensors (slower steps)")
     p.add_argument("--profile", help="profile this variant with torch.profiler instead of the comparison")
     p.add_argument("--out", default=str(Path(__file__).parent / "logs" / "merge_step.json"))
     a = p.parse_args(argv)
@@ -247,33 +254,25 @@ def main(argv=None):
                       f"{e['calls_per_step']:7.0f}")
             C.save_json(Path(a.out).with_name(f"profile_{a.profile}.json"), {"machine": C.machine_info(), **r})
             return
-        results = {}
-        for v in a.variants.split(","):
-            results[v] = C.run_child(__file__, ["--child", v, "--model-dir", model_dir, "--steps", a.steps,
-                                                "--warmup", a.warmup])
-            r = results[v]
-            print(f"  {v:15s} {r['step_s']:6.2f} s/step ({r['cpu_s']:.2f} s CPU)  peak RSS "
-                  f"{C.gib(r['peak_rss']):5.2f} GiB  load {r['loadavg_1min']}", flush=True)
+        variants = a.variants.split(",")
+        env = {"MALLOC_MMAP_THRESHOLD_": str(a.mmap_threshold)} if a.mmap_threshold else None
+        runs = {v: [] for v in variants}
+        for rnd in range(a.rounds):  # round-robin, so a burst of load from elsewhere hits one round of each
+            for v in variants:
+                r = C.run_child(__file__, ["--child", v, "--model-dir", model_dir, "--steps", a.steps,
+                                           "--warmup", a.warmup], env=env)
+                runs[v].append(r)
+                print(f"  round {rnd} {v:15s} {r['step_s']:6.2f} s/step ({r['cpu_s']:.2f} s CPU)  peak RSS "
+                      f"{C.gib(r['peak_rss']):5.2f} GiB  load {[round(x, 1) for x in r['loadavg_1min']]}", flush=True)
         bf16 = C.run_child(__file__, ["--child", "bf16_error", "--model-dir", model_dir])
-        ref = results.get("ft_all")
-        print(f"\n{'variant':15s} {'step s':>7s} {'time x':>7s} {'cpu x':>6s} {'fwd s':>6s} {'bwd s':>6s} {'opt s':>6s} "
-              f"{'peak GiB':>8s} {'mem x':>6s} {'above-import GiB':>16s} {'x':>6s}")
-        for v, r in results.items():
-            r["above_import"] = r["peak_rss"] - r["rss_import"]
-            if ref:
-                r["time_ratio"] = r["step_s"] / ref["step_s"]
-                r["cpu_ratio"] = r["cpu_s"] / ref["cpu_s"]
-                r["peak_rss_ratio"] = r["peak_rss"] / ref["peak_rss"]
-                r["above_import_ratio"] = r["above_import"] / (ref["peak_rss"] - ref["rss_import"])
-            print(f"{v:15s} {r['step_s']:7.2f} {r.get('time_ratio', float('nan')):7.3f} "
-                  f"{r.get('cpu_ratio', float('nan')):6.3f} {r['forward_s']:6.2f} "
-                  f"{r['backward_s']:6.2f} {r['optimizer_s']:6.2f} {C.gib(r['peak_rss']):8.2f} "
-                  f"{r.get('peak_rss_ratio', float('nan')):6.3f} {C.gib(r['above_import']):16.2f} "
-                  f"{r.get('above_import_ratio', float('nan')):6.3f}")
+        results = {v: C.aggregate(rs) for v, rs in runs.items()}
+        C.add_ratios(results, "ft_all")
+        C.print_table(results)
         print("\nbf16 ΔW vs fp32 ΔW:", bf16)
-        C.save_json(a.out, {"machine": C.machine_info(), "steps": a.steps, "warmup": a.warmup,
+        C.save_json(a.out, {"machine": C.machine_info(), "command": " ".join(sys.argv), "steps": a.steps,
+                            "warmup": a.warmup, "rounds": a.rounds, "mmap_threshold": a.mmap_threshold,
                             "batch": [BATCH, SECONDS], "wall_s": time.time() - t_start,
-                            "results": results, "bf16_delta": bf16})
+                            "results": results, "runs": runs, "bf16_delta": bf16})
         print(f"\nwall {time.time() - t_start:.0f} s; written {a.out}")
     finally:
         if tmp:

@@ -10,6 +10,7 @@ Dynamic batching groups utterances of similar duration into batches of at most `
 is padding; see ``padding_share`` to measure it.
 """
 import json
+import math
 from collections import Counter
 
 import speechbrain as sb
@@ -44,7 +45,35 @@ def ctc_text_pipeline(wrd):
     yield ctc_text.encode(wrd)
 
 
-def _check_manifest(path, required):
+_CTC_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
+
+
+def _bad_value(entry, required, ctc):
+    """Why a manifest entry's value cannot be used ('' when fine). Checked up front, so that bad labels fail
+    before training with the manifest and utterance named, not mid-epoch inside a pipeline or as a NaN loss."""
+    if "duration" in required:
+        d = entry["duration"]
+        if not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
+            return f"duration {d!r} is not a positive number of seconds"
+    if "emo" in required and entry["emo"] not in EMOTION_TO_INDEX:
+        return f"unknown emotion class {entry['emo']!r} (expected one of {EMOTIONS})"
+    if "emo_soft" in required:
+        soft = entry["emo_soft"]
+        if (not isinstance(soft, list) or len(soft) != len(EMOTIONS)
+                or not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in soft)
+                or abs(sum(soft) - 1.0) > 1e-3):
+            return f"emo_soft {soft!r} is not {len(EMOTIONS)} finite non-negative numbers summing to 1"
+    if "wrd" in required:
+        wrd = entry["wrd"]
+        if not isinstance(wrd, str) or not wrd.strip():
+            return "empty transcript ('wrd')"
+        if ctc and not set(wrd) <= _CTC_CHARS:
+            return (f"transcript holds characters outside the CTC alphabet {sorted(set(wrd) - _CTC_CHARS)} "
+                    "(normalise it with lobes.ctc_text.normalize_transcript)")
+    return ""
+
+
+def _check_manifest(path, required, ctc=False):
     try:
         data = json.loads(open(path).read())
     except FileNotFoundError:
@@ -57,12 +86,15 @@ def _check_manifest(path, required):
         missing = [k for k in required if k not in entry]
         if missing:
             raise DataError(f"manifest '{path}': utterance '{utt}' lacks {missing}")
+        why = _bad_value(entry, required, ctc)
+        if why:
+            raise DataError(f"manifest '{path}': utterance '{utt}': {why}")
     return data
 
 
 def make_dataset(manifest, pipelines, output_keys, required=("wav", "duration"), sort=None, data_root=None):
     """A ``DynamicItemDataset`` from one manifest, validated first so errors name the utterance."""
-    data = _check_manifest(manifest, required)
+    data = _check_manifest(manifest, required, ctc=ctc_text_pipeline in pipelines)
     ds = sb.dataio.dataset.DynamicItemDataset(data)
     for p in pipelines:
         ds.add_dynamic_item(p)

@@ -12,6 +12,7 @@ merge is recomputed in backward as well, so only one group's merged weights are 
 The backbone is kept in eval mode (no dropout): it is a frozen feature extractor, as in the paper, and this
 makes its features deterministic (needed for feature caching of static merges).
 """
+import os
 import weakref
 
 import torch
@@ -35,7 +36,7 @@ def _resolve_vector(name, vec):
     return dict(load_task_vector(vec).delta)
 
 
-def _check_vector(name, delta, base_state):
+def _check_vector(name, delta, base_state, source=None):
     missing = sorted(set(base_state) - set(delta))
     extra = sorted(set(delta) - set(base_state))
     shapes = [f"{k}: vector {tuple(delta[k].shape)} vs base {tuple(base_state[k].shape)}"
@@ -50,7 +51,8 @@ def _check_vector(name, delta, base_state):
             parts.append(f"unexpected keys: {head(extra)}")
         if shapes:
             parts.append(f"shape mismatches: {head(shapes)}")
-        raise DataError(f"task vector '{name}' does not fit the base model ({'; '.join(parts)})")
+        where = f" ({source})" if isinstance(source, (str, bytes, os.PathLike)) else ""  # name the file too
+        raise DataError(f"task vector '{name}'{where} does not fit the base model ({'; '.join(parts)})")
 
 
 class _MergedGroup(torch.nn.Module):
@@ -114,7 +116,7 @@ class MergedWavLM(torch.nn.Module):
         self.deltas = torch.nn.ModuleList()
         for name, vec in task_vectors.items():
             delta = _resolve_vector(name, vec)
-            _check_vector(name, delta, base_state)
+            _check_vector(name, delta, base_state, vec)
             store = torch.nn.ParameterDict({
                 k.replace(".", "__"): torch.nn.Parameter(
                     delta[k].detach().to(delta_dtype or base_state[k].dtype), requires_grad=False)
@@ -220,7 +222,7 @@ def apply_static_merge(model, task_vectors, lam=0.5):
     with torch.no_grad():
         for name, vec in (task_vectors or {}).items():
             delta = _resolve_vector(name, vec)
-            _check_vector(name, delta, state)
+            _check_vector(name, delta, state, vec)
             for k, d in delta.items():
                 state[k].add_(lam * d.to(state[k].dtype))
     return model

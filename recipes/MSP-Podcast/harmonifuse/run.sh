@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# HarmoniFuse recipe (ESPnet-style stages): one speech LM for LibriSpeech ASR and MSP-Podcast SER.
+#
+#   stage 0: data preparation (MSP-Podcast manifests, LibriSpeech manifests)
+#            with --mini true: first generate the mini corpora, the tiny WavLM and the tiny causal LM (offline demo)
+#   stage 1: training + test of the selected rows (hparams/rows/<row>.yaml), batch-interleaved ASR/SER
+#   stage 2: results table (WER, UA/WA/MaF1 with 95% CIs) from every row's metrics.json; fusion plots per row
+#
+# Examples
+#   bash run.sh --mini true                                   # whole pipeline on generated data (CPU)
+#   bash run.sh --msp_folder /data/MSP-Podcast --libri_folder /data/LibriSpeech \
+#       --wavlm_source microsoft/wavlm-large --lm_source /models/Qwen2.5-0.5B --ngpu 4
+#   bash run.sh --stage 1 --stop_stage 1 --rows "full fixed_layer_12" -- --number_of_epochs=5   # args after -- go to train.py
+set -euo pipefail
+
+log() { echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${BASH_SOURCE[0]##*/}:${BASH_LINENO[0]}) $*"; }
+
+recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "${recipe_dir}/../../.." && pwd)
+msp_dir=$(cd "${recipe_dir}/.." && pwd)
+
+# ----------------------------------------------------------------- options
+stage=0
+stop_stage=2
+ngpu=1                      # >1: torchrun --nproc_per_node=<ngpu> (SpeechBrain DDP)
+device=                     # cuda:0 / cpu; empty = SpeechBrain's default
+mini=false                  # true: generate mini corpora + tiny WavLM + tiny LM and use fast demo settings
+msp_folder=                 # MSP-Podcast root (Audios/ Labels/ Transcripts/)
+libri_folder=               # LibriSpeech root (train-clean-100/ dev-clean/ test-clean/ test-other/)
+libri_train_splits="train-clean-100"   # e.g. "train-clean-100 train-clean-360 train-other-500" (960 h)
+wavlm_source=microsoft/wavlm-large     # hub id or local directory
+lm_source=Qwen/Qwen2.5-0.5B            # any causal LM: hub id or local directory
+exp=exp/harmonifuse_recipe  # everything this recipe writes
+rows="single_task_asr single_task_ser fixed_layer_12 fixed_layer_24 static_encoder_fusion static_lm_fusion full"
+seed=1986
+train_args=""               # extra overrides for every row (e.g. "--number_of_epochs=5 --lr=0.0002")
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --) shift; break ;;
+        --*) name=${1#--}; [ $# -ge 2 ] || { echo "option $1 needs a value" >&2; exit 1; }
+             if ! declare -p "${name}" >/dev/null 2>&1; then echo "unknown option $1" >&2; exit 1; fi
+             printf -v "${name}" '%s' "$2"; shift 2 ;;
+        *) echo "unexpected argument $1 (train.py overrides go after --)" >&2; exit 1 ;;
+    esac
+done
+extra=("$@")                # passed to every train.py
+
+cd "${root}"
+py=${PYTHON:-python}
+[ -x "${root}/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && py="${root}/.venv/bin/python"
+export PYTHONPATH="${root}${PYTHONPATH:+:${PYTHONPATH}}"
+
+if [ "${mini}" = true ]; then
+    msp_folder=${msp_folder:-${exp}/data/MSP-Podcast}
+    libri_folder=${libri_folder:-${exp}/data/LibriSpeech}
+    [ "${wavlm_source}" = microsoft/wavlm-large ] && wavlm_source=${exp}/data/tiny_wavlm
+    [ "${lm_source}" = Qwen/Qwen2.5-0.5B ] && lm_source=${exp}/data/tiny_lm
+    # Tiny random models and ~200 training utterances: the LM trains too (it knows no language), large
+    # learning rates, decoding on the validation sets only at the last epoch, few bootstraps.
+    train_args="--number_of_epochs=15 --freeze_lm=False --lr=0.005 --lr_backbone=0.002 --valid_search_interval=15 \
+--asr_max_decode_len=60 --num_bootstraps=200 ${train_args}"
+fi
+[ -n "${msp_folder}" ] || { echo "--msp_folder (MSP-Podcast root) is required (or --mini true)" >&2; exit 1; }
+[ -n "${libri_folder}" ] || { echo "--libri_folder (LibriSpeech root) is required (or --mini true)" >&2; exit 1; }
+
+prep=${exp}/prep
+splits_yaml="[$(echo ${libri_train_splits} | sed 's/ /, /g')]"
+common=(--seed="${seed}" --wavlm_source="${wavlm_source}" --lm_source="${lm_source}"
+        --msp_folder="${msp_folder}" --libri_folder="${libri_folder}" --skip_prep=True
+        --msp_prep_folder="${prep}/msp" --libri_prep_folder="${prep}/libri" --libri_train_splits="${splits_yaml}"
+        ${device:+--device="${device}"})
+
+launch() {  # launch <train.py> <hparams> [overrides...]
+    if [ "${ngpu}" -gt 1 ]; then
+        local backend=(); [ "${device}" = cpu ] && backend=(--distributed_backend=gloo)
+        "${py}" -m torch.distributed.run --standalone --nproc_per_node="${ngpu}" "$@" "${backend[@]}"
+    else
+        "${py}" "$@"
+    fi
+}
+
+if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
+    log "Stage 0: data preparation"
+    if [ "${mini}" = true ]; then
+        log "generating the mini corpora, the tiny WavLM and the tiny LM under ${exp}/data"
+        "${py}" -m tools.make_mini_corpora --msp_out "${msp_folder}" --libri_out "${libri_folder}"
+        "${py}" -m tools.make_tiny_wavlm --out "${wavlm_source}"
+        "${py}" -m tools.make_tiny_lm --out "${lm_source}"
+    fi
+    "${py}" "${msp_dir}/msp_podcast_prepare.py" --data_folder "${msp_folder}" --save_folder "${prep}/msp"
+    # shellcheck disable=SC2086
+    "${py}" "${root}/recipes/LibriSpeech/librispeech_prepare.py" --data_folder "${libri_folder}" \
+        --save_folder "${prep}/libri" --splits ${libri_train_splits} dev-clean test-clean test-other \
+        --required_splits ${libri_train_splits} dev-clean test-clean
+fi
+
+if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
+    for row in ${rows}; do
+        [ -f "${recipe_dir}/hparams/rows/${row}.yaml" ] || { echo "no row file hparams/rows/${row}.yaml" >&2; exit 1; }
+        log "Stage 1: HarmoniFuse row ${row}"
+        # shellcheck disable=SC2086
+        launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${common[@]}" \
+            --exp_folder="${exp}/rows" ${train_args} "${extra[@]}"
+    done
+fi
+
+if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
+    log "Stage 2: results table"
+    "${py}" -m tools.collect_results "${exp}/rows" --out "${exp}/results/table"
+    log "results: ${exp}/results/table.md (WER on test-clean; metrics.json also holds wer_other when present)"
+    cat "${exp}/results/table.md"
+    log "per-row fusion weights: ${exp}/rows/<row>/${seed}/{fusion_weights.json,encoder_layer_weights.png,lm_fusion_weights.png}"
+    for f in "${exp}"/rows/*/"${seed}"/fusion_weights.json; do
+        [ -f "${f}" ] || continue
+        "${py}" - "${f}" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+row = sys.argv[1].split("/")[-3]
+fmt = lambda v: "-" if v is None else "[" + " ".join(f"{x:.2f}" for x in v) + "]"
+for t in d["tasks"]:
+    print(f"  {row:24s} {t}: encoder α {fmt(d['encoder'][t])}  LM α (test mean) {fmt(d['lm_dynamic_mean'][t])}")
+EOF
+    done
+fi
