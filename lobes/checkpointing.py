@@ -16,7 +16,9 @@ problem. ``AtomicCheckpointer`` changes only how directories are written, delete
 * **delete**: a checkpoint is renamed to ``.trash-CKPT+...`` before it is removed.
 * **start** (main process): debris of a killed run is cleaned up: a ``.tmp-`` directory without ``CKPT.yaml`` is
   half-written and removed, one with ``CKPT.yaml`` was complete and is published; ``.trash-`` directories and
-  ``CKPT+`` directories without ``CKPT.yaml`` (half-deleted by plain SpeechBrain) are removed.
+  ``CKPT+`` directories without ``CKPT.yaml`` (half-deleted by plain SpeechBrain) are removed. A ``.tmp-``
+  directory whose writer (``.writer``: host and pid) is still alive is left alone, since loading the recipe YAML
+  elsewhere (inference during training) builds a checkpointer on the same folder.
 * **load**: module / optimizer files are read with ``torch.load(weights_only=True)`` (pickled Python objects are
   refused, never run); any file that cannot be read raises :class:`lobes.errors.DataError` naming the file, and
   a checkpoint lacking a recoverable's file names the checkpoint and the recoverable.
@@ -37,8 +39,10 @@ import base64
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
+import socket
 import zlib
 from pathlib import Path
 
@@ -54,6 +58,7 @@ logger = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 RNG_RECOVERABLE = "rng_state"
+WRITER_FILE = ".writer"  # "<host> <pid>" of the process filling a temp directory
 _CKPT_PREFIX = sb_ckpt.CKPT_PREFIX
 _METAFNAME = sb_ckpt.METAFNAME
 _EXT = sb_ckpt.PARAMFILE_EXT
@@ -65,8 +70,10 @@ class NonFiniteCheckpointError(FloatingPointError):
 
 # ------------------------------------------------------------------------------------------- safe loading
 def _first_line(e):
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if isinstance(e, pickle.UnpicklingError):  # torch's first line only advises weights_only=False: show the cause
+        lines = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln] or lines
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def load_state_dict_file(path):
@@ -190,10 +197,32 @@ def _remove_dir(path):
     """Rename to a ``.trash-`` name first, so that an interrupted removal never leaves a listable checkpoint."""
     path = Path(path)
     trash = path.with_name(f"{TRASH_PREFIX}{path.name}")
-    if trash.exists():
-        shutil.rmtree(trash)
+    shutil.rmtree(trash, ignore_errors=True)
     os.rename(path, trash)
-    shutil.rmtree(trash)
+    shutil.rmtree(trash, ignore_errors=True)  # another process's clean-up may be removing it too
+
+
+def _live_writer(tmp_dir):
+    """True when the process that is writing ``tmp_dir`` still runs (or runs on another host: cannot tell).
+
+    The recipe YAML builds a checkpointer whenever it is loaded (e.g. by ``lobes.inference`` while training goes
+    on), so start-up clean-up must not remove a directory that a live run is filling.
+    """
+    try:
+        host, pid = (tmp_dir / WRITER_FILE).read_text().split()
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return True
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _nonfinite_keys(module):
@@ -250,19 +279,22 @@ class AtomicCheckpointer(sb_ckpt.Checkpointer):
                 continue
             name = entry.name
             if name.startswith(TMP_PREFIX + _CKPT_PREFIX):
+                if _live_writer(entry):
+                    continue
                 final = entry.with_name(name[len(TMP_PREFIX):])
                 if (entry / _METAFNAME).is_file():  # CKPT.yaml is written last: the save had completed
                     if final.exists():
                         _remove_dir(final)
                     os.rename(entry, final)
+                    (final / WRITER_FILE).unlink(missing_ok=True)
                     done["published"].append(final.name)
                     logger.warning("%s: completed checkpoint of an interrupted run published as %s", entry, final)
                 else:
-                    shutil.rmtree(entry)
+                    shutil.rmtree(entry, ignore_errors=True)
                     done["removed"].append(name)
                     logger.warning("%s: half-written checkpoint of an interrupted run removed", entry)
             elif name.startswith(TRASH_PREFIX):
-                shutil.rmtree(entry)
+                shutil.rmtree(entry, ignore_errors=True)
                 done["removed"].append(name)
             elif name.startswith(_CKPT_PREFIX) and not (entry / _METAFNAME).exists():
                 shutil.rmtree(entry)
@@ -295,6 +327,7 @@ class AtomicCheckpointer(sb_ckpt.Checkpointer):
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
+            (tmp / WRITER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         final, tmp = ddp_broadcast((final, tmp), src=0)
 
         paramfiles = {}
@@ -315,12 +348,14 @@ class AtomicCheckpointer(sb_ckpt.Checkpointer):
                 return None
             saved_meta = self._save_checkpoint_metafile(tmp / _METAFNAME, meta, end_of_epoch)
             for f in tmp.iterdir():
-                _fsync_path(f)
+                if f.name != WRITER_FILE:
+                    _fsync_path(f)
             _fsync_path(tmp, directory=True)
             if final.exists():  # custom name saved again
                 _remove_dir(final)
             os.rename(tmp, final)
             _fsync_path(final.parent, directory=True)
+            (final / WRITER_FILE).unlink(missing_ok=True)  # after the rename: a complete save is never 'live'
         except BaseException:
             if if_main_process():
                 shutil.rmtree(tmp, ignore_errors=True)

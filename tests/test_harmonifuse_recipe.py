@@ -62,6 +62,17 @@ def test_without_invalid_outputs_the_report_equals_ser_report(recipe):
     assert mine["n_invalid"] == 0
 
 
+def test_bad_task_settings_are_refused_before_any_work(recipe):
+    ok = {"train_tasks": ["asr", "ser"], "interleave_ratio": {"asr": 2, "ser": 1}, "libri_test_splits": ["test-clean"]}
+    recipe.check_hparams(ok)
+    for change, msg in (({"train_tasks": ["asr", "sv"]}, "subset of"), ({"train_tasks": []}, "subset of"),
+                        ({"interleave_ratio": {"asr": 1, "ser": 0}}, r"task\(s\) \['ser'\]"),
+                        ({"libri_test_splits": []}, "libri_test_splits is empty")):
+        with pytest.raises(DataError, match=msg):
+            recipe.check_hparams({**ok, **change})
+    recipe.check_hparams({**ok, "train_tasks": ["ser"], "libri_test_splits": []})  # SER-only needs no ASR test
+
+
 # ------------------------------------------------------------------------------------------ helpers in the lobes
 def test_fixed_layer_rescaling_and_selection():
     assert rescale_layer_index(12, 4, 24) == 2 and rescale_layer_index(24, 4, 24) == 4

@@ -1,7 +1,7 @@
 """Kill-and-resume and determinism of the AdaLTM recipe (train.py run as a subprocess on the mini corpus).
 
-Four runs of the *same* command (setup4_dual row: trainable layer-wise λ over two tiny task vectors, α, head with
-dropout; 2 epochs x 6 steps; an intra-epoch checkpoint after every step), each in its own experiment folder:
+Four runs of the *same* command (setup4_dual row: trainable layer-wise λ over two tiny task vectors, α, head
+with dropout; 2 epochs of 4 steps; an intra-epoch checkpoint after every step), each in its own experiment folder:
 
 * A, B: uninterrupted (B only for determinism: same seed -> identical metrics.json / coefficients.json);
 * C: SIGKILLed in epoch 2 once an intra-epoch checkpoint after step >= 2 is on disk, then started again.
@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "recipes/MSP-Podcast/adaltm/train.py"
 ROW = ROOT / "recipes/MSP-Podcast/adaltm/hparams/rows/setup4_dual.yaml"
-SUBSET = {"train": 12, "valid": 6, "test": 6}
+SUBSET = {"train": 8, "valid": 4, "test": 4}
 BATCH, EPOCHS = 2, 2
 STEPS_PER_EPOCH = SUBSET["train"] // BATCH
 INTRA_FLAG = "brain_intra_epoch_ckpt"  # speechbrain.core.INTRA_EPOCH_CKPT_FLAG

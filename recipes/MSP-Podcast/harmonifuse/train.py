@@ -298,6 +298,17 @@ def write_fusion_artifacts(model, tasks, folder):
 
 
 # ------------------------------------------------------------------------------------------------ data
+def check_hparams(hparams):
+    tasks = hparams["train_tasks"]
+    if not tasks or set(tasks) - {"asr", "ser"} or len(set(tasks)) != len(tasks):
+        raise DataError(f"train_tasks must be a non-empty subset of [asr, ser], got {tasks}")
+    missing = [t for t in tasks if not hparams["interleave_ratio"].get(t)]
+    if missing:
+        raise DataError(f"interleave_ratio {hparams['interleave_ratio']} gives no batches to trained task(s) {missing}")
+    if "asr" in tasks and not hparams["libri_test_splits"]:
+        raise DataError("libri_test_splits is empty: ASR needs at least one test split (e.g. [test-clean])")
+
+
 def prepare(hparams):
     tasks = hparams["train_tasks"]
     if "ser" in tasks:
@@ -344,6 +355,9 @@ def build_datasets(hparams):
     if "asr" in tasks:
         lp = Path(hparams["libri_prep_folder"])
         man = {"train": libri_train_manifest(hparams), "valid": str(lp / f"{hparams['libri_valid_split']}.json")}
+        first = lp / f"{hparams['libri_test_splits'][0]}.json"
+        if not first.exists():  # later splits (test-other) are optional, the first one is the reported WER
+            raise DataError(f"manifest '{first}' does not exist: run data preparation (stage 0) first")
         tests = [s for s in hparams["libri_test_splits"] if (lp / f"{s}.json").exists()]
         man.update({f"test:{s}": str(lp / f"{s}.json") for s in tests})
         ds = asr_datasets(man)
@@ -400,9 +414,7 @@ if __name__ == "__main__":
     sb.utils.distributed.ddp_init_group(run_opts)
     hparams, base_file, overrides = load_hparams(hparams_file, overrides)
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=base_file, overrides=overrides)
-    unknown = set(hparams["train_tasks"]) - {"asr", "ser"}
-    if unknown or not hparams["train_tasks"]:
-        raise DataError(f"train_tasks must be a non-empty subset of [asr, ser], got {hparams['train_tasks']}")
+    check_hparams(hparams)
     if not hparams["skip_prep"]:
         prepare(hparams)
     datasets = build_datasets(hparams)
@@ -410,6 +422,9 @@ if __name__ == "__main__":
 
     brain = HarmoniFuseBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                              run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    if hparams["lm_fusion"] == "last" or hparams["ser_mode"] == "classify":
+        # the LM-fusion biases (or the SER classifier, on ASR batches) get no gradient: DDP must know
+        brain.find_unused_parameters = True
     brain.train_sampler = train_loader.batch_sampler  # fit() calls its set_epoch(epoch) every epoch
     brain.fit(hparams["epoch_counter"], train_loader, valid_loader)
     brain.evaluate(test_loader, min_key="loss")
