@@ -171,8 +171,42 @@ def child(variant, model_dir, steps, warmup, profile=False, precision="fp32"):
             "cpu_s": C.median([t[4] for t in times]), "loadavg_1min": [load, os.getloadavg()[0]],
             "forward_s": C.median([t[1] for t in times]), "backward_s": C.median([t[2] for t in times]),
             "optimizer_s": C.median([t[3] for t in times]), "all_steps_s": [t[0] for t in times],
+            "steps": [dict(zip(("step_s", "forward_s", "backward_s", "optimizer_s", "cpu_s"), t)) for t in times],
             "rss_import": rss_import, "rss_built": rss_built, "peak_rss": peak,
             "trainable_backbone_params": sum(p.numel() for p in backbone_params)})
+
+
+def saved_activations(model_dir):
+    """Bytes autograd saves for backward during one fine-tuning forward, per merge group (unique storages,
+    parameters excluded): the activation memory every λ-training variant without checkpointing also holds."""
+    import torch
+    from lobes.wavlm_encoder import WavLMEncoder
+
+    C.set_threads()
+    enc = WavLMEncoder(model_dir, freeze=False, freeze_feature_extractor=False).train()
+    params = {p.untyped_storage().data_ptr() for p in enc.parameters()}
+    cfg = enc.model.config
+    current, seen, per_group = ["other"], set(), {}
+    mods = [("CNN", enc.model.feature_extractor), ("feature_projection", enc.model.feature_projection),
+            ("pos_conv", enc.model.encoder.pos_conv_embed)]
+    mods += [(f"layer{i + 1}", layer) for i, layer in enumerate(enc.model.encoder.layers)]
+    for name, mod in mods:
+        mod.register_forward_pre_hook(lambda m, a, name=name: current.__setitem__(0, name))
+        mod.register_forward_hook(lambda m, a, o: current.__setitem__(0, "other"))
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            per_group[current[0]] = per_group.get(current[0], 0) + t.untyped_storage().nbytes()
+        return t
+
+    wavs = torch.randn(BATCH, int(SECONDS * SR), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden, _ = enc(wavs, torch.ones(BATCH))
+    layers = sum(v for k, v in per_group.items() if k.startswith("layer"))
+    C.emit({"per_group_bytes": per_group, "total_bytes": sum(per_group.values()), "transformer_layers_bytes": layers,
+            "num_layers": cfg.num_hidden_layers})
 
 
 def bf16_error(model_dir):
@@ -232,6 +266,8 @@ def main(argv=None):
     if a.child:
         if a.child == "bf16_error":
             return bf16_error(a.model_dir)
+        if a.child == "saved_activations":
+            return saved_activations(a.model_dir)
         name, _, mode = a.child.partition(":")
         return child(name, a.model_dir, a.steps, a.warmup, profile=mode == "profile", precision=a.precision)
 
@@ -265,14 +301,18 @@ def main(argv=None):
                 print(f"  round {rnd} {v:15s} {r['step_s']:6.2f} s/step ({r['cpu_s']:.2f} s CPU)  peak RSS "
                       f"{C.gib(r['peak_rss']):5.2f} GiB  load {[round(x, 1) for x in r['loadavg_1min']]}", flush=True)
         bf16 = C.run_child(__file__, ["--child", "bf16_error", "--model-dir", model_dir])
+        acts = C.run_child(__file__, ["--child", "saved_activations", "--model-dir", model_dir])
         results = {v: C.aggregate(rs) for v, rs in runs.items()}
         C.add_ratios(results, "ft_all")
         C.print_table(results)
         print("\nbf16 ΔW vs fp32 ΔW:", bf16)
+        print(f"activations saved for backward (fine-tuning forward): {C.gib(acts['total_bytes']):.3f} GiB, of which "
+              f"CNN {C.gib(acts['per_group_bytes'].get('CNN', 0)):.3f}, transformer layers "
+              f"{C.gib(acts['transformer_layers_bytes']):.3f}")
         C.save_json(a.out, {"machine": C.machine_info(), "command": " ".join(sys.argv), "steps": a.steps,
                             "warmup": a.warmup, "rounds": a.rounds, "mmap_threshold": a.mmap_threshold,
                             "batch": [BATCH, SECONDS], "wall_s": time.time() - t_start,
-                            "results": results, "runs": runs, "bf16_delta": bf16})
+                            "results": results, "runs": runs, "bf16_delta": bf16, "saved_activations": acts})
         print(f"\nwall {time.time() - t_start:.0f} s; written {a.out}")
     finally:
         if tmp:

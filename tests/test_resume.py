@@ -65,8 +65,11 @@ def out_dir(exp):
     return exp / "setup4_dual" / "1986"
 
 
-def start(cmd, log):
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+def start(cmd, log, procs):
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    procs.append(proc)
+    return proc
 
 
 def finish(proc, log, timeout=300):
@@ -113,17 +116,27 @@ def runs(msp_manifests, tmp_path_factory):
     exp = {k: root / f"exp_{k}" for k in "ABC"}
     logs = {k: root / f"{k}.log" for k in ("A", "B", "C1", "C2")}
     # Two single-threaded runs at a time (A beside the run to be killed, then B beside the restart).
-    a = start(command(root, exp["A"]), logs["A"])
-    c1 = start(command(root, exp["C"]), logs["C1"])
-    save_c = out_dir(exp["C"]) / "save"
-    kill_mid_epoch(c1, save_c, logs["C1"])
-    killed = {"rc": c1.returncode, "checkpoints": checkpoints(save_c),
-              "files": sorted(p.name for p in out_dir(exp["C"]).iterdir()),
-              "debris": sorted(p.name for p in save_c.iterdir() if p.name.startswith("."))}
-    b = start(command(root, exp["B"]), logs["B"])
-    c2 = start(command(root, exp["C"]), logs["C2"])
-    for proc, key in ((a, "A"), (b, "B"), (c2, "C2")):
-        finish(proc, logs[key])
+    procs = []
+    try:
+        a = start(command(root, exp["A"]), logs["A"], procs)
+        c1 = start(command(root, exp["C"]), logs["C1"], procs)
+        save_c = out_dir(exp["C"]) / "save"
+        kill_mid_epoch(c1, save_c, logs["C1"])
+        killed = {"rc": c1.returncode, "checkpoints": checkpoints(save_c),
+                  # (a kill right after the rename may leave the writer marker .writer: not a checkpoint file)
+                  "ckpt_files": {d.name: {f.name for f in d.iterdir() if f.name != ".writer"}
+                                 for d in save_c.glob("CKPT+*")},
+                  "files": sorted(p.name for p in out_dir(exp["C"]).iterdir()),
+                  "debris": sorted(p.name for p in save_c.iterdir() if p.name.startswith("."))}
+        b = start(command(root, exp["B"]), logs["B"], procs)
+        c2 = start(command(root, exp["C"]), logs["C2"], procs)
+        for proc, key in ((a, "A"), (b, "B"), (c2, "C2")):
+            finish(proc, logs[key])
+    finally:
+        for proc in procs:  # a failure above must not leave training processes behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return {"exp": exp, "logs": logs, "killed": killed}
 
 
@@ -144,6 +157,11 @@ def test_kill_lands_mid_epoch_after_an_intra_epoch_checkpoint(runs):
     assert epoch == 2 and 2 <= pos < STEPS_PER_EPOCH
     # epoch 1's end-of-epoch checkpoint (with its validation loss) is kept beside it
     assert any(m["end-of-epoch"] and "loss" in m and e == 1 for _, m, _, e in killed["checkpoints"])
+    # Whatever the kill interrupted, every published checkpoint is complete; only temp / trash names can be partial.
+    expected = {"CKPT.yaml", "brain.ckpt", "counter.ckpt", "dataloader-TRAIN.ckpt", "lambdas.ckpt", "opt_class.ckpt",
+                "rng_state.ckpt", "ser_head.ckpt", "weighted_sum.ckpt"}
+    assert killed["ckpt_files"] and all(files == expected for files in killed["ckpt_files"].values())
+    assert all(n.startswith((".tmp-CKPT+", ".trash-CKPT+")) for n in killed["debris"])
     log = runs["logs"]["C2"].read_text()
     assert f"Loading a checkpoint from {last_dir}" in log
 

@@ -108,8 +108,7 @@ fi
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     log "Stage 2: results table"
     "${py}" -m tools.collect_results "${exp}/rows" --out "${exp}/results/table"
-    log "results: ${exp}/results/table.md (WER on test-clean; metrics.json also holds wer_other when present)"
-    cat "${exp}/results/table.md"
+    log "results: ${exp}/results/table.md (printed above; WER = test-clean, metrics.json also holds wer_other when present)"
     log "per-row fusion weights: ${exp}/rows/<row>/${seed}/{fusion_weights.json,encoder_layer_weights.png,lm_fusion_weights.png}"
     for f in "${exp}"/rows/*/"${seed}"/fusion_weights.json; do
         [ -f "${f}" ] || continue

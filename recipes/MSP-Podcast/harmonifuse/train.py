@@ -288,12 +288,13 @@ def write_fusion_artifacts(model, tasks, folder):
             "lm_dynamic_count": {t: int(model._alpha_count[model.tasks.index(t)].item()) for t in tasks}}
     with atomic_write(folder / "fusion_weights.json") as f:
         json.dump(data, f, indent=2)
-    plots.plot_layer_weights({t.upper(): as_list["encoder"][t] for t in tasks}, folder / "encoder_layer_weights.png",
-                             title=f"Encoder layer weights α^τ ({data['encoder_fusion']})", first_index=first)
+    plots.plot_layer_weights({t.upper(): as_list["encoder"][t] for t in tasks},
+                             folder / "encoder_layer_weights.png", first_index=first,
+                             title=f"Encoder layer weights α^τ per task — {data['encoder_fusion']}")
     lm = {t.upper(): v for t, v in as_list["lm_dynamic_mean"].items() if v is not None}
     if lm:
         plots.plot_layer_weights(lm, folder / "lm_fusion_weights.png", first_index=1,
-                                 title=f"LM layer weights, mean over test utterances ({data['lm_fusion']})")
+                                 title=f"LM layer weights (lm_fusion={data['lm_fusion']}), mean over test utterances")
     return data
 
 
@@ -316,8 +317,9 @@ def prepare(hparams):
             "data_folder": hparams["msp_folder"], "save_folder": hparams["msp_prep_folder"],
             "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"]})
     if "asr" in tasks:
-        splits = list(hparams["libri_train_splits"]) + [hparams["libri_valid_split"]] + list(hparams["libri_test_splits"])
-        required = list(hparams["libri_train_splits"]) + [hparams["libri_valid_split"], hparams["libri_test_splits"][0]]
+        train, valid = list(hparams["libri_train_splits"]), hparams["libri_valid_split"]
+        tests = list(hparams["libri_test_splits"])
+        splits, required = train + [valid] + tests, train + [valid, tests[0]]
         sb.utils.distributed.run_on_main(prepare_librispeech, kwargs={
             "data_folder": hparams["libri_folder"], "save_folder": hparams["libri_prep_folder"],
             "splits": tuple(dict.fromkeys(splits)), "required_splits": tuple(required)})
