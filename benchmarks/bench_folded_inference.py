@@ -8,7 +8,8 @@ Models, all in eval mode under ``torch.inference_mode`` and timed through ``lobe
 (all hidden states, as the SER head consumes them), batch 4 x 4 s, 2 threads:
   plain        WavLMModel of the same config (the reference, 1.00)
   folded       the exported folded model
-  merged_*     MergedWavLM with fixed λ (context: it re-merges every group on every call)
+  merged_*     MergedWavLM with fixed λ (functional / fused re-merge every group on every call; materialized
+               runs on its stored merged weights)
 Rounds alternate the models, rotating their order each round, so drift in machine load hits all alike;
 per model the fastest batch (load from other processes only adds time) and the median are reported;
 throughput = audio seconds / wall second.
@@ -50,7 +51,7 @@ def main(argv=None):
         deltas = [{k: 0.01 * torch.randn(v.shape, generator=g) for k, v in plain.state_dict().items()}
                   for _ in range(2)]
         merged = {}
-        for impl in ("functional", "fused"):
+        for impl in ("functional", "fused", "materialized"):
             m = MergedWavLM(model_dir, {"ASR": deltas[0], "SER": deltas[1]}, lambda_mode="fixed", merge_impl=impl)
             with torch.no_grad():
                 m.lambdas.lam.copy_(torch.linspace(0.1, 0.9, m.lambdas.lam.numel()).view(m.lambdas.lam.shape))

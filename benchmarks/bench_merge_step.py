@@ -16,7 +16,13 @@ Variants (λ: 2 task vectors x 13 groups for a 12-layer model):
   fused           (e) MergedWavLM(merge_impl="fused"): lobes.merged_linear (merge node + rebuild in backward)
   fused_bf16      (e) ... with ΔW stored in bf16 (delta_dtype=torch.bfloat16)
   fused_gc            fused + gradient_checkpointing
-  fused_gc_bf16       fused + gradient_checkpointing + bf16 ΔW (least memory)
+  fused_gc_bf16       fused + gradient_checkpointing + bf16 ΔW
+  materialized    (f) MergedWavLM(merge_impl="materialized", the default): stored weights = merge for the
+                      current λ, recomputed from a kept W_base once per step; λ gradient reduced from dL/dW
+                      (no merge in forward, no rebuild in backward)
+  materialized_bf16   ... with ΔW stored in bf16
+  materialized_gc     ... + gradient_checkpointing
+  materialized_gc_bf16 ... + gradient_checkpointing + bf16 ΔW
   frozen          (d) frozen backbone under no_grad + α + head
 ``bf16_error`` (not a training variant) measures what bf16 ΔW does to the merged weights and hidden states.
 """
@@ -33,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 VARIANTS = ["ft_all", "ft_cnn_frozen", "naive", "functional", "functional_gc", "fused", "fused_bf16", "fused_gc",
-            "fused_gc_bf16", "frozen"]
+            "fused_gc_bf16", "materialized", "materialized_bf16", "materialized_gc", "materialized_gc_bf16", "frozen"]
 NUM_VECTORS = 2
 BATCH, SECONDS, SR = 2, 4.0, 16000
 DELTA_STD = 0.01  # task-vector entries ~ N(0, 0.01²): half the init std of the weights (0.02)
@@ -45,6 +51,19 @@ def random_task_vectors(state, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [{k: DELTA_STD * torch.randn(v.shape, generator=g) for k, v in state.items()}
             for _ in range(NUM_VECTORS)]
+
+
+def task_vector_files(model_dir, out_dir=None):
+    """The random task vectors as safetensors files in ``out_dir`` (default: beside the model); written once."""
+    from lobes.task_vector import TaskVector, save_task_vector
+    from lobes.wavlm_encoder import load_wavlm
+
+    paths = [Path(out_dir or model_dir) / f"task_vector_{i}.safetensors" for i in range(NUM_VECTORS)]
+    if not all(p.exists() for p in paths):
+        state = {k: v for k, v in load_wavlm(model_dir).state_dict().items() if v.is_floating_point()}
+        for i, (p, d) in enumerate(zip(paths, random_task_vectors(state))):
+            save_task_vector(TaskVector(name=f"tv{i}", delta=d), p)
+    return paths
 
 
 class NaiveAdaMerging:
@@ -83,7 +102,7 @@ class NaiveAdaMerging:
         return run_wavlm(_Merged(), wavs, wav_lens)
 
 
-def build(variant, model_dir):
+def build(variant, model_dir, vector_dir=None):
     """-> (encoder callable (wavs, lens) -> (hidden, mask), trainable backbone parameters)."""
     import torch
     from lobes.merged_wavlm import MergedWavLM
@@ -97,22 +116,22 @@ def build(variant, model_dir):
     if variant == "frozen":
         enc = WavLMEncoder(model_dir, freeze=True)
         return enc, []
-    state = load_wavlm(model_dir).state_dict()
-    deltas = random_task_vectors(state)
-    del state
+    paths = task_vector_files(model_dir, vector_dir)
     if variant == "naive":
-        enc = NaiveAdaMerging(load_wavlm(model_dir), deltas)
+        from lobes.task_vector import load_task_vector
+
+        enc = NaiveAdaMerging(load_wavlm(model_dir), [load_task_vector(p).delta for p in paths])
         return enc, [enc.lam]
-    impl = "fused" if variant.startswith("fused") else "functional"
-    enc = MergedWavLM(model_dir, {f"tv{i}": d for i, d in enumerate(deltas)}, lambda_mode="layerwise",
+    impl = variant.split("_")[0]  # functional | fused | materialized
+    # from files, as the recipe loads them (what the loader frees counts against the variant, as for a user)
+    enc = MergedWavLM(model_dir, {f"tv{i}": p for i, p in enumerate(paths)}, lambda_mode="layerwise",
                       merge_impl=impl, gradient_checkpointing="_gc" in variant,
                       delta_dtype=torch.bfloat16 if "_bf16" in variant else None)
-    del deltas
     enc.train()
     return enc, [enc.lambdas.lam]
 
 
-def child(variant, model_dir, steps, warmup, profile=False, precision="fp32"):
+def child(variant, model_dir, steps, warmup, profile=False, precision="fp32", vector_dir=None):
     import torch
     from lobes.ser_head import SERHead
     from lobes.weighted_sum import WeightedLayerSum
@@ -121,7 +140,7 @@ def child(variant, model_dir, steps, warmup, profile=False, precision="fp32"):
     torch.manual_seed(0)
     gc.collect()
     rss_import = C.rss_bytes()
-    enc, backbone_params = build(variant, model_dir)
+    enc, backbone_params = build(variant, model_dir, vector_dir)
     from transformers import WavLMConfig
 
     cfg = WavLMConfig.from_pretrained(model_dir)
@@ -253,6 +272,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help="existing WavLM dir (default: a random-init WavLM-Base in a temp dir)")
+    p.add_argument("--vector-dir", help=argparse.SUPPRESS)  # where the parent wrote the task vector files
     p.add_argument("--steps", type=int, default=3, help="measured steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = CPU autocast (bench_amp)")
@@ -269,7 +289,8 @@ def main(argv=None):
         if a.child == "saved_activations":
             return saved_activations(a.model_dir)
         name, _, mode = a.child.partition(":")
-        return child(name, a.model_dir, a.steps, a.warmup, profile=mode == "profile", precision=a.precision)
+        return child(name, a.model_dir, a.steps, a.warmup, profile=mode == "profile", precision=a.precision,
+                     vector_dir=a.vector_dir)
 
     C.set_threads()
     tmp = None
@@ -277,11 +298,13 @@ def main(argv=None):
     if model_dir is None:
         tmp = tempfile.mkdtemp(prefix="bench_wavlm_base_")
         model_dir = C.make_model_dir(Path(tmp) / "wavlm_base")
+    vector_dir = tempfile.mkdtemp(prefix="bench_task_vectors_")
     try:
         t_start = time.time()
+        task_vector_files(model_dir, vector_dir)
         if a.profile:
             r = C.run_child(__file__, ["--child", a.profile + ":profile", "--model-dir", model_dir,
-                                       "--steps", a.steps, "--warmup", a.warmup])
+                                       "--vector-dir", vector_dir, "--steps", a.steps, "--warmup", a.warmup])
             print(f"profile of '{a.profile}': {r['step_s']:.2f} s/step under the profiler, "
                   f"{r['total_self_cpu_s']:.2f} s of op self time per step")
             print(f"{'op':40s} {'s/step':>8s} {'share':>7s} {'calls':>7s}")
@@ -295,7 +318,8 @@ def main(argv=None):
         runs = {v: [] for v in variants}
         for rnd in range(a.rounds):  # round-robin, so a burst of load from elsewhere hits one round of each
             for v in variants:
-                r = C.run_child(__file__, ["--child", v, "--model-dir", model_dir, "--steps", a.steps,
+                r = C.run_child(__file__, ["--child", v, "--model-dir", model_dir, "--vector-dir", vector_dir,
+                                           "--steps", a.steps,
                                            "--warmup", a.warmup], env=env)
                 runs[v].append(r)
                 print(f"  round {rnd} {v:15s} {r['step_s']:6.2f} s/step ({r['cpu_s']:.2f} s CPU)  peak RSS "
@@ -315,6 +339,7 @@ def main(argv=None):
                             "results": results, "runs": runs, "bf16_delta": bf16, "saved_activations": acts})
         print(f"\nwall {time.time() - t_start:.0f} s; written {a.out}")
     finally:
+        shutil.rmtree(vector_dir, ignore_errors=True)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -8,6 +8,7 @@
 - checkpointing on the validation loss (best = lowest, the paper's selection rule).
 """
 import logging
+import time
 from pathlib import Path
 
 import speechbrain as sb
@@ -115,10 +116,13 @@ class ToolkitBrain(sb.Brain):
     # -- stage ends ----------------------------------------------------------------------------------------
     def on_stage_start(self, stage, epoch=None):
         self.reset_outputs()
+        self._stage_t0 = time.perf_counter()
 
     def log_and_checkpoint(self, stage, stage_loss, epoch, stats):
         """Validation: log and keep the checkpoint with the lowest validation loss."""
         stats = {"loss": stage_loss, **stats}
+        if getattr(self, "_stage_t0", None) is not None:  # wall seconds of the stage, in train_log.txt
+            stats["time_s"] = round(time.perf_counter() - self._stage_t0, 3)
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
             return

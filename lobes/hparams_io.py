@@ -12,6 +12,7 @@ command line's ``--key=value`` overrides (applied last), works as with any Speec
 
 A plain hparams file (no ``base_hparams``) is loaded unchanged.
 """
+import atexit
 import io
 import os
 import tempfile
@@ -54,6 +55,13 @@ def resolve_row(hparams_file):
     return buf.getvalue()
 
 
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def load_hparams(hparams_file, overrides=""):
     """Load a recipe or row YAML with command-line overrides.
 
@@ -64,5 +72,6 @@ def load_hparams(hparams_file, overrides=""):
     fd, path = tempfile.mkstemp(prefix="hparams_", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    atexit.register(_remove_quietly, path)  # only needed until create_experiment_directory has copied it
     # !ref / !include paths in the file are resolved relative to the current directory, as in SpeechBrain.
     return load_hyperpyyaml(text, overrides or None), path, overrides

@@ -82,6 +82,40 @@ class MergeWeight(torch.autograd.Function):
         return (grad_lam, None) + (None,) * len(deltas)
 
 
+class MaterializedWeight(MergeWeight):
+    """merge_impl="materialized": the stored W already equals W_base + Σ_k λ_k ΔW_k (kept current by
+    :func:`merge_into`), so the forward builds nothing; only the λ gradient of :class:`MergeWeight` is
+    attached to it."""
+
+    @staticmethod
+    def forward(ctx, lam, merged, *deltas):
+        ctx.save_for_backward(*deltas)
+        return merged.view_as(merged)
+
+
+@torch.no_grad()
+def merge_into(out, base, deltas, coeffs):
+    """out <- W_base + Σ_k c_k ΔW_k, computed from W_base every time (never as an increment of ``out``), so
+    the stored merge is bitwise the same whatever path λ took (exact resume, no rounding drift)."""
+    stacked = stacked_view(deltas)
+    if stacked is not None and out.is_contiguous():
+        torch.addmv(base.reshape(-1), stacked.to(base.dtype).t(), torch.tensor(coeffs, dtype=base.dtype),
+                    out=out.view(-1))
+        return
+    out.copy_(merge_values(base, deltas, coeffs))
+
+
+def materialized_call(module, sources, lam, args, kwargs):
+    """Run ``module`` on its stored (already merged) weights, with dL/dλ attached when λ trains.
+
+    ``sources``: {name: (stored merged W, [ΔW_k])}; ``lam``: [K] tensor (this group's column of λ).
+    """
+    if not (torch.is_grad_enabled() and lam.requires_grad):
+        return module(*args, **kwargs)
+    weights = {name: MaterializedWeight.apply(lam, w, *deltas) for name, (w, deltas) in sources.items()}
+    return functional_call(module, weights, args, kwargs)
+
+
 class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):
     """Within this context, a saved merged weight (any view of its storage) becomes a recipe.
 

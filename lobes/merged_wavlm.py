@@ -2,12 +2,20 @@
 
     W_merged^(l) = W_base^(l) + Σ_k λ_k^(l) ΔW_k^(l)           (eq. 4; k ∈ {ASR, SER}, l = merge group)
 
-How it runs: each merge group's submodule (the CNN block, each transformer layer, ...) is wrapped so that its
-merged weights are built just before it runs and handed to it with ``torch.func.functional_call``. W_base and
-every ΔW stay frozen; only λ receives gradients (dL/dλ_k^(l) = Σ_{W in group l} <dL/dW, ΔW_k>). Merged weights
-exist only while their group computes (and, without checkpointing, as autograd's saved tensors until backward),
-so at most one merged copy of the backbone is alive in a step. With ``gradient_checkpointing`` each group's
-merge is recomputed in backward as well, so only one group's merged weights are alive at a time.
+How it runs: each merge group's submodule (the CNN block, each transformer layer, ...) is wrapped so that it
+runs with its group's merged weights. W_base and every ΔW stay frozen; only λ receives gradients
+(dL/dλ_k^(l) = Σ_{W in group l} <dL/dW, ΔW_k>). Three implementations of the same math (``merge_impl``):
+
+- ``materialized`` (default): the model's stored weights *are* W_merged for the current λ, recomputed from a
+  kept copy of W_base when λ has moved (once per optimizer step, or after a checkpoint load); the forward
+  builds nothing, the backward reduces each dL/dW into λ as autograd produces it. Memory = W_base + W + ΔW's,
+  one merge pass per step; a fixed λ runs as fast as a plain WavLM.
+- ``fused``: W_merged is built per group just before it runs and rebuilt in backward (lobes.merged_linear).
+- ``functional``: plain autograd through W_base + Σ λ ΔW with ``torch.func.functional_call``; the merged
+  weights stay saved until backward. The reference the others are tested against.
+
+benchmarks/RESULTS.md has the measured time and memory of each vs full fine-tuning. With
+``gradient_checkpointing`` each group is recomputed in backward (less activation memory).
 
 The backbone is kept in eval mode (no dropout): it is a frozen feature extractor, as in the paper, and this
 makes its features deterministic (needed for feature caching of static merges).
@@ -23,6 +31,17 @@ from lobes import layer_groups, merged_linear
 from lobes.errors import DataError
 from lobes.merge_coefficients import MergeCoefficients
 from lobes.wavlm_encoder import load_wavlm, run_wavlm
+
+
+def _release_freed_memory():
+    """Hand freed heap memory back to the OS (glibc only). Loading task vectors frees hundreds of MB in
+    blocks under glibc's dynamic mmap threshold, which stay in the process's resident size otherwise."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def _resolve_vector(name, vec):
@@ -55,6 +74,9 @@ def _check_vector(name, delta, base_state, source=None):
         raise DataError(f"task vector '{name}'{where} does not fit the base model ({'; '.join(parts)})")
 
 
+MERGE_IMPLS = ("materialized", "fused", "functional")
+
+
 class _MergedGroup(torch.nn.Module):
     """Runs one merge group's submodule with its merged weights (built on every call)."""
 
@@ -68,6 +90,8 @@ class _MergedGroup(torch.nn.Module):
         owner = self._owner()
         if owner.merge_impl == "fused" and owner.num_vectors:
             return owner._fused_call(self, args, kwargs)
+        if owner.merge_impl == "materialized" and owner.num_vectors:
+            return owner._materialized_call(self, args, kwargs)
         params = owner.merged_parameters(self.prefix)
         return functional_call(self.inner, params, args, kwargs)
 
@@ -89,14 +113,18 @@ class MergedWavLM(torch.nn.Module):
     delta_dtype : store ΔW in this dtype (e.g. ``torch.bfloat16``) to save memory; merging is done in fp32.
     merge_impl : ``"functional"`` (autograd through ``W_base + λ ΔW``; merged weights stay saved until backward)
         or ``"fused"`` (:mod:`lobes.merged_linear`: one merge node whose backward reduces dL/dW into λ with a dot
-        product, and merged weights rebuilt in backward instead of saved). Same outputs and λ gradients.
+        product, and merged weights rebuilt in backward instead of saved) or ``"materialized"`` (the model's
+        stored weights *are* the merged weights for the current λ, recomputed from W_base when λ has
+        changed, once per step; nothing is merged in forward or rebuilt in backward, and a fixed λ costs
+        nothing after the first call; one more copy of the weights than fused). Same outputs and λ
+        gradients; see benchmarks/RESULTS.md.
     """
 
     def __init__(self, source, task_vectors=None, lambda_mode="layerwise", lambda_init=0.5, normalize_wav=True,
-                 delta_dtype=None, gradient_checkpointing=False, cache_dir=None, merge_impl="functional"):
+                 delta_dtype=None, gradient_checkpointing=False, cache_dir=None, merge_impl="materialized"):
         super().__init__()
-        if merge_impl not in ("functional", "fused"):
-            raise ValueError(f"merge_impl '{merge_impl}' is not 'functional' or 'fused'")
+        if merge_impl not in MERGE_IMPLS:
+            raise ValueError(f"merge_impl '{merge_impl}' is not one of {MERGE_IMPLS}")
         self.merge_impl = merge_impl
         self.model = load_wavlm(source, cache_dir=cache_dir)
         self.model.requires_grad_(False)
@@ -113,17 +141,27 @@ class MergedWavLM(torch.nn.Module):
         task_vectors = dict(task_vectors or {})
         self.lambdas = MergeCoefficients(list(task_vectors), self.num_groups, lambda_mode, lambda_init)
         # ΔW are frozen Parameters (not buffers): DDP broadcasts buffers every step, parameters only once.
+        # fused / materialized: each key's K task vectors are copied straight into the rows of one [K, ...] tensor (one GEMV
+        # per merge, see merged_linear.stack_deltas), one loaded vector at a time, so no second copy of all ΔW
+        # is ever alive.
+        num_vectors, stacked = len(task_vectors), {}
         self.deltas = torch.nn.ModuleList()
-        for name, vec in task_vectors.items():
+        for row, (name, vec) in enumerate(task_vectors.items()):
             delta = _resolve_vector(name, vec)
             _check_vector(name, delta, base_state, vec)
-            store = torch.nn.ParameterDict({
-                k.replace(".", "__"): torch.nn.Parameter(
-                    delta[k].detach().to(delta_dtype or base_state[k].dtype), requires_grad=False)
-                for k in self.keys})
-            self.deltas.append(store)
-        if merge_impl == "fused":
-            merged_linear.stack_deltas(self.deltas)  # each key's K task vectors in one [K, ...] tensor (one GEMV)
+            store = {}
+            for k in self.keys:
+                value = delta[k].detach().to(delta_dtype or base_state[k].dtype)
+                if merge_impl != "functional" and num_vectors > 1:
+                    if k not in stacked:
+                        stacked[k] = torch.empty((num_vectors, *value.shape), dtype=value.dtype)
+                    stacked[k][row].copy_(value)
+                    value = stacked[k][row]
+                store[k.replace(".", "__")] = torch.nn.Parameter(value, requires_grad=False)
+            self.deltas.append(torch.nn.ParameterDict(store))
+            del delta, store
+        del stacked
+        _release_freed_memory()
 
         for path, _ in layer_groups.group_modules(cfg.num_hidden_layers, self.stable_layer_norm):
             parent_path, _, attr = path.rpartition(".")
@@ -131,6 +169,15 @@ class MergedWavLM(torch.nn.Module):
             parent._modules[attr] = _MergedGroup(parent._modules[attr], path, self)
         self._base = {k: self._find_base(k) for k in self.keys}
         self.model.eval()
+        # materialized: λ whose merge the stored weights hold (zeros = W_base); not saved, since a checkpoint
+        # restores λ and the next forward re-merges for it
+        self.register_buffer("_lam_applied", torch.zeros(self.num_vectors, self.num_groups), persistent=False)
+        if merge_impl == "materialized" and self.num_vectors:
+            # frozen Parameters, like ΔW (DDP broadcasts them once, not every step as it would buffers)
+            self.base_weights = torch.nn.ParameterDict({
+                k.replace(".", "__"): torch.nn.Parameter(self.base_parameter(k).detach().clone(),
+                                                         requires_grad=False) for k in self.keys})
+            self.sync_merged()
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def _find_base(self, key):
@@ -156,7 +203,26 @@ class MergedWavLM(torch.nn.Module):
     def num_vectors(self):
         return len(self.deltas)
 
+    def sync_merged(self):
+        """merge_impl="materialized": make the stored weights W_base + Σ_k λ_k ΔW_k for the current λ
+        (only the groups whose λ changed are re-merged)."""
+        if self.merge_impl != "materialized" or not self.num_vectors:
+            return
+        with torch.no_grad():
+            lam = self.lambdas().detach().to(self._lam_applied.dtype)
+            changed = (lam != self._lam_applied).any(dim=0).tolist()
+            if not any(changed):
+                return
+            for key in self.keys:
+                g = self.group_of[key]
+                if changed[g]:
+                    name = key.replace(".", "__")
+                    merged_linear.merge_into(self.base_parameter(key), self.base_weights[name],
+                                             [s[name] for s in self.deltas], lam[:, g].tolist())
+            self._lam_applied.copy_(lam)
+
     def base_parameter(self, key):
+        """The stored tensor of ``key``: W_base, or with merge_impl="materialized" the merged W (sync_merged)."""
         path, local = self._base[key]
         module = self.model.get_submodule(path).inner if path else self.model
         return module.get_parameter(local)
@@ -174,6 +240,10 @@ class MergedWavLM(torch.nn.Module):
             return base
         lam = self.lambdas() if lam is None else lam
         g = self.group_of[key]
+        if self.merge_impl == "materialized":  # stored W holds the current λ's merge; attach its λ gradient
+            self.sync_merged()
+            return merged_linear.MaterializedWeight.apply(
+                lam[:, g], base, *[s[key.replace(".", "__")] for s in self.deltas])
         w = base
         for k, store in enumerate(self.deltas):
             w = w + lam[k, g] * store[key.replace(".", "__")].to(base.dtype)
@@ -186,6 +256,14 @@ class MergedWavLM(torch.nn.Module):
         lam = self.lambdas()
         n = len(prefix) + 1
         return {k[n:]: self.merged_weight(k, lam) for k in self.keys if k.startswith(prefix + ".")}
+
+    def _materialized_call(self, group, args, kwargs):
+        """merge_impl="materialized": run one wrapped group on its stored merged weights."""
+        n = len(group.prefix) + 1
+        keys = [k for k in self.keys if k.startswith(group.prefix + ".")]
+        sources = {k[n:]: (self.base_parameter(k), [s[k.replace(".", "__")] for s in self.deltas]) for k in keys}
+        lam = self.lambdas()[:, self.group_of[keys[0]]]
+        return merged_linear.materialized_call(group.inner, sources, lam, args, kwargs)
 
     def _fused_call(self, group, args, kwargs):
         """merge_impl="fused": run one wrapped group through :func:`lobes.merged_linear.fused_call`."""
@@ -206,6 +284,7 @@ class MergedWavLM(torch.nn.Module):
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, wavs, wav_lens):
         """Hidden states [L+1, B, T, D] and frame mask [B, T] of the merged model."""
+        self.sync_merged()  # materialized: λ moved since the last call (optimizer step, checkpoint load)
         if not self.num_vectors or not self.lambdas.lam.requires_grad:
             with torch.no_grad():  # nothing upstream of the features is trainable
                 return run_wavlm(self.model, wavs, wav_lens, self.normalize_wav)

@@ -1,5 +1,6 @@
-"""merge_impl="fused" (lobes.merged_linear): same outputs and λ gradients as the functional path, and the
-merged weights are not kept alive by autograd (rebuilt in backward)."""
+"""merge_impl="fused" and "materialized" (lobes.merged_linear): same outputs and λ gradients as the functional
+path; fused merged weights are not kept alive by autograd (rebuilt in backward); materialized stored weights
+follow λ in place and stay equal to eq. (4)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,12 +36,13 @@ def _run(base, asr, ser, impl, **kw):
     return h.detach(), m.lambdas.lam.grad.clone()
 
 
+@pytest.mark.parametrize("impl", ["fused", "materialized"])
 @pytest.mark.parametrize("kw", [{}, {"gradient_checkpointing": True}, {"delta_dtype": torch.bfloat16}],
                          ids=["plain", "checkpointing", "bf16_delta"])
-def test_fused_equals_functional(tiny, kw):
+def test_fused_and_materialized_equal_functional(tiny, kw, impl):
     base, asr, ser = tiny
     h_ref, g_ref = _run(base, asr, ser, "functional", **kw)
-    h, g = _run(base, asr, ser, "fused", **kw)
+    h, g = _run(base, asr, ser, impl, **kw)
     assert g.shape == (2, 5) and g.abs().min() > 0  # every group of both vectors gets a gradient
     assert (h - h_ref).abs().max().item() <= 1e-5
     assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-5), (g - g_ref).abs().max()
@@ -57,7 +59,7 @@ def test_fused_fixed_lambda_runs_without_graph(tiny):
     assert stacked_view([s[key] for s in fused.deltas]) is not None
     assert all(torch.equal(fused.deltas[i][k.replace(".", "__")], vec[k])
                for i, vec in enumerate((asr, ser)) for k in vec)
-    with pytest.raises(ValueError, match="merge_impl 'naive'"):
+    with pytest.raises(ValueError, match="merge_impl 'naive' is not one of"):
         MergedWavLM(base, {"ASR": asr}, merge_impl="naive")
 
 
@@ -116,3 +118,34 @@ def test_saved_merged_weight_is_freed_and_rebuilt_bitwise(stacked):
     assert torch.equal(grad_plain, grad_fused)  # rebuilt W is bitwise the forward one
     expected_w = base + 0.3 * d1 + 0.9 * d2
     assert torch.allclose(merge_values(base, [d1, d2], [0.3, 0.9]), expected_w, atol=1e-6)
+
+
+def test_materialized_weights_follow_lambda_through_training_and_checkpoint_loads(tiny):
+    """After optimizer steps, a λ restored from a checkpoint and a λ set by hand, the stored weights equal
+    W_base + λ_ASR ΔW_ASR + λ_SER ΔW_SER (eq. 4) for the current λ, and the outputs equal a fresh model's."""
+    base, asr, ser = tiny
+    w_base = WavLMModel.from_pretrained(base).state_dict()
+    m = MergedWavLM(base, {"ASR": asr, "SER": ser}, merge_impl="materialized")
+    opt = torch.optim.SGD([m.lambdas.lam], lr=0.5)
+    wavs, lens = _wavs()
+    for _ in range(4):
+        opt.zero_grad()
+        h, _ = m(wavs, lens)
+        h.pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():  # what a checkpoint load does to λ (in place, between steps)
+        m.lambdas.lam.mul_(-1.5)
+    h, _ = m(wavs, lens)
+    lam = m.lambdas().detach()
+    assert (lam - 0.5).abs().min() > 1e-3  # λ really moved away from its init in every entry
+    for key in ("feature_extractor.conv_layers.0.conv.weight", "encoder.layers.1.attention.q_proj.weight",
+                "encoder.pos_conv_embed.conv.bias"):
+        g = m.group_of[key]
+        expected = w_base[key] + lam[0, g] * asr[key] + lam[1, g] * ser[key]
+        assert (m.base_parameter(key) - expected).abs().max().item() <= 1e-6, key
+    fresh = MergedWavLM(base, {"ASR": asr, "SER": ser}, merge_impl="functional")
+    with torch.no_grad():
+        fresh.lambdas.lam.copy_(m.lambdas.lam)
+        ref, _ = fresh(wavs, lens)
+    assert (h.detach() - ref).abs().max().item() <= 1e-5
+    assert not any(p.requires_grad for p in m.model.parameters())

@@ -177,6 +177,7 @@ class HarmoniFuseBrain(ToolkitBrain):
 
     # -- stages --------------------------------------------------------------------------------------------
     def on_stage_start(self, stage, epoch=None):
+        super().on_stage_start(stage, epoch)
         self.task_loss = {}
         self.asr_by_split = {}
         self.ser_out = {"ids": [], "true": [], "pred": [], "text": [], "spk": []}
