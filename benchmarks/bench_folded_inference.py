@@ -8,6 +8,8 @@ Models, all in eval mode under ``torch.inference_mode`` and timed through ``lobe
 (all hidden states, as the SER head consumes them), batch 4 x 4 s, 2 threads:
   plain        WavLMModel of the same config (the reference, 1.00)
   folded       the exported folded model
+  plain_frozen_unfolded  the plain model with requires_grad=False called directly, i.e. without
+               lobes.wavlm_encoder's _foldable_weights (context: torch.matmul's bmm path for frozen weights)
   merged_*     MergedWavLM with fixed λ (functional / fused re-merge every group on every call; materialized
                runs on its stored merged weights)
 Rounds alternate the models, rotating their order each round, so drift in machine load hits all alike;
@@ -65,7 +67,10 @@ def main(argv=None):
 
         wavs = torch.randn(BATCH, int(SECONDS * SR), generator=torch.Generator().manual_seed(0))
         lens = torch.ones(BATCH)
-        models = {"plain": plain, "folded": folded, **merged}
+        # context: a frozen copy called directly (without run_wavlm's _foldable_weights): matmul's bmm path
+        frozen = WavLMModel.from_pretrained(model_dir).eval().requires_grad_(False)
+        mask = torch.ones(BATCH, int(SECONDS * SR), dtype=torch.long)
+        models = {"plain": plain, "folded": folded, **merged, "plain_frozen_unfolded": frozen}
         with torch.inference_mode():
             ref = merged["merged_functional"](wavs, lens)[0]
             got = run_wavlm(folded, wavs, lens)[0]
@@ -76,6 +81,8 @@ def main(argv=None):
                 for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no fixed position
                     model = models[name]
                     fn = model if name.startswith("merged") else (lambda w, l, mm=model: run_wavlm(mm, w, l))
+                    if name == "plain_frozen_unfolded":
+                        fn = (lambda w, l, mm=model: mm(w, attention_mask=mask, output_hidden_states=True))
                     t0 = time.perf_counter()
                     fn(wavs, lens)
                     times[name].append(time.perf_counter() - t0)

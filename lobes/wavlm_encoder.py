@@ -8,6 +8,8 @@ Hidden-state convention (HF ``output_hidden_states``): index 0 is the CNN + posi
 (the input of transformer layer 1), index l (1..L) is the output of transformer layer l; with stable layer
 norm (WavLM-Large) the final encoder layer norm is applied to index L only.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from transformers import WavLMConfig, WavLMModel
@@ -50,6 +52,28 @@ def frame_mask(model, sample_mask):
     return torch.arange(n_frames, device=sample_mask.device)[None, :] < frame_lens[:, None]
 
 
+@contextlib.contextmanager
+def _foldable_weights(model):
+    """Without autograd, let frozen weights report requires_grad=True while the model runs.
+
+    Why: WavLM's attention applies q/k/v projections to a transposed [T, B, D] view. For such an input,
+    ``torch.matmul`` folds it into one GEMM only when the weight requires grad; otherwise it runs a bmm over
+    the weight expanded T times, which is 2x slower on CPU (benchmarks/RESULTS.md, "frozen weights"). Under
+    no_grad / inference_mode the flag records nothing, so this only picks the faster kernel.
+    """
+    if torch.is_grad_enabled() or not hasattr(model, "parameters"):
+        yield
+        return
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def run_wavlm(model, wavs, wav_lens, normalize=True):
     """Run any WavLM-shaped module; returns (hidden states [L+1, B, T, D], frame mask [B, T])."""
     if wavs.dim() != 2:
@@ -57,7 +81,8 @@ def run_wavlm(model, wavs, wav_lens, normalize=True):
     mask = lengths_to_mask(wav_lens, wavs.shape[1])
     if normalize:
         wavs = normalize_waveforms(wavs, mask)
-    out = model(wavs, attention_mask=mask.long(), output_hidden_states=True)
+    with _foldable_weights(model):
+        out = model(wavs, attention_mask=mask.long(), output_hidden_states=True)
     hidden = torch.stack(out.hidden_states, dim=0)
     fmask = frame_mask(model, mask)[:, : hidden.shape[2]]
     return hidden, fmask

@@ -149,3 +149,19 @@ def test_materialized_weights_follow_lambda_through_training_and_checkpoint_load
         ref, _ = fresh(wavs, lens)
     assert (h.detach() - ref).abs().max().item() <= 1e-5
     assert not any(p.requires_grad for p in m.model.parameters())
+
+
+def test_no_grad_forward_of_a_frozen_wavlm_restores_flags_and_matches_grad_mode(tiny):
+    """run_wavlm lets frozen weights report requires_grad only inside a no-grad forward (kernel choice);
+    the flags are restored, nothing gets a .grad, and the hidden states equal a grad-mode run."""
+    from lobes.wavlm_encoder import WavLMEncoder
+
+    base, _, _ = tiny
+    enc = WavLMEncoder(base, freeze=True).eval()
+    wavs, lens = _wavs()
+    with torch.no_grad():
+        h_nograd, _ = enc(wavs, lens)
+    assert not any(p.requires_grad for p in enc.parameters())
+    h_grad, _ = enc(wavs, lens)  # grad mode: the weights stay frozen, the flag is not touched
+    assert not h_grad.requires_grad and all(p.grad is None for p in enc.parameters())
+    assert (h_nograd - h_grad).abs().max().item() <= 1e-5
