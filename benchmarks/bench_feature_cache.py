@@ -82,6 +82,25 @@ def max_diff(a, b):
     return 0.0 if a == b else float("inf")
 
 
+def compare(tmp):
+    (m_u, alpha_u), (m_c, alpha_c) = learned(tmp / "check_uncached"), learned(tmp / "check_cached")
+    test_u, test_c = m_u["test"], m_c["test"]
+    same = {k: test_u[k] == test_c[k] for k in ("uar", "macro_precision", "macro_f1", "accuracy") if k in test_u}
+    return {"metrics_identical": same, "test_loss": [m_u["test_loss"], m_c["test_loss"]],
+            "max_abs_diff_metrics": max_diff(test_u, test_c), "max_abs_diff_alpha": max_diff(alpha_u, alpha_c)}
+
+
+def check_only(a, tmp, walls):
+    res = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
+    check = compare(tmp)
+    res.update(check)
+    res["check"] = {"machine": C.machine_info(), "command": " ".join(sys.argv), "walls_s": walls, **check}
+    print(f"identical metrics (tiny WavLM, uncached vs cached, {a.check_epochs} epochs, same seed): "
+          f"{check['metrics_identical']}; max |Δ| metrics {check['max_abs_diff_metrics']:.2e}, "
+          f"α {check['max_abs_diff_alpha']:.2e}, test loss {check['test_loss']}")
+    C.save_json(a.out, res)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=100)
@@ -90,6 +109,8 @@ def main(argv=None):
     p.add_argument("--data", default=str(ROOT / "data" / "mini" / "MSP-Podcast"))
     p.add_argument("--model-dir", help="existing WavLM dir (default: a random-init WavLM-Base in a temp dir)")
     p.add_argument("--out", default=str(Path(__file__).parent / "logs" / "feature_cache.json"))
+    p.add_argument("--check-only", action="store_true",
+                   help="only the tiny-WavLM identical-metrics check; its fields replace those in --out")
     a = p.parse_args(argv)
     if not (Path(a.data) / "Labels").is_dir():
         subprocess.run([sys.executable, "-m", "tools.make_mini_corpora", "--msp_out", a.data], cwd=ROOT, check=True)
@@ -100,34 +121,35 @@ def main(argv=None):
         tiny = ROOT / "data" / "tiny_wavlm"
         if not (tiny / "config.json").exists():
             subprocess.run([sys.executable, "-m", "tools.make_tiny_wavlm", "--out", str(tiny)], cwd=ROOT, check=True)
-        walls, runs = {}, {"uncached": (model_dir, a.uncached_epochs, False), "cached": (model_dir, a.epochs, True),
-                           "check_uncached": (tiny, a.check_epochs, False), "check_cached": (tiny, a.check_epochs, True)}
+        runs = {"uncached": (model_dir, a.uncached_epochs, False), "cached": (model_dir, a.epochs, True),
+                "check_uncached": (tiny, a.check_epochs, False), "check_cached": (tiny, a.check_epochs, True)}
+        if a.check_only:
+            runs = {k: v for k, v in runs.items() if k.startswith("check")}
+        walls = {}
         for name, (wavlm, epochs, cache) in runs.items():
             walls[name] = train(tmp / name, wavlm, a.data, epochs, cache, tmp / f"{name}.log")
             print(f"  {name:15s} {epochs:3d} epochs cache={cache}: {walls[name]:7.1f} s", flush=True)
+        if a.check_only:
+            return check_only(a, tmp, walls)
         per_epoch = {n: epoch_seconds(tmp / n / "train_log.txt") for n in runs}
         last = per_epoch["uncached"][-1]
         est_uncached = walls["uncached"] + (a.epochs - a.uncached_epochs) * sum(last)
         ratio = est_uncached / walls["cached"]
-        (m_u, alpha_u), (m_c, alpha_c) = learned(tmp / "check_uncached"), learned(tmp / "check_cached")
-        test_u, test_c = m_u["test"], m_c["test"]
-        same = {k: test_u[k] == test_c[k] for k in ("uar", "macro_precision", "macro_f1", "accuracy") if k in test_u}
+        check = compare(tmp)
         res = {"machine": C.machine_info(), "command": " ".join(sys.argv), "epochs": a.epochs,
                "uncached_epochs": a.uncached_epochs, "check_epochs": a.check_epochs,
                "backbone": "WavLM-Base-shaped random init (94.4M); check: tiny WavLM",
                "walls_s": walls, "per_epoch_s": per_epoch, "uncached_epoch_s": sum(last),
                "cached_epoch_s_median": C.median([sum(e) for e in per_epoch["cached"]]),
                "estimated_uncached_total_s": est_uncached, "speedup": ratio,
-               "metrics_identical": same, "test_loss": [m_u["test_loss"], m_c["test_loss"]],
-               "max_abs_diff_metrics": max_diff(test_u, test_c), "max_abs_diff_alpha": max_diff(alpha_u, alpha_c),
-               "wall_s": time.time() - t_start}
+               **check, "wall_s": time.time() - t_start}
         print(f"\nuncached: {sum(last):.1f} s/epoch (train {last[0]:.1f} + valid {last[1]:.1f}) -> "
               f"{a.epochs} epochs ≈ {est_uncached:.0f} s")
         print(f"cached:   {a.epochs} epochs measured {walls['cached']:.0f} s "
               f"({res['cached_epoch_s_median']:.2f} s/epoch after the cache is built)")
         print(f"speed-up {ratio:.1f}x; metrics identical (tiny WavLM, uncached vs cached, {a.check_epochs} epochs, same seed): "
-              f"{same}; max |Δ| metrics {res['max_abs_diff_metrics']:.2e}, α {res['max_abs_diff_alpha']:.2e}, "
-              f"test loss {m_u['test_loss']:.6f} vs {m_c['test_loss']:.6f}")
+              f"{check['metrics_identical']}; max |Δ| metrics {res['max_abs_diff_metrics']:.2e}, "
+              f"α {res['max_abs_diff_alpha']:.2e}, test loss {check['test_loss']}")
         C.save_json(a.out, res)
         print(f"written {a.out}")
     finally:

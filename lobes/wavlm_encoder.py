@@ -81,7 +81,10 @@ def run_wavlm(model, wavs, wav_lens, normalize=True):
     mask = lengths_to_mask(wav_lens, wavs.shape[1])
     if normalize:
         wavs = normalize_waveforms(wavs, mask)
-    with _foldable_weights(model):
+    # HF WavLM draws torch.rand per layer for LayerDrop even in eval mode: a frozen (eval) backbone must not
+    # move the global RNG stream, or the head's dropout masks would depend on whether features were cached.
+    keep_rng = torch.random.fork_rng(devices=[]) if not getattr(model, "training", True) else contextlib.nullcontext()
+    with keep_rng, _foldable_weights(model):
         out = model(wavs, attention_mask=mask.long(), output_hidden_states=True)
     hidden = torch.stack(out.hidden_states, dim=0)
     fmask = frame_mask(model, mask)[:, : hidden.shape[2]]

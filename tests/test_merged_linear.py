@@ -153,7 +153,8 @@ def test_materialized_weights_follow_lambda_through_training_and_checkpoint_load
 
 def test_no_grad_forward_of_a_frozen_wavlm_restores_flags_and_matches_grad_mode(tiny):
     """run_wavlm lets frozen weights report requires_grad only inside a no-grad forward (kernel choice);
-    the flags are restored, nothing gets a .grad, and the hidden states equal a grad-mode run."""
+    the flags are restored, nothing gets a .grad, the hidden states equal a grad-mode run, and an eval-mode
+    backbone does not consume the global RNG."""
     from lobes.wavlm_encoder import WavLMEncoder
 
     base, _, _ = tiny
@@ -165,3 +166,8 @@ def test_no_grad_forward_of_a_frozen_wavlm_restores_flags_and_matches_grad_mode(
     h_grad, _ = enc(wavs, lens)  # grad mode: the weights stay frozen, the flag is not touched
     assert not h_grad.requires_grad and all(p.grad is None for p in enc.parameters())
     assert (h_nograd - h_grad).abs().max().item() <= 1e-5
+    # HF WavLM draws torch.rand per layer even in eval; an eval backbone leaves the global RNG where it was,
+    # so the head's dropout masks are the same whether features come from a cache or from the backbone
+    state = torch.get_rng_state()
+    enc(wavs, lens)
+    assert torch.equal(state, torch.get_rng_state())
