@@ -142,6 +142,10 @@ def test_experiment_and_folded_export_agree(adaltm_exp, exp_model):
     assert torch.allclose(exp_model.modules["encoder"].lambdas().detach(),
                           torch.tensor([lam["ASR"], lam["SER"]]), atol=1e-7)
     assert any(abs(v - 0.5) > 1e-4 for v in lam["SER"])
+    # the export records every downstream setting the loader needs (none left to its defaults)
+    cfg = json.loads((exp / "folded_wavlm" / "downstream.json").read_text())
+    assert {"include_cnn", "layer_norm", "normalize_wav", "pooling", "head_hidden", "classes"} <= set(cfg)
+    assert cfg["normalize_wav"] is True and cfg["layer_norm"] is False
     # folding at load time gives the same model as the export
     c = load_model(exp, fold=True).predict(files[:3], progress=False)
     assert _max_diff(c, b[:3]) < 1e-4

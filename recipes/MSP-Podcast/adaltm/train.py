@@ -80,7 +80,8 @@ class AdaLTMBrain(ToolkitBrain):
         export_folded(h.wavlm, h.export_folder, {"weighted_sum": h.weighted_sum, "ser_head": h.ser_head},
                       {"classes": EMOTIONS, "head_hidden": h.head_hidden, "pooling": h.pooling,
                        "num_layers": h.wavlm.num_layers, "hidden_size": h.wavlm.hidden_size,
-                       "include_cnn": h.weighted_sum.include_cnn})
+                       "include_cnn": h.weighted_sum.include_cnn, "layer_norm": h.weighted_sum.layer_norm,
+                       "normalize_wav": h.wavlm.normalize_wav})
 
 
 def use_feature_cache(hparams, datasets):
