@@ -23,6 +23,7 @@ Variants (λ: 2 task vectors x 13 groups for a 12-layer model):
   materialized_bf16   ... with ΔW stored in bf16
   materialized_gc     ... + gradient_checkpointing
   materialized_gc_bf16 ... + gradient_checkpointing + bf16 ΔW
+  *_cnngc         gradient_checkpointing="cnn": only the CNN feature extractor is recomputed in backward
   frozen          (d) frozen backbone under no_grad + α + head
 ``bf16_error`` (not a training variant) measures what bf16 ΔW does to the merged weights and hidden states.
 """
@@ -125,7 +126,7 @@ def build(variant, model_dir, vector_dir=None):
     impl = variant.split("_")[0]  # functional | fused | materialized
     # from files, as the recipe loads them (what the loader frees counts against the variant, as for a user)
     enc = MergedWavLM(model_dir, {f"tv{i}": p for i, p in enumerate(paths)}, lambda_mode="layerwise",
-                      merge_impl=impl, gradient_checkpointing="_gc" in variant,
+                      merge_impl=impl, gradient_checkpointing="cnn" if "_cnngc" in variant else "_gc" in variant,
                       delta_dtype=torch.bfloat16 if "_bf16" in variant else None)
     enc.train()
     return enc, [enc.lambdas.lam]

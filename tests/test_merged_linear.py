@@ -37,8 +37,9 @@ def _run(base, asr, ser, impl, **kw):
 
 
 @pytest.mark.parametrize("impl", ["fused", "materialized"])
-@pytest.mark.parametrize("kw", [{}, {"gradient_checkpointing": True}, {"delta_dtype": torch.bfloat16}],
-                         ids=["plain", "checkpointing", "bf16_delta"])
+@pytest.mark.parametrize("kw", [{}, {"gradient_checkpointing": True}, {"gradient_checkpointing": "cnn"},
+                                {"delta_dtype": torch.bfloat16}],
+                         ids=["plain", "checkpointing", "checkpointing_cnn", "bf16_delta"])
 def test_fused_and_materialized_equal_functional(tiny, kw, impl):
     base, asr, ser = tiny
     h_ref, g_ref = _run(base, asr, ser, "functional", **kw)
