@@ -17,8 +17,6 @@
 #   bash run.sh --stage 3 --stop_stage 3 --rows "setup4_dual" -- --number_of_epochs=5   # args after -- go to train.py
 set -euo pipefail
 
-log() { echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${BASH_SOURCE[0]##*/}:${BASH_LINENO[0]}) $*"; }
-
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "${recipe_dir}/../../.." && pwd)
 msp_dir=$(cd "${recipe_dir}/.." && pwd)
@@ -47,20 +45,8 @@ ser_args=""                 # extra overrides for the stage-2 SER fine-tuning
 adaltm_args=""              # extra overrides for the AdaLTM rows
 mtl_args=""                 # extra overrides for the MTL rows
 
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --) shift; break ;;
-        --*) name=${1#--}; [ $# -ge 2 ] || { echo "option $1 needs a value" >&2; exit 1; }
-             if ! declare -p "${name}" >/dev/null 2>&1; then echo "unknown option $1" >&2; exit 1; fi
-             printf -v "${name}" '%s' "$2"; shift 2 ;;
-        *) echo "unexpected argument $1 (train.py overrides go after --)" >&2; exit 1 ;;
-    esac
-done
+. "${root}/tools/recipe_lib.sh"   # parses the options above; defines log, launch, ${py}
 extra=("$@")                # passed to every train.py
-
-cd "${root}"
-py=${PYTHON:-python}
-[ -x "${root}/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && py="${root}/.venv/bin/python"
 
 if [ "${mini}" = true ]; then
     data_folder=${data_folder:-${exp}/data/MSP-Podcast}
@@ -77,15 +63,6 @@ fi
 prep=${exp}/prep
 vectors=${exp}/task_vectors
 common=(--seed="${seed}" --wavlm_source="${wavlm_source}" ${device:+--device="${device}"})
-
-launch() {  # launch <train.py> <hparams> [overrides...]
-    if [ "${ngpu}" -gt 1 ]; then
-        local backend=(); [ "${device}" = cpu ] && backend=(--distributed_backend=gloo)
-        "${py}" -m torch.distributed.run --standalone --nproc_per_node="${ngpu}" "$@" "${backend[@]}"
-    else
-        "${py}" "$@"
-    fi
-}
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     log "Stage 0: data preparation"

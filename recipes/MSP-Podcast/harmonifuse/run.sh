@@ -13,8 +13,6 @@
 #   bash run.sh --stage 1 --stop_stage 1 --rows "full fixed_layer_12" -- --number_of_epochs=5   # args after -- go to train.py
 set -euo pipefail
 
-log() { echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${BASH_SOURCE[0]##*/}:${BASH_LINENO[0]}) $*"; }
-
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "${recipe_dir}/../../.." && pwd)
 msp_dir=$(cd "${recipe_dir}/.." && pwd)
@@ -35,21 +33,8 @@ rows="single_task_asr single_task_ser fixed_layer_12 fixed_layer_24 static_encod
 seed=1986
 train_args=""               # extra overrides for every row (e.g. "--number_of_epochs=5 --lr=0.0002")
 
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --) shift; break ;;
-        --*) name=${1#--}; [ $# -ge 2 ] || { echo "option $1 needs a value" >&2; exit 1; }
-             if ! declare -p "${name}" >/dev/null 2>&1; then echo "unknown option $1" >&2; exit 1; fi
-             printf -v "${name}" '%s' "$2"; shift 2 ;;
-        *) echo "unexpected argument $1 (train.py overrides go after --)" >&2; exit 1 ;;
-    esac
-done
+. "${root}/tools/recipe_lib.sh"   # parses the options above; defines log, launch, ${py}
 extra=("$@")                # passed to every train.py
-
-cd "${root}"
-py=${PYTHON:-python}
-[ -x "${root}/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && py="${root}/.venv/bin/python"
-export PYTHONPATH="${root}${PYTHONPATH:+:${PYTHONPATH}}"
 
 if [ "${mini}" = true ]; then
     msp_folder=${msp_folder:-${exp}/data/MSP-Podcast}
@@ -70,15 +55,6 @@ common=(--seed="${seed}" --wavlm_source="${wavlm_source}" --lm_source="${lm_sour
         --msp_folder="${msp_folder}" --libri_folder="${libri_folder}" --skip_prep=True
         --msp_prep_folder="${prep}/msp" --libri_prep_folder="${prep}/libri" --libri_train_splits="${splits_yaml}"
         ${device:+--device="${device}"})
-
-launch() {  # launch <train.py> <hparams> [overrides...]
-    if [ "${ngpu}" -gt 1 ]; then
-        local backend=(); [ "${device}" = cpu ] && backend=(--distributed_backend=gloo)
-        "${py}" -m torch.distributed.run --standalone --nproc_per_node="${ngpu}" "$@" "${backend[@]}"
-    else
-        "${py}" "$@"
-    fi
-}
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     log "Stage 0: data preparation"
