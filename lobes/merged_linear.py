@@ -1,14 +1,16 @@
 """Fused eq. (4) for λ-training: the linear combination W = W_base + Σ_k λ_k ΔW_k as one autograd node,
 and merged weights that are rebuilt in backward instead of being kept alive by the ops that use them.
 
-Used by :class:`lobes.merged_wavlm.MergedWavLM` with ``merge_impl="fused"`` (see benchmarks/RESULTS.md):
+Used by :class:`lobes.merged_wavlm.MergedWavLM` with ``merge_impl="fused"`` and ``"materialized"`` (see
+benchmarks/RESULTS.md):
 
 - :class:`MergeWeight` builds W in one pass and returns dL/dλ = [<dL/dW, ΔW_k>]_k without a dL/dW ⊙ ΔW_k
   temporary and without a full set of weight gradients (each dL/dW is reduced to K numbers as soon as
-  autograd produces it). When the K task vectors of a weight lie in one [K, n] tensor (:func:`stack_deltas`,
-  which ``MergedWavLM(merge_impl="fused")`` applies), both are single BLAS GEMV calls: W = addmv(W_base,
+  autograd produces it). When the K task vectors of a weight lie in one [K, n] tensor (the layout
+  MergedWavLM loads them into for ``fused`` / ``materialized``), both are single BLAS GEMV calls: W = addmv(W_base,
   ΔWᵀ, λ) reads every ΔW once (vs. 2 passes and a λ_k·ΔW_k temporary per vector with plain autograd),
-  and dL/dλ = mv(ΔW, dL/dW) reads dL/dW once for all K.
+  and dL/dλ = mv(ΔW, dL/dW) reads dL/dW once for all K. :class:`MaterializedWeight` attaches the same λ
+  gradient to weights that already hold the merge (:func:`merge_into`).
 - :class:`RebuildMergedInBackward` is a saved-tensor hook: when an op that consumes a merged W (linear, conv,
   the attention projections inside ``F.multi_head_attention_forward``, layer/group norm) saves W (or a view
   of it) for its backward, it stores a recipe instead, and W is rebuilt from W_base, ΔW and the same λ
@@ -19,23 +21,10 @@ import torch
 from torch.func import functional_call
 
 
-def stack_deltas(stores):
-    """Re-lay K ParameterDicts of ΔW (same keys) so that each key's K tensors are rows of one [K, ...] tensor.
-
-    Values, names and the Parameters' dict places are unchanged (each entry becomes a view of its row), so
-    ``state_dict`` and every other code path are unaffected; only :func:`stacked_view` can now see them as one.
-    """
-    if len(stores) < 2:
-        return
-    for name in list(stores[0].keys()):
-        rows = torch.stack([s[name].detach() for s in stores])
-        for k, s in enumerate(stores):
-            s[name] = torch.nn.Parameter(rows[k], requires_grad=False)
-
-
 def stacked_view(deltas):
     """The ΔW_k as one [K, n] matrix view when they are equally spaced contiguous slices of one storage
-    (the layout of :func:`stack_deltas`), else None (e.g. after ``.double()``, which copies each one)."""
+    (the layout MergedWavLM loads ``fused`` / ``materialized`` ΔW into), else None (e.g. after ``.double()``,
+    which copies each one)."""
     d0 = deltas[0]
     if not all(d.is_contiguous() and d.shape == d0.shape and d.dtype == d0.dtype for d in deltas):
         return None

@@ -145,9 +145,9 @@ class MergedWavLM(torch.nn.Module):
         task_vectors = dict(task_vectors or {})
         self.lambdas = MergeCoefficients(list(task_vectors), self.num_groups, lambda_mode, lambda_init)
         # ΔW are frozen Parameters (not buffers): DDP broadcasts buffers every step, parameters only once.
-        # fused / materialized: each key's K task vectors are copied straight into the rows of one [K, ...] tensor (one GEMV
-        # per merge, see merged_linear.stack_deltas), one loaded vector at a time, so no second copy of all ΔW
-        # is ever alive.
+        # fused / materialized: each key's K task vectors are copied straight into the rows of one [K, ...]
+        # tensor (one GEMV per merge, see merged_linear.stacked_view), one loaded vector at a time, so no
+        # second copy of all ΔW is ever alive.
         num_vectors, stacked = len(task_vectors), {}
         self.deltas = torch.nn.ModuleList()
         for row, (name, vec) in enumerate(task_vectors.items()):
@@ -251,7 +251,7 @@ class MergedWavLM(torch.nn.Module):
         lam = self.lambdas() if lam is None else lam
         g = self.group_of[key]
         if self.merge_impl == "materialized":  # stored W holds the current λ's merge; attach its λ gradient
-            self.sync_merged()
+            self.sync_merged()  # a no-op (one [K, G] comparison) unless λ moved since the last sync
             return merged_linear.MaterializedWeight.apply(
                 lam[:, g], base, *[s[key.replace(".", "__")] for s in self.deltas])
         w = base
@@ -267,20 +267,21 @@ class MergedWavLM(torch.nn.Module):
         n = len(prefix) + 1
         return {k[n:]: self.merged_weight(k, lam) for k in self.keys if k.startswith(prefix + ".")}
 
-    def _materialized_call(self, group, args, kwargs):
-        """merge_impl="materialized": run one wrapped group on its stored merged weights."""
+    def _group_sources(self, group):
+        """{name inside the wrapped module: (stored W, [ΔW_k])} and that group's λ column [K]."""
         n = len(group.prefix) + 1
         keys = [k for k in self.keys if k.startswith(group.prefix + ".")]
         sources = {k[n:]: (self.base_parameter(k), [s[k.replace(".", "__")] for s in self.deltas]) for k in keys}
-        lam = self.lambdas()[:, self.group_of[keys[0]]]
+        return sources, self.lambdas()[:, self.group_of[keys[0]]]  # every key of a wrapped module is in one group
+
+    def _materialized_call(self, group, args, kwargs):
+        """merge_impl="materialized": run one wrapped group on its stored merged weights."""
+        sources, lam = self._group_sources(group)
         return merged_linear.materialized_call(group.inner, sources, lam, args, kwargs)
 
     def _fused_call(self, group, args, kwargs):
         """merge_impl="fused": run one wrapped group through :func:`lobes.merged_linear.fused_call`."""
-        n = len(group.prefix) + 1
-        keys = [k for k in self.keys if k.startswith(group.prefix + ".")]
-        sources = {k[n:]: (self.base_parameter(k), [s[k.replace(".", "__")] for s in self.deltas]) for k in keys}
-        lam = self.lambdas()[:, self.group_of[keys[0]]]  # every key of a wrapped module is in one group
+        sources, lam = self._group_sources(group)
         # with checkpointing the whole group is recomputed in backward anyway (its own saved-tensor hooks)
         return merged_linear.fused_call(group.inner, sources, lam, args, kwargs,
                                         rebuild_in_backward=not self.checkpointed(group.prefix))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import WavLMModel
 
-from lobes.merged_linear import MergeWeight, RebuildMergedInBackward, merge_values, stack_deltas, stacked_view
+from lobes.merged_linear import MergeWeight, RebuildMergedInBackward, merge_values, stacked_view
 from lobes.merged_wavlm import MergedWavLM
 from tools.make_tiny_wavlm import make_tiny_wavlm
 
@@ -65,9 +65,8 @@ def test_fused_fixed_lambda_runs_without_graph(tiny):
 
 
 def _stacked_pair(d1, d2):
-    stores = [torch.nn.ParameterDict({"w": torch.nn.Parameter(d, requires_grad=False)}) for d in (d1, d2)]
-    stack_deltas(stores)
-    return stores[0]["w"], stores[1]["w"]
+    rows = torch.stack([d1, d2])  # the layout MergedWavLM loads fused / materialized ΔW into
+    return rows[0], rows[1]
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["separate", "stacked_gemv"])
