@@ -134,10 +134,20 @@ def test_rows_override_only_their_keys():
     expect = {"full": {}, "single_task_asr": {"train_tasks": ["asr"], "msp_folder": None},
               "single_task_ser": {"train_tasks": ["ser"], "libri_folder": None},
               "fixed_layer_12": {"fixed_layer": 12}, "fixed_layer_24": {"fixed_layer": 24},
-              "static_encoder_fusion": {"lm_fusion": "last"}, "static_lm_fusion": {"lm_fusion": "static"}}
+              "static_encoder_fusion": {"lm_fusion": "last"}, "static_lm_fusion": {"lm_fusion": "static"},
+              "lm_frozen": {"lm_mode": "frozen"},
+              "lm_full": {"lm_mode": "full", "backbone_modules": ["speech_lm.encoder", "speech_lm.lm"]},
+              "soft_prompts": {"prompt_mode": "soft"}, "channel_gate": {"encoder_gate": "channel"}}
+    for task, other in (("asr", "msp_folder"), ("ser", "libri_folder")):
+        for layer in (12, 24):  # the paper's first experiment: single task, fixed WavLM layer 12 or 24
+            expect[f"single_task_{task}_layer{layer}"] = {"train_tasks": [task], other: None, "fixed_layer": layer}
     assert sorted(p.stem for p in (RECIPE / "hparams/rows").glob("*.yaml")) == sorted(expect)
-    assert base["fixed_layer"] is None and base["lm_fusion"] == "dynamic"
-    assert list(base["train_tasks"]) == ["asr", "ser"]
+    # paper-faithful defaults: softmax layer sum without gate, prompt words, dynamic LM fusion; LoRA is assumed
+    assert base["fixed_layer"] is None and base["lm_fusion"] == "dynamic" and base["encoder_gate"] == "none"
+    assert base["prompt_mode"] == "text" and base["lm_mode"] == "lora" and base["num_beams"] == 1
+    assert dict(base["task_prompts"]) == {"asr": "Transcribe the audio.",
+                                          "ser": "Which emotion does the speaker express?"}
+    assert list(base["train_tasks"]) == ["asr", "ser"] and list(base["backbone_modules"]) == ["speech_lm.encoder"]
     for row, keys in expect.items():
         path = RECIPE / f"hparams/rows/{row}.yaml"
         own = ruamel.yaml.YAML().load(path.read_text())
@@ -145,8 +155,24 @@ def test_rows_override_only_their_keys():
         assert set(own) == {"base_hparams", "experiment", "table_rows", *keys}, row
         merged = ruamel.yaml.YAML().load(resolve_row(path))  # raises on a key the base lacks
         for k, v in keys.items():
-            assert (list(merged[k]) if k == "train_tasks" else merged[k]) == v, (row, k)
-        assert len(merged["table_rows"]) == 1 and merged["table_rows"][0]["part"] == "HarmoniFuse ablations"
+            assert (list(merged[k]) if isinstance(v, list) else merged[k]) == v, (row, k)
+        assert len(merged["table_rows"]) == (2 if row == "full" else 1), row
+        assert merged["table_rows"][0]["part"].startswith("HarmoniFuse")
+
+
+def test_wer_ci_pools_errors_over_resampled_utterances(recipe):
+    refs, hyps = ["A B C D", "E F", "G H I", ""], ["A B X D", "E", "G H I J", "K"]
+    wer, (lo, hi) = recipe.wer_with_ci(refs, hyps, num_bootstraps=200)
+    assert wer == pytest.approx(4 / 9) == pytest.approx(M.wer(refs, hyps))  # 1 sub + 1 del + 2 ins over 9 words
+    assert lo <= wer <= hi and lo >= 0.0
+    assert recipe.wer_with_ci(["A B"], ["A B"], num_bootstraps=20) == (0.0, [0.0, 0.0])
+
+
+def test_ddp_unused_parameter_search_only_for_the_classify_head(recipe):
+    base = {"ser_mode": "generate", "train_tasks": ["asr", "ser"]}
+    assert not recipe.needs_unused_parameter_search(base)
+    assert recipe.needs_unused_parameter_search({**base, "ser_mode": "classify"})
+    assert not recipe.needs_unused_parameter_search({"ser_mode": "classify", "train_tasks": ["ser"]})
 
 
 # ------------------------------------------------------------------------------------------ train.py end to end
@@ -202,10 +228,13 @@ def test_recipe_writes_checkpoint_of_trainable_parameters_only(trained):
     assert len(ckpts) == 1 and (ckpts[0] / "CKPT.yaml").is_file()
     state = load_file(str(ckpts[0] / "speech_lm.ckpt"))
     assert state["encoder_fusion.layer_logits"].shape == (2, 4)         # 2 tasks x 4 tiny WavLM layers
-    assert state["prompts"].shape == (2, 4, 32)                         # 4 prompt vectors per task, LM width 32
+    assert "encoder_fusion.gate_logits" not in state and "prompts" not in state  # no gate; prompt words
     assert any(k.startswith("encoder.model.encoder.layers.") for k in state)  # WavLM fine-tuned ...
     assert not any(k.startswith("encoder.model.feature_extractor.") for k in state)  # ... but not its CNN
-    assert not any(k.startswith("lm.") for k in state)                  # the frozen LM is never copied
+    assert "encoder.model.masked_spec_embed" not in state               # unused: frozen (DDP)
+    lm = sorted(k for k in state if k.startswith("lm."))                # only the LoRA adapters of the LM:
+    assert len(lm) == 4 * 4 * 2 and all(".lora_A." in k or ".lora_B." in k for k in lm)  # 4 layers x q,k,v,o x A,B
+    assert state[lm[0]].shape in ((8, 32), (32, 8))                     # rank 8, LM width 32
 
 
 def test_recipe_metrics_hold_wer_ua_wa(trained):
@@ -213,6 +242,9 @@ def test_recipe_metrics_hold_wer_ua_wa(trained):
     assert math.isfinite(m["wer"]) and m["wer"] >= 0.0
     assert m["wer_split"] == "test-clean"
     assert m["wer_by_split"]["test-clean"]["n_utts"] == N_EVAL["libri"]
+    lo, hi = m["wer_clean_ci"]
+    assert m["wer_clean"] == m["wer"] and lo <= m["wer"] <= hi and m["wer_by_split"]["test-clean"]["wer_ci"] == [lo, hi]
+    assert m["lm_mode"] == "lora" and m["prompt_mode"] == "text"
     n_test = N_EVAL["msp"]
     t = m["test"]
     assert [sum(row) for row in t["confusion"]] == [2] * 8 + [0]  # 2 per class; nothing is truly "invalid"
@@ -220,6 +252,7 @@ def test_recipe_metrics_hold_wer_ua_wa(trained):
     for k in ("ua", "wa", "macro_f1"):
         assert 0.0 <= m[k] <= 1.0
     assert m["ua"] == t["uar"] and m["wa"] == t["accuracy"]
+    assert t["accuracy_ci"][0] <= t["accuracy"] <= t["accuracy_ci"][1]
     assert m["invalid_rate"] == pytest.approx(t["n_invalid"] / t["n"])
     assert t["classes"][-1] == "<invalid>" and len(t["classes"]) == 9
     rows = (trained / "ser_predictions.csv").read_text().strip().splitlines()
@@ -228,7 +261,7 @@ def test_recipe_metrics_hold_wer_ua_wa(trained):
 
 def test_recipe_fusion_weights_are_distributions_per_task(trained):
     fw = json.loads((trained / "fusion_weights.json").read_text())
-    assert fw["tasks"] == ["asr", "ser"] and fw["encoder_fusion"].startswith("gated")
+    assert fw["tasks"] == ["asr", "ser"] and fw["encoder_fusion"] == "weighted sum (no gate)"
     for task in ("asr", "ser"):
         enc = fw["encoder"][task]
         assert len(enc) == 4 and all(w >= 0 for w in enc) and sum(enc) == pytest.approx(1.0, abs=1e-5)

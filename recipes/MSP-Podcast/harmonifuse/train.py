@@ -76,12 +76,13 @@ def ser_report_with_invalid(y_true, y_pred, speakers=None, num_bootstraps=1000, 
     """``lobes.metrics.ser_report`` where ``y_pred`` may hold ``len(EMOTIONS)`` (= invalid output).
 
     Same keys and bootstrap sets as ``ser_report`` (identical numbers when nothing is invalid); adds
-    ``n_invalid``; ``confusion`` is 9x9 (last row empty, last column = invalid), ``per_class_recall`` 8 values.
+    ``n_invalid`` and ``accuracy_ci`` (WA); ``confusion`` is 9x9 (last row empty, last column = invalid),
+    ``per_class_recall`` 8 values.
     """
     k = len(EMOTIONS)
     report = M.ser_report(y_true, y_pred, speakers=speakers, num_bootstraps=num_bootstraps, n_classes=k + 1,
                           seed=seed)  # UA, WA and their CIs are already right: the invalid row is empty
-    for name in ("precision", "macro_f1"):
+    for name in ("precision", "macro_f1", "accuracy"):
         def fn(labels, samples, name=name):
             return _emotion_scores(M.confusion_counts(labels, samples, k + 1))[name]
         report[name], report[f"{name}_ci"] = M.bootstrap_ci(y_true, y_pred, fn, num_bootstraps=num_bootstraps,
@@ -89,6 +90,31 @@ def ser_report_with_invalid(y_true, y_pred, speakers=None, num_bootstraps=1000, 
     report["per_class_recall"] = report["per_class_recall"][:k]
     report["n_invalid"] = sum(1 for p in y_pred if p == k)
     return report
+
+
+def wer_with_ci(refs, hyps, num_bootstraps=1000, seed=0, alpha=5):
+    """Corpus WER and its percentile-bootstrap CI over utterances: each resampled set's WER is
+    Σ errors / Σ reference words of the drawn utterances (the same sets as the SER CIs use)."""
+    import jiwer
+    import numpy as np
+
+    errors, words = [], []
+    for r, h in zip(refs, hyps):
+        if not r.split():  # jiwer refuses an empty reference: every hypothesis word is an insertion
+            errors.append(len(h.split()))
+            words.append(0)
+            continue
+        o = jiwer.process_words(r, h)
+        errors.append(o.substitutions + o.deletions + o.insertions)
+        words.append(o.hits + o.substitutions + o.deletions)
+    errors, words = np.asarray(errors, dtype=np.float64), np.asarray(words, dtype=np.float64)
+    vals = []
+    for idx in M.bootstrap_sets(len(refs), None, num_bootstraps, seed):
+        n = words[idx].sum()
+        vals.append(errors[idx].sum() / n if n else float("nan"))
+    vals = [v for v in vals if v == v]
+    return float(errors.sum() / words.sum()), [float(np.percentile(vals, alpha / 2)),
+                                               float(np.percentile(vals, 100 - alpha / 2))]
 
 
 # ------------------------------------------------------------------------------------------------ the Brain
@@ -150,7 +176,8 @@ class HarmoniFuseBrain(ToolkitBrain):
         hyps = None
         if self.decoding(stage):
             max_len = self.hparams.asr_max_decode_len if task == "asr" else self.hparams.ser_max_decode_len
-            hyps = self.speech_lm.generate(wavs, lens, task, max_len=max_len)
+            hyps = self.speech_lm.generate(wavs, lens, task, max_len=max_len, num_beams=self.hparams.num_beams,
+                                           length_penalty=self.hparams.length_penalty)
         return tag, task, out, hyps
 
     def compute_objectives(self, predictions, batch, stage):
@@ -220,17 +247,21 @@ class HarmoniFuseBrain(ToolkitBrain):
         h = self.hparams
         out = {"experiment": h.experiment, "test_loss": self.combined_loss(), "train_tasks": list(h.train_tasks),
                "encoder_fusion": fusion_description(self.speech_lm), "lm_fusion": self.speech_lm.lm_fusion.mode,
+               "lm_mode": self.speech_lm.lm_mode, "prompt_mode": self.speech_lm.prompt_mode,
                "test_loss_by_split": self.task_means()}
         if h.table_rows:
             out["table_rows"] = h.table_rows
         if self.asr_by_split:
             details = {split: M.wer_details(o["refs"], o["hyps"]) for split, o in self.asr_by_split.items()}
+            for split, o in self.asr_by_split.items():
+                details[split]["wer_ci"] = wer_with_ci(o["refs"], o["hyps"], h.num_bootstraps, h.seed)[1]
             first = next(iter(details))  # libri_test_splits order: test-clean first
             out["wer"] = details[first]["wer"]
             out["wer_split"] = first
             out["wer_by_split"] = details
             for split, d in details.items():
                 out[f"wer_{split.replace('test-', '')}"] = d["wer"]
+                out[f"wer_{split.replace('test-', '')}_ci"] = d["wer_ci"]
             o = self.asr_by_split[first]
             out["asr_examples"] = [{"id": i, "ref": r, "hyp": x} for i, r, x in
                                    list(zip(o["ids"], o["refs"], o["hyps"]))[:5]]
@@ -309,6 +340,11 @@ def check_hparams(hparams):
         raise DataError(f"interleave_ratio {hparams['interleave_ratio']} gives no batches to trained task(s) {missing}")
     if "asr" in tasks and not hparams["libri_test_splits"]:
         raise DataError("libri_test_splits is empty: ASR needs at least one test split (e.g. [test-clean])")
+
+
+def needs_unused_parameter_search(hparams):
+    """DDP's ``find_unused_parameters``: only the classify head is idle on some batches (those of ASR)."""
+    return hparams["ser_mode"] == "classify" and "asr" in hparams["train_tasks"]
 
 
 def prepare(hparams):
@@ -425,9 +461,10 @@ if __name__ == "__main__":
 
     brain = HarmoniFuseBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                              run_opts=run_opts, checkpointer=hparams["checkpointer"])
-    if hparams["lm_fusion"] == "last" or hparams["ser_mode"] == "classify":
-        # the LM-fusion biases (or the SER classifier, on ASR batches) get no gradient: DDP must know
-        brain.find_unused_parameters = True
+    # Every trainable parameter gets a gradient from every batch (SpeechLM freezes what cannot: WavLM's
+    # masked_spec_embed, the layers above a fixed layer; lm_fusion "last" has no parameters), except the SER
+    # classification head on ASR batches: only then must DDP search for unused parameters.
+    brain.find_unused_parameters = brain.find_unused_parameters or needs_unused_parameter_search(hparams)
     brain.train_sampler = train_loader.batch_sampler  # fit() calls its set_epoch(epoch) every epoch
     brain.fit(hparams["epoch_counter"], train_loader, valid_loader)
     brain.evaluate(test_loader, min_key="loss")
