@@ -23,7 +23,9 @@
   (see ``tools/make_tiny_lm.py``) uses :class:`CharTokenizer`; anything else goes through ``AutoTokenizer``.
 * Only the logits the loss needs are built: the LM's decoder (no head) runs once with
   ``output_hidden_states``; the hidden states at the target positions are gathered, fused and only then
-  go through ``lm_head`` ([B, N, V], N = target tokens, instead of [B, S, V]).
+  go through ``lm_head`` ([B, N, V], N = target tokens, instead of [B, S, V]). In training with
+  ``loss_chunk_size=k`` not even those are kept: the loss is summed over chunks of k target tokens, each
+  chunk's logits rebuilt in backward (:func:`chunked_cross_entropy`); ``output.logits`` is then None.
 * LM-layer fusion: HF puts the LM's final norm on the last hidden state only, so the same norm is applied
   to layers 1..L-1 before fusing (every fused state is on the scale ``lm_head`` expects; with
   ``lm_fusion="last"`` the model is exactly the plain LM). The embedding output (index 0) is not fused.
@@ -174,6 +176,26 @@ def positions(attn_mask, length):
     return (attn_mask.long().cumsum(1) - 1).clamp(min=0)[:, -length:]
 
 
+def _ce_sum(hidden, targets, head):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(hidden, targets, head, chunk):
+    """Σ-token cross-entropy of ``head(hidden)`` [M, V] against ``targets`` [M], ``chunk`` rows at a time.
+
+    Each chunk's logits are built inside a (non-reentrant) activation checkpoint: forward keeps only the
+    scalar, backward rebuilds that chunk's logits. Peak logit memory is chunk x V instead of M x V (with a
+    150k vocabulary and 2,000 target tokens per batch: 1.2 GB fp32 -> 150 MB at chunk 256), for one more
+    ``head`` matmul per step. Returns the sum (callers divide by the token count).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(_ce_sum, hidden[i:i + chunk], targets[i:i + chunk], head, use_reentrant=False)
+    return total
+
+
 def freeze_unused_encoder_parameters(encoder, fixed_layer=None):
     """Freeze encoder parameters that can get no gradient, so DDP needs no ``find_unused_parameters``.
 
@@ -239,7 +261,8 @@ class SpeechAdapter(torch.nn.Module):
 @dataclass
 class SpeechLMOutput:
     loss: torch.Tensor            # scalar (None without targets)
-    logits: torch.Tensor          # generate: [B, N, V] predictions of target tokens 1..N (EOS last); classify: [B, C]
+    logits: torch.Tensor          # generate: [B, N, V] predictions of target tokens 1..N (EOS last), None when
+                                  # training with loss_chunk_size (never built whole); classify: [B, C]
     target_ids: torch.Tensor      # generate: [B, N] with -100 on padding; classify: [B] label indices
     lm_weights: torch.Tensor      # [B, L] dynamic LM-layer weights α
     task: str
@@ -251,7 +274,8 @@ class SpeechLM(torch.nn.Module):
     def __init__(self, encoder, lm_source, tasks=("asr", "ser"), prompt_mode="text", task_prompts=None,
                  num_prompt_tokens=4, stack=4, adapter_hidden=None, encoder_gate="none", include_cnn=False,
                  encoder_layer_norm=False, lm_fusion="dynamic", fusion_ffn_hidden=64, lm_mode="frozen",
-                 lm_peft_config=None, lm_dtype="float32", lm_gradient_checkpointing=False, lm_from_config=False,
+                 lm_peft_config=None, lm_dtype="float32", lm_gradient_checkpointing=False, loss_chunk_size=None,
+                 lm_from_config=False,
                  ser_task="ser", ser_mode="generate", emotions=EMOTIONS, encoder_layers=None, encoder_dim=None,
                  fixed_layer=None):
         super().__init__()
@@ -276,6 +300,9 @@ class SpeechLM(torch.nn.Module):
             raise DataError(f"lm_source '{lm_source}': tokenizer has {len(self.tokenizer)} tokens but the LM "
                             f"only {lm.get_input_embeddings().num_embeddings} embeddings")
         self.lm_mode = lm_mode
+        if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or int(loss_chunk_size) < 1):
+            raise DataError(f"loss_chunk_size must be null or a positive number of tokens, got {loss_chunk_size!r}")
+        self.loss_chunk_size = None if loss_chunk_size is None else int(loss_chunk_size)
         if lm_gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lm_mode == "frozen":
@@ -479,7 +506,12 @@ class SpeechLM(torch.nn.Module):
         alpha = self.layer_alpha(hidden, task, pool)
         self._record(task, alpha)
         fused = self.fuse(self.layer_states(hidden, gather), alpha)     # [B, N, D]: target positions only
-        logits = self.hf_lm.get_output_embeddings()(fused).float()
+        head = self.hf_lm.get_output_embeddings()
+        if self.training and self.loss_chunk_size is not None and torch.is_grad_enabled():
+            valid = target_ids != -100
+            loss = chunked_cross_entropy(fused[valid], target_ids[valid], head, self.loss_chunk_size) / valid.sum()
+            return SpeechLMOutput(loss, None, target_ids, alpha, self.tasks[self._task_index(task)])
+        logits = head(fused).float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target_ids.reshape(-1), ignore_index=-100)
         return SpeechLMOutput(loss, logits, target_ids, alpha, self.tasks[self._task_index(task)])
 

@@ -237,6 +237,28 @@ def test_soft_prompts_are_learned_vectors(tiny_dirs):
         SpeechLM(ToyEncoder(), str(tiny_dirs[1]), task_prompts={"asr": "Transcribe."})
 
 
+def test_chunked_loss_equals_the_full_loss_and_its_gradients(tiny_dirs):
+    torch.manual_seed(0)
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="full").train()
+    wavs, lens, tg = torch.randn(2, 1600), torch.tensor([1.0, 0.6]), ["HELLO THERE", "OK"]
+    grads = []
+    for chunk in (None, 5):
+        m.loss_chunk_size = chunk
+        m.zero_grad()
+        out = m(wavs, lens, "asr", tg)
+        out.loss.backward()
+        grads.append((out.loss.detach(), out.logits, {n: p.grad.clone() for n, p in m.named_parameters()
+                                                      if p.grad is not None}))
+    (full, logits, g_full), (chunked, no_logits, g_chunk) = grads
+    assert logits.shape == (2, 12, 64) and no_logits is None  # 15 target tokens in 3 chunks of 5: never [2, 12, 64]
+    assert torch.allclose(full, chunked, atol=1e-6)
+    assert g_full.keys() == g_chunk.keys() and "lm.lm_head.weight" in g_full or "lm.model.embed_tokens.weight" in g_full
+    for n in g_full:
+        assert torch.allclose(g_full[n], g_chunk[n], atol=1e-5), n
+    with pytest.raises(DataError, match="loss_chunk_size"):
+        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), loss_chunk_size=0)
+
+
 def test_logits_are_built_only_at_target_positions(tiny_dirs):
     """lm_head sees [B, N, D] (N = longest target + EOS), never the [B, S, D] sequence."""
     torch.manual_seed(0)
