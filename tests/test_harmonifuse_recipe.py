@@ -279,3 +279,28 @@ def test_recipe_encoder_weights_differ_between_tasks_after_training(trained):
     asr, ser = np.array(fw["encoder"]["asr"]), np.array(fw["encoder"]["ser"])
     assert np.abs(asr - 0.25).max() > 1e-4 and np.abs(ser - 0.25).max() > 1e-4
     assert np.abs(asr - ser).max() > 1e-4
+
+
+def test_infer_cli_names_a_corrupt_file_and_predicts_the_rest(trained, mini_corpora, load_recipe, tmp_path, capsys):
+    import soundfile as sf
+
+    infer = load_recipe("recipes/MSP-Podcast/harmonifuse/infer.py")
+    wavs = sorted(Path(mini_corpora.libri).rglob("*.flac"))[:2] or sorted(Path(mini_corpora.libri).rglob("*.wav"))[:2]
+    assert len(wavs) == 2
+    # one of them at 8 kHz stereo: any sample rate and channel count is accepted
+    data, sr = sf.read(str(wavs[1]), dtype="float32")
+    sf.write(str(tmp_path / "stereo_8k.wav"), np.stack([data[::2], data[::2]], 1), sr // 2)
+    bad = tmp_path / "corrupt.wav"
+    bad.write_bytes(b"RIFF\x00\x00not really audio")
+    out = tmp_path / "out.json"
+    rc = infer.main(["--model", str(trained), str(wavs[0]), str(tmp_path / "stereo_8k.wav"), str(bad),
+                     "--json", str(out)])
+    assert rc == 1  # one file failed, the others were predicted
+    res = {Path(r["file"]).name: r for r in json.loads(out.read_text())}
+    assert set(res) == {wavs[0].name, "stereo_8k.wav", "corrupt.wav"}
+    assert "corrupt.wav" in res["corrupt.wav"]["error"] and "transcript" not in res["corrupt.wav"]
+    classes = {"Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise", "<invalid>"}
+    for name in (wavs[0].name, "stereo_8k.wav"):
+        assert "error" not in res[name] and isinstance(res[name]["transcript"], str)
+        assert res[name]["emotion"] in classes
+    assert "corrupt.wav" in capsys.readouterr().err
