@@ -304,3 +304,33 @@ def test_infer_cli_names_a_corrupt_file_and_predicts_the_rest(trained, mini_corp
         assert "error" not in res[name] and isinstance(res[name]["transcript"], str)
         assert res[name]["emotion"] in classes
     assert "corrupt.wav" in capsys.readouterr().err
+
+
+def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, libri_manifests, tmp_path):
+    """`full` row (LoRA LM, fine-tuned WavLM) on 2 gloo processes, find_unused_parameters off: DDP raises at a
+    rank's second step if any trainable parameter got no gradient in the first (e.g. masked_spec_embed)."""
+    from tools.make_tiny_lm import make_tiny_lm
+    from tools.make_tiny_wavlm import make_tiny_wavlm
+
+    wavlm, lm = make_tiny_wavlm(tmp_path / "wavlm"), make_tiny_lm(tmp_path / "lm")
+    first = lambda n: (lambda d: dict(sorted(d.items())[:n]))  # noqa: E731
+    msp = _subset_manifests(msp_manifests, tmp_path / "msp", {"train": first(16), "valid": first(2), "test": first(2)})
+    libri = _subset_manifests(libri_manifests, tmp_path / "libri", {"train-clean-100": first(16),
+                                                                    "dev-clean": first(2), "test-clean": first(2)})
+    out = tmp_path / "exp"
+    cmd = [str(PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(RECIPE / "train.py"), str(RECIPE / "hparams/rows/full.yaml"),
+           "--msp_folder", str(mini_corpora.msp), "--libri_folder", str(mini_corpora.libri),
+           "--skip_prep=True", f"--msp_prep_folder={msp}", f"--libri_prep_folder={libri}",
+           f"--wavlm_source={wavlm}", f"--lm_source={lm}", f"--output_folder={out}",
+           "--number_of_epochs=1", "--interleave_length=4", "--asr_batch_size=2", "--ser_batch_size=2",
+           "--lr=0.01", "--asr_max_decode_len=3", "--ser_max_decode_len=3", "--num_bootstraps=5",
+           "--device=cpu", "--distributed_backend=gloo", "--noprogressbar"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ckpt = next((out / "save").glob("CKPT+*"))
+    state = load_file(str(ckpt / "speech_lm.ckpt"))
+    assert np.abs(state["encoder_fusion.layer_logits"].numpy()).max() > 1e-4   # the ranks' steps trained it
+    assert "encoder.model.masked_spec_embed" not in state
+    assert json.loads((out / "metrics.json").read_text())["wer_by_split"]["test-clean"]["n_utts"] == 2
