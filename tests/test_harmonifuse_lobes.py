@@ -478,6 +478,32 @@ def test_bf16_lm_with_gradient_checkpointing_trains_and_decodes(tiny_dirs):
         SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_dtype="fp8")
 
 
+def test_unused_encoder_parameters_are_frozen(tiny_dirs, tmp_path):
+    """masked_spec_embed (SpecAugment off) and, with a fixed layer, the layers above it never get a gradient."""
+    import json
+    import shutil
+
+    from lobes.speech_lm import freeze_unused_encoder_parameters
+    from lobes.wavlm_encoder import WavLMEncoder
+    src = tmp_path / "wavlm"
+    shutil.copytree(tiny_dirs[0], src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "mask_time_prob": 0.05}))  # WavLM-Large has one
+    enc = WavLMEncoder(str(src))
+    assert enc.model.masked_spec_embed.requires_grad
+    frozen = freeze_unused_encoder_parameters(enc, fixed_layer=2)
+    above = {n for n, _ in enc.model.named_parameters() if n.startswith(("encoder.layers.2.", "encoder.layers.3."))}
+    assert set(frozen) == {"masked_spec_embed", "encoder.layer_norm.weight", "encoder.layer_norm.bias"} | above
+    assert len(above) > 10 and not enc.model.encoder.layers[3].attention.q_proj.weight.requires_grad
+    assert enc.model.encoder.layers[1].attention.q_proj.weight.requires_grad
+    # what stays trainable really gets gradients through layer 2's output
+    hs, _ = enc(torch.randn(1, 4000), torch.tensor([1.0]))
+    hs[2].sum().backward()
+    missing = [n for n, p in enc.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert freeze_unused_encoder_parameters(WavLMEncoder(str(tiny_dirs[0])), None) == []  # tiny: no spec embed
+
+
 def test_speech_lm_frozen_lm_and_classify_mode(tiny_dirs):
     torch.manual_seed(0)
     m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), ser_mode="classify", lm_mode="frozen", prompt_mode="soft")

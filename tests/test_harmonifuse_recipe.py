@@ -313,6 +313,10 @@ def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, 
     from tools.make_tiny_wavlm import make_tiny_wavlm
 
     wavlm, lm = make_tiny_wavlm(tmp_path / "wavlm"), make_tiny_lm(tmp_path / "lm")
+    # as in WavLM-Large: mask_time_prob > 0 gives the model a masked_spec_embed parameter (SpecAugment itself
+    # stays off in load_wavlm, so nothing uses it); the tiny config has none
+    cfg = json.loads((wavlm / "config.json").read_text())
+    (wavlm / "config.json").write_text(json.dumps({**cfg, "mask_time_prob": 0.05}))
     first = lambda n: (lambda d: dict(sorted(d.items())[:n]))  # noqa: E731
     msp = _subset_manifests(msp_manifests, tmp_path / "msp", {"train": first(16), "valid": first(2), "test": first(2)})
     libri = _subset_manifests(libri_manifests, tmp_path / "libri", {"train-clean-100": first(16),
