@@ -119,6 +119,7 @@ C-M1:\tAnger;\t()
 [5.0000 - 6.0000]\tSes01F_impro01_F001\tneu\t[3.0000, 2.5000, 3.0000]
 C-E1:\tFrustration;\t()
 C-E2:\tOther;\t(bored)
+C-E3:\tBoredom;\t()
 
 [7.0000 - 8.0000]\tSes01F_impro01_M001\tfru\t[2.0000, 3.5000, 3.5000]
 C-E1:\tFrustration;\t()
@@ -126,10 +127,11 @@ C-E2:\tAnger;\t()
 """
 
 
-def test_soft_labels_from_evaluator_lines(prep, mini_iemocap, tmp_path):
+def test_soft_labels_from_evaluator_lines(prep, mini_iemocap, tmp_path, capsys):
     root = _copy(mini_iemocap, tmp_path)
     (root / "Session1" / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt").write_text(SOFT_DIALOG)
     prep.prepare_iemocap(root, tmp_path / "o4", folds=(1,))
+    assert "not recognised (ignored, like 'Other'): {'boredom': 1}" in capsys.readouterr().out
     test = _load(tmp_path / "o4", 1, "test")
     # F000: E1 hap 1, E2 (hap + exc) = hap 1, E3 frustration ignored, F1 neutral 1 -> neu 1/3, hap 2/3
     assert test["Ses01F_impro01_F000"]["emo"] == "hap"
@@ -137,7 +139,8 @@ def test_soft_labels_from_evaluator_lines(prep, mini_iemocap, tmp_path):
     assert test["Ses01F_impro01_F000"]["vad"] == [3.5, 4.0, 3.0]
     # M000: E1 ang 1/2 (fru half ignored), E2 ang 1/2 + sad 1/2, E4 sad 1, M1 ang 1 -> ang 2 : sad 1.5
     assert test["Ses01F_impro01_M000"]["emo_soft"] == pytest.approx([0, 0, 4 / 7, 3 / 7])
-    # F001: no vote maps to a class -> one-hot of the consensus; M001 (fru) is not an SER utterance
+    # F001: no vote maps to a class (Frustration, Other, unknown Boredom) -> one-hot of the consensus;
+    # M001 (fru) is not an SER utterance
     assert test["Ses01F_impro01_F001"]["emo_soft"] == [1.0, 0.0, 0.0, 0.0]
     assert "Ses01F_impro01_M001" not in test
     assert "Ses01F_impro01_M001" in _load(tmp_path / "o4", 1, "asr_test")
@@ -186,12 +189,12 @@ def test_bad_files_are_named(prep, mini_iemocap, tmp_path):
     _assert_fails(prep, root, tmp_path / "o2", r"Ses02M_script01_1.txt:3: cannot parse consensus line")
 
     root = _copy(mini_iemocap, tmp_path, "wav")
-    wav = sorted((root / "Session4" / "sentences" / "wav" / "Ses04F_impro01").glob("*.wav"))[0]
+    wav = min((root / "Session4" / "sentences" / "wav" / "Ses04F_impro01").glob("*.wav"))
     wav.unlink()
     _assert_fails(prep, root, tmp_path / "o3", f"audio file .*{wav.name} of {wav.stem} not found")
 
     root = _copy(mini_iemocap, tmp_path, "corrupt")
-    wav = sorted((root / "Session5" / "sentences" / "wav" / "Ses05M_script01_1").glob("*.wav"))[0]
+    wav = min((root / "Session5" / "sentences" / "wav" / "Ses05M_script01_1").glob("*.wav"))
     wav.write_bytes(b"RIFF\x24\x00\x00\x00WAVEjunkjunkjunk")
     _assert_fails(prep, root, tmp_path / "o4", f"{wav.name}: unreadable or corrupt audio")
 

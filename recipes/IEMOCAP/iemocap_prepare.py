@@ -81,11 +81,12 @@ _TRANSCRIPT = re.compile(r"^(Ses\S+)\s+\[[^\]]*\]:\s?(.*)$")
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-def read_emo_evaluation(path):
+def read_emo_evaluation(path, unknown_words=None):
     """``[{utt, code, vad, votes, line}]`` from one ``EmoEvaluation/<dialog>.txt``.
 
     ``votes``: one list of category codes per ``C-`` evaluator line (``[["neu"], ["ang", "fru"], ...]``);
-    an unknown evaluator word counts as ``oth`` (ignored by the soft labels).
+    an unknown evaluator word counts as ``oth`` (ignored by the soft labels) and is counted in
+    ``unknown_words`` (a Counter) when given.
     """
     out = []
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -109,6 +110,8 @@ def read_emo_evaluation(path):
                 if m is None:
                     raise DataError(f"{path}:{line_no}: cannot parse evaluator line {line!r}")
                 words = [w.strip().lower() for w in m.group(2).split(";") if w.strip()]
+                if unknown_words is not None:
+                    unknown_words.update(w for w in words if w not in EVALUATOR_WORDS)
                 out[-1]["votes"].append([EVALUATOR_WORDS.get(w, "oth") for w in words])
     return out
 
@@ -182,7 +185,7 @@ def _sorted_txt(folder):
                       and not e.name.startswith("."))
 
 
-def read_corpus(data_folder):
+def read_corpus(data_folder, unknown_words=None):
     """Every evaluated utterance: ``[{utt, session, dialog, code, vad, votes, spk_id, gender, wav, text}]``
     (``text`` None when the dialog's transcription has no line for it)."""
     utts, seen = [], {}
@@ -197,7 +200,7 @@ def read_corpus(data_folder):
             dialog = emo_path.stem
             trans_path = sdir / "dialog" / "transcriptions" / f"{dialog}.txt"
             texts = read_transcriptions(trans_path) if trans_path.is_file() else {}
-            for u in read_emo_evaluation(emo_path):
+            for u in read_emo_evaluation(emo_path, unknown_words):
                 utt = u["utt"]
                 where = f"{emo_path}:{u['line']}"
                 if not utt.startswith(f"Ses{session:02d}"):
@@ -284,7 +287,8 @@ def prepare_iemocap(data_folder, save_folder, class_map=None, folds=(1, 2, 3, 4,
     classes = classes_of(class_map)
 
     # All parsing and checks first; nothing is written before they pass.
-    utts = read_corpus(data_folder)
+    unknown_words = Counter()
+    utts = read_corpus(data_folder, unknown_words)
     entries, excluded = {}, []
     for u in utts:
         keep_ser = u["code"] in class_map
@@ -311,13 +315,10 @@ def prepare_iemocap(data_folder, save_folder, class_map=None, folds=(1, 2, 3, 4,
     manifests = {}
     for k in folds:
         valid_spk, test_spks = fold_speakers(k, valid_gender)
-
-        def split_of(spk):
-            return "test" if spk in test_spks else "valid" if spk == valid_spk else "train"
-
         out = {name: {} for name in paths[k]}
         for utt, item in entries.items():
-            split = split_of(item["spk_id"])
+            spk = item["spk_id"]
+            split = "test" if spk in test_spks else "valid" if spk == valid_spk else "train"
             if "emo" in item:
                 out[split][utt] = item
             if asr_manifests and "wrd" in item:
@@ -337,6 +338,8 @@ def prepare_iemocap(data_folder, save_folder, class_map=None, folds=(1, 2, 3, 4,
     with atomic_write(opts_path, encoding="utf-8") as f:
         json.dump(opts, f, indent=2)
     _log_counts(entries, classes, manifests, excluded, class_map, save_folder)
+    if unknown_words:
+        print(f"  evaluator category words not recognised (ignored, like 'Other'): {dict(unknown_words)}")
     return paths
 
 

@@ -24,8 +24,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.make_mini_corpora import README_NAME, _check_tools, _prepare_out, _prosody, _publish, _run_jobs, \
-    load_sentences  # noqa: E402
+from tools.make_mini_corpora import (  # noqa: E402 (after the sys.path line)
+    README_NAME,
+    _check_tools,
+    _prepare_out,
+    _prosody,
+    _publish,
+    _run_jobs,
+    load_sentences,
+)
 
 COUNTS_NAME = "mini_counts.json"
 N_SESSIONS = 5
