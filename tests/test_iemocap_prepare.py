@@ -218,3 +218,13 @@ def test_generator_is_deterministic(load_recipe, mini_iemocap, tmp_path):
         assert (mini_iemocap.root / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
     other = gen.plan(mini_iemocap.seed + 1, gen.load_sentences())
     assert [u["code"] for u in other] != [u["code"] for u in gen.plan(mini_iemocap.seed, gen.load_sentences())]
+
+
+def test_rerun_is_skipped_only_with_the_same_options(prep, mini_iemocap, tmp_path, capsys):
+    out = tmp_path / "o"
+    prep.prepare_iemocap(mini_iemocap.root, out, folds=(1,), asr_manifests=False)
+    prep.prepare_iemocap(mini_iemocap.root, out, folds=(1,), asr_manifests=False)
+    assert capsys.readouterr().out.count("already prepared with the same options; skipping") == 1
+    prep.prepare_iemocap(mini_iemocap.root, out, folds=(1,), asr_manifests=False, valid_gender="M")
+    assert "skipping" not in capsys.readouterr().out
+    assert {e["spk_id"] for e in _load(out, 1, "valid").values()} == {"Ses02_M"}
