@@ -3,6 +3,8 @@ import csv
 import json
 import re
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +12,10 @@ import soundfile as sf
 import torch
 
 from lobes.audio import audio_info, check_audio, read_audio
-from lobes.emotions import EMOTIONS, LETTER_TO_EMOTION
 from lobes.errors import DataError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "MSP-Podcast"))
+from msp_podcast_prepare import LETTER_TO_EMOTION, MSP_CLASSES as EMOTIONS  # noqa: E402
 
 MSP = "recipes/MSP-Podcast/msp_podcast_prepare.py"
 LIBRI = "recipes/LibriSpeech/librispeech_prepare.py"
