@@ -52,7 +52,8 @@ def test_log_prints_counts_per_session(prep, mini_iemocap, tmp_path, capsys):
     assert "50 utterances in classes ['neu', 'hap', 'ang', 'sad'] (full corpus: 5531)" in out
     assert "        3      3     3     2     2      10" in out
     assert "  all         15    15    10    10      50" in out
-    assert "fold2 (test Session2): train 35, valid 5, test 10" in out
+    n_valid = mini_iemocap.counts["per_speaker_4class"]["Ses03_F"]  # fold 2 validates on Session 3's F speaker
+    assert f"fold2 (test Session2): train {40 - n_valid}, valid {n_valid}, test 10" in out
 
 
 def test_exc_merged_into_hap_and_fru_xxx_dropped(iemocap_manifests, mini_iemocap):
@@ -99,6 +100,10 @@ def test_folds_are_speaker_disjoint(prep, mini_iemocap, iemocap_manifests, tmp_p
             assert spk["test"] == {f"Ses{k:02d}_F", f"Ses{k:02d}_M"}
             assert spk["valid"] == {f"Ses{k % 5 + 1:02d}_{valid_gender}"}
             assert spk["train"] == all_spk - spk["test"] - spk["valid"] and len(spk["train"]) == 7
+        sizes = {s: len(_load(out, k, s)) for s in ("train", "valid", "test")}
+        per_spk = mini_iemocap.counts["per_speaker_4class"]
+        assert sizes["valid"] == per_spk[f"Ses{k % 5 + 1:02d}_{valid_gender}"] and sizes["test"] == 10
+        assert sizes["train"] == 50 - 10 - sizes["valid"]
 
 
 SOFT_DIALOG = """% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]
@@ -216,8 +221,8 @@ def test_generator_is_deterministic(load_recipe, mini_iemocap, tmp_path):
     assert len([f for f in files if f.suffix == ".wav"]) == 60
     for f in files:
         assert (mini_iemocap.root / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
-    other = gen.plan(mini_iemocap.seed + 1, gen.load_sentences())
-    assert [u["code"] for u in other] != [u["code"] for u in gen.plan(mini_iemocap.seed, gen.load_sentences())]
+    other = gen.plan(mini_iemocap.seed + 1)
+    assert [u["code"] for u in other] != [u["code"] for u in gen.plan(mini_iemocap.seed)]
 
 
 def test_rerun_is_skipped_only_with_the_same_options(prep, mini_iemocap, tmp_path, capsys):

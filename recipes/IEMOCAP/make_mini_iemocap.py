@@ -13,28 +13,21 @@ digits and one is only ``[BREATHING]`` (empty after normalisation). The real lay
 too: EmoEvaluation subfolders (``Categorical/``), a ``%`` header line and transcription lines of
 non-evaluated turns (``..._MXX0``). Everything is a pure function of the seed; ``mini_counts.json`` in the
 output holds the expected counts; the corpus is built in a hidden sibling folder and renamed into place.
+Self-contained (its own sentences, prosody and espeak-ng/sox calls) so that changes to the MSP/LibriSpeech
+generator in tools/make_mini_corpora.py do not change this corpus.
 """
 import argparse
 import json
+import os
 import random
 import shutil
-import sys
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from tools.make_mini_corpora import (  # noqa: E402 (after the sys.path line)
-    README_NAME,
-    _check_tools,
-    _prepare_out,
-    _prosody,
-    _publish,
-    _run_jobs,
-    load_sentences,
-)
-
 COUNTS_NAME = "mini_counts.json"
+README_NAME = "README_generated.txt"  # marks a folder this tool made (only such a folder is replaced)
 N_SESSIONS = 5
 SESSION_CODES = ["neu", "neu", "neu", "hap", "exc", "exc", "ang", "ang", "sad", "sad", "fru", "xxx"]
 UTTS_PER_DIALOG = 6
@@ -42,14 +35,71 @@ FOUR_CLASS = {"neu": "neu", "hap": "hap", "exc": "hap", "ang": "ang", "sad": "sa
 # espeak-ng voices: session k -> (female, male)
 VOICES = [("en-us+f1", "en-us+m1"), ("en-gb+f2", "en-gb+m2"), ("en-029+f3", "en-gb-x-rp+m3"),
           ("en-us+f4", "en-us-nyc+m4"), ("en-gb-scotland+f5", "en-029+m5")]
-# Consensus code -> prosody class of tools/make_mini_corpora (MSP letters).
-PROSODY_OF = {"neu": "N", "hap": "H", "exc": "H", "ang": "A", "sad": "S", "fru": "D", "xxx": "X"}
+# Prosody per consensus code: espeak-ng pitch (0-99), speed (words/min), amplitude (0-200), word gap (x10 ms).
+PROSODY = {"neu": (50, 170, 100, 0), "hap": (80, 205, 125, 0), "exc": (88, 225, 140, 0), "ang": (62, 230, 170, 0),
+           "sad": (18, 105, 50, 4), "fru": (30, 150, 150, 2), "xxx": (55, 175, 105, 1)}
+# Short conversational lines without digits or abbreviations (espeak-ng says exactly the transcript's words).
+SENTENCES = [
+    "Excuse me, is this the right line?", "I told you this would happen.", "That's the best news I've heard all week!",
+    "Why didn't you call me back?", "I don't know what to say.", "We could go to the beach tomorrow.",
+    "You never listen to me.", "It's fine, really, don't worry about it.", "I miss him so much.",
+    "Get out of my way!", "Can you believe it? We won!", "Let me check with the manager.",
+    "I waited here for two hours.", "Where are you going now?", "Oh, that's wonderful.",
+    "Nobody cares what I think.", "Just fill in the form, please.", "I can't do this anymore.",
+]
 WORD = {"neu": "Neutral", "hap": "Happiness", "exc": "Excited", "ang": "Anger", "sad": "Sadness",
         "fru": "Frustration", "sur": "Surprise", "oth": "Other"}
 VAD = {"neu": (3.0, 2.5, 3.0), "hap": (4.0, 3.5, 3.0), "exc": (4.0, 4.0, 3.5), "ang": (1.5, 4.0, 4.0),
        "sad": (1.5, 2.0, 2.0), "fru": (2.0, 3.5, 3.5), "xxx": (2.5, 3.0, 3.0)}
 DIGITS_TRANSCRIPT = "I was born in 1990."
 DIGITS_WRD = "I WAS BORN IN NINETEEN NINETY"
+
+
+def _check_tools():
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"make_mini_iemocap needs '{tool}' on PATH (Debian packages espeak-ng, sox)")
+
+
+def _prosody(rng, code):
+    pitch, speed, amp, gap = PROSODY[code]
+    return {"pitch": min(99, max(0, pitch + rng.randint(-4, 4))), "speed": round(speed * rng.uniform(0.94, 1.06)),
+            "amp": round(amp * rng.uniform(0.92, 1.08)), "gap": gap}
+
+
+def _synthesize(job):
+    """One utterance: espeak-ng -> sox -> 16 kHz mono 16-bit wav; sox -R -D keeps the output a function of the
+    input (byte-identical reruns)."""
+    raw = Path(job["tmpdir"]) / f"{job['index']}.wav"
+    subprocess.run(["espeak-ng", "-v", job["voice"], "-p", str(job["pitch"]), "-s", str(job["speed"]),
+                    "-a", str(job["amp"]), "-g", str(job["gap"]), "-w", str(raw), job["text"]],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(["sox", "-R", "-D", str(raw), "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer",
+                    str(job["out"]), "pad", "0.05", "0.05"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    raw.unlink()
+
+
+def _run_jobs(jobs, workers):
+    with tempfile.TemporaryDirectory(prefix="mini_iemocap_") as tmpdir:
+        for i, job in enumerate(jobs):
+            job["index"], job["tmpdir"] = i, tmpdir
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(_synthesize, jobs))
+
+
+def _prepare_out(out):
+    """Staging folder next to ``out``; refuses to replace a non-empty folder this tool did not make."""
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()) and not (out / README_NAME).exists():
+        raise FileExistsError(f"{out} exists, is not empty and was not made by make_mini_iemocap; not replacing it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _publish(stage, out):
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(stage, out)
 
 
 def _dialogs(session):
@@ -75,7 +125,7 @@ def _evaluator_votes(rng, code):
     return votes, self_vote
 
 
-def plan(seed, sentences):
+def plan(seed, sentences=SENTENCES):
     """All utterances with their labels, votes, transcript and synthesis settings (no I/O)."""
     rng = random.Random(f"{seed}-iemocap")
     utts = []
@@ -98,7 +148,7 @@ def plan(seed, sentences):
                     "evaluators": sorted(rng.sample(["E1", "E2", "E3", "E4", "E5"], 3)), "votes": votes,
                     "self_vote": self_vote, "sentence": sentence, "transcript": sentence,
                     "voice": VOICES[session - 1][0 if gender == "F" else 1],
-                    "prosody": _prosody(rng, PROSODY_OF[code]),
+                    "prosody": _prosody(rng, code),
                 })
                 t += dur + rng.uniform(0.3, 1.0)
                 gender = "M" if gender == "F" else "F"
@@ -124,6 +174,9 @@ def counts_of(utts, seed):
         "total_4class": sum(sum(c.values()) for c in per_session.values()),
         "codes": {c: sum(u["code"] == c for u in utts) for c in sorted(set(SESSION_CODES))},
         "speakers": sorted({f"Ses{u['session']:02d}_{u['gender']}" for u in utts}),
+        "per_speaker_4class": {spk: sum(f"Ses{u['session']:02d}_{u['gender']}" == spk for u in utts
+                                        if u["code"] in FOUR_CLASS)
+                               for spk in sorted({f"Ses{u['session']:02d}_{u['gender']}" for u in utts})},
         "empty_transcripts": sorted(u["utt"] for u in utts if u["transcript"] == "[BREATHING]"),
         "digits_transcript": {u["utt"]: DIGITS_WRD for u in utts if u["transcript"] == DIGITS_TRANSCRIPT},
     }
@@ -178,7 +231,7 @@ def _write(stage, utts, counts, workers):
 def make_mini_iemocap(out, seed=1234, workers=4):
     """Generate the corpus at ``out`` (the ``IEMOCAP_full_release`` folder). Returns the expected counts."""
     _check_tools()
-    utts = plan(seed, load_sentences())
+    utts = plan(seed)
     counts = counts_of(utts, seed)
     out, stage = _prepare_out(out)
     try:
