@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_lora.py [--steps 3 --warmup 1 --rounds 2] [--out benchmarks/logs/lora.json]
 
 Every variant runs in its own fresh process (``--child``, ``_common.run_child``), builds the same
-:class:`lobes.speech_lm.SpeechLM` on a random-init LLaMA-layout LM (hidden 256, 4 layers, 4 heads, FFN 1024,
+:class:`lobes.harmonifuse.speech_lm.SpeechLM` on a random-init LLaMA-layout LM (hidden 256, 4 layers, 4 heads, FFN 1024,
 vocabulary 32,000, untied head: 20.7M LM parameters) and runs AdamW steps (zero_grad, forward, backward, step)
 on one batch: 8 utterances x 4 s of speech (200 frames of a parameter-free stand-in encoder, stacked by 4 to 50
 LM positions), the prompt words of the ASR task (21 tokens) and a 100-token target, i.e. ~172 LM positions.
@@ -53,7 +53,7 @@ def make_lm_dir(out, seed=0):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lobes.speech_lm import CharTokenizer
+    from lobes.harmonifuse.speech_lm import CharTokenizer
 
     out = Path(out)
     if not (out / "config.json").exists():
@@ -89,7 +89,7 @@ def child(variant, lm_dir, steps, warmup, loss_chunk):
     import torch
     from peft import LoraConfig
 
-    from lobes.speech_lm import SpeechLM
+    from lobes.harmonifuse.speech_lm import SpeechLM
 
     class Enc(torch.nn.Module):  # a Module wrapper so SpeechLM can register it
         num_layers, hidden_size = ENC_LAYERS, ENC_DIM
@@ -184,8 +184,8 @@ def main(argv=None):
                       f"built {C.gib(r['rss_built'] - r['rss_import']):.3f} warm {C.gib(r['rss_warm'] - r['rss_import']):.3f} GiB  "
                       f"load {[round(x, 1) for x in r['loadavg_1min']]}", flush=True)
         results = {v: C.aggregate(rs) for v, rs in runs.items()}
-        for v in results:
-            results[v]["lm_params"] = runs[v][0]["lm_params"]
+        for v, r in results.items():
+            r["lm_params"] = runs[v][0]["lm_params"]
         C.add_ratios(results, "full_fp32")
         C.print_table(results)
         C.save_json(a.out, {"machine": C.machine_info(), "command": " ".join(sys.argv), "steps": a.steps,

@@ -4,11 +4,17 @@ import math
 import pytest
 import torch
 
-from lobes.dynamic_fusion import PromptAdaptiveFusion
-from lobes.emotions import EMOTIONS
 from lobes.errors import DataError
-from lobes.gated_encoder_fusion import GatedEncoderFusion
-from lobes.speech_lm import CharTokenizer, SpeechAdapter, SpeechLM, to_frame_mask
+from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
+from lobes.harmonifuse.gated_encoder_fusion import GatedEncoderFusion
+from lobes.harmonifuse.speech_lm import (
+    CharTokenizer,
+    SpeechAdapter,
+    SpeechLM,
+    to_frame_mask,
+)
+
+EMOTIONS = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
 
 
 # ------------------------------------------------------------------------------------ gated encoder fusion
@@ -290,8 +296,8 @@ def test_speech_lm_batch_padding_invariance(tiny_dirs):
 
 def reference_greedy(m, wavs, lens, task, max_len):
     """The hand-written greedy loop that SpeechLM.generate used before transformers' generate (the reference)."""
-    from lobes.dynamic_fusion import PromptAdaptiveFusion
-    from lobes.speech_lm import final_norm
+    from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
+    from lobes.harmonifuse.speech_lm import final_norm
 
     def lm_states(embeds, attn_mask, **kwargs):
         pos = (attn_mask.long().cumsum(1) - 1).clamp(min=0)
@@ -483,7 +489,7 @@ def test_unused_encoder_parameters_are_frozen(tiny_dirs, tmp_path):
     import json
     import shutil
 
-    from lobes.speech_lm import freeze_unused_encoder_parameters
+    from lobes.harmonifuse.speech_lm import freeze_unused_encoder_parameters
     from lobes.wavlm_encoder import WavLMEncoder
     src = tmp_path / "wavlm"
     shutil.copytree(tiny_dirs[0], src)
@@ -506,7 +512,8 @@ def test_unused_encoder_parameters_are_frozen(tiny_dirs, tmp_path):
 
 def test_speech_lm_frozen_lm_and_classify_mode(tiny_dirs):
     torch.manual_seed(0)
-    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), ser_mode="classify", lm_mode="frozen", prompt_mode="soft")
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), ser_mode="classify", lm_mode="frozen", prompt_mode="soft",
+                 emotions=EMOTIONS)
     lm_before = {k: v.clone() for k, v in m.lm.state_dict().items()}
     prompts_before = m.prompts.detach().clone()
     wavs, lens = torch.randn(2, 1600), torch.tensor([1.0, 0.8])

@@ -4,7 +4,7 @@
     LM input  = [BOS] [prompt_τ] [speech embeddings] [target tokens]                          ┘
     LM hidden states of layers 1..L ─ final norm ─ PromptAdaptiveFusion[τ](prefix) ─ lm_head ─ next token
 
-* Encoder fusion: :class:`lobes.gated_encoder_fusion.GatedEncoderFusion` (default ``encoder_gate="none"``: the
+* Encoder fusion: :class:`lobes.harmonifuse.gated_encoder_fusion.GatedEncoderFusion` (default ``encoder_gate="none"``: the
   paper's per-task softmax layer sum; ``"channel"`` adds this project's channel gate), or with
   ``fixed_layer=l`` the ablation :class:`FixedLayerSelect` (transformer layer l's output for every task).
 * Encoder: any module whose ``forward(wavs, wav_lens)`` returns ``(hidden_states [L+1, B, T, D],
@@ -29,7 +29,7 @@
 * LM-layer fusion: HF puts the LM's final norm on the last hidden state only, so the same norm is applied
   to layers 1..L-1 before fusing (every fused state is on the scale ``lm_head`` expects; with
   ``lm_fusion="last"`` the model is exactly the plain LM). The embedding output (index 0) is not fused.
-  α is computed from the prefix (BOS + prompt + speech) only, see :mod:`lobes.dynamic_fusion`.
+  α is computed from the prefix (BOS + prompt + speech) only, see :mod:`lobes.harmonifuse.dynamic_fusion`.
 * Decoding: transformers' ``generate`` (greedy or beam search, batched) on :class:`FusedHeadLM`, a
   ``PreTrainedModel`` view of this model whose forward applies the same fusion: α comes from the prefill
   step (the prefix) and is carried to every later step, so generation scores exactly what training scores.
@@ -47,18 +47,24 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.checkpoints import (
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lobes.dynamic_fusion import PromptAdaptiveFusion, masked_mean
-from lobes.emotions import EMOTIONS
 from lobes.errors import DataError
-from lobes.gated_encoder_fusion import GatedEncoderFusion, stack_hidden_states, task_indices
+from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion, masked_mean
+from lobes.harmonifuse.gated_encoder_fusion import (
+    GatedEncoderFusion,
+    stack_hidden_states,
+    task_indices,
+)
 from lobes.io_utils import atomic_path, atomic_write
 
 CHAR_TOKENIZER_FILE = "char_tokenizer.json"
@@ -276,7 +282,7 @@ class SpeechLM(torch.nn.Module):
                  encoder_layer_norm=False, lm_fusion="dynamic", fusion_ffn_hidden=64, lm_mode="frozen",
                  lm_peft_config=None, lm_dtype="float32", lm_gradient_checkpointing=False, loss_chunk_size=None,
                  lm_from_config=False,
-                 ser_task="ser", ser_mode="generate", emotions=EMOTIONS, encoder_layers=None, encoder_dim=None,
+                 ser_task="ser", ser_mode="generate", emotions=(), encoder_layers=None, encoder_dim=None,
                  fixed_layer=None):
         super().__init__()
         if ser_mode not in ("generate", "classify"):
@@ -565,7 +571,7 @@ class SpeechLM(torch.nn.Module):
         pad = getattr(self.tokenizer, "pad_token_id", None)
         config = GenerationConfig(
             max_new_tokens=int(max_len), do_sample=False, num_beams=int(num_beams), num_return_sequences=1,
-            length_penalty=float(length_penalty), early_stopping=True if num_beams > 1 else False,
+            length_penalty=float(length_penalty), early_stopping=num_beams > 1,
             eos_token_id=eos, pad_token_id=eos if pad is None else pad,
             bos_token_id=getattr(self.tokenizer, "bos_token_id", None), use_cache=True)
         model = FusedHeadLM(self, task)
@@ -597,7 +603,7 @@ class SpeechLM(torch.nn.Module):
 
 @dataclass
 class FusedLMOutput(CausalLMOutputWithPast):
-    lm_alpha: Optional[torch.Tensor] = None   # [B, L] dynamic LM-layer weights α of the prefix
+    lm_alpha: torch.Tensor | None = None   # [B, L] dynamic LM-layer weights α of the prefix
 
 
 class FusedHeadLM(PreTrainedModel, GenerationMixin):
