@@ -340,3 +340,23 @@ def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, 
     assert np.abs(state["encoder_fusion.layer_logits"].numpy()).max() > 1e-4   # the ranks' steps trained it
     assert "encoder.model.masked_spec_embed" not in state
     assert json.loads((out / "metrics.json").read_text())["wer_by_split"]["test-clean"]["n_utts"] == 2
+
+
+def test_model_card_and_results_table_show_the_run(trained, load_recipe, tmp_path):
+    card_mod = load_recipe("recipes/MSP-Podcast/harmonifuse/model_card.py")
+    table_mod = load_recipe("recipes/MSP-Podcast/harmonifuse/make_table.py")
+    m = json.loads((trained / "metrics.json").read_text())
+    card = card_mod.model_card(trained)
+    lo, hi = m["wer_clean_ci"]
+    assert f"| WER test-clean | {100 * m['wer']:.2f} ± {100 * (hi - lo) / 2:.2f} |" in card
+    assert f"| UA (unweighted accuracy) | {100 * m['ua']:.2f} ±" in card and "| WA (accuracy) |" in card
+    assert "| LM training: frozen | lora | full (`lm_mode`) | lora |" in card
+    assert "Transcribe the audio." in card and "encoder_layer_weights.png" in card
+    table = table_mod.make_table([trained / "metrics.json"])
+    row = next(line for line in table.splitlines() if line.startswith("| HarmoniFuse (encoder layer sum"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{100 * m['wer']:.2f} ± {100 * (hi - lo) / 2:.2f}" and cells[2] == "–"  # no test-other
+    t = m["test"]
+    assert cells[3] == f"{100 * t['uar']:.2f} ± {100 * (t['uar_ci'][1] - t['uar_ci'][0]) / 2:.2f}"
+    assert cells[4].startswith(f"{100 * t['accuracy']:.2f} ±") and cells[5].startswith(f"{100 * t['macro_f1']:.2f}")
+    assert "### HarmoniFuse: LM training mode" in table and "| LoRA (default) |" in table  # full.yaml's 2nd row

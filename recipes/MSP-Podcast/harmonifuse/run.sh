@@ -93,6 +93,9 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     "${py}" -m tools.collect_results "${exp}/rows" --out "${exp}/results/table"
     # WER clean / other, UA, WA and MaF1 with their 95% CIs
     "${py}" "${recipe_dir}/make_table.py" "${exp}/rows" --out "${exp}/results/harmonifuse_table"
+    for m in "${exp}"/rows/*/"${seed}"/metrics.json; do   # a model card (README.md) per row
+        [ -f "${m}" ] && "${py}" "${recipe_dir}/model_card.py" "$(dirname "${m}")"
+    done
     log "results: ${exp}/results/table.md (printed above; WER = test-clean, metrics.json also holds wer_other when present)"
     log "per-row fusion weights: ${exp}/rows/<row>/${seed}/{fusion_weights.json,encoder_layer_weights.png,lm_fusion_weights.png}"
     for f in "${exp}"/rows/*/"${seed}"/fusion_weights.json; do
