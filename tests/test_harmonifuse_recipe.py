@@ -65,14 +65,46 @@ def test_without_invalid_outputs_the_report_equals_ser_report(recipe):
 
 
 def test_bad_task_settings_are_refused_before_any_work(recipe):
-    ok = {"train_tasks": ["asr", "ser"], "interleave_ratio": {"asr": 2, "ser": 1}, "libri_test_splits": ["test-clean"]}
+    ok = {"train_tasks": ["asr", "ser"], "interleave_ratio": {"asr": 2, "ser": 1}, "libri_test_splits": ["test-clean"],
+          "ser_extra_sources": {}}
     recipe.check_hparams(ok)
     for change, msg in (({"train_tasks": ["asr", "sv"]}, "subset of"), ({"train_tasks": []}, "subset of"),
                         ({"interleave_ratio": {"asr": 1, "ser": 0}}, r"task\(s\) \['ser'\]"),
-                        ({"libri_test_splits": []}, "libri_test_splits is empty")):
+                        ({"libri_test_splits": []}, "libri_test_splits is empty"),
+                        ({"ser_extra_sources": {"emilia": "x.json"}}, r"extra SER source\(s\) \['ser:emilia'\]"),
+                        ({"ser_extra_sources": {"e": "x.json"}, "train_tasks": ["asr"]}, "need 'ser' in train_tasks")):
         with pytest.raises(DataError, match=msg):
             recipe.check_hparams({**ok, **change})
     recipe.check_hparams({**ok, "train_tasks": ["ser"], "libri_test_splits": []})  # SER-only needs no ASR test
+    recipe.check_hparams({**ok, "ser_extra_sources": {"emilia": "x.json"},
+                          "interleave_ratio": {"asr": 1, "ser": 1, "ser:emilia": 2}})
+
+
+def test_an_extra_ser_source_is_interleaved_at_its_ratio(recipe, msp_manifests, libri_manifests, tmp_path):
+    """asr : ser : ser:pseudo = 1 : 1 : 2 over 3 sources; pseudo batches are SER batches of their own manifest."""
+    from lobes.harmonifuse.interleave import batch_task
+
+    data = json.loads((msp_manifests / "train.json").read_text())
+    pseudo = {f"pseudo_{k}": v for k, v in sorted(data.items())[:6]}
+    (tmp_path / "pseudo.json").write_text(json.dumps(pseudo))
+    h = {"train_tasks": ["asr", "ser"], "ser_extra_sources": {"pseudo": str(tmp_path / "pseudo.json")},
+         "interleave_ratio": {"asr": 1, "ser": 1, "ser:pseudo": 2}, "interleave_length": 8,
+         "interleave_order": "round_robin", "seed": 1, "num_workers": 0, "dynamic_batching": False,
+         "asr_batch_size": 2, "ser_batch_size": 2, "libri_prep_folder": str(libri_manifests),
+         "libri_train_splits": ["train-clean-100"], "libri_valid_split": "dev-clean",
+         "libri_test_splits": ["test-clean"], "msp_prep_folder": str(msp_manifests),
+         "emotion_classes": ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]}
+    recipe.check_hparams(h)
+    assert recipe.train_sources(h) == ["asr", "ser", "ser:pseudo"]
+    train, _, _ = recipe.make_loaders(h, recipe.build_datasets(h))
+    tags = []
+    for batch in train:
+        tags.append(batch_task(batch))
+        if tags[-1] == "ser:pseudo":
+            assert all(i.startswith("pseudo_") for i in batch.id) and batch.emo_idx.data.shape == (2, 1)
+    assert tags == ["asr", "ser", "ser:pseudo", "ser:pseudo"] * 2
+    with pytest.raises(DataError, match="ser_extra_sources.gone: manifest"):
+        recipe.build_datasets({**h, "ser_extra_sources": {"gone": str(tmp_path / "none.json")}})
 
 
 # ------------------------------------------------------------------------------------------ helpers in the lobes

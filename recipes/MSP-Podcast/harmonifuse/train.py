@@ -312,6 +312,18 @@ def check_hparams(hparams):
         raise DataError(f"interleave_ratio {hparams['interleave_ratio']} gives no batches to trained task(s) {missing}")
     if "asr" in tasks and not hparams["libri_test_splits"]:
         raise DataError("libri_test_splits is empty: ASR needs at least one test split (e.g. [test-clean])")
+    extra = hparams["ser_extra_sources"] or {}
+    if extra and "ser" not in tasks:
+        raise DataError(f"ser_extra_sources {sorted(extra)} need 'ser' in train_tasks, got {tasks}")
+    missing = [f"ser:{n}" for n in extra if not hparams["interleave_ratio"].get(f"ser:{n}")]
+    if missing:
+        raise DataError(f"interleave_ratio {hparams['interleave_ratio']} gives no batches to the extra SER "
+                        f"source(s) {missing} (add e.g. '{missing[0]}': 1)")
+
+
+def train_sources(hparams):
+    """Interleaved training sources: the trained tasks, then one ``ser:<name>`` per ``ser_extra_sources`` entry."""
+    return list(hparams["train_tasks"]) + [f"ser:{n}" for n in (hparams["ser_extra_sources"] or {})]
 
 
 def needs_unused_parameter_search(hparams):
@@ -382,6 +394,11 @@ def build_datasets(hparams):
         out["train"]["ser"] = ds["train"]
         out["valid"]["ser:valid"] = ds["valid"]
         out["test"]["ser:test"] = ds["test"]
+        # extra SER training sources (e.g. a tools.pseudo_label manifest): interleaved as SER batches of their own
+        for name, manifest in (hparams["ser_extra_sources"] or {}).items():
+            if not Path(manifest).is_file():
+                raise DataError(f"ser_extra_sources.{name}: manifest '{manifest}' does not exist")
+            out["train"][f"ser:{name}"] = ser_datasets({"train": str(manifest)}, hparams["emotion_classes"])["train"]
     return out
 
 
@@ -404,11 +421,12 @@ def task_batch_sampler(hparams, dataset, task, train):
 
 
 def make_loaders(hparams, datasets):
-    tasks = list(hparams["train_tasks"])
+    tasks = train_sources(hparams)
     ratio = {t: hparams["interleave_ratio"][t] for t in tasks}
     length = hparams["interleave_length"]
     train = make_interleaved_dataloader(
-        datasets["train"], {t: task_batch_sampler(hparams, datasets["train"][t], t, True) for t in tasks},
+        datasets["train"],
+        {t: task_batch_sampler(hparams, datasets["train"][t], t.split(":")[0], True) for t in tasks},
         ratio=ratio, length=int(length) if str(length).isdigit() else length, order=hparams["interleave_order"],
         seed=hparams["seed"], num_workers=hparams["num_workers"])
 
