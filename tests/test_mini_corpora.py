@@ -1,5 +1,6 @@
 """The synthetic corpora have exactly the real on-disk layouts, the promised sizes, and are seed-deterministic."""
 import csv
+import itertools
 import re
 import subprocess
 import sys
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from lobes.ctc_text import normalize_transcript
 from lobes.emotions import LETTER_TO_EMOTION, WORD_TO_EMOTION
-from tools.make_mini_corpora import make_mini_corpora
+from tools.make_mini_corpora import CLASS_PATTERN, PATTERNS, make_mini_corpora
+from tools.sentence_banks import CLASS_POOLS, LIBRI, POOLS, class_bank
 
 CONSENSUS_HEADER = ["FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set"]
 
@@ -127,6 +130,130 @@ def test_libri_layout_and_counts(mini_corpora):
     assert len(speakers["train-clean-100"] | speakers["dev-clean"] | speakers["test-clean"]) == 12
 
 
+# The design table of tools/make_mini_corpora.py: pairs one cue leaves ambiguous and the other separates.
+WORD_SEPARABLE = [("A", "H"), ("C", "D"), ("F", "U")]      # same prosody pattern, disjoint pools
+PROSODY_SEPARABLE = [("A", "C"), ("H", "U"), ("N", "S")]   # identical banks, different patterns
+
+
+def _meta(root):
+    with open(root / "generation_meta.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_banks_overlap_exactly_as_documented(mini_corpora):
+    banks = {c: set(class_bank(c)) for c in "ACDFHNSU"}
+    assert all(len(b) == 8 for b in banks.values())
+    common = set(POOLS["common"])
+    for a, b in itertools.combinations("ACDFHNSU", 2):
+        shared = banks[a] & banks[b]
+        if (a, b) in PROSODY_SEPARABLE:
+            assert shared == banks[a] == banks[b], (a, b)
+            assert CLASS_PATTERN[a] != CLASS_PATTERN[b]
+        else:  # different pools: exactly the two common sentences
+            assert shared == common, (a, b)
+        assert (CLASS_PATTERN[a] == CLASS_PATTERN[b]) == ((a, b) in WORD_SEPARABLE), (a, b)
+    assert not set(LIBRI) & {s for pool in POOLS.values() for s in pool}  # LibriSpeech text is its own
+    # Every utterance speaks a sentence of its class's bank with its class's pattern; transcripts say the same.
+    root = mini_corpora.msp
+    meta = _meta(root)
+    assert [m["FileName"] for m in meta] == [r[0] for r in _consensus(root)[1:]]
+    n_transcribed = 0
+    for m in meta:
+        assert m["sentence"] in POOLS[m["pool"]] and m["pool"] in CLASS_POOLS[m["EmoClass"]], m
+        assert m["pattern"] == CLASS_PATTERN[m["EmoClass"]]
+        base = PATTERNS[m["pattern"]]
+        assert abs(int(m["pitch"]) - base[0]) <= 4 and abs(int(m["amp"]) - base[2]) <= 0.08 * base[2] + 1
+        txt = root / "Transcripts" / (m["FileName"][:-4] + ".txt")
+        if txt.exists():
+            assert normalize_transcript(txt.read_text()) == normalize_transcript(m["sentence"])
+            n_transcribed += 1
+    assert n_transcribed == 264 - 40
+    # Test sentences also occur in training (documented): all 44 transcribed Test1 utterances, and every
+    # labelled class's transcribed Train rows cover its whole 8-sentence bank.
+    s = mini_corpora.msp_counts["sentences"]
+    assert (s["test_utterances"], s["test_utterances_with_sentence_in_train"], s["train_distinct"]) == (44, 44, 32)
+    assert s["train_vocabulary"] == 111 and s["test_words_not_in_train"] == []
+    trans = {p.stem for p in (root / "Transcripts").iterdir()}
+    for c in "ACDFHNSU":
+        seen = {m["sentence"] for m in meta if m["EmoClass"] == c and m["Split_Set"] == "Train"
+                and m["FileName"][:-4] in trans}
+        assert seen == banks[c], c
+    libri_text = {normalize_transcript(s) for s in LIBRI}
+    lines = [ln.split(" ", 1) for p in mini_corpora.libri.rglob("*.trans.txt") for ln in p.read_text().splitlines()]
+    assert len(lines) == 92 and {t for _, t in lines} == libri_text  # every LIBRI sentence is used
+    s = mini_corpora.libri_counts["sentences"]
+    assert (s["train_utterances"], s["train_distinct"], s["test_utterances_with_sentence_in_train"]) == (60, 16, 16)
+
+
+def _f0_median(x, sr=16000, frame=640, hop=320, fmin=60, fmax=500):
+    """Median F0 (Hz) of the loud frames by autocorrelation: a plain prosody measurement, no model."""
+    frames = np.stack([x[i:i + frame] for i in range(0, len(x) - frame + 1, hop)])
+    energy = (frames ** 2).mean(1)
+    voiced = frames[energy > 0.1 * energy.max()]
+    voiced = voiced - voiced.mean(1, keepdims=True)
+    ac = np.fft.irfft(np.abs(np.fft.rfft(voiced, 2 * frame)) ** 2)[:, :frame]
+    lo, hi = sr // fmax, sr // fmin
+    return float(np.median(sr / (lo + ac[:, lo:hi].argmax(1))))
+
+
+def _prosody_features(wav, sentence):
+    """Level (dB of the active samples), seconds per character and log median F0, measured on the audio."""
+    x, sr = sf.read(str(wav))
+    active = np.abs(x) > 0.02 * np.abs(x).max()
+    return [20 * np.log10(np.sqrt(np.mean(x[active] ** 2))), len(x) / sr / len(normalize_transcript(sentence)),
+            np.log(_f0_median(x, sr))]
+
+
+def test_words_and_prosody_separate_the_documented_pairs(mini_corpora):
+    """Fit on Train, score on Development+Test1 (24 utterances per pair, chance 0.5; 96 for 8 classes, 0.125):
+    bag-of-words on the transcripts vs prosody measured on the audio, each only where the design says it works."""
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline, make_union
+    from sklearn.preprocessing import StandardScaler
+
+    root = mini_corpora.msp
+    # Transcripts as written (case and spacing vary); the rows without a transcript file use the spoken sentence.
+    meta = [m for m in _meta(root) if m["EmoClass"] in LETTER_TO_EMOTION and m["Split_Set"] != "Test2"]
+    for m in meta:
+        txt = root / "Transcripts" / (m["FileName"][:-4] + ".txt")
+        m["text"] = txt.read_text() if txt.exists() else m["sentence"]
+        m["prosody"] = _prosody_features(root / "Audios" / m["FileName"], m["sentence"])
+    train = [m for m in meta if m["Split_Set"] == "Train"]
+    evals = [m for m in meta if m["Split_Set"] != "Train"]
+
+    def score(classes, cue):
+        tr = [m for m in train if m["EmoClass"] in classes]
+        ev = [m for m in evals if m["EmoClass"] in classes]
+        words = ColumnTransformer([("bow", CountVectorizer(), "text")])
+        prosody = ColumnTransformer([("f", StandardScaler(), ["level", "rate", "logf0"])])
+        feats = {"words": words, "prosody": prosody, "both": make_union(words, prosody)}[cue]
+        clf = make_pipeline(feats, LogisticRegression(max_iter=5000))
+        frame = lambda ms: pd.DataFrame(  # noqa: E731
+            [dict(text=m["text"], **dict(zip(("level", "rate", "logf0"), m["prosody"]))) for m in ms])
+        clf.fit(frame(tr), [m["EmoClass"] for m in tr])
+        return balanced_accuracy_score([m["EmoClass"] for m in ev], clf.predict(frame(ev)))
+
+    got = {(cue, pair): score(pair, cue) for cue in ("words", "prosody")
+           for pair in WORD_SEPARABLE + PROSODY_SEPARABLE}
+    print({f"{cue} {''.join(p)}": round(v, 3) for (cue, p), v in got.items()})
+    for pair in WORD_SEPARABLE:  # the two common sentences (1/4 of the utterances) are a coin flip: ~0.875
+        assert got["words", pair] >= 0.75, pair
+    for pair in PROSODY_SEPARABLE:
+        assert got["prosody", pair] >= 0.90, pair
+    # The other cue is near chance on those pairs (averaged over the three: 72 utterances, binomial sd 0.06).
+    assert np.mean([got["prosody", p] for p in WORD_SEPARABLE]) <= 0.70
+    assert np.mean([got["words", p] for p in PROSODY_SEPARABLE]) <= 0.65
+    # 8 classes: each cue alone merges three pairs; together they separate all eight.
+    eight = {cue: score("ACDFHNSU", cue) for cue in ("words", "prosody", "both")}
+    print(eight)
+    assert 0.35 <= eight["words"] <= 0.65 and 0.4 <= eight["prosody"] <= 0.70
+    assert eight["both"] >= 0.80
+
+
 def test_same_seed_same_bytes(tmp_path):
     kw = dict(n_msp=16, n_libri=4, n_libri_eval=2)
     make_mini_corpora(tmp_path / "a_msp", tmp_path / "a_libri", seed=7, **kw)
@@ -139,6 +266,14 @@ def test_same_seed_same_bytes(tmp_path):
     assert (tmp_path / "a_msp/Audios" / name).read_bytes() == (tmp_path / "b_msp/Audios" / name).read_bytes()
     flac = sorted((tmp_path / "a_libri").rglob("*.flac"))[0].relative_to(tmp_path / "a_libri")
     assert (tmp_path / "a_libri" / flac).read_bytes() == (tmp_path / "b_libri" / flac).read_bytes()
+    # the text side: sentences, transcripts, prosody metadata and counts
+    for rel in ("generation_meta.csv", "mini_counts.json", "Labels/labels_detailed.csv"):
+        assert (tmp_path / "a_msp" / rel).read_bytes() == (tmp_path / "b_msp" / rel).read_bytes(), rel
+    assert (tmp_path / "a_msp/generation_meta.csv").read_bytes() != (tmp_path / "c_msp/generation_meta.csv").read_bytes()
+    for corpus, pattern in (("msp", "Transcripts/*.txt"), ("libri", "*/*/*/*.trans.txt")):
+        a = {p.relative_to(tmp_path / f"a_{corpus}"): p.read_bytes() for p in (tmp_path / f"a_{corpus}").glob(pattern)}
+        b = {p.relative_to(tmp_path / f"b_{corpus}"): p.read_bytes() for p in (tmp_path / f"b_{corpus}").glob(pattern)}
+        assert a == b and len(a) == {"msp": 16, "libri": 8}[corpus]
     # n_msp=16: 2 per class -> Train 1, Development 0, Test1 1; plus 1 O, 1 X, 1 Test2
     rows = _consensus(tmp_path / "a_msp")[1:]
     assert len(rows) == 19 and sum(r[1] == "O" for r in rows) == 1
