@@ -18,7 +18,7 @@ setup(
     version="0.1.0",
     description="SpeechBrain/ESPnet-style recipes for AdaLTM task-vector merging and HarmoniFuse",
     packages=find_packages(include=["lobes", "lobes.*", "tools", "tools.*"]),
-    package_data={"tools": ["tiny_configs/*.json"]},
+    package_data={"tools": ["tiny_configs/*.json", "sentences.txt"]},
     python_requires=">=3.9",
     install_requires=requirements,
 )

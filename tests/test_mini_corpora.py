@@ -13,7 +13,8 @@ import soundfile as sf
 from lobes.ctc_text import normalize_transcript
 from lobes.emotions import LETTER_TO_EMOTION, WORD_TO_EMOTION
 from tools.make_mini_corpora import CLASS_PATTERN, PATTERNS, make_mini_corpora
-from tools.sentence_banks import CLASS_POOLS, LIBRI, POOLS, class_bank
+from lobes.errors import DataError
+from tools.sentence_banks import CLASS_POOLS, LIBRI, POOLS, SENTENCES_FILE, all_sentences, class_bank, read_pools
 
 CONSENSUS_HEADER = ["FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set"]
 
@@ -183,6 +184,23 @@ def test_banks_overlap_exactly_as_documented(mini_corpora):
     assert len(lines) == 92 and {t for _, t in lines} == libri_text  # every LIBRI sentence is used
     s = mini_corpora.libri_counts["sentences"]
     assert (s["train_utterances"], s["train_distinct"], s["test_utterances_with_sentence_in_train"]) == (60, 16, 16)
+
+
+def test_sentence_file_pools_and_errors(tmp_path):
+    assert {k: len(v) for k, v in read_pools().items()} == {
+        "common": 2, "blame": 6, "disgust": 6, "fear": 6, "news": 6, "plain": 6, "libri": 16}
+    # Readers that only skip '#' lines (the pretraining tools) see every sentence once.
+    lines = [ln.strip() for ln in SENTENCES_FILE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines == all_sentences() and len(set(lines)) == 48
+    for s in lines:  # espeak-ng speaks exactly the transcript's words: letters and apostrophes only
+        assert re.fullmatch(r"[A-Z][A-Za-z' ,]*[A-Za-z][.!?]", s), s
+    bad = tmp_path / "bank.txt"
+    bad.write_text("# header\nA sentence.\n")
+    with pytest.raises(DataError, match=r"bank.txt:2: sentence before the first"):
+        read_pools(bad)
+    bad.write_text("# pool: a\nOne.\n# pool: a\nTwo.\n")
+    with pytest.raises(DataError, match=r"bank.txt:3: pool 'a' appears twice"):
+        read_pools(bad)
 
 
 def _f0_median(x, sr=16000, frame=640, hop=320, fmin=60, fmax=500):

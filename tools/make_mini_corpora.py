@@ -10,7 +10,7 @@ was made by this tool.
 
 Emotion in words and in prosody (mini MSP-Podcast)
 --------------------------------------------------
-Each utterance's sentence comes from its class's bank, the union of sentence pools in tools/sentence_banks.py
+Each utterance's sentence comes from its class's bank, the union of sentence pools in tools/sentences.txt
 (6 sentences per pool, 2 in "common"), and is spoken with its class's prosody pattern (espeak-ng pitch 0-99,
 speed in words/min, amplitude 0-200, word gap in 10 ms; each utterance jitters pitch ±4, speed ±6 %, amplitude ±8 %).
 
