@@ -203,7 +203,7 @@ def test_sentence_file_pools_and_errors(tmp_path):
         read_pools(bad)
 
 
-def _f0_median(x, sr=16000, frame=640, hop=320, fmin=60, fmax=500):
+def _f0_median(x, sr=16000, frame=640, hop=320, fmin=50, fmax=500):
     """Median F0 (Hz) of the loud frames by autocorrelation: a plain prosody measurement, no model."""
     frames = np.stack([x[i:i + frame] for i in range(0, len(x) - frame + 1, hop)])
     energy = (frames ** 2).mean(1)
@@ -215,61 +215,71 @@ def _f0_median(x, sr=16000, frame=640, hop=320, fmin=60, fmax=500):
 
 
 def _prosody_features(wav, sentence):
-    """Level (dB of the active samples), seconds per character and log median F0, measured on the audio."""
+    """Seconds of speech per letter, log median F0 and pause fraction, measured on the waveform normalised to unit
+    variance as the recipes feed it (so loudness, which the models never see, is no feature)."""
     x, sr = sf.read(str(wav))
-    active = np.abs(x) > 0.02 * np.abs(x).max()
-    return [20 * np.log10(np.sqrt(np.mean(x[active] ** 2))), len(x) / sr / len(normalize_transcript(sentence)),
-            np.log(_f0_median(x, sr))]
+    x = (x - x.mean()) / x.std()
+    hop = sr // 50
+    level = 10 * np.log10((x[: len(x) // hop * hop].reshape(-1, hop) ** 2).mean(1) + 1e-10)
+    speech = level >= level.max() - 35
+    letters = len(normalize_transcript(sentence).replace(" ", ""))
+    return [speech.sum() / 50 / letters, np.log(_f0_median(x, sr)), 1 - speech.mean()]
 
 
 def test_words_and_prosody_separate_the_documented_pairs(mini_corpora):
-    """Fit on Train, score on Development+Test1 (24 utterances per pair, chance 0.5; 96 for 8 classes, 0.125):
-    bag-of-words on the transcripts vs prosody measured on the audio, each only where the design says it works."""
+    """Bag-of-words on the transcripts vs prosody measured on the audio, each separating only the pairs the design
+    says it does: 5-fold cross-validated balanced accuracy over the 240 labelled utterances (60 per pair, chance
+    0.5; 8 classes: chance 0.125). Seed 1234 gives the values in the comments."""
     import pandas as pd
     from sklearn.compose import ColumnTransformer
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline, make_union
     from sklearn.preprocessing import StandardScaler
 
     root = mini_corpora.msp
-    # Transcripts as written (case and spacing vary); the rows without a transcript file use the spoken sentence.
-    meta = [m for m in _meta(root) if m["EmoClass"] in LETTER_TO_EMOTION and m["Split_Set"] != "Test2"]
-    for m in meta:
-        txt = root / "Transcripts" / (m["FileName"][:-4] + ".txt")
-        m["text"] = txt.read_text() if txt.exists() else m["sentence"]
-        m["prosody"] = _prosody_features(root / "Audios" / m["FileName"], m["sentence"])
-    train = [m for m in meta if m["Split_Set"] == "Train"]
-    evals = [m for m in meta if m["Split_Set"] != "Train"]
+    rows = []
+    for m in _meta(root):
+        if m["EmoClass"] in LETTER_TO_EMOTION and m["Split_Set"] != "Test2":
+            # transcripts as written (case and spacing vary); the rows without one use the spoken sentence
+            txt = root / "Transcripts" / (m["FileName"][:-4] + ".txt")
+            rate, logf0, pauses = _prosody_features(root / "Audios" / m["FileName"], m["sentence"])
+            rows.append(dict(emo=m["EmoClass"], text=txt.read_text() if txt.exists() else m["sentence"],
+                             rate=rate, logf0=logf0, pauses=pauses))
+    frame = pd.DataFrame(rows)
+    assert len(frame) == 240
 
     def score(classes, cue):
-        tr = [m for m in train if m["EmoClass"] in classes]
-        ev = [m for m in evals if m["EmoClass"] in classes]
-        words = ColumnTransformer([("bow", CountVectorizer(), "text")])
-        prosody = ColumnTransformer([("f", StandardScaler(), ["level", "rate", "logf0"])])
+        sel = frame[frame.emo.isin(list(classes))]
+        words = ColumnTransformer([("bow", CountVectorizer(ngram_range=(1, 2)), "text")])
+        prosody = ColumnTransformer([("f", StandardScaler(), ["rate", "logf0", "pauses"])])
         feats = {"words": words, "prosody": prosody, "both": make_union(words, prosody)}[cue]
-        clf = make_pipeline(feats, LogisticRegression(max_iter=5000))
-        frame = lambda ms: pd.DataFrame(  # noqa: E731
-            [dict(text=m["text"], **dict(zip(("level", "rate", "logf0"), m["prosody"]))) for m in ms])
-        clf.fit(frame(tr), [m["EmoClass"] for m in tr])
-        return balanced_accuracy_score([m["EmoClass"] for m in ev], clf.predict(frame(ev)))
+        clf = make_pipeline(feats, LogisticRegression(C=10, max_iter=5000))
+        pred = cross_val_predict(clf, sel, sel.emo, cv=StratifiedKFold(5, shuffle=True, random_state=0))
+        return balanced_accuracy_score(sel.emo, pred)
 
-    got = {(cue, pair): score(pair, cue) for cue in ("words", "prosody")
+    got = {(cue, "".join(pair)): score(pair, cue) for cue in ("words", "prosody")
            for pair in WORD_SEPARABLE + PROSODY_SEPARABLE}
-    print({f"{cue} {''.join(p)}": round(v, 3) for (cue, p), v in got.items()})
-    for pair in WORD_SEPARABLE:  # the two common sentences (1/4 of the utterances) are a coin flip: ~0.875
-        assert got["words", pair] >= 0.75, pair
-    for pair in PROSODY_SEPARABLE:
-        assert got["prosody", pair] >= 0.90, pair
-    # The other cue is near chance on those pairs (averaged over the three: 72 utterances, binomial sd 0.06).
-    assert np.mean([got["prosody", p] for p in WORD_SEPARABLE]) <= 0.70
-    assert np.mean([got["words", p] for p in PROSODY_SEPARABLE]) <= 0.65
-    # 8 classes: each cue alone merges three pairs; together they separate all eight.
+    print({f"{cue} {p}": round(v, 3) for (cue, p), v in got.items()})
+    # Words: the two common sentences (~1/4 of a pair's utterances, evenly split) are a coin flip, so the design's
+    # ceiling is ~0.875 and its floor, with every other sentence right, ~0.75 (seed 1234: AH 0.82 CD 0.82 FU 0.75).
+    for pair in WORD_SEPARABLE:
+        assert got["words", "".join(pair)] >= 0.70, pair
+    for pair in PROSODY_SEPARABLE:  # seed 1234: AC 1.0, HU 0.92, NS 1.0
+        assert got["prosody", "".join(pair)] >= 0.85, pair
+    # The other cue does much worse on those pairs (means over three pairs, 180 utterances, binomial sd 0.04).
+    # Words on identical banks are chance (1234: 0.44); prosody a little above it (1234: 0.56), as rate per letter
+    # and pauses also vary with the sentence, which differs between the two classes.
+    assert np.mean([got["words", "".join(p)] for p in PROSODY_SEPARABLE]) <= 0.62
+    assert np.mean([got["prosody", "".join(p)] for p in WORD_SEPARABLE]) <= 0.75
+    # 8 classes: each cue alone merges three pairs (at best 5/8 = 0.625 with prosody, less with the words as the
+    # common sentences hide a quarter); together they separate all eight.
     eight = {cue: score("ACDFHNSU", cue) for cue in ("words", "prosody", "both")}
     print(eight)
-    assert 0.35 <= eight["words"] <= 0.65 and 0.4 <= eight["prosody"] <= 0.70
-    assert eight["both"] >= 0.80
+    assert 0.35 <= eight["words"] <= 0.6 and 0.45 <= eight["prosody"] <= 0.75  # 1234: 0.43, 0.60
+    assert eight["both"] >= 0.78  # 1234: 0.85
 
 
 def test_same_seed_same_bytes(tmp_path):

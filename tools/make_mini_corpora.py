@@ -11,25 +11,27 @@ was made by this tool.
 Emotion in words and in prosody (mini MSP-Podcast)
 --------------------------------------------------
 Each utterance's sentence comes from its class's bank, the union of sentence pools in tools/sentences.txt
-(6 sentences per pool, 2 in "common"), and is spoken with its class's prosody pattern (espeak-ng pitch 0-99,
-speed in words/min, amplitude 0-200, word gap in 10 ms; each utterance jitters pitch ±4, speed ±6 %, amplitude ±8 %).
+(6 sentences per pool, 2 in "common"), and is spoken with its class's prosody pattern: espeak-ng pitch (0-99),
+speed (words/min), amplitude (0-200) and word gap (10 ms), then a sox pitch shift (cents) that widens the F0 range
+beyond espeak-ng's. Each utterance jitters pitch ±4, speed ±6 %, amplitude ±8 %. The recipes normalise every
+waveform to unit variance, so amplitude is no cue for the models: the patterns differ in rate, F0 and pauses.
 
-    class        bank (pools)       prosody pattern   pitch speed amp gap
-    A Anger      blame + common     hot               65    225   170  0   high, fast, loud
-    H Happiness  news + common      hot               65    225   170  0
-    C Contempt   blame + common     cold              28    140   130  2   low, slow, firm
-    D Disgust    disgust + common   cold              28    140   130  2
-    F Fear       fear + common      tense             92    200   60   1   very high, quiet
-    U Surprise   news + common      tense             92    200   60   1
-    N Neutral    plain + common     flat              50    170   100  0   mid everything
-    S Sadness    plain + common     low               15    105   50   4   lowest, slowest, quiet, pauses
+    class        bank (pools)       pattern  pitch speed amp gap shift
+    A Anger      blame + common     hot      70    240   170  0   +200   high, fastest, loud
+    H Happiness  news + common      hot      70    240   170  0   +200
+    C Contempt   blame + common     cold     25    135   130  2   -300   low, slow, short pauses
+    D Disgust    disgust + common   cold     25    135   130  2   -300
+    F Fear       fear + common      tense    99    150   60   0   +700   highest, slow-ish, quiet
+    U Surprise   news + common      tense    99    150   60   0   +700
+    N Neutral    plain + common     flat     40    180   100  0   0      mid everything
+    S Sadness    plain + common     low      10    100   50   5   -300   low, slowest, quiet, long pauses
 
 Which cue separates which pair:
 - prosody-ambiguous, separated by the words: A-H, C-D, F-U (same pattern; disjoint pools apart from "common");
 - word-ambiguous, separated by the prosody: A-C, H-U, N-S (identical banks; different patterns);
 - every other pair (22 of 28) differs in both.
 Any two banks share at least the two "common" sentences (a pair of classes with different pools shares exactly
-those two), so no class is identified by its words alone. A prosody-only classifier can at best merge the three
+those two), so a quarter of each class's utterances carry no word cue at all. A prosody-only classifier can at best merge the three
 prosody-ambiguous pairs and a words-only one the three word-ambiguous pairs; only both cues together separate all
 eight classes, which is what lets an in-domain ASR task vector help SER. O and X rows (dropped by the recipe's
 preparation) draw from every pool with their own patterns.
@@ -39,8 +41,9 @@ Train, test and sentences
 Test utterances are never training utterances: each row is one file with its own id, speaker draw and prosody
 jitter. Test *sentences* do occur in training, by design: the banks are closed and the Train rows of each class
 cycle through its bank (transcribed rows first), so with the default sizes every sentence of a class's bank is in
-the transcribed Train split (the CTC task is learnable from ~150 utterances; mini_counts.json records the
-fraction of Test1 sentences seen in transcribed Train). Mini LibriSpeech likewise: its own neutral bank
+the transcribed Train split, and the CTC model is tested on sentences it heard from other renderings (about four
+per sentence; 111 word types in 32 sentences). mini_counts.json records the fraction of Test1 sentences seen in
+transcribed Train ("sentences"). Mini LibriSpeech likewise: its own neutral bank
 (sentence_banks.LIBRI, no sentence shared with MSP), train cycling through it, dev/test drawn from it, but
 dev/test speakers are disjoint from train speakers as in LibriSpeech.
 """
@@ -85,15 +88,17 @@ UNKNOWN_SPEAKER_RATE = 0.05
 LIBRI_VOICES = ["en-us+m1", "en-gb+f1", "en-gb-x-rp+m4", "en-us+f5", "en-029+m5", "en-gb-scotland+f2",
                 "en-us-nyc+m6", "en-gb-x-gbclan+f4", "en-us+m8", "en-gb+f3", "en-029+m2", "en-us+f1"]
 
-# Prosody patterns: espeak-ng pitch (0-99), speed (words/min), amplitude (0-200), word gap (x10 ms).
+# Prosody patterns: espeak-ng pitch (0-99), speed (words/min), amplitude (0-200), word gap (x10 ms), and a sox
+# pitch shift (cents) that widens the F0 range beyond espeak-ng's. The models normalise each waveform to unit
+# variance, so amplitude is no cue for them: every pair the design separates by prosody differs in rate and F0.
 PATTERNS = {
-    "hot": (65, 225, 170, 0),    # high, fast, loud
-    "cold": (28, 140, 130, 2),   # low, slow, firm
-    "tense": (92, 200, 60, 1),   # very high, quiet
-    "flat": (50, 170, 100, 0),   # mid everything
-    "low": (15, 105, 50, 4),     # lowest, slowest, quiet, pauses
-    "other": (45, 180, 110, 0),
-    "mixed": (55, 175, 105, 1),
+    "hot": (70, 240, 170, 0, 200),     # high, fastest, loud
+    "tense": (99, 150, 60, 0, 700),    # highest, slow-ish, quiet
+    "flat": (40, 180, 100, 0, 0),      # mid everything
+    "cold": (25, 135, 130, 2, -300),   # low, slow, firm, short pauses
+    "low": (10, 100, 50, 5, -300),     # lowest, slowest, quiet, long pauses
+    "other": (45, 180, 110, 0, 0),
+    "mixed": (55, 175, 105, 1, 0),
 }
 # Consensus letter -> prosody pattern (the design table is in the module docstring).
 CLASS_PATTERN = {"A": "hot", "H": "hot", "C": "cold", "D": "cold", "F": "tense", "U": "tense",
@@ -139,8 +144,9 @@ def _synthesize(job):
            "-a", str(job["amp"]), "-g", str(job["gap"]), "-w", str(raw), job["text"]]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # -R (repeatable) and -D (no dither) keep sox output a pure function of its input.
+    shift = ["pitch", str(job["shift"])] if job["shift"] else []
     cmd = ["sox", "-R", "-D", str(raw), "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer", str(out),
-           "pad", "0.05", "0.05"]
+           *shift, "pad", "0.05", "0.05"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     raw.unlink()
 
@@ -154,12 +160,13 @@ def _run_jobs(jobs, workers):
 
 
 def _prosody(rng, pattern):
-    pitch, speed, amp, gap = PATTERNS[pattern]
+    pitch, speed, amp, gap, shift = PATTERNS[pattern]
     return {
         "pitch": min(99, max(0, pitch + rng.randint(-4, 4))),
         "speed": int(round(speed * rng.uniform(0.94, 1.06))),
         "amp": int(round(amp * rng.uniform(0.92, 1.08))),
         "gap": gap,
+        "shift": shift,
     }
 
 
@@ -350,11 +357,12 @@ def _write_msp(stage, rows, counts, workers, rng):
     with open(stage / META_NAME, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["FileName", "EmoClass", "Split_Set", "pool", "sentence", "pattern", "voice", "pitch", "speed",
-                    "amp", "gap"])
+                    "amp", "gap", "shift_cents"])
         for r in rows:
             p = r["_prosody"]
             w.writerow([r["FileName"], r["EmoClass"], r["Split_Set"], r["_pool"], r["_sentence"],
-                        CLASS_PATTERN[r["EmoClass"]], r["_voice"], p["pitch"], p["speed"], p["amp"], p["gap"]])
+                        CLASS_PATTERN[r["EmoClass"]], r["_voice"], p["pitch"], p["speed"], p["amp"], p["gap"],
+                        p["shift"]])
     jobs = [dict(out=stage / "Audios" / r["FileName"], voice=r["_voice"], text=r["_sentence"], **r["_prosody"])
             for r in rows]
     _run_jobs(jobs, workers)
