@@ -5,16 +5,27 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from lobes.ctc_text import normalize_transcript
-from lobes.emotions import LETTER_TO_EMOTION, WORD_TO_EMOTION
-from tools.make_mini_corpora import CLASS_PATTERN, PATTERNS, make_mini_corpora
 from lobes.errors import DataError
-from tools.sentence_banks import CLASS_POOLS, LIBRI, POOLS, SENTENCES_FILE, all_sentences, class_bank, read_pools
+from tools.make_mini_corpora import CLASS_PATTERN, PATTERNS, make_mini_corpora
+from tools.sentence_banks import (
+    CLASS_POOLS,
+    LIBRI,
+    POOLS,
+    SENTENCES_FILE,
+    all_sentences,
+    class_bank,
+    read_pools,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "MSP-Podcast"))
+from msp_podcast_prepare import LETTER_TO_EMOTION, WORD_TO_EMOTION  # noqa: E402
 
 CONSENSUS_HEADER = ["FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set"]
 
@@ -246,8 +257,8 @@ def test_words_and_prosody_separate_the_documented_pairs(mini_corpora):
             # transcripts as written (case and spacing vary); the rows without one use the spoken sentence
             txt = root / "Transcripts" / (m["FileName"][:-4] + ".txt")
             rate, logf0, pauses = _prosody_features(root / "Audios" / m["FileName"], m["sentence"])
-            rows.append(dict(emo=m["EmoClass"], text=txt.read_text() if txt.exists() else m["sentence"],
-                             rate=rate, logf0=logf0, pauses=pauses))
+            rows.append({"emo": m["EmoClass"], "text": txt.read_text() if txt.exists() else m["sentence"],
+                         "rate": rate, "logf0": logf0, "pauses": pauses})
     frame = pd.DataFrame(rows)
     assert len(frame) == 240
 

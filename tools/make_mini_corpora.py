@@ -61,14 +61,17 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lobes.ctc_text import normalize_transcript
-from lobes.emotions import EMOTIONS, LETTER_TO_EMOTION
 from tools.sentence_banks import CLASS_POOLS, LIBRI, POOLS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "MSP-Podcast"))
+from msp_podcast_prepare import LETTER_TO_EMOTION, MSP_CLASSES as EMOTIONS  # noqa: E402
 
 README_NAME = "README_generated.txt"
 COUNTS_NAME = "mini_counts.json"
@@ -326,7 +329,10 @@ def _msp_counts(rows, seed, n_msp):
 def _sentence_overlap(train, test):
     """How much of the test text the training text already contains (recorded in mini_counts.json)."""
     seen = set(train)
-    words = lambda ss: {w for s in ss for w in normalize_transcript(s).split()}  # noqa: E731
+
+    def words(sentences):
+        return {w for s in sentences for w in normalize_transcript(s).split()}
+
     return {
         "train_utterances": len(train), "train_distinct": len(seen), "train_vocabulary": len(words(train)),
         "test_utterances": len(test), "test_distinct": len(set(test)),
