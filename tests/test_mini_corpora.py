@@ -117,12 +117,14 @@ def test_libri_layout_and_counts(mini_corpora):
     root = mini_corpora.libri
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["dev-clean", "test-clean", "train-clean-100"]
     speakers = {}
-    for split, n in (("train-clean-100", 60), ("dev-clean", 16), ("test-clean", 16)):
+    # train: 8 speakers x 2 chapters; dev/test: 4 x 2
+    for split, n, n_spk in (("train-clean-100", 60, 8), ("dev-clean", 16, 4), ("test-clean", 16, 4)):
         flacs = sorted((root / split).glob("*/*/*.flac"))
         assert len(flacs) == n
         chapters = {f.parent for f in flacs}
         speakers[split] = {c.parent.name for c in chapters}
-        assert len(speakers[split]) == 4 and len(chapters) == 8
+        assert len(speakers[split]) == n_spk and len(chapters) == 2 * n_spk
+        assert mini_corpora.libri_counts["splits"][split]["speakers"] == n_spk
         listed = set()
         for chap in chapters:
             spk, ch = chap.parent.name, chap.name
@@ -139,7 +141,7 @@ def test_libri_layout_and_counts(mini_corpora):
         info = sf.info(str(flacs[0]))
         assert (info.samplerate, info.channels, info.format) == (16000, 1, "FLAC")
     # speaker-disjoint splits, as in LibriSpeech
-    assert len(speakers["train-clean-100"] | speakers["dev-clean"] | speakers["test-clean"]) == 12
+    assert len(speakers["train-clean-100"] | speakers["dev-clean"] | speakers["test-clean"]) == 16
 
 
 # The design table of tools/make_mini_corpora.py: pairs one cue leaves ambiguous and the other separates.

@@ -49,8 +49,8 @@ cycle through its bank (transcribed rows first), so with the default sizes every
 the transcribed Train split, and the CTC model is tested on sentences it heard in other renderings (119
 transcribed Train utterances over 32 sentences, about four each; 111 word types). Mini LibriSpeech likewise: its
 own neutral pool "libri" (16 sentences, 73 word types, none shared with MSP), train-clean-100 cycling through it
-(60 utterances, about four each), dev/test drawn from it, but spoken by speakers disjoint from train's as in
-LibriSpeech. mini_counts.json of each corpus records the overlap ("sentences": test utterances whose sentence is
+(60 utterances by 8 speakers, about four per sentence), dev/test drawn from it, but spoken by 4 + 4 speakers
+disjoint from train's as in LibriSpeech (their accents all occur in train). mini_counts.json of each corpus records the overlap ("sentences": test utterances whose sentence is
 in training, test words not in training).
 """
 import argparse
@@ -94,8 +94,14 @@ MSP_SPEAKERS = [
 UNKNOWN_SPEAKER_VOICE = "en-us-nyc+m2"
 UNKNOWN_SPEAKER_RATE = 0.05
 
-LIBRI_VOICES = ["en-us+m1", "en-gb+f1", "en-gb-x-rp+m4", "en-us+f5", "en-029+m5", "en-gb-scotland+f2",
-                "en-us-nyc+m6", "en-gb-x-gbclan+f4", "en-us+m8", "en-gb+f3", "en-029+m2", "en-us+f1"]
+# One speaker (2 chapters) per voice; splits are speaker-disjoint as in LibriSpeech. Training has twice as many
+# voices as dev/test, covering every accent that dev/test use, so that CTC can generalise to unseen speakers.
+LIBRI_VOICES = {
+    "train-clean-100": ["en-us+m1", "en-gb+f1", "en-gb-x-rp+m4", "en-us+f5", "en-029+m5", "en-gb-scotland+f2",
+                        "en-us-nyc+m6", "en-gb-x-gbclan+f4"],
+    "dev-clean": ["en-gb-x-rp+f2", "en-us-nyc+m7", "en-gb-scotland+m3", "en-029+f5"],
+    "test-clean": ["en-us+m8", "en-gb+f3", "en-029+m2", "en-us+f1"],
+}
 
 # Prosody patterns: espeak-ng pitch (0-99), speed (words/min), amplitude (0-200), word gap (x10 ms), and a sox
 # pitch shift (cents) that widens the F0 range beyond espeak-ng's. The models normalise each waveform to unit
@@ -397,14 +403,14 @@ def _write_msp(stage, rows, counts, workers, rng):
 
 def _write_libri(stage, rng, n_train, n_eval, workers, seed):
     sizes = {"train-clean-100": n_train, "dev-clean": n_eval, "test-clean": n_eval}
-    spk_ids = rng.sample(range(100, 9000), 4 * len(sizes))
-    voices = list(LIBRI_VOICES)
+    spk_ids = iter(rng.sample(range(100, 9000), sum(len(v) for v in LIBRI_VOICES.values())))
     jobs, counts, texts = [], {"seed": seed, "splits": {}}, {}
-    for s, (split, n) in enumerate(sizes.items()):
-        chapters = []  # (speaker, chapter, voice): 4 speakers x 2 chapters
-        for k, spk in enumerate(spk_ids[4 * s: 4 * s + 4]):
+    for split, n in sizes.items():
+        chapters = []  # (speaker, chapter, voice): 2 chapters per speaker
+        for voice in LIBRI_VOICES[split]:
+            spk = next(spk_ids)
             for chap in sorted(rng.sample(range(1000, 99999), 2)):
-                chapters.append((str(spk), str(chap), voices[(4 * s + k) % len(voices)]))
+                chapters.append((str(spk), str(chap), voice))
         per_chapter = Counter()
         trans = {}
         # train-clean-100 cycles through the bank; dev/test draw from it (their speakers are unseen).
@@ -422,7 +428,7 @@ def _write_libri(stage, rng, n_train, n_eval, workers, seed):
             path.write_text("\n".join(sorted(lines)) + "\n", encoding="utf-8")
         first = sorted(trans)[0]
         counts["splits"][split] = {
-            "utterances": n, "speakers": len({c[0] for c in chapters}), "chapters": len(per_chapter),
+            "utterances": n, "speakers": len({spk for spk, _ in per_chapter}), "chapters": len(per_chapter),
             "example": dict(zip(("id", "wrd"), sorted(trans[first])[0].split(" ", 1))),
         }
     counts["sentences"] = _sentence_overlap(texts["train-clean-100"], texts["test-clean"])
