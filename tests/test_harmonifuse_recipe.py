@@ -66,18 +66,40 @@ def test_without_invalid_outputs_the_report_equals_ser_report(recipe):
 
 def test_bad_task_settings_are_refused_before_any_work(recipe):
     ok = {"train_tasks": ["asr", "ser"], "interleave_ratio": {"asr": 2, "ser": 1}, "libri_test_splits": ["test-clean"],
-          "ser_extra_sources": {}}
+          "ser_extra_sources": {}, "ser_corpus": "msp_podcast", "iemocap_fold": 1}
     recipe.check_hparams(ok)
     for change, msg in (({"train_tasks": ["asr", "sv"]}, "subset of"), ({"train_tasks": []}, "subset of"),
                         ({"interleave_ratio": {"asr": 1, "ser": 0}}, r"task\(s\) \['ser'\]"),
                         ({"libri_test_splits": []}, "libri_test_splits is empty"),
                         ({"ser_extra_sources": {"emilia": "x.json"}}, r"extra SER source\(s\) \['ser:emilia'\]"),
-                        ({"ser_extra_sources": {"e": "x.json"}, "train_tasks": ["asr"]}, "need 'ser' in train_tasks")):
+                        ({"ser_extra_sources": {"e": "x.json"}, "train_tasks": ["asr"]}, "need 'ser' in train_tasks"),
+                        ({"ser_corpus": "iemocap", "iemocap_fold": 6}, "iemocap_fold must be a session number"),
+                        ({"ser_corpus": "crema"}, "ser_corpus must be")):
         with pytest.raises(DataError, match=msg):
             recipe.check_hparams({**ok, **change})
     recipe.check_hparams({**ok, "train_tasks": ["ser"], "libri_test_splits": []})  # SER-only needs no ASR test
     recipe.check_hparams({**ok, "ser_extra_sources": {"emilia": "x.json"},
                           "interleave_ratio": {"asr": 1, "ser": 1, "ser:emilia": 2}})
+
+
+def test_iemocap_fold_is_the_ser_corpus_of_the_iemocap_row(recipe, iemocap_manifests, mini_iemocap, tmp_path):
+    """ser_corpus iemocap: train/valid/test = the prepared fold's manifests, 4 classes checked against classes.txt."""
+    h = {"train_tasks": ["ser"], "ser_corpus": "iemocap", "iemocap_prep_folder": str(iemocap_manifests),
+         "iemocap_fold": 2, "iemocap_folder": str(mini_iemocap.root), "ser_extra_sources": {},
+         "emotion_classes": ["neu", "hap", "ang", "sad"], "interleave_ratio": {"ser": 1}, "libri_test_splits": []}
+    recipe.check_hparams(h)
+    ds = recipe.build_datasets(h)
+    for split, tag in (("train", "ser"), ("valid", "ser:valid"), ("test", "ser:test")):
+        manifest = json.loads((iemocap_manifests / "fold2" / f"{split}.json").read_text())
+        assert len(ds[split][tag]) == len(manifest) > 0
+    test_ids = {ds["test"]["ser:test"][i]["spk_id"] for i in range(len(ds["test"]["ser:test"]))}
+    assert test_ids == {"Ses02_F", "Ses02_M"}  # fold 2 tests on Session 2
+    with pytest.raises(DataError, match="differ from the prepared IEMOCAP classes"):
+        recipe.build_datasets({**h, "emotion_classes": ["ang", "hap", "neu", "sad"]})
+    # prepare() writes the fold from the corpus itself
+    recipe.prepare({**h, "iemocap_prep_folder": str(tmp_path / "prep"), "iemocap_fold": 3})
+    assert json.loads((tmp_path / "prep" / "fold3" / "test.json").read_text()) == \
+        json.loads((iemocap_manifests / "fold3" / "test.json").read_text())
 
 
 def test_an_extra_ser_source_is_interleaved_at_its_ratio(recipe, msp_manifests, libri_manifests, tmp_path):
@@ -93,6 +115,7 @@ def test_an_extra_ser_source_is_interleaved_at_its_ratio(recipe, msp_manifests, 
          "asr_batch_size": 2, "ser_batch_size": 2, "libri_prep_folder": str(libri_manifests),
          "libri_train_splits": ["train-clean-100"], "libri_valid_split": "dev-clean",
          "libri_test_splits": ["test-clean"], "msp_prep_folder": str(msp_manifests),
+         "ser_corpus": "msp_podcast", "iemocap_fold": 1,
          "emotion_classes": ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]}
     recipe.check_hparams(h)
     assert recipe.train_sources(h) == ["asr", "ser", "ser:pseudo"]
@@ -171,7 +194,9 @@ def test_rows_override_only_their_keys():
               "static_encoder_fusion": {"lm_fusion": "last"}, "static_lm_fusion": {"lm_fusion": "static"},
               "lm_frozen": {"lm_mode": "frozen"},
               "lm_full": {"lm_mode": "full", "backbone_modules": ["speech_lm.encoder", "speech_lm.lm"]},
-              "soft_prompts": {"prompt_mode": "soft"}, "channel_gate": {"encoder_gate": "channel"}}
+              "soft_prompts": {"prompt_mode": "soft"}, "channel_gate": {"encoder_gate": "channel"},
+              "iemocap_ser": {"ser_corpus": "iemocap", "msp_folder": None,
+                              "emotion_classes": ["neu", "hap", "ang", "sad"]}}
     for task, other in (("asr", "msp_folder"), ("ser", "libri_folder")):
         for layer in (12, 24):  # the paper's first experiment: single task, fixed WavLM layer 12 or 24
             expect[f"single_task_{task}_layer{layer}"] = {"train_tasks": [task], other: None, "fixed_layer": layer}

@@ -11,6 +11,7 @@ does; ``–`` where a row has no value (single-task rows).
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 COLUMNS = (("WER clean", "wer_clean", None), ("WER other", "wer_other", None), ("UA", "uar", "test"),
@@ -41,7 +42,11 @@ def rows_of(paths):
 
 def make_table(paths):
     lines, part = [], None
-    for p, _, label, m in rows_of(paths):
+    rows = rows_of(paths)
+    seen = Counter((p, label) for p, _, label, _ in rows)
+    for p, _, label, m in rows:
+        if seen[(p, label)] > 1:  # e.g. the IEMOCAP folds of one row file: tell them apart
+            label = f"{label} ({m.get('experiment')})"
         if p != part:
             part = p
             lines += ["", f"### {p}" if p else "", "", "| row | " + " | ".join(c[0] for c in COLUMNS) + " |",

@@ -26,6 +26,7 @@ device=                     # cuda:0 / cpu; empty = SpeechBrain's default
 mini=false                  # true: generate mini corpora + tiny WavLM + tiny LM and use fast demo settings
 msp_folder=                 # MSP-Podcast root (Audios/ Labels/ Transcripts/)
 libri_folder=               # LibriSpeech root (train-clean-100/ dev-clean/ test-clean/ test-other/)
+iemocap_folder=             # IEMOCAP_full_release root: adds the iemocap_ser row for folds 1..5
 libri_train_splits="train-clean-100"   # e.g. "train-clean-100 train-clean-360 train-other-500" (960 h)
 wavlm_source=microsoft/wavlm-large     # hub id or local directory
 lm_source=Qwen/Qwen2.5-0.5B            # any causal LM: hub id or local directory
@@ -59,6 +60,7 @@ splits_yaml="[$(echo ${libri_train_splits} | sed 's/ /, /g')]"
 common=(--seed="${seed}" --wavlm_source="${wavlm_source}" --lm_source="${lm_source}"
         --msp_folder="${msp_folder}" --libri_folder="${libri_folder}" --skip_prep=True
         --msp_prep_folder="${prep}/msp" --libri_prep_folder="${prep}/libri" --libri_train_splits="${splits_yaml}"
+        --iemocap_prep_folder="${prep}/iemocap" ${iemocap_folder:+--iemocap_folder="${iemocap_folder}"}
         ${device:+--device="${device}"})
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
@@ -71,6 +73,9 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     fi
     "${py}" "${msp_dir}/msp_podcast_prepare.py" --data_folder "${msp_folder}" --save_folder "${prep}/msp"
     # shellcheck disable=SC2086
+    if [ -n "${iemocap_folder}" ]; then
+        "${py}" "${root}/recipes/IEMOCAP/iemocap_prepare.py" --data_folder "${iemocap_folder}" --save_folder "${prep}/iemocap"
+    fi
     "${py}" "${root}/recipes/LibriSpeech/librispeech_prepare.py" --data_folder "${libri_folder}" \
         --save_folder "${prep}/libri" --splits ${libri_train_splits} dev-clean test-clean test-other \
         --required_splits ${libri_train_splits} dev-clean test-clean
@@ -86,6 +91,15 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
         launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${common[@]}" \
             --exp_folder="${exp}/rows" ${row_lm_args} ${train_args} "${extra[@]}"
     done
+    if [ -n "${iemocap_folder}" ]; then
+        for fold in 1 2 3 4 5; do
+            log "Stage 1: HarmoniFuse row iemocap_ser, fold ${fold}"
+            # shellcheck disable=SC2086
+            launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/iemocap_ser.yaml" "${common[@]}" \
+                --exp_folder="${exp}/rows" --iemocap_fold="${fold}" --experiment="iemocap_fold${fold}" \
+                ${mini_lm_args} ${train_args} "${extra[@]}"
+        done
+    fi
 fi
 
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then

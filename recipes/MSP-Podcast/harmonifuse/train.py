@@ -26,6 +26,8 @@ from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "LibriSpeech"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "IEMOCAP"))
+from iemocap_prepare import prepare_iemocap  # noqa: E402
 from librispeech_prepare import prepare_librispeech  # noqa: E402
 from msp_podcast_prepare import prepare_msp_podcast  # noqa: E402
 
@@ -312,6 +314,10 @@ def check_hparams(hparams):
         raise DataError(f"interleave_ratio {hparams['interleave_ratio']} gives no batches to trained task(s) {missing}")
     if "asr" in tasks and not hparams["libri_test_splits"]:
         raise DataError("libri_test_splits is empty: ASR needs at least one test split (e.g. [test-clean])")
+    if hparams["ser_corpus"] not in ("msp_podcast", "iemocap"):
+        raise DataError(f"ser_corpus must be 'msp_podcast' or 'iemocap', got '{hparams['ser_corpus']}'")
+    if hparams["ser_corpus"] == "iemocap" and "ser" in tasks and int(hparams["iemocap_fold"]) not in range(1, 6):
+        raise DataError(f"iemocap_fold must be a session number 1..5, got {hparams['iemocap_fold']}")
     extra = hparams["ser_extra_sources"] or {}
     if extra and "ser" not in tasks:
         raise DataError(f"ser_extra_sources {sorted(extra)} need 'ser' in train_tasks, got {tasks}")
@@ -331,9 +337,20 @@ def needs_unused_parameter_search(hparams):
     return hparams["ser_mode"] == "classify" and "asr" in hparams["train_tasks"]
 
 
+def ser_prep_folder(hparams):
+    """Where the SER train/valid/test manifests are: MSP-Podcast's, or the IEMOCAP fold's."""
+    if hparams["ser_corpus"] == "iemocap":
+        return Path(hparams["iemocap_prep_folder"]) / f"fold{hparams['iemocap_fold']}"
+    return Path(hparams["msp_prep_folder"])
+
+
 def prepare(hparams):
     tasks = hparams["train_tasks"]
-    if "ser" in tasks:
+    if "ser" in tasks and hparams["ser_corpus"] == "iemocap":
+        sb.utils.distributed.run_on_main(prepare_iemocap, kwargs={
+            "data_folder": hparams["iemocap_folder"], "save_folder": hparams["iemocap_prep_folder"],
+            "folds": (int(hparams["iemocap_fold"]),), "asr_manifests": False})
+    elif "ser" in tasks:
         sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
             "data_folder": hparams["msp_folder"], "save_folder": hparams["msp_prep_folder"],
             "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"],
@@ -389,7 +406,13 @@ def build_datasets(hparams):
         out["valid"][f"asr:{hparams['libri_valid_split']}"] = ds["valid"]
         out["test"].update({f"asr:{s}": ds[f"test:{s}"] for s in tests})
     if "ser" in tasks:
-        mp = Path(hparams["msp_prep_folder"])
+        mp = ser_prep_folder(hparams)
+        if hparams["ser_corpus"] == "iemocap":  # the head's classes must be the prepared ones, in their order
+            listed = Path(hparams["iemocap_prep_folder"]) / "classes.txt"
+            prepared = listed.read_text().split() if listed.is_file() else None
+            if prepared != list(hparams["emotion_classes"]):
+                raise DataError(f"emotion_classes {list(hparams['emotion_classes'])} differ from the prepared "
+                                f"IEMOCAP classes {prepared} ({listed})")
         ds = ser_datasets({s: str(mp / f"{s}.json") for s in ("train", "valid", "test")}, hparams["emotion_classes"])
         out["train"]["ser"] = ds["train"]
         out["valid"]["ser:valid"] = ds["valid"]
