@@ -254,7 +254,6 @@ def fit_and_evaluate(brain, datasets, hparams):
     """The common tail of every train.py: fit with validation, then test on the best (lowest-loss) checkpoint."""
     from lobes.dataio import loader_kwargs
 
-    logger.info("batch: %s", getattr(brain, "batch_description", "per process"))
     brain.fit(hparams["epoch_counter"], datasets["train"], datasets["valid"],
               train_loader_kwargs=loader_kwargs(hparams, datasets["train"], train=True),
               valid_loader_kwargs=loader_kwargs(hparams, datasets["valid"], train=False))
