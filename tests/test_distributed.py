@@ -284,3 +284,20 @@ def test_frozen_cnn_saves_no_activation_for_backward(tmp_path):
     cnn_out.clear()
     enc(torch.randn(2, 16000), torch.ones(2))
     assert cnn_out["t"].grad_fn is not None
+
+
+def test_dynamic_batches_are_per_gpu_micro_batches_and_shard_without_duplicates(monkeypatch):
+    from lobes.dataio import loader_kwargs
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    h = toy_hparams(8, None, 2)
+    h.update({"dynamic_batching": True, "max_batch_length": 8.0, "micro_batch_length": 2.0, "num_buckets": 1,
+              "max_batch_ex": None})
+    assert D.batch_split(None, None, True, 8.0, 2.0, world=2) == (2.0, 2)
+    ds = toy_dataset(11)  # 1 s each: dynamic batches of at most 2 s = 2 utterances per GPU
+    kw = loader_kwargs(h, ds, train=False)
+    assert all(len(b) <= 2 for b in kw["batch_sampler"]) and sum(len(b) for b in kw["batch_sampler"]) == 11
+    shards = [D.shard_batches(ds, kw, rank_=r, world=2) for r in range(2)]
+    seen = sorted(i for s in shards for b in s[0]["batch_sampler"] for i in b)
+    assert seen == list(range(11))
+    assert sorted(shards[0][1]) == [f"u{i:03d}" for i in range(11)]
