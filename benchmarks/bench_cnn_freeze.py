@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from transformers import WavLMConfig, WavLMModel  # noqa: E402
+from transformers import WavLMConfig, WavLMModel
 
-from lobes.wavlm_encoder import run_wavlm  # noqa: E402
+from lobes.wavlm_encoder import run_wavlm
 
 
 def config(shape, layers):
@@ -50,7 +50,7 @@ def saved_bytes(model, wavs, lens):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        hidden, mask = run_wavlm(model, wavs, lens)
+        hidden, _ = run_wavlm(model, wavs, lens)
         loss = hidden.float().pow(2).mean()
     loss.backward()
     return sum(seen.values()), len(seen)
@@ -63,7 +63,7 @@ def main(argv=None):
     p.add_argument("--shape", choices=["large", "tiny"], default="large")
     p.add_argument("--out", default=None, help="JSON log (default: benchmarks/logs/cnn_freeze_<shape>.json)")
     a = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     torch.manual_seed(0)
     model = WavLMModel(config(a.shape, a.layers)).train()
     wavs = torch.randn(1, int(16000 * a.seconds))

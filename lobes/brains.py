@@ -111,11 +111,12 @@ class ToolkitBrain(sb.Brain):
         self.asr_out = D.gather_rows(self.asr_out, order)
 
     def stage_loss(self, stage, stage_loss):
-        """Validation / test: the sample-weighted mean loss over all ranks' utterances."""
-        if stage == sb.Stage.TRAIN:
+        """Validation / test on a loader sharded by ``make_dataloader``: the sample-weighted mean of the batch
+        losses over all ranks' utterances, in place of SpeechBrain's per-rank batch average. A stage whose loader
+        the recipe built itself (HarmoniFuse: its own task-combined loss) keeps the loss it passes."""
+        if stage == sb.Stage.TRAIN or stage not in getattr(self, "_eval_order", {}):
             return stage_loss
-        mean = D.weighted_mean(self._eval_loss_sum, self._eval_count)
-        return stage_loss if self._eval_count == 0 and not D.is_distributed() else mean
+        return D.weighted_mean(self._eval_loss_sum, self._eval_count)
 
     # -- output collection -------------------------------------------------------------------------------
     @property

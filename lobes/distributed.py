@@ -43,11 +43,11 @@ def world_size():
     before ``ddp_init_group`` in some scripts), else 1."""
     if is_distributed():
         return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank():
-    return torch.distributed.get_rank() if is_distributed() else int(os.environ.get("RANK", 0))
+    return torch.distributed.get_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
 
 
 def _split(total, micro, world, total_key, micro_key, integral):
@@ -72,7 +72,7 @@ def _split(total, micro, world, total_key, micro_key, integral):
         raise DataError(
             f"{total_key} {total} (global) is not {micro_key} {micro} x {world} GPU(s) x an integer "
             f"(gradient accumulation): set {micro_key} to a divisor of {total_key} / GPUs = {per_gpu:g}")
-    return micro, int(round(accum))
+    return micro, round(accum)
 
 
 def batch_split(batch_size, micro_batch_size=None, dynamic_batching=False, max_batch_length=None,

@@ -11,7 +11,6 @@ norm (WavLM-Large) the final encoder layer norm is applied to index L only.
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from transformers import WavLMConfig, WavLMModel
 
 from lobes.errors import DataError

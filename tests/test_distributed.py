@@ -240,12 +240,12 @@ def test_ser_recipe_on_two_gloo_processes_writes_the_metrics_of_one(msp_manifest
         cmd = [sys.executable] + args if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             *args, "--distributed_backend=gloo"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        return json.loads((exp / "metrics.json").read_text()), proc.stdout + proc.stderr, exp
+        return json.loads((exp / "metrics.json").read_text()), exp
 
-    one, log1, exp1 = run(tmp_path / "one", 1)
-    two, log2, exp2 = run(tmp_path / "two", 2)
+    one, exp1 = run(tmp_path / "one", 1)
+    two, exp2 = run(tmp_path / "two", 2)
     assert "global batch 4 = micro 2 x accum 2 x 1 GPU" in (exp1 / "log.txt").read_text()
     assert "global batch 4 = micro 2 x accum 1 x 2 GPUs" in (exp2 / "log.txt").read_text()
     assert one["test"]["n"] == two["test"]["n"] == SUBSET["test"]
@@ -254,15 +254,14 @@ def test_ser_recipe_on_two_gloo_processes_writes_the_metrics_of_one(msp_manifest
         assert two["test"][k] == pytest.approx(one["test"][k], abs=1e-12), k
     assert two["alphas"] == pytest.approx(one["alphas"], abs=1e-7)
     assert (exp2 / "predictions.csv").read_text().splitlines()[0] == (exp1 / "predictions.csv").read_text().splitlines()[0]
-    ids = lambda e: [line.split(",")[0] for line in (e / "predictions.csv").read_text().splitlines()[1:]]  # noqa: E731
+    ids = lambda e: [line.split(",")[0] for line in (e / "predictions.csv").read_text().splitlines()[1:]]
     assert ids(exp2) == ids(exp1) and len(ids(exp1)) == SUBSET["test"]
 
 
 # ----------------------------------------------------------------------------------------- frozen CNN
 def test_frozen_cnn_saves_no_activation_for_backward(tmp_path):
-    from tools.make_tiny_wavlm import make_tiny_wavlm
-
     from lobes.wavlm_encoder import WavLMEncoder
+    from tools.make_tiny_wavlm import make_tiny_wavlm
 
     enc = WavLMEncoder(str(make_tiny_wavlm(tmp_path / "tiny_wavlm")), freeze_feature_extractor=True).train()
     cnn = enc.model.feature_extractor
