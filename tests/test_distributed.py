@@ -114,6 +114,9 @@ class ToyBrain(ToolkitBrain):
         if stage != sb.Stage.TRAIN:
             self.ser_out["ids"] += list(batch.id)
             self.ser_out["pred"] += pred.view(-1).tolist()
+            self.asr_out["ids"] += list(batch.id)  # ASR refs / hyps are gathered the same way
+            self.asr_out["refs"] += [f"REF {u}" for u in batch.id]
+            self.asr_out["hyps"] += [f"{v:.3f}" for v in pred.view(-1).tolist()]
         return torch.nn.functional.mse_loss(pred, batch.yt.data)  # a per-sample mean: batch-size invariant
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
@@ -123,6 +126,7 @@ class ToyBrain(ToolkitBrain):
         local = self._eval_count  # utterances this rank ran itself
         self.sync_outputs()
         self.eval_result = {"local": local, "ids": self.ser_out["ids"], "pred": self.ser_out["pred"],
+                            "asr": [self.asr_out["ids"], self.asr_out["refs"], self.asr_out["hyps"]],
                             "loss": self.stage_loss(stage, stage_loss)}
 
 
@@ -203,6 +207,7 @@ def test_two_gloo_processes_step_like_one_and_shard_evaluation(tmp_path):
         assert r["eval"]["ids"] == single["eval"]["ids"] == [f"u{i:03d}" for i in range(10)]
         assert r["eval"]["pred"] == pytest.approx(single["eval"]["pred"], abs=1e-5)
         assert r["eval"]["loss"] == pytest.approx(single["eval"]["loss"], rel=1e-6)
+        assert r["eval"]["asr"][:2] == single["eval"]["asr"][:2] and len(r["eval"]["asr"][2]) == 10
 
 
 def test_shard_batches_cover_every_utterance_once():
