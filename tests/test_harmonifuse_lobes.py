@@ -466,6 +466,21 @@ def test_lora_wraps_target_modules_and_only_adapters_and_new_parts_train(tiny_di
         SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="lora")
 
 
+def test_other_peft_adapters_plug_in_through_lm_peft_config(tiny_dirs):
+    """IA3 and DoRA configs work as lm_peft_config: only their vectors / matrices train in the LM, all get grads."""
+    from peft import IA3Config, LoraConfig
+    cases = ((IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+              4 * 3, "ia3_l"),
+             (LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True), 4 * 2 * 3, "lora_"))
+    for cfg, n_params, marker in cases:
+        torch.manual_seed(0)
+        m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="lora", lm_peft_config=cfg)
+        m(torch.randn(2, 1600), torch.tensor([1.0, 0.8]), "asr", ["AB", "CD"]).loss.backward()
+        lm = [n for n, p in m.named_parameters() if p.requires_grad and n.startswith("lm.")]
+        assert len(lm) == n_params and all(marker in n for n in lm), (type(cfg).__name__, lm[:3])
+        assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
 def test_bf16_lm_with_gradient_checkpointing_trains_and_decodes(tiny_dirs):
     torch.manual_seed(0)
     m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="full", lm_dtype="bfloat16",
