@@ -229,6 +229,7 @@ class HarmoniFuseBrain(ToolkitBrain):
             details = {split: M.wer_details(o["refs"], o["hyps"]) for split, o in self.asr_by_split.items()}
             for split, o in self.asr_by_split.items():
                 details[split]["wer_ci"] = wer_with_ci(o["refs"], o["hyps"], h.num_bootstraps, h.seed)[1]
+                details[split]["wer_whisper_norm"] = M.wer_whisper_norm(o["refs"], o["hyps"])
             first = next(iter(details))  # libri_test_splits order: test-clean first
             out["wer"] = details[first]["wer"]
             out["wer_split"] = first
