@@ -21,7 +21,7 @@ def _size(directory):
 
 
 def test_fixtures_are_small_and_load_through_the_recipe_paths():
-    from lobes.speech_lm import CharTokenizer, load_causal_lm, load_tokenizer
+    from lobes.harmonifuse.speech_lm import CharTokenizer, load_causal_lm, load_tokenizer
     from lobes.wavlm_encoder import WavLMEncoder
 
     assert _size(FIXTURES) < 5 * 2 ** 20
@@ -96,7 +96,7 @@ def test_wavlm_fixture_command_reproduces_its_first_steps():
     log = json.loads((WAVLM_FIXTURE / "pretrain_log.json").read_text())
     s = dict(log["settings"])
     s["steps"] = 8
-    short = pretrain(verbose=False, **s)
+    short = pretrain(verbose=False, sentences=WAVLM_FIXTURE / "pretrain_sentences.txt", **s)
     assert short["heldout_before"]["loss"] == pytest.approx(log["heldout_before"]["loss"], rel=1e-5)
     assert short["train_loss_curve"] == pytest.approx(log["train_loss_curve"][:8], rel=1e-4)
 
@@ -106,13 +106,15 @@ def test_lm_fixture_heldout_perplexity_far_below_random_init():
 
     log = json.loads((LM_FIXTURE / "pretrain_log.json").read_text())
     s = log["settings"]
-    _, _, heldout = split_text(s["seed"], s["n_generated"], s["holdout_every"])
-    from lobes.speech_lm import load_causal_lm, load_tokenizer
+    bank = LM_FIXTURE / "pretrain_sentences.txt"
+    _, _, heldout = split_text(s["seed"], s["n_generated"], s["holdout_every"], sentences=bank)
+    from lobes.harmonifuse.speech_lm import load_causal_lm, load_tokenizer
 
     lm, tok = load_causal_lm(LM_FIXTURE), load_tokenizer(LM_FIXTURE)
     rand, _ = build_model(seed=0)
     ppl_pre, ppl_rand = perplexity(lm, tok, heldout), perplexity(rand, tok, heldout)
-    assert len(heldout) == 12  # every 5th of the 60 bank sentences, never trained on
+    n_bank = sum(1 for ln in bank.read_text().splitlines() if ln.strip() and not ln.startswith("#"))
+    assert len(heldout) == n_bank // 5 == log["heldout_sentences"]  # every 5th bank sentence, never trained on
     assert ppl_rand > 40  # about the 64-symbol vocabulary
     assert ppl_pre < 0.25 * ppl_rand
     assert ppl_pre == pytest.approx(log["heldout_perplexity_after"], rel=1e-4)
@@ -126,6 +128,6 @@ def test_lm_short_run_deterministic_and_perplexity_falls():
     assert a["train_loss_curve"] == b["train_loss_curve"]
     sa, sb = a["_model"].state_dict(), b["_model"].state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    # 62.5 -> 17.3 measured: well below the random-init perplexity after 60 steps
+    # 62.5 -> 17.3 measured (60-sentence bank): well below the random-init perplexity after 60 steps
     assert a["heldout_perplexity_before"] > 40
     assert a["heldout_perplexity_after"] < 0.4 * a["heldout_perplexity_before"]

@@ -1,15 +1,17 @@
 """Pretrain the tiny causal LM (tools/tiny_configs/causal_lm.json + the character tokenizer) on text.
 
-    python -m tools.pretrain_tiny_lm --out tools/fixtures/tiny_lm_pretrained --seed 0
+    python -m tools.pretrain_tiny_lm --out tools/fixtures/tiny_lm_pretrained --seed 0 \
+        --sentences tools/fixtures/tiny_lm_pretrained/pretrain_sentences.txt
 
-(the defaults are the committed fixture's settings; the command above regenerates it: 400 steps, 205 s measured on
+(the defaults are the committed fixture's settings; the command above regenerates it from the copy of the banks it
+was trained on (tools/sentences.txt by default): 400 steps, 205 s measured on
 this project's 2-core machine while it was shared with other jobs).
 
-Text: the sentence bank tools/sentences.txt (every ``--holdout_every``-th sentence held out to measure perplexity)
+Text: the sentence banks of the mini corpora, tools/sentences.txt (all pools; every ``--holdout_every``-th sentence held out to measure perplexity)
 plus sentences from the phrase grammar (tools/synthetic_text.py) and any ``--text`` files (one sentence a line);
 half of each batch comes from the banks, half from the grammar. The grammar is narrow: trained longer, the model
-fits it and its held-out bank perplexity rises again (about 11 at 300-400 steps, 13 at 500, 48 at 1200 steps of
-grammar-only batches), hence the short default run.
+fits it and its held-out bank perplexity rises again (on the earlier 60-sentence bank: about 11 at 300-400 steps,
+13 at 500, and 48 after 1200 steps of grammar-only batches), hence the short default run. The fixture: 61.3 -> 10.3.
 Each sentence is seen both as written and in the normalised transcript form (``lobes.ctc_text``: upper case,
 letters, apostrophes and spaces), the form HarmoniFuse's ASR targets take. Training is next-character
 cross-entropy, ``<bos> text <eos>``, deterministic from the seed. The output is a ``save_pretrained`` directory plus
@@ -31,12 +33,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lobes.ctc_text import normalize_transcript
 from lobes.errors import DataError
 from lobes.io_utils import atomic_write
-from lobes.speech_lm import CharTokenizer
+from lobes.harmonifuse.speech_lm import CharTokenizer
 from tools.synthetic_text import generated_sentences
 
 CONFIG = Path(__file__).parent / "tiny_configs" / "causal_lm.json"
 SENTENCES_FILE = Path(__file__).with_name("sentences.txt")
 LOG_NAME = "pretrain_log.json"
+SENTENCES_NAME = "pretrain_sentences.txt"  # the bank it was trained on (held-out lines included), for regeneration
 
 
 def read_sentences(path):
@@ -48,11 +51,11 @@ def read_sentences(path):
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
-def split_text(seed, n_generated, holdout_every, extra_files=()):
+def split_text(seed, n_generated, holdout_every, extra_files=(), sentences=SENTENCES_FILE):
     """(bank training sentences, grammar sentences, held-out bank sentences in transcript form).
 
     Training sentences come in both surface forms (as written, and normalised)."""
-    bank = read_sentences(SENTENCES_FILE)
+    bank = read_sentences(sentences)
     heldout = [s for i, s in enumerate(bank) if holdout_every and i % holdout_every == holdout_every - 1]
     held = set(heldout)
     train = [s for s in bank if s not in held]
@@ -102,10 +105,11 @@ def build_model(seed):
 
 
 def pretrain(out=None, seed=0, steps=400, batch_size=32, lr=3e-3, warmup=100, n_generated=4000, bank_fraction=0.5,
-             holdout_every=5, extra_files=(), log_every=100, verbose=True):
+             holdout_every=5, extra_files=(), log_every=100, verbose=True, sentences=SENTENCES_FILE):
     t0 = time.time()
     model, tokenizer = build_model(seed)
-    bank, grammar, heldout = split_text(seed, n_generated, holdout_every, extra_files)
+    bank_text = Path(sentences).read_text(encoding="utf-8")  # read before ``out`` is replaced (it may hold it)
+    bank, grammar, heldout = split_text(seed, n_generated, holdout_every, extra_files, sentences)
     rng = random.Random(f"{seed}-lm-batches")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     # warm-up then inverse square root: independent of ``steps``, so a short run is a prefix of a long one
@@ -143,17 +147,18 @@ def pretrain(out=None, seed=0, steps=400, batch_size=32, lr=3e-3, warmup=100, n_
     if verbose and heldout:
         print(f"held-out bank perplexity {before:.2f} -> {after:.2f} ({log['seconds']} s)")
     if out is not None:
-        save(model, tokenizer, out, log)
+        save(model, tokenizer, out, log, bank_text)
     log["_model"], log["_tokenizer"] = model, tokenizer
     return log
 
 
-def save(model, tokenizer, out, log):
+def save(model, tokenizer, out, log, bank_text):
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    (tmp / SENTENCES_NAME).write_text(bank_text, encoding="utf-8")
     with atomic_write(tmp / LOG_NAME) as f:
         json.dump({k: v for k, v in log.items() if not k.startswith("_")}, f, indent=1)
     if out.exists():
@@ -170,9 +175,11 @@ def main(argv=None):
     p.add_argument("--bank_fraction", type=float, default=0.5, help="share of each batch drawn from the banks")
     p.add_argument("--holdout_every", type=int, default=5, help="hold out every n-th bank sentence (0: none)")
     p.add_argument("--text", nargs="*", default=[], help="extra sentence files, one sentence a line")
+    p.add_argument("--sentences", default=str(SENTENCES_FILE),
+                   help=f"sentence bank (one a line, '#' comments); a copy goes to OUT/{SENTENCES_NAME}")
     a = p.parse_args(argv)
     pretrain(a.out, seed=a.seed, steps=a.steps, bank_fraction=a.bank_fraction, holdout_every=a.holdout_every,
-             extra_files=a.text)
+             extra_files=a.text, sentences=a.sentences)
     print(a.out)
 
 

@@ -1,8 +1,10 @@
 """Self-supervised pretraining of the tiny WavLM, HuBERT iteration-1 style, on speech generated offline.
 
-    python -m tools.pretrain_tiny_wavlm --out tools/fixtures/tiny_wavlm_pretrained --seed 0
+    python -m tools.pretrain_tiny_wavlm --out tools/fixtures/tiny_wavlm_pretrained --seed 0 \
+        --sentences tools/fixtures/tiny_wavlm_pretrained/pretrain_sentences.txt
 
-(the defaults are the committed fixture's settings; the command above regenerates it. Cost: speech generation about
+(the defaults are the committed fixture's settings; the command above regenerates it from the bank it was made from,
+the sentence file of that day, kept in the fixture: tools/sentences.txt has changed since. Cost: speech generation about
 15 s, then 0.13 s per step (batch 8 x 2 s) on one free core, i.e. about 5.5 min for the 2400 steps; the committed run
 took 41 min because it shared the 2 cores with about eight other jobs. A 1200-step run at lr 2e-3 on 600 utterances
 reached a held-out masked CE of 3.12 instead of 2.70).
@@ -50,6 +52,7 @@ SAMPLE_RATE = 16000
 WIN, HOP = 400, 320  # the tiny WavLM CNN's receptive field and stride, in samples
 LOG_NAME = "pretrain_log.json"
 TARGETS_NAME = "ssl_targets.safetensors"
+SENTENCES_NAME = "pretrain_sentences.txt"  # the bank the speech was generated from, kept for regeneration
 
 # espeak-ng voices x variants: many "speakers", so the units code phones more than voices
 VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-gbclan",
@@ -62,10 +65,10 @@ def load_bank(path=SENTENCES_FILE):
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
-def plan_speech(seed, n_utts):
+def plan_speech(seed, n_utts, sentences=SENTENCES_FILE):
     """(text, voice, pitch, speed) per utterance: every bank sentence, then grammar sentences."""
     rng = random.Random(f"{seed}-speech")
-    bank = load_bank()
+    bank = load_bank(sentences)
     texts = (bank * (1 + n_utts // max(1, 4 * len(bank))))[: n_utts // 4]  # a quarter from the bank
     texts += generated_sentences(seed, n_utts - len(texts))
     return [(t, f"{rng.choice(VOICES)}+{rng.choice(VARIANTS)}", rng.randint(15, 95), rng.randint(110, 250))
@@ -83,10 +86,10 @@ def synthesize(spec):
     return torchaudio.functional.resample(x, sr, SAMPLE_RATE)
 
 
-def make_speech(seed, n_utts, workers=2):
+def make_speech(seed, n_utts, workers=2, sentences=SENTENCES_FILE):
     if shutil.which("espeak-ng") is None:
         raise RuntimeError("pretrain_tiny_wavlm needs 'espeak-ng' on PATH (Debian package espeak-ng)")
-    specs = plan_speech(seed, n_utts)
+    specs = plan_speech(seed, n_utts, sentences)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(synthesize, specs))
 
@@ -202,12 +205,14 @@ def tiny_config(mask_prob, span):
 
 
 def pretrain(out=None, seed=0, steps=2400, n_utts=800, n_units=50, batch_size=8, crop_s=2.0, lr=4e-3,
-             warmup=150, mask_prob=0.08, mask_span=5, n_heldout=32, workers=2, log_every=50, verbose=True):
+             warmup=150, mask_prob=0.08, mask_span=5, n_heldout=32, workers=2, log_every=50, verbose=True,
+             sentences=SENTENCES_FILE):
     """Run the whole pipeline; writes ``out`` (if given) and returns the log dict."""
     t0 = time.time()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    wavs = make_speech(seed, n_utts + n_heldout, workers)
+    bank_text = Path(sentences).read_text(encoding="utf-8")  # read before ``out`` is replaced (it may hold it)
+    wavs = make_speech(seed, n_utts + n_heldout, workers, sentences)
     feats = mfcc_features(wavs)
     centroids = fit_units(feats, n_units, seed)
     units = assign_units(feats, centroids)
@@ -256,13 +261,13 @@ def pretrain(out=None, seed=0, steps=2400, n_utts=800, n_units=50, batch_size=8,
         print(f"held-out masked CE {before['loss']:.3f} -> {after['loss']:.3f}, "
               f"accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} ({log['seconds']['total']} s)")
     if out is not None:
-        save(model, out, log, {"unit_projection.weight": proj.weight.detach(),
+        save(model, out, log, bank_text, {"unit_projection.weight": proj.weight.detach(),
                                "unit_projection.bias": proj.bias.detach(), "centroids": centroids})
     log["_model"], log["_targets"] = model, {"proj": proj, "centroids": centroids}
     return log
 
 
-def save(model, out, log, targets):
+def save(model, out, log, bank_text, targets):
     """save_pretrained into a sibling temp dir, then swap it in whole. ``targets`` (unit projection and k-means
     centroids, a few KB) go to TARGETS_NAME so that the masked prediction can be re-evaluated later; WavLMModel
     loaders read only model.safetensors."""
@@ -274,6 +279,7 @@ def save(model, out, log, targets):
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
                              return_attention_mask=True).save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in targets.items()}, str(tmp / TARGETS_NAME))
+    (tmp / SENTENCES_NAME).write_text(bank_text, encoding="utf-8")
     with atomic_write(tmp / LOG_NAME) as f:
         json.dump({k: v for k, v in log.items() if not k.startswith("_")}, f, indent=1)
     if out.exists():
@@ -305,8 +311,11 @@ def main(argv=None):
     p.add_argument("--utts", type=int, default=800, help="generated training utterances")
     p.add_argument("--units", type=int, default=50, help="k-means units (prediction targets)")
     p.add_argument("--workers", type=int, default=2, help="parallel espeak-ng processes")
+    p.add_argument("--sentences", default=str(SENTENCES_FILE),
+                   help=f"sentence bank (one a line, '#' comments); a copy goes to OUT/{SENTENCES_NAME}")
     a = p.parse_args(argv)
-    pretrain(a.out, seed=a.seed, steps=a.steps, n_utts=a.utts, n_units=a.units, workers=a.workers)
+    pretrain(a.out, seed=a.seed, steps=a.steps, n_utts=a.utts, n_units=a.units, workers=a.workers,
+             sentences=a.sentences)
     print(a.out)
 
 
