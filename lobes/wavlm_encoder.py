@@ -109,6 +109,10 @@ class WavLMEncoder(torch.nn.Module):
         elif freeze_feature_extractor:
             # The CNN is kept frozen during fine-tuning, as in wav2vec2/WavLM CTC recipes.
             self.model.feature_extractor.requires_grad_(False)
+        spec_embed = getattr(self.model, "masked_spec_embed", None)
+        if spec_embed is not None and not self.model.config.apply_spec_augment:
+            # only SpecAugment reads it: a trainable parameter without a gradient stops DDP at the second step
+            spec_embed.requires_grad_(False)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -25,6 +25,12 @@ class MergeCoefficients(torch.nn.Module):
             self.register_buffer("lam", values)
         else:
             self.lam = torch.nn.Parameter(values)
+        # bumped on every state-dict load: MergedWavLM (materialized) re-merges when λ changed without a GPU read
+        self.revision = 0
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.revision += 1
 
     def forward(self):
         """λ as a [num_vectors, num_groups] tensor (global modes broadcast their single column)."""
