@@ -250,7 +250,7 @@ def test_training_step_on_meta_device(c, tmp_path, load_recipe, meta_loaders, ti
         lam = wavlm.lambdas.lam
         k = wavlm.num_vectors
         assert lam.device.type == "meta"
-        assert lam.shape == {"layerwise": (k, 25), "global": (k, 1), "fixed": (k, 25)}[wavlm.lambdas.mode]
+        assert lam.shape == {"layerwise": (k, 25), "global": (k, 1), "fixed": (k, 1)}[wavlm.lambdas.mode]
         if lam.requires_grad:
             assert grads[id(lam)] is not None
         if materialized:

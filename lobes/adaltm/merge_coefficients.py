@@ -21,7 +21,9 @@ class MergeCoefficients(torch.nn.Module):
         self.mode = mode
         cols = num_groups if mode == "layerwise" else 1
         values = torch.full((len(self.vector_names), cols), float(init))
-        if mode == "fixed":
+        if mode == "fixed" or not self.vector_names:
+            # nothing to train (Setup 1 has no task vector): a trainable parameter that never gets a gradient
+            # would stop DDP at the second step
             self.register_buffer("lam", values)
         else:
             self.lam = torch.nn.Parameter(values)
