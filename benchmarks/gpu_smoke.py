@@ -185,9 +185,9 @@ def run_case(case, models, args, work):
             times.append(time.perf_counter() - t0)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{name}: non-finite loss {loss}")
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+    peak = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None  # no CUDA: not measured
     result = {"recipe": name, "precision": precision, "batch": args.batch, "seconds": args.seconds,
-              "s_per_step": round(statistics.median(times), 4), "peak_gib": round(peak, 2),
+              "s_per_step": round(statistics.median(times), 4), "peak_gib": peak,
               "loss": round(float(loss), 4)}
     del brain, hparams, batches
     return result
@@ -225,7 +225,8 @@ def main(argv=None):
                 continue
             try:
                 r = run_case(case, models, args, work)
-                print(f"{r['recipe']:40s} {r['s_per_step']:8.3f} {r['peak_gib']:9.2f}", flush=True)
+                peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+                print(f"{r['recipe']:40s} {r['s_per_step']:8.3f} {peak:>9s}", flush=True)
                 f.write(json.dumps(r) + "\n")
             except Exception:  # report and go on: one broken recipe must not hide the others' numbers
                 failures.append(case[0])

@@ -260,3 +260,40 @@ def test_training_step_on_meta_device(c, tmp_path, load_recipe, meta_loaders, ti
             assert merges_second == (len(wavlm.keys) if lam.requires_grad else 0)
         else:
             assert merges_first == merges_second == 0
+
+
+# ------------------------------------------------------------------------------------------------ host-side re-merge
+@pytest.mark.parametrize("optimizer", ["foreach", "fused"])
+def test_materialized_merge_follows_lambda_without_reading_it(tmp_path, optimizer):
+    """materialized decides on the host when to re-merge (no GPU read of λ). Fused AdamW updates λ without
+    bumping its version counter, so the decision must not rest on it alone: after a training step, a no-grad
+    forward (validation) must run on W_base + λ ΔW for the *updated* λ, bitwise as a fresh model with that λ."""
+    from transformers import WavLMModel
+
+    from lobes.adaltm.merged_wavlm import MergedWavLM
+    from tools.make_tiny_wavlm import make_tiny_wavlm
+
+    base = make_tiny_wavlm(tmp_path / "base", seed=0)
+    g = torch.Generator().manual_seed(3)
+    vec = {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in WavLMModel.from_pretrained(base).state_dict().items()}
+    wavs, lens = torch.randn(2, 4000, generator=g), torch.tensor([1.0, 0.6])
+    m = MergedWavLM(base, {"SER": vec}, merge_impl="materialized")
+    opt = torch.optim.AdamW([m.lambdas.lam], lr=0.1, **{optimizer: True})
+    h, mask = m(wavs, lens)
+    (h * mask[None, ..., None]).pow(2).mean().backward()
+    version = m.lambdas.lam._version
+    opt.step()
+    assert (m.lambdas.lam._version == version) == (optimizer == "fused")  # why the version alone is not enough
+    # AdamW's first step: decay 0.5 -> 0.4995, then every λ moves by lr = 0.1 against its gradient's sign
+    step = (m.lambdas.lam.detach() - 0.4995).abs()
+    assert torch.allclose(step, torch.full_like(step, 0.1), atol=1e-4)
+    with torch.no_grad():
+        got, _ = m(wavs, lens)
+        fresh = MergedWavLM(base, {"SER": vec}, merge_impl="materialized")
+        fresh.lambdas.lam.copy_(m.lambdas.lam)
+        want, _ = fresh(wavs, lens)
+    assert torch.equal(got, want)
+    key = "encoder.layers.1.feed_forward.intermediate_dense.weight"
+    lam = m.lambdas.lam[0, m.group_of[key]]
+    want_w = m.base_weights[key.replace(".", "__")] + lam.detach() * vec[key]  # eq. (4) for the updated λ
+    assert torch.allclose(m.base_parameter(key), want_w, rtol=0, atol=1e-7)
