@@ -151,7 +151,7 @@ def run_case(case, models, args, work):
     overrides = {"output_folder": str(work / "exp" / name), "wavlm_source": str(wavlm_dir), "skip_prep": True,
                  "vectors_folder": str(vec_dir), "precision": precision, "data_folder": str(work),
                  "msp_folder": str(work), "libri_folder": str(work), "lm_source": str(lm_dir),
-                 "cache_features": False}
+                 "cache_features": False, "batch_size": args.batch}  # one micro-batch = one optimizer step
     keys = set(_yaml().load(resolve_row(hparams_file)))
     overrides = {k: v for k, v in overrides.items() if k in keys}
     overrides.update({k: v for k, v in extra.items() if k in keys})
