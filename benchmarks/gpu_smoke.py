@@ -29,11 +29,11 @@ sys.path.insert(0, str(REPO))
 MSP = REPO / "recipes" / "MSP-Podcast"
 ROWS = MSP / "adaltm" / "hparams" / "rows"
 N_CLASSES = 8
-LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-             do_stable_layer_norm=True, conv_bias=True, feat_extract_norm="layer", num_conv_pos_embeddings=128,
-             num_conv_pos_embedding_groups=16)
-QWEN05_SHAPE = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096)
+LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+         "do_stable_layer_norm": True, "conv_bias": True, "feat_extract_norm": "layer",
+         "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16}
+QWEN05_SHAPE = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 4096}
 
 # name, train.py, hparams file, Brain class, batch kind, overrides
 CASES = [
@@ -228,7 +228,7 @@ def main(argv=None):
                 peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
                 print(f"{r['recipe']:40s} {r['s_per_step']:8.3f} {peak:>9s}", flush=True)
                 f.write(json.dumps(r) + "\n")
-            except Exception:  # report and go on: one broken recipe must not hide the others' numbers
+            except Exception:  # noqa: BLE001 -- report and go on: one broken recipe must not hide the others' numbers
                 failures.append(case[0])
                 print(f"{case[0]:40s} FAILED\n{traceback.format_exc()}", flush=True)
             finally:

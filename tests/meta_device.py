@@ -16,7 +16,6 @@ so one run lists them all.
   base's shapes.
 """
 import linecache
-import sys
 import traceback
 from types import SimpleNamespace
 
@@ -24,9 +23,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from transformers import WavLMConfig, WavLMModel
 
-LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-             do_stable_layer_norm=True, conv_bias=True, feat_extract_norm="layer", num_conv_pos_embeddings=128,
-             num_conv_pos_embedding_groups=16, num_buckets=320, max_bucket_distance=800)
+LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+         "do_stable_layer_norm": True, "conv_bias": True, "feat_extract_norm": "layer",
+         "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16, "num_buckets": 320,
+         "max_bucket_distance": 800}
 SAMPLE_RATE = 16000
 SECONDS = 11.0                      # the paper's longest utterance
 FRAMES = 549                        # WavLM's CNN on 11 s: (176000 - 400) // 320 + 1
@@ -116,13 +116,13 @@ class HostSyncRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in _SYNC_METHODS and args and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu":
-            if name == "cpu" or args[0].is_meta:
-                frame = next(f for f in reversed(traceback.extract_stack()[:-1])
-                             if "/torch/" not in f.filename and not f.filename.endswith("meta_device.py"))
-                self.syncs.append((frame.name, frame.filename.rsplit("/", 1)[-1], frame.lineno,
-                                   (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()))
-                return _placeholder(name, args[0])
+        t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name in _SYNC_METHODS and t is not None and t.device.type != "cpu" and (name == "cpu" or t.is_meta):
+            frame = next(f for f in reversed(traceback.extract_stack()[:-1])
+                         if "/torch/" not in f.filename and not f.filename.endswith("meta_device.py"))
+            self.syncs.append((frame.name, frame.filename.rsplit("/", 1)[-1], frame.lineno,
+                               (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()))
+            return _placeholder(name, t)
         return func(*args, **(kwargs or {}))
 
     def sites(self):

@@ -22,11 +22,10 @@ on another branch): its known syncs are listed in ``HARMONIFUSE_KNOWN_SYNCS`` an
 import contextlib
 from pathlib import Path
 
+import meta_device as md  # tests/ is on sys.path (pytest rootdir conftest)
 import pytest
 import speechbrain as sb
 import torch
-
-import meta_device as md  # tests/ is on sys.path (pytest rootdir conftest)
 
 REPO = Path(__file__).resolve().parents[1]
 MSP = REPO / "recipes" / "MSP-Podcast"

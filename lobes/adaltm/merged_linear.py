@@ -154,7 +154,7 @@ class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):
 
 
 class _Recipe:
-    __slots__ = ("name", "size", "stride", "offset")
+    __slots__ = ("name", "offset", "size", "stride")
 
     def __init__(self, name, size, stride, offset):
         self.name, self.size, self.stride, self.offset = name, size, stride, offset

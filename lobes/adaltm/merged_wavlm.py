@@ -28,8 +28,8 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from lobes.adaltm import layer_groups, merged_linear
-from lobes.errors import DataError
 from lobes.adaltm.merge_coefficients import MergeCoefficients
+from lobes.errors import DataError
 from lobes.wavlm_encoder import load_wavlm, run_wavlm
 
 
