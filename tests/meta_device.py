@@ -106,7 +106,8 @@ def _placeholder(name, t):
 
 
 class HostSyncRecorder(TorchFunctionMode):
-    """Records every read of a non-CPU tensor's value by the host (a GPU sync), with the first source line
+    """Records every read of a non-CPU tensor's value by the host (a GPU sync; also ops whose output shape
+    depends on values, such as boolean-mask selection), with the first source line
     outside torch that asked for it, as ``(function, file name, line)``; returns a placeholder so the step
     runs on. CPU tensors are free to read (e.g. HF's LayerDrop ``torch.rand([])``)."""
 
@@ -118,12 +119,29 @@ class HostSyncRecorder(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         t = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if name in _SYNC_METHODS and t is not None and t.device.type != "cpu" and (name == "cpu" or t.is_meta):
-            frame = next(f for f in reversed(traceback.extract_stack()[:-1])
-                         if "/torch/" not in f.filename and not f.filename.endswith("meta_device.py"))
-            self.syncs.append((frame.name, frame.filename.rsplit("/", 1)[-1], frame.lineno,
-                               (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()))
+            self._record()
             return _placeholder(name, t)
-        return func(*args, **(kwargs or {}))
+        try:
+            return func(*args, **(kwargs or {}))
+        except NotImplementedError as e:
+            # an output shape that depends on values (nonzero: boolean-mask indexing / selection) needs the host
+            # to read them, a sync on CUDA too; meta refuses it unless told to assume "all true": record the
+            # call, then let it run on with that shape
+            if "nonzero" not in str(e):
+                raise
+            self._record()
+            config = torch.fx.experimental._config
+            saved, config.meta_nonzero_assume_all_nonzero = config.meta_nonzero_assume_all_nonzero, True
+            try:
+                return func(*args, **(kwargs or {}))
+            finally:
+                config.meta_nonzero_assume_all_nonzero = saved
+
+    def _record(self):
+        frame = next(f for f in reversed(traceback.extract_stack()[:-2])
+                     if "/torch/" not in f.filename and not f.filename.endswith("meta_device.py"))
+        self.syncs.append((frame.name, frame.filename.rsplit("/", 1)[-1], frame.lineno,
+                           (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()))
 
     def sites(self):
         """Distinct (function, file) pairs that synced."""
