@@ -16,8 +16,8 @@ Bypassed, because they are the training loop's logging / NaN checks that read a 
 run on meta (they are one sync per step on CUDA, outside model code): ``check_loss_isfinite`` (``bool(isfinite)``),
 ``check_gradients`` (only with ``skip_nonfinite_grads``), and fit_batch's ``loss.detach().cpu()`` for the running
 average. Everything else runs under :class:`tests.meta_device.HostSyncRecorder`: model and recipe code must not
-read a device value in the step. The one exception is HarmoniFuse (main's train.py and speech_lm, being rewritten
-on another branch): its known syncs are listed in ``HARMONIFUSE_KNOWN_SYNCS`` and any other one fails.
+read a device value in the step. The one exception is HarmoniFuse (train.py and speech_lm.py as of the issue-14
+rewrite): its known syncs are listed in ``HARMONIFUSE_KNOWN_SYNCS`` by source line and any other one fails.
 """
 import contextlib
 from pathlib import Path
