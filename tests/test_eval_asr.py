@@ -151,7 +151,7 @@ def test_run_sh_stage4_source_rows_and_figures(manifest, exp_dir, tmp_path):
         d = exp / "rows" / row / "1986"
         d.mkdir(parents=True)
         (d / "coefficients.json").write_text(json.dumps({"lambda": {v: lam for v in vecs}, "alpha": [0.25] * 4}))
-        (d / "metrics.json").write_text(json.dumps({"row": row, "test": {"uar": 0.4}}))
+        (d / "metrics.json").write_text(json.dumps({"part": "Part 2: x", "row": row, "test": {"uar": 0.4}}))
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(root / "recipes/MSP-Podcast/adaltm/run.sh"), "--stage", "4", "--data_folder",
                            str(tmp_path), "--exp", str(exp), "--asr_out_source",
