@@ -239,7 +239,9 @@ def test_msp_bad_inputs(msp, tmp_path):
 
     root = case("trans", [("good", "A", "Train"), ("silent", "H", "Train")],
                 transcripts={"good": "Hello there.", "silent": " ?! \n"})
-    _assert_fails(msp.prepare_msp_podcast, tmp_path / "o6", "silent.txt", data_folder=root, transcript_only=True)
+    # A transcript empty after normalisation is left out of the ASR subset and listed (tests/test_ctc_text.py).
+    msp.prepare_msp_podcast(root, tmp_path / "o6", transcript_only=True)
+    assert list(_load(tmp_path / "o6", "train")) == ["good"]
     # Without transcript_only an empty transcript is just 'unknown'.
     msp.prepare_msp_podcast(root, tmp_path / "o7")
     man = _load(tmp_path / "o7", "train")

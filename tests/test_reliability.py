@@ -7,7 +7,7 @@ the wrong-architecture task vector. Each must raise an error naming the file / k
 half-written behind.
 
 Bad inputs caught at data preparation (corrupt / 0-sample / 8 kHz audio, label row whose audio file is missing,
-unknown EmoClass letter, empty transcript in the transcript subset, LibriSpeech mismatches) are tested in
+unknown EmoClass letter, LibriSpeech mismatches) are tested in
 tests/test_prepare.py (``test_msp_bad_inputs``, ``test_libri_bad_inputs``); pickled objects and truncated files
 given to ``lobes.adaltm.checkpoint_import`` in tests/test_checkpoint_import.py. They are not repeated here.
 """

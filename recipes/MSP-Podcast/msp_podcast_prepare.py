@@ -7,8 +7,11 @@
 Reads ``Labels/labels_consensus.csv`` (split from ``Split_Set``: Train -> train, Development -> valid,
 every ``Split_Set`` in ``test_splits`` -> test, e.g. ``[Test1]``, ``[Test2]`` or both; O and X dropped), ``Labels/labels_detailed.csv`` (soft labels = distribution of the
 annotators' primary votes over the 8 classes; v1.11 ``EmoDetail`` and newer ``EmoClass_Major`` layouts)
-and ``Transcripts/<stem>.txt`` (normalised for CTC). Writes ``<save_folder>/{train,valid,test}.json``:
-``{utt_id: {wav, duration, emo, emo_soft, spk_id, gender[, wrd]}}``.
+and ``Transcripts/<stem>.txt`` (normalised for CTC by ``lobes.ctc_text.normalize_transcript``). Writes
+``<save_folder>/{train,valid,test}.json``: ``{utt_id: {wav, duration, emo, emo_soft, spk_id, gender[, wrd]}}``.
+A transcript that is empty after normalisation (only "[laughter]", only punctuation) gives no ``wrd``: with
+``transcript_only`` the utterance is left out, otherwise it stays for SER without ``wrd``; either way it is
+counted in the log and listed in ``<save_folder>/excluded_transcripts.txt`` (``id<TAB>reason``).
 
 Durations: with ``check_audio=True`` each file's header is read (sample rate, length; nothing decoded);
 with ``check_audio=False`` they are estimated from the file size assuming 16 kHz 16-bit mono PCM with a
@@ -30,6 +33,7 @@ from lobes.io_utils import atomic_write
 SAMPLE_RATE = 16000
 CONSENSUS_COLUMNS = ["FileName", "EmoClass", "SpkrID", "Gender", "Split_Set"]
 OPTS_FILE = "msp_podcast_prepare.opts"  # JSON, but not *.json: only manifests match that
+EXCLUDED_FILE = "excluded_transcripts.txt"  # utterances whose transcript normalises to nothing
 WAV_HEADER_BYTES = 44
 BYTES_PER_SECOND = SAMPLE_RATE * 2
 
@@ -165,6 +169,14 @@ def write_manifest(manifest, f):
     f.write("\n}\n")
 
 
+def write_excluded(path, excluded):
+    """``id<TAB>reason`` per utterance left out of the ASR subset (header line first; written even when empty,
+    so that a stale list from an earlier run never survives)."""
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write("id\treason\n")
+        f.writelines(f"{utt}\t{reason}\n" for utt, reason in excluded)
+
+
 def _list_dir(folder, suffix):
     """{stem: DirEntry} of the files in ``folder`` ending in ``suffix`` (one scandir, no per-file stat)."""
     if not folder.is_dir():
@@ -258,6 +270,7 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
 
     # Pass 2: per-utterance checks and manifest entries.
     manifests = {s: {} for s in splits}
+    excluded = []  # (utt_id, reason): transcripts that normalise to nothing
     for split, stem, emo, row in rows:
         entry = audios.get(stem)
         if entry is None:
@@ -265,9 +278,10 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
         wrd = None
         if stem in transcripts:
             with open(transcripts[stem].path, encoding="utf-8", errors="replace") as f:
-                wrd = normalize_transcript(f.read())
-            if not wrd and transcript_only:
-                raise DataError(f"{transcripts[stem].path}: transcript of {stem} is empty")
+                raw = f.read()
+            wrd = normalize_transcript(raw)
+            if not wrd:  # e.g. only "[laughter]": out of the ASR subset, listed, never an abort
+                excluded.append((stem, f"transcript empty after normalisation (raw: {raw.strip()[:80]!r})"))
         if transcript_only and not wrd:
             continue
         if check_audio:
@@ -293,9 +307,14 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
     for split, manifest in manifests.items():
         with atomic_write(paths[split]) as f:
             write_manifest(manifest, f)
+    write_excluded(save_folder / EXCLUDED_FILE, excluded)
     with atomic_write(save_folder / OPTS_FILE) as f:
         json.dump(opts, f, indent=2)
 
+    if excluded:
+        where = "left out of the manifests" if transcript_only else "kept without 'wrd' (not in the ASR subset)"
+        print(f"{len(excluded)} utterance(s) whose transcript is empty after normalisation {where}; "
+              f"listed in {save_folder / EXCLUDED_FILE}")
     subset = " (utterances with a transcript only)" if transcript_only else ""
     print(f"MSP-Podcast manifests{subset} written to {save_folder} (test = {' + '.join(test_splits)}):")
     for split, manifest in manifests.items():
