@@ -67,6 +67,8 @@ def test_exp_uses_the_lowest_loss_checkpoint_and_pools_the_wer(manifest, exp_dir
     assert m["wer"] == pytest.approx(6 / 9, abs=1e-12)
     assert (m["n"], m["experiment"], m["kind"]) == (5, "asr_in", "exp")
     assert m["wer_details"]["n_ref_words"] == 9
+    # Whisper's normaliser expands "D'S" to "d is" and lower-cases: 10 reference words, u4 now 1S + 3D -> 7 / 10
+    assert m["wer_whisper_norm"] == pytest.approx(7 / 10, abs=1e-12)
     assert [e["hyp"] for e in m["asr_examples"]] == ["A"] * 5
     assert [e["ref"] for e in m["asr_examples"]][2] == "A"  # references are normalised as for training
 

@@ -5,8 +5,9 @@
         [--transcript_only] [--test_splits Test1 [Test2]] [--no_check_audio]
 
 Reads ``Labels/labels_consensus.csv`` (split from ``Split_Set``: Train -> train, Development -> valid,
-every ``Split_Set`` in ``test_splits`` -> test, e.g. ``[Test1]``, ``[Test2]`` or both; O and X dropped), ``Labels/labels_detailed.csv`` (soft labels = distribution of the
-annotators' primary votes over the 8 classes; v1.11 ``EmoDetail`` and newer ``EmoClass_Major`` layouts)
+every ``Split_Set`` in ``test_splits`` -> test, e.g. ``[Test1]``, ``[Test2]`` or both; O and X dropped),
+``Labels/labels_detailed.csv`` (soft labels = distribution of the annotators' primary votes over the 8 classes;
+v1.11 ``EmoDetail`` and newer ``EmoClass_Major`` layouts)
 and ``Transcripts/<stem>.txt`` (normalised for CTC by ``lobes.ctc_text.normalize_transcript``). Writes
 ``<save_folder>/{train,valid,test}.json``: ``{utt_id: {wav, duration, emo, emo_soft, spk_id, gender[, wrd]}}``.
 A transcript that is empty after normalisation (only "[laughter]", only punctuation) gives no ``wrd``: with
