@@ -1,5 +1,6 @@
 """tools.eval_asr: the ASR source models' WER on a manifest (our recipe's exp folder, or an HF WavLMForCTC)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -122,6 +123,11 @@ def test_bad_inputs(manifest, exp_dir, tmp_path):
     bad.write_text(json.dumps({"x": {"wav": "a.wav"}}))
     with pytest.raises(DataError, match="without 'wav' and 'wrd'"):
         E.evaluate(bad, tmp_path / "o.json", exp=exp_dir)
+    backbone_only = tmp_path / "backbone_only"
+    shutil.copytree(exp_dir / "finetuned_wavlm", backbone_only)
+    (backbone_only / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(ctc_text.VOCAB)}))
+    with pytest.raises(DataError, match=r"holds no CTC head \(\['lm_head"):
+        E.HFCTC(str(backbone_only))
     with pytest.raises(DataError, match="exactly one"):
         E.load_model()
     assert not (tmp_path / "o.json").exists()

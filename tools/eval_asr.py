@@ -84,10 +84,13 @@ class HFCTC(torch.nn.Module):
         from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, WavLMForCTC
 
         try:
-            model = WavLMForCTC.from_pretrained(source)
+            model, loading = WavLMForCTC.from_pretrained(source, output_loading_info=True)
             self.tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(source)
         except (OSError, ValueError) as e:
             raise DataError(f"{source}: not a WavLMForCTC with a CTC tokenizer (config.json, vocab.json): {e}") from e
+        missing = [k for k in loading["missing_keys"] if k.startswith("lm_head")]
+        if missing:  # from_pretrained would silently give a random head: a backbone-only checkpoint has no WER
+            raise DataError(f"{source}: holds no CTC head ({missing} not in the checkpoint)")
         # vocab.json tokens, plus the tokens transformers adds (<s>, </s>), which some heads cover and some do not
         if not self.tokenizer.vocab_size <= model.lm_head.out_features <= len(self.tokenizer):
             raise DataError(f"{source}: CTC head has {model.lm_head.out_features} outputs but the tokenizer "
