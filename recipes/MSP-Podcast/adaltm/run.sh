@@ -17,6 +17,8 @@
 #   bash run.sh --stage 3 --asr_in_source exp/my_asr/finetuned_wavlm --ser_source tiantiaf/wavlm-large-categorical-emotion \
 #       --asr_out_source patrickvonplaten/wavlm-libri-clean-100h-large --data_folder /data/MSP-Podcast
 #   bash run.sh --stage 3 --stop_stage 3 --rows "setup4_dual" -- --number_of_epochs=5   # args after -- go to train.py
+#   bash run.sh --data_folder /data/MSP-Podcast --libri_folder /data/LibriSpeech --test_splits "Test1 Test2"
+#   bash run.sh --stage 4 --ser_metrics exp/my_ser/metrics.json     # table, reference rows and figures only
 set -euo pipefail
 
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
