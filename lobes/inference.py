@@ -452,7 +452,7 @@ def load_folded_export(export_dir, device="cpu"):
     classes = cfg.get("classes", EMOTIONS)
     weighted_sum = WeightedLayerSum(num_layers, include_cnn=include_cnn, layer_norm=bool(cfg.get("layer_norm", False)))
     ser_head = SERHead(model.config.hidden_size, hidden, num_classes=shapes["ser_head.classifier.3.weight"][0],
-                       pooling=pooling, num_proj_layers=num_proj)
+                       pooling=pooling, num_proj_layers=num_proj, head_type=cfg.get("head_type", "frame_mlp"))
     try:
         load_downstream(export_dir, {"weighted_sum": weighted_sum, "ser_head": ser_head})
     except RuntimeError as e:
