@@ -15,7 +15,7 @@ including what autograd saves for backward, the gradients, the transients of bac
 states, exactly as the PyTorch ops allocate them. Parameters, task vectors and the materialized copy of
 W_base are added from the modules' storages. ``bf16`` is emulated by :class:`EmulatedAutocast` (the CUDA
 autocast op lists; ``autocast`` itself ignores meta tensors). Values never matter for memory: ``.tolist()`` /
-``.item()`` of a meta tensor read as zeros (:class:`MetaValues`).
+``.item()`` of a meta tensor read as zeros (:func:`meta_values`).
 
 On a GPU the CUDA caching allocator adds fragmentation and the CUDA context ~0.5-1 GB: a plan must keep
 ``predicted x (1 + margin) + overhead_gib`` under the GPU's memory (defaults: 15%, 1.5 GiB). Validated against
@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
@@ -85,10 +84,8 @@ class LiveMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
+        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
             key = t.untyped_storage()._cdata
             if key not in self.refs:
                 if key in inputs:  # a view / in-place result of something created outside: not new memory
@@ -120,22 +117,37 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         return sum(self.saved.values())
 
 
-class MetaValues(TorchFunctionMode):
-    """``.tolist()`` / ``.item()`` / ``bool()`` of a meta tensor give zeros (memory never depends on values)."""
+class FollowMeta(TorchFunctionMode):
+    """A small CPU tensor built from Python values (λ as ``torch.tensor(coeffs)``) that meets meta weights is
+    moved to meta (on a GPU the recipe must build it on the weights' device; issue 13.1)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if (func in (torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__) and args
-                and isinstance(args[0], torch.Tensor) and args[0].is_meta):
-            t = args[0]
-            if func is torch.Tensor.__bool__:
-                return False
-            return 0 if func is torch.Tensor.item else torch.zeros(t.shape, dtype=t.dtype, device="cpu").tolist()
-        flat = tree_flatten((args, kwargs))[0]
-        if any(isinstance(t, torch.Tensor) and t.is_meta for t in flat):
-            # a small CPU tensor built from Python values (λ as torch.tensor(coeffs)) meets meta weights: follow them
-            args, kwargs = _map((args, kwargs or {}), lambda x: x.to("meta") if isinstance(x, torch.Tensor)
+        kwargs = kwargs or {}
+        found = list(_tensors((args, kwargs)))
+        if any(t.is_meta for t in found) and any(t.device.type == "cpu" for t in found):
+            args, kwargs = _map((args, kwargs), lambda x: x.to("meta") if isinstance(x, torch.Tensor)
                                 and x.device.type == "cpu" and x.dim() > 0 else x)
-        return _call_inside(self, func, args, kwargs or {})
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_values():
+    """``.tolist()`` / ``.item()`` / ``bool()`` of a meta tensor read as zeros: memory never depends on values
+    (e.g. MergedWavLM compares λ with the λ its weights hold). Patched on ``torch.Tensor`` rather than done by
+    a function mode, which would run for every op of every meta kernel (10x slower)."""
+    orig = {k: getattr(torch.Tensor, k) for k in ("tolist", "item", "__bool__")}
+
+    def tolist(t):
+        return torch.zeros(t.shape, dtype=t.dtype, device="cpu").tolist() if t.is_meta else orig["tolist"](t)
+
+    def item(t):
+        return 0 if t.is_meta else orig["item"](t)
+
+    def as_bool(t):
+        return False if t.is_meta else orig["__bool__"](t)
+    with mock.patch.object(torch.Tensor, "tolist", tolist), mock.patch.object(torch.Tensor, "item", item), \
+            mock.patch.object(torch.Tensor, "__bool__", as_bool):
+        yield
 
 
 # op lists of torch.autocast (torch/csrc/autograd/autocast_mode.cpp): lower precision / float32
@@ -191,6 +203,18 @@ def _map(tree, fn):
     return fn(tree)
 
 
+def _tensors(tree):
+    """The tensors in nested tuples / lists / dicts (a cheaper tree_flatten: it runs for every op)."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for x in tree:
+            yield from _tensors(x)
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            yield from _tensors(x)
+
+
 def _storages(tensors):
     return {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
 
@@ -205,7 +229,14 @@ def _meta_safe():
 
     def ckpt(fn, *args, **kwargs):
         return checkpoint(fn, *args, preserve_rng_state=False, **kwargs)
-    with MetaValues(), mock.patch.object(mw, "checkpoint", ckpt):
+
+    merge_values = mw.merged_linear.merge_values
+
+    def merge_following_meta(*args, **kwargs):
+        with FollowMeta():
+            return merge_values(*args, **kwargs)
+    with meta_values(), mock.patch.object(mw, "checkpoint", ckpt), \
+            mock.patch.object(mw.merged_linear, "merge_values", merge_following_meta):
         yield
 
 
@@ -225,7 +256,7 @@ def build_adaltm(config, num_vectors, lambda_mode="layerwise", merge_impl="mater
         state = base.state_dict()
         vectors = {f"tv{k}": {n: torch.randn_like(v) * 1e-3 for n, v in state.items()} for k in range(num_vectors)}
         with mock.patch.object(mw, "load_wavlm", lambda source, cache_dir=None: base), \
-                (MetaValues() if device == "meta" else contextlib.nullcontext()):
+                (_meta_safe() if device == "meta" else contextlib.nullcontext()):
             wavlm = mw.MergedWavLM(f"<{device} {config.hidden_size}x{config.num_hidden_layers}>", vectors,
                                    lambda_mode=lambda_mode, delta_dtype=delta_dtype, merge_impl=merge_impl,
                                    gradient_checkpointing=gradient_checkpointing)
@@ -251,9 +282,8 @@ def train_steps(modules, batch, seconds, precision="fp32", steps=2, device="meta
     exclude = model_bytes(modules)[1]
     saved_max = 0
     n = int(seconds * SAMPLE_RATE)
-    values = MetaValues() if device == "meta" else contextlib.nullcontext()
     meta_safe = _meta_safe() if device == "meta" else contextlib.nullcontext()
-    with track, values, meta_safe:
+    with track, meta_safe:
         opt = torch.optim.AdamW(params, lr=lr, foreach=False)
         for _ in range(steps):
             wavs = torch.randn(batch, n, device=device)
@@ -319,27 +349,35 @@ def _ckpt(v):
     return {"true": True, "false": False, "cnn": "cnn"}[str(v).lower()]
 
 
+_RUNS = {}  # (settings, batch, seconds, shape, device, policy) -> measured model + step: plans reuse them
+
+
 def predict(settings, batch, seconds, gpus=1, shape="large", device="meta", autocast_policy="cuda"):
     """Predicted peak bytes of one GPU (process) for a micro-batch of ``batch`` utterances of ``seconds``."""
-    cfg = wavlm_config(shape)
-    delta = getattr(torch, settings["delta_dtype"]) if settings.get("delta_dtype") else None
-    modules = build_adaltm(cfg, settings["num_vectors"], settings["lambda_mode"], settings["merge_impl"], delta,
-                           _ckpt(settings["gradient_checkpointing"]), settings["head_hidden"], settings["pooling"],
-                           device=device)
-    static, _ = model_bytes(modules)
-    trainable = sum(p.numel() * p.element_size() for m in modules for p in m.parameters() if p.requires_grad)
-    run = train_steps(modules, batch, seconds, settings["precision"], device=device, autocast_policy=autocast_policy)
-    ddp = trainable if gpus > 1 else 0  # DDP's gradient buckets: one more copy of the trainable gradients
+    key = json.dumps([settings, batch, seconds, shape, device, autocast_policy], sort_keys=True, default=str)
+    if key not in _RUNS:
+        cfg = wavlm_config(shape)
+        delta = getattr(torch, settings["delta_dtype"]) if settings.get("delta_dtype") else None
+        modules = build_adaltm(cfg, settings["num_vectors"], settings["lambda_mode"], settings["merge_impl"], delta,
+                               _ckpt(settings["gradient_checkpointing"]), settings["head_hidden"],
+                               settings["pooling"], device=device)
+        trainable = sum(p.numel() * p.element_size() for m in modules for p in m.parameters() if p.requires_grad)
+        run = train_steps(modules, batch, seconds, settings["precision"], device=device,
+                          autocast_policy=autocast_policy)
+        _RUNS[key] = {"model": model_bytes(modules)[0], "trainable": trainable, **run}
+    r = _RUNS[key]
+    ddp = r["trainable"] if gpus > 1 else 0  # DDP's gradient buckets: one more copy of the trainable gradients
     # kernels allocate internal temporaries that no op returns (invisible to LiveMemory); at most one runs at a
     # time, and none is larger than the largest tensor of the step: that is the allowance
-    temp = run["largest"]
-    return {"model": static, "dynamic_peak": run["dynamic_peak"], "saved_for_backward": run["saved_for_backward"],
-            "kernel_temp": temp, "ddp_buckets": ddp, "peak": static + run["dynamic_peak"] + temp + ddp,
-            "trainable": trainable}
+    temp = r["largest"]
+    return {"model": r["model"], "dynamic_peak": r["dynamic_peak"], "saved_for_backward": r["saved_for_backward"],
+            "kernel_temp": temp, "ddp_buckets": ddp, "peak": r["model"] + r["dynamic_peak"] + temp + ddp,
+            "trainable": r["trainable"]}
 
 
 def fits(peak, gpu_gb, margin, overhead_gib):
-    return peak * (1 + margin) + overhead_gib * GIB <= gpu_gb * 1e9
+    """A "24 GB" / "32 GB" / "80 GB" card holds that many GiB."""
+    return peak * (1 + margin) + overhead_gib * GIB <= gpu_gb * GIB
 
 
 def plan(settings, seconds, gpus, gpu_gb, margin=0.15, overhead_gib=1.5, effective=EFFECTIVE_BATCH, shape="large"):
