@@ -53,7 +53,8 @@ def main(argv=None):
 
     for mbl in (30, 60, 120, 200):
         for nbk in (10, 20, 40, 80, 160):
-            hp = {"dynamic_batching": True, "max_batch_length": mbl, "num_buckets": nbk}
+            hp = {"dynamic_batching": True, "max_batch_length": mbl, "num_buckets": nbk, "max_batch_ex": None,
+                  "num_workers": 0}
             shares, sizes, maxsec = [], [], 0.0
             for epoch in range(a.epochs):
                 sampler = loader_kwargs(hp, dataset, train=True)["batch_sampler"]

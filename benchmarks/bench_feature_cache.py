@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "MSP-Podcast" / "adaltm"
@@ -183,8 +183,8 @@ def child_build(model_dir, n, where, out_dir):
     """Peak RSS above the loaded model of one cache build (child process)."""
     import torch
 
-    from lobes import feature_cache as fc
-    from lobes.merged_wavlm import MergedWavLM
+    from lobes.adaltm import feature_cache as fc
+    from lobes.adaltm.merged_wavlm import MergedWavLM
 
     C.set_threads()
     wavlm = MergedWavLM(model_dir)
@@ -207,7 +207,7 @@ def epoch_times(wavlm, utts, load, caches, epochs=2, batch=16):
     import torch
     from speechbrain.dataio.batch import PaddedBatch
 
-    from lobes import feature_cache as fc
+    from lobes.adaltm import feature_cache as fc
     from lobes.ser_head import SERHead
     from lobes.weighted_sum import WeightedLayerSum
 
@@ -241,8 +241,8 @@ def scale_main(a):
     """Streaming peak RSS (1x / 4x, disk vs memory) and the pooled cache's size and epoch-time ratios."""
     import torch
 
-    from lobes import feature_cache as fc
-    from lobes.merged_wavlm import MergedWavLM
+    from lobes.adaltm import feature_cache as fc
+    from lobes.adaltm.merged_wavlm import MergedWavLM
     from tools.make_tiny_wavlm import make_tiny_wavlm
 
     res = {"machine": C.machine_info(), "command": " ".join(sys.argv)}

@@ -39,8 +39,8 @@ def main(argv=None):
     import torch
     from transformers import WavLMModel
 
-    from lobes.fold_export import export_folded
-    from lobes.merged_wavlm import MergedWavLM
+    from lobes.adaltm.fold_export import export_folded
+    from lobes.adaltm.merged_wavlm import MergedWavLM
     from lobes.wavlm_encoder import run_wavlm
 
     C.set_threads()

@@ -13,7 +13,7 @@ Variants (λ: 2 task vectors x 13 groups for a 12-layer model):
   naive           (b) AdaMerging-style: all merged weights materialised, one functional_call of the model
   functional      (c) MergedWavLM(merge_impl="functional"): per-group merge + functional_call
   functional_gc   (c) ... with gradient_checkpointing=True
-  fused           (e) MergedWavLM(merge_impl="fused"): lobes.merged_linear (merge node + rebuild in backward)
+  fused           (e) MergedWavLM(merge_impl="fused"): lobes.adaltm.merged_linear (merge node + rebuild in backward)
   fused_bf16      (e) ... with ΔW stored in bf16 (delta_dtype=torch.bfloat16)
   fused_gc            fused + gradient_checkpointing
   fused_gc_bf16       fused + gradient_checkpointing + bf16 ΔW
@@ -56,7 +56,7 @@ def random_task_vectors(state, seed=1):
 
 def task_vector_files(model_dir, out_dir=None):
     """The random task vectors as safetensors files in ``out_dir`` (default: beside the model); written once."""
-    from lobes.task_vector import TaskVector, save_task_vector
+    from lobes.adaltm.task_vector import TaskVector, save_task_vector
     from lobes.wavlm_encoder import load_wavlm
 
     paths = [Path(out_dir or model_dir) / f"task_vector_{i}.safetensors" for i in range(NUM_VECTORS)]
@@ -73,7 +73,7 @@ class NaiveAdaMerging:
 
     def __init__(self, model, deltas):
         import torch
-        from lobes import layer_groups
+        from lobes.adaltm import layer_groups
 
         self.model = model.requires_grad_(False).eval()
         cfg = model.config
@@ -106,7 +106,7 @@ class NaiveAdaMerging:
 def build(variant, model_dir, vector_dir=None):
     """-> (encoder callable (wavs, lens) -> (hidden, mask), trainable backbone parameters)."""
     import torch
-    from lobes.merged_wavlm import MergedWavLM
+    from lobes.adaltm.merged_wavlm import MergedWavLM
     from lobes.wavlm_encoder import WavLMEncoder, load_wavlm
 
     if variant.startswith(("ft_all", "ft_cnn_frozen")):  # "_gc" suffix: HF gradient checkpointing (bench_amp)
@@ -119,7 +119,7 @@ def build(variant, model_dir, vector_dir=None):
         return enc, []
     paths = task_vector_files(model_dir, vector_dir)
     if variant == "naive":
-        from lobes.task_vector import load_task_vector
+        from lobes.adaltm.task_vector import load_task_vector
 
         enc = NaiveAdaMerging(load_wavlm(model_dir), [load_task_vector(p).delta for p in paths])
         return enc, [enc.lam]
@@ -233,7 +233,7 @@ def bf16_error(model_dir):
     """Max |merged(ΔW fp32) - merged(ΔW bf16)| over all weights at λ = 0.5 (init) and λ = 1, and the effect on
     the hidden states of the merged model."""
     import torch
-    from lobes.merged_wavlm import MergedWavLM
+    from lobes.adaltm.merged_wavlm import MergedWavLM
     from lobes.wavlm_encoder import load_wavlm
 
     C.set_threads()

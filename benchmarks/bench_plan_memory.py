@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 # a WavLM-Large-layout model (stable layer norm, layer-norm CNN with bias, 512-channel CNN), small enough for a CPU
 SMALL = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024,
@@ -28,13 +28,13 @@ SMALL = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "
          "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16}
 
 CONFIGS = {
-    "materialized_fp32_2vec_b4_4s": dict(merge_impl="materialized", num_vectors=2, batch=4, seconds=4.0),
-    "fused_fp32_2vec_cnnckpt_b4_4s": dict(merge_impl="fused", num_vectors=2, batch=4, seconds=4.0,
-                                          gradient_checkpointing="cnn"),
-    "functional_fp32_1vec_ckpt_b2_6s": dict(merge_impl="functional", num_vectors=1, batch=2, seconds=6.0,
-                                            gradient_checkpointing=True),
-    "materialized_bf16_deltabf16_b4_4s": dict(merge_impl="materialized", num_vectors=2, batch=4, seconds=4.0,
-                                              precision="bf16", delta_dtype="bfloat16"),
+    "materialized_fp32_2vec_b4_4s": {"merge_impl": "materialized", "num_vectors": 2, "batch": 4, "seconds": 4.0},
+    "fused_fp32_2vec_cnnckpt_b4_4s": {"merge_impl": "fused", "num_vectors": 2, "batch": 4, "seconds": 4.0,
+                                          "gradient_checkpointing": "cnn"},
+    "functional_fp32_1vec_ckpt_b2_6s": {"merge_impl": "functional", "num_vectors": 1, "batch": 2, "seconds": 6.0,
+                                            "gradient_checkpointing": True},
+    "materialized_bf16_deltabf16_b4_4s": {"merge_impl": "materialized", "num_vectors": 2, "batch": 4, "seconds": 4.0,
+                                              "precision": "bf16", "delta_dtype": "bfloat16"},
 }
 
 
@@ -48,7 +48,7 @@ def child(name):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from lobes.merged_wavlm import _release_freed_memory
+    from lobes.adaltm.merged_wavlm import _release_freed_memory
     from tools import plan_memory as PM
 
     torch.set_num_threads(1)

@@ -1,10 +1,12 @@
-"""Train-loop pieces shared by every recipe's Brain subclass (written once, used everywhere).
+"""Train-loop infrastructure shared by every recipe's Brain subclass (the model flow itself lives in each train.py).
 
 - differential learning rates: ``opt_class`` for the head (and λ, α), ``backbone_opt_class`` for the modules
-  named in ``backbone_modules`` (only parameters with ``requires_grad`` are given to an optimizer);
+  (or sub-module paths such as ``speech_lm.encoder``) named in ``backbone_modules``; only parameters with
+  ``requires_grad`` are given to an optimizer, a parameter shared by two modules once;
 - a non-finite loss stops training at once with the batch's utterance ids, before any optimizer step or
   checkpoint, so NaN weights are never saved;
-- SER / ASR output collection and the ``metrics.json`` writer used by every recipe's test stage;
+- SER / ASR output collection, the ``metrics.json`` and ``predictions.csv`` writers used by every recipe's test
+  stage; the class names come from the recipe's ``emotion_classes``;
 - checkpointing on the validation loss (best = lowest, the paper's selection rule).
 """
 import logging
@@ -14,9 +16,8 @@ from pathlib import Path
 import speechbrain as sb
 import torch
 
-from lobes import ctc_text
 from lobes import metrics as M
-from lobes.emotions import EMOTIONS
+from lobes.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +29,20 @@ class NonFiniteLossError(FloatingPointError):
 class ToolkitBrain(sb.Brain):
     # -- optimisation ------------------------------------------------------------------------------------
     def init_optimizers(self):
-        backbone_names = set(getattr(self.hparams, "backbone_modules", []) or [])
-        backbone_opt = getattr(self.hparams, "backbone_opt_class", None)
+        backbone_opt = self.hparams.backbone_opt_class
+        backbone_ids = set()
+        for path in self.hparams.backbone_modules:
+            top, _, rest = path.partition(".")
+            if top not in self.modules:
+                raise DataError(f"backbone_modules: '{path}' names no module (modules: {list(self.modules)})")
+            mod = self.modules[top]
+            mod = mod.module if hasattr(mod, "module") else mod  # DDP wrapper
+            mod = mod.get_submodule(rest) if rest else mod
+            backbone_ids |= {id(p) for p in mod.parameters()}
         head, backbone = [], []
-        for name, module in self.modules.items():
-            params = [p for p in module.parameters() if p.requires_grad]
-            (backbone if name in backbone_names and backbone_opt is not None else head).extend(params)
+        for p in self.modules.parameters():  # de-duplicated: a shared parameter is optimised once
+            if p.requires_grad:
+                (backbone if id(p) in backbone_ids and backbone_opt is not None else head).append(p)
         self.optimizers_dict = {}
         if head:
             self.optimizer = self.opt_class(head)
@@ -56,31 +65,12 @@ class ToolkitBrain(sb.Brain):
                 f"{getattr(self.hparams.epoch_counter, 'current', '?')}; batch utterances: {', '.join(ids)}. "
                 "Training stopped before the optimizer step; no checkpoint was written for it.")
 
-    # -- shared forward passes ---------------------------------------------------------------------------
-    def encode(self, batch):
-        """Hidden states [L+1, B, T, D] and frame mask of the recipe's ``wavlm`` module."""
-        wavs, lens = batch.sig
-        return self.modules.wavlm(wavs, lens)
-
-    def ser_logits(self, hidden, mask):
-        """Eq. (5) weighted layer sum (α) followed by the emotion head."""
-        return self.modules.ser_head(self.modules.weighted_sum(hidden), mask)
-
-    def ctc_log_probs(self, hidden):
-        """CTC head on the last hidden state -> log-probabilities [B, T, V]."""
-        return torch.log_softmax(self.modules.ctc_head(hidden[-1]).float(), dim=-1)
-
-    def ctc_loss(self, log_probs, mask, batch):
-        tokens, rel = batch.tokens
-        token_lens = torch.round(rel * tokens.shape[1]).long()
-        return torch.nn.functional.ctc_loss(
-            log_probs.transpose(0, 1), tokens, mask.sum(1), token_lens, blank=ctc_text.CHAR_TO_INDEX[ctc_text.BLANK],
-            reduction="mean", zero_infinity=True)
-
-    def ctc_hyps(self, log_probs, mask):
-        return ctc_text.ctc_greedy_decode(log_probs.detach(), mask.sum(1))
-
     # -- output collection -------------------------------------------------------------------------------
+    @property
+    def classes(self):
+        """The recipe's emotion class names (``emotion_classes`` in its YAML), in label-index order."""
+        return list(self.hparams.emotion_classes)
+
     def reset_outputs(self):
         self.ser_out = {"ids": [], "true": [], "pred": [], "spk": [], "prob": []}
         self.asr_out = {"ids": [], "refs": [], "hyps": []}
@@ -103,12 +93,12 @@ class ToolkitBrain(sb.Brain):
         if not self.ser_out["true"]:
             return {}
         if not with_ci:
-            m = M.ser_metrics(self.ser_out["true"], self.ser_out["pred"], len(EMOTIONS))
+            m = M.ser_metrics(self.ser_out["true"], self.ser_out["pred"], len(self.classes))
             return {"UAR": round(100 * m["uar"], 2), "MaF1": round(100 * m["macro_f1"], 2)}
-        speakers = self.ser_out["spk"] if getattr(self.hparams, "speaker_bootstrap", False) else None
+        h = self.hparams
+        speakers = self.ser_out["spk"] if h.speaker_bootstrap else None
         return M.ser_report(self.ser_out["true"], self.ser_out["pred"], speakers=speakers,
-                            num_bootstraps=getattr(self.hparams, "num_bootstraps", 1000),
-                            n_classes=len(EMOTIONS), seed=getattr(self.hparams, "seed", 0))
+                            num_bootstraps=h.num_bootstraps, n_classes=len(self.classes), seed=h.seed)
 
     def asr_wer(self):
         return M.wer(self.asr_out["refs"], self.asr_out["hyps"]) if self.asr_out["refs"] else None
@@ -117,6 +107,21 @@ class ToolkitBrain(sb.Brain):
     def on_stage_start(self, stage, epoch=None):
         self.reset_outputs()
         self._stage_t0 = time.perf_counter()
+
+    def stage_stats(self):
+        """Validation statistics of what was collected: UAR / MaF1 (SER) and WER (ASR)."""
+        stats = self.ser_stats()
+        w = self.asr_wer()
+        if w is not None:
+            stats["WER"] = round(100 * w, 2)
+        return stats
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Test: metrics.json (+ predictions.csv); train / valid: log, keep the lowest-validation-loss checkpoint."""
+        if stage == sb.Stage.TEST:
+            self.write_test_metrics(stage_loss)
+        else:
+            self.log_and_checkpoint(stage, stage_loss, epoch, {} if stage == sb.Stage.TRAIN else self.stage_stats())
 
     def log_and_checkpoint(self, stage, stage_loss, epoch, stats):
         """Validation: log and keep the checkpoint with the lowest validation loss."""
@@ -130,7 +135,7 @@ class ToolkitBrain(sb.Brain):
             self.hparams.train_logger.log_stats(
                 stats_meta={"epoch": epoch}, train_stats=getattr(self, "train_stats", None), valid_stats=stats)
             self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"],
-                                                 num_to_keep=getattr(self.hparams, "ckpts_to_keep", 1))
+                                                 num_to_keep=self.hparams.ckpts_to_keep)
 
     def write_test_metrics(self, stage_loss, extra=None):
         """Test stage: metrics with 95% CIs (and WER) to ``<output_folder>/metrics.json`` (rank 0 only)."""
@@ -140,7 +145,7 @@ class ToolkitBrain(sb.Brain):
                 out[key] = getattr(self.hparams, key)
         if self.ser_out["true"]:
             out["test"] = {**self.ser_stats(with_ci=True), "n": len(self.ser_out["true"]),
-                           "classes": EMOTIONS}
+                           "classes": self.classes}
         w = self.asr_wer()
         if w is not None:
             out["wer"] = w
@@ -162,32 +167,11 @@ class ToolkitBrain(sb.Brain):
         from lobes.io_utils import atomic_write
 
         with atomic_write(Path(self.hparams.output_folder) / "predictions.csv") as f:
-            f.write("id,true,pred," + ",".join(EMOTIONS) + "\n")
+            classes = self.classes
+            f.write("id,true,pred," + ",".join(classes) + "\n")
             for i, t, p, prob in zip(self.ser_out["ids"], self.ser_out["true"], self.ser_out["pred"],
                                      self.ser_out["prob"]):
-                f.write(f"{i},{EMOTIONS[t]},{EMOTIONS[p]}," + ",".join(f"{x:.6f}" for x in prob) + "\n")
-
-
-class CTCASRBrain(ToolkitBrain):
-    """WavLM + linear CTC head; greedy decoding and WER on valid/test. Subclassed by each ASR recipe."""
-
-    def compute_forward(self, batch, stage):
-        batch = batch.to(self.device)
-        hidden, mask = self.encode(batch)
-        return self.ctc_log_probs(hidden), mask
-
-    def compute_objectives(self, predictions, batch, stage):
-        log_probs, mask = predictions
-        if stage != sb.Stage.TRAIN:
-            self.collect_asr(batch, self.ctc_hyps(log_probs, mask))
-        return self.ctc_loss(log_probs, mask, batch)
-
-    def on_stage_end(self, stage, stage_loss, epoch=None):
-        if stage == sb.Stage.TEST:
-            self.write_test_metrics(stage_loss)
-        else:
-            stats = {} if stage == sb.Stage.TRAIN else {"WER": round(100 * self.asr_wer(), 2)}
-            self.log_and_checkpoint(stage, stage_loss, epoch, stats)
+                f.write(f"{i},{classes[t]},{classes[p]}," + ",".join(f"{x:.6f}" for x in prob) + "\n")
 
 
 def export_finetuned_backbone(encoder, out_dir):

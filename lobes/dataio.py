@@ -2,7 +2,8 @@
 
 Manifest keys are documented in docs/DESIGN.md. Pipelines:
 - ``sig``                : waveform (mono, 16 kHz, checked by ``lobes.audio.read_audio``);
-- ``emo_idx``, ``soft_label``: hard class index and soft label vector (AdaLTM's class-balanced soft CE);
+- ``emo_idx``, ``soft_label``: hard class index and soft label vector (AdaLTM's class-balanced soft CE), over
+  the recipe's class list (``emotion_classes`` in its YAML; nothing here knows a corpus's classes);
 - ``wrd``, ``tokens``    : normalised transcript and its CTC character indices.
 
 Dynamic batching groups utterances of similar duration into batches of at most ``max_batch_length`` seconds
@@ -19,7 +20,6 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 
 from lobes import ctc_text
 from lobes.audio import read_audio
-from lobes.emotions import EMOTIONS, EMOTION_TO_INDEX
 from lobes.errors import DataError
 
 
@@ -29,13 +29,21 @@ def audio_pipeline(wav):
     return read_audio(wav)
 
 
-@sb.utils.data_pipeline.takes("emo", "emo_soft")
-@sb.utils.data_pipeline.provides("emo_idx", "soft_label")
-def emotion_pipeline(emo, emo_soft):
-    if emo not in EMOTION_TO_INDEX:
-        raise DataError(f"unknown emotion class '{emo}' (expected one of {EMOTIONS})")
-    yield torch.tensor([EMOTION_TO_INDEX[emo]], dtype=torch.long)  # 1-D: PaddedBatch cannot pad 0-d tensors
-    yield torch.tensor(emo_soft, dtype=torch.float)
+def emotion_pipeline(classes):
+    """Pipeline ``emo, emo_soft -> emo_idx, soft_label`` for the class names ``classes`` (index = position)."""
+    classes = list(classes)
+    index = {c: i for i, c in enumerate(classes)}
+
+    @sb.utils.data_pipeline.takes("emo", "emo_soft")
+    @sb.utils.data_pipeline.provides("emo_idx", "soft_label")
+    def pipeline(emo, emo_soft):
+        if emo not in index:
+            raise DataError(f"unknown emotion class '{emo}' (expected one of {classes})")
+        yield torch.tensor([index[emo]], dtype=torch.long)  # 1-D: PaddedBatch cannot pad 0-d tensors
+        yield torch.tensor(emo_soft, dtype=torch.float)
+
+    pipeline.classes = classes
+    return pipeline
 
 
 @sb.utils.data_pipeline.takes("wrd")
@@ -48,21 +56,21 @@ def ctc_text_pipeline(wrd):
 _CTC_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
 
 
-def _bad_value(entry, required, ctc):
+def _bad_value(entry, required, ctc, classes):
     """Why a manifest entry's value cannot be used ('' when fine). Checked up front, so that bad labels fail
     before training with the manifest and utterance named, not mid-epoch inside a pipeline or as a NaN loss."""
     if "duration" in required:
         d = entry["duration"]
         if not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
             return f"duration {d!r} is not a positive number of seconds"
-    if "emo" in required and entry["emo"] not in EMOTION_TO_INDEX:
-        return f"unknown emotion class {entry['emo']!r} (expected one of {EMOTIONS})"
+    if "emo" in required and entry["emo"] not in classes:
+        return f"unknown emotion class {entry['emo']!r} (expected one of {list(classes)})"
     if "emo_soft" in required:
         soft = entry["emo_soft"]
-        if (not isinstance(soft, list) or len(soft) != len(EMOTIONS)
+        if (not isinstance(soft, list) or len(soft) != len(classes)
                 or not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in soft)
                 or abs(sum(soft) - 1.0) > 1e-3):
-            return f"emo_soft {soft!r} is not {len(EMOTIONS)} finite non-negative numbers summing to 1"
+            return f"emo_soft {soft!r} is not {len(classes)} finite non-negative numbers summing to 1"
     if "wrd" in required:
         wrd = entry["wrd"]
         if not isinstance(wrd, str) or not wrd.strip():
@@ -73,9 +81,9 @@ def _bad_value(entry, required, ctc):
     return ""
 
 
-def _check_manifest(path, required, ctc=False):
+def _check_manifest(path, required, ctc=False, classes=()):
     try:
-        data = json.loads(open(path).read())
+        data = json.loads(open(path, encoding="utf-8").read())
     except FileNotFoundError:
         raise DataError(f"manifest '{path}' does not exist: run data preparation (stage 0) first")
     except json.JSONDecodeError as e:
@@ -86,7 +94,7 @@ def _check_manifest(path, required, ctc=False):
         missing = [k for k in required if k not in entry]
         if missing:
             raise DataError(f"manifest '{path}': utterance '{utt}' lacks {missing}")
-        why = _bad_value(entry, required, ctc)
+        why = _bad_value(entry, required, ctc, classes)
         if why:
             raise DataError(f"manifest '{path}': utterance '{utt}': {why}")
     return data
@@ -94,7 +102,8 @@ def _check_manifest(path, required, ctc=False):
 
 def make_dataset(manifest, pipelines, output_keys, required=("wav", "duration"), sort=None, data_root=None):
     """A ``DynamicItemDataset`` from one manifest, validated first so errors name the utterance."""
-    data = _check_manifest(manifest, required, ctc=ctc_text_pipeline in pipelines)
+    classes = next((p.classes for p in pipelines if hasattr(p, "classes")), ())
+    data = _check_manifest(manifest, required, ctc=ctc_text_pipeline in pipelines, classes=classes)
     ds = sb.dataio.dataset.DynamicItemDataset(data)
     for p in pipelines:
         ds.add_dynamic_item(p)
@@ -104,27 +113,27 @@ def make_dataset(manifest, pipelines, output_keys, required=("wav", "duration"),
     return ds
 
 
-def class_counts(manifest):
-    """Training-set counts of the hard labels, in ``EMOTIONS`` order (for the class-balanced loss)."""
-    counts = Counter(entry["emo"] for entry in _check_manifest(manifest, ("emo",)).values())
-    return [counts.get(e, 0) for e in EMOTIONS]
+def class_counts(manifest, classes):
+    """Training-set counts of the hard labels, in ``classes`` order (for the class-balanced loss)."""
+    counts = Counter(entry["emo"] for entry in _check_manifest(manifest, ("emo",), classes=classes).values())
+    return [counts.get(e, 0) for e in classes]
 
 
 def loader_kwargs(hparams, dataset, train):
     """DataLoader kwargs: a ``DynamicBatchSampler`` when ``dynamic_batching`` is on, else fixed batches."""
-    if hparams.get("dynamic_batching", False):
+    if hparams["dynamic_batching"]:
         sampler = DynamicBatchSampler(
             dataset,
             max_batch_length=hparams["max_batch_length"],
-            num_buckets=hparams.get("num_buckets", 20),
+            num_buckets=hparams["num_buckets"],
             length_func=lambda x: x["duration"],
             shuffle=train,
             batch_ordering="random" if train else "ascending",
-            max_batch_ex=hparams.get("max_batch_ex", None),
+            max_batch_ex=hparams["max_batch_ex"],
         )
-        return {"batch_sampler": sampler, "num_workers": hparams.get("num_workers", 0)}
-    return {"batch_size": hparams["batch_size"], "shuffle": train and hparams.get("sorting", "random") == "random",
-            "num_workers": hparams.get("num_workers", 0)}
+        return {"batch_sampler": sampler, "num_workers": hparams["num_workers"]}
+    return {"batch_size": hparams["batch_size"], "shuffle": train and hparams["sorting"] == "random",
+            "num_workers": hparams["num_workers"]}
 
 
 def padding_share(durations, batches):
@@ -137,16 +146,10 @@ def padding_share(durations, batches):
     return padded / total if total else 0.0
 
 
-def msp_manifests(hparams):
-    """{train, valid, test} -> manifest paths written by msp_podcast_prepare.py into ``prep_folder``."""
-    from pathlib import Path
-
-    return {s: str(Path(hparams["prep_folder"]) / f"{s}.json") for s in ("train", "valid", "test")}
-
-
-def ser_datasets(manifests, with_text=False, sort=None):
-    """Datasets yielding ``sig, emo_idx, soft_label, spk_id`` (+ ``wrd, tokens`` for multi-task recipes)."""
-    pipelines = [audio_pipeline, emotion_pipeline] + ([ctc_text_pipeline] if with_text else [])
+def ser_datasets(manifests, classes, with_text=False, sort=None):
+    """Datasets yielding ``sig, emo_idx, soft_label, spk_id`` (+ ``wrd, tokens`` for multi-task recipes);
+    ``classes``: the recipe's emotion class names, the order of ``emo_idx`` and of ``emo_soft``."""
+    pipelines = [audio_pipeline, emotion_pipeline(classes)] + ([ctc_text_pipeline] if with_text else [])
     keys = ["sig", "emo_idx", "soft_label", "spk_id"] + (["wrd", "tokens"] if with_text else [])
     required = ("wav", "duration", "emo", "emo_soft") + (("wrd",) if with_text else ())
     return {s: make_dataset(p, pipelines, keys, required, sort=sort if s == "train" else None)

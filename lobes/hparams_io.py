@@ -10,7 +10,11 @@ command line's ``--key=value`` overrides (applied last), works as with any Speec
     task_vectors:
         ASR: !ref <vectors_folder>/asr_in.safetensors
 
-A plain hparams file (no ``base_hparams``) is loaded unchanged.
+A plain hparams file (no ``base_hparams``) is loaded unchanged. A row's value replaces the base's value
+as a whole (a mapping too). Every key of a row, also inside untagged nested mappings (``interleave_ratio``,
+...), must exist in its base: a misspelt key raises an error naming the row file and the key path
+(``interleave_ratio.sre``). Not checked inside: objects built with ``!new:`` / ``!name:`` tags and mappings
+whose base value is empty (``task_vectors: {}``: the row lists the vectors it uses). Files are read as UTF-8.
 """
 import atexit
 import io
@@ -30,24 +34,38 @@ def _yaml():
 
 
 def _merge(dst, src):
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict) and not getattr(v, "tag", None):
-            _merge(dst[k], v)
-        else:
-            dst[k] = v
+    for k, v in src.items():  # a row's value, a mapping too, replaces the base's value as a whole
+        dst[k] = v
     return dst
+
+
+def _tagged(value):
+    """True for a mapping written with a YAML tag (``!new:...``); ruamel gives untagged ones ``Tag(None)``."""
+    return getattr(getattr(value, "tag", None), "value", None) is not None
+
+
+def _unknown_keys(row, base, prefix=""):
+    """Dotted paths of the keys of ``row`` that ``base`` lacks, descending into plain (untagged) mappings."""
+    unknown = []
+    for k, v in row.items():
+        path = f"{prefix}{k}"
+        if k not in base:
+            unknown.append(path)
+        elif isinstance(v, dict) and isinstance(base[k], dict) and base[k] and not _tagged(v) and not _tagged(base[k]):
+            unknown += _unknown_keys(v, base[k], prefix=f"{path}.")
+    return unknown
 
 
 def resolve_row(hparams_file):
     """YAML text of a row file folded into its base (recursively); a plain file is returned as it is."""
     hparams_file = Path(hparams_file)
-    text = hparams_file.read_text()
+    text = hparams_file.read_text(encoding="utf-8")
     row = _yaml().load(text) or {}
     if "base_hparams" not in row:
         return text
     base_path = (hparams_file.parent / row.pop("base_hparams")).resolve()
     base = _yaml().load(resolve_row(base_path))
-    unknown = [k for k in row if k not in base]
+    unknown = _unknown_keys(row, base)
     if unknown:  # a typo in a row must not silently train the base configuration
         raise KeyError(f"{hparams_file}: keys {unknown} do not exist in its base {base_path}")
     buf = io.StringIO()
@@ -70,7 +88,7 @@ def load_hparams(hparams_file, overrides=""):
     """
     text = resolve_row(hparams_file)
     fd, path = tempfile.mkstemp(prefix="hparams_", suffix=".yaml")
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     atexit.register(_remove_quietly, path)  # only needed until create_experiment_directory has copied it
     # !ref / !include paths in the file are resolved relative to the current directory, as in SpeechBrain.

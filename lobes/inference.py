@@ -1,4 +1,5 @@
-"""Inference from a trained recipe: emotion (8 class probabilities) and, with a CTC head, a transcript per file.
+"""Inference from a trained recipe: emotion (one probability per class of the recipe) and, with a CTC head, a
+transcript per file.
 
     from lobes.inference import load_model
     model = load_model("exp/adaltm/setup4_dual/1986")          # or ".../folded_wavlm", device="cuda"
@@ -33,7 +34,6 @@ import soundfile as sf
 import torch
 
 from lobes import ctc_text
-from lobes.emotions import EMOTIONS
 from lobes.errors import DataError
 from lobes.wavlm_encoder import run_wavlm
 
@@ -145,17 +145,19 @@ class Recognizer:
     ``encoder(wavs, wav_lens) -> (hidden [L+1, B, T, D], frame mask [B, T])`` as every recipe's ``wavlm`` module.
     """
 
-    def __init__(self, encoder, weighted_sum=None, ser_head=None, ctc_head=None, classes=EMOTIONS, device="cpu",
+    def __init__(self, encoder, weighted_sum=None, ser_head=None, ctc_head=None, classes=None, device="cpu",
                  description=""):
         if ser_head is None and ctc_head is None:
             raise DataError("the model has neither an emotion head (ser_head) nor a CTC head (ctc_head)")
         if ser_head is not None and weighted_sum is None:
             raise DataError("an emotion head needs the α weighted layer sum (weighted_sum)")
+        if ser_head is not None and not classes:
+            raise DataError("an emotion head needs its class names (the recipe's emotion_classes)")
         self.modules = torch.nn.ModuleDict({"encoder": encoder})
         for name, m in (("weighted_sum", weighted_sum), ("ser_head", ser_head), ("ctc_head", ctc_head)):
             if m is not None:
                 self.modules[name] = m
-        self.classes = list(classes)
+        self.classes = list(classes or [])
         self.description = description
         self.device = torch.device(device)
         self.modules.to(self.device).eval()
@@ -228,7 +230,7 @@ class Recognizer:
         """Predict every file; returns one dict per path, in input order.
 
         Keys: ``file``, ``duration`` (s, at 16 kHz), ``sample_rate`` / ``channels`` (of the file), ``emotion``
-        (argmax class), ``probs`` ({class: probability}, the 8 classes), ``transcript`` (models with a CTC head),
+        (argmax class), ``probs`` ({class: probability}, the recipe's classes), ``transcript`` (models with a CTC head),
         ``error`` (None, or why the file was skipped: then the prediction keys are None).
         """
         from tqdm import tqdm
@@ -358,7 +360,7 @@ def load_experiment(exp_dir, device="cpu", overrides=None, fold=False):
     import ruamel.yaml
     from hyperpyyaml import load_hyperpyyaml
 
-    from lobes.merged_wavlm import MergedWavLM
+    from lobes.adaltm.merged_wavlm import MergedWavLM
 
     exp_dir = Path(exp_dir).resolve()
     hp_file = exp_dir / "hyperparams.yaml"
@@ -405,12 +407,15 @@ def load_experiment(exp_dir, device="cpu", overrides=None, fold=False):
                                                               modules else ("ASR-CTC" if "ctc_head" in modules
                                                                             else "SER"))
     if fold and isinstance(encoder, MergedWavLM):
-        from lobes.fold_export import fold_to_wavlm
+        from lobes.adaltm.fold_export import fold_to_wavlm
 
         encoder = FoldedEncoder(fold_to_wavlm(encoder), encoder.normalize_wav)
     logger.info("loaded %s experiment %s (checkpoint %s)", kind, exp_dir, ckpt.name)
+    classes = hparams.get("emotion_classes") if "ser_head" in modules else None
+    if "ser_head" in modules and not classes:
+        raise DataError(f"{hp_file}: has an emotion head (ser_head) but no 'emotion_classes'")
     return Recognizer(encoder, modules.get("weighted_sum"), modules.get("ser_head"), modules.get("ctc_head"),
-                      device=device, description=f"{kind} experiment {exp_dir} ({ckpt.name})")
+                      classes=classes, device=device, description=f"{kind} experiment {exp_dir} ({ckpt.name})")
 
 
 def load_folded_export(export_dir, device="cpu"):
@@ -418,7 +423,7 @@ def load_folded_export(export_dir, device="cpu"):
     from safetensors import safe_open
     from transformers import WavLMModel
 
-    from lobes.fold_export import load_downstream
+    from lobes.adaltm.fold_export import load_downstream
     from lobes.ser_head import SERHead
     from lobes.weighted_sum import WeightedLayerSum
 
@@ -449,7 +454,9 @@ def load_folded_export(export_dir, device="cpu"):
     pooled = shapes["ser_head.classifier.0.weight"][1]
     pooling = cfg.get("pooling", "mean_std" if pooled == 2 * hidden else "mean")
     num_proj = len({k.split(".")[2] for k in shapes if k.startswith("ser_head.frame_proj.")})
-    classes = cfg.get("classes", EMOTIONS)
+    classes = cfg.get("classes")
+    if not classes:
+        raise DataError(f"{cfg_file}: lacks 'classes' (the emotion class names, in head output order)")
     weighted_sum = WeightedLayerSum(num_layers, include_cnn=include_cnn, layer_norm=bool(cfg.get("layer_norm", False)))
     ser_head = SERHead(model.config.hidden_size, hidden, num_classes=shapes["ser_head.classifier.3.weight"][0],
                        pooling=pooling, num_proj_layers=num_proj, head_type=cfg.get("head_type", "frame_mlp"))

@@ -2,7 +2,7 @@
 
     L = (1/B) Σ_i Σ_c  w_c · y_ic · (−log softmax(z_i)_c)
 
-y_i is the soft label (distribution of annotator votes over the 8 classes, sums to 1). Class weights follow
+y_i is the soft label (distribution of annotator votes over the recipe's classes, sums to 1). Class weights follow
 the effective number of samples: E_c = (1 − β^{n_c}) / (1 − β), w_c ∝ 1 / E_c, rescaled so Σ_c w_c = C.
 β → 1 gives inverse-frequency weights; β = 0 gives uniform weights. n_c are training-set counts of the hard
 labels (a class with n_c = 0 gets weight 0, since it cannot be learnt anyway).

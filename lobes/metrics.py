@@ -383,6 +383,46 @@ def wer(refs, hyps):
     return wer_details(refs, hyps)["wer"]
 
 
+def whisper_normalizer(spelling_mapping=None):
+    """Whisper's English text normaliser (``transformers``' ``EnglishTextNormalizer``, the one ASR papers report
+    WER with): lower case, bracketed/filler words removed (``[laughter]``, "uh", "um"), contractions expanded,
+    titles spelled ("mr" -> "mister"), spelled-out numbers written as digits ("nineteen ninety" -> "1990",
+    "fifty percent" -> "50%"), punctuation and accents removed.
+
+    ``spelling_mapping``: British -> American spellings. transformers does not ship the table: it comes with each
+    Whisper tokenizer as ``normalizer.json`` (hub download). ``None`` (default) uses an empty mapping, so
+    "colour" vs "color" counts as an error; pass a dict, or the path of a ``normalizer.json`` you have locally,
+    to match Whisper's numbers exactly.
+    """
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    if spelling_mapping is None:
+        spelling_mapping = {}
+    elif not isinstance(spelling_mapping, dict):
+        path = spelling_mapping
+        try:
+            with open(path, encoding="utf-8") as f:
+                spelling_mapping = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read the English spelling mapping ({e})") from e
+        if not isinstance(spelling_mapping, dict):
+            raise DataError(f"{path}: English spelling mapping must be a JSON object")
+    return EnglishTextNormalizer(spelling_mapping)
+
+
+def wer_whisper_norm_details(refs, hyps, spelling_mapping=None):
+    """``wer_details`` after Whisper's English normaliser on both sides (see ``whisper_normalizer``)."""
+    refs, hyps = _check_transcripts(refs, hyps)
+    norm = whisper_normalizer(spelling_mapping)
+    return wer_details([norm(r) for r in refs], [norm(h) for h in hyps])
+
+
+def wer_whisper_norm(refs, hyps, spelling_mapping=None):
+    """Corpus WER (fraction) with Whisper's English normaliser applied to refs and hyps. Raw or CTC-normalised
+    text both work (the normaliser lower-cases and maps spelled numbers to digits on each side)."""
+    return wer_whisper_norm_details(refs, hyps, spelling_mapping)["wer"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Results files
 # ----------------------------------------------------------------------------------------------------------------

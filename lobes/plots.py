@@ -3,7 +3,7 @@
 Every figure is drawn on its own ``matplotlib.figure.Figure`` with an Agg canvas (no pyplot global state, no
 display needed) at a fixed ``figsize`` x ``dpi``, so a PNG is exactly ``figsize[0]*dpi`` x ``figsize[1]*dpi``
 pixels, and saved atomically (temp file in the target folder, then rename).
-Group axis convention (``lobes.layer_groups``): group 0 = CNN feature extractor + positional embedding,
+Group axis convention (``lobes.adaltm.layer_groups``): group 0 = CNN feature extractor + positional embedding,
 group l = transformer layer l. Layer-weight axis: index 0 = CNN output (when included), l = layer l.
 """
 import math

@@ -7,7 +7,7 @@ prediction. ``pooling``: ``mean`` or ``mean_std`` (statistics pooling).
 - ``frame_mlp`` (default; the paper-faithful rows): Linear -> ReLU -> Dropout per frame, then pooling.
 - ``pooled_linear``: a purely linear frame projection, then masked mean pooling, then ReLU -> Dropout. Its
   pooled output is W·mean_t(Σ_l α_l h_lt) + b = W·Σ_l α_l mean_t(h_lt) + b, so it can train from a per-layer
-  *pooled* feature cache ([L+1, D] per utterance, lobes.feature_cache) and give the same logits as the
+  *pooled* feature cache ([L+1, D] per utterance, lobes.adaltm.feature_cache) and give the same logits as the
   frame-level forward. Same parameter names as ``frame_mlp`` with one projection layer.
 """
 import torch

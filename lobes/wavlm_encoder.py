@@ -94,7 +94,7 @@ def run_wavlm(model, wavs, wav_lens, normalize=True):
 class WavLMEncoder(torch.nn.Module):
     """A plain (fine-tunable or frozen) WavLM returning all hidden states.
 
-    Used by the ASR-CTC, SER and MTL recipes; AdaLTM uses :class:`lobes.merged_wavlm.MergedWavLM`, which has
+    Used by the ASR-CTC, SER and MTL recipes; AdaLTM uses :class:`lobes.adaltm.merged_wavlm.MergedWavLM`, which has
     the same ``forward`` contract.
     """
 

@@ -68,3 +68,25 @@ def libri_manifests(mini_corpora, tmp_path_factory):
     out = tmp_path_factory.mktemp("libri_manifests")
     prep.prepare_librispeech(mini_corpora.libri, out)
     return out
+
+
+# IEMOCAP (recipes/IEMOCAP): ``mini_iemocap`` = the synthetic IEMOCAP_full_release (``.root``) with its expected
+# counts (``.counts``, mini_counts.json); ``iemocap_manifests`` = folder with classes.txt and fold{1..5}/*.json
+# prepared from it with the default 4-class map.
+@pytest.fixture(scope="session")
+def mini_iemocap(tmp_path_factory):
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed: cannot generate the mini IEMOCAP")
+    gen = _load_recipe("recipes/IEMOCAP/make_mini_iemocap.py")
+    root = tmp_path_factory.mktemp("mini_iemocap") / "IEMOCAP_full_release"
+    counts = gen.make_mini_iemocap(root, seed=MINI_SEED)
+    return SimpleNamespace(root=root, seed=MINI_SEED, counts=counts)
+
+
+@pytest.fixture(scope="session")
+def iemocap_manifests(mini_iemocap, tmp_path_factory):
+    prep = _load_recipe("recipes/IEMOCAP/iemocap_prepare.py")
+    out = tmp_path_factory.mktemp("iemocap_manifests")
+    prep.prepare_iemocap(mini_iemocap.root, out)
+    return out

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import WavLMConfig, WavLMForCTC, WavLMModel
 
-from lobes.checkpoint_import import load_backbone_state, weight_norm_effective
+from lobes.adaltm.checkpoint_import import load_backbone_state, weight_norm_effective
 from lobes.errors import DataError
 from tools.make_tiny_wavlm import make_tiny_wavlm
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lobes import feature_cache as fc
-from lobes.merged_wavlm import MergedWavLM
+from lobes.adaltm import feature_cache as fc
+from lobes.adaltm.merged_wavlm import MergedWavLM
 from lobes.ser_head import SERHead
 from lobes.weighted_sum import WeightedLayerSum
 from tools.make_tiny_wavlm import make_tiny_wavlm
@@ -87,11 +87,11 @@ def test_sharded_build_is_streamed_and_matches_per_utterance(wavlm, corpus, tmp_
     biggest = max(cache[u].numel() * 4 for u, _ in utts)
     for p in shards:
         with safe_open(str(p), framework="pt") as f:
-            assert sum(f.get_tensor(k).numel() * 4 for k in f.keys()) < shard_mb * 2 ** 20 + biggest
+            assert sum(f.get_tensor(k).numel() * 4 for k in f) < shard_mb * 2 ** 20 + biggest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]  # temp folder renamed away
     with torch.no_grad():
         for uid, _ in utts:  # batched on padded input == one utterance alone
-            hidden, mask = wavlm(load(uid)[None], torch.ones(1))
+            hidden, _ = wavlm(load(uid)[None], torch.ones(1))
             ref = hidden[:, 0].transpose(0, 1)
             assert cache[uid].shape == ref.shape == (fc.conv_frames(load(uid).numel()), 5, 32)
             torch.testing.assert_close(cache[uid], ref, atol=1e-5, rtol=1e-4)

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from lobes.dynamic_fusion import PromptAdaptiveFusion
-from lobes.emotions import EMOTIONS
+from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
+EMOTIONS = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
 from lobes.errors import DataError
-from lobes.gated_encoder_fusion import GatedEncoderFusion
-from lobes.speech_lm import CharTokenizer, SpeechAdapter, SpeechLM, to_frame_mask
+from lobes.harmonifuse.gated_encoder_fusion import GatedEncoderFusion
+from lobes.harmonifuse.speech_lm import CharTokenizer, SpeechAdapter, SpeechLM, to_frame_mask
 
 
 # ------------------------------------------------------------------------------------ gated encoder fusion
@@ -267,7 +267,7 @@ def test_speech_lm_wavlm_overfits_and_generates(tiny_dirs):
 
 def test_speech_lm_frozen_lm_and_classify_mode(tiny_dirs):
     torch.manual_seed(0)
-    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), ser_mode="classify", freeze_lm=True)
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), ser_mode="classify", freeze_lm=True, emotions=EMOTIONS)
     lm_before = {k: v.clone() for k, v in m.lm.state_dict().items()}
     prompts_before = m.prompts.detach().clone()
     wavs, lens = torch.randn(2, 1600), torch.tensor([1.0, 0.8])

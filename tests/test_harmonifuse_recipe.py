@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from lobes import metrics as M
 from lobes.errors import DataError
 from lobes.hparams_io import resolve_row
-from lobes.speech_lm import FixedLayerSelect, TrainableParameters, rescale_layer_index
+from lobes.harmonifuse.speech_lm import FixedLayerSelect, TrainableParameters, rescale_layer_index
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/MSP-Podcast/harmonifuse"
@@ -27,15 +27,17 @@ def recipe(load_recipe):
 
 # ------------------------------------------------------------------------------------------ SER scoring
 def test_emotion_index_accepts_exact_class_names_only(recipe):
-    assert recipe.emotion_index("Anger") == 0
-    assert recipe.emotion_index("  Surprise\n") == 7
+    classes = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
+    assert recipe.emotion_index("Anger", classes) == 0
+    assert recipe.emotion_index("  Surprise\n", classes) == 7
     for bad in ("anger", "", "Angerr", "Anger Fear", "<unk>"):
-        assert recipe.emotion_index(bad) == 8  # invalid
+        assert recipe.emotion_index(bad, classes) == 8  # invalid
+    assert recipe.emotion_index("Surprise", classes[:4]) == 4  # not among a 4-class recipe's classes
 
 
 def test_invalid_outputs_count_as_wrong_but_are_not_a_class(recipe):
     # true [A, A, C, C], pred [A, invalid, C, A]
-    rep = recipe.ser_report_with_invalid([0, 0, 1, 1], [0, 8, 1, 0], num_bootstraps=20)
+    rep = recipe.ser_report_with_invalid([0, 0, 1, 1], [0, 8, 1, 0], 8, num_bootstraps=20)
     assert rep["uar"] == pytest.approx(0.5)          # recall A = 1/2, C = 1/2
     assert rep["accuracy"] == pytest.approx(0.5)     # 2 of 4
     # precision A = 1/2 (predicted twice), C = 1/1; the invalid column is not averaged in (it would give 0.5)
@@ -53,7 +55,7 @@ def test_invalid_outputs_count_as_wrong_but_are_not_a_class(recipe):
 def test_without_invalid_outputs_the_report_equals_ser_report(recipe):
     rng = np.random.RandomState(0)
     t, p = rng.randint(0, 8, 60).tolist(), rng.randint(0, 8, 60).tolist()
-    mine = recipe.ser_report_with_invalid(t, p, num_bootstraps=50, seed=3)
+    mine = recipe.ser_report_with_invalid(t, p, 8, num_bootstraps=50, seed=3)
     ref = M.ser_report(t, p, num_bootstraps=50, seed=3)
     for k in ("uar", "precision", "macro_f1", "accuracy"):
         assert mine[k] == pytest.approx(ref[k], abs=1e-12)
@@ -93,7 +95,7 @@ def test_sequential_eval_loader_scores_every_item_once_without_mixing():
     from speechbrain.dataio.dataset import DynamicItemDataset
     from torch.utils.data import BatchSampler, SequentialSampler
 
-    from lobes.interleave import batch_task, make_sequential_dataloader
+    from lobes.harmonifuse.interleave import batch_task, make_sequential_dataloader
 
     sets = {}
     for task, n in (("asr:test-clean", 5), ("ser:test", 7)):

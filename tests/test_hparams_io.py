@@ -36,3 +36,34 @@ def test_command_line_overrides_win_over_row(tmp_path):
     h, path, _ = load_hparams(tmp_path / "row.yaml", "epochs: 7")
     assert h == {"lr": 0.1, "epochs": 7, "vecs": {"ASR": "a.safetensors"}}
     assert "epochs: 5" in open(path).read()  # the saved effective file holds the row's values
+
+
+def test_unknown_nested_row_key_names_the_file_and_the_key_path(tmp_path):
+    (tmp_path / "base.yaml").write_text("ratio: {asr: 1, ser: 1}\nvecs: {}\nopt: {lr: 0.1, wd: 0.0}\n",
+                                        encoding="utf-8")
+    row = tmp_path / "rows" / "row.yaml"
+    row.parent.mkdir()
+    row.write_text("base_hparams: ../base.yaml\nratio: {asr: 1, sre: 2}\nvecs: {ASR: a.safetensors}\n",
+                   encoding="utf-8")
+    with pytest.raises(KeyError, match=r"row\.yaml: keys \['ratio\.sre'\] do not exist in its base .*base\.yaml"):
+        resolve_row(row)
+    # known nested keys (a subset) and an empty base mapping filled by the row are accepted; the row's mapping
+    # replaces the base's as a whole
+    row.write_text("base_hparams: ../base.yaml\nratio: {asr: 2}\nvecs: {ASR: a.safetensors}\n# λ é\n",
+                   encoding="utf-8")
+    h, _, _ = load_hparams(row)
+    assert h == {"ratio": {"asr": 2}, "vecs": {"ASR": "a.safetensors"}, "opt": {"lr": 0.1, "wd": 0.0}}
+
+
+def test_every_recipe_base_yaml_declares_the_loader_and_metric_settings():
+    import glob
+
+    import ruamel.yaml
+
+    needed = {"seed", "num_workers", "num_buckets", "ckpts_to_keep", "backbone_modules", "backbone_opt_class",
+              "dynamic_batching"}
+    for path in glob.glob("recipes/*/*/hparams/*.yaml"):
+        keys = set(ruamel.yaml.YAML().load(open(path, encoding="utf-8")))
+        assert needed <= keys, (path, needed - keys)
+        if "ser_head" in keys or "speech_lm" in keys:
+            assert {"emotion_classes", "num_bootstraps", "speaker_bootstrap"} <= keys, path

@@ -273,7 +273,8 @@ def test_mtl_experiment_loads_best_checkpoint_with_transcripts(adaltm_exp, tmp_p
     model = load_model(exp)  # cwd is not `work`: the relative wavlm_source must still resolve
     assert model.has_ctc and model.has_ser
     assert not (Path.cwd() / "exp_rel").exists()  # nothing was created relative to the current folder
-    expected = Recognizer(modules["wavlm"], modules["weighted_sum"], modules["ser_head"], modules["ctc_head"])
+    expected = Recognizer(modules["wavlm"], modules["weighted_sum"], modules["ser_head"], modules["ctc_head"],
+                          classes=model.classes)
     got = model.predict(files[:4], progress=False)
     want = expected.predict(files[:4], progress=False)
     assert [r["transcript"] for r in got] == [r["transcript"] for r in want]

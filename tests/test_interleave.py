@@ -7,7 +7,7 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from lobes.errors import DataError
-from lobes.interleave import (InterleavedBatchSampler, InterleavedLoader, TaskTaggedConcat, batch_task,
+from lobes.harmonifuse.interleave import (InterleavedBatchSampler, InterleavedLoader, TaskTaggedConcat, batch_task,
                               interleave_schedule, make_interleaved_dataloader, num_rounds, parse_ratio)
 
 

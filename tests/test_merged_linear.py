@@ -1,4 +1,4 @@
-"""merge_impl="fused" and "materialized" (lobes.merged_linear): same outputs and λ gradients as the functional
+"""merge_impl="fused" and "materialized" (lobes.adaltm.merged_linear): same outputs and λ gradients as the functional
 path; fused merged weights are not kept alive by autograd (rebuilt in backward); materialized stored weights
 follow λ in place and stay equal to eq. (4)."""
 import pytest
@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import WavLMModel
 
-from lobes.merged_linear import MergeWeight, RebuildMergedInBackward, merge_values, stacked_view
-from lobes.merged_wavlm import MergedWavLM
+from lobes.adaltm.merged_linear import MergeWeight, RebuildMergedInBackward, merge_values, stacked_view
+from lobes.adaltm.merged_wavlm import MergedWavLM
 from tools.make_tiny_wavlm import make_tiny_wavlm
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import WavLMConfig, WavLMModel
 
-from lobes import layer_groups
+from lobes.adaltm import layer_groups
 from lobes.errors import DataError
-from lobes.fold_export import export_folded, load_downstream
+from lobes.adaltm.fold_export import export_folded, load_downstream
 from lobes.losses import ClassBalancedSoftCE, effective_number_weights, soft_cross_entropy
-from lobes.merged_wavlm import MergedWavLM
+from lobes.adaltm.merged_wavlm import MergedWavLM
 from lobes.ser_head import SERHead
 from lobes.wavlm_encoder import WavLMEncoder, run_wavlm
 from lobes.weighted_sum import WeightedLayerSum

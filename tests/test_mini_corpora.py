@@ -4,13 +4,16 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from lobes.emotions import LETTER_TO_EMOTION, WORD_TO_EMOTION
 from tools.make_mini_corpora import make_mini_corpora
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "MSP-Podcast"))
+from msp_podcast_prepare import LETTER_TO_EMOTION, WORD_TO_EMOTION  # noqa: E402
 
 CONSENSUS_HEADER = ["FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set"]
 

@@ -3,6 +3,8 @@ import csv
 import json
 import re
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +12,10 @@ import soundfile as sf
 import torch
 
 from lobes.audio import audio_info, check_audio, read_audio
-from lobes.emotions import EMOTIONS, LETTER_TO_EMOTION
 from lobes.errors import DataError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "MSP-Podcast"))
+from msp_podcast_prepare import LETTER_TO_EMOTION, MSP_CLASSES as EMOTIONS  # noqa: E402
 
 MSP = "recipes/MSP-Podcast/msp_podcast_prepare.py"
 LIBRI = "recipes/LibriSpeech/librispeech_prepare.py"
@@ -235,7 +239,9 @@ def test_msp_bad_inputs(msp, tmp_path):
 
     root = case("trans", [("good", "A", "Train"), ("silent", "H", "Train")],
                 transcripts={"good": "Hello there.", "silent": " ?! \n"})
-    _assert_fails(msp.prepare_msp_podcast, tmp_path / "o6", "silent.txt", data_folder=root, transcript_only=True)
+    # A transcript empty after normalisation is left out of the ASR subset and listed (tests/test_ctc_text.py).
+    msp.prepare_msp_podcast(root, tmp_path / "o6", transcript_only=True)
+    assert list(_load(tmp_path / "o6", "train")) == ["good"]
     # Without transcript_only an empty transcript is just 'unknown'.
     msp.prepare_msp_podcast(root, tmp_path / "o7")
     man = _load(tmp_path / "o7", "train")

@@ -7,9 +7,9 @@ the wrong-architecture task vector. Each must raise an error naming the file / k
 half-written behind.
 
 Bad inputs caught at data preparation (corrupt / 0-sample / 8 kHz audio, label row whose audio file is missing,
-unknown EmoClass letter, empty transcript in the transcript subset, LibriSpeech mismatches) are tested in
+unknown EmoClass letter, LibriSpeech mismatches) are tested in
 tests/test_prepare.py (``test_msp_bad_inputs``, ``test_libri_bad_inputs``); pickled objects and truncated files
-given to ``lobes.checkpoint_import`` in tests/test_checkpoint_import.py. They are not repeated here.
+given to ``lobes.adaltm.checkpoint_import`` in tests/test_checkpoint_import.py. They are not repeated here.
 """
 import ast
 import json
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ADALTM = "recipes/MSP-Podcast/adaltm/train.py"
 ROW = ROOT / "recipes/MSP-Podcast/adaltm/hparams/rows/setup4_dual.yaml"
 SUBSET = {"train": 6, "valid": 2, "test": 2}
+MSP_CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -79,7 +80,7 @@ def tiny(tmp_path_factory):
     from tools.make_tiny_wavlm import make_tiny_wavlm
     from transformers import WavLMModel
 
-    from lobes.task_vector import compute_task_vector, save_task_vector
+    from lobes.adaltm.task_vector import compute_task_vector, save_task_vector
 
     root = tmp_path_factory.mktemp("reliability")
     g = torch.Generator().manual_seed(3)
@@ -125,7 +126,8 @@ def test_bad_audio_in_a_manifest_fails_at_training_time_naming_the_file(msp_mani
             man[sorted(man)[0]]["wav"] = str(bad)
 
     manifests = subset_manifests(msp_manifests, tmp_path / "prep", point_first_at_bad)
-    for build in (ser_datasets, asr_datasets):  # SER/AdaLTM/MTL and the CTC recipes share the audio pipeline
+    # SER/AdaLTM/MTL and the CTC recipes share the audio pipeline
+    for build in (lambda m: ser_datasets(m, MSP_CLASSES), asr_datasets):
         with pytest.raises(DataError, match=re.escape(f"{bad}: {message}")):
             first_batch(build(manifests)["train"])
     assert debris(tmp_path) == []
@@ -150,10 +152,10 @@ def test_bad_emotion_label_in_a_manifest_names_manifest_and_utterance(msp_manife
     manifests = subset_manifests(msp_manifests, tmp_path, corrupt)
     expected = f"manifest '{manifests['valid']}': utterance '{target['utt']}': " + re.escape(message)
     with pytest.raises(DataError, match=expected):
-        ser_datasets(manifests)  # before any training step: a NaN soft label never becomes a NaN loss
+        ser_datasets(manifests, MSP_CLASSES)  # before any training step: a NaN soft label never becomes a NaN loss
     if key == "emo":
         with pytest.raises(DataError, match=expected):
-            class_counts(manifests["valid"])
+            class_counts(manifests["valid"], MSP_CLASSES)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -179,7 +181,7 @@ def test_bad_transcript_in_a_ctc_manifest_names_manifest_and_utterance(msp_manif
     with pytest.raises(DataError, match=expected):
         asr_datasets(manifests)
     with pytest.raises(DataError, match=expected):  # the MTL recipe's SER + CTC datasets
-        ser_datasets(manifests, with_text=True)
+        ser_datasets(manifests, MSP_CLASSES, with_text=True)
 
 
 # ----------------------------------------------------------------------------------------- task vectors
@@ -204,7 +206,7 @@ def test_task_vector_of_another_architecture_stops_adaltm_train_py(tiny, msp_man
 
 def test_truncated_task_vector_names_the_file(tiny, msp_manifests, tmp_path):
     from lobes.hparams_io import load_hparams
-    from lobes.task_vector import load_task_vector
+    from lobes.adaltm.task_vector import load_task_vector
 
     vectors = tmp_path / "vectors"
     vectors.mkdir()
@@ -232,8 +234,8 @@ def test_nan_loss_stops_adaltm_training_naming_the_batch_and_saves_no_checkpoint
     train_ids = sorted(json.loads(Path(manifests["train"]).read_text()))
     hparams, _, _ = load_hparams(ROW, adaltm_overrides(tiny, tmp_path / "exp", Path(manifests["train"]).parent))
     recipe = load_recipe(ADALTM)
-    datasets = ser_datasets(manifests)
-    hparams["loss"].set_counts(class_counts(manifests["train"]))
+    datasets = ser_datasets(manifests, hparams["emotion_classes"])
+    hparams["loss"].set_counts(class_counts(manifests["train"], hparams["emotion_classes"]))
     brain = recipe.AdaLTMBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                                run_opts={"device": "cpu", "ckpt_interval_steps": 1, "noprogressbar": True},
                                checkpointer=hparams["checkpointer"])
@@ -335,7 +337,7 @@ class _Payload:
 
 
 def test_pickle_bearing_files_are_refused_and_never_run(recipe_checkpointer, tmp_path):
-    from lobes.task_vector import load_task_vector
+    from lobes.adaltm.task_vector import load_task_vector
 
     hparams, ckpt = recipe_checkpointer
     marker = tmp_path / "pickled_code_ran"

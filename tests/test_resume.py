@@ -36,7 +36,7 @@ def make_setup(root, msp_manifests):
     from tools.make_tiny_wavlm import make_tiny_wavlm
     from transformers import WavLMModel
 
-    from lobes.task_vector import compute_task_vector, save_task_vector
+    from lobes.adaltm.task_vector import compute_task_vector, save_task_vector
 
     wavlm = make_tiny_wavlm(root / "tiny_wavlm")
     base = WavLMModel.from_pretrained(wavlm).state_dict()

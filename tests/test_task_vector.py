@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from lobes.errors import DataError
-from lobes.task_vector import (
+from lobes.adaltm.task_vector import (
     TaskVector,
     architecture_fingerprint,
     backbone_group,

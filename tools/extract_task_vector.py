@@ -3,7 +3,7 @@
     python -m tools.extract_task_vector --base microsoft/wavlm-large \\
         --finetuned exp/msp_asr/save/CKPT+best --kind speechbrain --name ASR --out exp/tv/asr.safetensors
 
-``--base`` / ``--finetuned`` take anything :func:`lobes.checkpoint_import.load_backbone_state` reads (hf dir or
+``--base`` / ``--finetuned`` take anything :func:`lobes.adaltm.checkpoint_import.load_backbone_state` reads (hf dir or
 hub id, WavLMForCTC, SpeechBrain ckpt, vox-profile). Prints what the importer detected and the ΔW norm per
 group ("group 0" = CNN/projection/pos_conv/masked_spec_embed, "layer i" = encoder.layers.i, other keys such
 as encoder.layer_norm separately).
@@ -13,9 +13,9 @@ import logging
 import math
 import sys
 
-from lobes.checkpoint_import import KINDS, load_backbone_state
+from lobes.adaltm.checkpoint_import import KINDS, load_backbone_state
 from lobes.errors import DataError
-from lobes.task_vector import backbone_group, compute_task_vector, save_task_vector
+from lobes.adaltm.task_vector import backbone_group, compute_task_vector, save_task_vector
 
 
 def group_summary(tv, base_state):

@@ -7,7 +7,7 @@
 ``--model``: an experiment directory of the SER / AdaLTM / MTL recipes (best checkpoint + its hyperparams.yaml) or a
 folded AdaLTM export (``folded_wavlm/``). Folders are searched recursively for .wav/.flac/.ogg/.mp3. Any sample
 rate and channel count is accepted (downmixed and resampled to 16 kHz). Prints a table; ``--csv`` / ``--json``
-write every file's result (the 8 class probabilities included).
+write every file's result (one probability per class of the model included).
 
 Exit code: 0 when every file was predicted, 1 when any file failed (listed on stderr, the rest still predicted),
 2 for bad arguments, a bad model directory or no input files.

@@ -16,12 +16,14 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lobes.emotions import EMOTIONS, LETTER_TO_EMOTION
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "MSP-Podcast"))
+from msp_podcast_prepare import LETTER_TO_EMOTION, MSP_CLASSES as EMOTIONS  # noqa: E402
 
 SENTENCES_FILE = Path(__file__).with_name("sentences.txt")
 README_NAME = "README_generated.txt"

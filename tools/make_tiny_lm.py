@@ -2,7 +2,7 @@
 
 It stands in for the HarmoniFuse text LM in tests and the demo: ``SpeechLM(lm_source=DIR)`` loads it through
 the same ``AutoModelForCausalLM.from_pretrained`` path as a real checkpoint; ``char_tokenizer.json`` makes
-``lobes.speech_lm.load_tokenizer`` pick :class:`lobes.speech_lm.CharTokenizer` (no download).
+``lobes.harmonifuse.speech_lm.load_tokenizer`` pick :class:`lobes.harmonifuse.speech_lm.CharTokenizer` (no download).
 
     python -m tools.make_tiny_lm --out data/tiny_lm [--layers 4] [--seed 0] [--overwrite]
 """
@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lobes.errors import DataError
-from lobes.speech_lm import CHAR_TOKENIZER_FILE, CharTokenizer
+from lobes.harmonifuse.speech_lm import CHAR_TOKENIZER_FILE, CharTokenizer
 
 CONFIG = Path(__file__).parent / "tiny_configs" / "causal_lm.json"
 

@@ -45,7 +45,7 @@ RECIPES = {
     "AdaLTM": "AdaLTM: frozen WavLM whose weights are W_base + Σ_k λ_k^(l) ΔW_k (eq. 4), α weighted layer sum "
               "(eq. 5) and an emotion head; λ, α and the head are trained",
     "MTL": "multi-task baseline: the whole WavLM fine-tuned with a joint CTC + SER loss",
-    "SER": "WavLM fine-tuned for 8-class SER (α weighted layer sum + emotion head)",
+    "SER": "WavLM fine-tuned for SER (α weighted layer sum + emotion head)",
     "ASR-CTC": "WavLM fine-tuned with a character CTC head",
 }
 
@@ -164,6 +164,8 @@ def metrics_section(metrics, metrics_file):
         lines.append(f"| WER | {pct(metrics['wer'])} | – |")
     if not test and metrics.get("wer") is None:
         lines.append("_metrics.json holds no test metrics._")
+    if test.get("classes"):
+        lines += ["", f"Emotion classes ({len(test['classes'])}, in output order): " + ", ".join(test["classes"]) + "."]
     return lines
 
 
@@ -244,7 +246,7 @@ def usage_section(exp_dir, export_dir, kind):
               "Any sample rate / channel count is accepted (downmixed and resampled to 16 kHz); folders are searched "
               "recursively for .wav/.flac/.ogg/.mp3. The table shows the predicted emotion and its probability"
               + (" and the CTC transcript" if kind in ("MTL", "ASR-CTC") else "")
-              + "; the CSV / JSON hold all 8 class probabilities. Exit code 1 means some files could not be read "
+              + "; the CSV / JSON hold one probability per class. Exit code 1 means some files could not be read "
               "(listed on stderr); the others were still predicted.", "",
               "### Python", "", "```python", "from lobes.inference import load_model", "",
               f'model = load_model("{exp_dir}", device="cpu")  # the best (lowest validation loss) checkpoint',

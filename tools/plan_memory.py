@@ -6,7 +6,7 @@
         [--merge_impl materialized|fused|functional] [--delta_dtype float32|bfloat16] [--gpus 1]
     python -m tools.plan_memory <row.yaml> --plans        # effective batch 32 on 1x24 GB, 2x32 GB, 1x80 GB
 
-How: the row's real model (lobes.merged_wavlm.MergedWavLM + α + emotion head, WavLM-Large shape unless
+How: the row's real model (lobes.adaltm.merged_wavlm.MergedWavLM + α + emotion head, WavLM-Large shape unless
 ``--shape``) runs two real training steps (forward, loss, backward, AdamW step) on PyTorch's ``meta`` device,
 where tensors have shapes and dtypes but no data, so nothing is computed and a step takes about a second.
 :class:`LiveMemory` (a ``TorchDispatchMode``) sees every tensor an op creates and, through weak references,
@@ -24,7 +24,6 @@ the measured peak of the same steps on this CPU (benchmarks/bench_plan_memory.py
 import argparse
 import contextlib
 import json
-import re
 import sys
 import weakref
 from pathlib import Path
@@ -40,11 +39,11 @@ GIB = 2 ** 30
 SAMPLE_RATE = 16000
 
 # microsoft/wavlm-large (317M parameters)
-LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-             do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True, num_conv_pos_embeddings=128,
-             num_conv_pos_embedding_groups=16)
-NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-                  final_dropout=0.0, layerdrop=0.0, apply_spec_augment=False, mask_time_prob=0.0)
+LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+         "do_stable_layer_norm": True, "feat_extract_norm": "layer", "conv_bias": True,
+         "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16}
+NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "feat_proj_dropout": 0.0,
+              "final_dropout": 0.0, "layerdrop": 0.0, "apply_spec_augment": False, "mask_time_prob": 0.0}
 GPU_SETUPS = ((1, 24), (2, 32), (1, 80))  # (GPUs, GB each): a 24 GB card, the paper's 2 V100s, an A100/H100
 EFFECTIVE_BATCH = 32
 
@@ -224,8 +223,9 @@ def _storages(tensors):
 def _meta_safe():
     """Run lobes code on meta tensors: zero-valued reads, and checkpointing without RNG state stashing
     (torch.utils.checkpoint cannot stash a meta RNG; it saves nothing either way)."""
-    import lobes.merged_wavlm as mw
     from torch.utils.checkpoint import checkpoint
+
+    import lobes.adaltm.merged_wavlm as mw
 
     def ckpt(fn, *args, **kwargs):
         return checkpoint(fn, *args, preserve_rng_state=False, **kwargs)
@@ -246,7 +246,7 @@ def build_adaltm(config, num_vectors, lambda_mode="layerwise", merge_impl="mater
     built from ``config`` (random or meta weights) and random task vectors, instead of files."""
     from transformers import WavLMModel
 
-    import lobes.merged_wavlm as mw
+    import lobes.adaltm.merged_wavlm as mw
     from lobes.ser_head import SERHead
     from lobes.weighted_sum import WeightedLayerSum
 

@@ -7,6 +7,8 @@
 Layout: ``<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac`` with ``<speaker>-<chapter>.trans.txt``
 (``ID TRANSCRIPT`` lines). Writes ``<save_folder>/<split>.json``: ``{utt_id: {wav, duration, spk_id, wrd}}``
 with ``wrd`` normalised by ``lobes.ctc_text.normalize_transcript`` and durations read from the flac headers.
+An utterance whose transcript is empty after normalisation is left out, counted in the log and listed in
+``<save_folder>/excluded_transcripts.txt`` (``id<TAB>reason``).
 Splits absent on disk are skipped with a message, unless listed in ``required_splits``.
 """
 import argparse
@@ -23,6 +25,7 @@ from lobes.io_utils import atomic_write
 SAMPLE_RATE = 16000
 DEFAULT_SPLITS = ("train-clean-100", "dev-clean", "dev-other", "test-clean", "test-other")
 OPTS_FILE = "librispeech_prepare.opts"  # JSON, but not *.json: only manifests match that
+EXCLUDED_FILE = "excluded_transcripts.txt"  # utterances whose transcript normalises to nothing
 
 
 def write_manifest(manifest, f):
@@ -52,9 +55,14 @@ def read_trans(path):
     return out
 
 
-def prepare_split(split_dir):
-    """Manifest dict of one split folder; every flac must be in its trans.txt and vice versa."""
+def prepare_split(split_dir, excluded=None):
+    """Manifest dict of one split folder; every flac must be in its trans.txt and vice versa.
+
+    An utterance whose transcript is empty after normalisation is left out and appended to ``excluded`` as
+    ``(utt_id, reason)`` (never an abort).
+    """
     manifest = {}
+    excluded = [] if excluded is None else excluded
     for spk_dir in _subdirs(split_dir):
         spk = os.path.basename(spk_dir)
         for chap_dir in _subdirs(spk_dir):
@@ -73,11 +81,15 @@ def prepare_split(split_dir):
             for utt in sorted(trans):
                 if utt not in flacs:
                     raise DataError(f"{trans_path}: audio file {utt}.flac of utterance {utt} is missing")
+                wrd = normalize_transcript(trans[utt])
+                if not wrd:
+                    excluded.append((utt, f"transcript empty after normalisation (raw: {trans[utt][:80]!r})"))
+                    continue
                 manifest[utt] = {
                     "wav": os.path.abspath(flacs[utt]),
                     "duration": round(check_audio(flacs[utt], SAMPLE_RATE), 4),
                     "spk_id": spk,
-                    "wrd": normalize_transcript(trans[utt]),
+                    "wrd": wrd,
                 }
     return manifest
 
@@ -118,7 +130,8 @@ def prepare_librispeech(data_folder, save_folder, splits=DEFAULT_SPLITS, skip_pr
         except (OSError, ValueError):
             pass
 
-    manifests = {s: prepare_split(data_folder / s) for s in present}  # all checks before any write
+    excluded = []
+    manifests = {s: prepare_split(data_folder / s, excluded) for s in present}  # all checks before any write
     opts_path.unlink(missing_ok=True)
     for s, manifest in manifests.items():
         with atomic_write(paths[s]) as f:
@@ -126,6 +139,12 @@ def prepare_librispeech(data_folder, save_folder, splits=DEFAULT_SPLITS, skip_pr
         hours = sum(item["duration"] for item in manifest.values()) / 3600
         n_spk = len({item["spk_id"] for item in manifest.values()})
         print(f"  {s}: {len(manifest)} utterances, {n_spk} speakers, {hours:.2f} h")
+    with atomic_write(save_folder / EXCLUDED_FILE, encoding="utf-8") as f:  # written even when empty: no stale list
+        f.write("id\treason\n")
+        f.writelines(f"{utt}\t{reason}\n" for utt, reason in excluded)
+    if excluded:
+        print(f"  {len(excluded)} utterance(s) with a transcript empty after normalisation left out; "
+              f"listed in {save_folder / EXCLUDED_FILE}")
     with atomic_write(opts_path) as f:
         json.dump(opts, f, indent=2)
     return paths

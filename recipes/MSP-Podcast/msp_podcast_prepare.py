@@ -7,8 +7,11 @@
 Reads ``Labels/labels_consensus.csv`` (split from ``Split_Set``: Train -> train, Development -> valid,
 ``test_set`` -> test; O and X dropped), ``Labels/labels_detailed.csv`` (soft labels = distribution of the
 annotators' primary votes over the 8 classes; v1.11 ``EmoDetail`` and newer ``EmoClass_Major`` layouts)
-and ``Transcripts/<stem>.txt`` (normalised for CTC). Writes ``<save_folder>/{train,valid,test}.json``:
-``{utt_id: {wav, duration, emo, emo_soft, spk_id, gender[, wrd]}}``.
+and ``Transcripts/<stem>.txt`` (normalised for CTC by ``lobes.ctc_text.normalize_transcript``). Writes
+``<save_folder>/{train,valid,test}.json``: ``{utt_id: {wav, duration, emo, emo_soft, spk_id, gender[, wrd]}}``.
+A transcript that is empty after normalisation (only "[laughter]", only punctuation) gives no ``wrd``: with
+``transcript_only`` the utterance is left out, otherwise it stays for SER without ``wrd``; either way it is
+counted in the log and listed in ``<save_folder>/excluded_transcripts.txt`` (``id<TAB>reason``).
 
 Durations: with ``check_audio=True`` each file's header is read (sample rate, length; nothing decoded);
 with ``check_audio=False`` they are estimated from the file size assuming 16 kHz 16-bit mono PCM with a
@@ -24,15 +27,44 @@ from pathlib import Path
 
 from lobes.audio import check_audio as check_audio_file
 from lobes.ctc_text import normalize_transcript
-from lobes.emotions import DROPPED_LETTERS, EMOTION_TO_INDEX, EMOTIONS, LETTER_TO_EMOTION, WORD_TO_EMOTION
 from lobes.errors import DataError
 from lobes.io_utils import atomic_write
 
 SAMPLE_RATE = 16000
 CONSENSUS_COLUMNS = ["FileName", "EmoClass", "SpkrID", "Gender", "Split_Set"]
 OPTS_FILE = "msp_podcast_prepare.opts"  # JSON, but not *.json: only manifests match that
+EXCLUDED_FILE = "excluded_transcripts.txt"  # utterances whose transcript normalises to nothing
 WAV_HEADER_BYTES = 44
 BYTES_PER_SECOND = SAMPLE_RATE * 2
+
+# The 8-class MSP-Podcast inventory, alphabetical as the vox-profile SER checkpoint's head (minus its 'Other').
+# Recipes declare their class list in YAML (``emotion_classes``) and pass it to ``prepare_msp_podcast``.
+MSP_CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
+
+# labels_consensus.csv EmoClass letters. O (other) and X (no agreement) are not part of the 8-class task.
+LETTER_TO_EMOTION = {
+    "A": "Anger", "C": "Contempt", "D": "Disgust", "F": "Fear",
+    "H": "Happiness", "N": "Neutral", "S": "Sadness", "U": "Surprise",
+}
+DROPPED_LETTERS = {"O", "X"}
+
+# Primary-emotion words used by annotators in labels_detailed.csv (v1.11 EmoDetail and newer EmoClass_Major).
+# Votes for 'Other...' are not one of the 8 classes and are ignored when building soft labels.
+WORD_TO_EMOTION = {
+    "angry": "Anger", "anger": "Anger",
+    "contempt": "Contempt",
+    "disgust": "Disgust", "disgusted": "Disgust",
+    "fear": "Fear", "afraid": "Fear",
+    "happy": "Happiness", "happiness": "Happiness",
+    "neutral": "Neutral",
+    "sad": "Sadness", "sadness": "Sadness",
+    "surprise": "Surprise", "surprised": "Surprise",
+}
+
+
+def msp_manifests(hparams):
+    """{train, valid, test} -> manifest paths written by ``prepare_msp_podcast`` into ``prep_folder``."""
+    return {s: str(Path(hparams["prep_folder"]) / f"{s}.json") for s in ("train", "valid", "test")}
 
 
 def _split_map(test_set):
@@ -52,12 +84,13 @@ def _vote_to_emotion(word):
     return WORD_TO_EMOTION.get(w.lower())
 
 
-def read_detailed_votes(path, keep=None):
+def read_detailed_votes(path, keep=None, classes=MSP_CLASSES):
     """Count the 8-class primary votes per utterance stem from ``labels_detailed.csv``.
 
     Supports v1.11 (``FileName,EmoDetail`` with ``"WORKER; Primary; Secondary,...; A:x; V:x; D:x;"``) and the
-    newer layout with an ``EmoClass_Major`` column. Returns ``{stem: [8 vote counts]}``; ``keep`` (a set of
-    stems) limits the work to the utterances being prepared.
+    newer layout with an ``EmoClass_Major`` column. Returns ``{stem: [one vote count per class]}`` in ``classes``
+    order (votes for other classes are ignored); ``keep`` (a set of stems) limits the work to the utterances
+    being prepared.
     """
     votes = {}
     with open(path, newline="", encoding="utf-8") as f:
@@ -92,22 +125,22 @@ def read_detailed_votes(path, keep=None):
                 field = parts[1]
             if field not in word_index:
                 emo = _vote_to_emotion(field)
-                word_index[field] = None if emo is None else EMOTION_TO_INDEX[emo]
+                word_index[field] = classes.index(emo) if emo in classes else None
             idx = word_index[field]
             counts = votes.get(stem)
             if counts is None:
-                counts = votes[stem] = [0] * len(EMOTIONS)
+                counts = votes[stem] = [0] * len(classes)
             if idx is not None:
                 counts[idx] += 1
     return votes
 
 
-def soft_label(vote_counts, emo):
+def soft_label(vote_counts, emo, classes=MSP_CLASSES):
     """Normalised vote distribution; one-hot of the consensus class when there are no usable votes."""
     total = sum(vote_counts) if vote_counts else 0
     if total == 0:
-        soft = [0.0] * len(EMOTIONS)
-        soft[EMOTION_TO_INDEX[emo]] = 1.0
+        soft = [0.0] * len(classes)
+        soft[classes.index(emo)] = 1.0
         return soft
     return [c / total for c in vote_counts]
 
@@ -119,6 +152,14 @@ def write_manifest(manifest, f):
     f.write("\n}\n")
 
 
+def write_excluded(path, excluded):
+    """``id<TAB>reason`` per utterance left out of the ASR subset (header line first; written even when empty,
+    so that a stale list from an earlier run never survives)."""
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write("id\treason\n")
+        f.writelines(f"{utt}\t{reason}\n" for utt, reason in excluded)
+
+
 def _list_dir(folder, suffix):
     """{stem: DirEntry} of the files in ``folder`` ending in ``suffix`` (one scandir, no per-file stat)."""
     if not folder.is_dir():
@@ -127,9 +168,10 @@ def _list_dir(folder, suffix):
         return {e.name[: -len(suffix)]: e for e in it if e.name.endswith(suffix)}
 
 
-def _opts(data_folder, splits, transcript_only, test_set, check_audio):
+def _opts(data_folder, splits, transcript_only, test_set, check_audio, classes):
     return {"data_folder": str(Path(data_folder).resolve()), "splits": list(splits),
-            "transcript_only": bool(transcript_only), "test_set": test_set, "check_audio": bool(check_audio)}
+            "transcript_only": bool(transcript_only), "test_set": test_set, "check_audio": bool(check_audio),
+            "classes": list(classes)}
 
 
 def _already_done(save_folder, splits, opts):
@@ -143,8 +185,11 @@ def _already_done(save_folder, splits, opts):
 
 
 def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "test"), transcript_only=False,
-                        test_set="Test1", skip_prep=False, check_audio=True):
+                        test_set="Test1", skip_prep=False, check_audio=True, classes=MSP_CLASSES):
     """Write ``<save_folder>/<split>.json`` for each of ``splits`` (names among train / valid / test).
+
+    ``classes``: the recipe's ``emotion_classes`` (a subset of ``MSP_CLASSES``, in the order of the soft labels);
+    utterances whose consensus class is not among them are left out.
 
     Returns ``{split: manifest path}``. Skips the work when the manifests exist and were made with the same
     options. Raises ``DataError`` naming the file / row for bad input; nothing is written in that case.
@@ -156,7 +201,11 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
     unknown = set(splits) - {"train", "valid", "test"}
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}; choose among train, valid, test")
-    opts = _opts(data_folder, splits, transcript_only, test_set, check_audio)
+    classes = list(classes)
+    foreign = [c for c in classes if c not in MSP_CLASSES]
+    if foreign:
+        raise DataError(f"emotion_classes {foreign} are not MSP-Podcast classes {MSP_CLASSES}")
+    opts = _opts(data_folder, splits, transcript_only, test_set, check_audio, classes)
     if _already_done(save_folder, splits, opts):
         print(f"MSP-Podcast manifests in {save_folder} already prepared with the same options; skipping.")
         return paths
@@ -184,20 +233,22 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
                 continue
             if letter not in LETTER_TO_EMOTION:
                 raise DataError(f"{labels_path}:{line_no}: unknown EmoClass {letter!r} for {row['FileName']}")
-            rows.append((split, _stem(row["FileName"]), LETTER_TO_EMOTION[letter], row))
+            if LETTER_TO_EMOTION[letter] in classes:
+                rows.append((split, _stem(row["FileName"]), LETTER_TO_EMOTION[letter], row))
 
     audios = _list_dir(audio_dir, ".wav")
     transcripts = _list_dir(data_folder / "Transcripts", ".txt")
     detailed_path = data_folder / "Labels" / "labels_detailed.csv"
     keep = {stem for _, stem, _, _ in rows}
     if detailed_path.is_file():
-        votes = read_detailed_votes(detailed_path, keep)
+        votes = read_detailed_votes(detailed_path, keep, classes)
     else:
         print(f"Warning: {detailed_path} not found; emo_soft is the one-hot consensus class.")
         votes = {}
 
     # Pass 2: per-utterance checks and manifest entries.
     manifests = {s: {} for s in splits}
+    excluded = []  # (utt_id, reason): transcripts that normalise to nothing
     for split, stem, emo, row in rows:
         entry = audios.get(stem)
         if entry is None:
@@ -205,9 +256,10 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
         wrd = None
         if stem in transcripts:
             with open(transcripts[stem].path, encoding="utf-8", errors="replace") as f:
-                wrd = normalize_transcript(f.read())
-            if not wrd and transcript_only:
-                raise DataError(f"{transcripts[stem].path}: transcript of {stem} is empty")
+                raw = f.read()
+            wrd = normalize_transcript(raw)
+            if not wrd:  # e.g. only "[laughter]": out of the ASR subset, listed, never an abort
+                excluded.append((stem, f"transcript empty after normalisation (raw: {raw.strip()[:80]!r})"))
         if transcript_only and not wrd:
             continue
         if check_audio:
@@ -218,7 +270,7 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
             "wav": entry.path,
             "duration": round(duration, 4),
             "emo": emo,
-            "emo_soft": soft_label(votes.get(stem), emo),
+            "emo_soft": soft_label(votes.get(stem), emo, classes),
             "spk_id": row["SpkrID"].strip(),
             "gender": row["Gender"].strip(),
         }
@@ -233,16 +285,21 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
     for split, manifest in manifests.items():
         with atomic_write(paths[split]) as f:
             write_manifest(manifest, f)
+    write_excluded(save_folder / EXCLUDED_FILE, excluded)
     with atomic_write(save_folder / OPTS_FILE) as f:
         json.dump(opts, f, indent=2)
 
+    if excluded:
+        where = "left out of the manifests" if transcript_only else "kept without 'wrd' (not in the ASR subset)"
+        print(f"{len(excluded)} utterance(s) whose transcript is empty after normalisation {where}; "
+              f"listed in {save_folder / EXCLUDED_FILE}")
     subset = " (utterances with a transcript only)" if transcript_only else ""
     print(f"MSP-Podcast manifests{subset} written to {save_folder}:")
     for split, manifest in manifests.items():
         per_class = Counter(item["emo"] for item in manifest.values())
         n_wrd = sum("wrd" in item for item in manifest.values())
         print(f"  {split}: {len(manifest)} utterances ({n_wrd} with transcript); "
-              + ", ".join(f"{e} {per_class.get(e, 0)}" for e in EMOTIONS))
+              + ", ".join(f"{e} {per_class.get(e, 0)}" for e in classes))
     return paths
 
 

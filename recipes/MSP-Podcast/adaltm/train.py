@@ -17,18 +17,17 @@ import speechbrain as sb
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msp_podcast_prepare import prepare_msp_podcast  # noqa: E402
+from msp_podcast_prepare import msp_manifests, prepare_msp_podcast  # noqa: E402
 
 from lobes import plots  # noqa: E402
 from lobes.brains import ToolkitBrain, fit_and_evaluate  # noqa: E402
-from lobes.dataio import class_counts, msp_manifests, ser_datasets  # noqa: E402
-from lobes.emotions import EMOTIONS  # noqa: E402
-from lobes.feature_cache import (CacheBudgetError, FeatureCache, cached_hidden, check_pooled_exact,  # noqa: E402
-                                 dataset_source, spec_for)
-from lobes.fold_export import export_folded  # noqa: E402
+from lobes.dataio import class_counts, ser_datasets  # noqa: E402
+from lobes.adaltm.feature_cache import (CacheBudgetError, FeatureCache, cached_hidden,  # noqa: E402
+                                        check_pooled_exact, dataset_source, spec_for)
+from lobes.adaltm.fold_export import export_folded  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
 from lobes.io_utils import atomic_write  # noqa: E402
-from lobes.layer_groups import group_names  # noqa: E402
+from lobes.adaltm.layer_groups import group_names  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +38,10 @@ class AdaLTMBrain(ToolkitBrain):
         if hasattr(batch, "feats"):  # cached hidden states [B, T, L+1, D] or pooled [B, L+1, D]
             hidden, mask = cached_hidden(*batch.feats)
         else:
-            hidden, mask = self.encode(batch)
-        return self.ser_logits(hidden, mask)
+            wavs, lens = batch.sig
+            hidden, mask = self.modules.wavlm(wavs, lens)  # task-vector-merged WavLM (eq. 4), [L+1, B, T, D]
+        feats = self.modules.weighted_sum(hidden)          # α weighted layer sum (eq. 5)
+        return self.modules.ser_head(feats, mask)          # emotion logits [B, C]
 
     def compute_objectives(self, logits, batch, stage):
         if stage != sb.Stage.TRAIN:
@@ -77,10 +78,10 @@ class AdaLTMBrain(ToolkitBrain):
             plots.plot_lambdas(coeffs["lambda"], folder / "lambdas.png", title=f"λ per group — {folder.parent.name}")
         plots.plot_layer_weights({"α": coeffs["alpha"]}, folder / "alphas.png", title="α per layer",
                                  first_index=1)
-        plots.plot_confusion(metrics["test"]["confusion"], EMOTIONS, folder / "confusion.png")
+        plots.plot_confusion(metrics["test"]["confusion"], self.classes, folder / "confusion.png")
         h = self.hparams
         export_folded(h.wavlm, h.export_folder, {"weighted_sum": h.weighted_sum, "ser_head": h.ser_head},
-                      {"classes": EMOTIONS, "head_hidden": h.head_hidden, "pooling": h.pooling,
+                      {"classes": self.classes, "head_hidden": h.head_hidden, "pooling": h.pooling,
                        "head_type": h.ser_head.head_type,
                        "num_layers": h.wavlm.num_layers, "hidden_size": h.wavlm.hidden_size,
                        "include_cnn": h.weighted_sum.include_cnn, "layer_norm": h.weighted_sum.layer_norm,
@@ -88,7 +89,7 @@ class AdaLTMBrain(ToolkitBrain):
 
 
 def use_feature_cache(hparams, datasets, device="cpu"):
-    """Swap audio for cached hidden states when nothing upstream of them is trained (lobes/feature_cache.py)."""
+    """Swap audio for cached hidden states when nothing upstream of them is trained (lobes/adaltm/feature_cache.py)."""
     wavlm = hparams["wavlm"]
     static = wavlm.num_vectors == 0 or not wavlm.lambdas.lam.requires_grad
     if not (hparams["cache_features"] and static):
@@ -126,11 +127,12 @@ if __name__ == "__main__":
     if not hparams["skip_prep"]:
         sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
             "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
-            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"]})
+            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"],
+            "classes": hparams["emotion_classes"]})
     manifests = msp_manifests(hparams)
     device = run_opts.get("device") or sb.utils.distributed.infer_device()
-    datasets = use_feature_cache(hparams, ser_datasets(manifests), device)
-    hparams["loss"].set_counts(class_counts(manifests["train"]))
+    datasets = use_feature_cache(hparams, ser_datasets(manifests, hparams["emotion_classes"]), device)
+    hparams["loss"].set_counts(class_counts(manifests["train"], hparams["emotion_classes"]))
 
     brain = AdaLTMBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                         run_opts=run_opts, checkpointer=hparams["checkpointer"])

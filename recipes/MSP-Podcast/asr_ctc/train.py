@@ -7,25 +7,40 @@ import sys
 from pathlib import Path
 
 import speechbrain as sb
-from hyperpyyaml import load_hyperpyyaml
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msp_podcast_prepare import prepare_msp_podcast  # noqa: E402
+from msp_podcast_prepare import msp_manifests, prepare_msp_podcast  # noqa: E402
 
-from lobes.brains import CTCASRBrain, export_finetuned_backbone, fit_and_evaluate  # noqa: E402
-from lobes.dataio import asr_datasets, msp_manifests  # noqa: E402
+from lobes import ctc  # noqa: E402
+from lobes.brains import ToolkitBrain, export_finetuned_backbone, fit_and_evaluate  # noqa: E402
+from lobes.dataio import asr_datasets  # noqa: E402
+from lobes.hparams_io import load_hparams  # noqa: E402
 
 
-class ASRBrain(CTCASRBrain):
-    """In-domain CTC ASR on MSP-Podcast; forward/objectives are the toolkit's shared CTC steps."""
+class ASRBrain(ToolkitBrain):
+    """WavLM -> linear CTC head on the last hidden state; greedy decoding and WER on valid/test."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        wavs, lens = batch.sig
+        hidden, mask = self.modules.wavlm(wavs, lens)                             # [L+1, B, T, D]
+        logits = self.modules.ctc_head(hidden[-1])                                # [B, T, V]
+        return torch.log_softmax(logits.float(), dim=-1), mask
+
+    def compute_objectives(self, predictions, batch, stage):
+        log_probs, mask = predictions
+        if stage != sb.Stage.TRAIN:
+            self.collect_asr(batch, ctc.greedy_hyps(log_probs, mask))
+        tokens, token_lens = batch.tokens
+        return ctc.ctc_loss(log_probs, mask, tokens, token_lens)
 
 
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
     sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file) as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
-    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file,
+    hparams, base_file, overrides = load_hparams(hparams_file, overrides)
+    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=base_file,
                                    overrides=overrides)
     if not hparams["skip_prep"]:
         sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={

@@ -12,7 +12,7 @@ validation loss (mean ASR batch loss + mean SER batch loss). The test stage writ
 metrics.json (``wer`` = first test split, ``wer_by_split``; SER ``test`` report with 95% CIs and ``ua`` / ``wa``
 / ``macro_f1``), fusion_weights.json, encoder_layer_weights.png, lm_fusion_weights.png, confusion.png and
 per-utterance asr_predictions.csv / ser_predictions.csv. A generated SER output that is not exactly one of
-the 8 class names is "invalid" and counted as wrong (see ``ser_report_with_invalid``).
+the class names (``emotion_classes``) is "invalid" and counted as wrong (see ``ser_report_with_invalid``).
 """
 import csv
 import json
@@ -34,21 +34,20 @@ from lobes import plots  # noqa: E402
 from lobes.brains import ToolkitBrain  # noqa: E402
 from lobes.ctc_text import normalize_transcript  # noqa: E402
 from lobes.dataio import asr_datasets, ser_datasets  # noqa: E402
-from lobes.emotions import EMOTIONS  # noqa: E402
 from lobes.errors import DataError  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
-from lobes.interleave import batch_task, make_interleaved_dataloader, make_sequential_dataloader  # noqa: E402
+from lobes.harmonifuse.interleave import batch_task, make_interleaved_dataloader, make_sequential_dataloader  # noqa: E402
 from lobes.io_utils import atomic_write  # noqa: E402
 
 INVALID = "<invalid>"                         # column of generated SER outputs that are not a class name
-SER_CLASSES = EMOTIONS + [INVALID]            # index len(EMOTIONS) = invalid; never a true label
 
 
 # ------------------------------------------------------------------------------------------------ SER scoring
-def emotion_index(text):
-    """Generated text -> class index; anything but an exact class name (surrounding spaces aside) is invalid."""
+def emotion_index(text, classes):
+    """Generated text -> class index; anything but an exact class name (surrounding spaces aside) is invalid
+    (index ``len(classes)``, the column after the classes; never a true label)."""
     text = text.strip()
-    return EMOTIONS.index(text) if text in EMOTIONS else len(EMOTIONS)
+    return classes.index(text) if text in classes else len(classes)
 
 
 def _emotion_scores(confusion):
@@ -72,13 +71,14 @@ def _emotion_scores(confusion):
             "macro_f1": float(f1[in_any].mean()), "accuracy": float(tp.sum() / c.sum())}
 
 
-def ser_report_with_invalid(y_true, y_pred, speakers=None, num_bootstraps=1000, seed=0):
-    """``lobes.metrics.ser_report`` where ``y_pred`` may hold ``len(EMOTIONS)`` (= invalid output).
+def ser_report_with_invalid(y_true, y_pred, n_classes, speakers=None, num_bootstraps=1000, seed=0):
+    """``lobes.metrics.ser_report`` where ``y_pred`` may hold ``n_classes`` (= invalid output).
 
     Same keys and bootstrap sets as ``ser_report`` (identical numbers when nothing is invalid); adds
-    ``n_invalid``; ``confusion`` is 9x9 (last row empty, last column = invalid), ``per_class_recall`` 8 values.
+    ``n_invalid``; ``confusion`` is (K+1)x(K+1) (last row empty, last column = invalid), ``per_class_recall``
+    K values.
     """
-    k = len(EMOTIONS)
+    k = n_classes
     report = M.ser_report(y_true, y_pred, speakers=speakers, num_bootstraps=num_bootstraps, n_classes=k + 1,
                           seed=seed)  # UA, WA and their CIs are already right: the invalid row is empty
     for name in ("precision", "macro_f1"):
@@ -100,38 +100,11 @@ class HarmoniFuseBrain(ToolkitBrain):
         m = self.modules.speech_lm
         return m.module if hasattr(m, "module") else m  # DDP wrapper -> model (generate, fusion_weights)
 
-    # -- optimisation: DLR by sub-module path ("speech_lm.encoder"), the LM of a frozen config never trains --
-    def init_optimizers(self):
-        backbone_opt = getattr(self.hparams, "backbone_opt_class", None)
-        backbone_ids = set()
-        for path in getattr(self.hparams, "backbone_modules", []) or []:
-            top, _, rest = path.partition(".")
-            if top not in self.modules:
-                raise DataError(f"backbone_modules: '{path}' names no module (modules: {list(self.modules)})")
-            mod = self.modules[top]
-            mod = mod.module if hasattr(mod, "module") else mod
-            mod = mod.get_submodule(rest) if rest else mod
-            backbone_ids |= {id(p) for p in mod.parameters()}
-        head, backbone = [], []
-        for p in self.modules.parameters():  # de-duplicated: a shared parameter is optimised once
-            if p.requires_grad:
-                (backbone if id(p) in backbone_ids and backbone_opt is not None else head).append(p)
-        self.optimizers_dict = {}
-        if head:
-            self.optimizer = self.opt_class(head)
-            self.optimizers_dict["opt_class"] = self.optimizer
-        if backbone:
-            self.backbone_optimizer = backbone_opt(backbone)
-            self.optimizers_dict["backbone_opt_class"] = self.backbone_optimizer
-        if self.checkpointer is not None:
-            for name, opt in self.optimizers_dict.items():
-                self.checkpointer.add_recoverable(name, opt)
-
     # -- forward / objectives ----------------------------------------------------------------------------
     def targets(self, batch, task):
         if task == "asr":
             return list(batch.wrd)
-        return [EMOTIONS[i] for i in batch.emo_idx.data.view(-1).tolist()]
+        return [self.classes[i] for i in batch.emo_idx.data.view(-1).tolist()]
 
     def decoding(self, stage):
         if stage == sb.Stage.TEST:
@@ -170,7 +143,7 @@ class HarmoniFuseBrain(ToolkitBrain):
             else:
                 self.ser_out["ids"] += list(batch.id)
                 self.ser_out["true"] += batch.emo_idx.data.view(-1).cpu().tolist()
-                self.ser_out["pred"] += [emotion_index(h) for h in hyps]
+                self.ser_out["pred"] += [emotion_index(h, self.classes) for h in hyps]
                 self.ser_out["text"] += list(hyps)
                 self.ser_out["spk"] += list(batch.spk_id)
         return loss
@@ -197,8 +170,8 @@ class HarmoniFuseBrain(ToolkitBrain):
     def ser_scores(self):
         if not self.ser_out["true"]:
             return {}
-        m = _emotion_scores(M.confusion_counts(self.ser_out["true"], self.ser_out["pred"], len(SER_CLASSES)))
-        n_inv = sum(p == len(EMOTIONS) for p in self.ser_out["pred"])
+        m = _emotion_scores(M.confusion_counts(self.ser_out["true"], self.ser_out["pred"], len(self.classes) + 1))
+        n_inv = sum(p == len(self.classes) for p in self.ser_out["pred"])
         return {"UA": round(100 * m["uar"], 2), "WA": round(100 * m["accuracy"], 2), "invalid": n_inv}
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
@@ -236,9 +209,9 @@ class HarmoniFuseBrain(ToolkitBrain):
                                    list(zip(o["ids"], o["refs"], o["hyps"]))[:5]]
         if self.ser_out["true"]:
             speakers = self.ser_out["spk"] if h.speaker_bootstrap else None
-            rep = ser_report_with_invalid(self.ser_out["true"], self.ser_out["pred"], speakers,
+            rep = ser_report_with_invalid(self.ser_out["true"], self.ser_out["pred"], len(self.classes), speakers,
                                           num_bootstraps=h.num_bootstraps, seed=h.seed)
-            out["test"] = {**rep, "classes": SER_CLASSES}
+            out["test"] = {**rep, "classes": self.classes + [INVALID]}
             out.update({"ua": rep["uar"], "wa": rep["accuracy"], "macro_f1": rep["macro_f1"],
                         "invalid_rate": rep["n_invalid"] / rep["n"]})
         stats = {k: round(100 * out[k], 2) for k in ("wer", "ua", "wa") if k in out}
@@ -250,7 +223,7 @@ class HarmoniFuseBrain(ToolkitBrain):
             self.write_predictions(folder)
             write_fusion_artifacts(self.speech_lm, list(h.train_tasks), folder)
             if "test" in out:
-                plots.plot_confusion(out["test"]["confusion"], SER_CLASSES, folder / "confusion.png",
+                plots.plot_confusion(out["test"]["confusion"], self.classes + [INVALID], folder / "confusion.png",
                                      title=f"SER confusion — {h.experiment}")
         return out
 
@@ -268,7 +241,7 @@ class HarmoniFuseBrain(ToolkitBrain):
                 w.writerow(["id", "true", "pred", "generated"])
                 for i, t, p, text in zip(self.ser_out["ids"], self.ser_out["true"], self.ser_out["pred"],
                                          self.ser_out["text"]):
-                    w.writerow([i, EMOTIONS[t], SER_CLASSES[p], text])
+                    w.writerow([i, self.classes[t], (self.classes + [INVALID])[p], text])
 
 
 def fusion_description(model):
@@ -316,7 +289,8 @@ def prepare(hparams):
     if "ser" in tasks:
         sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
             "data_folder": hparams["msp_folder"], "save_folder": hparams["msp_prep_folder"],
-            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"]})
+            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"],
+            "classes": hparams["emotion_classes"]})
     if "asr" in tasks:
         train, valid = list(hparams["libri_train_splits"]), hparams["libri_valid_split"]
         tests = list(hparams["libri_test_splits"])
@@ -369,7 +343,7 @@ def build_datasets(hparams):
         out["test"].update({f"asr:{s}": ds[f"test:{s}"] for s in tests})
     if "ser" in tasks:
         mp = Path(hparams["msp_prep_folder"])
-        ds = ser_datasets({s: str(mp / f"{s}.json") for s in ("train", "valid", "test")})
+        ds = ser_datasets({s: str(mp / f"{s}.json") for s in ("train", "valid", "test")}, hparams["emotion_classes"])
         out["train"]["ser"] = ds["train"]
         out["valid"]["ser:valid"] = ds["valid"]
         out["test"]["ser:test"] = ds["test"]

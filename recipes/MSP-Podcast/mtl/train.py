@@ -8,37 +8,36 @@ import sys
 from pathlib import Path
 
 import speechbrain as sb
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msp_podcast_prepare import prepare_msp_podcast  # noqa: E402
+from msp_podcast_prepare import msp_manifests, prepare_msp_podcast  # noqa: E402
 
+from lobes import ctc  # noqa: E402
 from lobes.brains import ToolkitBrain, fit_and_evaluate  # noqa: E402
-from lobes.dataio import class_counts, msp_manifests, ser_datasets  # noqa: E402
+from lobes.dataio import class_counts, ser_datasets  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
-from lobes.merged_wavlm import apply_static_merge  # noqa: E402
+from lobes.adaltm.merged_wavlm import apply_static_merge  # noqa: E402
 
 
 class MTLBrain(ToolkitBrain):
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
-        hidden, mask = self.encode(batch)
-        return self.ser_logits(hidden, mask), self.ctc_log_probs(hidden), mask
+        wavs, lens = batch.sig
+        hidden, mask = self.modules.wavlm(wavs, lens)                             # [L+1, B, T, D]
+        logits = self.modules.ser_head(self.modules.weighted_sum(hidden), mask)   # α sum (eq. 5) -> emotion head
+        ctc_logits = self.modules.ctc_head(hidden[-1])                            # CTC head on the last layer
+        return logits, torch.log_softmax(ctc_logits.float(), dim=-1), mask
 
     def compute_objectives(self, predictions, batch, stage):
         logits, log_probs, mask = predictions
         if stage != sb.Stage.TRAIN:
             self.collect_ser(batch, logits)
-            self.collect_asr(batch, self.ctc_hyps(log_probs, mask))
+            self.collect_asr(batch, ctc.greedy_hyps(log_probs, mask))
         ser = self.hparams.loss(logits, batch.soft_label.data)
-        ctc = self.ctc_loss(log_probs, mask, batch)
-        return self.hparams.ser_weight * ser + self.hparams.ctc_weight * ctc
-
-    def on_stage_end(self, stage, stage_loss, epoch=None):
-        if stage == sb.Stage.TEST:
-            self.write_test_metrics(stage_loss)
-        else:
-            stats = {} if stage == sb.Stage.TRAIN else {**self.ser_stats(), "WER": round(100 * self.asr_wer(), 2)}
-            self.log_and_checkpoint(stage, stage_loss, epoch, stats)
+        tokens, token_lens = batch.tokens
+        asr = ctc.ctc_loss(log_probs, mask, tokens, token_lens)
+        return self.hparams.ser_weight * ser + self.hparams.ctc_weight * asr
 
 
 if __name__ == "__main__":
@@ -50,10 +49,11 @@ if __name__ == "__main__":
     if not hparams["skip_prep"]:
         sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
             "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
-            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"]})
+            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"],
+            "classes": hparams["emotion_classes"]})
     manifests = msp_manifests(hparams)
-    datasets = ser_datasets(manifests, with_text=True)
-    hparams["loss"].set_counts(class_counts(manifests["train"]))
+    datasets = ser_datasets(manifests, hparams["emotion_classes"], with_text=True)
+    hparams["loss"].set_counts(class_counts(manifests["train"], hparams["emotion_classes"]))
     # Static init (before the checkpointer may resume a later state over it)
     apply_static_merge(hparams["wavlm"].model, hparams["init_task_vectors"], hparams["init_lambda"])
 

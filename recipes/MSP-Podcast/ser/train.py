@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Fine-tune WavLM for 8-class SER on MSP-Podcast; exports the fine-tuned backbone (W_SER).
+"""Fine-tune WavLM for SER on MSP-Podcast; exports the fine-tuned backbone (W_SER). Classes: the YAML's
+``emotion_classes``.
 
     python train.py hparams/train_ser.yaml --data_folder /path/to/MSP-Podcast [--key=value ...]
     torchrun --nproc_per_node=4 train.py hparams/train_ser.yaml --data_folder ...
@@ -8,19 +9,22 @@ import sys
 from pathlib import Path
 
 import speechbrain as sb
-from hyperpyyaml import load_hyperpyyaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/MSP-Podcast: the prepare script
-from msp_podcast_prepare import prepare_msp_podcast  # noqa: E402
+from msp_podcast_prepare import msp_manifests, prepare_msp_podcast  # noqa: E402
 
 from lobes.brains import ToolkitBrain, export_finetuned_backbone, fit_and_evaluate  # noqa: E402
-from lobes.dataio import class_counts, msp_manifests, ser_datasets  # noqa: E402
+from lobes.dataio import class_counts, ser_datasets  # noqa: E402
+from lobes.hparams_io import load_hparams  # noqa: E402
 
 
 class SERBrain(ToolkitBrain):
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
-        return self.ser_logits(*self.encode(batch))
+        wavs, lens = batch.sig
+        hidden, mask = self.modules.wavlm(wavs, lens)   # all hidden states [L+1, B, T, D]
+        feats = self.modules.weighted_sum(hidden)       # α weighted layer sum (eq. 5)
+        return self.modules.ser_head(feats, mask)       # emotion logits [B, C]
 
     def compute_objectives(self, logits, batch, stage):
         if stage != sb.Stage.TRAIN:
@@ -31,23 +35,23 @@ class SERBrain(ToolkitBrain):
         if stage == sb.Stage.TEST:
             self.write_test_metrics(stage_loss, {"alphas": self.modules.weighted_sum.alpha().tolist()})
         else:
-            self.log_and_checkpoint(stage, stage_loss, epoch, self.ser_stats())
+            self.log_and_checkpoint(stage, stage_loss, epoch, self.stage_stats() if stage != sb.Stage.TRAIN else {})
 
 
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
     sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file) as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
-    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file,
+    hparams, base_file, overrides = load_hparams(hparams_file, overrides)
+    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=base_file,
                                    overrides=overrides)
     if not hparams["skip_prep"]:
         sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
             "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
-            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"]})
+            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"],
+            "classes": hparams["emotion_classes"]})
     manifests = msp_manifests(hparams)
-    datasets = ser_datasets(manifests)
-    hparams["loss"].set_counts(class_counts(manifests["train"]))
+    datasets = ser_datasets(manifests, hparams["emotion_classes"])
+    hparams["loss"].set_counts(class_counts(manifests["train"], hparams["emotion_classes"]))
 
     brain = SERBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                      run_opts=run_opts, checkpointer=hparams["checkpointer"])

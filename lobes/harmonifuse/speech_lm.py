@@ -4,7 +4,7 @@
     LM input  = [BOS] [prompt_τ (P learned vectors)] [speech embeddings] [target tokens]       ┘
     LM hidden states of layers 1..L ─ final norm ─ PromptAdaptiveFusion[τ](prefix) ─ lm_head ─ next token
 
-* Encoder fusion: :class:`lobes.gated_encoder_fusion.GatedEncoderFusion`, or with ``fixed_layer=l`` the
+* Encoder fusion: :class:`lobes.harmonifuse.gated_encoder_fusion.GatedEncoderFusion`, or with ``fixed_layer=l`` the
   ablation :class:`FixedLayerSelect` (transformer layer l's output for every task, as in fixed-layer SLMs).
 * Encoder: any module whose ``forward(wavs, wav_lens)`` returns ``(hidden_states [L+1, B, T, D],
   frames)`` with index 0 the CNN output; ``frames`` is a bool frame mask [B, T] (what
@@ -17,7 +17,7 @@
 * LM-layer fusion: HF puts the LM's final norm on the last hidden state only, so the same norm is applied
   to layers 1..L-1 before fusing (every fused state is on the scale ``lm_head`` expects; with
   ``lm_fusion="last"`` the model is exactly the plain LM). The embedding output (index 0) is not fused.
-  α is computed from the prefix (BOS + prompt + speech) only, see :mod:`lobes.dynamic_fusion`.
+  α is computed from the prefix (BOS + prompt + speech) only, see :mod:`lobes.harmonifuse.dynamic_fusion`.
 * Targets: ASR = transcript text; SER in ``ser_mode="generate"`` = the emotion word as text, in
   ``"classify"`` = a linear head over the mean of the fused prefix states (labels: names from ``emotions``
   or indices). Every generated target ends with EOS. Loss = token-level cross-entropy averaged over all
@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
-from lobes.dynamic_fusion import PromptAdaptiveFusion
-from lobes.emotions import EMOTIONS
+from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
 from lobes.errors import DataError
-from lobes.gated_encoder_fusion import GatedEncoderFusion, stack_hidden_states, task_indices
+from lobes.harmonifuse.gated_encoder_fusion import GatedEncoderFusion, stack_hidden_states, task_indices
 from lobes.io_utils import atomic_path, atomic_write
 
 CHAR_TOKENIZER_FILE = "char_tokenizer.json"
@@ -174,7 +173,7 @@ class SpeechLM(torch.nn.Module):
     def __init__(self, encoder, lm_source, tasks=("asr", "ser"), num_prompt_tokens=4, stack=4,
                  adapter_hidden=None, encoder_gate="channel", include_cnn=False, encoder_layer_norm=False,
                  lm_fusion="dynamic", fusion_ffn_hidden=64, freeze_lm=True, lm_from_config=False,
-                 ser_task="ser", ser_mode="generate", emotions=EMOTIONS, encoder_layers=None, encoder_dim=None,
+                 ser_task="ser", ser_mode="generate", emotions=(), encoder_layers=None, encoder_dim=None,
                  fixed_layer=None):
         super().__init__()
         if ser_mode not in ("generate", "classify"):

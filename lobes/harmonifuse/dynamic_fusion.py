@@ -10,7 +10,7 @@ scalar and an input-dependent score from a small FFN on the hidden state". The p
 
 * Task (prompt) conditioning comes from two places: the static term b_τ, and the hidden states themselves,
   which are computed from a sequence that starts with the task's prompt tokens. In
-  :class:`lobes.speech_lm.SpeechLM` the pool mask m covers only the prompt + speech positions (the
+  :class:`lobes.harmonifuse.speech_lm.SpeechLM` the pool mask m covers only the prompt + speech positions (the
   condition), never the target tokens: pooling over targets would let a causal LM see future tokens through
   α, and generation could not reproduce it. So α is fixed once the prefix is read.
 * The output layer of f starts at zero (no bias: a constant is cancelled by the softmax), so at step 0 the
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lobes.errors import DataError
-from lobes.gated_encoder_fusion import stack_hidden_states, task_indices
+from lobes.harmonifuse.gated_encoder_fusion import stack_hidden_states, task_indices
 
 MODES = ("dynamic", "static", "last")
 

@@ -1,7 +1,7 @@
 """Fused eq. (4) for λ-training: the linear combination W = W_base + Σ_k λ_k ΔW_k as one autograd node,
 and merged weights that are rebuilt in backward instead of being kept alive by the ops that use them.
 
-Used by :class:`lobes.merged_wavlm.MergedWavLM` with ``merge_impl="fused"`` and ``"materialized"`` (see
+Used by :class:`lobes.adaltm.merged_wavlm.MergedWavLM` with ``merge_impl="fused"`` and ``"materialized"`` (see
 benchmarks/RESULTS.md):
 
 - :class:`MergeWeight` builds W in one pass and returns dL/dλ = [<dL/dW, ΔW_k>]_k without a dL/dW ⊙ ΔW_k

@@ -10,7 +10,7 @@ runs with its group's merged weights. W_base and every ΔW stay frozen; only λ 
   kept copy of W_base when λ has moved (once per optimizer step, or after a checkpoint load); the forward
   builds nothing, the backward reduces each dL/dW into λ as autograd produces it. Memory = W_base + W + ΔW's,
   one merge pass per step; a fixed λ runs as fast as a plain WavLM.
-- ``fused``: W_merged is built per group just before it runs and rebuilt in backward (lobes.merged_linear).
+- ``fused``: W_merged is built per group just before it runs and rebuilt in backward (lobes.adaltm.merged_linear).
 - ``functional``: plain autograd through W_base + Σ λ ΔW with ``torch.func.functional_call``; the merged
   weights stay saved until backward. The reference the others are tested against.
 
@@ -27,9 +27,9 @@ import torch
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from lobes import layer_groups, merged_linear
+from lobes.adaltm import layer_groups, merged_linear
 from lobes.errors import DataError
-from lobes.merge_coefficients import MergeCoefficients
+from lobes.adaltm.merge_coefficients import MergeCoefficients
 from lobes.wavlm_encoder import load_wavlm, run_wavlm
 
 
@@ -50,7 +50,7 @@ def _resolve_vector(name, vec):
         return dict(vec)
     if hasattr(vec, "delta"):
         return dict(vec.delta)
-    from lobes.task_vector import load_task_vector
+    from lobes.adaltm.task_vector import load_task_vector
 
     return dict(load_task_vector(vec).delta)
 
@@ -109,10 +109,10 @@ class MergedWavLM(torch.nn.Module):
     ---------
     source : hub id or local dir of the base WavLM (W_base).
     task_vectors : ordered {name: path | TaskVector | dict}; ``{}`` gives Setup 1 (frozen base, no merge).
-    lambda_mode, lambda_init : see :class:`lobes.merge_coefficients.MergeCoefficients`.
+    lambda_mode, lambda_init : see :class:`lobes.adaltm.merge_coefficients.MergeCoefficients`.
     delta_dtype : store ΔW in this dtype (e.g. ``torch.bfloat16``) to save memory; merging is done in fp32.
     merge_impl : ``"functional"`` (autograd through ``W_base + λ ΔW``; merged weights stay saved until backward)
-        or ``"fused"`` (:mod:`lobes.merged_linear`: one merge node whose backward reduces dL/dW into λ with a dot
+        or ``"fused"`` (:mod:`lobes.adaltm.merged_linear`: one merge node whose backward reduces dL/dW into λ with a dot
         product, and merged weights rebuilt in backward instead of saved) or ``"materialized"`` (the model's
         stored weights *are* the merged weights for the current λ, recomputed from W_base when λ has
         changed, once per step; nothing is merged in forward or rebuilt in backward, and a fixed λ costs
@@ -280,7 +280,7 @@ class MergedWavLM(torch.nn.Module):
         return merged_linear.materialized_call(group.inner, sources, lam, args, kwargs)
 
     def _fused_call(self, group, args, kwargs):
-        """merge_impl="fused": run one wrapped group through :func:`lobes.merged_linear.fused_call`."""
+        """merge_impl="fused": run one wrapped group through :func:`lobes.adaltm.merged_linear.fused_call`."""
         sources, lam = self._group_sources(group)
         # with checkpointing the whole group is recomputed in backward anyway (its own saved-tensor hooks)
         return merged_linear.fused_call(group.inner, sources, lam, args, kwargs,

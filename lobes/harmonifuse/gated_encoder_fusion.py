@@ -10,7 +10,7 @@ task-specific gate that selects components; it gives no equation for the gate. T
 
 Why this gate:
 * "task-specific, sample-shared": the encoder fusion must not depend on the input (that is the job of the
-  prompt-adaptive fusion in the LM, :mod:`lobes.dynamic_fusion`), so the gate is a per-task parameter
+  prompt-adaptive fusion in the LM, :mod:`lobes.harmonifuse.dynamic_fusion`), so the gate is a per-task parameter
   vector, not a function of the hidden states.
 * Component selection = per-channel scaling in (0, 2): a channel can be switched off (g -> 0), kept (g = 1)
   or emphasised (g -> 2). Scaling sigmoid by 2 makes the initial gate exactly the identity, so the model

@@ -1,7 +1,7 @@
 """Task vectors (AdaLTM eqs. 2-3): ΔW_task = W_task − W_base over the WavLM backbone parameters.
 
 A :class:`TaskVector` holds one ΔW tensor per floating backbone key (canonical ``WavLMModel`` names, see
-:mod:`lobes.checkpoint_import`). Integer buffers are skipped (nothing to scale by λ). Weight-norm keys of the
+:mod:`lobes.adaltm.checkpoint_import`). Integer buffers are skipped (nothing to scale by λ). Weight-norm keys of the
 positional convolution (``...parametrizations.weight.original0`` = g, ``original1`` = v) get their own
 deltas like any other parameter; the merge decides how they combine.
 

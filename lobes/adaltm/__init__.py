@@ -1,0 +1,1 @@
+"""AdaLTM modules: task vectors, checkpoint import, layer groups, λ, merged WavLM, folded export, feature cache."""

@@ -1,0 +1,1 @@
+"""HarmoniFuse modules: speech LM, gated encoder fusion, dynamic LM fusion, task interleaving."""

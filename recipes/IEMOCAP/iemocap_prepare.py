@@ -1,0 +1,396 @@
+#!/usr/bin/env python3
+"""Data preparation for IEMOCAP (``IEMOCAP_full_release`` layout): leave-one-session-out SER manifests.
+
+    python recipes/IEMOCAP/iemocap_prepare.py --data_folder /corpora/IEMOCAP_full_release --save_folder exp/iemocap \
+        [--folds 1 2 3 4 5] [--valid_gender F] [--class_map '{"neu": "neu", "hap": "hap", "exc": "hap", ...}']
+
+Reads, for each ``Session{1..5}``:
+
+- ``dialog/EmoEvaluation/<dialog>.txt``: per utterance a consensus line
+  ``[start - end]<TAB><utt>\t<cat>\t[V, A, D]`` followed by per-evaluator category lines
+  ``C-E2:\tNeutral;\t()``, ``C-F1:\tAnger; Frustration;\t(comment)`` ... (``A-`` attribute lines are ignored);
+- ``dialog/transcriptions/<dialog>.txt``: ``<utt> [start-end]: text`` lines;
+- ``sentences/wav/<dialog>/<utt>.wav`` (16 kHz mono; the header is read for the duration).
+
+Labels. ``class_map`` maps IEMOCAP category codes to class names; codes not in the map are dropped (``fru``,
+``sur``, ``xxx``, ...). The default is the standard 4-class setup with excitement merged into happiness
+(``neu``, ``hap`` + ``exc``, ``ang``, ``sad``): 5,531 utterances on the full corpus, as SpeechBrain's prepare
+counts (neu 1,708, hap 1,636, ang 1,103, sad 1,084). The class order (= label index) is the order in which
+the names first appear among the map's values; it is written to ``<save_folder>/classes.txt``.
+
+Soft labels (``emo_soft``) come from the evaluator lines (every ``C-`` line, external ``C-E#`` and the
+actors' ``C-F#`` / ``C-M#`` alike): each evaluator's vote has weight 1, split equally over the categories
+on the line; categories are mapped with ``class_map`` (so an "Excited" vote is a ``hap`` vote) and those
+outside the map are ignored (as MSP-Podcast's "Other" votes are); the result is normalised. An utterance
+without a usable vote gets the one-hot of its consensus class.
+
+Folds (leave one session out). Fold ``k``: test = Session ``k`` (both speakers); validation = the speaker of
+gender ``valid_gender`` of the next session (Session ``k % 5 + 1``), so validation is speaker-independent of
+both test and training; training = the other 7 speakers. Speaker ids are ``Ses01_F`` ... ``Ses05_M`` (the
+speaker is the letter of the utterance's last name part, ``..._F000``; the ``F``/``M`` in the dialog name
+only says who wore the motion-capture markers).
+
+Writes ``<save_folder>/fold{k}/{train,valid,test}.json`` in the MSP-Podcast schema,
+``{utt_id: {wav, duration, emo, emo_soft, spk_id, gender[, wrd]}}`` (plus ``session``, ``emo_orig`` = the
+IEMOCAP code, ``vad``), so the same dataio reads them, and ``<save_folder>/classes.txt``. With
+``asr_manifests`` also ``fold{k}/asr_{train,valid,test}.json``: every evaluated utterance of the split's
+speakers (any category) with a transcript, for the in-domain ASR vector. Transcripts go through
+``lobes.ctc_text.normalize_transcript`` (IEMOCAP marks ``[LAUGHTER]``, ``[BREATHING]``, ``[GARBAGE]``); one
+that is missing or empty after normalisation gives no ``wrd`` and is listed in
+``<save_folder>/excluded_transcripts.txt`` (``id<TAB>reason``). Bad input (an unparsable consensus line, an
+unknown category code, a missing or corrupt wav) raises ``DataError`` naming the file and line; nothing is
+written then.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+from lobes.audio import check_audio
+from lobes.ctc_text import normalize_transcript
+from lobes.errors import DataError
+from lobes.io_utils import atomic_write
+
+SAMPLE_RATE = 16000
+N_SESSIONS = 5
+SPLITS = ("train", "valid", "test")
+OPTS_FILE = "iemocap_prepare.opts"  # JSON, but not *.json: only manifests match that
+CLASSES_FILE = "classes.txt"
+EXCLUDED_FILE = "excluded_transcripts.txt"
+FULL_CORPUS_4CLASS = 5531  # utterances of the default map on the full corpus (SpeechBrain's NUMBER_UTT)
+
+# The standard 4-class setup: excitement merged into happiness.
+DEFAULT_CLASS_MAP = {"neu": "neu", "hap": "hap", "exc": "hap", "ang": "ang", "sad": "sad"}
+# Consensus codes of EmoEvaluation files ('xxx': no agreement, 'oth': other).
+CATEGORY_CODES = ("neu", "hap", "exc", "ang", "sad", "fru", "sur", "fea", "dis", "oth", "xxx")
+# Category words of the evaluator lines -> codes.
+EVALUATOR_WORDS = {
+    "neutral": "neu", "neutral state": "neu", "happiness": "hap", "happy": "hap", "excited": "exc",
+    "anger": "ang", "angry": "ang", "sadness": "sad", "sad": "sad", "frustration": "fru", "frustrated": "fru",
+    "surprise": "sur", "surprised": "sur", "fear": "fea", "fearful": "fea", "disgust": "dis", "disgusted": "dis",
+    "other": "oth",
+}
+_NUM = r"\d+(?:\.\d*)?"
+_CONSENSUS = re.compile(rf"^\[\s*({_NUM})\s*-\s*({_NUM})\s*\]\s+(\S+)\s+(\S+)\s+\[\s*({_NUM})\s*,\s*({_NUM})\s*,"
+                        rf"\s*({_NUM})\s*\]\s*$")
+_EVALUATOR = re.compile(r"^C-([A-Za-z]+\d*):\s*(.*?)\s*(\(.*\))?\s*$")
+_TRANSCRIPT = re.compile(r"^(Ses\S+)\s+\[[^\]]*\]:\s?(.*)$")
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def read_emo_evaluation(path, unknown_words=None):
+    """``[{utt, code, vad, votes, line}]`` from one ``EmoEvaluation/<dialog>.txt``.
+
+    ``votes``: one list of category codes per ``C-`` evaluator line (``[["neu"], ["ang", "fru"], ...]``);
+    an unknown evaluator word counts as ``oth`` (ignored by the soft labels) and is counted in
+    ``unknown_words`` (a Counter) when given.
+    """
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line or line.startswith("%"):
+                continue
+            if line.startswith("["):
+                m = _CONSENSUS.match(line)
+                if m is None:
+                    raise DataError(f"{path}:{line_no}: cannot parse consensus line {line!r} "
+                                    "(expected '[start - end]<TAB>utt<TAB>cat<TAB>[V, A, D]')")
+                code = m.group(4).lower()
+                if code not in CATEGORY_CODES:
+                    raise DataError(f"{path}:{line_no}: unknown category {m.group(4)!r} for {m.group(3)} "
+                                    f"(expected one of {list(CATEGORY_CODES)})")
+                out.append({"utt": m.group(3), "code": code, "vad": [float(m.group(i)) for i in (5, 6, 7)],
+                            "votes": [], "line": line_no})
+            elif line.startswith("C-") and out:
+                m = _EVALUATOR.match(line)
+                if m is None:
+                    raise DataError(f"{path}:{line_no}: cannot parse evaluator line {line!r}")
+                words = [w.strip().lower() for w in m.group(2).split(";") if w.strip()]
+                if unknown_words is not None:
+                    unknown_words.update(w for w in words if w not in EVALUATOR_WORDS)
+                out[-1]["votes"].append([EVALUATOR_WORDS.get(w, "oth") for w in words])
+    return out
+
+
+def read_transcriptions(path):
+    """``{utt: raw text}`` from one ``transcriptions/<dialog>.txt`` (lines that are not ``<utt> [..]: text``
+    are skipped)."""
+    out = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = _TRANSCRIPT.match(line.strip())
+            if m:
+                out[m.group(1)] = m.group(2)
+    return out
+
+
+def soft_label(votes, code, class_map, classes):
+    """Evaluator votes -> distribution over ``classes`` (see the module docstring); one-hot of the consensus
+    class when no vote maps to a class."""
+    index = {c: i for i, c in enumerate(classes)}
+    counts = [0.0] * len(classes)
+    for categories in votes:
+        for cat in categories:
+            if cat in class_map:
+                counts[index[class_map[cat]]] += 1.0 / len(categories)
+    total = sum(counts)
+    if total == 0:
+        counts[index[class_map[code]]] = 1.0
+        return counts
+    return [c / total for c in counts]
+
+
+def classes_of(class_map):
+    """Class names in label-index order: first appearance among the map's values."""
+    return list(dict.fromkeys(class_map.values()))
+
+
+def speaker_of(utt, session):
+    """``Ses0k_F`` / ``Ses0k_M`` from the utterance id's last part (``Ses01F_script01_1_M012`` -> ``Ses01_M``)."""
+    gender = utt.rsplit("_", 1)[-1][:1].upper()
+    if gender not in ("F", "M"):
+        raise ValueError(gender)
+    return f"Ses{session:02d}_{gender}", gender
+
+
+def fold_speakers(test_session, valid_gender):
+    """(valid speaker, test speakers) of the fold whose test set is ``test_session``."""
+    valid_session = test_session % N_SESSIONS + 1
+    return f"Ses{valid_session:02d}_{valid_gender}", {f"Ses{test_session:02d}_F", f"Ses{test_session:02d}_M"}
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+def _check_class_map(class_map):
+    if not isinstance(class_map, dict) or not class_map:
+        raise DataError(f"class_map must be a non-empty dict of IEMOCAP codes -> class names, got {class_map!r}")
+    unknown = [k for k in class_map if k not in CATEGORY_CODES]
+    if unknown:
+        raise DataError(f"class_map: unknown IEMOCAP code(s) {unknown} (codes: {list(CATEGORY_CODES)})")
+    bad = [v for v in class_map.values() if not isinstance(v, str) or not v]
+    if bad:
+        raise DataError(f"class_map: class names must be non-empty strings, got {bad}")
+    return dict(class_map)
+
+
+def _sorted_txt(folder):
+    """The ``*.txt`` files of ``folder`` (no subfolders, no ``._`` resource-fork files), sorted."""
+    if not folder.is_dir():
+        return []
+    with os.scandir(folder) as it:
+        return sorted(Path(e.path) for e in it if e.is_file() and e.name.endswith(".txt")
+                      and not e.name.startswith("."))
+
+
+def read_corpus(data_folder, unknown_words=None):
+    """Every evaluated utterance: ``[{utt, session, dialog, code, vad, votes, spk_id, gender, wav, text}]``
+    (``text`` None when the dialog's transcription has no line for it)."""
+    utts, seen = [], {}
+    for session in range(1, N_SESSIONS + 1):
+        sdir = data_folder / f"Session{session}"
+        emo_dir = sdir / "dialog" / "EmoEvaluation"
+        emo_files = _sorted_txt(emo_dir)
+        if not emo_files:
+            raise DataError(f"{emo_dir}: no EmoEvaluation/*.txt files (is data_folder the IEMOCAP_full_release "
+                            "folder?)")
+        for emo_path in emo_files:
+            dialog = emo_path.stem
+            trans_path = sdir / "dialog" / "transcriptions" / f"{dialog}.txt"
+            texts = read_transcriptions(trans_path) if trans_path.is_file() else {}
+            for u in read_emo_evaluation(emo_path, unknown_words):
+                utt = u["utt"]
+                where = f"{emo_path}:{u['line']}"
+                if not utt.startswith(f"Ses{session:02d}"):
+                    raise DataError(f"{where}: utterance {utt} does not belong to Session{session}")
+                if utt in seen:
+                    raise DataError(f"{where}: utterance {utt} already listed at {seen[utt]}")
+                seen[utt] = where
+                try:
+                    spk, gender = speaker_of(utt, session)
+                except ValueError:
+                    raise DataError(f"{where}: cannot tell the speaker of {utt} (name must end in _F### or _M###)")
+                wav_dialog = utt.rsplit("_", 1)[0]
+                u.update(session=session, dialog=dialog, spk_id=spk, gender=gender, where=where,
+                         wav=sdir / "sentences" / "wav" / wav_dialog / f"{utt}.wav", text=texts.get(utt))
+                utts.append(u)
+    return utts
+
+
+def write_manifest(manifest, f):
+    """JSON with one utterance per line (same format as the MSP-Podcast manifests)."""
+    f.write("{\n")
+    f.write(",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()))
+    f.write("\n}\n")
+
+
+def _opts(data_folder, class_map, folds, valid_gender, asr_manifests):
+    return {"data_folder": str(Path(data_folder).resolve()), "class_map": class_map, "folds": list(folds),
+            "valid_gender": valid_gender, "asr_manifests": bool(asr_manifests)}
+
+
+def _outputs(save_folder, folds, asr_manifests):
+    names = SPLITS + (tuple(f"asr_{s}" for s in SPLITS) if asr_manifests else ())
+    return {k: {s: save_folder / f"fold{k}" / f"{s}.json" for s in names} for k in folds}
+
+
+def prepare_iemocap(data_folder, save_folder, class_map=None, folds=(1, 2, 3, 4, 5), valid_gender="F",
+                    asr_manifests=True, skip_prep=False):
+    """Write the leave-one-session-out manifests (see the module docstring).
+
+    Arguments
+    ---------
+    data_folder : str or Path
+        The ``IEMOCAP_full_release`` folder (holding ``Session1`` ... ``Session5``).
+    save_folder : str or Path
+        Where ``classes.txt``, ``excluded_transcripts.txt`` and ``fold{k}/*.json`` go.
+    class_map : dict or None
+        IEMOCAP category code -> class name (YAML-passable); None = ``DEFAULT_CLASS_MAP`` (4 classes).
+    folds : sequence of int
+        Test sessions to write folds for (1..5).
+    valid_gender : str
+        ``"F"`` or ``"M"``: the validation speaker of fold k is this speaker of Session ``k % 5 + 1``.
+    asr_manifests : bool
+        Also write ``fold{k}/asr_{split}.json`` (all evaluated utterances with a transcript).
+    skip_prep : bool
+        Return the paths without doing anything.
+
+    Returns
+    -------
+    dict
+        ``{fold: {split: manifest path}}``; ``<save_folder>/classes.txt`` lists the classes.
+    """
+    save_folder = Path(save_folder)
+    class_map = _check_class_map(DEFAULT_CLASS_MAP if class_map is None else class_map)
+    folds = tuple(int(k) for k in folds)
+    if not folds or any(k < 1 or k > N_SESSIONS for k in folds):
+        raise DataError(f"folds must be test sessions among 1..{N_SESSIONS}, got {list(folds)}")
+    if valid_gender not in ("F", "M"):
+        raise DataError(f"valid_gender must be 'F' or 'M', got {valid_gender!r}")
+    paths = _outputs(save_folder, folds, asr_manifests)
+    if skip_prep:
+        return paths
+    data_folder = Path(data_folder).resolve()
+    if not data_folder.is_dir():
+        raise DataError(f"{data_folder}: IEMOCAP data_folder not found")
+    opts = _opts(data_folder, class_map, folds, valid_gender, asr_manifests)
+    opts_path = save_folder / OPTS_FILE
+    if opts_path.exists() and all(p.exists() for f in paths.values() for p in f.values()):
+        try:
+            if json.loads(opts_path.read_text(encoding="utf-8")) == opts:
+                print(f"IEMOCAP manifests in {save_folder} already prepared with the same options; skipping.")
+                return paths
+        except (OSError, ValueError):
+            pass
+    classes = classes_of(class_map)
+
+    # All parsing and checks first; nothing is written before they pass.
+    unknown_words = Counter()
+    utts = read_corpus(data_folder, unknown_words)
+    entries, excluded = {}, []
+    for u in utts:
+        keep_ser = u["code"] in class_map
+        if not keep_ser and not asr_manifests:
+            continue
+        if not u["wav"].is_file():
+            raise DataError(f"{u['where']}: audio file {u['wav']} of {u['utt']} not found")
+        item = {"wav": str(u["wav"]), "duration": round(check_audio(u["wav"], SAMPLE_RATE), 4)}
+        if keep_ser:
+            emo = class_map[u["code"]]
+            item.update(emo=emo, emo_soft=soft_label(u["votes"], u["code"], class_map, classes))
+        item.update(spk_id=u["spk_id"], gender={"F": "Female", "M": "Male"}[u["gender"]], session=u["session"],
+                    emo_orig=u["code"], vad=u["vad"])
+        if u["text"] is None:
+            excluded.append((u["utt"], "no transcript line in transcriptions/" + u["dialog"] + ".txt"))
+        else:
+            wrd = normalize_transcript(u["text"])
+            if wrd:
+                item["wrd"] = wrd
+            else:
+                excluded.append((u["utt"], f"transcript empty after normalisation (raw: {u['text'].strip()[:80]!r})"))
+        entries[u["utt"]] = item
+
+    manifests = {}
+    for k in folds:
+        valid_spk, test_spks = fold_speakers(k, valid_gender)
+        out = {name: {} for name in paths[k]}
+        for utt, item in entries.items():
+            spk = item["spk_id"]
+            split = "test" if spk in test_spks else "valid" if spk == valid_spk else "train"
+            if "emo" in item:
+                out[split][utt] = item
+            if asr_manifests and "wrd" in item:
+                out[f"asr_{split}"][utt] = {key: v for key, v in item.items() if key not in ("emo", "emo_soft")}
+        manifests[k] = out
+
+    opts_path.unlink(missing_ok=True)  # the options file goes last: a crash mid-way never looks 'already done'
+    with atomic_write(save_folder / CLASSES_FILE, encoding="utf-8") as f:
+        f.write("".join(c + "\n" for c in classes))
+    with atomic_write(save_folder / EXCLUDED_FILE, encoding="utf-8") as f:
+        f.write("id\treason\n")
+        f.writelines(f"{utt}\t{reason}\n" for utt, reason in excluded)
+    for k, out in manifests.items():
+        for name, manifest in out.items():
+            with atomic_write(paths[k][name], encoding="utf-8") as f:
+                write_manifest(manifest, f)
+    with atomic_write(opts_path, encoding="utf-8") as f:
+        json.dump(opts, f, indent=2)
+    _log_counts(entries, classes, manifests, excluded, class_map, save_folder)
+    if unknown_words:
+        print(f"  evaluator category words not recognised (ignored, like 'Other'): {dict(unknown_words)}")
+    return paths
+
+
+def count_per_session(entries, classes):
+    """``{session: {class: n}}`` of the SER utterances (those whose code is in the class map)."""
+    counts = {s: Counter() for s in range(1, N_SESSIONS + 1)}
+    for item in entries.values():
+        if "emo" in item:
+            counts[item["session"]][item["emo"]] += 1
+    return {s: {c: c_counts.get(c, 0) for c in classes} for s, c_counts in counts.items()}
+
+
+def _log_counts(entries, classes, manifests, excluded, class_map, save_folder):
+    per_session = count_per_session(entries, classes)
+    total = sum(sum(c.values()) for c in per_session.values())
+    note = f" (full corpus: {FULL_CORPUS_4CLASS})" if class_map == DEFAULT_CLASS_MAP else ""
+    print(f"IEMOCAP: {total} utterances in classes {classes}{note}; manifests in {save_folder}")
+    width = max(len(c) for c in classes) + 1
+    print("  session " + "".join(f"{c:>{max(width, 6)}}" for c in classes) + "   total")
+    for s, c in per_session.items():
+        print(f"  {s:>7} " + "".join(f"{c[k]:>{max(width, 6)}}" for k in classes) + f"{sum(c.values()):>8}")
+    all_c = {k: sum(c[k] for c in per_session.values()) for k in classes}
+    print("  all     " + "".join(f"{all_c[k]:>{max(width, 6)}}" for k in classes) + f"{total:>8}")
+    for k, out in manifests.items():
+        sizes = ", ".join(f"{name} {len(m)}" for name, m in out.items())
+        print(f"  fold{k} (test Session{k}): {sizes}")
+    if excluded:
+        print(f"  {len(excluded)} utterance(s) without a usable transcript (no 'wrd', not in the ASR manifests); "
+              f"listed in {save_folder / EXCLUDED_FILE}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Prepare IEMOCAP leave-one-session-out manifests for SER (and ASR).")
+    p.add_argument("--data_folder", required=True, help="the IEMOCAP_full_release folder")
+    p.add_argument("--save_folder", required=True, help="where classes.txt and fold{k}/*.json go")
+    p.add_argument("--folds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="test sessions")
+    p.add_argument("--valid_gender", default="F", choices=["F", "M"],
+                   help="validation speaker of fold k: this speaker of Session k %% 5 + 1")
+    p.add_argument("--class_map", default=None, help="JSON dict IEMOCAP code -> class (default: 4 classes)")
+    p.add_argument("--no_asr_manifests", action="store_true", help="skip fold{k}/asr_*.json")
+    args = p.parse_args(argv)
+    try:
+        class_map = None if args.class_map is None else json.loads(args.class_map)
+    except ValueError as e:
+        sys.exit(f"Error: --class_map is not valid JSON ({e})")
+    try:
+        prepare_iemocap(args.data_folder, args.save_folder, class_map=class_map, folds=args.folds,
+                        valid_gender=args.valid_gender, asr_manifests=not args.no_asr_manifests)
+    except DataError as e:
+        sys.exit(f"Error: {e}")
+
+
+if __name__ == "__main__":
+    main()
