@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lobes.adaltm.merged_wavlm import _release_freed_memory as release_freed_memory
 from lobes.errors import DataError
 from lobes.io_utils import atomic_write
 
@@ -199,6 +200,9 @@ class ShardWriter:
         save_file(self.buf, str(self.folder / name))
         self.index.update({uid: name for uid in self.buf})
         self.buf, self.size, self.shards = {}, 0, self.shards + 1
+        # glibc keeps freed medium-sized blocks in its heap: without this, resident memory would still grow
+        # with the number of shards written (measured: +280 MiB at 4x corpus), although live tensors do not
+        release_freed_memory()
 
 
 def build_rank(encoder, utterances, load, tmp_dir, spec, rank=0, world=1, device="cpu", batch_seconds=160.0,
