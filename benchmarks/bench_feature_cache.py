@@ -187,6 +187,10 @@ def child_build(model_dir, n, where, out_dir):
     from lobes.adaltm.merged_wavlm import MergedWavLM
 
     C.set_threads()
+    # oneDNN (CPU convolutions) caches a compiled kernel per distinct input shape, ~0.4 MiB each for this model,
+    # up to 1024 (ONEDNN_PRIMITIVE_CACHE_CAPACITY): resident memory then grows with the number of distinct batch
+    # shapes, which is code, not cached features. Measured without it, so that only the cache's memory shows.
+    torch.backends.mkldnn.enabled = False
     wavlm = MergedWavLM(model_dir)
     utts, load = synthetic_corpus(n)
     spec = fc.spec_for(wavlm, torch.float32, False)
