@@ -87,7 +87,7 @@ def test_sharded_build_is_streamed_and_matches_per_utterance(wavlm, corpus, tmp_
     biggest = max(cache[u].numel() * 4 for u, _ in utts)
     for p in shards:
         with safe_open(str(p), framework="pt") as f:
-            assert sum(f.get_tensor(k).numel() * 4 for k in f) < shard_mb * 2 ** 20 + biggest
+            assert sum(f.get_tensor(k).numel() * 4 for k in f.keys()) < shard_mb * 2 ** 20 + biggest  # noqa: SIM118 (safe_open is not iterable)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]  # temp folder renamed away
     with torch.no_grad():
         for uid, _ in utts:  # batched on padded input == one utterance alone
