@@ -90,14 +90,14 @@ def test_plan_picks_largest_fitting_micro_batch_then_checkpointing():
     p1, p2 = (PM.predict(SETTINGS, b, 0.5, shape=TINY)["peak"] for b in (1, 2))
     gib = (p1 + 3.5 * (p2 - p1)) / PM.GIB  # micro-batch 4 fits, 8 does not
     plan = PM.plan(SETTINGS, 0.5, 1, gib, margin=0, overhead_gib=0, shape=TINY)
-    assert (plan["batch_size"], plan["grad_accumulation_factor"], plan["gradient_checkpointing"]) == (4, 8, False)
+    assert (plan["micro_batch_size"], plan["grad_accumulation_factor"], plan["gradient_checkpointing"]) == (4, 8, False)
     plan = PM.plan(SETTINGS, 0.5, 2, gib, margin=0, overhead_gib=0, shape=TINY)
-    assert (plan["batch_size"], plan["grad_accumulation_factor"], plan["effective_batch"]) == (4, 4, 32)
+    assert (plan["micro_batch_size"], plan["grad_accumulation_factor"], plan["effective_batch"]) == (4, 4, 32)
     # micro-batch 1 does not fit without checkpointing: recompute the CNN in backward (before all groups)
     cnn = PM.predict({**SETTINGS, "gradient_checkpointing": "cnn"}, 1, 0.5, shape=TINY)["peak"]
     assert cnn < p1
     plan = PM.plan(SETTINGS, 0.5, 1, (cnn + p1) / 2 / PM.GIB, margin=0, overhead_gib=0, shape=TINY)
-    assert (plan["batch_size"], plan["grad_accumulation_factor"], plan["gradient_checkpointing"]) == (1, 32, "cnn")
+    assert (plan["micro_batch_size"], plan["grad_accumulation_factor"], plan["gradient_checkpointing"]) == (1, 32, "cnn")
     assert not PM.fits(p1, p1 / PM.GIB, margin=0.15, overhead_gib=0)  # the margin is applied
 
 

@@ -161,7 +161,7 @@ def test_msp_transcript_only_and_test_set(msp, mini_corpora, msp_manifests, tmp_
     kept = {u for s in ("train", "valid", "test") for u in _load(msp_manifests, s)}
     subset = {u for s in ("train", "valid", "test") for u in _load(tmp_path / "t", s)}
     assert subset == kept - set(mini_corpora.msp_counts["without_transcript"])
-    msp.prepare_msp_podcast(mini_corpora.msp, tmp_path / "t2", splits=("test",), test_set="Test2")
+    msp.prepare_msp_podcast(mini_corpora.msp, tmp_path / "t2", splits=("test",), test_splits=["Test2"])
     assert len(_load(tmp_path / "t2", "test")) == mini_corpora.msp_counts["test2"] == 8
     assert not (tmp_path / "t2" / "train.json").exists()
 
@@ -262,10 +262,10 @@ def test_libri_counts_and_transcripts(mini_corpora, libri_manifests):
     counts = mini_corpora.libri_counts["splits"]
     assert sorted(p.name for p in libri_manifests.glob("*.json")) == [
         "dev-clean.json", "test-clean.json", "train-clean-100.json"]
-    for split, n in (("train-clean-100", 60), ("dev-clean", 16), ("test-clean", 16)):
+    for split, n, n_spk in (("train-clean-100", 60, 8), ("dev-clean", 16, 4), ("test-clean", 16, 4)):
         man = _load(libri_manifests, split)
         assert len(man) == n == counts[split]["utterances"]
-        assert len({v["spk_id"] for v in man.values()}) == 4
+        assert len({v["spk_id"] for v in man.values()}) == n_spk == counts[split]["speakers"]
         ex = counts[split]["example"]
         assert man[ex["id"]]["wrd"] == ex["wrd"]
         for utt, item in man.items():

@@ -332,6 +332,7 @@ def read_row(row_file):
     return {"num_vectors": len(h.get("task_vectors") or {}), "lambda_mode": str(h["lambda_mode"]),
             "merge_impl": str(h["merge_impl"]), "delta_dtype": None if delta in (None, "null") else str(delta),
             "gradient_checkpointing": h["gradient_checkpointing"], "batch_size": int(h["batch_size"]),
+            "micro_batch_size": h["micro_batch_size"],
             "precision": str(h["precision"]), "head_hidden": int(h["head_hidden"]), "pooling": str(h["pooling"]),
             "cache_features": bool(h["cache_features"]), "experiment": str(h["experiment"])}
 
@@ -394,7 +395,7 @@ def plan(settings, seconds, gpus, gpu_gb, margin=0.15, overhead_gib=1.5, effecti
             if fits(p1 + (micro - 1) * (p2 - p1), gpu_gb, margin, overhead_gib):
                 direct = predict(s, micro, seconds, gpus, shape)
                 if fits(direct["peak"], gpu_gb, margin, overhead_gib):
-                    return {"gpus": gpus, "gpu_gb": gpu_gb, "batch_size": micro,
+                    return {"gpus": gpus, "gpu_gb": gpu_gb, "micro_batch_size": micro,
                             "grad_accumulation_factor": per_gpu // micro, "gradient_checkpointing": ckpt,
                             "precision": s["precision"], "merge_impl": s["merge_impl"],
                             "delta_dtype": s["delta_dtype"], "peak_gib": direct["peak"] / GIB,
@@ -413,7 +414,8 @@ def describe(pred):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("row", help="an AdaLTM row YAML (or adaltm.yaml)")
-    p.add_argument("--batch", type=int, help="micro-batch per GPU (default: the row's batch_size / gpus)")
+    p.add_argument("--batch", type=int, help="micro-batch per GPU (default: the row's micro_batch_size, else its "
+                   "global batch_size / gpus)")
     p.add_argument("--max_duration", type=float, default=11.0, help="longest utterance, s (MSP-Podcast: 11)")
     p.add_argument("--precision", choices=("fp32", "bf16"))
     p.add_argument("--gradient_checkpointing", choices=("False", "True", "cnn"))
@@ -434,7 +436,7 @@ def main(argv=None):
         print(f"{s['experiment']}: nothing upstream of the features trains, so the backbone runs once under "
               "no_grad (feature cache) and training holds only α + head; the figures below are the cache build.")
     out = {"row": str(a.row), "settings": s, "max_duration": a.max_duration}
-    batch = a.batch or max(1, s["batch_size"] // a.gpus)
+    batch = a.batch or s["micro_batch_size"] or max(1, s["batch_size"] // a.gpus)
     pred = predict(s, batch, a.max_duration, a.gpus, a.shape)
     out["prediction"] = {"batch": batch, "gpus": a.gpus, **pred}
     print(f"{s['experiment']} ({s['num_vectors']} task vectors, λ {s['lambda_mode']}, {s['merge_impl']}, "
@@ -442,7 +444,7 @@ def main(argv=None):
           f"micro-batch {batch} x {a.max_duration:g} s on {a.gpus} GPU(s):\n  {describe(pred)}")
     if a.plans:
         out["plans"] = []
-        print(f"\nEffective batch {EFFECTIVE_BATCH} (batch_size x grad_accumulation_factor x GPUs), "
+        print(f"\nbatch_size {EFFECTIVE_BATCH} (global: micro_batch_size x grad_accumulation_factor x GPUs), "
               f"{a.max_duration:g} s utterances, peak x {1 + a.margin:.2f} + {a.overhead_gib} GiB must fit:")
         for gpus, gb in GPU_SETUPS:
             best = plan(s, a.max_duration, gpus, gb, a.margin, a.overhead_gib, shape=a.shape)
@@ -450,8 +452,8 @@ def main(argv=None):
             if best is None:
                 print(f"  {gpus} x {gb} GB: does not fit even at micro-batch 1 with full checkpointing")
             else:
-                print(f"  {gpus} x {gb} GB: batch_size {best['batch_size']}, grad_accumulation_factor "
-                      f"{best['grad_accumulation_factor']}, gradient_checkpointing {best['gradient_checkpointing']}"
+                print(f"  {gpus} x {gb} GB: micro_batch_size {best['micro_batch_size']} (grad_accumulation_factor "
+                      f"{best['grad_accumulation_factor']}), gradient_checkpointing {best['gradient_checkpointing']}"
                       f"  (predicted {best['peak_gib']:.1f} GiB per GPU)")
     if a.json:
         sys.path.insert(0, str(REPO))

@@ -33,7 +33,7 @@ class SERBrain(ToolkitBrain):
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TEST:
-            self.write_test_metrics(stage_loss, {"alphas": self.modules.weighted_sum.alpha().tolist()})
+            self.write_test_metrics(stage_loss, {"alphas": self.hparams.weighted_sum.alpha().tolist()})  # not the DDP wrapper
         else:
             self.log_and_checkpoint(stage, stage_loss, epoch, self.stage_stats() if stage != sb.Stage.TRAIN else {})
 
@@ -47,7 +47,7 @@ if __name__ == "__main__":
     if not hparams["skip_prep"]:
         sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
             "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
-            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"],
+            "transcript_only": hparams["transcript_only"], "test_splits": hparams["test_splits"],
             "classes": hparams["emotion_classes"]})
     manifests = msp_manifests(hparams)
     datasets = ser_datasets(manifests, hparams["emotion_classes"])
