@@ -127,6 +127,7 @@ def test_existing_cache_reused_or_rebuilt_on_change(wavlm, corpus, tmp_path):
     def no_load(uid):
         raise AssertionError("a valid cache is reused, not recomputed")
     fc.FeatureCache.build(wavlm, utts, no_load, s, "train", tmp_path)
+    fc.FeatureCache.build(wavlm, utts, no_load, s, "train", tmp_path, max_disk_gb=1e-9)  # built: no budget check
     assert (tmp_path / "train" / "index.json").stat().st_mtime_ns == stamp
     half = fc.FeatureCache.build(wavlm, utts, load, spec(wavlm, dtype=torch.float16), "train", tmp_path)
     assert half.spec.dtype == "float16" and half[utts[0][0]].dtype == torch.float16

@@ -316,10 +316,17 @@ class FeatureCache:
         go to ``<cache_dir>/<split>/`` (each rank writes its share; rank 0 publishes it with one rename).
         """
         r, w = _dist() if rank is None else (rank, world)
+        ids = {u for u, _ in utterances}
+        final, tmp = (Path(cache_dir) / split, Path(cache_dir) / f".{split}.tmp") if cache_dir else (None, None)
+        stale = None
+        if final is not None and (final / INDEX_FILE).exists():
+            stale = cls(folder=final)
+            if stale.spec == spec and ids <= stale.ids():
+                logger.info("feature cache %s: reusing %s", split, final)
+                return stale
         estimate = estimate_cache([d for _, d in utterances], spec)
         check_budget(estimate, spec, split, cache_dir, max_ram_gb, max_disk_gb)
         logger.info("feature cache %s: %s", split, estimate.describe(spec))
-        ids = {u for u, _ in utterances}
         if cache_dir is None:
             feats = dict(compute_batched(encoder, rank_share(utterances, r, w), load, device,
                                          getattr(torch, spec.dtype), spec.pooled, batch_seconds))
@@ -328,15 +335,10 @@ class FeatureCache:
                 torch.distributed.all_gather_object(parts, feats)
                 feats = {k: v for p in parts for k, v in p.items()}
             return cls(feats=feats)
-        final, tmp = Path(cache_dir) / split, Path(cache_dir) / f".{split}.tmp"
-        if (final / INDEX_FILE).exists():
-            cache = cls(folder=final)
-            if cache.spec == spec and ids <= cache.ids():
-                logger.info("feature cache %s: reusing %s", split, final)
-                return cache
+        if stale is not None:
             _barrier()  # every rank has read the old index before rank 0 replaces it
             logger.warning("feature cache %s: '%s' holds %s for %d utterances, this run needs %s for %d: rebuilding",
-                           split, final, cache.spec, len(cache), spec, len(ids))
+                           split, final, stale.spec, len(stale), spec, len(ids))
         if r == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # debris of a killed build
             tmp.mkdir(parents=True)
