@@ -536,7 +536,7 @@ class SpeechLM(torch.nn.Module):
     def forward(self, wavs, wav_lens, task, targets=None):
         speech, smask = self.encode_speech(wavs, wav_lens, task)
         prefix, pmask = self.prefix_embeddings(speech, smask, task)
-        (B, K, D), dev = prefix.shape, speech.device
+        (B, _, D), dev = prefix.shape, speech.device
         if self._is_classify(task):
             return self._classify(prefix, pmask, task, targets, dev)
         if targets is None:
