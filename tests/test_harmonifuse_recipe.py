@@ -445,8 +445,10 @@ def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, 
     state = load_file(str(ckpt / "speech_lm.ckpt"))
     assert np.abs(state["encoder_fusion.layer_logits"].numpy()).max() > 1e-4   # the ranks' steps trained it
     assert "encoder.model.masked_spec_embed" not in state
-    # interleave_length 4 (single-process batches) over 2 ranks: 2 steps, each rank one ASR and one SER batch
-    assert "train_batches: [2, 2]" in (out / "train_log.txt").read_text()
+    # interleave_length 4 (single-process batches) over 2 ranks: 2 steps, each rank one ASR and one SER batch;
+    # validation 1 ASR + 1 SER batch: one each; test 2 ASR + 1 SER batches: rank 0 the 1st and 3rd
+    log = (out / "train_log.txt").read_text()
+    assert "train batches: [2, 2]" in log and "valid batches: [1, 1]" in log and "test batches: [2, 1]" in log
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["wer_by_split"]["test-clean"]["n_utts"] == 4 and metrics["test"]["n"] == 2  # all ranks' outputs
     fusion = json.loads((out / "fusion_weights.json").read_text())
@@ -459,6 +461,7 @@ def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, 
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert json.loads((single / "metrics.json").read_text()) == metrics
+    assert (single / "train_log.txt").read_text().endswith("test batches: [3]\n")  # one process: all 3
     assert (single / "asr_predictions.csv").read_text() == (out / "asr_predictions.csv").read_text()
     assert json.loads((single / "fusion_weights.json").read_text())["lm_dynamic_count"] == fusion["lm_dynamic_count"]
 

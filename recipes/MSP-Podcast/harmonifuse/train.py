@@ -186,8 +186,10 @@ class HarmoniFuseBrain(ToolkitBrain):
             sums = self.task_loss.setdefault(tag, [0.0, 0])
             sums[0] = sums[0] + loss.detach()
             sums[1] += 1
+            self.rank_batches += 1
             return loss
         # evaluation: one row per batch, keyed by its first utterance (gathered across ranks like the outputs)
+        self.rank_batches += 1
         self.eval_losses["ids"].append(batch.id[0])
         self.eval_losses["tag"].append(tag)
         self.eval_losses["loss"].append(float(loss))
@@ -207,6 +209,7 @@ class HarmoniFuseBrain(ToolkitBrain):
 
     # -- stages --------------------------------------------------------------------------------------------
     def reset_outputs(self):
+        self.rank_batches = 0                                      # batches this rank ran in the stage
         self.task_loss = {}                                        # training: tag -> [device sum, batches]
         self.eval_losses = {"ids": [], "tag": [], "loss": []}      # evaluation: one row per batch
         self.asr_out = {"ids": [], "split": [], "refs": [], "hyps": []}
@@ -268,9 +271,9 @@ class HarmoniFuseBrain(ToolkitBrain):
         if stage == sb.Stage.TEST:
             return self.write_test_outputs()
         stats = {f"loss_{tag.split(':')[0]}": round(v, 4) for tag, v in self.task_means().items()}
+        # batches each rank ran (DDP: training gives every rank the same count, evaluation r, r+W, ...)
+        stats["batches"] = D.all_gather(self.rank_batches)
         if stage == sb.Stage.TRAIN:
-            # interleaved batches each rank ran (DDP: every rank its share, the same count)
-            stats["train_batches"] = D.all_gather(sum(n for _, n in self.task_loss.values()))
             return self.log_and_checkpoint(stage, stage_loss, epoch, stats)
         if self.asr_out["refs"]:
             stats["WER"] = round(100 * M.wer(self.asr_out["refs"], self.asr_out["hyps"]), 2)
@@ -315,6 +318,7 @@ class HarmoniFuseBrain(ToolkitBrain):
             out.update({"ua": rep["uar"], "wa": rep["accuracy"], "macro_f1": rep["macro_f1"],
                         "invalid_rate": rep["n_invalid"] / rep["n"]})
         stats = {k: round(100 * out[k], 2) for k in ("wer", "ua", "wa") if k in out}
+        stats["batches"] = D.all_gather(self.rank_batches)  # per rank (train_log.txt only: metrics.json is W-free)
         h.train_logger.log_stats(stats_meta={"Epoch loaded": h.epoch_counter.current},
                                  test_stats={"loss": out["test_loss"], **stats})
         if sb.utils.distributed.if_main_process():
