@@ -165,13 +165,20 @@ def test_ddp_ranks_deal_out_the_single_process_training_batches(recipe, msp_mani
             assert dealt == single and len(single) == 4
         assert not {i for _, ids in r0 for i in ids} & {i for _, ids in r1 for i in ids}
     assert run(0, 1, 0) != run(0, 1, 1)                                     # each epoch its own shuffle
-
     # a pass of 3 batches over 2 ranks: padded with its first batch, 2 each
     from lobes.harmonifuse.interleave import ShardedBatches
     assert [list(ShardedBatches([[0], [1], [2]], r, 2)) for r in (0, 1)] == [[[0], [2]], [[1], [0]]]
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(DataError, match="does not split over 3 DDP ranks .* multiple of 6"):
         recipe.make_loaders(h, datasets)
+    # dynamic batching (DynamicBatchSampler, seeded): the same dealing of the single-process batches
+    h.update(dynamic_batching=True, max_batch_length_asr=6.0, max_batch_length_ser=6.0, num_buckets=2,
+             interleave_length="min", interleave_order="round_robin")
+    one, r0, r1 = run(0, 1, 0), run(0, 2, 0), run(1, 2, 0)
+    assert len(r0) == len(r1) >= 2 and [t for t, _ in r0] == [t for t, _ in r1]
+    for task in ("asr", "ser"):
+        dealt = [ids for pair in zip(*([ids for t, ids in r if t == task] for r in (r0, r1))) for ids in pair]
+        assert dealt == [ids for t, ids in one if t == task][: len(dealt)]
 
 
 # ------------------------------------------------------------------------------------------ helpers in the lobes
