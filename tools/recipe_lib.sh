@@ -60,7 +60,7 @@ if declare -p exp >/dev/null 2>&1 && [ -n "${exp}" ]; then  # a replayable recor
         echo "#!/usr/bin/env bash"
         echo "# $(date '+%Y-%m-%dT%H:%M:%S') on $(hostname): replays this run of ${_recipe_script#"${root}"/}"
         echo "# git: $(git -C "${root}" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "${root}" diff --quiet HEAD 2>/dev/null || echo ' (+ local changes)')"
-        printf 'cd %q && bash %s "$@"\n' "${_recipe_cwd}" "${_recipe_cmd}"
+        printf 'cd %q && %sbash %s "$@"\n' "${_recipe_cwd}" "${PYTHON:+PYTHON=$(printf '%q' "${PYTHON}") }" "${_recipe_cmd}"
     } > "${exp}/.run_cmd.sh.tmp" && mv "${exp}/.run_cmd.sh.tmp" "${exp}/run_cmd.sh"
     chmod +x "${exp}/run_cmd.sh"
     tail -n 1 "${exp}/run_cmd.sh" | sed "s/^/$(date '+%Y-%m-%dT%H:%M:%S') /" >> "${exp}/run_cmd.history"
