@@ -15,9 +15,11 @@ OPTION = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*?)(?:\s+#\s?(.*))?$")
 
 
 def _options(run_sh):
-    """(name, default, comment) of the option lines: from the '# --- options' line to the recipe_lib.sh line."""
+    """(name, default, comment) of the option lines: from the '# --- options' line to the recipe_lib.sh line
+    (a line ending in a backslash continues on the next)."""
     out, on = [], False
-    for line in (ROOT / run_sh).read_text(encoding="utf-8").splitlines():
+    text = re.sub(r"\\\n", "", (ROOT / run_sh).read_text(encoding="utf-8"))
+    for line in text.splitlines():
         if re.match(r"^# -+ *options", line):
             on = True
         elif "recipe_lib.sh" in line:
@@ -47,8 +49,12 @@ def test_help_lists_every_option_with_its_default_and_comment(run_sh):
             assert block[1].startswith(f"        {comment}\n"), f"{run_sh}: --help lacks the comment of --{name}"
 
 
-def test_iemocap_run_sh_documents_every_option():
-    assert [n for n, _, c in _options("recipes/IEMOCAP/run.sh") if not c] == []
+@pytest.mark.parametrize("run_sh", RUN_SH)
+def test_every_option_has_a_comment_for_help(run_sh):
+    assert [n for n, _, c in _options(run_sh) if not c] == [], f"{run_sh}: options without a '# comment'"
+
+
+def test_iemocap_run_sh_options():
     names = [n for n, _, _ in _options("recipes/IEMOCAP/run.sh")]
     assert names[:3] == ["stage", "stop_stage", "ngpu"] and "folds" in names and "rows" in names
 

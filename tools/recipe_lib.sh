@@ -27,6 +27,7 @@ recipe_usage() {  # recipe_usage <run.sh>
         /recipe_lib\.sh/ { on = 0 }
         on && /^[A-Za-z_][A-Za-z0-9_]*=/ {
             eq = index($0, "="); name = substr($0, 1, eq - 1); rest = substr($0, eq + 1)
+            while (rest ~ /\\$/ && (getline more) > 0) rest = substr(rest, 1, length(rest) - 1) more  # continued line
             comment = ""
             if (match(rest, /[ \t]+#[ \t]?/)) { comment = substr(rest, RSTART + RLENGTH); rest = substr(rest, 1, RSTART - 1) }
             gsub(/^["\047]|["\047]$/, "", rest)
