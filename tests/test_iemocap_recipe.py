@@ -25,7 +25,8 @@ def ser_fold1(mini_iemocap, iemocap_manifests, tmp_path_factory):
     root = tmp_path_factory.mktemp("iemocap_ser")
     wavlm = make_tiny_wavlm(root / "tiny_wavlm")
     out = root / "ser" / "fold1"
-    cmd = [sys.executable, str(ROOT / "recipes/IEMOCAP/ser/train.py"), str(ROOT / "recipes/IEMOCAP/ser/hparams/train_ser.yaml"),
+    cmd = [sys.executable, str(ROOT / "recipes/IEMOCAP/ser/train.py"),
+           str(ROOT / "recipes/IEMOCAP/ser/hparams/train_ser.yaml"),
            f"--data_folder={mini_iemocap.root}", f"--prep_folder={iemocap_manifests}", "--skip_prep=True",
            f"--wavlm_source={wavlm}", f"--output_folder={out}", "--fold=1", "--number_of_epochs=1",
            "--batch_size=16", "--head_hidden=16", "--num_bootstraps=20", "--device=cpu"]

@@ -137,7 +137,8 @@ def _pct(row, key):
 def markdown(rows, n_folds=N_FOLDS):
     lines = [f"IEMOCAP, leave-one-session-out: mean over folds ± half-width of the Student-t {CONFIDENCE:.0%} "
              "interval, in %; pooled = summed confusion matrices", "",
-             "| Method/Setup | UA | WA | MaF1 | WER | UA pooled | WA pooled | folds |", "|---|---|---|---|---|---|---|---|"]
+             "| Method/Setup | UA | WA | MaF1 | WER | UA pooled | WA pooled | folds |",
+             "|---|---|---|---|---|---|---|---|"]
     part = object()
     for r in rows:
         if r["part"] != part and r["part"] is not None:

@@ -403,7 +403,7 @@ def check_classes(save_folder, classes):
     try:
         prepared = path.read_text(encoding="utf-8").split()
     except FileNotFoundError:
-        raise DataError(f"{path} not found: run data preparation (skip_prep: False) first")
+        raise DataError(f"{path} not found: run data preparation (skip_prep: False) first") from None
     if prepared != list(classes):
         raise DataError(f"{path} lists classes {prepared} but emotion_classes is {list(classes)}: prepare with the "
                         "recipe's class_map, or make emotion_classes its classes in order of first appearance")

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import speechbrain as sb
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/IEMOCAP: the prepare script
 from iemocap_prepare import iemocap_manifests, prepare_from_hparams  # noqa: E402
