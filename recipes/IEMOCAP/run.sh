@@ -68,7 +68,8 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
         [ -d "${data_folder}/Session1" ] || "${py}" "${recipe_dir}/make_mini_iemocap.py" --out "${data_folder}"
         "${py}" -m tools.make_tiny_wavlm --out "${wavlm_source}"
     fi
-    # the recipes' class_map / valid_gender defaults (hparams); a custom map goes to every train.py after --
+    # with the recipes' default class_map / valid_gender; each train.py prepares again only when its own
+    # settings differ (a custom map given after --, e.g. -- --class_map=... --emotion_classes=...)
     "${py}" "${recipe_dir}/iemocap_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}"
 fi
 
@@ -77,7 +78,7 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
         log "Stage 1: fold ${fold}: in-domain ASR-CTC fine-tuning on IEMOCAP transcripts"
         # shellcheck disable=SC2086
         launch "${recipe_dir}/asr_ctc/train.py" "${recipe_dir}/asr_ctc/hparams/train_asr_ctc.yaml" "${common[@]}" \
-            --fold="${fold}" --skip_prep=True --output_folder="${exp}/asr_ctc/fold${fold}" ${asr_args} "${extra[@]}"
+            --fold="${fold}" --output_folder="${exp}/asr_ctc/fold${fold}" ${asr_args} "${extra[@]}"
     done
 fi
 
@@ -86,7 +87,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
         log "Stage 2: fold ${fold}: SER fine-tuning"
         # shellcheck disable=SC2086
         launch "${recipe_dir}/ser/train.py" "${recipe_dir}/ser/hparams/train_ser.yaml" "${common[@]}" \
-            --fold="${fold}" --skip_prep=True --output_folder="${exp}/ser/fold${fold}" ${ser_args} "${extra[@]}"
+            --fold="${fold}" --output_folder="${exp}/ser/fold${fold}" ${ser_args} "${extra[@]}"
     done
 fi
 
@@ -112,7 +113,7 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
             log "Stage 3b: fold ${fold}: AdaLTM row ${row}"
             # shellcheck disable=SC2086
             launch "${recipe_dir}/adaltm/train.py" "${recipe_dir}/adaltm/hparams/rows/${row}.yaml" "${common[@]}" \
-                --fold="${fold}" --skip_prep=True --exp_folder="${exp}/rows" \
+                --fold="${fold}" --exp_folder="${exp}/rows" \
                 --vectors_folder="${vectors}/fold${fold}" ${adaltm_args} "${extra[@]}"
         done
     done
