@@ -1,5 +1,6 @@
 """The synthetic corpora have exactly the real on-disk layouts, the promised sizes, and are seed-deterministic."""
 import csv
+import itertools
 import re
 import subprocess
 import sys
@@ -10,7 +11,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tools.make_mini_corpora import make_mini_corpora
+from lobes.ctc_text import normalize_transcript
+from lobes.errors import DataError
+from tools.make_mini_corpora import CLASS_PATTERN, PATTERNS, make_mini_corpora
+from tools.sentence_banks import (
+    CLASS_POOLS,
+    LIBRI,
+    POOLS,
+    SENTENCES_FILE,
+    all_sentences,
+    class_bank,
+    read_pools,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "MSP-Podcast"))
 from msp_podcast_prepare import LETTER_TO_EMOTION, WORD_TO_EMOTION  # noqa: E402
@@ -105,12 +117,14 @@ def test_libri_layout_and_counts(mini_corpora):
     root = mini_corpora.libri
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["dev-clean", "test-clean", "train-clean-100"]
     speakers = {}
-    for split, n in (("train-clean-100", 60), ("dev-clean", 16), ("test-clean", 16)):
+    # train: 8 speakers x 2 chapters; dev/test: 4 x 2
+    for split, n, n_spk in (("train-clean-100", 60, 8), ("dev-clean", 16, 4), ("test-clean", 16, 4)):
         flacs = sorted((root / split).glob("*/*/*.flac"))
         assert len(flacs) == n
         chapters = {f.parent for f in flacs}
         speakers[split] = {c.parent.name for c in chapters}
-        assert len(speakers[split]) == 4 and len(chapters) == 8
+        assert len(speakers[split]) == n_spk and len(chapters) == 2 * n_spk
+        assert mini_corpora.libri_counts["splits"][split]["speakers"] == n_spk
         listed = set()
         for chap in chapters:
             spk, ch = chap.parent.name, chap.name
@@ -127,7 +141,158 @@ def test_libri_layout_and_counts(mini_corpora):
         info = sf.info(str(flacs[0]))
         assert (info.samplerate, info.channels, info.format) == (16000, 1, "FLAC")
     # speaker-disjoint splits, as in LibriSpeech
-    assert len(speakers["train-clean-100"] | speakers["dev-clean"] | speakers["test-clean"]) == 12
+    assert len(speakers["train-clean-100"] | speakers["dev-clean"] | speakers["test-clean"]) == 16
+
+
+# The design table of tools/make_mini_corpora.py: pairs one cue leaves ambiguous and the other separates.
+WORD_SEPARABLE = [("A", "H"), ("C", "D"), ("F", "U")]      # same prosody pattern, disjoint pools
+PROSODY_SEPARABLE = [("A", "C"), ("H", "U"), ("N", "S")]   # identical banks, different patterns
+
+
+def _meta(root):
+    with open(root / "generation_meta.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_banks_overlap_exactly_as_documented(mini_corpora):
+    banks = {c: set(class_bank(c)) for c in "ACDFHNSU"}
+    assert all(len(b) == 8 for b in banks.values())
+    common = set(POOLS["common"])
+    for a, b in itertools.combinations("ACDFHNSU", 2):
+        shared = banks[a] & banks[b]
+        if (a, b) in PROSODY_SEPARABLE:
+            assert shared == banks[a] == banks[b], (a, b)
+            assert CLASS_PATTERN[a] != CLASS_PATTERN[b]
+        else:  # different pools: exactly the two common sentences
+            assert shared == common, (a, b)
+        assert (CLASS_PATTERN[a] == CLASS_PATTERN[b]) == ((a, b) in WORD_SEPARABLE), (a, b)
+    assert not set(LIBRI) & {s for pool in POOLS.values() for s in pool}  # LibriSpeech text is its own
+    # Every utterance speaks a sentence of its class's bank with its class's pattern; transcripts say the same.
+    root = mini_corpora.msp
+    meta = _meta(root)
+    assert [m["FileName"] for m in meta] == [r[0] for r in _consensus(root)[1:]]
+    n_transcribed = 0
+    for m in meta:
+        assert m["sentence"] in POOLS[m["pool"]] and m["pool"] in CLASS_POOLS[m["EmoClass"]], m
+        assert m["pattern"] == CLASS_PATTERN[m["EmoClass"]]
+        base = PATTERNS[m["pattern"]]
+        assert abs(int(m["pitch"]) - base[0]) <= 4 and abs(int(m["amp"]) - base[2]) <= 0.08 * base[2] + 1
+        txt = root / "Transcripts" / (m["FileName"][:-4] + ".txt")
+        if txt.exists():
+            assert normalize_transcript(txt.read_text()) == normalize_transcript(m["sentence"])
+            n_transcribed += 1
+    assert n_transcribed == 264 - 40
+    # Test sentences also occur in training (documented): all 44 transcribed Test1 utterances, and every
+    # labelled class's transcribed Train rows cover its whole 8-sentence bank.
+    s = mini_corpora.msp_counts["sentences"]
+    assert (s["test_utterances"], s["test_utterances_with_sentence_in_train"], s["train_distinct"]) == (44, 44, 32)
+    assert s["train_vocabulary"] == 111 and s["test_words_not_in_train"] == []
+    trans = {p.stem for p in (root / "Transcripts").iterdir()}
+    for c in "ACDFHNSU":
+        seen = {m["sentence"] for m in meta if m["EmoClass"] == c and m["Split_Set"] == "Train"
+                and m["FileName"][:-4] in trans}
+        assert seen == banks[c], c
+    libri_text = {normalize_transcript(s) for s in LIBRI}
+    lines = [ln.split(" ", 1) for p in mini_corpora.libri.rglob("*.trans.txt") for ln in p.read_text().splitlines()]
+    assert len(lines) == 92 and {t for _, t in lines} == libri_text  # every LIBRI sentence is used
+    s = mini_corpora.libri_counts["sentences"]
+    assert (s["train_utterances"], s["train_distinct"], s["test_utterances_with_sentence_in_train"]) == (60, 16, 16)
+
+
+def test_sentence_file_pools_and_errors(tmp_path):
+    assert {k: len(v) for k, v in read_pools().items()} == {
+        "common": 2, "blame": 6, "disgust": 6, "fear": 6, "news": 6, "plain": 6, "libri": 16}
+    # Readers that only skip '#' lines (the pretraining tools) see every sentence once.
+    lines = [ln.strip() for ln in SENTENCES_FILE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines == all_sentences() and len(set(lines)) == 48
+    for s in lines:  # espeak-ng speaks exactly the transcript's words: letters and apostrophes only
+        assert re.fullmatch(r"[A-Z][A-Za-z' ,]*[A-Za-z][.!?]", s), s
+    bad = tmp_path / "bank.txt"
+    bad.write_text("# header\nA sentence.\n")
+    with pytest.raises(DataError, match=r"bank.txt:2: sentence before the first"):
+        read_pools(bad)
+    bad.write_text("# pool: a\nOne.\n# pool: a\nTwo.\n")
+    with pytest.raises(DataError, match=r"bank.txt:3: pool 'a' appears twice"):
+        read_pools(bad)
+
+
+def _f0_median(x, sr=16000, frame=640, hop=320, fmin=50, fmax=500):
+    """Median F0 (Hz) of the loud frames by autocorrelation: a plain prosody measurement, no model."""
+    frames = np.stack([x[i:i + frame] for i in range(0, len(x) - frame + 1, hop)])
+    energy = (frames ** 2).mean(1)
+    voiced = frames[energy > 0.1 * energy.max()]
+    voiced = voiced - voiced.mean(1, keepdims=True)
+    ac = np.fft.irfft(np.abs(np.fft.rfft(voiced, 2 * frame)) ** 2)[:, :frame]
+    lo, hi = sr // fmax, sr // fmin
+    return float(np.median(sr / (lo + ac[:, lo:hi].argmax(1))))
+
+
+def _prosody_features(wav, sentence):
+    """Seconds of speech per letter, log median F0 and pause fraction, measured on the waveform normalised to unit
+    variance as the recipes feed it (so loudness, which the models never see, is no feature)."""
+    x, sr = sf.read(str(wav))
+    x = (x - x.mean()) / x.std()
+    hop = sr // 50
+    level = 10 * np.log10((x[: len(x) // hop * hop].reshape(-1, hop) ** 2).mean(1) + 1e-10)
+    speech = level >= level.max() - 35
+    letters = len(normalize_transcript(sentence).replace(" ", ""))
+    return [speech.sum() / 50 / letters, np.log(_f0_median(x, sr)), 1 - speech.mean()]
+
+
+def test_words_and_prosody_separate_the_documented_pairs(mini_corpora):
+    """Bag-of-words on the transcripts vs prosody measured on the audio, each separating only the pairs the design
+    says it does: 5-fold cross-validated balanced accuracy over the 240 labelled utterances (60 per pair, chance
+    0.5; 8 classes: chance 0.125). Seed 1234 gives the values in the comments."""
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline, make_union
+    from sklearn.preprocessing import StandardScaler
+
+    root = mini_corpora.msp
+    rows = []
+    for m in _meta(root):
+        if m["EmoClass"] in LETTER_TO_EMOTION and m["Split_Set"] != "Test2":
+            # transcripts as written (case and spacing vary); the rows without one use the spoken sentence
+            txt = root / "Transcripts" / (m["FileName"][:-4] + ".txt")
+            rate, logf0, pauses = _prosody_features(root / "Audios" / m["FileName"], m["sentence"])
+            rows.append({"emo": m["EmoClass"], "text": txt.read_text() if txt.exists() else m["sentence"],
+                         "rate": rate, "logf0": logf0, "pauses": pauses})
+    frame = pd.DataFrame(rows)
+    assert len(frame) == 240
+
+    def score(classes, cue):
+        sel = frame[frame.emo.isin(list(classes))]
+        words = ColumnTransformer([("bow", CountVectorizer(ngram_range=(1, 2)), "text")])
+        prosody = ColumnTransformer([("f", StandardScaler(), ["rate", "logf0", "pauses"])])
+        feats = {"words": words, "prosody": prosody, "both": make_union(words, prosody)}[cue]
+        clf = make_pipeline(feats, LogisticRegression(C=10, max_iter=5000))
+        pred = cross_val_predict(clf, sel, sel.emo, cv=StratifiedKFold(5, shuffle=True, random_state=0))
+        return balanced_accuracy_score(sel.emo, pred)
+
+    got = {(cue, "".join(pair)): score(pair, cue) for cue in ("words", "prosody")
+           for pair in WORD_SEPARABLE + PROSODY_SEPARABLE}
+    print({f"{cue} {p}": round(v, 3) for (cue, p), v in got.items()})
+    # Words: the two common sentences (~1/4 of a pair's utterances, evenly split) are a coin flip, so the design's
+    # ceiling is ~0.875 and its floor, with every other sentence right, ~0.75 (seed 1234: AH 0.82 CD 0.82 FU 0.75).
+    for pair in WORD_SEPARABLE:
+        assert got["words", "".join(pair)] >= 0.70, pair
+    for pair in PROSODY_SEPARABLE:  # seed 1234: AC 1.0, HU 0.92, NS 1.0
+        assert got["prosody", "".join(pair)] >= 0.85, pair
+    # The other cue does much worse on those pairs (means over three pairs, 180 utterances, binomial sd 0.04).
+    # Words on identical banks are chance (1234: 0.44); prosody a little above it (1234: 0.56), as rate per letter
+    # and pauses also vary with the sentence, which differs between the two classes.
+    assert np.mean([got["words", "".join(p)] for p in PROSODY_SEPARABLE]) <= 0.62
+    assert np.mean([got["prosody", "".join(p)] for p in WORD_SEPARABLE]) <= 0.75
+    # 8 classes: each cue alone merges three pairs (at best 5/8 = 0.625 with prosody, less with the words as the
+    # common sentences hide a quarter); together they separate all eight.
+    eight = {cue: score("ACDFHNSU", cue) for cue in ("words", "prosody", "both")}
+    print(eight)
+    assert 0.35 <= eight["words"] <= 0.6 and 0.45 <= eight["prosody"] <= 0.75  # 1234: 0.43, 0.60
+    assert eight["both"] >= 0.78  # 1234: 0.85
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -138,10 +303,22 @@ def test_same_seed_same_bytes(tmp_path):
     csv_a = (tmp_path / "a_msp/Labels/labels_consensus.csv").read_bytes()
     assert csv_a == (tmp_path / "b_msp/Labels/labels_consensus.csv").read_bytes()
     assert csv_a != (tmp_path / "c_msp/Labels/labels_consensus.csv").read_bytes()
-    name = csv_a.decode().splitlines()[1].split(",")[0]
-    assert (tmp_path / "a_msp/Audios" / name).read_bytes() == (tmp_path / "b_msp/Audios" / name).read_bytes()
+    # every audio file, whichever prosody pattern (sox pitch shift or none) rendered it
+    audio = {k: {p.name: p.read_bytes() for p in (tmp_path / f"{k}_msp/Audios").iterdir()} for k in "ab"}
+    assert audio["a"] == audio["b"] and len(audio["a"]) == 19
+    shifts = {r["shift_cents"] for r in _meta(tmp_path / "a_msp")}
+    assert "0" in shifts and len(shifts) >= 3
     flac = sorted((tmp_path / "a_libri").rglob("*.flac"))[0].relative_to(tmp_path / "a_libri")
     assert (tmp_path / "a_libri" / flac).read_bytes() == (tmp_path / "b_libri" / flac).read_bytes()
+    # the text side: sentences, transcripts, prosody metadata and counts
+    for rel in ("generation_meta.csv", "mini_counts.json", "Labels/labels_detailed.csv"):
+        assert (tmp_path / "a_msp" / rel).read_bytes() == (tmp_path / "b_msp" / rel).read_bytes(), rel
+    meta = {k: (tmp_path / f"{k}_msp/generation_meta.csv").read_bytes() for k in "ac"}
+    assert meta["a"] != meta["c"]
+    for corpus, pattern in (("msp", "Transcripts/*.txt"), ("libri", "*/*/*/*.trans.txt")):
+        a = {p.relative_to(tmp_path / f"a_{corpus}"): p.read_bytes() for p in (tmp_path / f"a_{corpus}").glob(pattern)}
+        b = {p.relative_to(tmp_path / f"b_{corpus}"): p.read_bytes() for p in (tmp_path / f"b_{corpus}").glob(pattern)}
+        assert a == b and len(a) == {"msp": 16, "libri": 8}[corpus]
     # n_msp=16: 2 per class -> Train 1, Development 0, Test1 1; plus 1 O, 1 X, 1 Test2
     rows = _consensus(tmp_path / "a_msp")[1:]
     assert len(rows) == 19 and sum(r[1] == "O" for r in rows) == 1

@@ -1,12 +1,57 @@
 """Generate tiny synthetic MSP-Podcast (v1.12 layout) and LibriSpeech corpora with espeak-ng + sox.
 
     python -m tools.make_mini_corpora --msp_out data/mini_msp --libri_out data/mini_libri [--seed 1234]
+        [--n_msp 240 --n_libri 60 --n_libri_eval 16]
 
-Everything is a pure function of the seed: the same seed gives byte-identical label files and audio.
-Emotion classes are rendered with distinct pitch / speaking-rate / loudness / word-gap patterns (plus small
-jitter) so that a tiny model can learn them; speakers are espeak-ng voices with different variants.
-Each corpus is built in a hidden sibling folder and renamed into place, so a failed run leaves nothing
-half-written; an existing output folder is only replaced if it was made by this tool.
+Everything is a pure function of the seed and the sizes: the same arguments give byte-identical label files and
+audio. Speakers are espeak-ng voices with different variants. Each corpus is built in a hidden sibling folder and
+renamed into place, so a failed run leaves nothing half-written; an existing output folder is only replaced if it
+was made by this tool.
+
+Emotion in words and in prosody (mini MSP-Podcast)
+--------------------------------------------------
+Each utterance's sentence comes from its class's bank, the union of sentence pools in tools/sentences.txt
+(6 sentences per pool, 2 in "common"), and is spoken with its class's prosody pattern: espeak-ng pitch (0-99),
+speed (words/min), amplitude (0-200) and word gap (10 ms), then a sox pitch shift (cents) that widens the F0 range
+beyond espeak-ng's. Each utterance jitters pitch ±4, speed ±6 %, amplitude ±8 %. The recipes normalise every
+waveform to unit variance, so amplitude is no cue for the models: the patterns differ in rate, F0 and pauses.
+
+    class        bank (pools)       pattern  pitch speed amp gap shift
+    A Anger      blame + common     hot      70    240   170  0   +200   high, fastest, loud
+    H Happiness  news + common      hot      70    240   170  0   +200
+    C Contempt   blame + common     cold     25    135   130  2   -300   low, slow, short pauses
+    D Disgust    disgust + common   cold     25    135   130  2   -300
+    F Fear       fear + common      tense    99    150   60   0   +700   highest, slow-ish, quiet
+    U Surprise   news + common      tense    99    150   60   0   +700
+    N Neutral    plain + common     flat     40    180   100  0   0      mid everything
+    S Sadness    plain + common     low      10    100   50   5   -300   low, slowest, quiet, long pauses
+
+Which cue separates which pair:
+- prosody-ambiguous, separated by the words: A-H, C-D, F-U (same pattern; disjoint pools apart from "common");
+- word-ambiguous, separated by the prosody: A-C, H-U, N-S (identical banks; different patterns);
+- every other pair (22 of 28) differs in both.
+Any two banks share at least the two "common" sentences (a pair of classes with different pools shares exactly
+those two), so a quarter of each class's utterances carry no word cue at all. A prosody-only classifier at best
+merges the three prosody-ambiguous pairs and a words-only one the three word-ambiguous pairs; only both cues
+together separate all eight classes, which is what lets an in-domain ASR task vector help SER. O and X rows
+(dropped by the recipe's preparation) draw from every pool with their own patterns.
+Measured with seed 1234 (tests/test_mini_corpora.py: 5-fold CV balanced accuracy over the 240 labelled
+utterances; bag-of-words on the transcripts, rate / F0 / pauses measured on the unit-variance audio):
+    8 classes:                  words 0.43   prosody 0.60   both 0.85   (chance 0.125)
+    pairs A-H, C-D, F-U:        words 0.82 0.82 0.75         prosody 0.60 0.42 0.67   (chance 0.5)
+    pairs A-C, H-U, N-S:        words 0.45 0.35 0.52         prosody 1.00 0.92 1.00
+
+Train, test and sentences
+-------------------------
+Test utterances are never training utterances: each row is one file with its own id, speaker draw and prosody
+jitter. Test *sentences* do occur in training, by design: the banks are closed and the Train rows of each class
+cycle through its bank (transcribed rows first), so with the default sizes every sentence of a class's bank is in
+the transcribed Train split, and the CTC model is tested on sentences it heard in other renderings (119
+transcribed Train utterances over 32 sentences, about four each; 111 word types). Mini LibriSpeech likewise: its
+own neutral pool "libri" (16 sentences, 73 word types, none shared with MSP), train-clean-100 cycling through it
+(60 utterances by 8 speakers, about four per sentence), dev/test drawn from it, but spoken by 4 + 4 speakers
+disjoint from train's as in LibriSpeech (their accents all occur in train). mini_counts.json of each corpus records the overlap ("sentences": test utterances whose sentence is
+in training, test words not in training).
 """
 import argparse
 import csv
@@ -22,12 +67,15 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from lobes.ctc_text import normalize_transcript
+from tools.sentence_banks import CLASS_POOLS, LIBRI, POOLS
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "MSP-Podcast"))
 from msp_podcast_prepare import LETTER_TO_EMOTION, MSP_CLASSES as EMOTIONS  # noqa: E402
 
-SENTENCES_FILE = Path(__file__).with_name("sentences.txt")
 README_NAME = "README_generated.txt"
 COUNTS_NAME = "mini_counts.json"
+META_NAME = "generation_meta.csv"  # per-utterance pool, sentence, voice and prosody (not part of the layout)
 
 CONSENSUS_COLUMNS = ["FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set"]
 DETAILED_COLUMNS = ["FileName", "EmoDetail"]
@@ -46,22 +94,30 @@ MSP_SPEAKERS = [
 UNKNOWN_SPEAKER_VOICE = "en-us-nyc+m2"
 UNKNOWN_SPEAKER_RATE = 0.05
 
-LIBRI_VOICES = ["en-us+m1", "en-gb+f1", "en-gb-x-rp+m4", "en-us+f5", "en-029+m5", "en-gb-scotland+f2",
-                "en-us-nyc+m6", "en-gb-x-gbclan+f4", "en-us+m8", "en-gb+f3", "en-029+m2", "en-us+f1"]
-
-# Prosody per class: espeak-ng pitch (0-99), speed (words/min), amplitude (0-200), word gap (x10 ms).
-PROSODY = {
-    "A": (62, 230, 170, 0),  # Anger: loud, fast, high
-    "C": (32, 165, 95, 2),   # Contempt: low, mid rate
-    "D": (22, 125, 150, 2),  # Disgust: low, slow, loud
-    "F": (78, 240, 55, 0),   # Fear: high, fast, quiet
-    "H": (82, 205, 125, 0),  # Happiness: high, fast
-    "N": (50, 170, 100, 0),  # Neutral: mid everything
-    "S": (18, 105, 50, 4),   # Sadness: low, slow, quiet, pauses
-    "U": (98, 185, 140, 1),  # Surprise: very high pitch
-    "O": (45, 180, 110, 0),
-    "X": (55, 175, 105, 1),
+# One speaker (2 chapters) per voice; splits are speaker-disjoint as in LibriSpeech. Training has twice as many
+# voices as dev/test, covering every accent that dev/test use, so that CTC can generalise to unseen speakers.
+LIBRI_VOICES = {
+    "train-clean-100": ["en-us+m1", "en-gb+f1", "en-gb-x-rp+m4", "en-us+f5", "en-029+m5", "en-gb-scotland+f2",
+                        "en-us-nyc+m6", "en-gb-x-gbclan+f4"],
+    "dev-clean": ["en-gb-x-rp+f2", "en-us-nyc+m7", "en-gb-scotland+m3", "en-029+f5"],
+    "test-clean": ["en-us+m8", "en-gb+f3", "en-029+m2", "en-us+f1"],
 }
+
+# Prosody patterns: espeak-ng pitch (0-99), speed (words/min), amplitude (0-200), word gap (x10 ms), and a sox
+# pitch shift (cents) that widens the F0 range beyond espeak-ng's. The models normalise each waveform to unit
+# variance, so amplitude is no cue for them: every pair the design separates by prosody differs in rate and F0.
+PATTERNS = {
+    "hot": (70, 240, 170, 0, 200),     # high, fastest, loud
+    "tense": (99, 150, 60, 0, 700),    # highest, slow-ish, quiet
+    "flat": (40, 180, 100, 0, 0),      # mid everything
+    "cold": (25, 135, 130, 2, -300),   # low, slow, firm, short pauses
+    "low": (10, 100, 50, 5, -300),     # lowest, slowest, quiet, long pauses
+    "other": (45, 180, 110, 0, 0),
+    "mixed": (55, 175, 105, 1, 0),
+}
+# Consensus letter -> prosody pattern (the design table is in the module docstring).
+CLASS_PATTERN = {"A": "hot", "H": "hot", "C": "cold", "D": "cold", "F": "tense", "U": "tense",
+                 "N": "flat", "S": "low", "O": "other", "X": "mixed"}
 # Mean (arousal, valence, dominance) on the 1-7 scale per consensus letter.
 ATTRIBUTES = {
     "A": (6.0, 2.0, 5.5), "C": (3.5, 2.8, 4.5), "D": (4.5, 2.2, 4.8), "F": (5.5, 2.5, 2.8),
@@ -78,9 +134,9 @@ N_VOTES = 5
 LABELLED = "ACDFHNSU"
 
 
-def load_sentences(path=SENTENCES_FILE):
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+def _pooled_bank(letter):
+    """The sentences one consensus letter draws from, each with its pool: [(pool, sentence)]."""
+    return [(pool, s) for pool in CLASS_POOLS[letter] for s in POOLS[pool]]
 
 
 def _libri_text(sentence):
@@ -103,8 +159,9 @@ def _synthesize(job):
            "-a", str(job["amp"]), "-g", str(job["gap"]), "-w", str(raw), job["text"]]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # -R (repeatable) and -D (no dither) keep sox output a pure function of its input.
+    shift = ["pitch", str(job["shift"])] if job["shift"] else []
     cmd = ["sox", "-R", "-D", str(raw), "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer", str(out),
-           "pad", "0.05", "0.05"]
+           *shift, "pad", "0.05", "0.05"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     raw.unlink()
 
@@ -117,13 +174,14 @@ def _run_jobs(jobs, workers):
             list(pool.map(_synthesize, jobs))
 
 
-def _prosody(rng, letter):
-    pitch, speed, amp, gap = PROSODY[letter]
+def _prosody(rng, pattern):
+    pitch, speed, amp, gap, shift = PATTERNS[pattern]
     return {
         "pitch": min(99, max(0, pitch + rng.randint(-4, 4))),
         "speed": int(round(speed * rng.uniform(0.94, 1.06))),
         "amp": int(round(amp * rng.uniform(0.92, 1.08))),
         "gap": gap,
+        "shift": shift,
     }
 
 
@@ -166,7 +224,18 @@ def _split_sizes(n):
     return {"Train": n_train, "Development": n_dev, "Test1": n - n_train - n_dev}
 
 
-def _plan_msp(rng, sentences, n_msp):
+def _cycle(rng, bank, n):
+    """n draws that go through ``bank`` in a fresh random order each round: every item recurs n // len(bank) or
+    one more times (the balanced repetition a tiny CTC model needs)."""
+    out = []
+    while len(out) < n:
+        order = list(bank)
+        rng.shuffle(order)
+        out += order
+    return out[:n]
+
+
+def _plan_msp(rng, n_msp):
     """All rows of labels_consensus.csv with their prosody, votes and transcript (no I/O)."""
     per_class = max(1, n_msp // len(LABELLED))
     n_extra = max(1, n_msp // 30)
@@ -193,7 +262,7 @@ def _plan_msp(rng, sentences, n_msp):
             "FileName": f"MSP-PODCAST_{podcast:04d}_{seg_counter[podcast]:04d}.wav",
             "EmoClass": letter, "EmoAct": _fmt_attr(act), "EmoVal": _fmt_attr(val), "EmoDom": _fmt_attr(dom),
             "SpkrID": spk, "Gender": gender, "Split_Set": split,
-            "_voice": voice, "_prosody": _prosody(rng, letter), "_sentence": rng.choice(sentences),
+            "_voice": voice, "_prosody": _prosody(rng, CLASS_PATTERN[letter]),
             "_votes": _votes(rng, letter), "_attrs": (act, val, dom),
         })
     rows.sort(key=lambda r: r["FileName"])
@@ -205,6 +274,19 @@ def _plan_msp(rng, sentences, n_msp):
     for i, r in enumerate(rows):
         r["_has_transcript"] = i not in no_transcript
         r["_has_detail"] = i not in no_detail
+    # Sentences: each class's Train rows cycle through its bank, transcribed rows first, so that every bank
+    # sentence is in the CTC training data once a class has as many transcribed Train rows as bank sentences.
+    # The other splits draw from the same bank (test sentences also occur in training; see the docstring).
+    for letter in sorted({r["EmoClass"] for r in rows}):
+        bank = _pooled_bank(letter)
+        train = sorted((r for r in rows if r["EmoClass"] == letter and r["Split_Set"] == "Train"),
+                       key=lambda r: not r["_has_transcript"])
+        for r, (pool, sentence) in zip(train, _cycle(rng, bank, len(train))):
+            r["_pool"], r["_sentence"] = pool, sentence
+        for r in rows:
+            if r["EmoClass"] == letter and r["Split_Set"] != "Train":
+                r["_pool"], r["_sentence"] = rng.choice(bank)
+    for r in rows:
         # Transcript files vary case and spacing so that normalisation is exercised.
         text = r["_sentence"]
         style = rng.random()
@@ -241,6 +323,27 @@ def _msp_counts(rows, seed, n_msp):
         "without_detailed_votes": sorted(r["FileName"][:-4] for r in rows if not r["_has_detail"]),
         "manifest": manifest_counts(lambda r: True),
         "manifest_transcript_only": manifest_counts(lambda r: r["_has_transcript"]),
+        # What the CTC recipe trains and tests on: labelled, transcribed Train and Test1 rows.
+        "sentences": _sentence_overlap(
+            [r["_sentence"] for r in rows if r["EmoClass"] in LABELLED and r["_has_transcript"]
+             and r["Split_Set"] == "Train"],
+            [r["_sentence"] for r in rows if r["EmoClass"] in LABELLED and r["_has_transcript"]
+             and r["Split_Set"] == "Test1"]),
+    }
+
+
+def _sentence_overlap(train, test):
+    """How much of the test text the training text already contains (recorded in mini_counts.json)."""
+    seen = set(train)
+
+    def words(sentences):
+        return {w for s in sentences for w in normalize_transcript(s).split()}
+
+    return {
+        "train_utterances": len(train), "train_distinct": len(seen), "train_vocabulary": len(words(train)),
+        "test_utterances": len(test), "test_distinct": len(set(test)),
+        "test_utterances_with_sentence_in_train": sum(s in seen for s in test),
+        "test_words_not_in_train": sorted(words(test) - words(train)),
     }
 
 
@@ -269,11 +372,20 @@ def _write_msp(stage, rows, counts, workers, rng):
         if r["_has_transcript"]:
             (stage / "Transcripts" / (r["FileName"][:-4] + ".txt")).write_text(r["_transcript"] + "\n",
                                                                                  encoding="utf-8")
+    with open(stage / META_NAME, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["FileName", "EmoClass", "Split_Set", "pool", "sentence", "pattern", "voice", "pitch", "speed",
+                    "amp", "gap", "shift_cents"])
+        for r in rows:
+            p = r["_prosody"]
+            w.writerow([r["FileName"], r["EmoClass"], r["Split_Set"], r["_pool"], r["_sentence"],
+                        CLASS_PATTERN[r["EmoClass"]], r["_voice"], p["pitch"], p["speed"], p["amp"], p["gap"],
+                        p["shift"]])
     jobs = [dict(out=stage / "Audios" / r["FileName"], voice=r["_voice"], text=r["_sentence"], **r["_prosody"])
             for r in rows]
     _run_jobs(jobs, workers)
     (stage / COUNTS_NAME).write_text(json.dumps(counts, indent=2) + "\n", encoding="utf-8")
-    m = counts["manifest"]
+    m, s = counts["manifest"], counts["sentences"]
     (stage / README_NAME).write_text(
         "Synthetic mini MSP-Podcast (v1.12 layout), generated by tools/make_mini_corpora.py with espeak-ng + sox.\n"
         "Not real speech data; for tests and smoke runs only.\n"
@@ -282,45 +394,55 @@ def _write_msp(stage, rows, counts, workers, rng):
         f"valid {m['valid']['total']}, test {m['test']['total']}\n"
         f"dropped O: {counts['dropped']['O']}, X: {counts['dropped']['X']}; Test2 rows: {counts['test2']}\n"
         f"rows without transcript: {len(counts['without_transcript'])}\n"
+        f"sentences: per-class banks and prosody patterns as in the docstring of tools/make_mini_corpora.py; "
+        f"transcribed Test1 utterances whose sentence is in transcribed Train: "
+        f"{s['test_utterances_with_sentence_in_train']} of {s['test_utterances']}\n"
+        f"per-utterance pool, sentence and prosody: {META_NAME}\n"
         f"expected counts: {COUNTS_NAME}\n", encoding="utf-8")
 
 
-def _write_libri(stage, rng, sentences, n_train, n_eval, workers, seed):
+def _write_libri(stage, rng, n_train, n_eval, workers, seed):
     sizes = {"train-clean-100": n_train, "dev-clean": n_eval, "test-clean": n_eval}
-    spk_ids = rng.sample(range(100, 9000), 4 * len(sizes))
-    voices = list(LIBRI_VOICES)
-    jobs, counts = [], {"seed": seed, "splits": {}}
-    for s, (split, n) in enumerate(sizes.items()):
-        chapters = []  # (speaker, chapter, voice): 4 speakers x 2 chapters
-        for k, spk in enumerate(spk_ids[4 * s: 4 * s + 4]):
+    spk_ids = iter(rng.sample(range(100, 9000), sum(len(v) for v in LIBRI_VOICES.values())))
+    jobs, counts, texts = [], {"seed": seed, "splits": {}}, {}
+    for split, n in sizes.items():
+        chapters = []  # (speaker, chapter, voice): 2 chapters per speaker
+        for voice in LIBRI_VOICES[split]:
+            spk = next(spk_ids)
             for chap in sorted(rng.sample(range(1000, 99999), 2)):
-                chapters.append((str(spk), str(chap), voices[(4 * s + k) % len(voices)]))
+                chapters.append((str(spk), str(chap), voice))
         per_chapter = Counter()
         trans = {}
-        for i in range(n):
+        # train-clean-100 cycles through the bank; dev/test draw from it (their speakers are unseen).
+        drawn = _cycle(rng, LIBRI, n) if split == "train-clean-100" else [rng.choice(LIBRI) for _ in range(n)]
+        texts[split] = drawn
+        for i, sentence in enumerate(drawn):
             spk, chap, voice = chapters[i % len(chapters)]
             utt = f"{spk}-{chap}-{per_chapter[(spk, chap)]:04d}"
             per_chapter[(spk, chap)] += 1
-            sentence = rng.choice(sentences)
             folder = stage / split / spk / chap
             folder.mkdir(parents=True, exist_ok=True)
             trans.setdefault(folder / f"{spk}-{chap}.trans.txt", []).append(f"{utt} {_libri_text(sentence)}")
-            jobs.append(dict(out=folder / f"{utt}.flac", voice=voice, text=sentence, **_prosody(rng, "N")))
+            jobs.append(dict(out=folder / f"{utt}.flac", voice=voice, text=sentence, **_prosody(rng, "flat")))
         for path, lines in trans.items():
             path.write_text("\n".join(sorted(lines)) + "\n", encoding="utf-8")
         first = sorted(trans)[0]
         counts["splits"][split] = {
-            "utterances": n, "speakers": len({c[0] for c in chapters}), "chapters": len(per_chapter),
+            "utterances": n, "speakers": len({spk for spk, _ in per_chapter}), "chapters": len(per_chapter),
             "example": dict(zip(("id", "wrd"), sorted(trans[first])[0].split(" ", 1))),
         }
+    counts["sentences"] = _sentence_overlap(texts["train-clean-100"], texts["test-clean"])
     _run_jobs(jobs, workers)
     (stage / COUNTS_NAME).write_text(json.dumps(counts, indent=2) + "\n", encoding="utf-8")
+    s = counts["sentences"]
     (stage / README_NAME).write_text(
         "Synthetic mini LibriSpeech, generated by tools/make_mini_corpora.py with espeak-ng + sox.\n"
         "Not real speech data; for tests and smoke runs only.\n"
         f"seed: {seed}\n" + "".join(f"{k}: {v['utterances']} utterances, {v['speakers']} speakers, "
                                     f"{v['chapters']} chapters\n" for k, v in counts["splits"].items())
-        + f"expected counts: {COUNTS_NAME}\n", encoding="utf-8")
+        + "text: the neutral pool 'libri' of tools/sentences.txt; test-clean utterances whose sentence is in "
+        f"train-clean-100: {s['test_utterances_with_sentence_in_train']} of {s['test_utterances']}\n"
+        f"expected counts: {COUNTS_NAME}\n", encoding="utf-8")
     return counts
 
 
@@ -332,12 +454,11 @@ def make_mini_corpora(msp_out=None, libri_out=None, seed=1234, n_msp=240, n_libr
     ``n_libri_eval``: dev-clean and test-clean utterances each.
     """
     _check_tools()
-    sentences = load_sentences()
     result = {}
     # Separate generators so that the MSP corpus does not depend on the LibriSpeech sizes and vice versa.
     if msp_out is not None:
         rng = random.Random(f"{seed}-msp")
-        rows = _plan_msp(rng, sentences, n_msp)
+        rows = _plan_msp(rng, n_msp)
         counts = _msp_counts(rows, seed, n_msp)
         out, stage = _prepare_out(msp_out)
         try:
@@ -350,7 +471,7 @@ def make_mini_corpora(msp_out=None, libri_out=None, seed=1234, n_msp=240, n_libr
         rng = random.Random(f"{seed}-libri")
         out, stage = _prepare_out(libri_out)
         try:
-            result["libri"] = _write_libri(stage, rng, sentences, n_libri, n_libri_eval, workers, seed)
+            result["libri"] = _write_libri(stage, rng, n_libri, n_libri_eval, workers, seed)
             _publish(stage, out)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
