@@ -7,7 +7,11 @@
   checkpoint, so NaN weights are never saved;
 - SER / ASR output collection, the ``metrics.json`` and ``predictions.csv`` writers used by every recipe's test
   stage; the class names come from the recipe's ``emotion_classes``;
-- checkpointing on the validation loss (best = lowest, the paper's selection rule).
+- checkpointing on the validation loss (best = lowest, the paper's selection rule);
+- multi-GPU semantics (``lobes.distributed``): ``batch_size`` is the global batch (micro-batch x
+  ``grad_accumulation_factor`` x GPUs, checked and logged at start); validation and test are sharded across
+  DDP ranks, outputs gathered back into single-process order and the stage loss is the sample-weighted mean
+  over all ranks, so metrics do not depend on the GPU count.
 """
 import logging
 import time
@@ -16,6 +20,7 @@ from pathlib import Path
 import speechbrain as sb
 import torch
 
+from lobes import distributed as D
 from lobes import metrics as M
 from lobes.errors import DataError
 
@@ -27,6 +32,16 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class ToolkitBrain(sb.Brain):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        h = vars(self.hparams) if getattr(self, "hparams", None) is not None else {}
+        if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
+            # SpeechBrain passes it to clip_grad_norm_, where a value <= 0 would zero or flip the gradients
+            raise DataError(f"max_grad_norm: {self.max_grad_norm!r} must be > 0 (.inf: no clipping)")
+        if "micro_batch_size" in h:  # a recipe with a global batch (HarmoniFuse keeps per-task batches)
+            self.batch_description = D.check_batch(h, self.grad_accumulation_factor)
+            logger.info(self.batch_description)
+
     # -- optimisation ------------------------------------------------------------------------------------
     def init_optimizers(self):
         backbone_opt = self.hparams.backbone_opt_class
@@ -65,6 +80,44 @@ class ToolkitBrain(sb.Brain):
                 f"{getattr(self.hparams.epoch_counter, 'current', '?')}; batch utterances: {', '.join(ids)}. "
                 "Training stopped before the optimizer step; no checkpoint was written for it.")
 
+    # -- sharded evaluation ------------------------------------------------------------------------------
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        """Validation / test loaders run this rank's share of the single-process batches (lobes.distributed)."""
+        if stage != sb.Stage.TRAIN and not isinstance(dataset, torch.utils.data.IterableDataset):
+            loader_kwargs, order = D.shard_batches(dataset, loader_kwargs)
+            self._eval_order = getattr(self, "_eval_order", {})
+            self._eval_order[stage] = order
+        return super().make_dataloader(dataset, stage, ckpt_prefix=ckpt_prefix, **loader_kwargs)
+
+    def evaluate_batch(self, batch, stage):
+        loss = super().evaluate_batch(batch, stage)
+        n = len(batch.id) if hasattr(batch, "id") else 1
+        self._eval_loss_sum += float(loss) * n  # the stage loss is a sample-weighted mean (equal for any sharding)
+        self._eval_count += n
+        return loss
+
+    def sync_outputs(self):
+        """Once per stage, on every rank: all ranks' SER / ASR outputs, in single-process order."""
+        if self._synced or not D.is_distributed() or self._stage == sb.Stage.TRAIN:
+            return
+        if self._stage not in getattr(self, "_eval_order", {}):
+            # a DataLoader built by the recipe (HarmoniFuse's interleaved loaders): every rank ran all of it
+            logger.warning("%s loader was not sharded (built outside make_dataloader): outputs not gathered",
+                           self._stage.name)
+            return
+        self._synced = True
+        order = self._eval_order[self._stage]
+        self.ser_out = D.gather_rows(self.ser_out, order)
+        self.asr_out = D.gather_rows(self.asr_out, order)
+
+    def stage_loss(self, stage, stage_loss):
+        """Validation / test on a loader sharded by ``make_dataloader``: the sample-weighted mean of the batch
+        losses over all ranks' utterances, in place of SpeechBrain's per-rank batch average. A stage whose loader
+        the recipe built itself (HarmoniFuse: its own task-combined loss) keeps the loss it passes."""
+        if stage == sb.Stage.TRAIN or stage not in getattr(self, "_eval_order", {}):
+            return stage_loss
+        return D.weighted_mean(self._eval_loss_sum, self._eval_count)
+
     # -- output collection -------------------------------------------------------------------------------
     @property
     def classes(self):
@@ -90,6 +143,7 @@ class ToolkitBrain(sb.Brain):
         self.asr_out["hyps"] += list(hyps)
 
     def ser_stats(self, with_ci=False):
+        self.sync_outputs()
         if not self.ser_out["true"]:
             return {}
         if not with_ci:
@@ -101,11 +155,14 @@ class ToolkitBrain(sb.Brain):
                             num_bootstraps=h.num_bootstraps, n_classes=len(self.classes), seed=h.seed)
 
     def asr_wer(self):
+        self.sync_outputs()
         return M.wer(self.asr_out["refs"], self.asr_out["hyps"]) if self.asr_out["refs"] else None
 
     # -- stage ends ----------------------------------------------------------------------------------------
     def on_stage_start(self, stage, epoch=None):
         self.reset_outputs()
+        self._stage, self._synced = stage, False
+        self._eval_loss_sum, self._eval_count = 0.0, 0
         self._stage_t0 = time.perf_counter()
 
     def stage_stats(self):
@@ -125,6 +182,8 @@ class ToolkitBrain(sb.Brain):
 
     def log_and_checkpoint(self, stage, stage_loss, epoch, stats):
         """Validation: log and keep the checkpoint with the lowest validation loss."""
+        self.sync_outputs()
+        stage_loss = self.stage_loss(stage, stage_loss)
         stats = {"loss": stage_loss, **stats}
         if getattr(self, "_stage_t0", None) is not None:  # wall seconds of the stage, in train_log.txt
             stats["time_s"] = round(time.perf_counter() - self._stage_t0, 3)
@@ -139,6 +198,8 @@ class ToolkitBrain(sb.Brain):
 
     def write_test_metrics(self, stage_loss, extra=None):
         """Test stage: metrics with 95% CIs (and WER) to ``<output_folder>/metrics.json`` (rank 0 only)."""
+        self.sync_outputs()
+        stage_loss = self.stage_loss(sb.Stage.TEST, stage_loss)
         out = {"experiment": Path(self.hparams.output_folder).name, "test_loss": float(stage_loss)}
         for key in ("table_rows", "part", "row", "order"):
             if getattr(self.hparams, key, None) is not None:
@@ -149,6 +210,8 @@ class ToolkitBrain(sb.Brain):
         w = self.asr_wer()
         if w is not None:
             out["wer"] = w
+            # the same hypotheses scored after Whisper's English normaliser, as ASR papers report it
+            out["wer_whisper_norm"] = M.wer_whisper_norm(self.asr_out["refs"], self.asr_out["hyps"])
             out["asr_examples"] = [{"id": i, "ref": r, "hyp": h} for i, r, h in
                                    list(zip(*self.asr_out.values()))[:5]]
         out.update(extra or {})

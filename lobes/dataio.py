@@ -6,8 +6,8 @@ Manifest keys are documented in docs/DESIGN.md. Pipelines:
   the recipe's class list (``emotion_classes`` in its YAML; nothing here knows a corpus's classes);
 - ``wrd``, ``tokens``    : normalised transcript and its CTC character indices.
 
-Dynamic batching groups utterances of similar duration into batches of at most ``max_batch_length`` seconds
-(SpeechBrain's ``DynamicBatchSampler``), so long podcast turns do not run out of memory and little of a batch
+Dynamic batching groups utterances of similar duration into per-GPU batches of at most ``micro_batch_length``
+seconds (``max_batch_length`` is the global seconds per optimizer step; ``lobes.distributed``) (SpeechBrain's ``DynamicBatchSampler``), so long podcast turns do not run out of memory and little of a batch
 is padding; see ``padding_share`` to measure it.
 """
 import json
@@ -20,6 +20,7 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 
 from lobes import ctc_text
 from lobes.audio import read_audio
+from lobes.distributed import micro_batch
 from lobes.errors import DataError
 
 
@@ -120,11 +121,15 @@ def class_counts(manifest, classes):
 
 
 def loader_kwargs(hparams, dataset, train):
-    """DataLoader kwargs: a ``DynamicBatchSampler`` when ``dynamic_batching`` is on, else fixed batches."""
+    """DataLoader kwargs of one GPU's micro-batches: a ``DynamicBatchSampler`` of at most ``micro_batch_length``
+    seconds when ``dynamic_batching`` is on, else ``micro_batch_size`` utterances (``batch_size`` and
+    ``max_batch_length`` are global per optimizer step: ``lobes.distributed``). Under DDP, SpeechBrain gives each
+    rank its share of the training batches; ``ToolkitBrain.make_dataloader`` shards validation and test."""
+    micro = micro_batch(hparams)
     if hparams["dynamic_batching"]:
         sampler = DynamicBatchSampler(
             dataset,
-            max_batch_length=hparams["max_batch_length"],
+            max_batch_length=micro,
             num_buckets=hparams["num_buckets"],
             length_func=lambda x: x["duration"],
             shuffle=train,
@@ -132,7 +137,7 @@ def loader_kwargs(hparams, dataset, train):
             max_batch_ex=hparams["max_batch_ex"],
         )
         return {"batch_sampler": sampler, "num_workers": hparams["num_workers"]}
-    return {"batch_size": hparams["batch_size"], "shuffle": train and hparams["sorting"] == "random",
+    return {"batch_size": micro, "shuffle": train and hparams["sorting"] == "random",
             "num_workers": hparams["num_workers"]}
 
 

@@ -11,7 +11,6 @@ norm (WavLM-Large) the final encoder layer norm is applied to index L only.
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from transformers import WavLMConfig, WavLMModel
 
 from lobes.errors import DataError
@@ -106,9 +105,17 @@ class WavLMEncoder(torch.nn.Module):
         self.freeze = freeze
         if freeze:
             self.model.requires_grad_(False)
-        elif freeze_feature_extractor:
-            # The CNN is kept frozen during fine-tuning, as in wav2vec2/WavLM CTC recipes.
-            self.model.feature_extractor.requires_grad_(False)
+        if freeze or freeze_feature_extractor:
+            # The CNN is kept frozen during fine-tuning, as in wav2vec2/WavLM CTC recipes. HF's
+            # freeze_feature_encoder also clears the encoder's _requires_grad flag: with requires_grad_(False)
+            # alone, WavLMFeatureEncoder marks its input as requiring grad in train mode, so autograd still
+            # records the CNN and saves its activations (about 0.1 GB per second of audio at WavLM-Large
+            # shape; benchmarks/RESULTS.md "CNN freeze").
+            self.model.freeze_feature_encoder()
+        spec_embed = getattr(self.model, "masked_spec_embed", None)
+        if spec_embed is not None and not self.model.config.apply_spec_augment:
+            # only SpecAugment reads it: a trainable parameter without a gradient stops DDP at the second step
+            spec_embed.requires_grad_(False)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -33,7 +33,7 @@ class SERBrain(ToolkitBrain):
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TEST:
-            self.write_test_metrics(stage_loss, {"alphas": self.modules.weighted_sum.alpha().tolist()})
+            self.write_test_metrics(stage_loss, {"alphas": self.hparams.weighted_sum.alpha().tolist()})  # not the DDP wrapper
         else:
             self.log_and_checkpoint(stage, stage_loss, epoch, self.stage_stats() if stage != sb.Stage.TRAIN else {})
 
