@@ -35,7 +35,7 @@ rows="single_task_asr_layer12 single_task_asr_layer24 single_task_ser_layer12 si
 single_task_ser fixed_layer_12 fixed_layer_24 static_encoder_fusion static_lm_fusion full soft_prompts channel_gate lm_frozen lm_full"  # rows (hparams/rows)
 seed=1986                   # seed of every run
 train_args=""               # extra overrides for every row (e.g. "--number_of_epochs=5 --lr=0.0002")
-mini_lm_args=""             # --mini true: LM settings of the non-lm_* rows (set by --mini; empty = the rows' own)
+mini_lm_args=""             # LM overrides for every row but lm_* (--mini true sets the whole LM trainable)
 
 . "${root}/tools/recipe_lib.sh"   # parses the options above; defines log, launch, ${py}
 extra=("$@")                # passed to every train.py
