@@ -38,7 +38,8 @@ from lobes.io_utils import atomic_write
 from lobes.metrics import metrics_from_confusion, read_metrics
 
 N_FOLDS = 5
-METRICS = {"ua": ("test", "uar"), "wa": ("test", "accuracy"), "macro_f1": ("test", "macro_f1"), "wer": (None, "wer")}
+METRICS = {"ua": ("test", "uar"), "wa": ("test", "accuracy"), "macro_f1": ("test", "macro_f1"), "wer": (None, "wer"),
+           "wer_norm": (None, "wer_whisper_norm")}  # WER after Whisper's English normaliser: CSV / JSON only
 CONFIDENCE = 0.95
 
 

@@ -41,7 +41,7 @@ class SERBrain(ToolkitBrain):
                                            self.stage_stats() if stage != sb.Stage.TRAIN else {})
         h = self.hparams
         out = self.write_test_metrics(stage_loss, {"experiment": h.experiment, "fold": h.fold,
-                                                   "alphas": self.modules.weighted_sum.alpha().tolist()})
+                                                   "alphas": h.weighted_sum.alpha().tolist()})  # not the DDP wrapper
         if sb.utils.distributed.if_main_process():
             plots.plot_confusion(out["test"]["confusion"], self.classes, Path(h.output_folder) / "confusion.png",
                                  title=f"{h.experiment}, fold {h.fold} (test Session {h.fold})")
