@@ -60,7 +60,7 @@ class ToolkitBrain(sb.Brain):
                 (backbone if id(p) in backbone_ids and backbone_opt is not None else head).append(p)
         self.optimizers_dict = {}
         if head:
-            self.optimizer = self.opt_class(head)
+            self.optimizer = self.opt_class(self.head_param_groups(head))
             self.optimizers_dict["opt_class"] = self.optimizer
         if backbone:
             self.backbone_optimizer = backbone_opt(backbone)
@@ -68,6 +68,10 @@ class ToolkitBrain(sb.Brain):
         if self.checkpointer is not None:
             for name, opt in self.optimizers_dict.items():
                 self.checkpointer.add_recoverable(name, opt)
+
+    def head_param_groups(self, params):
+        """What ``opt_class`` is given: the trainable non-backbone parameters, or a recipe's param groups."""
+        return params
 
     def on_fit_batch_start(self, batch, should_step):
         self._batch_ids = list(getattr(batch, "id", []))
