@@ -29,7 +29,7 @@ from pathlib import Path
 
 import speechbrain as sb
 import torch
-from speechbrain.nnet.schedulers import LinearWarmupScheduler, NewBobScheduler, update_learning_rate
+from speechbrain.nnet.schedulers import LinearWarmupScheduler, NewBobScheduler
 
 from lobes import distributed as D
 from lobes import metrics as M
@@ -153,7 +153,7 @@ class ToolkitBrain(sb.Brain):
         for name, sched in self.lr_schedulers.items():
             if isinstance(sched, NewBobScheduler):
                 _, new_lr = sched(valid_loss)
-                update_learning_rate(self.optimizers_dict[name], new_lr)
+                sb.nnet.schedulers.update_learning_rate(self.optimizers_dict[name], new_lr)
 
     def current_lrs(self):
         """{"lr": head learning rate, "lr_backbone": backbone learning rate} of the existing optimizers."""
@@ -190,9 +190,10 @@ class ToolkitBrain(sb.Brain):
                         k: step - 1 for k in (stats.get(f"{stage}_stats") or {})}
             lg.log_stats(stats_meta=stats_meta, **stats)
 
-    def fit(self, epoch_counter, train_set, valid_set=None, progressbar=None, train_loader_kwargs={},
-            valid_loader_kwargs={}):
+    def fit(self, epoch_counter, train_set, valid_set=None, progressbar=None, train_loader_kwargs=None,
+            valid_loader_kwargs=None):
         """SpeechBrain's fit, with the schedules sized from the training loader and the curves plotted after."""
+        train_loader_kwargs, valid_loader_kwargs = train_loader_kwargs or {}, valid_loader_kwargs or {}
         if not isinstance(train_set, (torch.utils.data.DataLoader, sb.dataio.dataloader.LoopedLoader)):
             train_set = self.make_dataloader(train_set, stage=sb.Stage.TRAIN, **train_loader_kwargs)
         if getattr(self.hparams, "lr_schedulers", None):

@@ -195,7 +195,7 @@ def _read_train_log(path):
         values = {}
         for part in line.split(" - "):
             for item in part.split(", "):
-                key, sep, val = item.rpartition(": ")
+                key, _, val = item.rpartition(": ")
                 try:
                     values[key] = float(val)
                 except ValueError:

@@ -120,9 +120,9 @@ class WavLMEncoder(torch.nn.Module):
                  gradient_checkpointing=False, cache_dir=None, apply_spec_augment=False, mask_time_prob=0.0,
                  mask_time_length=10, mask_feature_prob=0.0, mask_feature_length=10, layerdrop=0.0):
         super().__init__()
-        augment = dict(apply_spec_augment=apply_spec_augment, mask_time_prob=mask_time_prob,
-                       mask_time_length=mask_time_length, mask_feature_prob=mask_feature_prob,
-                       mask_feature_length=mask_feature_length, layerdrop=layerdrop)
+        augment = {"apply_spec_augment": apply_spec_augment, "mask_time_prob": mask_time_prob,
+                   "mask_time_length": mask_time_length, "mask_feature_prob": mask_feature_prob,
+                   "mask_feature_length": mask_feature_length, "layerdrop": layerdrop}
         for k in ("mask_time_prob", "mask_feature_prob", "layerdrop"):
             if not 0.0 <= augment[k] < 1.0:
                 raise DataError(f"{k}: {augment[k]!r} must be in [0, 1)")
