@@ -31,6 +31,10 @@ def load_wavlm(source, cache_dir=None, layerdrop=0.0, apply_spec_augment=False, 
         raise DataError(f"wavlm_source '{source}' is neither a local WavLM directory nor a reachable hub id: {e}")
     config.layerdrop = layerdrop
     config.apply_spec_augment = apply_spec_augment
+    if not hasattr(config, "mask_feature_min_masks"):
+        # HF WavLMModel reads it for channel masking, but WavLMConfig (transformers 4.57) lacks the field, so
+        # mask_feature_prob > 0 raised AttributeError; 0 is Wav2Vec2Config's default
+        config.mask_feature_min_masks = 0
     for k, v in config_overrides.items():
         setattr(config, k, v)
     return WavLMModel.from_pretrained(source, config=config, cache_dir=cache_dir,
