@@ -137,6 +137,11 @@ class WavLMEncoder(torch.nn.Module):
         # Parameters the source checkpoint lacks (masked_spec_embed of a checkpoint saved without masking):
         # used only by train-time masking; the export leaves them out so W_ft has exactly W_base's keys.
         self.training_only_keys = sorted(info.get("missing_keys", []))
+        if "masked_spec_embed" in self.training_only_keys:
+            # from_pretrained leaves a parameter the checkpoint lacks uninitialised (WavLM's _init_weights skips
+            # it): garbage up to 1e38 and a NaN loss at the first masked step. U[0, 1) as HF's own __init__.
+            with torch.no_grad():
+                self.model.masked_spec_embed.uniform_()
         self.normalize_wav = normalize_wav
         self.freeze = freeze
         if freeze:

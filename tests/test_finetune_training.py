@@ -236,6 +236,8 @@ def test_masking_follows_hf_in_train_mode_only_and_never_for_a_frozen_backbone(t
     enc = WavLMEncoder(str(tiny_wavlm), **MASKING)
     assert enc.training_only_keys == ["masked_spec_embed"]  # the tiny checkpoint has none: left out of exports
     assert "masked_spec_embed" not in enc.export_state()
+    emb = enc.model.masked_spec_embed  # initialised (from_pretrained left it as raw memory: NaN losses)
+    assert emb.shape == (enc.hidden_size,) and bool(((emb >= 0) & (emb < 1)).all())
     enc.train()
     np.random.seed(7)
     frames, channels = _masked(enc, _encoder_input(enc, wavs, lens))
