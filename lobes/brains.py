@@ -357,6 +357,8 @@ class ToolkitBrain(sb.Brain):
         w = self.asr_wer()
         if w is not None:
             out["wer"] = w
+            # the same hypotheses scored after Whisper's English normaliser, as ASR papers report it
+            out["wer_whisper_norm"] = M.wer_whisper_norm(self.asr_out["refs"], self.asr_out["hyps"])
             out["asr_examples"] = [{"id": i, "ref": r, "hyp": h} for i, r, h in
                                    list(zip(*self.asr_out.values()))[:5]]
         out.update(extra or {})

@@ -4,11 +4,17 @@ import math
 import pytest
 import torch
 
-from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
-EMOTIONS = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
 from lobes.errors import DataError
+from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
 from lobes.harmonifuse.gated_encoder_fusion import GatedEncoderFusion
-from lobes.harmonifuse.speech_lm import CharTokenizer, SpeechAdapter, SpeechLM, to_frame_mask
+from lobes.harmonifuse.speech_lm import (
+    CharTokenizer,
+    SpeechAdapter,
+    SpeechLM,
+    to_frame_mask,
+)
+
+EMOTIONS = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
 
 
 # ------------------------------------------------------------------------------------ gated encoder fusion
@@ -199,28 +205,81 @@ class ToyEncoder(torch.nn.Module):
 
 
 def test_speech_lm_last_fusion_equals_plain_lm(tiny_dirs):
-    """lm_fusion='last': logits are exactly the LM's own logits on [BOS][prompt][speech][target]."""
+    """lm_fusion='last': logits are exactly the LM's own logits on [BOS][prompt words][speech][target]."""
     torch.manual_seed(0)
     m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_fusion="last").eval()
+    assert m.lm_fusion.layer_bias is None and not list(m.lm_fusion.parameters())  # nothing DDP could miss
     wavs, lens = torch.randn(1, 800), torch.tensor([1.0])
     out = m(wavs, lens, "asr", ["HI"])
     speech, smask = m.encode_speech(wavs, lens, "asr")
     assert smask.sum().item() == 3  # 10 frames stacked by 4 -> ceil(10/4)
     tok = m.tokenizer
+    prompt_ids = tok.encode("Transcribe the audio.")
+    assert m.prompt_ids["asr"] == prompt_ids and len(prompt_ids) == 21 and m.prompts is None
     prefix = m._prefixes(speech, smask, "asr")[0]
-    assert prefix.shape[0] == 1 + 4 + 3  # BOS + 4 prompt vectors + 3 speech vectors
-    seq = torch.cat([prefix, m.lm.get_input_embeddings()(torch.tensor(tok.encode("HI")))])[None]
-    ref = m.lm(inputs_embeds=seq).logits[0, 7:10]  # positions K-1.. predict 'H', 'I', EOS
+    K = 1 + 21 + 3  # BOS + the prompt's 21 character tokens + 3 speech vectors
+    assert prefix.shape[0] == K
+    emb = m.lm.get_input_embeddings()
+    # the text prompt reaches the LM as the token embeddings of its words, right after BOS
+    assert torch.equal(prefix[: 1 + 21], emb(torch.tensor([tok.bos_token_id] + prompt_ids)))
+    seq = torch.cat([prefix, emb(torch.tensor(tok.encode("HI")))])[None]
+    ref = m.lm(inputs_embeds=seq).logits[0, K - 1:K + 2]  # positions K-1.. predict 'H', 'I', EOS
     assert torch.allclose(out.logits[0], ref, atol=1e-5)
     assert out.target_ids[0].tolist() == tok.encode("HI") + [tok.eos_token_id]
     expected_loss = torch.nn.functional.cross_entropy(ref, out.target_ids[0])
     assert torch.allclose(out.loss, expected_loss, atol=1e-5)
+    # the SER prompt differs: another instruction, other tokens
+    assert m.prompt_ids["ser"] == tok.encode("Which emotion does the speaker express?")
+
+
+def test_soft_prompts_are_learned_vectors(tiny_dirs):
+    torch.manual_seed(0)
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), prompt_mode="soft", num_prompt_tokens=3).eval()
+    assert m.prompts.shape == (2, 3, 32) and m.prompt_ids == {}
+    speech, smask = m.encode_speech(torch.randn(1, 800), torch.tensor([1.0]), "ser")
+    prefix = m._prefixes(speech, smask, "ser")[0]
+    assert prefix.shape[0] == 1 + 3 + 3 and torch.equal(prefix[1:4], m.prompts[1])
+    with pytest.raises(DataError, match="task_prompts needs an instruction text for task\\(s\\) \\['ser'\\]"):
+        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), task_prompts={"asr": "Transcribe."})
+
+
+def test_chunked_loss_equals_the_full_loss_and_its_gradients(tiny_dirs):
+    torch.manual_seed(0)
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="full").train()
+    wavs, lens, tg = torch.randn(2, 1600), torch.tensor([1.0, 0.6]), ["HELLO THERE", "OK"]
+    grads = []
+    for chunk in (None, 5):
+        m.loss_chunk_size = chunk
+        m.zero_grad()
+        out = m(wavs, lens, "asr", tg)
+        out.loss.backward()
+        grads.append((out.loss.detach(), out.logits, {n: p.grad.clone() for n, p in m.named_parameters()
+                                                      if p.grad is not None}))
+    (full, logits, g_full), (chunked, no_logits, g_chunk) = grads
+    assert logits.shape == (2, 12, 64) and no_logits is None  # 15 target tokens in 3 chunks of 5: never [2, 12, 64]
+    assert torch.allclose(full, chunked, atol=1e-6)
+    assert g_full.keys() == g_chunk.keys() and "lm.lm_head.weight" in g_full or "lm.model.embed_tokens.weight" in g_full
+    for n in g_full:
+        assert torch.allclose(g_full[n], g_chunk[n], atol=1e-5), n
+    with pytest.raises(DataError, match="loss_chunk_size"):
+        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), loss_chunk_size=0)
+
+
+def test_logits_are_built_only_at_target_positions(tiny_dirs):
+    """lm_head sees [B, N, D] (N = longest target + EOS), never the [B, S, D] sequence."""
+    torch.manual_seed(0)
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1])).eval()
+    seen = []
+    m.lm.get_output_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    out = m(torch.randn(2, 1600), torch.tensor([1.0, 0.5]), "asr", ["HELLO", "OK"])
+    assert seen == [(2, 6, 32)]  # "HELLO" + EOS; the sequence is 1 + 21 + 5 + 5 = 32 positions long
+    assert out.logits.shape == (2, 6, 64)
 
 
 def test_speech_lm_batch_padding_invariance(tiny_dirs):
     """A padded batch gives each utterance the same loss terms as running it alone."""
     torch.manual_seed(0)
-    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1])).eval()
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), encoder_gate="channel").eval()
     torch.nn.init.normal_(m.lm_fusion.ffn[2].weight)  # make α input-dependent
     wavs = torch.randn(2, 1600)
     lens = torch.tensor([1.0, 0.5])
@@ -235,11 +294,63 @@ def test_speech_lm_batch_padding_invariance(tiny_dirs):
     assert (out.target_ids[1, 3:] == -100).all()  # "OK" + EOS = 3 tokens
 
 
+def reference_greedy(m, wavs, lens, task, max_len):
+    """The hand-written greedy loop that SpeechLM.generate used before transformers' generate (the reference)."""
+    from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
+    from lobes.harmonifuse.speech_lm import final_norm
+
+    def lm_states(embeds, attn_mask, **kwargs):
+        pos = (attn_mask.long().cumsum(1) - 1).clamp(min=0)
+        if "past_key_values" in kwargs:
+            pos = pos[:, -embeds.shape[1]:]
+        out = m.lm(inputs_embeds=embeds, attention_mask=attn_mask.long(), position_ids=pos,
+                   output_hidden_states=True, **kwargs)
+        hs = out.hidden_states[1:]
+        norm = final_norm(m.lm)
+        return torch.stack([norm(h) for h in hs[:-1]] + [hs[-1]]), out
+
+    with torch.no_grad():
+        speech, smask = m.encode_speech(wavs, lens, task)
+        embeds, attn = m._pad_left(m._prefixes(speech, smask, task))
+        states, out = lm_states(embeds, attn, use_cache=True)
+        alpha = m.lm_fusion.layer_weights(states, task, attn)
+        head, eos, B = m.lm.get_output_embeddings(), m.tokenizer.eos_token_id, embeds.shape[0]
+        done = torch.zeros(B, dtype=torch.bool)
+        result = [[] for _ in range(B)]
+        last = PromptAdaptiveFusion.fuse(states[:, :, -1:], alpha)
+        past = out.past_key_values
+        for _ in range(max_len):
+            tok = head(last[:, -1]).argmax(-1)
+            for b in range(B):
+                if not done[b] and tok[b].item() != eos:
+                    result[b].append(tok[b].item())
+            done |= tok == eos
+            if bool(done.all()):
+                break
+            attn = torch.cat([attn, torch.ones(B, 1, dtype=torch.bool)], dim=1)
+            states, out = lm_states(m.lm.get_input_embeddings()(tok[:, None]), attn, past_key_values=past,
+                                    use_cache=True)
+            past = out.past_key_values
+            last = PromptAdaptiveFusion.fuse(states, alpha)
+    return [m.tokenizer.decode(r) for r in result]
+
+
 def test_speech_lm_wavlm_overfits_and_generates(tiny_dirs):
     from lobes.wavlm_encoder import WavLMEncoder
     torch.manual_seed(0)
-    m = SpeechLM(WavLMEncoder(str(tiny_dirs[0]), freeze=True), str(tiny_dirs[1]), freeze_lm=False)
+    # soft prompts: the tiny random LM separates the tasks within 60 steps with them (text prompts: 1 of 4 wrong)
+    m = SpeechLM(WavLMEncoder(str(tiny_dirs[0]), freeze=True), str(tiny_dirs[1]), lm_mode="full",
+                 prompt_mode="soft")
     wavs, lens = torch.randn(2, 8000), torch.tensor([1.0, 0.7])
+    # untrained: long random outputs of different lengths, a demanding comparison with the old greedy loop
+    torch.nn.init.normal_(m.lm_fusion.ffn[2].weight)  # input-dependent α
+    m.eval()
+    untrained = m.generate(wavs, lens, "asr", max_len=15)
+    assert untrained == reference_greedy(m, wavs, lens, "asr", 15)
+    assert sum(len(h) for h in untrained) > 10
+    with torch.no_grad():
+        m.lm_fusion.ffn[2].weight.zero_()  # back to the init the training below was tuned with
+    m.train()
     targets = {"asr": ["HELLO", "WORLD"], "ser": ["Anger", "Sadness"]}
     first = {t: m(wavs, lens, t, targets[t]).loss.item() for t in targets}
     assert all(math.isfinite(v) for v in first.values())
@@ -255,8 +366,9 @@ def test_speech_lm_wavlm_overfits_and_generates(tiny_dirs):
         last = {t: m(wavs, lens, t, targets[t]).loss.item() for t in targets}
     for t in targets:
         assert last[t] < 0.5 * first[t], (t, first[t], last[t])
-    assert m.generate(wavs, lens, "asr", max_len=12) == ["HELLO", "WORLD"]
-    assert m.generate(wavs, lens, "ser", max_len=12) == ["Anger", "Sadness"]
+    for t in targets:
+        assert m.generate(wavs, lens, t, max_len=12) == targets[t] == reference_greedy(m, wavs, lens, t, 12)
+        assert m.generate(wavs, lens, t, max_len=12, num_beams=3) == targets[t]
     fw = m.fusion_weights("ser")
     for key in ("encoder", "lm_static", "lm_dynamic_mean"):
         assert abs(fw[key].sum().item() - 1) < 1e-5 and (fw[key] >= 0).all()
@@ -265,9 +377,158 @@ def test_speech_lm_wavlm_overfits_and_generates(tiny_dirs):
     assert m.fusion_weights("asr")["lm_dynamic_mean"] is None
 
 
+def _markov_lm(m, rows, start, d=32):
+    """Make m's LM a first-order Markov chain: every layer adds nothing (o_proj, down_proj = 0), so the final
+    state is RMSNorm(embedding of the last input) and logits = W_head · that. Token i (or the start vector)
+    gets basis direction e_i; column i of lm_head holds log-probabilities / sqrt(d), so next-token
+    log-probabilities after token i are exactly rows[i] (dict token -> prob; the rest gets ~0)."""
+    lm = m.lm
+    with torch.no_grad():
+        for layer in lm.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        lm.model.norm.weight.fill_(1.0)
+        emb = torch.zeros(lm.config.vocab_size, d)
+        head = torch.full((lm.config.vocab_size, d), 0.0)
+        for col, (src, probs) in enumerate(rows.items()):
+            if src != "start":
+                emb[src, col] = 1.0
+            logp = torch.full((lm.config.vocab_size,), -30.0)
+            for tok, p in probs.items():
+                logp[tok] = math.log(p)
+            head[:, col] = logp / math.sqrt(d)
+        lm.model.embed_tokens = torch.nn.Embedding.from_pretrained(emb, freeze=True)
+        lm.lm_head = torch.nn.Linear(d, lm.config.vocab_size, bias=False)
+        lm.lm_head.weight.copy_(head)
+        lm.config.tie_word_embeddings = False
+    return torch.eye(d)[list(rows).index("start")]
+
+
+def test_beam_search_returns_the_best_scoring_hypothesis(tiny_dirs):
+    """Greedy takes the locally best first token; beam search finds the sequence of highest total probability."""
+    torch.manual_seed(0)
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1])).eval()
+    tok = m.tokenizer
+    A, B, C, D, E = (tok.index[c] for c in "ABCDE")
+    eos = tok.eos_token_id
+    # P(A)=.6, P(B)=.4; after A the best is EOS (.3), after B EOS (.95).
+    # Greedy: "A" (.6 x .3 = .18). Best sequence: "B" (.4 x .95 = .38); all others <= .6 x .25 = .15.
+    rows = {"start": {A: 0.6, B: 0.4}, A: {eos: 0.3, C: 0.25, D: 0.25, E: 0.2}, B: {eos: 0.95, C: 0.05},
+            C: {eos: 1.0}, D: {eos: 1.0}, E: {eos: 1.0}}
+    start = _markov_lm(m, rows, "start")
+    # batch of 2: the second prefix is longer and ends in token C (then EOS for sure): checks left padding
+    p1 = torch.randn(3, 32)
+    p1[-1] = start
+    p2 = torch.randn(5, 32)
+    p2[-1] = m.lm.get_input_embeddings().weight[C]
+    assert m.generate_from_prefixes([p1, p2], "asr", max_len=5) == ["A", ""]
+    best = m.generate_from_prefixes([p1, p2], "asr", max_len=5, num_beams=2, length_penalty=0.0)
+    assert best == ["B", ""]
+    # exhaustive check of the claim "B is the best" over all sequences up to 3 tokens of the chain
+    def prob(seq):
+        p, state = 1.0, "start"
+        for t in seq + [eos]:
+            p *= rows[state].get(t, 0.0)
+            state = t
+        return p
+    alphabet = [A, B, C, D, E]
+    seqs = [[x] for x in alphabet] + [[x, y] for x in alphabet for y in alphabet]
+    assert max(seqs, key=prob) == [B] and prob([B]) == pytest.approx(0.38)
+
+
+def test_lora_wraps_target_modules_and_only_adapters_and_new_parts_train(tiny_dirs):
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="lora", lm_peft_config=cfg)
+    wrapped = sorted(n for n, mod in m.lm.named_modules() if isinstance(mod, LoraLayer))
+    assert wrapped == sorted(f"base_model.model.model.layers.{i}.self_attn.{p}" for i in range(4)
+                             for p in ("q_proj", "v_proj"))
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if n.startswith("lm.")}
+    assert len(lora) == 4 * 2 * 2 and all(".lora_A." in n or ".lora_B." in n for n in lora)
+    assert {n.split(".")[0] for n in trainable - lora} == {"encoder", "encoder_fusion", "adapter", "lm_fusion"}
+    base_before = {n: p.detach().clone() for n, p in m.lm.named_parameters() if not p.requires_grad}
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    wavs, lens = torch.randn(2, 1600), torch.tensor([1.0, 0.8])
+    for task, tg in (("asr", ["AB", "CD"]), ("ser", ["Fear", "Joy"])):
+        opt.zero_grad()
+        m(wavs, lens, task, tg).loss.backward()
+        # every trainable parameter gets a gradient from every task's batch (DDP needs no unused-parameter search)
+        assert [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None] == []
+        opt.step()
+    assert all(torch.equal(p, base_before[n]) for n, p in m.lm.named_parameters() if not p.requires_grad)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in m.lm.named_parameters() if "lora_B" in n)
+    m.eval()
+    assert all(isinstance(h, str) for h in m.generate(wavs, lens, "asr", max_len=4))
+    with pytest.raises(DataError, match="lm_peft_config"):
+        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="lora")
+
+
+def test_other_peft_adapters_plug_in_through_lm_peft_config(tiny_dirs):
+    """IA3 and DoRA configs work as lm_peft_config: only their vectors / matrices train in the LM, all get grads."""
+    from peft import IA3Config, LoraConfig
+    cases = ((IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+              4 * 3, "ia3_l"),
+             (LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True), 4 * 2 * 3, "lora_"))
+    for cfg, n_params, marker in cases:
+        torch.manual_seed(0)
+        m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="lora", lm_peft_config=cfg)
+        m(torch.randn(2, 1600), torch.tensor([1.0, 0.8]), "asr", ["AB", "CD"]).loss.backward()
+        lm = [n for n, p in m.named_parameters() if p.requires_grad and n.startswith("lm.")]
+        assert len(lm) == n_params and all(marker in n for n in lm), (type(cfg).__name__, lm[:3])
+        assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_bf16_lm_with_gradient_checkpointing_trains_and_decodes(tiny_dirs):
+    torch.manual_seed(0)
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="full", lm_dtype="bfloat16",
+                 lm_gradient_checkpointing=True)
+    assert m.lm.dtype == torch.bfloat16 and m.lm.is_gradient_checkpointing
+    assert m.adapter.proj[0].weight.dtype == torch.float32  # the new parts stay fp32
+    wavs, lens = torch.randn(2, 1600), torch.tensor([1.0, 0.8])
+    out = m(wavs, lens, "asr", ["AB", "CD"])
+    assert out.logits.dtype == torch.float32 and math.isfinite(out.loss.item())
+    out.loss.backward()
+    assert m.lm.model.layers[0].self_attn.q_proj.weight.grad.dtype == torch.bfloat16
+    assert m.adapter.proj[0].weight.grad is not None
+    m.eval()
+    assert len(m.generate(wavs, lens, "asr", max_len=3)) == 2
+    with pytest.raises(DataError, match="lm_dtype must be one of"):
+        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_dtype="fp8")
+
+
+def test_unused_encoder_parameters_are_frozen(tiny_dirs, tmp_path):
+    """masked_spec_embed (SpecAugment off) and, with a fixed layer, the layers above it never get a gradient."""
+    import json
+    import shutil
+
+    from lobes.harmonifuse.speech_lm import freeze_unused_encoder_parameters
+    from lobes.wavlm_encoder import WavLMEncoder
+    src = tmp_path / "wavlm"
+    shutil.copytree(tiny_dirs[0], src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "mask_time_prob": 0.05}))  # WavLM-Large has one
+    enc = WavLMEncoder(str(src))
+    assert enc.model.masked_spec_embed.requires_grad
+    frozen = freeze_unused_encoder_parameters(enc, fixed_layer=2)
+    above = {n for n, _ in enc.model.named_parameters() if n.startswith(("encoder.layers.2.", "encoder.layers.3."))}
+    assert set(frozen) == {"masked_spec_embed", "encoder.layer_norm.weight", "encoder.layer_norm.bias"} | above
+    assert len(above) > 10 and not enc.model.encoder.layers[3].attention.q_proj.weight.requires_grad
+    assert enc.model.encoder.layers[1].attention.q_proj.weight.requires_grad
+    # what stays trainable really gets gradients through layer 2's output
+    hs, _ = enc(torch.randn(1, 4000), torch.tensor([1.0]))
+    hs[2].sum().backward()
+    missing = [n for n, p in enc.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert freeze_unused_encoder_parameters(WavLMEncoder(str(tiny_dirs[0])), None) == []  # tiny: no spec embed
+
+
 def test_speech_lm_frozen_lm_and_classify_mode(tiny_dirs):
     torch.manual_seed(0)
-    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), ser_mode="classify", freeze_lm=True, emotions=EMOTIONS)
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), ser_mode="classify", lm_mode="frozen", prompt_mode="soft",
+                 emotions=EMOTIONS)
     lm_before = {k: v.clone() for k, v in m.lm.state_dict().items()}
     prompts_before = m.prompts.detach().clone()
     wavs, lens = torch.randn(2, 1600), torch.tensor([1.0, 0.8])

@@ -65,14 +65,69 @@ def test_without_invalid_outputs_the_report_equals_ser_report(recipe):
 
 
 def test_bad_task_settings_are_refused_before_any_work(recipe):
-    ok = {"train_tasks": ["asr", "ser"], "interleave_ratio": {"asr": 2, "ser": 1}, "libri_test_splits": ["test-clean"]}
+    ok = {"train_tasks": ["asr", "ser"], "interleave_ratio": {"asr": 2, "ser": 1}, "libri_test_splits": ["test-clean"],
+          "ser_extra_sources": {}, "ser_corpus": "msp_podcast", "iemocap_fold": 1}
     recipe.check_hparams(ok)
     for change, msg in (({"train_tasks": ["asr", "sv"]}, "subset of"), ({"train_tasks": []}, "subset of"),
                         ({"interleave_ratio": {"asr": 1, "ser": 0}}, r"task\(s\) \['ser'\]"),
-                        ({"libri_test_splits": []}, "libri_test_splits is empty")):
+                        ({"libri_test_splits": []}, "libri_test_splits is empty"),
+                        ({"ser_extra_sources": {"emilia": "x.json"}}, r"extra SER source\(s\) \['ser:emilia'\]"),
+                        ({"ser_extra_sources": {"e": "x.json"}, "train_tasks": ["asr"]}, "need 'ser' in train_tasks"),
+                        ({"ser_corpus": "iemocap", "iemocap_fold": 6}, "iemocap_fold must be a session number"),
+                        ({"ser_corpus": "crema"}, "ser_corpus must be")):
         with pytest.raises(DataError, match=msg):
             recipe.check_hparams({**ok, **change})
     recipe.check_hparams({**ok, "train_tasks": ["ser"], "libri_test_splits": []})  # SER-only needs no ASR test
+    recipe.check_hparams({**ok, "ser_extra_sources": {"emilia": "x.json"},
+                          "interleave_ratio": {"asr": 1, "ser": 1, "ser:emilia": 2}})
+
+
+def test_iemocap_fold_is_the_ser_corpus_of_the_iemocap_row(recipe, iemocap_manifests, mini_iemocap, tmp_path):
+    """ser_corpus iemocap: train/valid/test = the prepared fold's manifests, 4 classes checked against classes.txt."""
+    h = {"train_tasks": ["ser"], "ser_corpus": "iemocap", "iemocap_prep_folder": str(iemocap_manifests),
+         "iemocap_fold": 2, "iemocap_folder": str(mini_iemocap.root), "ser_extra_sources": {},
+         "emotion_classes": ["neu", "hap", "ang", "sad"], "interleave_ratio": {"ser": 1}, "libri_test_splits": []}
+    recipe.check_hparams(h)
+    ds = recipe.build_datasets(h)
+    for split, tag in (("train", "ser"), ("valid", "ser:valid"), ("test", "ser:test")):
+        manifest = json.loads((iemocap_manifests / "fold2" / f"{split}.json").read_text())
+        assert len(ds[split][tag]) == len(manifest) > 0
+    test_ids = {ds["test"]["ser:test"][i]["spk_id"] for i in range(len(ds["test"]["ser:test"]))}
+    assert test_ids == {"Ses02_F", "Ses02_M"}  # fold 2 tests on Session 2
+    with pytest.raises(DataError, match="differ from the prepared IEMOCAP classes"):
+        recipe.build_datasets({**h, "emotion_classes": ["ang", "hap", "neu", "sad"]})
+    # prepare() writes the fold from the corpus itself
+    recipe.prepare({**h, "iemocap_prep_folder": str(tmp_path / "prep"), "iemocap_fold": 3})
+    assert json.loads((tmp_path / "prep" / "fold3" / "test.json").read_text()) == \
+        json.loads((iemocap_manifests / "fold3" / "test.json").read_text())
+
+
+def test_an_extra_ser_source_is_interleaved_at_its_ratio(recipe, msp_manifests, libri_manifests, tmp_path):
+    """asr : ser : ser:pseudo = 1 : 1 : 2 over 3 sources; pseudo batches are SER batches of their own manifest."""
+    from lobes.harmonifuse.interleave import batch_task
+
+    data = json.loads((msp_manifests / "train.json").read_text())
+    pseudo = {f"pseudo_{k}": v for k, v in sorted(data.items())[:6]}
+    (tmp_path / "pseudo.json").write_text(json.dumps(pseudo))
+    h = {"train_tasks": ["asr", "ser"], "ser_extra_sources": {"pseudo": str(tmp_path / "pseudo.json")},
+         "interleave_ratio": {"asr": 1, "ser": 1, "ser:pseudo": 2}, "interleave_length": 8,
+         "interleave_order": "round_robin", "seed": 1, "num_workers": 0, "dynamic_batching": False,
+         "asr_batch_size": 2, "ser_batch_size": 2, "libri_prep_folder": str(libri_manifests),
+         "libri_train_splits": ["train-clean-100"], "libri_valid_split": "dev-clean",
+         "libri_test_splits": ["test-clean"], "msp_prep_folder": str(msp_manifests),
+         "ser_corpus": "msp_podcast", "iemocap_fold": 1,
+         "emotion_classes": ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]}
+    recipe.check_hparams(h)
+    assert recipe.train_sources(h) == ["asr", "ser", "ser:pseudo"]
+    train, _, _ = recipe.make_loaders(h, recipe.build_datasets(h))
+    tags = []
+    for batch in train:
+        tags.append(batch_task(batch))
+        if tags[-1] == "ser:pseudo":
+            assert all(i.startswith("pseudo_") for i in batch.id) and batch.emo_idx.data.shape == (2, 1)
+    assert tags == ["asr", "ser", "ser:pseudo", "ser:pseudo"] * 2
+    with pytest.raises(DataError, match="ser_extra_sources.gone: manifest"):
+        recipe.build_datasets({**h, "ser_extra_sources": {"gone": str(tmp_path / "none.json")}})
 
 
 # ------------------------------------------------------------------------------------------ helpers in the lobes
@@ -136,10 +191,22 @@ def test_rows_override_only_their_keys():
     expect = {"full": {}, "single_task_asr": {"train_tasks": ["asr"], "msp_folder": None},
               "single_task_ser": {"train_tasks": ["ser"], "libri_folder": None},
               "fixed_layer_12": {"fixed_layer": 12}, "fixed_layer_24": {"fixed_layer": 24},
-              "static_encoder_fusion": {"lm_fusion": "last"}, "static_lm_fusion": {"lm_fusion": "static"}}
+              "static_encoder_fusion": {"lm_fusion": "last"}, "static_lm_fusion": {"lm_fusion": "static"},
+              "lm_frozen": {"lm_mode": "frozen"},
+              "lm_full": {"lm_mode": "full", "backbone_modules": ["speech_lm.encoder", "speech_lm.lm"]},
+              "soft_prompts": {"prompt_mode": "soft"}, "channel_gate": {"encoder_gate": "channel"},
+              "iemocap_ser": {"ser_corpus": "iemocap", "msp_folder": None,
+                              "emotion_classes": ["neu", "hap", "ang", "sad"]}}
+    for task, other in (("asr", "msp_folder"), ("ser", "libri_folder")):
+        for layer in (12, 24):  # the paper's first experiment: single task, fixed WavLM layer 12 or 24
+            expect[f"single_task_{task}_layer{layer}"] = {"train_tasks": [task], other: None, "fixed_layer": layer}
     assert sorted(p.stem for p in (RECIPE / "hparams/rows").glob("*.yaml")) == sorted(expect)
-    assert base["fixed_layer"] is None and base["lm_fusion"] == "dynamic"
-    assert list(base["train_tasks"]) == ["asr", "ser"]
+    # paper-faithful defaults: softmax layer sum without gate, prompt words, dynamic LM fusion; LoRA is assumed
+    assert base["fixed_layer"] is None and base["lm_fusion"] == "dynamic" and base["encoder_gate"] == "none"
+    assert base["prompt_mode"] == "text" and base["lm_mode"] == "lora" and base["num_beams"] == 1
+    assert dict(base["task_prompts"]) == {"asr": "Transcribe the audio.",
+                                          "ser": "Which emotion does the speaker express?"}
+    assert list(base["train_tasks"]) == ["asr", "ser"] and list(base["backbone_modules"]) == ["speech_lm.encoder"]
     for row, keys in expect.items():
         path = RECIPE / f"hparams/rows/{row}.yaml"
         own = ruamel.yaml.YAML().load(path.read_text())
@@ -147,8 +214,24 @@ def test_rows_override_only_their_keys():
         assert set(own) == {"base_hparams", "experiment", "table_rows", *keys}, row
         merged = ruamel.yaml.YAML().load(resolve_row(path))  # raises on a key the base lacks
         for k, v in keys.items():
-            assert (list(merged[k]) if k == "train_tasks" else merged[k]) == v, (row, k)
-        assert len(merged["table_rows"]) == 1 and merged["table_rows"][0]["part"] == "HarmoniFuse ablations"
+            assert (list(merged[k]) if isinstance(v, list) else merged[k]) == v, (row, k)
+        assert len(merged["table_rows"]) == (2 if row == "full" else 1), row
+        assert merged["table_rows"][0]["part"].startswith("HarmoniFuse")
+
+
+def test_wer_ci_pools_errors_over_resampled_utterances(recipe):
+    refs, hyps = ["A B C D", "E F", "G H I", ""], ["A B X D", "E", "G H I J", "K"]
+    wer, (lo, hi) = recipe.wer_with_ci(refs, hyps, num_bootstraps=200)
+    assert wer == pytest.approx(4 / 9) == pytest.approx(M.wer(refs, hyps))  # 1 sub + 1 del + 2 ins over 9 words
+    assert lo <= wer <= hi and lo >= 0.0
+    assert recipe.wer_with_ci(["A B"], ["A B"], num_bootstraps=20) == (0.0, [0.0, 0.0])
+
+
+def test_ddp_unused_parameter_search_only_for_the_classify_head(recipe):
+    base = {"ser_mode": "generate", "train_tasks": ["asr", "ser"]}
+    assert not recipe.needs_unused_parameter_search(base)
+    assert recipe.needs_unused_parameter_search({**base, "ser_mode": "classify"})
+    assert not recipe.needs_unused_parameter_search({"ser_mode": "classify", "train_tasks": ["ser"]})
 
 
 # ------------------------------------------------------------------------------------------ train.py end to end
@@ -204,10 +287,13 @@ def test_recipe_writes_checkpoint_of_trainable_parameters_only(trained):
     assert len(ckpts) == 1 and (ckpts[0] / "CKPT.yaml").is_file()
     state = load_file(str(ckpts[0] / "speech_lm.ckpt"))
     assert state["encoder_fusion.layer_logits"].shape == (2, 4)         # 2 tasks x 4 tiny WavLM layers
-    assert state["prompts"].shape == (2, 4, 32)                         # 4 prompt vectors per task, LM width 32
+    assert "encoder_fusion.gate_logits" not in state and "prompts" not in state  # no gate; prompt words
     assert any(k.startswith("encoder.model.encoder.layers.") for k in state)  # WavLM fine-tuned ...
     assert not any(k.startswith("encoder.model.feature_extractor.") for k in state)  # ... but not its CNN
-    assert not any(k.startswith("lm.") for k in state)                  # the frozen LM is never copied
+    assert "encoder.model.masked_spec_embed" not in state               # unused: frozen (DDP)
+    lm = sorted(k for k in state if k.startswith("lm."))                # only the LoRA adapters of the LM:
+    assert len(lm) == 4 * 4 * 2 and all(".lora_A." in k or ".lora_B." in k for k in lm)  # 4 layers x q,k,v,o x A,B
+    assert state[lm[0]].shape in ((8, 32), (32, 8))                     # rank 8, LM width 32
 
 
 def test_recipe_metrics_hold_wer_ua_wa(trained):
@@ -215,6 +301,9 @@ def test_recipe_metrics_hold_wer_ua_wa(trained):
     assert math.isfinite(m["wer"]) and m["wer"] >= 0.0
     assert m["wer_split"] == "test-clean"
     assert m["wer_by_split"]["test-clean"]["n_utts"] == N_EVAL["libri"]
+    lo, hi = m["wer_clean_ci"]
+    assert m["wer_clean"] == m["wer"] and lo <= m["wer"] <= hi and m["wer_by_split"]["test-clean"]["wer_ci"] == [lo, hi]
+    assert m["lm_mode"] == "lora" and m["prompt_mode"] == "text"
     n_test = N_EVAL["msp"]
     t = m["test"]
     assert [sum(row) for row in t["confusion"]] == [2] * 8 + [0]  # 2 per class; nothing is truly "invalid"
@@ -222,6 +311,7 @@ def test_recipe_metrics_hold_wer_ua_wa(trained):
     for k in ("ua", "wa", "macro_f1"):
         assert 0.0 <= m[k] <= 1.0
     assert m["ua"] == t["uar"] and m["wa"] == t["accuracy"]
+    assert t["accuracy_ci"][0] <= t["accuracy"] <= t["accuracy_ci"][1]
     assert m["invalid_rate"] == pytest.approx(t["n_invalid"] / t["n"])
     assert t["classes"][-1] == "<invalid>" and len(t["classes"]) == 9
     rows = (trained / "ser_predictions.csv").read_text().strip().splitlines()
@@ -230,7 +320,7 @@ def test_recipe_metrics_hold_wer_ua_wa(trained):
 
 def test_recipe_fusion_weights_are_distributions_per_task(trained):
     fw = json.loads((trained / "fusion_weights.json").read_text())
-    assert fw["tasks"] == ["asr", "ser"] and fw["encoder_fusion"].startswith("gated")
+    assert fw["tasks"] == ["asr", "ser"] and fw["encoder_fusion"] == "weighted sum (no gate)"
     for task in ("asr", "ser"):
         enc = fw["encoder"][task]
         assert len(enc) == 4 and all(w >= 0 for w in enc) and sum(enc) == pytest.approx(1.0, abs=1e-5)
@@ -248,3 +338,82 @@ def test_recipe_encoder_weights_differ_between_tasks_after_training(trained):
     asr, ser = np.array(fw["encoder"]["asr"]), np.array(fw["encoder"]["ser"])
     assert np.abs(asr - 0.25).max() > 1e-4 and np.abs(ser - 0.25).max() > 1e-4
     assert np.abs(asr - ser).max() > 1e-4
+
+
+def test_infer_cli_names_a_corrupt_file_and_predicts_the_rest(trained, mini_corpora, load_recipe, tmp_path, capsys):
+    import soundfile as sf
+
+    infer = load_recipe("recipes/MSP-Podcast/harmonifuse/infer.py")
+    wavs = sorted(Path(mini_corpora.libri).rglob("*.flac"))[:2] or sorted(Path(mini_corpora.libri).rglob("*.wav"))[:2]
+    assert len(wavs) == 2
+    # one of them at 8 kHz stereo: any sample rate and channel count is accepted
+    data, sr = sf.read(str(wavs[1]), dtype="float32")
+    sf.write(str(tmp_path / "stereo_8k.wav"), np.stack([data[::2], data[::2]], 1), sr // 2)
+    bad = tmp_path / "corrupt.wav"
+    bad.write_bytes(b"RIFF\x00\x00not really audio")
+    out = tmp_path / "out.json"
+    rc = infer.main(["--model", str(trained), str(wavs[0]), str(tmp_path / "stereo_8k.wav"), str(bad),
+                     "--json", str(out)])
+    assert rc == 1  # one file failed, the others were predicted
+    res = {Path(r["file"]).name: r for r in json.loads(out.read_text())}
+    assert set(res) == {wavs[0].name, "stereo_8k.wav", "corrupt.wav"}
+    assert "corrupt.wav" in res["corrupt.wav"]["error"] and "transcript" not in res["corrupt.wav"]
+    classes = {"Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise", "<invalid>"}
+    for name in (wavs[0].name, "stereo_8k.wav"):
+        assert "error" not in res[name] and isinstance(res[name]["transcript"], str)
+        assert res[name]["emotion"] in classes
+    assert "corrupt.wav" in capsys.readouterr().err
+
+
+def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, libri_manifests, tmp_path):
+    """`full` row (LoRA LM, fine-tuned WavLM) on 2 gloo processes, find_unused_parameters off: DDP raises at a
+    rank's second step if any trainable parameter got no gradient in the first (e.g. masked_spec_embed)."""
+    from tools.make_tiny_lm import make_tiny_lm
+    from tools.make_tiny_wavlm import make_tiny_wavlm
+
+    wavlm, lm = make_tiny_wavlm(tmp_path / "wavlm"), make_tiny_lm(tmp_path / "lm")
+    # as in WavLM-Large: mask_time_prob > 0 gives the model a masked_spec_embed parameter (SpecAugment itself
+    # stays off in load_wavlm, so nothing uses it); the tiny config has none
+    cfg = json.loads((wavlm / "config.json").read_text())
+    (wavlm / "config.json").write_text(json.dumps({**cfg, "mask_time_prob": 0.05}))
+    first = lambda n: (lambda d: dict(sorted(d.items())[:n]))  # noqa: E731
+    msp = _subset_manifests(msp_manifests, tmp_path / "msp", {"train": first(16), "valid": first(2), "test": first(2)})
+    libri = _subset_manifests(libri_manifests, tmp_path / "libri", {"train-clean-100": first(16),
+                                                                    "dev-clean": first(2), "test-clean": first(2)})
+    out = tmp_path / "exp"
+    cmd = [str(PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(RECIPE / "train.py"), str(RECIPE / "hparams/rows/full.yaml"),
+           "--msp_folder", str(mini_corpora.msp), "--libri_folder", str(mini_corpora.libri),
+           "--skip_prep=True", f"--msp_prep_folder={msp}", f"--libri_prep_folder={libri}",
+           f"--wavlm_source={wavlm}", f"--lm_source={lm}", f"--output_folder={out}",
+           "--number_of_epochs=1", "--interleave_length=4", "--asr_batch_size=2", "--ser_batch_size=2",
+           "--lr=0.01", "--asr_max_decode_len=3", "--ser_max_decode_len=3", "--num_bootstraps=5",
+           "--device=cpu", "--distributed_backend=gloo", "--noprogressbar"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ckpt = next((out / "save").glob("CKPT+*"))
+    state = load_file(str(ckpt / "speech_lm.ckpt"))
+    assert np.abs(state["encoder_fusion.layer_logits"].numpy()).max() > 1e-4   # the ranks' steps trained it
+    assert "encoder.model.masked_spec_embed" not in state
+    assert json.loads((out / "metrics.json").read_text())["wer_by_split"]["test-clean"]["n_utts"] == 2
+
+
+def test_model_card_and_results_table_show_the_run(trained, load_recipe, tmp_path):
+    card_mod = load_recipe("recipes/MSP-Podcast/harmonifuse/model_card.py")
+    table_mod = load_recipe("recipes/MSP-Podcast/harmonifuse/make_table.py")
+    m = json.loads((trained / "metrics.json").read_text())
+    card = card_mod.model_card(trained)
+    lo, hi = m["wer_clean_ci"]
+    assert f"| WER test-clean | {100 * m['wer']:.2f} ± {100 * (hi - lo) / 2:.2f} |" in card
+    assert f"| UA (unweighted accuracy) | {100 * m['ua']:.2f} ±" in card and "| WA (accuracy) |" in card
+    assert "| LM training: frozen | lora | full (`lm_mode`) | lora |" in card
+    assert "Transcribe the audio." in card and "encoder_layer_weights.png" in card
+    table = table_mod.make_table([trained / "metrics.json"])
+    row = next(line for line in table.splitlines() if line.startswith("| HarmoniFuse (encoder layer sum"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{100 * m['wer']:.2f} ± {100 * (hi - lo) / 2:.2f}" and cells[2] == "–"  # no test-other
+    t = m["test"]
+    assert cells[3] == f"{100 * t['uar']:.2f} ± {100 * (t['uar_ci'][1] - t['uar_ci'][0]) / 2:.2f}"
+    assert cells[4].startswith(f"{100 * t['accuracy']:.2f} ±") and cells[5].startswith(f"{100 * t['macro_f1']:.2f}")
+    assert "### HarmoniFuse: LM training mode" in table and "| LoRA (default) |" in table  # full.yaml's 2nd row

@@ -18,7 +18,8 @@ scalar and an input-dependent score from a small FFN on the hidden state". The p
 * LayerNorm on the pooled vector makes f see a scale-free summary: residual-stream norms grow with depth and
   f would otherwise mostly learn "deeper = larger".
 * ``mode="static"`` drops f (ablation: static fusion only); ``mode="last"`` returns the last layer
-  (no fusion, weights one-hot on the last layer).
+  (no fusion, weights one-hot on the last layer) and has no parameters (DDP needs no
+  ``find_unused_parameters`` for it).
 """
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,10 @@ class PromptAdaptiveFusion(torch.nn.Module):
         self.hidden_size = int(hidden_size)
         self.mode = mode
         self.normalize_pooled = normalize_pooled
-        self.layer_bias = torch.nn.Parameter(torch.zeros(len(self.tasks), self.num_layers))  # b_{τ,l}
+        if mode == "last":  # no parameter at all: one that never gets a gradient would break DDP
+            self.register_parameter("layer_bias", None)
+        else:
+            self.layer_bias = torch.nn.Parameter(torch.zeros(len(self.tasks), self.num_layers))  # b_{τ,l}
         if mode == "dynamic":
             self.ffn = torch.nn.Sequential(
                 torch.nn.Linear(self.hidden_size, ffn_hidden), torch.nn.Tanh(),
@@ -72,23 +76,38 @@ class PromptAdaptiveFusion(torch.nn.Module):
         """s_{τ,l}(x): [B, L] (before the softmax)."""
         hs = stack_hidden_states(hidden_states)
         self._check(hs)
-        idx = task_indices(task, self.tasks, hs.shape[1], hs.device)
+        return self.pooled_scores(masked_mean(hs, pool_mask), task)
+
+    def pooled_scores(self, pooled, task):
+        """s_{τ,l}(x) from the already pooled layers p_l(x) before LN, [L, B, D] -> [B, L].
+
+        :class:`lobes.harmonifuse.speech_lm.SpeechLM` pools layer by layer, so the [L, B, T, D] stack is never built.
+        """
+        if self.mode == "last":
+            raise DataError("lm_fusion='last' has no scores (its weights are one-hot on the last layer)")
+        if pooled.shape[0] != self.num_layers or pooled.shape[-1] != self.hidden_size:
+            raise DataError(f"fusion built for {self.num_layers} layers of size {self.hidden_size}, got pooled "
+                            f"states of shape {tuple(pooled.shape)}")
+        idx = task_indices(task, self.tasks, pooled.shape[1], pooled.device)
         s = self.layer_bias[idx]
         if self.mode == "dynamic":
-            pooled = masked_mean(hs, pool_mask)                        # [L, B, D]
             if self.normalize_pooled:
                 pooled = F.layer_norm(pooled, (pooled.shape[-1],))
             s = s + self.ffn(pooled.to(self.ffn[0].weight.dtype)).squeeze(-1).transpose(0, 1)
         return s
+
+    def last_layer_weights(self, batch_size, device, dtype=torch.float32):
+        """One-hot weights on the last layer, [B, L] (``mode="last"``)."""
+        w = torch.zeros(batch_size, self.num_layers, device=device, dtype=dtype)
+        w[:, -1] = 1.0
+        return w
 
     def layer_weights(self, hidden_states, task, pool_mask=None):
         """α(x): [B, L], a distribution over layers per sample."""
         hs = stack_hidden_states(hidden_states)
         if self.mode == "last":
             self._check(hs)
-            w = torch.zeros(hs.shape[1], self.num_layers, device=hs.device, dtype=hs.dtype)
-            w[:, -1] = 1.0
-            return w
+            return self.last_layer_weights(hs.shape[1], hs.device, hs.dtype)
         return F.softmax(self.scores(hs, task, pool_mask), dim=-1)
 
     @staticmethod
@@ -106,9 +125,8 @@ class PromptAdaptiveFusion(torch.nn.Module):
 
     def static_weights(self, task):
         """softmax(b_τ): the input-independent part (detached, for plots)."""
-        idx = task_indices(task, self.tasks, 1, self.layer_bias.device)
         if self.mode == "last":
-            w = torch.zeros(self.num_layers)
-            w[-1] = 1.0
-            return w
+            task_indices(task, self.tasks, 1, "cpu")
+            return self.last_layer_weights(1, "cpu")[0]
+        idx = task_indices(task, self.tasks, 1, self.layer_bias.device)
         return F.softmax(self.layer_bias[idx][0], dim=-1).detach().clone()

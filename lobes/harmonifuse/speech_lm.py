@@ -1,41 +1,70 @@
-"""HarmoniFuse speech language model: WavLM -> gated encoder fusion -> adapter -> causal LM -> dynamic fusion.
+"""HarmoniFuse speech language model: WavLM -> encoder layer fusion -> adapter -> causal LM -> dynamic fusion.
 
     wav ─ encoder (all hidden states) ─ GatedEncoderFusion[τ] ─ SpeechAdapter (stack 4, MLP) ─┐
-    LM input  = [BOS] [prompt_τ (P learned vectors)] [speech embeddings] [target tokens]       ┘
+    LM input  = [BOS] [prompt_τ] [speech embeddings] [target tokens]                          ┘
     LM hidden states of layers 1..L ─ final norm ─ PromptAdaptiveFusion[τ](prefix) ─ lm_head ─ next token
 
-* Encoder fusion: :class:`lobes.harmonifuse.gated_encoder_fusion.GatedEncoderFusion`, or with ``fixed_layer=l`` the
-  ablation :class:`FixedLayerSelect` (transformer layer l's output for every task, as in fixed-layer SLMs).
+* Encoder fusion: :class:`lobes.harmonifuse.gated_encoder_fusion.GatedEncoderFusion` (default ``encoder_gate="none"``: the
+  paper's per-task softmax layer sum; ``"channel"`` adds this project's channel gate), or with
+  ``fixed_layer=l`` the ablation :class:`FixedLayerSelect` (transformer layer l's output for every task).
 * Encoder: any module whose ``forward(wavs, wav_lens)`` returns ``(hidden_states [L+1, B, T, D],
   frames)`` with index 0 the CNN output; ``frames`` is a bool frame mask [B, T] (what
   :class:`lobes.wavlm_encoder.WavLMEncoder` returns), absolute frame counts [B] (int) or SpeechBrain relative
   lengths [B] (float). It needs ``num_layers``/``hidden_size`` attributes or the ``encoder_layers``/
   ``encoder_dim`` arguments.
+* Task prompts: ``prompt_mode="text"`` (default) tokenises ``task_prompts[τ]`` (instruction words such as
+  "Transcribe the audio.") and feeds their token embeddings; ``"soft"`` learns ``num_prompt_tokens`` vectors
+  per task instead.
 * LM: ``AutoModelForCausalLM`` from ``lm_source`` (hub id or ``save_pretrained`` dir; ``lm_from_config``
-  builds a random one from its config). A directory holding ``char_tokenizer.json`` (see
-  ``tools/make_tiny_lm.py``) uses :class:`CharTokenizer`; anything else goes through ``AutoTokenizer``.
+  builds a random one from its config), loaded in ``lm_dtype``. ``lm_mode``: ``frozen`` (no LM weight
+  trains), ``lora`` (``peft`` adapters from ``lm_peft_config``, e.g. a ``peft.LoraConfig``; every other LM
+  weight frozen) or ``full``. ``lm_gradient_checkpointing`` recomputes the LM layers in backward (HF
+  checkpoints only in train mode, i.e. for ``lora`` / ``full``). A directory holding ``char_tokenizer.json``
+  (see ``tools/make_tiny_lm.py``) uses :class:`CharTokenizer`; anything else goes through ``AutoTokenizer``.
+* Only the logits the loss needs are built: the LM's decoder (no head) runs once with
+  ``output_hidden_states``; the hidden states at the target positions are gathered, fused and only then
+  go through ``lm_head`` ([B, N, V], N = target tokens, instead of [B, S, V]). In training with
+  ``loss_chunk_size=k`` not even those are kept: the loss is summed over chunks of k target tokens, each
+  chunk's logits rebuilt in backward (:func:`chunked_cross_entropy`); ``output.logits`` is then None.
 * LM-layer fusion: HF puts the LM's final norm on the last hidden state only, so the same norm is applied
   to layers 1..L-1 before fusing (every fused state is on the scale ``lm_head`` expects; with
   ``lm_fusion="last"`` the model is exactly the plain LM). The embedding output (index 0) is not fused.
   α is computed from the prefix (BOS + prompt + speech) only, see :mod:`lobes.harmonifuse.dynamic_fusion`.
+* Decoding: transformers' ``generate`` (greedy or beam search, batched) on :class:`FusedHeadLM`, a
+  ``PreTrainedModel`` view of this model whose forward applies the same fusion: α comes from the prefill
+  step (the prefix) and is carried to every later step, so generation scores exactly what training scores.
 * Targets: ASR = transcript text; SER in ``ser_mode="generate"`` = the emotion word as text, in
   ``"classify"`` = a linear head over the mean of the fused prefix states (labels: names from ``emotions``
   or indices). Every generated target ends with EOS. Loss = token-level cross-entropy averaged over all
   target tokens of the batch (classification: mean over utterances).
 * Training sequences are right-padded and generation prefixes left-padded; ``position_ids`` are always
   the count of real tokens before a position, so both see the same positions.
+* DDP: parameters that can never get a gradient are frozen at construction (WavLM's ``masked_spec_embed``
+  when SpecAugment is off; with ``fixed_layer=l`` the encoder layers above l), so every trainable parameter
+  is used by every batch of every task except the ``classify`` head on ASR batches.
 """
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.checkpoints import (
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
 from lobes.errors import DataError
-from lobes.harmonifuse.gated_encoder_fusion import GatedEncoderFusion, stack_hidden_states, task_indices
+from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion, masked_mean
+from lobes.harmonifuse.gated_encoder_fusion import (
+    GatedEncoderFusion,
+    stack_hidden_states,
+    task_indices,
+)
 from lobes.io_utils import atomic_path, atomic_write
 
 CHAR_TOKENIZER_FILE = "char_tokenizer.json"
@@ -92,12 +121,30 @@ def load_tokenizer(source):
     return tok
 
 
-def load_causal_lm(source, from_config=False):
+LM_MODES = ("frozen", "lora", "full")
+PROMPT_MODES = ("text", "soft")
+# Instruction words of prompt_mode="text" when no task_prompts are given (the recipe YAML sets its own).
+DEFAULT_TASK_PROMPTS = {"asr": "Transcribe the audio.", "ser": "Which emotion does the speaker express?"}
+LM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name, key="lm_dtype"):
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in LM_DTYPES:
+        raise DataError(f"{key} must be one of {sorted(LM_DTYPES)}, got {name!r}")
+    return LM_DTYPES[name]
+
+
+def load_causal_lm(source, from_config=False, dtype=torch.float32):
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kw = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}  # torch_dtype is deprecated from 4.56
     try:
         if from_config:
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
-        return AutoModelForCausalLM.from_pretrained(source)
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), **kw)
+        return AutoModelForCausalLM.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
         raise DataError(f"lm_source '{source}' is neither a local causal-LM directory nor a reachable hub id: {e}")
 
@@ -128,6 +175,65 @@ def to_frame_mask(frames, num_frames):
         counts = frames.long()
     counts = counts.clamp(1, num_frames)
     return torch.arange(num_frames, device=frames.device)[None, :] < counts[:, None]
+
+
+def positions(attn_mask, length):
+    """position_ids of the last ``length`` columns: the count of real tokens before each position."""
+    return (attn_mask.long().cumsum(1) - 1).clamp(min=0)[:, -length:]
+
+
+def _ce_sum(hidden, targets, head):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(hidden, targets, head, chunk):
+    """Σ-token cross-entropy of ``head(hidden)`` [M, V] against ``targets`` [M], ``chunk`` rows at a time.
+
+    Each chunk's logits are built inside a (non-reentrant) activation checkpoint: forward keeps only the
+    scalar, backward rebuilds that chunk's logits. Peak logit memory is chunk x V instead of M x V (with a
+    150k vocabulary and 2,000 target tokens per batch: 1.2 GB fp32 -> 150 MB at chunk 256), for one more
+    ``head`` matmul per step. Returns the sum (callers divide by the token count).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(_ce_sum, hidden[i:i + chunk], targets[i:i + chunk], head, use_reentrant=False)
+    return total
+
+
+def freeze_unused_encoder_parameters(encoder, fixed_layer=None):
+    """Freeze encoder parameters that can get no gradient, so DDP needs no ``find_unused_parameters``.
+
+    HF WavLM / wav2vec2 keep ``masked_spec_embed`` (used only by SpecAugment time masking, off in
+    :func:`lobes.wavlm_encoder.load_wavlm`). With a fixed layer l < L, layers l+1..L (and, for stable-layer-norm
+    models, the final encoder LayerNorm, applied to hidden state L only) never reach the loss.
+    Returns the names frozen here.
+    """
+    model = getattr(encoder, "model", None)
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    frozen = []
+
+    def freeze(prefix, module):
+        for n, p in module.named_parameters(prefix=prefix):
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen.append(n)
+
+    spec = getattr(model, "masked_spec_embed", None)
+    if isinstance(spec, torch.nn.Parameter) and spec.requires_grad and not (
+            getattr(config, "apply_spec_augment", False) and getattr(config, "mask_time_prob", 0) > 0):
+        spec.requires_grad_(False)
+        frozen.append("masked_spec_embed")
+    layers = getattr(getattr(model, "encoder", None), "layers", None)
+    if fixed_layer is not None and layers is not None and fixed_layer < len(layers):
+        for i in range(fixed_layer, len(layers)):
+            freeze(f"encoder.layers.{i}", layers[i])
+        if getattr(config, "do_stable_layer_norm", False):
+            freeze("encoder.layer_norm", model.encoder.layer_norm)
+    return frozen
 
 
 class SpeechAdapter(torch.nn.Module):
@@ -161,7 +267,8 @@ class SpeechAdapter(torch.nn.Module):
 @dataclass
 class SpeechLMOutput:
     loss: torch.Tensor            # scalar (None without targets)
-    logits: torch.Tensor          # generate: [B, N, V] predictions of target tokens 1..N (EOS last); classify: [B, C]
+    logits: torch.Tensor          # generate: [B, N, V] predictions of target tokens 1..N (EOS last), None when
+                                  # training with loss_chunk_size (never built whole); classify: [B, C]
     target_ids: torch.Tensor      # generate: [B, N] with -100 on padding; classify: [B] label indices
     lm_weights: torch.Tensor      # [B, L] dynamic LM-layer weights α
     task: str
@@ -170,14 +277,20 @@ class SpeechLMOutput:
 class SpeechLM(torch.nn.Module):
     """HarmoniFuse multi-task speech LM (see module doc). Main entry points: ``forward``, ``generate``."""
 
-    def __init__(self, encoder, lm_source, tasks=("asr", "ser"), num_prompt_tokens=4, stack=4,
-                 adapter_hidden=None, encoder_gate="channel", include_cnn=False, encoder_layer_norm=False,
-                 lm_fusion="dynamic", fusion_ffn_hidden=64, freeze_lm=True, lm_from_config=False,
+    def __init__(self, encoder, lm_source, tasks=("asr", "ser"), prompt_mode="text", task_prompts=None,
+                 num_prompt_tokens=4, stack=4, adapter_hidden=None, encoder_gate="none", include_cnn=False,
+                 encoder_layer_norm=False, lm_fusion="dynamic", fusion_ffn_hidden=64, lm_mode="frozen",
+                 lm_peft_config=None, lm_dtype="float32", lm_gradient_checkpointing=False, loss_chunk_size=None,
+                 lm_from_config=False,
                  ser_task="ser", ser_mode="generate", emotions=(), encoder_layers=None, encoder_dim=None,
                  fixed_layer=None):
         super().__init__()
         if ser_mode not in ("generate", "classify"):
             raise DataError(f"ser_mode must be 'generate' or 'classify', got '{ser_mode}'")
+        if lm_mode not in LM_MODES:
+            raise DataError(f"lm_mode must be one of {LM_MODES}, got '{lm_mode}'")
+        if prompt_mode not in PROMPT_MODES:
+            raise DataError(f"prompt_mode must be one of {PROMPT_MODES}, got '{prompt_mode}'")
         self.tasks = tuple(tasks)
         self.ser_task, self.ser_mode = ser_task, ser_mode
         self.emotions = list(emotions)
@@ -186,25 +299,52 @@ class SpeechLM(torch.nn.Module):
         enc_dim = encoder_dim if encoder_dim is not None else getattr(encoder, "hidden_size", None)
         if enc_layers is None or enc_dim is None:
             raise DataError("encoder has no num_layers/hidden_size; pass encoder_layers= and encoder_dim=")
-        self.lm = load_causal_lm(lm_source, from_config=lm_from_config)
+        freeze_unused_encoder_parameters(encoder, fixed_layer)
+        lm = load_causal_lm(lm_source, from_config=lm_from_config, dtype=resolve_dtype(lm_dtype))
         self.tokenizer = load_tokenizer(lm_source)
-        if len(self.tokenizer) > self.lm.get_input_embeddings().num_embeddings:
+        if len(self.tokenizer) > lm.get_input_embeddings().num_embeddings:
             raise DataError(f"lm_source '{lm_source}': tokenizer has {len(self.tokenizer)} tokens but the LM "
-                            f"only {self.lm.get_input_embeddings().num_embeddings} embeddings")
-        self.freeze_lm = freeze_lm
-        if freeze_lm:
-            self.lm.requires_grad_(False)
-        lm_dim = self.lm.get_input_embeddings().embedding_dim
-        lm_layers = self.lm.config.num_hidden_layers
+                            f"only {lm.get_input_embeddings().num_embeddings} embeddings")
+        self.lm_mode = lm_mode
+        if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or int(loss_chunk_size) < 1):
+            raise DataError(f"loss_chunk_size must be null or a positive number of tokens, got {loss_chunk_size!r}")
+        self.loss_chunk_size = None if loss_chunk_size is None else int(loss_chunk_size)
+        if lm_gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lm_mode == "frozen":
+            lm.requires_grad_(False)
+        elif lm_mode == "lora":
+            if lm_peft_config is None:
+                raise DataError("lm_mode 'lora' needs lm_peft_config (e.g. a peft.LoraConfig in the YAML)")
+            from peft import get_peft_model
+            lm = get_peft_model(lm, lm_peft_config)  # freezes every LM weight but the adapters
+        self.lm = lm
+        lm_dim = self.hf_lm.get_input_embeddings().embedding_dim
+        lm_layers = self.hf_lm.config.num_hidden_layers
         if fixed_layer is None:
             self.encoder_fusion = GatedEncoderFusion(enc_layers, enc_dim, self.tasks, gate=encoder_gate,
                                                      include_cnn=include_cnn, layer_norm=encoder_layer_norm)
         else:  # ablation: one fixed encoder layer for every task, no weights, no gate
             self.encoder_fusion = FixedLayerSelect(fixed_layer, enc_layers, enc_dim, self.tasks)
         self.adapter = SpeechAdapter(enc_dim, lm_dim, stack=stack, hidden=adapter_hidden)
-        # Prompts start at the scale of the LM's own token embeddings.
-        emb_std = self.lm.get_input_embeddings().weight.detach().float().std().item()
-        self.prompts = torch.nn.Parameter(torch.randn(len(self.tasks), num_prompt_tokens, lm_dim) * emb_std)
+        self.prompt_mode = prompt_mode
+        self.prompt_ids = {}
+        if prompt_mode == "soft":
+            # Prompts start at the scale of the LM's own token embeddings.
+            emb_std = self.hf_lm.get_input_embeddings().weight.detach().float().std().item()
+            self.prompts = torch.nn.Parameter(torch.randn(len(self.tasks), num_prompt_tokens, lm_dim) * emb_std)
+        else:
+            self.register_parameter("prompts", None)
+            task_prompts = DEFAULT_TASK_PROMPTS if task_prompts is None else dict(task_prompts)
+            missing = [t for t in self.tasks if not isinstance(task_prompts.get(t), str)]
+            if missing:
+                raise DataError(f"task_prompts needs an instruction text for task(s) {missing} "
+                                f"(prompt_mode 'text'), got {task_prompts}")
+            for t in self.tasks:
+                ids = list(self.tokenizer.encode(task_prompts[t], add_special_tokens=False))
+                if not ids:
+                    raise DataError(f"task_prompts.{t}: '{task_prompts[t]}' gives no tokens")
+                self.prompt_ids[t] = ids
         self.lm_fusion = PromptAdaptiveFusion(lm_layers, lm_dim, self.tasks, ffn_hidden=fusion_ffn_hidden,
                                               mode=lm_fusion)
         self.classifier = torch.nn.Linear(lm_dim, len(self.emotions)) if ser_mode == "classify" else None
@@ -213,9 +353,19 @@ class SpeechLM(torch.nn.Module):
         self.register_buffer("_alpha_count", torch.zeros(len(self.tasks)), persistent=False)
 
     # ----------------------------------------------------------------------------------------- helpers
+    @property
+    def hf_lm(self):
+        """The transformers causal LM (inside the peft wrapper in ``lm_mode="lora"``)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    @property
+    def decoder(self):
+        """The LM without its head (LLaMA/Qwen ``model``, GPT-2 ``transformer``): no logits are built by it."""
+        return self.hf_lm.base_model
+
     def train(self, mode=True):
         super().train(mode)
-        if self.freeze_lm:
+        if self.lm_mode == "frozen":
             self.lm.eval()  # a frozen LM keeps dropout off
         return self
 
@@ -230,7 +380,7 @@ class SpeechLM(torch.nn.Module):
         return self.ser_mode == "classify" and self.tasks[self._task_index(task)] == self.ser_task
 
     def _embed_ids(self, ids):
-        return self.lm.get_input_embeddings()(ids)
+        return self.hf_lm.get_input_embeddings()(ids)
 
     def encode_speech(self, wavs, wav_lens, task):
         """-> speech embeddings [B, T', D_lm], mask [B, T']."""
@@ -240,27 +390,66 @@ class SpeechLM(torch.nn.Module):
         fused = self.encoder_fusion(hidden, self._task_index(task))
         return self.adapter(fused, mask)
 
+    def prompt_embeddings(self, task, device):
+        """[P, D] embeddings of task τ's prompt: its instruction's token embeddings, or the learned vectors."""
+        t = self._task_index(task)
+        if self.prompts is not None:
+            return self.prompts[t].to(self.hf_lm.get_input_embeddings().weight.dtype)
+        return self._embed_ids(torch.tensor(self.prompt_ids[self.tasks[t]], dtype=torch.long, device=device))
+
     def _prefixes(self, speech, smask, task):
         """Per-utterance list of prefix embeddings [K_b, D]: [BOS] + prompt_τ + valid speech frames."""
-        emb_dtype = self.lm.get_input_embeddings().weight.dtype
-        prompt = self.prompts[self._task_index(task)].to(emb_dtype)
-        head = [prompt]
+        emb_dtype = self.hf_lm.get_input_embeddings().weight.dtype
+        head = [self.prompt_embeddings(task, speech.device)]
         bos = getattr(self.tokenizer, "bos_token_id", None)
         if bos is not None:
-            head = [self._embed_ids(torch.tensor([bos], device=speech.device)), prompt]
+            head = [self._embed_ids(torch.tensor([bos], device=speech.device))] + head
         return [torch.cat(head + [speech[b, : int(smask[b].sum())].to(emb_dtype)]) for b in range(speech.shape[0])]
 
-    def _lm_states(self, embeds, attn_mask, **kwargs):
-        """Run the LM; returns (normalised hidden states of layers 1..L as [L, B, S, D], model output)."""
-        pos = (attn_mask.long().cumsum(1) - 1).clamp(min=0)
-        if "past_key_values" in kwargs:
-            pos = pos[:, -embeds.shape[1]:]
-        out = self.lm(inputs_embeds=embeds, attention_mask=attn_mask.long(), position_ids=pos,
-                      output_hidden_states=True, **kwargs)
-        hs = out.hidden_states[1:]
-        norm = final_norm(self.lm)
-        states = torch.stack([norm(h) for h in hs[:-1]] + [hs[-1]])
-        return states, out
+    def run_decoder(self, embeds, attn_mask, **kwargs):
+        """The LM's layers on ``embeds`` -> (raw hidden states of layers 1..L (tuple), decoder output)."""
+        out = self.decoder(inputs_embeds=embeds, attention_mask=attn_mask.long(),
+                           position_ids=positions(attn_mask, embeds.shape[1]), output_hidden_states=True, **kwargs)
+        return out.hidden_states[1:], out
+
+    def layer_states(self, hidden, index=None):
+        """Normalised states of layers 1..L, [L, B, N, D], at positions ``index`` [B, N] (None: all).
+
+        HF already normalised the last one. Gathering before the norm keeps the [L, B, S, D] stack unbuilt.
+        ``lm_fusion="last"`` needs only the last layer: [1, B, N, D].
+        """
+        norm = final_norm(self.hf_lm)
+        out = []
+        last = len(hidden) - 1
+        for i, h in enumerate(hidden):
+            if self.lm_fusion.mode == "last" and i < last:
+                continue
+            if index is not None:
+                h = torch.gather(h, 1, index[:, :, None].expand(-1, -1, h.shape[-1]))
+            out.append(h if i == last else norm(h))
+        return torch.stack(out)
+
+    def pooled_layers(self, hidden, pool_mask):
+        """Mask-mean over the prefix of every normalised layer, [L, B, D], one layer at a time."""
+        norm = final_norm(self.hf_lm)
+        last = len(hidden) - 1
+        return torch.stack([masked_mean((h if i == last else norm(h))[None], pool_mask)[0]
+                            for i, h in enumerate(hidden)])
+
+    def layer_alpha(self, hidden, task, pool_mask, pooled=None):
+        """α [B, L] from the raw decoder states and the prefix mask (one-hot for ``lm_fusion="last"``)."""
+        B = hidden[0].shape[0]
+        if self.lm_fusion.mode == "last":
+            return self.lm_fusion.last_layer_weights(B, hidden[0].device)
+        if pooled is None:
+            pooled = self.pooled_layers(hidden, pool_mask)
+        return torch.softmax(self.lm_fusion.pooled_scores(pooled, task), dim=-1)
+
+    def fuse(self, states, alpha):
+        """Σ_l α_l states_l; ``states`` from :meth:`layer_states` ([1, ...] for ``lm_fusion="last"``)."""
+        if self.lm_fusion.mode == "last":
+            return states[0]
+        return PromptAdaptiveFusion.fuse(states, alpha)
 
     def _record(self, task, alpha):
         with torch.no_grad():
@@ -319,12 +508,16 @@ class SpeechLM(torch.nn.Module):
             # position K-1+j predicts target token j
             gather[b, : len(y)] = torch.arange(p.shape[0] - 1, p.shape[0] - 1 + len(y), device=dev)
             target_ids[b, : len(y)] = torch.tensor(y, device=dev)
-        states, _ = self._lm_states(embeds, attn)
-        alpha = self.lm_fusion.layer_weights(states, task, pool)
+        hidden, _ = self.run_decoder(embeds, attn, use_cache=False)
+        alpha = self.layer_alpha(hidden, task, pool)
         self._record(task, alpha)
-        idx = gather[None, :, :, None].expand(states.shape[0], B, N, states.shape[-1])
-        fused = PromptAdaptiveFusion.fuse(torch.gather(states, 2, idx), alpha)
-        logits = self.lm.get_output_embeddings()(fused).float()
+        fused = self.fuse(self.layer_states(hidden, gather), alpha)     # [B, N, D]: target positions only
+        head = self.hf_lm.get_output_embeddings()
+        if self.training and self.loss_chunk_size is not None and torch.is_grad_enabled():
+            valid = target_ids != -100
+            loss = chunked_cross_entropy(fused[valid], target_ids[valid], head, self.loss_chunk_size) / valid.sum()
+            return SpeechLMOutput(loss, None, target_ids, alpha, self.tasks[self._task_index(task)])
+        logits = head(fused).float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target_ids.reshape(-1), ignore_index=-100)
         return SpeechLMOutput(loss, logits, target_ids, alpha, self.tasks[self._task_index(task)])
 
@@ -339,12 +532,13 @@ class SpeechLM(torch.nn.Module):
 
     def _classify(self, prefixes, task, targets, dev):
         embeds, attn = self._pad_left(prefixes)
-        states, _ = self._lm_states(embeds, attn)
-        fused, alpha = self.lm_fusion(states, task, attn)
+        hidden, _ = self.run_decoder(embeds, attn, use_cache=False)
+        pooled = self.pooled_layers(hidden, attn)                      # [L, B, D]
+        alpha = self.layer_alpha(hidden, task, attn, pooled=pooled)
         self._record(task, alpha)
-        m = attn[:, :, None].to(fused.dtype)
-        pooled = (fused * m).sum(1) / m.sum(1)
-        logits = self.classifier(pooled.to(self.classifier.weight.dtype)).float()
+        # mean over the prefix of Σ_l α_l h_l = Σ_l α_l (mean of h_l): the fused [B, K, D] is never built
+        fused = PromptAdaptiveFusion.fuse(pooled[:, :, None], alpha)[:, 0]
+        logits = self.classifier(fused.to(self.classifier.weight.dtype)).float()
         labels = loss = None
         if targets is not None:
             labels = self._label_indices(targets, dev)
@@ -353,40 +547,41 @@ class SpeechLM(torch.nn.Module):
 
     # -------------------------------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate(self, wavs, wav_lens, task, max_len=200):
-        """Greedy decoding -> list of strings (``ser_mode="classify"``: the argmax emotion names).
+    def generate(self, wavs, wav_lens, task, max_len=200, num_beams=1, length_penalty=1.0):
+        """Greedy (``num_beams=1``) or beam-search decoding with transformers ``generate`` -> list of strings.
 
-        α is computed once from the prefix and reused for every generated token, as in training.
+        ``ser_mode="classify"``: the argmax emotion names. α is computed once from the prefix and reused for
+        every generated token, as in training (see :class:`FusedHeadLM`). ``max_len`` = new tokens, EOS
+        included; ``length_penalty`` is HF's (beam score = Σ log p / length^length_penalty).
         """
         speech, smask = self.encode_speech(wavs, wav_lens, task)
         prefixes = self._prefixes(speech, smask, task)
         if self._is_classify(task):
             out = self._classify(prefixes, task, None, speech.device)
             return [self.emotions[i] for i in out.logits.argmax(-1).tolist()]
+        return self.generate_from_prefixes(prefixes, task, max_len, num_beams, length_penalty)
+
+    @torch.no_grad()
+    def generate_from_prefixes(self, prefixes, task, max_len=200, num_beams=1, length_penalty=1.0):
+        """Decode from ready prefix embeddings (list of [K_b, D]) -> list of strings."""
+        from transformers import GenerationConfig
+
         embeds, attn = self._pad_left(prefixes)
-        states, out = self._lm_states(embeds, attn, use_cache=True)
-        alpha = self.lm_fusion.layer_weights(states, task, attn)
-        head = self.lm.get_output_embeddings()
         eos = self.tokenizer.eos_token_id
-        B = embeds.shape[0]
-        done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
-        result = [[] for _ in range(B)]
-        last = PromptAdaptiveFusion.fuse(states[:, :, -1:], alpha)
-        past = out.past_key_values
-        for _ in range(max_len):
-            tok = head(last[:, -1]).argmax(-1)
-            for b in range(B):
-                if not done[b] and tok[b].item() != eos:
-                    result[b].append(tok[b].item())
-            done |= tok == eos
-            if bool(done.all()):
-                break
-            attn = torch.cat([attn, torch.ones(B, 1, dtype=torch.bool, device=attn.device)], dim=1)
-            states, out = self._lm_states(self._embed_ids(tok[:, None]), attn, past_key_values=past,
-                                          use_cache=True)
-            past = out.past_key_values
-            last = PromptAdaptiveFusion.fuse(states, alpha)
-        return [self.tokenizer.decode(r, skip_special_tokens=True) for r in result]
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        config = GenerationConfig(
+            max_new_tokens=int(max_len), do_sample=False, num_beams=int(num_beams), num_return_sequences=1,
+            length_penalty=float(length_penalty), early_stopping=num_beams > 1,
+            eos_token_id=eos, pad_token_id=eos if pad is None else pad,
+            bos_token_id=getattr(self.tokenizer, "bos_token_id", None), use_cache=True)
+        model = FusedHeadLM(self, task)
+        seqs = model.generate(inputs_embeds=embeds, attention_mask=attn.long(), generation_config=config)
+        out = []
+        for row in seqs.tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            out.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return out
 
     # ------------------------------------------------------------------------------------------- plots
     def fusion_weights(self, task):
@@ -404,6 +599,62 @@ class SpeechLM(torch.nn.Module):
     def reset_fusion_stats(self):
         self._alpha_sum.zero_()
         self._alpha_count.zero_()
+
+
+@dataclass
+class FusedLMOutput(CausalLMOutputWithPast):
+    lm_alpha: torch.Tensor | None = None   # [B, L] dynamic LM-layer weights α of the prefix
+
+
+class FusedHeadLM(PreTrainedModel, GenerationMixin):
+    """What transformers ``generate`` decodes: the speech LM's decoder -> per-layer norm -> fusion -> ``lm_head``.
+
+    Why a model of its own rather than ``self.lm.generate``: the HarmoniFuse dynamic fusion changes what the LM
+    head sees (Σ_l α_l norm(h_l), not the last layer), so the plain LM's logits would be those of another model.
+    This ``PreTrainedModel`` holds the :class:`SpeechLM` (built per ``generate`` call, never a submodule of it,
+    so no weight is stored twice) and its forward applies the same fusion as training:
+
+    * prefill step (no ``lm_alpha`` yet): the whole left-padded prefix is in the call; α is computed from it
+      with the attention mask as the pool mask, exactly as :meth:`SpeechLM.forward` pools the prefix;
+    * α is returned in the output and put back into the model kwargs by
+      :meth:`_update_model_kwargs_for_generation`, so every later step reuses it (target tokens never move α);
+    * only the last position's logits are built.
+
+    Beam search: HF expands the prefix to ``num_beams`` copies per utterance before the prefill, so every beam
+    of an utterance gets the same α; reordering beams inside an utterance therefore never needs α reordered.
+    """
+
+    # attention runs inside the wrapped LM, which was loaded with its own implementation
+    _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
+
+    def __init__(self, speech_lm, task):
+        super().__init__(copy.deepcopy(speech_lm.hf_lm.config))  # a copy: init may adjust its attention fields
+        self.speech_lm = speech_lm
+        self.task = task
+
+    def get_input_embeddings(self):
+        return self.speech_lm.hf_lm.get_input_embeddings()
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, past_key_values=None,
+                use_cache=None, cache_position=None, lm_alpha=None, **kwargs):
+        slm = self.speech_lm
+        if inputs_embeds is None:
+            inputs_embeds = slm._embed_ids(input_ids)
+        attn = attention_mask.bool()
+        hidden, out = slm.run_decoder(inputs_embeds, attn, past_key_values=past_key_values, use_cache=use_cache,
+                                      cache_position=cache_position)
+        if lm_alpha is None:
+            lm_alpha = slm.layer_alpha(hidden, self.task, attn)
+        B, S = inputs_embeds.shape[:2]
+        last = torch.full((B, 1), S - 1, dtype=torch.long, device=inputs_embeds.device)
+        fused = slm.fuse(slm.layer_states(hidden, last), lm_alpha)
+        logits = slm.hf_lm.get_output_embeddings()(fused).float()
+        return FusedLMOutput(logits=logits, past_key_values=out.past_key_values, lm_alpha=lm_alpha)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["lm_alpha"] = outputs.lm_alpha
+        return model_kwargs
 
 
 # ------------------------------------------------------------------------------------- ablation and recipe helpers

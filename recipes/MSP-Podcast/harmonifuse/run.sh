@@ -4,7 +4,8 @@
 #   stage 0: data preparation (MSP-Podcast manifests, LibriSpeech manifests)
 #            with --mini true: first generate the mini corpora, the tiny WavLM and the tiny causal LM (offline demo)
 #   stage 1: training + test of the selected rows (hparams/rows/<row>.yaml), batch-interleaved ASR/SER
-#   stage 2: results table (WER, UA/WA/MaF1 with 95% CIs) from every row's metrics.json; fusion plots per row
+#   stage 2: results tables from every row's metrics.json (results/harmonifuse_table.md: WER clean/other, UA, WA,
+#            MaF1, each with its 95% CI); fusion plots per row
 #
 # Examples
 #   bash run.sh --mini true                                   # whole pipeline on generated data (CPU)
@@ -25,13 +26,16 @@ device=                     # cuda:0 / cpu; empty = SpeechBrain's default
 mini=false                  # true: generate mini corpora + tiny WavLM + tiny LM and use fast demo settings
 msp_folder=                 # MSP-Podcast root (Audios/ Labels/ Transcripts/)
 libri_folder=               # LibriSpeech root (train-clean-100/ dev-clean/ test-clean/ test-other/)
+iemocap_folder=             # IEMOCAP_full_release root: adds the iemocap_ser row for folds 1..5
 libri_train_splits="train-clean-100"   # e.g. "train-clean-100 train-clean-360 train-other-500" (960 h)
 wavlm_source=microsoft/wavlm-large     # hub id or local directory
 lm_source=Qwen/Qwen2.5-0.5B            # any causal LM: hub id or local directory
 exp=exp/harmonifuse_recipe  # everything this recipe writes
-rows="single_task_asr single_task_ser fixed_layer_12 fixed_layer_24 static_encoder_fusion static_lm_fusion full"
+rows="single_task_asr_layer12 single_task_asr_layer24 single_task_ser_layer12 single_task_ser_layer24 single_task_asr \
+single_task_ser fixed_layer_12 fixed_layer_24 static_encoder_fusion static_lm_fusion full soft_prompts channel_gate lm_frozen lm_full"
 seed=1986
 train_args=""               # extra overrides for every row (e.g. "--number_of_epochs=5 --lr=0.0002")
+mini_lm_args=""
 
 . "${root}/tools/recipe_lib.sh"   # parses the options above; defines log, launch, ${py}
 extra=("$@")                # passed to every train.py
@@ -41,9 +45,11 @@ if [ "${mini}" = true ]; then
     libri_folder=${libri_folder:-${exp}/data/LibriSpeech}
     [ "${wavlm_source}" = microsoft/wavlm-large ] && wavlm_source=${exp}/data/tiny_wavlm
     [ "${lm_source}" = Qwen/Qwen2.5-0.5B ] && lm_source=${exp}/data/tiny_lm
-    # Tiny random models and ~200 training utterances: the LM trains too (it knows no language), large
-    # learning rates, decoding on the validation sets only at the last epoch, few bootstraps.
-    train_args="--number_of_epochs=15 --freeze_lm=False --lr=0.005 --lr_backbone=0.002 --valid_search_interval=15 \
+    # Tiny random models and ~200 training utterances: the whole LM trains (it knows no language; LoRA on a
+    # random 32-wide LM would learn little), large learning rates, decoding on the validation sets only at the
+    # last epoch, few bootstraps.
+    mini_lm_args="--lm_mode=full --backbone_modules=[speech_lm.encoder,speech_lm.lm]"   # not for the lm_* rows
+    train_args="--number_of_epochs=15 --lr=0.005 --lr_backbone=0.002 --valid_search_interval=15 \
 --asr_max_decode_len=60 --num_bootstraps=200 ${train_args}"
 fi
 [ -n "${msp_folder}" ] || { echo "--msp_folder (MSP-Podcast root) is required (or --mini true)" >&2; exit 1; }
@@ -54,6 +60,7 @@ splits_yaml="[$(echo ${libri_train_splits} | sed 's/ /, /g')]"
 common=(--seed="${seed}" --wavlm_source="${wavlm_source}" --lm_source="${lm_source}"
         --msp_folder="${msp_folder}" --libri_folder="${libri_folder}" --skip_prep=True
         --msp_prep_folder="${prep}/msp" --libri_prep_folder="${prep}/libri" --libri_train_splits="${splits_yaml}"
+        --iemocap_prep_folder="${prep}/iemocap" ${iemocap_folder:+--iemocap_folder="${iemocap_folder}"}
         ${device:+--device="${device}"})
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
@@ -66,6 +73,9 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     fi
     "${py}" "${msp_dir}/msp_podcast_prepare.py" --data_folder "${msp_folder}" --save_folder "${prep}/msp"
     # shellcheck disable=SC2086
+    if [ -n "${iemocap_folder}" ]; then
+        "${py}" "${root}/recipes/IEMOCAP/iemocap_prepare.py" --data_folder "${iemocap_folder}" --save_folder "${prep}/iemocap"
+    fi
     "${py}" "${root}/recipes/LibriSpeech/librispeech_prepare.py" --data_folder "${libri_folder}" \
         --save_folder "${prep}/libri" --splits ${libri_train_splits} dev-clean test-clean test-other \
         --required_splits ${libri_train_splits} dev-clean test-clean
@@ -76,14 +86,30 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
         [ -f "${recipe_dir}/hparams/rows/${row}.yaml" ] || { echo "no row file hparams/rows/${row}.yaml" >&2; exit 1; }
         log "Stage 1: HarmoniFuse row ${row}"
         # shellcheck disable=SC2086
+        row_lm_args=${mini_lm_args}
+        case ${row} in lm_*) row_lm_args="" ;; esac   # the LM-mode rows keep their own lm_mode
         launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${common[@]}" \
-            --exp_folder="${exp}/rows" ${train_args} "${extra[@]}"
+            --exp_folder="${exp}/rows" ${row_lm_args} ${train_args} "${extra[@]}"
     done
+    if [ -n "${iemocap_folder}" ]; then
+        for fold in 1 2 3 4 5; do
+            log "Stage 1: HarmoniFuse row iemocap_ser, fold ${fold}"
+            # shellcheck disable=SC2086
+            launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/iemocap_ser.yaml" "${common[@]}" \
+                --exp_folder="${exp}/rows" --iemocap_fold="${fold}" --experiment="iemocap_fold${fold}" \
+                ${mini_lm_args} ${train_args} "${extra[@]}"
+        done
+    fi
 fi
 
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     log "Stage 2: results table"
     "${py}" -m tools.collect_results "${exp}/rows" --out "${exp}/results/table"
+    # WER clean / other, UA, WA and MaF1 with their 95% CIs
+    "${py}" "${recipe_dir}/make_table.py" "${exp}/rows" --out "${exp}/results/harmonifuse_table"
+    for m in "${exp}"/rows/*/"${seed}"/metrics.json; do   # a model card (README.md) per row
+        [ -f "${m}" ] && "${py}" "${recipe_dir}/model_card.py" "$(dirname "${m}")"
+    done
     log "results: ${exp}/results/table.md (printed above; WER = test-clean, metrics.json also holds wer_other when present)"
     log "per-row fusion weights: ${exp}/rows/<row>/${seed}/{fusion_weights.json,encoder_layer_weights.png,lm_fusion_weights.png}"
     for f in "${exp}"/rows/*/"${seed}"/fusion_weights.json; do

@@ -26,6 +26,8 @@ from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "LibriSpeech"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "IEMOCAP"))
+from iemocap_prepare import prepare_iemocap  # noqa: E402
 from librispeech_prepare import prepare_librispeech  # noqa: E402
 from msp_podcast_prepare import prepare_msp_podcast  # noqa: E402
 
@@ -75,13 +77,13 @@ def ser_report_with_invalid(y_true, y_pred, n_classes, speakers=None, num_bootst
     """``lobes.metrics.ser_report`` where ``y_pred`` may hold ``n_classes`` (= invalid output).
 
     Same keys and bootstrap sets as ``ser_report`` (identical numbers when nothing is invalid); adds
-    ``n_invalid``; ``confusion`` is (K+1)x(K+1) (last row empty, last column = invalid), ``per_class_recall``
-    K values.
+    ``n_invalid`` and ``accuracy_ci`` (WA); ``confusion`` is (K+1)x(K+1) (last row empty, last column =
+    invalid), ``per_class_recall`` K values.
     """
     k = n_classes
     report = M.ser_report(y_true, y_pred, speakers=speakers, num_bootstraps=num_bootstraps, n_classes=k + 1,
                           seed=seed)  # UA, WA and their CIs are already right: the invalid row is empty
-    for name in ("precision", "macro_f1"):
+    for name in ("precision", "macro_f1", "accuracy"):
         def fn(labels, samples, name=name):
             return _emotion_scores(M.confusion_counts(labels, samples, k + 1))[name]
         report[name], report[f"{name}_ci"] = M.bootstrap_ci(y_true, y_pred, fn, num_bootstraps=num_bootstraps,
@@ -89,6 +91,31 @@ def ser_report_with_invalid(y_true, y_pred, n_classes, speakers=None, num_bootst
     report["per_class_recall"] = report["per_class_recall"][:k]
     report["n_invalid"] = sum(1 for p in y_pred if p == k)
     return report
+
+
+def wer_with_ci(refs, hyps, num_bootstraps=1000, seed=0, alpha=5):
+    """Corpus WER and its percentile-bootstrap CI over utterances: each resampled set's WER is
+    Σ errors / Σ reference words of the drawn utterances (the same sets as the SER CIs use)."""
+    import jiwer
+    import numpy as np
+
+    errors, words = [], []
+    for r, h in zip(refs, hyps):
+        if not r.split():  # jiwer refuses an empty reference: every hypothesis word is an insertion
+            errors.append(len(h.split()))
+            words.append(0)
+            continue
+        o = jiwer.process_words(r, h)
+        errors.append(o.substitutions + o.deletions + o.insertions)
+        words.append(o.hits + o.substitutions + o.deletions)
+    errors, words = np.asarray(errors, dtype=np.float64), np.asarray(words, dtype=np.float64)
+    vals = []
+    for idx in M.bootstrap_sets(len(refs), None, num_bootstraps, seed):
+        n = words[idx].sum()
+        if n:  # a draw of only empty references has no WER
+            vals.append(errors[idx].sum() / n)
+    return float(errors.sum() / words.sum()), [float(np.percentile(vals, alpha / 2)),
+                                               float(np.percentile(vals, 100 - alpha / 2))]
 
 
 # ------------------------------------------------------------------------------------------------ the Brain
@@ -123,7 +150,8 @@ class HarmoniFuseBrain(ToolkitBrain):
         hyps = None
         if self.decoding(stage):
             max_len = self.hparams.asr_max_decode_len if task == "asr" else self.hparams.ser_max_decode_len
-            hyps = self.speech_lm.generate(wavs, lens, task, max_len=max_len)
+            hyps = self.speech_lm.generate(wavs, lens, task, max_len=max_len, num_beams=self.hparams.num_beams,
+                                           length_penalty=self.hparams.length_penalty)
         return tag, task, out, hyps
 
     def compute_objectives(self, predictions, batch, stage):
@@ -193,17 +221,22 @@ class HarmoniFuseBrain(ToolkitBrain):
         h = self.hparams
         out = {"experiment": h.experiment, "test_loss": self.combined_loss(), "train_tasks": list(h.train_tasks),
                "encoder_fusion": fusion_description(self.speech_lm), "lm_fusion": self.speech_lm.lm_fusion.mode,
+               "lm_mode": self.speech_lm.lm_mode, "prompt_mode": self.speech_lm.prompt_mode,
                "test_loss_by_split": self.task_means()}
         if h.table_rows:
             out["table_rows"] = h.table_rows
         if self.asr_by_split:
             details = {split: M.wer_details(o["refs"], o["hyps"]) for split, o in self.asr_by_split.items()}
+            for split, o in self.asr_by_split.items():
+                details[split]["wer_ci"] = wer_with_ci(o["refs"], o["hyps"], h.num_bootstraps, h.seed)[1]
+                details[split]["wer_whisper_norm"] = M.wer_whisper_norm(o["refs"], o["hyps"])
             first = next(iter(details))  # libri_test_splits order: test-clean first
             out["wer"] = details[first]["wer"]
             out["wer_split"] = first
             out["wer_by_split"] = details
             for split, d in details.items():
                 out[f"wer_{split.replace('test-', '')}"] = d["wer"]
+                out[f"wer_{split.replace('test-', '')}_ci"] = d["wer_ci"]
             o = self.asr_by_split[first]
             out["asr_examples"] = [{"id": i, "ref": r, "hyp": x} for i, r, x in
                                    list(zip(o["ids"], o["refs"], o["hyps"]))[:5]]
@@ -282,11 +315,43 @@ def check_hparams(hparams):
         raise DataError(f"interleave_ratio {hparams['interleave_ratio']} gives no batches to trained task(s) {missing}")
     if "asr" in tasks and not hparams["libri_test_splits"]:
         raise DataError("libri_test_splits is empty: ASR needs at least one test split (e.g. [test-clean])")
+    if hparams["ser_corpus"] not in ("msp_podcast", "iemocap"):
+        raise DataError(f"ser_corpus must be 'msp_podcast' or 'iemocap', got '{hparams['ser_corpus']}'")
+    if hparams["ser_corpus"] == "iemocap" and "ser" in tasks and int(hparams["iemocap_fold"]) not in range(1, 6):
+        raise DataError(f"iemocap_fold must be a session number 1..5, got {hparams['iemocap_fold']}")
+    extra = hparams["ser_extra_sources"] or {}
+    if extra and "ser" not in tasks:
+        raise DataError(f"ser_extra_sources {sorted(extra)} need 'ser' in train_tasks, got {tasks}")
+    missing = [f"ser:{n}" for n in extra if not hparams["interleave_ratio"].get(f"ser:{n}")]
+    if missing:
+        raise DataError(f"interleave_ratio {hparams['interleave_ratio']} gives no batches to the extra SER "
+                        f"source(s) {missing} (add e.g. '{missing[0]}': 1)")
+
+
+def train_sources(hparams):
+    """Interleaved training sources: the trained tasks, then one ``ser:<name>`` per ``ser_extra_sources`` entry."""
+    return list(hparams["train_tasks"]) + [f"ser:{n}" for n in (hparams["ser_extra_sources"] or {})]
+
+
+def needs_unused_parameter_search(hparams):
+    """DDP's ``find_unused_parameters``: only the classify head is idle on some batches (those of ASR)."""
+    return hparams["ser_mode"] == "classify" and "asr" in hparams["train_tasks"]
+
+
+def ser_prep_folder(hparams):
+    """Where the SER train/valid/test manifests are: MSP-Podcast's, or the IEMOCAP fold's."""
+    if hparams["ser_corpus"] == "iemocap":
+        return Path(hparams["iemocap_prep_folder"]) / f"fold{hparams['iemocap_fold']}"
+    return Path(hparams["msp_prep_folder"])
 
 
 def prepare(hparams):
     tasks = hparams["train_tasks"]
-    if "ser" in tasks:
+    if "ser" in tasks and hparams["ser_corpus"] == "iemocap":
+        sb.utils.distributed.run_on_main(prepare_iemocap, kwargs={
+            "data_folder": hparams["iemocap_folder"], "save_folder": hparams["iemocap_prep_folder"],
+            "folds": (int(hparams["iemocap_fold"]),), "asr_manifests": False})
+    elif "ser" in tasks:
         sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
             "data_folder": hparams["msp_folder"], "save_folder": hparams["msp_prep_folder"],
             "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"],
@@ -342,11 +407,22 @@ def build_datasets(hparams):
         out["valid"][f"asr:{hparams['libri_valid_split']}"] = ds["valid"]
         out["test"].update({f"asr:{s}": ds[f"test:{s}"] for s in tests})
     if "ser" in tasks:
-        mp = Path(hparams["msp_prep_folder"])
+        mp = ser_prep_folder(hparams)
+        if hparams["ser_corpus"] == "iemocap":  # the head's classes must be the prepared ones, in their order
+            listed = Path(hparams["iemocap_prep_folder"]) / "classes.txt"
+            prepared = listed.read_text().split() if listed.is_file() else None
+            if prepared != list(hparams["emotion_classes"]):
+                raise DataError(f"emotion_classes {list(hparams['emotion_classes'])} differ from the prepared "
+                                f"IEMOCAP classes {prepared} ({listed})")
         ds = ser_datasets({s: str(mp / f"{s}.json") for s in ("train", "valid", "test")}, hparams["emotion_classes"])
         out["train"]["ser"] = ds["train"]
         out["valid"]["ser:valid"] = ds["valid"]
         out["test"]["ser:test"] = ds["test"]
+        # extra SER training sources (e.g. a tools.pseudo_label manifest): interleaved as SER batches of their own
+        for name, manifest in (hparams["ser_extra_sources"] or {}).items():
+            if not Path(manifest).is_file():
+                raise DataError(f"ser_extra_sources.{name}: manifest '{manifest}' does not exist")
+            out["train"][f"ser:{name}"] = ser_datasets({"train": str(manifest)}, hparams["emotion_classes"])["train"]
     return out
 
 
@@ -369,11 +445,12 @@ def task_batch_sampler(hparams, dataset, task, train):
 
 
 def make_loaders(hparams, datasets):
-    tasks = list(hparams["train_tasks"])
+    tasks = train_sources(hparams)
     ratio = {t: hparams["interleave_ratio"][t] for t in tasks}
     length = hparams["interleave_length"]
     train = make_interleaved_dataloader(
-        datasets["train"], {t: task_batch_sampler(hparams, datasets["train"][t], t, True) for t in tasks},
+        datasets["train"],
+        {t: task_batch_sampler(hparams, datasets["train"][t], t.split(":")[0], True) for t in tasks},
         ratio=ratio, length=int(length) if str(length).isdigit() else length, order=hparams["interleave_order"],
         seed=hparams["seed"], num_workers=hparams["num_workers"])
 
@@ -399,9 +476,10 @@ if __name__ == "__main__":
 
     brain = HarmoniFuseBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                              run_opts=run_opts, checkpointer=hparams["checkpointer"])
-    if hparams["lm_fusion"] == "last" or hparams["ser_mode"] == "classify":
-        # the LM-fusion biases (or the SER classifier, on ASR batches) get no gradient: DDP must know
-        brain.find_unused_parameters = True
+    # Every trainable parameter gets a gradient from every batch (SpeechLM freezes what cannot: WavLM's
+    # masked_spec_embed, the layers above a fixed layer; lm_fusion "last" has no parameters), except the SER
+    # classification head on ASR batches: only then must DDP search for unused parameters.
+    brain.find_unused_parameters = brain.find_unused_parameters or needs_unused_parameter_search(hparams)
     brain.train_sampler = train_loader.batch_sampler  # fit() calls its set_epoch(epoch) every epoch
     brain.fit(hparams["epoch_counter"], train_loader, valid_loader)
     brain.evaluate(test_loader, min_key="loss")
