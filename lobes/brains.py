@@ -131,6 +131,7 @@ class ToolkitBrain(sb.Brain):
         """After the optimizers are built and a checkpoint is recovered: each optimizer takes its schedule's
         learning rate for the next step (step 0 of a linear warm-up: 0, as HF's; a resumed run: where it stopped)."""
         super().on_fit_start()
+        self.loggers  # noqa: B018 -- built now, so a logger that cannot start fails before any training
         for name, sched in self.lr_schedulers.items():
             lr = self.scheduled_lr(sched)
             if lr is None:

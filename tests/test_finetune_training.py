@@ -4,6 +4,7 @@ LayerDrop, TensorBoard curves.
 The schedule tests run ``ToolkitBrain.fit`` on a two-module toy model (a "backbone" and a "head" Linear, the two
 optimizers of every recipe) so every optimizer step is cheap; the masking tests use the tiny WavLM.
 """
+import itertools
 import math
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def test_newbob_anneals_each_optimizer_after_a_validation_without_enough_improve
     losses = head.metric_values
     assert len(losses) == 3 and backbone.metric_values == losses
     # threshold 0.5: each validation after the first that did not halve the loss multiplies the rate
-    n_anneal = sum((a - b) / a < 0.5 for a, b in zip(losses, losses[1:]))
+    n_anneal = sum((a - b) / a < 0.5 for a, b in itertools.pairwise(losses))
+    assert n_anneal >= 1
     assert head.hyperparam_value == pytest.approx(LR * 0.5 ** n_anneal)
     assert brain.optimizers_dict["opt_class"].param_groups[0]["lr"] == pytest.approx(LR * 0.5 ** n_anneal)
     assert brain.optimizers_dict["backbone_opt_class"].param_groups[0]["lr"] == pytest.approx(
@@ -300,3 +302,14 @@ def test_recipe_yamls_mask_and_drop_layers_only_where_allowed(yaml, on):
     rec = h["checkpointer"]["recoverables"]
     assert {"lr_annealing", "lr_annealing_wavlm"} <= set(rec)
     assert h["use_tensorboard"] is True
+
+
+def test_wandb_requested_without_wandb_installed_is_an_error_naming_the_key(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError, installed or not
+    brain = _brain(tmp_path)
+    brain.hparams.use_wandb = True
+    with pytest.raises(DataError, match="use_wandb: True, but wandb is not installed"):
+        _fit(brain)
+    assert brain.used_lrs == []  # before the first step
