@@ -142,6 +142,9 @@ class WavLMEncoder(torch.nn.Module):
             # it): garbage up to 1e38 and a NaN loss at the first masked step. U[0, 1) as HF's own __init__.
             with torch.no_grad():
                 self.model.masked_spec_embed.uniform_()
+        if getattr(self.model, "masked_spec_embed", None) is not None and not (apply_spec_augment and mask_time_prob > 0):
+            # used only by time masking: without it, a trainable parameter with no gradient would stop DDP
+            self.model.masked_spec_embed.requires_grad_(False)
         self.normalize_wav = normalize_wav
         self.freeze = freeze
         if freeze:

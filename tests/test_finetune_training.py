@@ -240,6 +240,9 @@ def test_masking_follows_hf_in_train_mode_only_and_never_for_a_frozen_backbone(t
     assert "masked_spec_embed" not in enc.export_state()
     emb = enc.model.masked_spec_embed  # initialised (from_pretrained left it as raw memory: NaN losses)
     assert emb.shape == (enc.hidden_size,) and bool(((emb >= 0) & (emb < 1)).all())
+    assert emb.requires_grad  # trained with the backbone; without time masking it would get no gradient (DDP):
+    channel_only = WavLMEncoder(str(tiny_wavlm), **{**MASKING, "mask_time_prob": 0.0})
+    assert not channel_only.model.masked_spec_embed.requires_grad
     enc.train()
     np.random.seed(7)
     frames, channels = _masked(enc, _encoder_input(enc, wavs, lens))
