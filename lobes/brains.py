@@ -87,13 +87,15 @@ class ToolkitBrain(sb.Brain):
         """{optimizer name: scheduler} of the YAML's ``lr_schedulers`` whose optimizer exists (a frozen
         backbone has no backbone optimizer)."""
         declared = getattr(self.hparams, "lr_schedulers", None) or {}
-        return {n: s for n, s in declared.items() if n in getattr(self, "optimizers_dict", {})}
+        return {n: s for n, s in declared.items() if s is not None and n in getattr(self, "optimizers_dict", {})}
 
     def _check_schedulers(self):
         declared = getattr(self.hparams, "lr_schedulers", None) or {}
         known = ("opt_class", "backbone_opt_class")
         saved = set(map(id, self.checkpointer.recoverables.values())) if self.checkpointer is not None else set()
         for name, sched in declared.items():
+            if sched is None:  # switched off, e.g. --lr_schedulers="{opt_class: null}": a constant learning rate
+                continue
             if name not in known:
                 raise DataError(f"lr_schedulers: '{name}' names no optimizer (use {known})")
             if not isinstance(sched, (LinearWarmupScheduler, NewBobScheduler)):
@@ -109,7 +111,7 @@ class ToolkitBrain(sb.Brain):
         """Fill a ``LinearWarmupScheduler``'s null step counts: ``epochs`` x ``steps_per_epoch`` optimizer steps,
         the first ``warmup_ratio`` of them warming up (a checkpoint's saved counts replace these on resume)."""
         for name, sched in (getattr(self.hparams, "lr_schedulers", None) or {}).items():
-            if not isinstance(sched, LinearWarmupScheduler):
+            if not isinstance(sched, LinearWarmupScheduler):  # also None: switched off
                 continue
             if sched.num_training_steps is None:
                 sched.num_training_steps = epochs * steps_per_epoch

@@ -295,11 +295,11 @@ def test_layerdrop_skips_layers_in_train_mode_only(tiny_wavlm):
                                       ("recipes/MSP-Podcast/ser/hparams/train_ser.yaml", False),
                                       ("recipes/MSP-Podcast/mtl/hparams/mtl.yaml", False)])
 def test_recipe_yamls_mask_and_drop_layers_only_where_allowed(yaml, on):
-    """ASR: masking + LayerDrop; a weighted layer sum (SER, MTL): masking, LayerDrop 0 (s3prl)."""
+    """ASR: masking + LayerDrop; a weighted layer sum (SER, MTL): LayerDrop 0 (s3prl), masking off (measured)."""
     from lobes.hparams_io import _yaml
 
     h = _yaml().load(Path(__file__).resolve().parents[1].joinpath(yaml).read_text())
-    assert h["apply_spec_augment"] is True and h["mask_time_prob"] == 0.05 and h["mask_time_length"] == 10
+    assert h["apply_spec_augment"] is on and h["mask_time_prob"] == 0.05 and h["mask_time_length"] == 10
     assert h["layerdrop"] == (0.05 if on else 0.0)
     assert set(h["lr_schedulers"]) == {"opt_class", "backbone_opt_class"}
     rec = h["checkpointer"]["recoverables"]
@@ -316,3 +316,12 @@ def test_wandb_requested_without_wandb_installed_is_an_error_naming_the_key(tmp_
     with pytest.raises(DataError, match="use_wandb: True, but wandb is not installed"):
         _fit(brain)
     assert brain.used_lrs == []  # before the first step
+
+
+def test_a_null_schedule_keeps_that_optimizers_rate_constant(tmp_path):
+    brain = _brain(tmp_path)
+    brain.hparams.lr_schedulers["backbone_opt_class"] = None  # what --lr_schedulers="{backbone_opt_class: null}" gives
+    _fit(brain)
+    assert {u["backbone_opt_class"] for u in brain.used_lrs} == {LR_BACKBONE}
+    assert brain.used_lrs[3]["opt_class"] == pytest.approx(LR)  # the head's schedule still runs (peak at step 3)
+    assert brain.used_lrs[0]["opt_class"] == 0.0
