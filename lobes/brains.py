@@ -16,8 +16,8 @@
   listed in the checkpointer's recoverables, so a resumed run continues its schedule):
   ``LinearWarmupScheduler`` is applied after every optimizer step (its step counts, when null in the YAML,
   come from ``warmup_ratio`` and ``number_of_epochs`` x optimizer steps per epoch at the start of ``fit``),
-  ``NewBobScheduler`` after every validation, on the validation loss; a recipe without the key trains at
-  constant learning rates;
+  ``NewBobScheduler`` after every validation, on the validation loss (either sets every param group of its
+  optimizer to the same rate); a null entry, or a recipe without the key, trains at constant learning rates;
 - live curves: every ``log_stats`` goes to ``train_logger`` (text) and, when switched on in the YAML, to
   SpeechBrain's TensorBoard logger (``use_tensorboard``) and W&B (``use_wandb``, needs wandb installed);
   at the end of ``fit`` the per-epoch losses and metrics of ``train_log.txt`` are drawn into ``curves_plot``.
@@ -71,7 +71,7 @@ class ToolkitBrain(sb.Brain):
                 (backbone if id(p) in backbone_ids and backbone_opt is not None else head).append(p)
         self.optimizers_dict = {}
         if head:
-            self.optimizer = self.opt_class(head)
+            self.optimizer = self.opt_class(self.head_param_groups(head))
             self.optimizers_dict["opt_class"] = self.optimizer
         if backbone:
             self.backbone_optimizer = backbone_opt(backbone)
@@ -217,6 +217,10 @@ class ToolkitBrain(sb.Brain):
             plot_training_curves(self.hparams.train_log, path, title=Path(self.hparams.output_folder).name)
         except DataError as e:  # a plot must not fail a finished training run
             logger.warning("training curves not drawn: %s", e)
+
+    def head_param_groups(self, params):
+        """What ``opt_class`` is given: the trainable non-backbone parameters, or a recipe's param groups."""
+        return params
 
     def on_fit_batch_start(self, batch, should_step):
         self._batch_ids = list(getattr(batch, "id", []))

@@ -1,5 +1,5 @@
-"""Figures for the papers: confusion matrices, λ per merge group (AdaLTM Figures 2/3) and layer weights α;
-training curves (loss, task metric, learning rate per epoch) of a fine-tuning run.
+"""Figures for the papers: confusion matrices, λ per merge group (AdaLTM Figures 2/3: ``plot_lambda_lines``) and
+layer weights α; training curves (loss, task metric, learning rate per epoch) of a fine-tuning run.
 
 Every figure is drawn on its own ``matplotlib.figure.Figure`` with an Agg canvas (no pyplot global state, no
 display needed) at a fixed ``figsize`` x ``dpi``, so a PNG is exactly ``figsize[0]*dpi`` x ``figsize[1]*dpi``
@@ -179,6 +179,38 @@ def plot_layer_weights(weights, path, title=None, first_index=0, figsize=(8, 4.5
         ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path, dpi)
+
+
+def plot_lambda_lines(lines, path, title=None, init=0.5, figsize=(8, 4.5), dpi=DEFAULT_DPI):
+    """λ per merge group as one line per entry of ``lines`` (``{label: [λ per group]}``, drawing order kept).
+
+    The paper's Figures 2 and 3 in their colour order: the first line blue, then orange, green, red (matplotlib's
+    C0..C3). Every line must have the same number of groups. Returns ``(path, plotted)``: ``plotted`` is
+    ``{label: y-data}`` read back from the drawn ``Line2D`` objects, so a caller (or a test) can check what the
+    figure shows against the coefficients it was given.
+    """
+    series = _series(lines, "lines")
+    lengths = {name: len(v) for name, v in series.items()}
+    if len(set(lengths.values())) != 1:
+        raise DataError(f"lines: every λ line needs the same number of merge groups, got {lengths}")
+    fig = _new_figure(figsize, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = {}
+    for k, (name, vals) in enumerate(series.items()):
+        (line,) = ax.plot(range(len(vals)), vals, color=f"C{k % 10}", marker=MARKERS[k % len(MARKERS)],
+                          markersize=4, label=name)
+        drawn[name] = line
+    if init is not None:
+        ax.axhline(init, color="gray", linestyle="--", linewidth=0.8, label=f"init ({init:g})")
+    _group_axis(ax, next(iter(lengths.values())))
+    ax.set_ylabel("λ")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    plotted = {name: np.asarray(line.get_ydata(), dtype=np.float64) for name, line in drawn.items()}
+    return _save(fig, path, dpi), plotted
 
 
 def _read_train_log(path):

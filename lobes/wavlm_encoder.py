@@ -156,6 +156,10 @@ class WavLMEncoder(torch.nn.Module):
             # records the CNN and saves its activations (about 0.1 GB per second of audio at WavLM-Large
             # shape; benchmarks/RESULTS.md "CNN freeze").
             self.model.freeze_feature_encoder()
+        spec_embed = getattr(self.model, "masked_spec_embed", None)
+        if spec_embed is not None and not self.model.config.apply_spec_augment:
+            # only SpecAugment reads it: a trainable parameter without a gradient stops DDP at the second step
+            spec_embed.requires_grad_(False)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -122,3 +122,32 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(DataError, match="test.uar"):
         CR.collect([bad])
     assert CR.main([str(bad), "--out", str(tmp_path / "t")]) == 2
+
+
+def test_source_models_as_reference_rows(exps, tmp_path, capsys):
+    # the SER recipe's metrics.json (its own placement is ignored) and two tools.eval_asr outputs
+    write(tmp_path / "ser" / "metrics.json", {"experiment": "1986", "table_rows": [{"part": "x", "row": "y"}],
+                                              "test": ser(0.39, [0.38, 0.40], 0.35, [0.34, 0.36], 0.3556,
+                                                          [0.3506, 0.3606])})
+    write(tmp_path / "asr_in" / "metrics.json", {"experiment": "asr_in", "wer": 0.2309, "n": 46366})
+    write(tmp_path / "asr_out" / "metrics.json", {"experiment": "asr_out", "wer": 0.3786, "n": 46366})
+    sources = [CR.parse_source(f"SER source (W_SER)={tmp_path / 'ser' / 'metrics.json'}"),
+               CR.parse_source(f"In-domain ASR source (W_ASR_in) = {tmp_path / 'asr_in' / 'metrics.json'}"),
+               CR.parse_source(f"Out-of-domain ASR source (W_ASR_out)={tmp_path / 'asr_out' / 'metrics.json'}")]
+    rows = CR.collect([exps / "dual"], sources)
+    assert [(r["part"], r["label"]) for r in rows] == [
+        (CR.SOURCE_PART, "SER source (W_SER)"), (CR.SOURCE_PART, "In-domain ASR source (W_ASR_in)"),
+        (CR.SOURCE_PART, "Out-of-domain ASR source (W_ASR_out)"), ("Part 2: Ablation", "Setup 4: Proposed Dual-Vector")]
+    md = CR.markdown_table(rows).splitlines()
+    assert md[2:6] == [f"| **{CR.SOURCE_PART}** | | | | |",
+                       "| SER source (W_SER) | 39.00 ± 1.00 | 35.00 ± 1.00 | 35.56 ± 0.50 | - |",
+                       "| In-domain ASR source (W_ASR_in) | - | - | - | 23.09 |",
+                       "| Out-of-domain ASR source (W_ASR_out) | - | - | - | 37.86 |"]
+    out = tmp_path / "t"
+    assert CR.main([str(exps / "dual"), "--out", str(out), "--source",
+                    f"SER source (W_SER)={tmp_path / 'ser' / 'metrics.json'}"]) == 0
+    assert "| SER source (W_SER) | 39.00 ± 1.00" in (tmp_path / "t.md").read_text()
+    with pytest.raises(DataError, match="expected LABEL=path"):
+        CR.parse_source("no-equals-sign")
+    with pytest.raises(DataError, match="metrics.json of source model 'ASR' not found"):
+        CR.collect([exps / "dual"], [("ASR", tmp_path / "missing" / "metrics.json")])

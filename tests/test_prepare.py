@@ -161,7 +161,7 @@ def test_msp_transcript_only_and_test_set(msp, mini_corpora, msp_manifests, tmp_
     kept = {u for s in ("train", "valid", "test") for u in _load(msp_manifests, s)}
     subset = {u for s in ("train", "valid", "test") for u in _load(tmp_path / "t", s)}
     assert subset == kept - set(mini_corpora.msp_counts["without_transcript"])
-    msp.prepare_msp_podcast(mini_corpora.msp, tmp_path / "t2", splits=("test",), test_set="Test2")
+    msp.prepare_msp_podcast(mini_corpora.msp, tmp_path / "t2", splits=("test",), test_splits=["Test2"])
     assert len(_load(tmp_path / "t2", "test")) == mini_corpora.msp_counts["test2"] == 8
     assert not (tmp_path / "t2" / "train.json").exists()
 

@@ -136,8 +136,18 @@ def test_results_table_has_every_run_row(pipeline):
                 "Static Global Merging (λ=0.5)", "MTL w/ static init. (W_base+0.5ΔW)"]:
         assert row in table
     csv_lines = (exp / "results" / "table.csv").read_text().strip().splitlines()
-    assert len(csv_lines) == 1 + 6  # header + setup1, setup4 x3 parts, static global, MTL
+    assert len(csv_lines) == 1 + 3 + 6  # header + 3 source models + setup1, setup4 x3 parts, static global, MTL
     assert "Setup 4: Proposed Dual-Vector" in out  # stage 4 prints the table
+    # reference rows: stage 2's SER metrics, the stage-1 ASR models' WER on the MSP-Podcast test manifest
+    ser = _metrics(exp / "ser")["test"]
+    assert f"| SER source (W_SER) | {100 * ser['uar']:.2f}" in table
+    for which, label in (("in", "In-domain ASR source (W_ASR_in)"), ("out", "Out-of-domain ASR source (W_ASR_out)")):
+        m = json.loads((exp / "results" / "sources" / f"asr_{which}" / "metrics.json").read_text())
+        assert m["n"] == len(json.loads((exp / "prep" / "msp" / "test.json").read_text()))
+        assert f"| {label} | - | - | - | {100 * m['wer']:.2f} |" in table
+    # Figures 2 and 3 from the rows that ran (setup4_dual only: its two lines in each)
+    for name in ("figure2_lambda_dual_vs_single.png", "figure3_lambda_domain.png"):
+        assert (exp / "results" / "plots" / name).stat().st_size > 1000
 
 
 def test_ddp_two_cpu_processes_keep_lambda_identical(pipeline, tmp_path):

@@ -14,6 +14,11 @@ Row placement comes from optional keys of metrics.json (top level, or inside a `
 One experiment can fill several rows (the paper's in-domain dual-vector run appears in Parts 2, 3 and 4) with
 ``"table_rows": [{"part": ..., "row": ..., "order": ...}, ...]``: one row per entry, same metrics.
 
+Reference rows of the source models (§3.1: the SER source, MaF1 35.56% in the paper; the in- and out-of-domain
+ASR sources, WER 23.09% / 37.86%) come from ``--source "LABEL=metrics.json"`` (repeatable): that file's metrics
+(SER recipe: ``test``; ``tools.eval_asr``: ``wer``) fill a row ``LABEL`` in the part ``SOURCE_PART``, in the
+order given, whatever placement the file itself holds.
+
 Rows are grouped by ``part`` (parts in natural order, "Part 2" before "Part 10"; rows without a part first, under
 no heading); inside a part, rows with ``order`` come first by ascending order, then the rest alphabetically by
 label. The label is ``row``, else ``experiment``, else the folder holding metrics.json.
@@ -31,6 +36,7 @@ from lobes.io_utils import atomic_write
 from lobes.metrics import read_metrics
 
 SER_KEYS = ("uar", "precision", "macro_f1")
+SOURCE_PART = "Part 0: Source models (reference, §3.1)"
 HEADER = ("Method/Setup", "UAR", "Pre.", "MaF1", "WER")
 CSV_COLUMNS = (
     "part", "row", "order", "experiment", "path",
@@ -144,10 +150,30 @@ def sort_rows(rows):
     return sorted(rows, key=key)
 
 
-def collect(paths):
-    """Rows (dicts, in table order) for every metrics.json named by or found below ``paths``."""
+def parse_source(spec):
+    """``"LABEL=path/metrics.json"`` -> ``(label, Path)``; DataError for a spec without both parts."""
+    label, sep, path = str(spec).partition("=")
+    if not sep or not label.strip() or not path.strip():
+        raise DataError(f"--source {spec!r}: expected LABEL=path/to/metrics.json")
+    return label.strip(), Path(path.strip())
+
+
+def source_rows(sources):
+    """Rows of the source models: ``sources`` is a list of ``(label, metrics.json)``, placed in ``SOURCE_PART``."""
+    rows = []
+    for order, (label, path) in enumerate(sources, start=1):
+        if not Path(path).is_file():
+            raise DataError(f"{path}: metrics.json of source model '{label}' not found")
+        rows.append(row_from_metrics(read_metrics(path), path,
+                                     placement={"part": SOURCE_PART, "row": label, "order": order}))
+    return rows
+
+
+def collect(paths, sources=()):
+    """Rows (dicts, in table order) for every metrics.json named by or found below ``paths``, plus ``sources``."""
     files = find_metrics_files(paths)
-    return sort_rows([row for f in files for row in rows_from_metrics(read_metrics(f), f)])
+    rows = [row for f in files for row in rows_from_metrics(read_metrics(f), f)]
+    return sort_rows(source_rows(sources) + rows)
 
 
 def _pct(value):
@@ -212,9 +238,11 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="experiment folders (searched recursively) or metrics.json files")
     parser.add_argument("--out", default="results/table", help="output prefix: writes <out>.md and <out>.csv")
+    parser.add_argument("--source", action="append", default=[], metavar="LABEL=METRICS_JSON",
+                        help=f"a source model's metrics.json as a reference row in '{SOURCE_PART}' (repeatable)")
     args = parser.parse_args(argv)
     try:
-        rows = collect(args.paths)
+        rows = collect(args.paths, [parse_source(s) for s in args.source])
         md, csv_path = write_table(rows, args.out)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,7 +34,7 @@ HPARAMS = (
     ("pooling", "pooling over time"),
     ("precision", "training precision"),
     ("transcript_only", "utterances with transcripts only"),
-    ("test_set", "test set"),
+    ("test_splits", "test split(s)"),
     ("num_bootstraps", "bootstrap resamples for the CIs"),
     ("speaker_bootstrap", "speaker-level bootstrap"),
     ("seed", "seed"),

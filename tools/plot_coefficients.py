@@ -11,6 +11,17 @@ AdaLTM recipe, holds (either key may be absent, not both)::
 Writes, under ``--out``: ``<run>_lambda.png`` and ``<run>_alpha.png`` per run and ``lambda_comparison.png``
 overlaying the λ of every run. A run is named by ``--labels`` (one per found file, in the printed order), else by
 its folder relative to the folders' common parent (``dual/1986``), ``/`` becoming ``_`` in file names.
+
+The paper's two λ figures, from the Table-1 rows' runs (each a ``coefficients.json`` or a run folder holding one):
+
+    --figure2 DUAL ASR_ONLY SER_ONLY   -> figure2_lambda_dual_vs_single.png
+        (Figure 2: dual-vector λ_ASR, dual-vector λ_SER, ASR-only λ_ASR, SER-only λ_SER)
+    --figure3 IN_DOMAIN OUT_OF_DOMAIN  -> figure3_lambda_domain.png
+        (Figure 3: in-domain λ_ASR, in-domain λ_SER, out-of-domain λ_ASR, out-of-domain λ_SER; both dual-vector)
+
+Lines keep the paper's colours (blue, orange, green, red, in the caption's order). A run that does not exist
+(a row that was not trained) is left out of its figure and named on stderr; a figure none of whose runs exist is
+not drawn.
 """
 import argparse
 import json
@@ -20,9 +31,21 @@ import sys
 from pathlib import Path
 
 from lobes.errors import DataError
-from lobes.plots import plot_lambda_comparison, plot_lambdas, plot_layer_weights
+from lobes.plots import plot_lambda_comparison, plot_lambda_lines, plot_lambdas, plot_layer_weights
 
 FILENAME = "coefficients.json"
+
+# The paper's Figures 2 and 3: (output file, title, [(run role, λ vector name, line label)] in caption order).
+FIGURES = {
+    "figure2": ("figure2_lambda_dual_vs_single.png", "Layer-wise λ: dual vs single task vectors (Figure 2)",
+                ("dual", "asr_only", "ser_only"),
+                [("dual", "ASR", "Dual-vector λ_ASR"), ("dual", "SER", "Dual-vector λ_SER"),
+                 ("asr_only", "ASR", "ASR-only λ_ASR"), ("ser_only", "SER", "SER-only λ_SER")]),
+    "figure3": ("figure3_lambda_domain.png", "Layer-wise λ: in- vs out-of-domain ASR vector (Figure 3)",
+                ("in_domain", "out_of_domain"),
+                [("in_domain", "ASR", "In-domain λ_ASR"), ("in_domain", "SER", "In-domain λ_SER"),
+                 ("out_of_domain", "ASR", "Out-of-domain λ_ASR"), ("out_of_domain", "SER", "Out-of-domain λ_SER")]),
+}
 
 
 def find_coefficient_files(paths):
@@ -108,15 +131,70 @@ def plot_runs(paths, out_dir, labels=None):
     return written
 
 
+def _one_file(path):
+    """The single coefficients.json named by ``path`` (a file or a run folder); None when it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    files = find_coefficient_files([path])
+    if len(files) != 1:
+        raise DataError(f"{path}: expected one {FILENAME} (one run), found {len(files)}: {[str(f) for f in files]}")
+    return files[0]
+
+
+def paper_figure(figure, runs, out_dir):
+    """Draw the paper's ``figure`` ("figure2" / "figure3") from ``runs`` ({role: coefficients.json or run folder}).
+
+    Returns ``(path or None, plotted, missing)``: ``plotted`` is ``{line label: y-data as drawn}``, ``missing``
+    the roles whose run does not exist (their lines are left out; nothing is drawn when no run exists). A run
+    that exists but lacks the λ vector its line needs is an error naming the file.
+    """
+    filename, title, roles, lines = FIGURES[figure]
+    unknown = set(runs) - set(roles)
+    if unknown:
+        raise DataError(f"{figure}: unknown run role(s) {sorted(unknown)}; expected {list(roles)}")
+    files = {role: _one_file(runs[role]) if runs.get(role) is not None else None for role in roles}
+    missing = [role for role in roles if files[role] is None]
+    series = {}
+    for role, vector, label in lines:
+        if files[role] is None:
+            continue
+        lam, _ = load_coefficients(files[role])
+        if not lam or vector not in lam:
+            raise DataError(f"{files[role]}: {figure} needs λ of the '{vector}' vector (run '{role}'), "
+                            f"found {sorted(lam or {})}")
+        series[label] = lam[vector]
+    if not series:
+        return None, {}, missing
+    try:
+        path, plotted = plot_lambda_lines(series, Path(out_dir) / filename, title=title)
+    except DataError as e:
+        raise DataError(f"{figure} from {[str(f) for f in files.values() if f]}: {e}") from e
+    return path, plotted, missing
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help=f"experiment folders (searched recursively) or {FILENAME} files")
+    parser.add_argument("paths", nargs="*", help=f"experiment folders (searched recursively) or {FILENAME} files")
     parser.add_argument("--out", required=True, help="folder for the PNG files")
     parser.add_argument("--labels", nargs="+", help="run names, one per found file (default: relative folders)")
+    for figure, (_, title, roles, _) in FIGURES.items():
+        parser.add_argument(f"--{figure}", nargs=len(roles), metavar=tuple(r.upper() for r in roles),
+                            help=f"{title}: one run (folder or {FILENAME}) per role")
     args = parser.parse_args(argv)
+    if not args.paths and not any(getattr(args, f) for f in FIGURES):
+        parser.error("give experiment folders and/or --figure2 / --figure3")
     try:
-        written = plot_runs(args.paths, args.out, args.labels)
+        written = plot_runs(args.paths, args.out, args.labels) if args.paths else []
+        for figure, (_, _, roles, _) in FIGURES.items():
+            if getattr(args, figure):
+                path, _, missing = paper_figure(figure, dict(zip(roles, getattr(args, figure))), args.out)
+                if missing:
+                    print(f"{figure}: no run for {missing} ({'left out' if path else 'figure not drawn'})",
+                          file=sys.stderr)
+                if path:
+                    written.append(path)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

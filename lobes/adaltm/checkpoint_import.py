@@ -30,10 +30,15 @@ Supported layouts (``kind``):
     ``model.safetensors`` (older huggingface_hub: ``pytorch_model.bin``). Backbone keys are
     ``backbone_model.<WavLMModel key>``; head keys (``weights``, ``model_seq.*``, ``emotion_layer.*``,
     ``detailed_out_layer.*``, ``arousal_layer.*``, ``valence_layer.*``, ``dominance_layer.*``) are dropped.
-    Its code defaults to LoRA (see below).
+    Full weights or LoRA: vox-profile's release notes list
+    ``wavlm-large-categorical-emotion`` as "Use LoRa: No" (changed from "Yes / 16" in May 2025), so the file is
+    most likely a full fine-tune, imported like any full-weight checkpoint. Its training code still defaults to
+    LoRA, and earlier or other vox-profile checkpoints can carry LoRA keys, so the LoRA path below is kept: the
+    importer tells the two apart from the keys (``info["case"]``), not from a name.
 
-LoRA (any kind; expected in vox-profile): loralib ``Linear`` layers add ``<module>.lora_A`` (r x in) and
-``<module>.lora_B`` (out x r) next to ``<module>.weight``; vox-profile wraps ``feed_forward.intermediate_dense``
+LoRA (any kind; vox-profile's code default, though its release notes list the categorical model as not LoRA):
+loralib ``Linear`` layers add ``<module>.lora_A`` (r x in) and ``<module>.lora_B`` (out x r) next to
+``<module>.weight``; vox-profile wraps ``feed_forward.intermediate_dense``
 and ``feed_forward.output_dense`` of the layers with index > num_layers // 2 (13-23 of 24) with
 ``lora.Linear(in, out, r=lora_rank)``, i.e. loralib's default ``lora_alpha=1``, so
 ``scaling = lora_alpha / r = 1/16`` for the default rank 16 (override with ``lora_alpha=``).

@@ -21,10 +21,18 @@ class MergeCoefficients(torch.nn.Module):
         self.mode = mode
         cols = num_groups if mode == "layerwise" else 1
         values = torch.full((len(self.vector_names), cols), float(init))
-        if mode == "fixed":
+        if mode == "fixed" or not self.vector_names:
+            # nothing to train (Setup 1 has no task vector): a trainable parameter that never gets a gradient
+            # would stop DDP at the second step
             self.register_buffer("lam", values)
         else:
             self.lam = torch.nn.Parameter(values)
+        # bumped on every state-dict load: MergedWavLM (materialized) re-merges when λ changed without a GPU read
+        self.revision = 0
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.revision += 1
 
     def forward(self):
         """λ as a [num_vectors, num_groups] tensor (global modes broadcast their single column)."""

@@ -16,6 +16,10 @@ benchmarks/RESULTS.md):
   of it) for its backward, it stores a recipe instead, and W is rebuilt from W_base, ΔW and the same λ
   values when the backward needs it. So no merged weight outlives its group's forward, while activations
   are kept (unlike gradient checkpointing, nothing but the merge is recomputed).
+
+λ is a tensor on the weights' device everywhere here (never a Python list read back from it): on a GPU a
+``.tolist()`` per group per step is a host sync that stalls the CUDA stream, and a λ built on the host next
+to CUDA weights is a device mix. tests/test_device_meta.py runs every recipe on the ``meta`` device to keep it so.
 """
 import torch
 from torch.func import functional_call
@@ -39,15 +43,25 @@ def stacked_view(deltas):
     return d0.as_strided((len(deltas), n), (step, 1), d0.storage_offset())
 
 
+def lam_vector(coeffs, base):
+    """The [K] coefficients as a detached tensor in ``base``'s dtype. A tensor keeps its device (a λ on
+    another device than the weights is a bug the merge must raise on, not hide by copying); a list of numbers
+    (host values) is placed on ``base``'s device."""
+    if isinstance(coeffs, torch.Tensor):
+        return coeffs.detach().to(dtype=base.dtype)
+    return torch.tensor(list(coeffs), dtype=base.dtype, device=base.device)
+
+
 def merge_values(base, deltas, coeffs):
-    """W_base + Σ_k c_k ΔW_k in ``base``'s dtype (ΔW may be stored in a lower precision)."""
+    """W_base + Σ_k c_k ΔW_k in ``base``'s dtype (ΔW may be stored in a lower precision); ``coeffs``: [K]
+    tensor on ``base``'s device (or a list of numbers)."""
+    lam = lam_vector(coeffs, base)
     stacked = stacked_view(deltas)
     if stacked is not None:
-        lam = torch.tensor(coeffs, dtype=base.dtype)
         return torch.addmv(base.reshape(-1), stacked.to(base.dtype).t(), lam).view(base.shape)
-    w = torch.add(base, deltas[0].to(base.dtype), alpha=coeffs[0])
-    for d, c in zip(deltas[1:], coeffs[1:]):
-        w.add_(d.to(base.dtype), alpha=c)
+    w = torch.addcmul(base, deltas[0].to(base.dtype), lam[0])  # λ_k as a 0-dim device tensor: no host read
+    for k in range(1, len(deltas)):
+        w.addcmul_(deltas[k].to(base.dtype), lam[k])
     return w
 
 
@@ -57,7 +71,7 @@ class MergeWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lam, base, *deltas):
         ctx.save_for_backward(*deltas)
-        return merge_values(base, deltas, lam.tolist())
+        return merge_values(base, deltas, lam)
 
     @staticmethod
     def backward(ctx, grad_w):
@@ -85,11 +99,11 @@ class MaterializedWeight(MergeWeight):
 @torch.no_grad()
 def merge_into(out, base, deltas, coeffs):
     """out <- W_base + Σ_k c_k ΔW_k, computed from W_base every time (never as an increment of ``out``), so
-    the stored merge is bitwise the same whatever path λ took (exact resume, no rounding drift)."""
+    the stored merge is bitwise the same whatever path λ took (exact resume, no rounding drift).
+    ``coeffs``: [K] tensor on the weights' device (or a list of numbers)."""
     stacked = stacked_view(deltas)
     if stacked is not None and out.is_contiguous():
-        torch.addmv(base.reshape(-1), stacked.to(base.dtype).t(), torch.tensor(coeffs, dtype=base.dtype),
-                    out=out.view(-1))
+        torch.addmv(base.reshape(-1), stacked.to(base.dtype).t(), lam_vector(coeffs, base), out=out.view(-1))
         return
     out.copy_(merge_values(base, deltas, coeffs))
 
@@ -108,17 +122,22 @@ def materialized_call(module, sources, lam, args, kwargs):
 class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):
     """Within this context, a saved merged weight (any view of its storage) becomes a recipe.
 
-    ``sources``: {name: (base, [ΔW_k])}; ``merged``: {name: W} built from them with ``coeffs`` (λ_k values).
+    ``sources``: {name: (base, [ΔW_k])}; ``merged``: {name: W} built from them with ``coeffs`` ([K] λ).
     Only active while the merged tensors are alive (one group's forward), so storage addresses are unique.
+    The recipe keeps a detached device copy of λ (not floats read back to the host, which would sync the GPU
+    per group per step); a copy, since an optimizer updates λ in place and the rebuild must use the λ of the
+    forward.
     """
 
     def __init__(self, merged, sources, coeffs):
-        by_ptr = {w.untyped_storage().data_ptr(): name for name, w in merged.items() if w.numel()}
-        coeffs = list(coeffs)
+        # keyed by the storage object (StorageImpl address), not by data_ptr(): that is 0 for every tensor on
+        # the meta device, where tests/test_device_meta.py runs this
+        by_ptr = {w.untyped_storage()._cdata: name for name, w in merged.items() if w.numel()}
+        coeffs = coeffs.detach().clone() if isinstance(coeffs, torch.Tensor) else list(coeffs)
 
         def pack(t):
             if t.layout == torch.strided and t.numel():
-                name = by_ptr.get(t.untyped_storage().data_ptr())
+                name = by_ptr.get(t.untyped_storage()._cdata)
                 if name is not None:
                     return _Recipe(name, t.size(), t.stride(), t.storage_offset())
             return t
@@ -135,7 +154,7 @@ class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):
 
 
 class _Recipe:
-    __slots__ = ("name", "size", "stride", "offset")
+    __slots__ = ("name", "offset", "size", "stride")
 
     def __init__(self, name, size, stride, offset):
         self.name, self.size, self.stride, self.offset = name, size, stride, offset
@@ -150,5 +169,5 @@ def fused_call(module, sources, lam, args, kwargs, rebuild_in_backward=True):
     merged = {name: MergeWeight.apply(lam, base, *deltas) for name, (base, deltas) in sources.items()}
     if not (rebuild_in_backward and torch.is_grad_enabled() and lam.requires_grad):
         return functional_call(module, merged, args, kwargs)
-    with RebuildMergedInBackward(merged, sources, lam.tolist()):
+    with RebuildMergedInBackward(merged, sources, lam):
         return functional_call(module, merged, args, kwargs)

@@ -28,8 +28,8 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from lobes.adaltm import layer_groups, merged_linear
-from lobes.errors import DataError
 from lobes.adaltm.merge_coefficients import MergeCoefficients
+from lobes.errors import DataError
 from lobes.wavlm_encoder import load_wavlm, run_wavlm
 
 
@@ -158,7 +158,8 @@ class MergedWavLM(torch.nn.Module):
                 value = delta[k].detach().to(delta_dtype or base_state[k].dtype)
                 if merge_impl != "functional" and num_vectors > 1:
                     if k not in stacked:
-                        stacked[k] = torch.empty((num_vectors, *value.shape), dtype=value.dtype)
+                        stacked[k] = torch.empty((num_vectors, *value.shape), dtype=value.dtype,
+                                                 device=value.device)
                     stacked[k][row].copy_(value)
                     value = stacked[k][row]
                 store[k.replace(".", "__")] = torch.nn.Parameter(value, requires_grad=False)
@@ -173,15 +174,15 @@ class MergedWavLM(torch.nn.Module):
             parent._modules[attr] = _MergedGroup(parent._modules[attr], path, self)
         self._base = {k: self._find_base(k) for k in self.keys}
         self.model.eval()
-        # materialized: λ whose merge the stored weights hold (zeros = W_base); not saved, since a checkpoint
-        # restores λ and the next forward re-merges for it
-        self.register_buffer("_lam_applied", torch.zeros(self.num_vectors, self.num_groups), persistent=False)
+        # materialized: which λ the stored weights hold, as host-side facts only (see sync_merged)
+        self._merged_key = None   # None: the stored weights are W_base, no merge applied yet
+        self._merge_stale = False
         if merge_impl == "materialized" and self.num_vectors:
             # frozen Parameters, like ΔW (DDP broadcasts them once, not every step as it would buffers)
             self.base_weights = torch.nn.ParameterDict({
                 k.replace(".", "__"): torch.nn.Parameter(self.base_parameter(k).detach().clone(),
                                                          requires_grad=False) for k in self.keys})
-            self.sync_merged()
+            # no merge here: the first forward (or merged_weight) merges, on the device the model then lives on
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def _find_base(self, key):
@@ -213,23 +214,34 @@ class MergedWavLM(torch.nn.Module):
             return prefix == "feature_extractor"
         return bool(self.gradient_checkpointing)
 
-    def sync_merged(self):
-        """merge_impl="materialized": make the stored weights W_base + Σ_k λ_k ΔW_k for the current λ
-        (only the groups whose λ changed are re-merged)."""
+    def _lambda_key(self):
+        """Host-side identity of λ's current value: device, storage, in-place version counter (bumped by the
+        foreach / single-tensor optimizers and ``copy_``) and the checkpoint-load revision. No GPU read."""
+        lam = self.lambdas.lam
+        return lam.device, lam.untyped_storage()._cdata, lam._version, self.lambdas.revision
+
+    def sync_merged(self, force=False):
+        """merge_impl="materialized": make the stored weights W_base + Σ_k λ_k ΔW_k for the current λ.
+
+        Decided on the host, never by reading λ back from the GPU (a ``.tolist()`` of a λ comparison per step
+        would stall the CUDA stream): ``force`` (the forward of a training step with trainable λ: every step
+        moves λ, so this re-merges once per step, as comparing would), or λ stale since a training forward (its
+        optimizer step may be fused AdamW, which leaves the version counter alone), or λ's host-side key changed
+        (checkpoint load, an in-place edit, a device move). A fixed λ is merged once. Each merge is recomputed
+        from W_base (merge_into), so it is bitwise the same whatever path λ took (exact resume)."""
         if self.merge_impl != "materialized" or not self.num_vectors:
             return
+        if not (force or self._merge_stale or self._lambda_key() != self._merged_key):
+            return
         with torch.no_grad():
-            lam = self.lambdas().detach().to(self._lam_applied.dtype)
-            changed = (lam != self._lam_applied).any(dim=0).tolist()
-            if not any(changed):
-                return
+            lam = self.lambdas().detach()  # [K, G] on λ's device: each group's column stays a device tensor
             for key in self.keys:
-                g = self.group_of[key]
-                if changed[g]:
-                    name = key.replace(".", "__")
-                    merged_linear.merge_into(self.base_parameter(key), self.base_weights[name],
-                                             [s[name] for s in self.deltas], lam[:, g].tolist())
-            self._lam_applied.copy_(lam)
+                name = key.replace(".", "__")
+                merged_linear.merge_into(self.base_parameter(key), self.base_weights[name],
+                                         [s[name] for s in self.deltas], lam[:, self.group_of[key]])
+        self._merged_key = self._lambda_key()
+        # a training forward is followed by an optimizer step that moves λ: the next non-forced call re-merges
+        self._merge_stale = bool(force)
 
     def base_parameter(self, key):
         """The stored tensor of ``key``: W_base, or with merge_impl="materialized" the merged W (sync_merged)."""
@@ -251,7 +263,7 @@ class MergedWavLM(torch.nn.Module):
         lam = self.lambdas() if lam is None else lam
         g = self.group_of[key]
         if self.merge_impl == "materialized":  # stored W holds the current λ's merge; attach its λ gradient
-            self.sync_merged()  # a no-op (one [K, G] comparison) unless λ moved since the last sync
+            self.sync_merged()  # a no-op (host-side check) unless λ moved since the last sync
             return merged_linear.MaterializedWeight.apply(
                 lam[:, g], base, *[s[key.replace(".", "__")] for s in self.deltas])
         w = base
@@ -295,7 +307,8 @@ class MergedWavLM(torch.nn.Module):
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, wavs, wav_lens):
         """Hidden states [L+1, B, T, D] and frame mask [B, T] of the merged model."""
-        self.sync_merged()  # materialized: λ moved since the last call (optimizer step, checkpoint load)
+        trains = self.num_vectors and self.lambdas.lam.requires_grad and torch.is_grad_enabled()
+        self.sync_merged(force=bool(trains))  # materialized: λ moved since the last call (optimizer step, ...)
         if not self.num_vectors or not self.lambdas.lam.requires_grad:
             with torch.no_grad():  # nothing upstream of the features is trainable
                 return run_wavlm(self.model, wavs, wav_lens, self.normalize_wav)

@@ -2,11 +2,12 @@
 """Data preparation for MSP-Podcast (v1.11 / v1.12 layout): SpeechBrain JSON manifests for 8-class SER.
 
     python recipes/MSP-Podcast/msp_podcast_prepare.py --data_folder /corpora/MSP-Podcast --save_folder exp/msp \
-        [--transcript_only] [--test_set Test1] [--no_check_audio]
+        [--transcript_only] [--test_splits Test1 [Test2]] [--no_check_audio]
 
 Reads ``Labels/labels_consensus.csv`` (split from ``Split_Set``: Train -> train, Development -> valid,
-``test_set`` -> test; O and X dropped), ``Labels/labels_detailed.csv`` (soft labels = distribution of the
-annotators' primary votes over the 8 classes; v1.11 ``EmoDetail`` and newer ``EmoClass_Major`` layouts)
+every ``Split_Set`` in ``test_splits`` -> test, e.g. ``[Test1]``, ``[Test2]`` or both; O and X dropped),
+``Labels/labels_detailed.csv`` (soft labels = distribution of the annotators' primary votes over the 8 classes;
+v1.11 ``EmoDetail`` and newer ``EmoClass_Major`` layouts)
 and ``Transcripts/<stem>.txt`` (normalised for CTC by ``lobes.ctc_text.normalize_transcript``). Writes
 ``<save_folder>/{train,valid,test}.json``: ``{utt_id: {wav, duration, emo, emo_soft, spk_id, gender[, wrd]}}``.
 A transcript that is empty after normalisation (only "[laughter]", only punctuation) gives no ``wrd``: with
@@ -62,13 +63,30 @@ WORD_TO_EMOTION = {
 }
 
 
+# The AdaLTM paper's transcript subset of v1.12 (§3.1); which test split(s) it used is not stated. The prepare log
+# prints each split's count beside these, so a run can be checked against the paper's data.
+PAPER_COUNTS = {"train": 89752, "valid": 25232, "test": 46366}
+
+
 def msp_manifests(hparams):
     """{train, valid, test} -> manifest paths written by ``prepare_msp_podcast`` into ``prep_folder``."""
     return {s: str(Path(hparams["prep_folder"]) / f"{s}.json") for s in ("train", "valid", "test")}
 
 
-def _split_map(test_set):
-    return {"Train": "train", "Development": "valid", test_set: "test"}
+def _test_splits(test_splits):
+    """``test_splits`` as a list of distinct ``Split_Set`` names (a single name is accepted as a string)."""
+    names = [test_splits] if isinstance(test_splits, str) else list(test_splits or [])
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise DataError(f"test_splits: expected a non-empty list of Split_Set names (e.g. [Test1]), got {test_splits!r}")
+    names = [n.strip() for n in names]
+    clash = [n for n in names if n in ("Train", "Development")]
+    if clash or len(set(names)) != len(names):
+        raise DataError(f"test_splits {names}: Train / Development are not test data, and each split is listed once")
+    return names
+
+
+def _split_map(test_splits):
+    return {"Train": "train", "Development": "valid", **{name: "test" for name in test_splits}}
 
 
 def _stem(file_name):
@@ -168,9 +186,9 @@ def _list_dir(folder, suffix):
         return {e.name[: -len(suffix)]: e for e in it if e.name.endswith(suffix)}
 
 
-def _opts(data_folder, splits, transcript_only, test_set, check_audio, classes):
+def _opts(data_folder, splits, transcript_only, test_splits, check_audio, classes):
     return {"data_folder": str(Path(data_folder).resolve()), "splits": list(splits),
-            "transcript_only": bool(transcript_only), "test_set": test_set, "check_audio": bool(check_audio),
+            "transcript_only": bool(transcript_only), "test_splits": list(test_splits), "check_audio": bool(check_audio),
             "classes": list(classes)}
 
 
@@ -185,8 +203,11 @@ def _already_done(save_folder, splits, opts):
 
 
 def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "test"), transcript_only=False,
-                        test_set="Test1", skip_prep=False, check_audio=True, classes=MSP_CLASSES):
+                        test_splits=("Test1",), skip_prep=False, check_audio=True, classes=MSP_CLASSES):
     """Write ``<save_folder>/<split>.json`` for each of ``splits`` (names among train / valid / test).
+
+    ``test_splits``: the ``Split_Set`` values that make up the test manifest (``["Test1"]``, ``["Test2"]`` or
+    ``["Test1", "Test2"]``).
 
     ``classes``: the recipe's ``emotion_classes`` (a subset of ``MSP_CLASSES``, in the order of the soft labels);
     utterances whose consensus class is not among them are left out.
@@ -205,7 +226,8 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
     foreign = [c for c in classes if c not in MSP_CLASSES]
     if foreign:
         raise DataError(f"emotion_classes {foreign} are not MSP-Podcast classes {MSP_CLASSES}")
-    opts = _opts(data_folder, splits, transcript_only, test_set, check_audio, classes)
+    test_splits = _test_splits(test_splits)
+    opts = _opts(data_folder, splits, transcript_only, test_splits, check_audio, classes)
     if _already_done(save_folder, splits, opts):
         print(f"MSP-Podcast manifests in {save_folder} already prepared with the same options; skipping.")
         return paths
@@ -215,7 +237,7 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
     if not labels_path.is_file():
         raise DataError(f"{labels_path}: MSP-Podcast consensus labels not found (is data_folder right?)")
     audio_dir = data_folder / "Audios"
-    wanted = {k: v for k, v in _split_map(test_set).items() if v in splits}
+    wanted = {k: v for k, v in _split_map(test_splits).items() if v in splits}
 
     # Pass 1: consensus rows of the wanted splits (validated), without touching audio.
     rows = []
@@ -235,6 +257,7 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
                 raise DataError(f"{labels_path}:{line_no}: unknown EmoClass {letter!r} for {row['FileName']}")
             if LETTER_TO_EMOTION[letter] in classes:
                 rows.append((split, _stem(row["FileName"]), LETTER_TO_EMOTION[letter], row))
+    split_set = {stem: row["Split_Set"].strip() for _, stem, _, row in rows}
 
     audios = _list_dir(audio_dir, ".wav")
     transcripts = _list_dir(data_folder / "Transcripts", ".txt")
@@ -294,12 +317,14 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
         print(f"{len(excluded)} utterance(s) whose transcript is empty after normalisation {where}; "
               f"listed in {save_folder / EXCLUDED_FILE}")
     subset = " (utterances with a transcript only)" if transcript_only else ""
-    print(f"MSP-Podcast manifests{subset} written to {save_folder}:")
+    print(f"MSP-Podcast manifests{subset} written to {save_folder} (test = {' + '.join(test_splits)}):")
     for split, manifest in manifests.items():
         per_class = Counter(item["emo"] for item in manifest.values())
         n_wrd = sum("wrd" in item for item in manifest.values())
-        print(f"  {split}: {len(manifest)} utterances ({n_wrd} with transcript); "
-              + ", ".join(f"{e} {per_class.get(e, 0)}" for e in classes))
+        per_set = Counter(split_set[stem] for stem in manifest)
+        sets = f" [{', '.join(f'{k} {per_set[k]}' for k in test_splits)}]" if split == "test" and len(test_splits) > 1 else ""
+        print(f"  {split}: {len(manifest)} utterances{sets} ({n_wrd} with transcript; the paper's transcript subset "
+              f"of v1.12: {PAPER_COUNTS[split]:,}); " + ", ".join(f"{e} {per_class.get(e, 0)}" for e in classes))
     return paths
 
 
@@ -309,12 +334,12 @@ def main(argv=None):
     p.add_argument("--save_folder", required=True, help="where {train,valid,test}.json go")
     p.add_argument("--splits", nargs="+", default=["train", "valid", "test"])
     p.add_argument("--transcript_only", action="store_true", help="keep only utterances with a transcript")
-    p.add_argument("--test_set", default="Test1", help="Split_Set value used as the test split")
+    p.add_argument("--test_splits", nargs="+", default=["Test1"], help="Split_Set value(s) that form the test split")
     p.add_argument("--no_check_audio", action="store_true", help="skip header checks (durations from file size)")
     args = p.parse_args(argv)
     try:
         prepare_msp_podcast(args.data_folder, args.save_folder, splits=tuple(args.splits),
-                            transcript_only=args.transcript_only, test_set=args.test_set,
+                            transcript_only=args.transcript_only, test_splits=args.test_splits,
                             check_audio=not args.no_check_audio)
     except DataError as e:
         sys.exit(f"Error: {e}")

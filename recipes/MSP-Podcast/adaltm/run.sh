@@ -7,7 +7,9 @@
 #            skipped for a model given with --asr_in_source / --asr_out_source
 #   stage 2: SER fine-tuning on MSP-Podcast (skipped for a model given with --ser_source)
 #   stage 3: task-vector extraction, then training of the selected Table-1 rows (AdaLTM + MTL)
-#   stage 4: evaluation summary: results table (markdown + CSV, 95% CIs) and λ / α plots
+#   stage 4: evaluation summary: the source models' reference rows (SER source MaF1; WER of the in- and out-of-domain
+#            ASR sources on the MSP-Podcast test split, tools.eval_asr), the results table (markdown + CSV, 95% CIs),
+#            the paper's Figure 2 (dual vs single vector λ) and Figure 3 (in- vs out-of-domain λ), per-run λ / α plots
 #
 # Examples
 #   bash run.sh --mini true                                   # whole pipeline on generated data (CPU, minutes)
@@ -15,6 +17,8 @@
 #   bash run.sh --stage 3 --asr_in_source exp/my_asr/finetuned_wavlm --ser_source tiantiaf/wavlm-large-categorical-emotion \
 #       --asr_out_source patrickvonplaten/wavlm-libri-clean-100h-large --data_folder /data/MSP-Podcast
 #   bash run.sh --stage 3 --stop_stage 3 --rows "setup4_dual" -- --number_of_epochs=5   # args after -- go to train.py
+#   bash run.sh --data_folder /data/MSP-Podcast --libri_folder /data/LibriSpeech --test_splits "Test1 Test2"
+#   bash run.sh --stage 4 --ser_metrics exp/my_ser/metrics.json     # table, reference rows and figures only
 set -euo pipefail
 
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -37,6 +41,9 @@ asr_out_source=             # e.g. patrickvonplaten/wavlm-libri-clean-100h-large
 asr_out_kind=auto
 ser_source=                 # e.g. tiantiaf/wavlm-large-categorical-emotion
 ser_kind=auto
+ser_metrics=                # SER source's metrics.json on the test split (default: stage 2's ${exp}/ser/metrics.json)
+test_splits="Test1"         # MSP-Podcast Split_Set value(s) forming the test split: "Test1", "Test2" or "Test1 Test2"
+eval_batch_size=8           # stage 4: utterances per batch when the ASR sources are evaluated
 rows="setup1_frozen setup2_asr_only setup3_ser_only setup4_dual out_of_domain_dual static_global adaptive_global"
 mtl_rows="fully_trainable static_init"
 seed=1986
@@ -62,7 +69,10 @@ fi
 
 prep=${exp}/prep
 vectors=${exp}/task_vectors
+read -r -a test_split_list <<< "${test_splits}"
+test_splits_yaml="[$(IFS=,; echo "${test_split_list[*]}")]"
 common=(--seed="${seed}" --wavlm_source="${wavlm_source}" ${device:+--device="${device}"})
+msp_opts=(--test_splits="${test_splits_yaml}")   # MSP-Podcast recipes only (recorded in their hyperparams.yaml)
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     log "Stage 0: data preparation"
@@ -72,7 +82,7 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
         "${py}" -m tools.make_tiny_wavlm --out "${wavlm_source}"
     fi
     "${py}" "${msp_dir}/msp_podcast_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}/msp" \
-        --transcript_only
+        --transcript_only --test_splits "${test_split_list[@]}"
     if [ -n "${libri_folder}" ] && [ -z "${asr_out_source}" ]; then
         "${py}" "${root}/recipes/LibriSpeech/librispeech_prepare.py" --data_folder "${libri_folder}" \
             --save_folder "${prep}/libri"
@@ -83,7 +93,7 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
     if [ -z "${asr_in_source}" ]; then
         log "Stage 1a: in-domain ASR-CTC fine-tuning on MSP-Podcast transcripts"
         launch "${msp_dir}/asr_ctc/train.py" "${msp_dir}/asr_ctc/hparams/train_asr_ctc.yaml" "${common[@]}" \
-            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True \
+            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True "${msp_opts[@]}" \
             --output_folder="${exp}/asr_ctc_msp" ${asr_args} "${extra[@]}"
     else
         log "Stage 1a: using the given in-domain ASR model ${asr_in_source}"
@@ -103,7 +113,7 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     if [ -z "${ser_source}" ]; then
         log "Stage 2: SER fine-tuning on MSP-Podcast"
         launch "${msp_dir}/ser/train.py" "${msp_dir}/ser/hparams/train_ser.yaml" "${common[@]}" \
-            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True \
+            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True "${msp_opts[@]}" \
             --output_folder="${exp}/ser" ${ser_args} "${extra[@]}"
     else
         log "Stage 2: importing the SER model ${ser_source}"
@@ -129,21 +139,54 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
     for row in ${rows}; do
         log "Stage 3b: AdaLTM row ${row}"
         launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${common[@]}" \
-            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True \
+            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True "${msp_opts[@]}" \
             --exp_folder="${exp}/rows" --vectors_folder="${vectors}" ${adaltm_args} "${extra[@]}"
     done
     for row in ${mtl_rows}; do
         log "Stage 3c: MTL baseline ${row}"
         launch "${msp_dir}/mtl/train.py" "${msp_dir}/mtl/hparams/rows/${row}.yaml" "${common[@]}" \
-            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True \
+            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True "${msp_opts[@]}" \
             --exp_folder="${exp}/rows" --vectors_folder="${vectors}" ${mtl_args} "${extra[@]}"
     done
 fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
-    log "Stage 4: results table and plots"
-    "${py}" -m tools.collect_results "${exp}/rows" --out "${exp}/results/table"
-    "${py}" -m tools.plot_coefficients "${exp}/rows" --out "${exp}/results/plots"
-    log "results: ${exp}/results/table.md"
-    cat "${exp}/results/table.md"
+    log "Stage 4a: reference rows of the source models on the MSP-Podcast test split (${test_splits})"
+    results=${exp}/results
+    sources=()
+    ser_ref=${ser_metrics:-${exp}/ser/metrics.json}
+    if [ -f "${ser_ref}" ]; then
+        sources+=(--source "SER source (W_SER)=${ser_ref}")
+    else
+        log "  no SER source row: ${ser_ref} not found (stage 2 writes it; for an imported model give --ser_metrics)"
+    fi
+    # asr_reference <in|out> <row label> <model>: the model is our ASR recipe's folder (save/ + finetuned_wavlm/),
+    # its finetuned_wavlm/ export, or an HF WavLMForCTC (directory or hub id) with its tokenizer
+    asr_reference() {
+        local which=$1 label=$2 model=$3 args=()
+        [ -d "${model}/save" ] || { [ -d "$(dirname "${model}")/save" ] && [ -f "${model}/config.json" ] \
+            && model=$(dirname "${model}"); }
+        if [ -d "${model}/save" ]; then args=(--exp "${model}"); else args=(--hf_ctc "${model}"); fi
+        local out=${results}/sources/asr_${which}/metrics.json
+        if [ -f "${out}" ]; then
+            log "  ${label}: ${out} exists, kept"
+        elif ! "${py}" -m tools.eval_asr "${args[@]}" --manifest "${prep}/msp/test.json" --out "${out}" \
+                --device "${device:-cpu}" --batch_size "${eval_batch_size}" --experiment "asr_${which}"; then
+            log "  WARNING: no ${label} row: ${model} could not be evaluated as a CTC model (see the error above)"
+            return 0
+        fi
+        sources+=(--source "${label}=${out}")
+    }
+    asr_reference in "In-domain ASR source (W_ASR_in)" "${asr_in_source:-${exp}/asr_ctc_msp}"
+    asr_reference out "Out-of-domain ASR source (W_ASR_out)" "${asr_out_source:-${exp}/asr_ctc_libri}"
+
+    log "Stage 4b: results table and figures"
+    "${py}" -m tools.collect_results "${exp}/rows" "${sources[@]}" --out "${results}/table"
+    rows_dir=${exp}/rows
+    "${py}" -m tools.plot_coefficients "${rows_dir}" --out "${results}/plots" \
+        --figure2 "${rows_dir}/setup4_dual/${seed}" "${rows_dir}/setup2_asr_only/${seed}" \
+                  "${rows_dir}/setup3_ser_only/${seed}" \
+        --figure3 "${rows_dir}/setup4_dual/${seed}" "${rows_dir}/out_of_domain_dual/${seed}"
+    log "results: ${results}/table.md; Figure 2 / 3: ${results}/plots/figure{2,3}_*.png"
+    cat "${results}/table.md"
 fi

@@ -46,6 +46,22 @@ class AdaLTMBrain(ToolkitBrain):
             self.collect_ser(batch, logits)
         return self.hparams.loss(logits, batch.soft_label.data)
 
+    def head_param_groups(self, params):
+        """One AdamW group per kind of trainable parameter, each with its YAML weight decay.
+
+        λ (``lambda_weight_decay``), α (``alpha_weight_decay``) and the emotion head (``head_weight_decay``): AdamW's
+        decoupled decay shrinks a parameter toward 0 by a factor (1 - lr·wd) per step, and λ = 0 is W_base, so a
+        decay on λ would bias every row toward Setup 1 (see the README, "Weight decay").
+        """
+        h = self.hparams
+        owner = {id(p): "lambda" for p in self.modules["wavlm"].parameters()}
+        owner.update({id(p): "alpha" for p in self.modules["weighted_sum"].parameters()})
+        decay = {"lambda": h.lambda_weight_decay, "alpha": h.alpha_weight_decay, "head": h.head_weight_decay}
+        groups = {name: [] for name in decay}
+        for p in params:
+            groups[owner.get(id(p), "head")].append(p)
+        return [{"params": ps, "weight_decay": decay[name], "name": name} for name, ps in groups.items() if ps]
+
     def coefficients(self):
         """λ per group per task vector and α per layer (for logs, plots, the model card)."""
         wavlm = self.hparams.wavlm
@@ -109,7 +125,7 @@ if __name__ == "__main__":
     if not hparams["skip_prep"]:
         sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
             "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
-            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"],
+            "transcript_only": hparams["transcript_only"], "test_splits": hparams["test_splits"],
             "classes": hparams["emotion_classes"]})
     manifests = msp_manifests(hparams)
     datasets = use_feature_cache(hparams, ser_datasets(manifests, hparams["emotion_classes"]))

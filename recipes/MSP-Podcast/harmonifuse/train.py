@@ -354,7 +354,7 @@ def prepare(hparams):
     elif "ser" in tasks:
         sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
             "data_folder": hparams["msp_folder"], "save_folder": hparams["msp_prep_folder"],
-            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"],
+            "transcript_only": hparams["transcript_only"], "test_splits": hparams["test_splits"],
             "classes": hparams["emotion_classes"]})
     if "asr" in tasks:
         train, valid = list(hparams["libri_train_splits"]), hparams["libri_valid_split"]

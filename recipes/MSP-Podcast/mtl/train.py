@@ -49,7 +49,7 @@ if __name__ == "__main__":
     if not hparams["skip_prep"]:
         sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
             "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
-            "transcript_only": hparams["transcript_only"], "test_set": hparams["test_set"],
+            "transcript_only": hparams["transcript_only"], "test_splits": hparams["test_splits"],
             "classes": hparams["emotion_classes"]})
     manifests = msp_manifests(hparams)
     datasets = ser_datasets(manifests, hparams["emotion_classes"], with_text=True)
