@@ -102,11 +102,6 @@ def run_wavlm(model, wavs, wav_lens, normalize=True):
     return hidden, fmask
 
 
-# The WavLMConfig fields of SpecAugment-style masking and LayerDrop (HF names), as WavLMEncoder takes them
-AUGMENT_KEYS = ("apply_spec_augment", "mask_time_prob", "mask_time_length", "mask_feature_prob",
-                "mask_feature_length", "layerdrop")
-
-
 class WavLMEncoder(torch.nn.Module):
     """A plain (fine-tunable or frozen) WavLM returning all hidden states.
 
@@ -115,17 +110,20 @@ class WavLMEncoder(torch.nn.Module):
 
     Fine-tuning regularisers (HF WavLM's own, active only in train mode): SpecAugment-style masking of the
     CNN features before the transformer -- time spans of ``mask_time_length`` frames replaced by the learnt
-    ``masked_spec_embed`` (``mask_time_prob``: share of frames starting a span), channel spans of
+    ``masked_spec_embed`` (``mask_time_prob``: share of frames starting a span; at least ``mask_time_min_masks``
+    spans per utterance, a large share of a short one), channel spans of
     ``mask_feature_length`` zeroed (``mask_feature_prob``) -- and LayerDrop (``layerdrop``: probability of
     skipping each transformer layer but the first). A frozen backbone runs in eval mode, so neither applies.
     """
 
     def __init__(self, source, freeze=False, freeze_feature_extractor=True, normalize_wav=True,
                  gradient_checkpointing=False, cache_dir=None, apply_spec_augment=False, mask_time_prob=0.0,
-                 mask_time_length=10, mask_feature_prob=0.0, mask_feature_length=10, layerdrop=0.0):
+                 mask_time_length=10, mask_time_min_masks=2, mask_feature_prob=0.0, mask_feature_length=10,
+                 layerdrop=0.0):
         super().__init__()
         augment = {"apply_spec_augment": apply_spec_augment, "mask_time_prob": mask_time_prob,
-                   "mask_time_length": mask_time_length, "mask_feature_prob": mask_feature_prob,
+                   "mask_time_length": mask_time_length, "mask_time_min_masks": mask_time_min_masks,
+                   "mask_feature_prob": mask_feature_prob,
                    "mask_feature_length": mask_feature_length, "layerdrop": layerdrop}
         for k in ("mask_time_prob", "mask_feature_prob", "layerdrop"):
             if not 0.0 <= augment[k] < 1.0:
