@@ -300,6 +300,10 @@ def test_recipe_yamls_mask_and_drop_layers_only_where_allowed(yaml, on):
 
     h = _yaml().load(Path(__file__).resolve().parents[1].joinpath(yaml).read_text())
     assert h["apply_spec_augment"] is on and h["mask_time_prob"] == 0.05 and h["mask_time_length"] == 10
+    assert h["mask_time_min_masks"] == 2 and h["mask_feature_prob"] == 0.0
+    keys = ("apply_spec_augment", "mask_time_prob", "mask_time_length", "mask_time_min_masks", "mask_feature_prob",
+            "mask_feature_length", "layerdrop")
+    assert all(k in h["wavlm"] for k in keys)  # every key reaches the encoder
     assert h["layerdrop"] == (0.05 if on else 0.0)
     assert set(h["lr_schedulers"]) == {"opt_class", "backbone_opt_class"}
     rec = h["checkpointer"]["recoverables"]
