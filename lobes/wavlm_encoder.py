@@ -130,6 +130,10 @@ class WavLMEncoder(torch.nn.Module):
                 raise DataError(f"{k}: {augment[k]!r} must be in [0, 1)")
         if freeze and (layerdrop > 0 or (apply_spec_augment and (mask_time_prob > 0 or mask_feature_prob > 0))):
             logger.warning("wavlm: freeze=True runs WavLM in eval mode; masking / LayerDrop settings are ignored")
+        if not apply_spec_augment:
+            # masking off: the source's own mask_* values stay, so no masked_spec_embed is created that the
+            # checkpoint lacks (a static merge or task vector of the base's keys would not fit the model)
+            augment = {"apply_spec_augment": False, "layerdrop": layerdrop}
         loaded = load_wavlm(source, cache_dir=cache_dir, output_loading_info=True, **augment)
         self.model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
         # Parameters the source checkpoint lacks (masked_spec_embed of a checkpoint saved without masking):

@@ -243,6 +243,9 @@ def test_masking_follows_hf_in_train_mode_only_and_never_for_a_frozen_backbone(t
     assert emb.requires_grad  # trained with the backbone; without time masking it would get no gradient (DDP):
     channel_only = WavLMEncoder(str(tiny_wavlm), **{**MASKING, "mask_time_prob": 0.0})
     assert not channel_only.model.masked_spec_embed.requires_grad
+    # masking off: the model has exactly the checkpoint's parameters (task vectors / static merges fit it)
+    off = WavLMEncoder(str(tiny_wavlm), **{**MASKING, "apply_spec_augment": False})
+    assert off.training_only_keys == [] and not hasattr(off.model, "masked_spec_embed")
     enc.train()
     np.random.seed(7)
     frames, channels = _masked(enc, _encoder_input(enc, wavs, lens))
