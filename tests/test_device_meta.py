@@ -16,8 +16,8 @@ Bypassed, because they are the training loop's logging / NaN checks that read a 
 run on meta (they are one sync per step on CUDA, outside model code): ``check_loss_isfinite`` (``bool(isfinite)``),
 ``check_gradients`` (only with ``skip_nonfinite_grads``), and fit_batch's ``loss.detach().cpu()`` for the running
 average. Everything else runs under :class:`tests.meta_device.HostSyncRecorder`: model and recipe code must not
-read a device value in the step. The one exception is HarmoniFuse (train.py and speech_lm.py as of the issue-14
-rewrite): its known syncs are listed in ``HARMONIFUSE_KNOWN_SYNCS`` by source line and any other one fails.
+read a device value in the step, HarmoniFuse included (``HARMONIFUSE_KNOWN_SYNCS`` lists a recipe's known syncs by
+source line; it is empty).
 """
 import contextlib
 from pathlib import Path
@@ -32,16 +32,11 @@ MSP = REPO / "recipes" / "MSP-Podcast"
 ADALTM_ROWS = MSP / "adaltm" / "hparams" / "rows"
 N_CLASSES = 8
 
-# (function, file, source fragment): HarmoniFuse's per-step host reads on main; a new one fails the test.
-HARMONIFUSE_KNOWN_SYNCS = [
-    ("<listcomp>", "speech_lm.py", "int(smask[b].sum())"),  # _prefixes: cut each utterance's padding
-    ("_prefixes", "speech_lm.py", "int(smask[b].sum())"),   # the same, as Python >= 3.12 names the frame
-    ("forward", "speech_lm.py", "fused[valid]"),            # logits only at target positions (boolean mask)
-    ("compute_objectives", "train.py", "torch.isfinite(loss)"),  # per-task running mean of the loss ...
-    ("compute_objectives", "train.py", "loss.item()"),           # ... kept on the host
-    ("targets", "train.py", ".tolist()"),                   # emotion labels back from the device as words
-    ("_ignore_causal_mask_sdpa", "masking_utils.py", ""),   # transformers: padding_mask.all() to skip the mask
-]
+# (function, file, source fragment): HarmoniFuse's known per-step host reads; none is left since its prefixes are
+# padded tensors, its loss has a host-known shape and its right-padded LM input needs no padding mask (before:
+# int(smask[b].sum()) per utterance, fused[valid], isfinite(loss) / loss.item(), the labels' .tolist() and
+# transformers' padding_mask.all()). A new one fails the test.
+HARMONIFUSE_KNOWN_SYNCS = []
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -106,10 +101,8 @@ case("adaltm_static_global-fused", ADALTM[0], ADALTM_ROWS / "static_global.yaml"
      {"merge_impl": "fused"})
 
 HF = MSP / "harmonifuse"
-# every model variant of the rows (LM modes, prompts, gates, LM fusion, fixed layer, single task); the
-# *_layer12/24 single-task rows and iemocap_ser combine these settings (the 90 s budget of this module)
-HF_ROWS = ("full", "lm_frozen", "lm_full", "soft_prompts", "channel_gate", "static_encoder_fusion",
-           "static_lm_fusion", "fixed_layer_12", "single_task_asr", "single_task_ser")
+# every row file (LM modes, prompts, gates, LM fusion, fixed layers, single-task, IEMOCAP): ~3 s CPU each
+HF_ROWS = sorted(p.stem for p in (HF / "hparams/rows").glob("*.yaml"))
 for row in HF_ROWS:
     case(f"harmonifuse_{row}", HF / "train.py", HF / "hparams/rows" / f"{row}.yaml", "HarmoniFuseBrain", "hf")
 

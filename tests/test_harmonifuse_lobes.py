@@ -11,6 +11,7 @@ from lobes.harmonifuse.speech_lm import (
     CharTokenizer,
     SpeechAdapter,
     SpeechLM,
+    pad_prefixes,
     to_frame_mask,
 )
 
@@ -216,9 +217,10 @@ def test_speech_lm_last_fusion_equals_plain_lm(tiny_dirs):
     tok = m.tokenizer
     prompt_ids = tok.encode("Transcribe the audio.")
     assert m.prompt_ids["asr"] == prompt_ids and len(prompt_ids) == 21 and m.prompts is None
-    prefix = m._prefixes(speech, smask, "asr")[0]
+    prefix, pmask = m.prefix_embeddings(speech, smask, "asr")
     K = 1 + 21 + 3  # BOS + the prompt's 21 character tokens + 3 speech vectors
-    assert prefix.shape[0] == K
+    assert prefix.shape[:2] == (1, K) and pmask.tolist() == [[True] * K]
+    prefix = prefix[0]
     emb = m.lm.get_input_embeddings()
     # the text prompt reaches the LM as the token embeddings of its words, right after BOS
     assert torch.equal(prefix[: 1 + 21], emb(torch.tensor([tok.bos_token_id] + prompt_ids)))
@@ -237,7 +239,7 @@ def test_soft_prompts_are_learned_vectors(tiny_dirs):
     m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), prompt_mode="soft", num_prompt_tokens=3).eval()
     assert m.prompts.shape == (2, 3, 32) and m.prompt_ids == {}
     speech, smask = m.encode_speech(torch.randn(1, 800), torch.tensor([1.0]), "ser")
-    prefix = m._prefixes(speech, smask, "ser")[0]
+    prefix = m.prefix_embeddings(speech, smask, "ser")[0][0]
     assert prefix.shape[0] == 1 + 3 + 3 and torch.equal(prefix[1:4], m.prompts[1])
     with pytest.raises(DataError, match="task_prompts needs an instruction text for task\\(s\\) \\['ser'\\]"):
         SpeechLM(ToyEncoder(), str(tiny_dirs[1]), task_prompts={"asr": "Transcribe."})
@@ -294,6 +296,38 @@ def test_speech_lm_batch_padding_invariance(tiny_dirs):
     assert (out.target_ids[1, 3:] == -100).all()  # "OK" + EOS = 3 tokens
 
 
+def prefix_list(m, speech, smask, task):
+    """Per-utterance prefixes cut on the host, as SpeechLM built them before its padded tensors (the reference)."""
+    head = torch.cat([m.lm.get_input_embeddings()(torch.tensor([m.tokenizer.bos_token_id])),
+                      m.prompt_embeddings(task, "cpu")])
+    return [torch.cat([head, speech[b, : int(smask[b].sum())]]) for b in range(speech.shape[0])]
+
+
+def pad_left(prefixes):
+    K = max(p.shape[0] for p in prefixes)
+    embeds, attn = prefixes[0].new_zeros(len(prefixes), K, prefixes[0].shape[1]), torch.zeros(len(prefixes), K,
+                                                                                          dtype=torch.bool)
+    for b, p in enumerate(prefixes):
+        embeds[b, K - p.shape[0]:], attn[b, K - p.shape[0]:] = p, True
+    return embeds, attn
+
+
+def test_padded_prefixes_equal_the_per_utterance_ones(tiny_dirs):
+    """prefix_embeddings (right-padded, zero padding) and left_padded hold exactly the host-cut prefixes."""
+    torch.manual_seed(0)
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1])).eval()
+    speech, smask = m.encode_speech(torch.randn(3, 1600), torch.tensor([0.5, 1.0, 0.3]), "ser")
+    ref = prefix_list(m, speech, smask, "ser")
+    assert [p.shape[0] for p in ref] == [1 + 39 + 3, 1 + 39 + 5, 1 + 39 + 2]  # 10, 20, 6 frames, stack 4
+    right, rmask = m.prefix_embeddings(speech, smask, "ser")
+    left, lmask = m.left_padded(right, rmask)
+    want_left, want_lmask = pad_left(ref)
+    assert torch.equal(left, want_left) and torch.equal(lmask, want_lmask)
+    assert right.shape == (3, 45, 32) and rmask.sum(1).tolist() == [43, 45, 42]
+    for b, p in enumerate(ref):
+        assert torch.equal(right[b, : p.shape[0]], p) and not right[b, p.shape[0]:].any()
+
+
 def reference_greedy(m, wavs, lens, task, max_len):
     """The hand-written greedy loop that SpeechLM.generate used before transformers' generate (the reference)."""
     from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
@@ -311,7 +345,7 @@ def reference_greedy(m, wavs, lens, task, max_len):
 
     with torch.no_grad():
         speech, smask = m.encode_speech(wavs, lens, task)
-        embeds, attn = m._pad_left(m._prefixes(speech, smask, task))
+        embeds, attn = pad_left(prefix_list(m, speech, smask, task))
         states, out = lm_states(embeds, attn, use_cache=True)
         alpha = m.lm_fusion.layer_weights(states, task, attn)
         head, eos, B = m.lm.get_output_embeddings(), m.tokenizer.eos_token_id, embeds.shape[0]
@@ -421,8 +455,8 @@ def test_beam_search_returns_the_best_scoring_hypothesis(tiny_dirs):
     p1[-1] = start
     p2 = torch.randn(5, 32)
     p2[-1] = m.lm.get_input_embeddings().weight[C]
-    assert m.generate_from_prefixes([p1, p2], "asr", max_len=5) == ["A", ""]
-    best = m.generate_from_prefixes([p1, p2], "asr", max_len=5, num_beams=2, length_penalty=0.0)
+    assert m.generate_from_prefixes(*pad_prefixes([p1, p2]), "asr", max_len=5) == ["A", ""]
+    best = m.generate_from_prefixes(*pad_prefixes([p1, p2]), "asr", max_len=5, num_beams=2, length_penalty=0.0)
     assert best == ["B", ""]
     # exhaustive check of the claim "B is the best" over all sequences up to 3 tokens of the chain
     def prob(seq):
@@ -511,7 +545,7 @@ def test_unused_encoder_parameters_are_frozen(tiny_dirs, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "mask_time_prob": 0.05}))  # WavLM-Large has one
     enc = WavLMEncoder(str(src))
-    assert enc.model.masked_spec_embed.requires_grad
+    enc.model.masked_spec_embed.requires_grad_(True)  # WavLMEncoder freezes it itself; another encoder may not
     frozen = freeze_unused_encoder_parameters(enc, fixed_layer=2)
     above = {n for n, _ in enc.model.named_parameters() if n.startswith(("encoder.layers.2.", "encoder.layers.3."))}
     assert set(frozen) == {"masked_spec_embed", "encoder.layer_norm.weight", "encoder.layer_norm.bias"} | above

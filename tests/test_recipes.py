@@ -1,7 +1,8 @@
 """Recipe tests (SpeechBrain's recipe-test idea): every train.py runs on the mini corpora with the tiny WavLM.
 
 One pipeline is run through the recipe's own run.sh: stages 0-2 (prep, ASR-CTC in- and out-of-domain, SER),
-then stage 3+4 *alone* on those outputs (task vectors, AdaLTM rows, an MTL row, results table).
+then stage 3+4 *alone* on those outputs (task vectors, AdaLTM rows, an MTL row, results table). Which rows run
+and the files each must write come from the recipe registry (tests/recipes.csv, run = tests/test_recipes.py).
 """
 import json
 import math
@@ -13,9 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipe_registry import row_name, rows_run_by
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "recipes/MSP-Podcast/adaltm/run.sh"
-ROWS = ["setup1_frozen", "setup4_dual", "static_global"]
+REGISTERED = rows_run_by("tests/test_recipes.py")
+ROWS = [row_name(r) for r in REGISTERED if r["script"] == "recipes/MSP-Podcast/adaltm/train.py"]
+MTL_ROWS = [row_name(r) for r in REGISTERED if r["script"] == "recipes/MSP-Podcast/mtl/train.py"]
 
 
 def _sh(args, timeout=600):
@@ -38,7 +43,7 @@ def pipeline(mini_corpora, tmp_path_factory):
     fast = "--number_of_epochs=1 --batch_size=16"
     _sh(["--stage", "0", "--stop_stage", "2", *common, "--asr_args", fast,
          "--ser_args", f"{fast} --head_hidden=16 --num_bootstraps=20"])
-    out = _sh(["--stage", "3", "--stop_stage", "4", *common, "--rows", " ".join(ROWS), "--mtl_rows", "static_init",
+    out = _sh(["--stage", "3", "--stop_stage", "4", *common, "--rows", " ".join(ROWS), "--mtl_rows", " ".join(MTL_ROWS),
                "--adaltm_args", "--number_of_epochs=2 --lr=0.01 --head_hidden=16 --num_bootstraps=20",
                "--mtl_args", f"{fast} --head_hidden=16 --num_bootstraps=20"])
     return exp, out
@@ -167,3 +172,23 @@ def test_ddp_two_cpu_processes_keep_lambda_identical(pipeline, tmp_path):
     lam1 = json.loads((ranks / "coefficients_rank1.json").read_text())["lambda"]
     assert lam0 == lam1
     assert any(abs(v - 0.5) > 1e-5 for v in lam0["ASR"])  # they trained, and stayed in sync
+
+
+def _pipeline_folder(exp, row):
+    """Where run.sh puts the run of a registry row."""
+    script, name = row["script"], row_name(row)
+    if script.endswith("adaltm/train.py"):
+        return exp / "rows" / name / "1986"
+    if script.endswith("mtl/train.py"):
+        return exp / "rows" / f"mtl_{name}" / "1986"
+    return exp / {"recipes/MSP-Podcast/ser/train.py": "ser", "recipes/MSP-Podcast/asr_ctc/train.py": "asr_ctc_msp",
+                  "recipes/LibriSpeech/asr_ctc/train.py": "asr_ctc_libri"}[script]
+
+
+@pytest.mark.parametrize("row", REGISTERED, ids=[r["hparams"].removeprefix("recipes/") for r in REGISTERED])
+def test_registered_runs_write_their_listed_outputs(pipeline, row):
+    exp, _ = pipeline
+    folder = _pipeline_folder(exp, row)
+    assert row["outputs"], row["hparams"]
+    for name in row["outputs"]:
+        assert (folder / name).is_file() and (folder / name).stat().st_size > 0, f"{row['hparams']}: no {folder / name}"

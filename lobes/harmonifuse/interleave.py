@@ -26,11 +26,14 @@ task τ, an epoch is R rounds, each holding exactly r_τ batches of τ, so count
 
 Determinism and DDP: the schedule depends only on (seed, epoch, ratio, n_τ). The k-th pass over task τ's
 sampler in epoch e calls its ``set_epoch(e · P_τ + k)`` (P_τ = passes per epoch from the lengths at
-construction), so every pass is reproducible and differs from the others. For DDP give each rank its own
-per-task samplers (``DistributedSampler`` + ``BatchSampler``, or SpeechBrain's
-``DistributedSamplerWrapper(DynamicBatchSampler)``); the ranks then share the schedule, i.e. all ranks run
-the same task at the same step, provided their n_τ agree (both wrappers pad to equal shards; pass an int
-``length`` to be safe).
+construction), so every pass is reproducible and differs from the others. Under DDP pass ``rank`` and
+``world`` to :func:`make_interleaved_dataloader` with the *single-process* per-task batch samplers (same seed
+on every rank): each is wrapped in :class:`ShardedBatches`, which deals that pass's batches out to the ranks
+(rank r runs batches r, r+W, ...; the pass is padded to a multiple of W with its first batches), so the
+n_τ (= ceil(n_τ¹/W)) and hence the schedule are the same on every rank: at every step all ranks run the same
+task (DDP's gradient all-reduce averages batches of one task), and step k of the epoch covers the
+single-process batches kW .. kW+W-1 of that task. An int ``length`` counts single-process batches: each rank
+runs length / W of them (one epoch covers the same data for any W).
 """
 import bisect
 import math
@@ -177,6 +180,45 @@ class _Interleaver:
                 self._set_pass(t, 0)
 
 
+class ShardedBatches(torch.utils.data.Sampler):
+    """DDP rank ``rank``'s share of a batch sampler (see module doc): of each pass's batches (what one process
+    would run, in its order) rank r takes r, r+W, r+2W, ...; a pass whose count n is not a multiple of W is
+    padded with its first batches (as ``DistributedSampler`` pads utterances), so every rank has ceil(n/W).
+    ``set_epoch`` reaches the wrapped sampler: every rank must build the same passes (same seed)."""
+
+    def __init__(self, batch_sampler, rank, world):
+        if not (0 <= int(rank) < int(world)):
+            raise DataError(f"rank {rank} is not in 0..{int(world) - 1}")
+        self.batch_sampler, self.rank, self.world = batch_sampler, int(rank), int(world)
+
+    def __len__(self):
+        return math.ceil(len(self.batch_sampler) / self.world)
+
+    def __iter__(self):
+        batches = [list(b) for b in self.batch_sampler]
+        if not batches:
+            return iter([])
+        n = math.ceil(len(batches) / self.world) * self.world
+        batches = (batches * math.ceil(n / len(batches)))[:n]
+        return iter(batches[self.rank::self.world])
+
+    def set_epoch(self, epoch):
+        setter = _epoch_setter(self.batch_sampler)
+        if setter is not None:
+            setter.set_epoch(epoch)
+
+
+def per_rank_length(length, world, ratio):
+    """An int epoch ``length`` (single-process batches) -> what each of ``world`` ranks runs; "max"/"min" stay."""
+    if world == 1 or not isinstance(length, int) or isinstance(length, bool):
+        return length
+    per_round = sum(ratio.values())
+    if length % (world * per_round):
+        raise DataError(f"interleave length {length} does not split over {world} DDP ranks in whole rounds of "
+                        f"{per_round} batches ({ratio}): choose a multiple of {world * per_round}")
+    return length // world
+
+
 class InterleavedBatchSampler(_Interleaver, torch.utils.data.Sampler):
     """Batch sampler over a :class:`TaskTaggedConcat`: index lists, one task per batch.
 
@@ -219,6 +261,16 @@ class TaskTaggedConcat(Dataset):
     def __len__(self):
         return self._total
 
+    @property
+    def data_ids(self):
+        """Utterance ids in concatenation order (what sharded evaluation orders gathered outputs by)."""
+        ids = []
+        for t, ds in zip(self.tasks, self.datasets):
+            if not hasattr(ds, "data_ids"):
+                raise DataError(f"dataset of task '{t}' has no data_ids (a DynamicItemDataset has)")
+            ids += list(ds.data_ids)
+        return ids
+
     def __getitem__(self, i):
         if not 0 <= i < self._total:
             raise IndexError(i)
@@ -233,11 +285,12 @@ class TaskTaggedConcat(Dataset):
 
 
 def make_interleaved_dataloader(datasets, batch_samplers, ratio=None, length="max", order="round_robin",
-                                seed=0, collate_fn=None, **loader_kwargs):
+                                seed=0, collate_fn=None, rank=0, world=1, **loader_kwargs):
     """DataLoader over the task-tagged concatenation with an :class:`InterleavedBatchSampler`.
 
     ``collate_fn`` defaults to SpeechBrain's ``PaddedBatch``; ``loader_kwargs`` go to ``DataLoader``
-    (num_workers, pin_memory, ...). The sampler is ``loader.batch_sampler``.
+    (num_workers, pin_memory, ...). The sampler is ``loader.batch_sampler``. DDP: ``rank`` / ``world`` shard
+    the single-process ``batch_samplers`` with :class:`ShardedBatches` (module doc).
     """
     if set(datasets) != set(batch_samplers):
         raise DataError(f"datasets {sorted(datasets)} and batch_samplers {sorted(batch_samplers)} name "
@@ -246,8 +299,12 @@ def make_interleaved_dataloader(datasets, batch_samplers, ratio=None, length="ma
         from speechbrain.dataio.batch import PaddedBatch
         collate_fn = PaddedBatch
     concat = TaskTaggedConcat(datasets)
-    sampler = InterleavedBatchSampler({t: batch_samplers[t] for t in concat.tasks}, concat.offsets,
-                                      ratio, length, order, seed)
+    samplers = {t: batch_samplers[t] for t in concat.tasks}
+    if world > 1:
+        samplers = {t: ShardedBatches(s, rank, world) for t, s in samplers.items()}
+        length = per_rank_length(length, world, parse_ratio(ratio if ratio is not None else [1] * len(samplers),
+                                                            list(samplers)))
+    sampler = InterleavedBatchSampler(samplers, concat.offsets, ratio, length, order, seed)
     return DataLoader(concat, batch_sampler=sampler, collate_fn=collate_fn, **loader_kwargs)
 
 

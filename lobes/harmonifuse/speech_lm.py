@@ -37,8 +37,13 @@
   ``"classify"`` = a linear head over the mean of the fused prefix states (labels: names from ``emotions``
   or indices). Every generated target ends with EOS. Loss = token-level cross-entropy averaged over all
   target tokens of the batch (classification: mean over utterances).
-* Training sequences are right-padded and generation prefixes left-padded; ``position_ids`` are always
-  the count of real tokens before a position, so both see the same positions.
+* Training sequences are right-padded, with no padding mask (causal attention already keeps the trailing
+  padding out of every real position), generation prefixes left-padded with a mask; ``position_ids`` are
+  always the count of real tokens before a position, so both see the same positions.
+* No host read in the training step: prefixes are padded tensors built from the device-side speech lengths
+  (:meth:`SpeechLM.prefix_embeddings`), the targets are placed by a scatter at device-computed positions,
+  the token ids are tokenised on the host and sent in one copy, and the loss has a shape known on the host
+  (tests/test_device_meta.py checks it at WavLM-Large shape).
 * DDP: parameters that can never get a gradient are frozen at construction (WavLM's ``masked_spec_embed``
   when SpecAugment is off; with ``fixed_layer=l`` the encoder layers above l), so every trainable parameter
   is used by every batch of every task except the ``classify`` head on ASR batches.
@@ -180,6 +185,18 @@ def to_frame_mask(frames, num_frames):
 def positions(attn_mask, length):
     """position_ids of the last ``length`` columns: the count of real tokens before each position."""
     return (attn_mask.long().cumsum(1) - 1).clamp(min=0)[:, -length:]
+
+
+def pad_prefixes(prefixes):
+    """A list of prefix embeddings [K_b, D] -> right-padded [B, K, D] and mask [B, K] (tools and tests; the
+    model builds its prefixes padded, see :meth:`SpeechLM.prefix_embeddings`)."""
+    K = max(p.shape[0] for p in prefixes)
+    embeds = prefixes[0].new_zeros(len(prefixes), K, prefixes[0].shape[1])
+    mask = torch.zeros(len(prefixes), K, dtype=torch.bool, device=prefixes[0].device)
+    for b, p in enumerate(prefixes):
+        embeds[b, : p.shape[0]] = p
+        mask[b, : p.shape[0]] = True
+    return embeds, mask
 
 
 def _ce_sum(hidden, targets, head):
@@ -397,19 +414,39 @@ class SpeechLM(torch.nn.Module):
             return self.prompts[t].to(self.hf_lm.get_input_embeddings().weight.dtype)
         return self._embed_ids(torch.tensor(self.prompt_ids[self.tasks[t]], dtype=torch.long, device=device))
 
-    def _prefixes(self, speech, smask, task):
-        """Per-utterance list of prefix embeddings [K_b, D]: [BOS] + prompt_τ + valid speech frames."""
+    def prefix_embeddings(self, speech, smask, task):
+        """Right-padded prefixes [B, K, D] and their mask [B, K], K = P + T': [BOS] + prompt_τ (P positions) +
+        speech; utterance b's prefix is its first P + n_b positions (n_b = its speech length), padding is zero.
+
+        Fixed shapes from the batch (the speech lengths n_b stay on the device: no host read per utterance).
+        """
         emb_dtype = self.hf_lm.get_input_embeddings().weight.dtype
-        head = [self.prompt_embeddings(task, speech.device)]
+        head = self.prompt_embeddings(task, speech.device)
         bos = getattr(self.tokenizer, "bos_token_id", None)
         if bos is not None:
-            head = [self._embed_ids(torch.tensor([bos], device=speech.device))] + head
-        return [torch.cat(head + [speech[b, : int(smask[b].sum())].to(emb_dtype)]) for b in range(speech.shape[0])]
+            head = torch.cat([self._embed_ids(torch.full((1,), bos, dtype=torch.long, device=speech.device)), head])
+        B = speech.shape[0]
+        speech = speech.to(emb_dtype).masked_fill(~smask[:, :, None], 0.0)
+        embeds = torch.cat([head[None].expand(B, -1, -1), speech], dim=1)
+        mask = torch.cat([smask.new_ones(B, head.shape[0]), smask], dim=1)
+        return embeds, mask
 
-    def run_decoder(self, embeds, attn_mask, **kwargs):
-        """The LM's layers on ``embeds`` -> (raw hidden states of layers 1..L (tuple), decoder output)."""
-        out = self.decoder(inputs_embeds=embeds, attention_mask=attn_mask.long(),
-                           position_ids=positions(attn_mask, embeds.shape[1]), output_hidden_states=True, **kwargs)
+    def run_decoder(self, embeds, attn_mask=None, **kwargs):
+        """The LM's layers on ``embeds`` -> (raw hidden states of layers 1..L (tuple), decoder output).
+
+        ``attn_mask=None``: right-padded sequences. Causal attention alone then keeps the padding (always after
+        an utterance's last real position) out of every real position, and positions are 0, 1, ... as for an
+        unpadded sequence, so no padding mask is built (transformers would read it on the host to decide
+        whether it can skip it). Left-padded input (generation) passes its mask.
+        """
+        if attn_mask is None:
+            B, S = embeds.shape[:2]
+            pos = torch.arange(S, device=embeds.device)[None].expand(B, -1)
+            out = self.decoder(inputs_embeds=embeds, position_ids=pos, output_hidden_states=True, **kwargs)
+        else:
+            out = self.decoder(inputs_embeds=embeds, attention_mask=attn_mask.long(),
+                               position_ids=positions(attn_mask, embeds.shape[1]), output_hidden_states=True,
+                               **kwargs)
         return out.hidden_states[1:], out
 
     def layer_states(self, hidden, index=None):
@@ -467,7 +504,7 @@ class SpeechLM(torch.nn.Module):
 
     def _label_indices(self, targets, device):
         if isinstance(targets, torch.Tensor):
-            return targets.long().to(device)
+            return targets.long().to(device, non_blocking=True)
         idx = []
         for t in targets:
             if isinstance(t, str):
@@ -476,65 +513,77 @@ class SpeechLM(torch.nn.Module):
                 idx.append(self.emotions.index(t))
             else:
                 idx.append(int(t))
-        return torch.tensor(idx, dtype=torch.long, device=device)
+        return torch.tensor(idx, dtype=torch.long).to(device, non_blocking=True)
 
     # ----------------------------------------------------------------------------------------- forward
+    def _teacher_forcing_tensors(self, tgt, device):
+        """From the host token lists ``tgt`` (EOS last): LM input ids [B, N-1] (target without its EOS, 0 on
+        padding), target ids [B, N] (-100 on padding), and the flat indices / ids of the real target tokens
+        ([M], row-major), built on the host and sent in one copy."""
+        B, N = len(tgt), max(len(y) for y in tgt)
+        inp = torch.zeros(B, N - 1, dtype=torch.long)
+        ids = torch.full((B, N), -100, dtype=torch.long)
+        flat = []
+        for b, y in enumerate(tgt):
+            inp[b, : len(y) - 1] = torch.tensor(y[:-1], dtype=torch.long)
+            ids[b, : len(y)] = torch.tensor(y, dtype=torch.long)
+            flat += range(b * N, b * N + len(y))
+        flat = torch.tensor(flat, dtype=torch.long)
+        packed = torch.cat([inp.reshape(-1), ids.reshape(-1), flat]).to(device, non_blocking=True)
+        inp, ids, flat = packed.split([inp.numel(), ids.numel(), flat.numel()])
+        return inp.view(B, N - 1), ids.view(B, N), flat
+
     def forward(self, wavs, wav_lens, task, targets=None):
         speech, smask = self.encode_speech(wavs, wav_lens, task)
-        prefixes = self._prefixes(speech, smask, task)
-        B, dev = len(prefixes), speech.device
+        prefix, pmask = self.prefix_embeddings(speech, smask, task)
+        (B, _, D), dev = prefix.shape, speech.device
         if self._is_classify(task):
-            return self._classify(prefixes, task, targets, dev)
+            return self._classify(prefix, pmask, task, targets, dev)
         if targets is None:
             raise DataError(f"task '{task}' is generative: forward needs targets (use generate() to decode)")
         if len(targets) != B:
             raise DataError(f"{len(targets)} targets for a batch of {B}")
         tgt = self._target_ids(targets)
-        # Teacher forcing: the LM reads prefix + target tokens without the final EOS.
-        seqs = [torch.cat([p, self._embed_ids(torch.tensor(y[:-1], dtype=torch.long, device=dev))])
-                for p, y in zip(prefixes, tgt)]
-        S = max(s.shape[0] for s in seqs)
-        D = seqs[0].shape[1]
-        embeds = seqs[0].new_zeros(B, S, D)
-        attn = torch.zeros(B, S, dtype=torch.bool, device=dev)
-        pool = torch.zeros(B, S, dtype=torch.bool, device=dev)
         N = max(len(y) for y in tgt)
-        gather = torch.zeros(B, N, dtype=torch.long, device=dev)
-        target_ids = torch.full((B, N), -100, dtype=torch.long, device=dev)
-        for b, (s, p, y) in enumerate(zip(seqs, prefixes, tgt)):
-            embeds[b, : s.shape[0]] = s
-            attn[b, : s.shape[0]] = True
-            pool[b, : p.shape[0]] = True
-            # position K-1+j predicts target token j
-            gather[b, : len(y)] = torch.arange(p.shape[0] - 1, p.shape[0] - 1 + len(y), device=dev)
-            target_ids[b, : len(y)] = torch.tensor(y, device=dev)
-        hidden, _ = self.run_decoder(embeds, attn, use_cache=False)
+        inp, target_ids, flat = self._teacher_forcing_tensors(tgt, dev)
+        # Teacher forcing, right-padded: utterance b reads its prefix (K_b = P + n_b positions), then its target
+        # tokens without the final EOS at K_b, K_b+1, ...; S = K + N - 1 fits the longest of both. The
+        # targets go in by a scatter at device-computed positions (they overwrite speech padding, if any).
+        k_b = pmask.sum(1)                                                # [B] prefix lengths, on the device
+        steps = torch.arange(N, device=dev)
+        embeds = torch.cat([prefix, prefix.new_zeros(B, N - 1, D)], dim=1)
+        at = (k_b[:, None] + steps[None, : N - 1])[:, :, None].expand(-1, -1, D)
+        embeds = embeds.scatter(1, at, self._embed_ids(inp).to(embeds.dtype))
+        pool = torch.cat([pmask, pmask.new_zeros(B, N - 1)], dim=1)      # α pools the prefix only
+        gather = k_b[:, None] - 1 + steps[None, :]                        # position K_b-1+j predicts token j
+        hidden, _ = self.run_decoder(embeds, None, use_cache=False)
         alpha = self.layer_alpha(hidden, task, pool)
         self._record(task, alpha)
         fused = self.fuse(self.layer_states(hidden, gather), alpha)     # [B, N, D]: target positions only
         head = self.hf_lm.get_output_embeddings()
         if self.training and self.loss_chunk_size is not None and torch.is_grad_enabled():
-            valid = target_ids != -100
-            loss = chunked_cross_entropy(fused[valid], target_ids[valid], head, self.loss_chunk_size) / valid.sum()
+            # the real target tokens by host-known indices (a fixed shape, no boolean selection)
+            loss = chunked_cross_entropy(fused.reshape(B * N, -1).index_select(0, flat),
+                                         target_ids.reshape(-1).index_select(0, flat), head,
+                                         self.loss_chunk_size) / flat.numel()
             return SpeechLMOutput(loss, None, target_ids, alpha, self.tasks[self._task_index(task)])
         logits = head(fused).float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target_ids.reshape(-1), ignore_index=-100)
         return SpeechLMOutput(loss, logits, target_ids, alpha, self.tasks[self._task_index(task)])
 
-    def _pad_left(self, prefixes):
-        B, K, D = len(prefixes), max(p.shape[0] for p in prefixes), prefixes[0].shape[1]
-        embeds = prefixes[0].new_zeros(B, K, D)
-        attn = torch.zeros(B, K, dtype=torch.bool, device=prefixes[0].device)
-        for b, p in enumerate(prefixes):
-            embeds[b, K - p.shape[0]:] = p
-            attn[b, K - p.shape[0]:] = True
-        return embeds, attn
+    @staticmethod
+    def left_padded(embeds, mask):
+        """Right-padded [B, K, D] + mask -> the same rows left-padded (real positions last), for ``generate``."""
+        K = embeds.shape[1]
+        src = torch.arange(K, device=embeds.device)[None] - (K - mask.sum(1))[:, None]
+        left = src >= 0
+        out = torch.gather(embeds, 1, src.clamp(min=0)[:, :, None].expand(-1, -1, embeds.shape[2]))
+        return out.masked_fill(~left[:, :, None], 0.0), left
 
-    def _classify(self, prefixes, task, targets, dev):
-        embeds, attn = self._pad_left(prefixes)
-        hidden, _ = self.run_decoder(embeds, attn, use_cache=False)
-        pooled = self.pooled_layers(hidden, attn)                      # [L, B, D]
-        alpha = self.layer_alpha(hidden, task, attn, pooled=pooled)
+    def _classify(self, prefix, pmask, task, targets, dev):
+        hidden, _ = self.run_decoder(prefix, None, use_cache=False)   # right-padded: see run_decoder
+        pooled = self.pooled_layers(hidden, pmask)                      # [L, B, D]
+        alpha = self.layer_alpha(hidden, task, pmask, pooled=pooled)
         self._record(task, alpha)
         # mean over the prefix of Σ_l α_l h_l = Σ_l α_l (mean of h_l): the fused [B, K, D] is never built
         fused = PromptAdaptiveFusion.fuse(pooled[:, :, None], alpha)[:, 0]
@@ -555,18 +604,19 @@ class SpeechLM(torch.nn.Module):
         included; ``length_penalty`` is HF's (beam score = Σ log p / length^length_penalty).
         """
         speech, smask = self.encode_speech(wavs, wav_lens, task)
-        prefixes = self._prefixes(speech, smask, task)
+        prefix, pmask = self.prefix_embeddings(speech, smask, task)
         if self._is_classify(task):
-            out = self._classify(prefixes, task, None, speech.device)
+            out = self._classify(prefix, pmask, task, None, speech.device)
             return [self.emotions[i] for i in out.logits.argmax(-1).tolist()]
-        return self.generate_from_prefixes(prefixes, task, max_len, num_beams, length_penalty)
+        return self.generate_from_prefixes(prefix, pmask, task, max_len, num_beams, length_penalty)
 
     @torch.no_grad()
-    def generate_from_prefixes(self, prefixes, task, max_len=200, num_beams=1, length_penalty=1.0):
-        """Decode from ready prefix embeddings (list of [K_b, D]) -> list of strings."""
+    def generate_from_prefixes(self, prefix, mask, task, max_len=200, num_beams=1, length_penalty=1.0):
+        """Decode from ready right-padded prefix embeddings [B, K, D] and their mask [B, K] -> list of strings
+        (:func:`pad_prefixes` builds them from a list of [K_b, D])."""
         from transformers import GenerationConfig
 
-        embeds, attn = self._pad_left(prefixes)
+        embeds, attn = self.left_padded(prefix, mask)
         eos = self.tokenizer.eos_token_id
         pad = getattr(self.tokenizer, "pad_token_id", None)
         config = GenerationConfig(

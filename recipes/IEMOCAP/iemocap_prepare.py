@@ -371,6 +371,45 @@ def _log_counts(entries, classes, manifests, excluded, class_map, save_folder):
               f"listed in {save_folder / EXCLUDED_FILE}")
 
 
+def iemocap_manifests(hparams, asr=False):
+    """``{train, valid, test}`` -> manifest paths of fold ``hparams["fold"]`` in ``hparams["prep_folder"]``
+    (``asr=True``: the ``asr_*`` manifests, every evaluated utterance with a transcript)."""
+    folder = Path(hparams["prep_folder"]) / f"fold{int(hparams['fold'])}"
+    return {s: str(folder / f"{'asr_' if asr else ''}{s}.json") for s in SPLITS}
+
+
+def prepare_from_hparams(hparams, classes=None):
+    """A recipe's stage 0: prepare every fold (once; a rerun with the same options is skipped) unless
+    ``skip_prep``, then check that ``classes`` (an SER recipe's ``emotion_classes``; None for ASR) are the
+    prepared ``classes.txt``, in order. ``class_map`` and ``valid_gender`` come from the YAML (ASR recipes
+    declare them too: the manifests are shared, and the folds' validation speaker depends on them).
+
+    All five folds are always written so that the options, hence the skip check, are the same for every fold's
+    run. Raises DataError naming the file when the classes differ (a label set must not silently change).
+    """
+    if not hparams["skip_prep"]:
+        from speechbrain.utils.distributed import run_on_main
+
+        run_on_main(prepare_iemocap, kwargs={
+            "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
+            "class_map": dict(hparams["class_map"]), "valid_gender": hparams["valid_gender"]})
+    if classes is not None:
+        check_classes(hparams["prep_folder"], classes)
+
+
+def check_classes(save_folder, classes):
+    """DataError unless ``<save_folder>/classes.txt`` lists exactly ``classes`` (same names, same order)."""
+    path = Path(save_folder) / CLASSES_FILE
+    try:
+        prepared = path.read_text(encoding="utf-8").split()
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: run data preparation (skip_prep: False) first") from None
+    if prepared != list(classes):
+        raise DataError(f"{path} lists classes {prepared} but emotion_classes is {list(classes)}: prepare with the "
+                        "recipe's class_map, or make emotion_classes its classes in order of first appearance")
+    return prepared
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Prepare IEMOCAP leave-one-session-out manifests for SER (and ASR).")
     p.add_argument("--data_folder", required=True, help="the IEMOCAP_full_release folder")

@@ -26,8 +26,8 @@ root=$(cd "${recipe_dir}/../../.." && pwd)
 msp_dir=$(cd "${recipe_dir}/.." && pwd)
 
 # ----------------------------------------------------------------- options
-stage=0
-stop_stage=4
+stage=0                     # first stage to run (0-4)
+stop_stage=4                # last stage to run (0-4)
 ngpu=1                      # >1: torchrun --nproc_per_node=<ngpu> (SpeechBrain DDP)
 device=                     # cuda:0 / cpu; empty = SpeechBrain's default
 mini=false                  # true: generate mini corpora + tiny WavLM and use fast demo settings
@@ -38,15 +38,15 @@ exp=exp/adaltm_recipe       # everything this recipe writes
 asr_in_source=              # existing in-domain ASR model (skips its fine-tuning)
 asr_in_kind=auto            # hf | hf_ctc | speechbrain | auto
 asr_out_source=             # e.g. patrickvonplaten/wavlm-libri-clean-100h-large
-asr_out_kind=auto
+asr_out_kind=auto           # hf | hf_ctc | speechbrain | voxprofile | auto (tools.extract_task_vector --kind)
 ser_source=                 # e.g. tiantiaf/wavlm-large-categorical-emotion
-ser_kind=auto
+ser_kind=auto               # hf | hf_ctc | speechbrain | voxprofile | auto (tools.extract_task_vector --kind)
 ser_metrics=                # SER source's metrics.json on the test split (default: stage 2's ${exp}/ser/metrics.json)
 test_splits="Test1"         # MSP-Podcast Split_Set value(s) forming the test split: "Test1", "Test2" or "Test1 Test2"
 eval_batch_size=8           # stage 4: utterances per batch when the ASR sources are evaluated
-rows="setup1_frozen setup2_asr_only setup3_ser_only setup4_dual out_of_domain_dual static_global adaptive_global"
-mtl_rows="fully_trainable static_init"
-seed=1986
+rows="setup1_frozen setup2_asr_only setup3_ser_only setup4_dual out_of_domain_dual static_global adaptive_global"  # AdaLTM rows (hparams/rows)
+mtl_rows="fully_trainable static_init"   # MTL rows (../mtl/hparams/rows; fully_trainable_dlr: the variant)
+seed=1986                   # seed of every run
 asr_args=""                 # extra overrides for the stage-1 ASR-CTC fine-tuning runs
 ser_args=""                 # extra overrides for the stage-2 SER fine-tuning
 adaltm_args=""              # extra overrides for the AdaLTM rows

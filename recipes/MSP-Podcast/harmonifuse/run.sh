@@ -19,8 +19,8 @@ root=$(cd "${recipe_dir}/../../.." && pwd)
 msp_dir=$(cd "${recipe_dir}/.." && pwd)
 
 # ----------------------------------------------------------------- options
-stage=0
-stop_stage=2
+stage=0                     # first stage to run (0-2)
+stop_stage=2                # last stage to run (0-2)
 ngpu=1                      # >1: torchrun --nproc_per_node=<ngpu> (SpeechBrain DDP)
 device=                     # cuda:0 / cpu; empty = SpeechBrain's default
 mini=false                  # true: generate mini corpora + tiny WavLM + tiny LM and use fast demo settings
@@ -32,10 +32,10 @@ wavlm_source=microsoft/wavlm-large     # hub id or local directory
 lm_source=Qwen/Qwen2.5-0.5B            # any causal LM: hub id or local directory
 exp=exp/harmonifuse_recipe  # everything this recipe writes
 rows="single_task_asr_layer12 single_task_asr_layer24 single_task_ser_layer12 single_task_ser_layer24 single_task_asr \
-single_task_ser fixed_layer_12 fixed_layer_24 static_encoder_fusion static_lm_fusion full soft_prompts channel_gate lm_frozen lm_full"
-seed=1986
+single_task_ser fixed_layer_12 fixed_layer_24 static_encoder_fusion static_lm_fusion full soft_prompts channel_gate lm_frozen lm_full"  # rows (hparams/rows)
+seed=1986                   # seed of every run
 train_args=""               # extra overrides for every row (e.g. "--number_of_epochs=5 --lr=0.0002")
-mini_lm_args=""
+mini_lm_args=""             # LM overrides for every row but lm_* (--mini true sets the whole LM trainable)
 
 . "${root}/tools/recipe_lib.sh"   # parses the options above; defines log, launch, ${py}
 extra=("$@")                # passed to every train.py

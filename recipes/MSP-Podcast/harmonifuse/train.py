@@ -13,16 +13,28 @@ metrics.json (``wer`` = first test split, ``wer_by_split``; SER ``test`` report 
 / ``macro_f1``), fusion_weights.json, encoder_layer_weights.png, lm_fusion_weights.png, confusion.png and
 per-utterance asr_predictions.csv / ser_predictions.csv. A generated SER output that is not exactly one of
 the class names (``emotion_classes``) is "invalid" and counted as wrong (see ``ser_report_with_invalid``).
+
+DDP (``torchrun``): training deals the single-process interleaved batches out to the ranks
+(``lobes.harmonifuse.interleave.ShardedBatches``): every rank runs the same task at every step, step k covers
+single-process batches kW .. kW+W-1 of that task, so ``asr_batch_size`` / ``ser_batch_size`` are per rank and an
+epoch (``interleave_length`` counts single-process batches) covers the same data for any GPU count.
+Validation and test run rank r's share r, r+W, ... of the single-process evaluation batches
+(``ToolkitBrain.make_dataloader``); the per-utterance outputs, the batch losses and the fusion statistics are
+gathered back in single-process order before anything is scored, so metrics.json does not depend on W.
+The training step reads nothing from the device: per-source training losses are summed on the device and read
+once at the end of the stage; a non-finite loss stops the loop in ``ToolkitBrain.check_loss_isfinite``.
 """
 import csv
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import speechbrain as sb
 import torch
-from speechbrain.dataio.sampler import DistributedSamplerWrapper, DynamicBatchSampler, ReproducibleRandomSampler
-from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.dataio.sampler import DynamicBatchSampler, ReproducibleRandomSampler
+from torch.utils.data import BatchSampler, SequentialSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "LibriSpeech"))
@@ -31,14 +43,20 @@ from iemocap_prepare import prepare_iemocap  # noqa: E402
 from librispeech_prepare import prepare_librispeech  # noqa: E402
 from msp_podcast_prepare import prepare_msp_podcast  # noqa: E402
 
+from lobes import distributed as D  # noqa: E402
 from lobes import metrics as M  # noqa: E402
 from lobes import plots  # noqa: E402
 from lobes.brains import ToolkitBrain  # noqa: E402
 from lobes.ctc_text import normalize_transcript  # noqa: E402
 from lobes.dataio import asr_datasets, ser_datasets  # noqa: E402
 from lobes.errors import DataError  # noqa: E402
+from lobes.harmonifuse.interleave import (  # noqa: E402
+    SequentialTaskBatchSampler,
+    TaskTaggedConcat,
+    batch_task,
+    make_interleaved_dataloader,
+)
 from lobes.hparams_io import load_hparams  # noqa: E402
-from lobes.harmonifuse.interleave import batch_task, make_interleaved_dataloader, make_sequential_dataloader  # noqa: E402
 from lobes.io_utils import atomic_write  # noqa: E402
 
 INVALID = "<invalid>"                         # column of generated SER outputs that are not a class name
@@ -129,6 +147,7 @@ class HarmoniFuseBrain(ToolkitBrain):
 
     # -- forward / objectives ----------------------------------------------------------------------------
     def targets(self, batch, task):
+        """Target texts from the host batch (call before it moves to the device: no device read)."""
         if task == "asr":
             return list(batch.wrd)
         return [self.classes[i] for i in batch.emo_idx.data.view(-1).tolist()]
@@ -142,11 +161,15 @@ class HarmoniFuseBrain(ToolkitBrain):
         return epoch % self.hparams.valid_search_interval == 0 or epoch >= self.hparams.number_of_epochs
 
     def compute_forward(self, batch, stage):
-        batch = batch.to(self.device)
         tag = batch_task(batch)
         task = tag.split(":")[0]
+        targets = self.targets(batch, task)
+        batch = batch.to(self.device)
         wavs, lens = batch.sig
-        out = self.modules.speech_lm(wavs, lens, task, self.targets(batch, task))
+        # evaluation bypasses the DDP wrapper: its forward may broadcast buffers (a collective), and the ranks'
+        # evaluation shards can differ in batch count (or be empty)
+        model = self.modules.speech_lm if stage == sb.Stage.TRAIN else self.speech_lm
+        out = model(wavs, lens, task, targets)
         hyps = None
         if self.decoding(stage):
             max_len = self.hparams.asr_max_decode_len if task == "asr" else self.hparams.ser_max_decode_len
@@ -157,17 +180,25 @@ class HarmoniFuseBrain(ToolkitBrain):
     def compute_objectives(self, predictions, batch, stage):
         tag, task, out, hyps = predictions
         loss = out.loss
-        if not torch.isfinite(loss):
-            return loss  # the NaN guard (check_loss_isfinite) names the batch
-        sums = self.task_loss.setdefault(tag, [0.0, 0])
-        sums[0] += loss.item()
-        sums[1] += 1
+        if stage == sb.Stage.TRAIN:
+            # per-source running sum kept on the device (read once at the stage end); a non-finite loss stops
+            # training in check_loss_isfinite, right after this, before it is ever read
+            sums = self.task_loss.setdefault(tag, [0.0, 0])
+            sums[0] = sums[0] + loss.detach()
+            sums[1] += 1
+            self.rank_batches += 1
+            return loss
+        # evaluation: one row per batch, keyed by its first utterance (gathered across ranks like the outputs)
+        self.rank_batches += 1
+        self.eval_losses["ids"].append(batch.id[0])
+        self.eval_losses["tag"].append(tag)
+        self.eval_losses["loss"].append(float(loss))
         if hyps is not None:
             if task == "asr":
-                o = self.asr_by_split.setdefault(tag.partition(":")[2] or "valid", {"ids": [], "refs": [], "hyps": []})
-                o["ids"] += list(batch.id)
-                o["refs"] += [normalize_transcript(r) for r in batch.wrd]
-                o["hyps"] += [normalize_transcript(h) for h in hyps]
+                self.asr_out["ids"] += list(batch.id)
+                self.asr_out["split"] += [tag.partition(":")[2] or "valid"] * len(batch.id)
+                self.asr_out["refs"] += [normalize_transcript(r) for r in batch.wrd]
+                self.asr_out["hyps"] += [normalize_transcript(h) for h in hyps]
             else:
                 self.ser_out["ids"] += list(batch.id)
                 self.ser_out["true"] += batch.emo_idx.data.view(-1).cpu().tolist()
@@ -177,16 +208,49 @@ class HarmoniFuseBrain(ToolkitBrain):
         return loss
 
     # -- stages --------------------------------------------------------------------------------------------
+    def reset_outputs(self):
+        self.rank_batches = 0                                      # batches this rank ran in the stage
+        self.task_loss = {}                                        # training: tag -> [device sum, batches]
+        self.eval_losses = {"ids": [], "tag": [], "loss": []}      # evaluation: one row per batch
+        self.asr_out = {"ids": [], "split": [], "refs": [], "hyps": []}
+        self.ser_out = {"ids": [], "true": [], "pred": [], "text": [], "spk": []}
+
     def on_stage_start(self, stage, epoch=None):
         super().on_stage_start(stage, epoch)
-        self.task_loss = {}
-        self.asr_by_split = {}
-        self.ser_out = {"ids": [], "true": [], "pred": [], "text": [], "spk": []}
         if stage == sb.Stage.TEST:
             self.speech_lm.reset_fusion_stats()  # the plotted dynamic weights are those of the test inputs
 
+    def sync_outputs(self):
+        """ToolkitBrain's gather of ser_out / asr_out (single-process order), plus the evaluation batch losses."""
+        synced = self._synced
+        super().sync_outputs()
+        if self._synced and not synced:
+            self.eval_losses = D.gather_rows(self.eval_losses, self._eval_order[self._stage])
+
+    def stage_loss(self, stage, stage_loss):
+        return stage_loss  # the task-combined loss from the gathered batch losses (see combined_loss)
+
+    @property
+    def asr_by_split(self):
+        """{split: {"ids", "refs", "hyps"}} from the (gathered) ASR rows, splits in first-seen order."""
+        out = {}
+        for row in zip(*(self.asr_out[k] for k in ("ids", "split", "refs", "hyps"))):
+            o = out.setdefault(row[1], {"ids": [], "refs": [], "hyps": []})
+            for k, v in zip(("ids", "refs", "hyps"), (row[0], row[2], row[3])):
+                o[k].append(v)
+        return out
+
     def task_means(self):
-        return {tag: s / n for tag, (s, n) in self.task_loss.items() if n}
+        """tag -> mean batch loss: training from the device sums (one read), evaluation from the batch rows
+        summed in single-process order (the same floats for any number of ranks)."""
+        if self.task_loss:
+            return {tag: float(s) / n for tag, (s, n) in self.task_loss.items() if n}
+        sums = {}
+        for tag, loss in zip(self.eval_losses["tag"], self.eval_losses["loss"]):
+            s = sums.setdefault(tag, [0.0, 0])
+            s[0] += loss
+            s[1] += 1
+        return {tag: s / n for tag, (s, n) in sums.items()}
 
     def combined_loss(self):
         """Σ over tasks of the task's mean batch loss: each task counts once, whatever its batch count."""
@@ -203,13 +267,16 @@ class HarmoniFuseBrain(ToolkitBrain):
         return {"UA": round(100 * m["uar"], 2), "WA": round(100 * m["accuracy"], 2), "invalid": n_inv}
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
+        self.sync_outputs()
         if stage == sb.Stage.TEST:
             return self.write_test_outputs()
         stats = {f"loss_{tag.split(':')[0]}": round(v, 4) for tag, v in self.task_means().items()}
+        # batches each rank ran (DDP: training gives every rank the same count, evaluation r, r+W, ...)
+        stats["batches"] = D.all_gather(self.rank_batches)
         if stage == sb.Stage.TRAIN:
             return self.log_and_checkpoint(stage, stage_loss, epoch, stats)
-        for split, o in self.asr_by_split.items():
-            stats["WER"] = round(100 * M.wer(o["refs"], o["hyps"]), 2)
+        if self.asr_out["refs"]:
+            stats["WER"] = round(100 * M.wer(self.asr_out["refs"], self.asr_out["hyps"]), 2)
         stats.update(self.ser_scores())
         for task in self.hparams.train_tasks:
             w = self.speech_lm.encoder_fusion.layer_weights(task)
@@ -219,15 +286,18 @@ class HarmoniFuseBrain(ToolkitBrain):
     # -- test outputs -------------------------------------------------------------------------------------
     def write_test_outputs(self):
         h = self.hparams
+        self.sync_outputs()
+        gather_fusion_stats(self.speech_lm)
         out = {"experiment": h.experiment, "test_loss": self.combined_loss(), "train_tasks": list(h.train_tasks),
                "encoder_fusion": fusion_description(self.speech_lm), "lm_fusion": self.speech_lm.lm_fusion.mode,
                "lm_mode": self.speech_lm.lm_mode, "prompt_mode": self.speech_lm.prompt_mode,
                "test_loss_by_split": self.task_means()}
         if h.table_rows:
             out["table_rows"] = h.table_rows
-        if self.asr_by_split:
-            details = {split: M.wer_details(o["refs"], o["hyps"]) for split, o in self.asr_by_split.items()}
-            for split, o in self.asr_by_split.items():
+        asr_by_split = self.asr_by_split
+        if asr_by_split:
+            details = {split: M.wer_details(o["refs"], o["hyps"]) for split, o in asr_by_split.items()}
+            for split, o in asr_by_split.items():
                 details[split]["wer_ci"] = wer_with_ci(o["refs"], o["hyps"], h.num_bootstraps, h.seed)[1]
                 details[split]["wer_whisper_norm"] = M.wer_whisper_norm(o["refs"], o["hyps"])
             first = next(iter(details))  # libri_test_splits order: test-clean first
@@ -237,7 +307,7 @@ class HarmoniFuseBrain(ToolkitBrain):
             for split, d in details.items():
                 out[f"wer_{split.replace('test-', '')}"] = d["wer"]
                 out[f"wer_{split.replace('test-', '')}_ci"] = d["wer_ci"]
-            o = self.asr_by_split[first]
+            o = asr_by_split[first]
             out["asr_examples"] = [{"id": i, "ref": r, "hyp": x} for i, r, x in
                                    list(zip(o["ids"], o["refs"], o["hyps"]))[:5]]
         if self.ser_out["true"]:
@@ -248,6 +318,7 @@ class HarmoniFuseBrain(ToolkitBrain):
             out.update({"ua": rep["uar"], "wa": rep["accuracy"], "macro_f1": rep["macro_f1"],
                         "invalid_rate": rep["n_invalid"] / rep["n"]})
         stats = {k: round(100 * out[k], 2) for k in ("wer", "ua", "wa") if k in out}
+        stats["batches"] = D.all_gather(self.rank_batches)  # per rank (train_log.txt only: metrics.json is W-free)
         h.train_logger.log_stats(stats_meta={"Epoch loaded": h.epoch_counter.current},
                                  test_stats={"loss": out["test_loss"], **stats})
         if sb.utils.distributed.if_main_process():
@@ -261,11 +332,12 @@ class HarmoniFuseBrain(ToolkitBrain):
         return out
 
     def write_predictions(self, folder):
-        if self.asr_by_split:
+        asr_by_split = self.asr_by_split
+        if asr_by_split:
             with atomic_write(folder / "asr_predictions.csv", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["split", "id", "ref", "hyp"])
-                for split, o in self.asr_by_split.items():
+                for split, o in asr_by_split.items():
                     for row in zip(o["ids"], o["refs"], o["hyps"]):
                         w.writerow([split, *row])
         if self.ser_out["true"]:
@@ -275,6 +347,14 @@ class HarmoniFuseBrain(ToolkitBrain):
                 for i, t, p, text in zip(self.ser_out["ids"], self.ser_out["true"], self.ser_out["pred"],
                                          self.ser_out["text"]):
                     w.writerow([i, self.classes[t], (self.classes + [INVALID])[p], text])
+
+
+def gather_fusion_stats(model):
+    """DDP: sum the per-task dynamic LM-weight statistics (``_alpha_sum`` / ``_alpha_count``) over the ranks, so
+    fusion_weights.json describes every test utterance, not only rank 0's share."""
+    if D.is_distributed():
+        for buf in (model._alpha_sum, model._alpha_count):
+            torch.distributed.all_reduce(buf)
 
 
 def fusion_description(model):
@@ -427,24 +507,20 @@ def build_datasets(hparams):
 
 
 def task_batch_sampler(hparams, dataset, task, train):
-    """Batches of one task's dataset: fixed size or dynamic (seconds of audio); DDP shards when training."""
-    ddp = train and torch.distributed.is_available() and torch.distributed.is_initialized()
-    seed = hparams["seed"]
+    """Batches of one task's dataset as a single process runs them: fixed size or dynamic (seconds of audio),
+    shuffled with the recipe seed when training (the same batches on every DDP rank; make_loaders shards)."""
     if hparams["dynamic_batching"]:
-        sampler = DynamicBatchSampler(
+        return DynamicBatchSampler(
             dataset, max_batch_length=hparams[f"max_batch_length_{task}"], num_buckets=hparams["num_buckets"],
-            length_func=lambda x: x["duration"], shuffle=train, batch_ordering="random" if train else "ascending")
-        return DistributedSamplerWrapper(sampler, shuffle=True) if ddp else sampler
-    if ddp:
-        base = DistributedSampler(dataset, shuffle=True, seed=seed)
-    elif train:
-        base = ReproducibleRandomSampler(dataset, seed=seed)
-    else:
-        base = SequentialSampler(dataset)
+            length_func=lambda x: x["duration"], shuffle=train, batch_ordering="random" if train else "ascending",
+            seed=hparams["seed"])
+    base = ReproducibleRandomSampler(dataset, seed=hparams["seed"]) if train else SequentialSampler(dataset)
     return BatchSampler(base, hparams[f"{task}_batch_size"], drop_last=False)
 
 
 def make_loaders(hparams, datasets):
+    """-> training DataLoader (interleaved, this rank's shard under DDP), and for validation and test a
+    (dataset, loader kwargs) pair that ``Brain.fit`` / ``evaluate`` turn into this rank's sharded loader."""
     tasks = train_sources(hparams)
     ratio = {t: hparams["interleave_ratio"][t] for t in tasks}
     length = hparams["interleave_length"]
@@ -452,12 +528,18 @@ def make_loaders(hparams, datasets):
         datasets["train"],
         {t: task_batch_sampler(hparams, datasets["train"][t], t.split(":")[0], True) for t in tasks},
         ratio=ratio, length=int(length) if str(length).isdigit() else length, order=hparams["interleave_order"],
-        seed=hparams["seed"], num_workers=hparams["num_workers"])
+        seed=hparams["seed"], num_workers=hparams["num_workers"], rank=D.rank(), world=D.world_size())
 
     def evaluation(sets):
-        return make_sequential_dataloader(
-            sets, {tag: task_batch_sampler(hparams, ds, tag.split(":")[0], False) for tag, ds in sets.items()},
-            num_workers=hparams["num_workers"])
+        concat = TaskTaggedConcat(sets)
+        ids = concat.data_ids
+        dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+        if dup:  # outputs are gathered across ranks by utterance id
+            raise DataError(f"evaluation sets {list(sets)} share utterance ids, e.g. {dup[:3]}")
+        sampler = SequentialTaskBatchSampler(
+            {tag: task_batch_sampler(hparams, ds, tag.split(":")[0], False) for tag, ds in sets.items()},
+            concat.offsets)
+        return concat, {"batch_sampler": sampler, "collate_fn": PaddedBatch, "num_workers": hparams["num_workers"]}
 
     return train, evaluation(datasets["valid"]), evaluation(datasets["test"])
 
@@ -472,7 +554,7 @@ if __name__ == "__main__":
     if not hparams["skip_prep"]:
         prepare(hparams)
     datasets = build_datasets(hparams)
-    train_loader, valid_loader, test_loader = make_loaders(hparams, datasets)
+    train_loader, (valid_set, valid_kwargs), (test_set, test_kwargs) = make_loaders(hparams, datasets)
 
     brain = HarmoniFuseBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                              run_opts=run_opts, checkpointer=hparams["checkpointer"])
@@ -481,5 +563,5 @@ if __name__ == "__main__":
     # classification head on ASR batches: only then must DDP search for unused parameters.
     brain.find_unused_parameters = brain.find_unused_parameters or needs_unused_parameter_search(hparams)
     brain.train_sampler = train_loader.batch_sampler  # fit() calls its set_epoch(epoch) every epoch
-    brain.fit(hparams["epoch_counter"], train_loader, valid_loader)
-    brain.evaluate(test_loader, min_key="loss")
+    brain.fit(hparams["epoch_counter"], train_loader, valid_set, valid_loader_kwargs=valid_kwargs)
+    brain.evaluate(test_set, min_key="loss", test_loader_kwargs=test_kwargs)

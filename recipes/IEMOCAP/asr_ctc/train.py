@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""CTC fine-tuning of WavLM on the IEMOCAP transcripts of one leave-one-session-out fold: the in-domain ASR model
+(W_ASR_in) whose task vector AdaLTM merges for that fold. Trains on ``fold{k}/asr_train.json`` (every evaluated
+utterance of the 7 training speakers with a transcript, any emotion), so the test session is never seen.
+
+    python train.py hparams/train_asr_ctc.yaml --data_folder /corpora/IEMOCAP_full_release --fold 1 [--key=value ...]
+"""
+import sys
+from pathlib import Path
+
+import speechbrain as sb
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/IEMOCAP: the prepare script
+from iemocap_prepare import iemocap_manifests, prepare_from_hparams  # noqa: E402
+
+from lobes import ctc  # noqa: E402
+from lobes.brains import ToolkitBrain, export_finetuned_backbone, fit_and_evaluate  # noqa: E402
+from lobes.dataio import asr_datasets  # noqa: E402
+from lobes.hparams_io import load_hparams  # noqa: E402
+
+
+class ASRBrain(ToolkitBrain):
+    """WavLM -> linear CTC head on the last hidden state; greedy decoding and WER on valid/test."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        wavs, lens = batch.sig
+        hidden, mask = self.modules.wavlm(wavs, lens)                             # [L+1, B, T, D]
+        logits = self.modules.ctc_head(hidden[-1])                                # [B, T, V]
+        return torch.log_softmax(logits.float(), dim=-1), mask
+
+    def compute_objectives(self, predictions, batch, stage):
+        log_probs, mask = predictions
+        if stage != sb.Stage.TRAIN:
+            self.collect_asr(batch, ctc.greedy_hyps(log_probs, mask))
+        tokens, token_lens = batch.tokens
+        return ctc.ctc_loss(log_probs, mask, tokens, token_lens)
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TEST:
+            self.write_test_metrics(stage_loss, {"experiment": self.hparams.experiment, "fold": self.hparams.fold})
+        else:
+            self.log_and_checkpoint(stage, stage_loss, epoch, self.stage_stats() if stage != sb.Stage.TRAIN else {})
+
+
+if __name__ == "__main__":
+    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+    sb.utils.distributed.ddp_init_group(run_opts)
+    hparams, base_file, overrides = load_hparams(hparams_file, overrides)
+    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=base_file,
+                                   overrides=overrides)
+    prepare_from_hparams(hparams)
+    datasets = asr_datasets(iemocap_manifests(hparams, asr=True))
+
+    brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                     run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    fit_and_evaluate(brain, datasets, hparams)
+    export_finetuned_backbone(brain.modules.wavlm, hparams["export_folder"])

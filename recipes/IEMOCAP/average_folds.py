@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Average IEMOCAP leave-one-session-out results over the 5 folds: UA and WA (what IEMOCAP papers report) with
+95% confidence intervals, one row per experiment.
+
+    python recipes/IEMOCAP/average_folds.py exp/iemocap/ser exp/iemocap/rows --out exp/iemocap/results/folds
+
+Each argument is a ``metrics.json`` file or a folder searched recursively for them. Every file must hold
+``experiment`` and ``fold`` (the IEMOCAP train.py files write both) and the test metrics of that fold: ``test.uar``
+(UA, unweighted accuracy = mean per-class recall), ``test.accuracy`` (WA, weighted accuracy = share correct),
+``test.macro_f1``, ``test.confusion``; ASR-CTC runs hold ``wer`` instead. Files are grouped by ``experiment``; a
+fold present twice for one experiment is an error naming both files.
+
+Per experiment and metric: the **mean over folds** and a **Student-t 95% interval**
+``mean ± t_{0.975, n-1} · s / sqrt(n)`` (s: sample standard deviation over the n folds; n = 5: t = 2.776). We chose
+the t-interval over a bootstrap of the pooled test predictions because the folds differ mostly by session
+(speakers, scripts): a pooled utterance bootstrap treats the 5 test sets as one sample and leaves this
+between-session variance out, giving intervals that are too narrow for "another speaker pair". With n < 2 folds
+no interval is given. Also reported: **pooled** UA / WA of the summed confusion matrices (every test utterance
+counted once; fold sizes differ, so pooled WA is not the mean of the folds' WA) and every fold's value.
+
+Writes ``<out>.md`` (UA, WA, MaF1 in % as ``mean ± half-width``, pooled UA / WA, folds), ``<out>.csv`` (fractions:
+``{metric}_mean, {metric}_ci_low, {metric}_ci_high, {metric}_std, {metric}_fold{k}``, pooled values, n_folds, folds)
+and ``<out>.json`` (the same rows). Rows are ordered by their first ``table_rows`` entry (part, order), runs
+without one (the SER fine-tuning baseline) first.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lobes.errors import DataError
+from lobes.io_utils import atomic_write
+from lobes.metrics import metrics_from_confusion, read_metrics
+
+N_FOLDS = 5
+METRICS = {"ua": ("test", "uar"), "wa": ("test", "accuracy"), "macro_f1": ("test", "macro_f1"), "wer": (None, "wer"),
+           "wer_norm": (None, "wer_whisper_norm")}  # WER after Whisper's English normaliser: CSV / JSON only
+CONFIDENCE = 0.95
+
+
+def _metric(data, where, key):
+    section, name = METRICS[key]
+    src = data.get(section) if section else data
+    value = src.get(name) if isinstance(src, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: {section + '.' if section else ''}{name} = {value!r} is not a finite number")
+    return float(value)
+
+
+def t_interval(values, confidence=CONFIDENCE):
+    """``(mean, low, high, std)`` of ``values``: Student-t interval of the mean; low/high/std None for n < 2."""
+    from scipy.stats import t
+
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, None, None, None
+    std = float(v.std(ddof=1))
+    half = float(t.ppf(0.5 + confidence / 2, len(v) - 1)) * std / math.sqrt(len(v))
+    return mean, mean - half, mean + half, std
+
+
+def load_folds(paths):
+    """``{experiment: {"folds": {fold: metrics dict}, "files": {fold: path}}}`` from metrics.json files/folders."""
+    from tools.collect_results import find_metrics_files
+
+    runs = {}
+    for path in find_metrics_files(paths):
+        data = read_metrics(path)
+        exp, fold = data.get("experiment"), data.get("fold")
+        if not isinstance(exp, str) or not exp:
+            raise DataError(f"{path}: no 'experiment' name (written by the IEMOCAP train.py files)")
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 1 <= fold <= N_FOLDS:
+            raise DataError(f"{path}: 'fold' must be a test session 1..{N_FOLDS}, got {fold!r}")
+        run = runs.setdefault(exp, {"folds": {}, "files": {}, "table_rows": data.get("table_rows") or []})
+        if fold in run["folds"]:
+            raise DataError(f"experiment {exp!r}: fold {fold} twice, in {run['files'][fold]} and {path}")
+        run["folds"][fold] = data
+        run["files"][fold] = str(path)
+    return runs
+
+
+def summarise(exp, run):
+    """One result row (a flat dict of fractions) for one experiment's folds."""
+    folds = sorted(run["folds"])
+    row = {"experiment": exp, "n_folds": len(folds), "folds": " ".join(str(k) for k in folds)}
+    placement = run["table_rows"][0] if run["table_rows"] else {}
+    row["row"] = placement.get("row") or exp
+    row["part"] = placement.get("part")
+    row["order"] = placement.get("order")
+    for key in METRICS:
+        values = {k: _metric(run["folds"][k], run["files"][k], key) for k in folds}
+        if all(v is None for v in values.values()):
+            continue
+        missing = [k for k, v in values.items() if v is None]
+        if missing:
+            raise DataError(f"experiment {exp!r}: {METRICS[key][1]} missing in fold(s) {missing} "
+                            f"({[run['files'][k] for k in missing]})")
+        row[f"{key}_mean"], row[f"{key}_ci_low"], row[f"{key}_ci_high"], row[f"{key}_std"] = \
+            t_interval(list(values.values()))
+        for k, v in values.items():
+            row[f"{key}_fold{k}"] = v
+    confusions = [run["folds"][k].get("test", {}).get("confusion") for k in folds]
+    if confusions and all(c is not None for c in confusions):
+        shapes = {np.asarray(c).shape for c in confusions}
+        if len(shapes) != 1:
+            raise DataError(f"experiment {exp!r}: folds have confusion matrices of different shapes {shapes}")
+        pooled = metrics_from_confusion(np.sum([np.asarray(c, dtype=np.float64) for c in confusions], axis=0))
+        row["ua_pooled"], row["wa_pooled"] = pooled["uar"], pooled["accuracy"]
+        row["n"] = int(np.sum([np.sum(c) for c in confusions]))
+    return row
+
+
+def average_folds(paths):
+    """Rows (see ``summarise``) for every experiment found under ``paths``, in table order."""
+    runs = load_folds(paths)
+    rows = [summarise(exp, run) for exp, run in runs.items()]
+    return sorted(rows, key=lambda r: (r["part"] is not None, r["part"] or "", r["order"] if r["order"] is not None
+                                       else math.inf, r["row"]))
+
+
+def _pct(row, key):
+    if f"{key}_mean" not in row:
+        return "-"
+    mean = 100 * row[f"{key}_mean"]
+    if row[f"{key}_ci_low"] is None:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * (row[f'{key}_ci_high'] - row[f'{key}_mean']):.2f}"
+
+
+def markdown(rows, n_folds=N_FOLDS):
+    lines = [f"IEMOCAP, leave-one-session-out: mean over folds ± half-width of the Student-t {CONFIDENCE:.0%} "
+             "interval, in %; pooled = summed confusion matrices", "",
+             "| Method/Setup | UA | WA | MaF1 | WER | UA pooled | WA pooled | folds |",
+             "|---|---|---|---|---|---|---|---|"]
+    part = object()
+    for r in rows:
+        if r["part"] != part and r["part"] is not None:
+            lines.append(f"| **{r['part']}** | | | | | | | |")
+        part = r["part"]
+        pooled = [f"{100 * r[k]:.2f}" if k in r else "-" for k in ("ua_pooled", "wa_pooled")]
+        folds = r["folds"] if r["n_folds"] == n_folds else f"{r['folds']} (incomplete: {r['n_folds']}/{n_folds})"
+        lines.append(f"| {r['row']} | {_pct(r, 'ua')} | {_pct(r, 'wa')} | {_pct(r, 'macro_f1')} | {_pct(r, 'wer')} | "
+                     f"{pooled[0]} | {pooled[1]} | {folds} |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows):
+    cols = ["part", "row", "order", "experiment", "n_folds", "folds", "n", "ua_pooled", "wa_pooled"]
+    for key in METRICS:
+        cols += [f"{key}_{s}" for s in ("mean", "ci_low", "ci_high", "std")] + [f"{key}_fold{k}"
+                                                                              for k in range(1, N_FOLDS + 1)]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", restval="")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in cols})
+    return buf.getvalue()
+
+
+def write_tables(rows, out):
+    out = Path(out)
+    for suffix, text in ((".md", markdown(rows)), (".csv", csv_text(rows)), (".json", json.dumps(rows, indent=2))):
+        with atomic_write(out.with_name(out.name + suffix), encoding="utf-8") as f:
+            f.write(text)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Average IEMOCAP fold metrics: UA / WA means with Student-t 95% CIs.")
+    p.add_argument("paths", nargs="+", help="metrics.json files or folders searched for them")
+    p.add_argument("--out", required=True, help="output prefix: <out>.md, <out>.csv, <out>.json")
+    args = p.parse_args(argv)
+    try:
+        rows = average_folds(args.paths)
+        write_tables(rows, args.out)
+    except DataError as e:
+        sys.exit(f"Error: {e}")
+    print(markdown(rows), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# IEMOCAP recipe (ESPnet-style stages): 4-class SER, in-domain ASR-CTC and AdaLTM rows on the 5
+# leave-one-session-out folds, then UA / WA averaged over the folds with 95% CIs.
+#
+#   stage 0: data preparation (classes.txt + fold{1..5} manifests; see iemocap_prepare.py)
+#            with --mini true: first generate the mini IEMOCAP and the tiny WavLM (offline demo)
+#   stage 1: per fold: in-domain ASR-CTC fine-tuning on the fold's training transcripts (W_ASR_in of that fold)
+#   stage 2: per fold: SER fine-tuning (W_SER of that fold; also the "SER fine-tuning" baseline row)
+#   stage 3: per fold: task vectors ΔW = W_ft − W_base, then the selected AdaLTM rows (hparams/rows)
+#   stage 4: fold averages: UA / WA / MaF1 mean ± Student-t 95% interval (average_folds.py)
+#
+# Examples
+#   bash recipes/IEMOCAP/run.sh --mini true                          # whole pipeline on generated data (CPU)
+#   bash recipes/IEMOCAP/run.sh --data_folder /corpora/IEMOCAP_full_release --ngpu 4
+#   bash recipes/IEMOCAP/run.sh --stage 3 --folds "1 2" --rows "setup4_dual" -- --number_of_epochs=5
+#                                                                    # args after -- go to every train.py
+set -euo pipefail
+
+recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "${recipe_dir}/../.." && pwd)
+
+# ----------------------------------------------------------------- options
+stage=0                     # first stage to run (0-4)
+stop_stage=4                # last stage to run (0-4)
+ngpu=1                      # >1: torchrun --nproc_per_node=<ngpu> (SpeechBrain DDP)
+device=                     # cuda:0 / cpu; empty = SpeechBrain's default
+mini=false                  # true: generate the mini IEMOCAP + tiny WavLM and use fast demo settings
+data_folder=                # IEMOCAP_full_release (Session1 ... Session5)
+folds="1 2 3 4 5"           # test sessions to run (leave-one-session-out); stage 4 averages what exists
+wavlm_source=microsoft/wavlm-large    # W_base: hub id or local directory
+exp=exp/iemocap_recipe      # everything this recipe writes
+asr_out_source=             # out-of-domain ASR model for the out_of_domain_dual row (e.g. a LibriSpeech CTC model)
+asr_out_kind=auto           # hf | hf_ctc | speechbrain | auto
+rows="setup1_frozen setup2_asr_only setup3_ser_only setup4_dual"   # AdaLTM rows (hparams/rows/<row>.yaml)
+seed=1986                   # seed of every run
+asr_args=""                 # extra overrides for the stage-1 ASR-CTC runs
+ser_args=""                 # extra overrides for the stage-2 SER runs
+adaltm_args=""              # extra overrides for the AdaLTM rows
+
+. "${root}/tools/recipe_lib.sh"   # parses the options above (--help lists them); defines log, launch, ${py}
+extra=("$@")                # passed to every train.py
+
+if [ "${mini}" = true ]; then
+    data_folder=${data_folder:-${exp}/data/IEMOCAP_full_release}
+    [ "${wavlm_source}" = microsoft/wavlm-large ] && wavlm_source=${exp}/data/tiny_wavlm
+    # tiny model, ~35 training utterances per fold: a few quick epochs with large learning rates
+    asr_args="--number_of_epochs=4 --lr=0.003 --lr_wavlm=0.001 ${asr_args}"
+    ser_args="--number_of_epochs=6 --lr=0.003 --lr_wavlm=0.001 --head_hidden=32 --num_bootstraps=200 ${ser_args}"
+    adaltm_args="--number_of_epochs=6 --lr=0.01 --batch_size=16 --head_hidden=32 --num_bootstraps=200 ${adaltm_args}"
+fi
+[ -n "${data_folder}" ] || { echo "--data_folder (IEMOCAP_full_release) is required (or --mini true)" >&2; exit 1; }
+for row in ${rows}; do
+    [ -f "${recipe_dir}/adaltm/hparams/rows/${row}.yaml" ] || { echo "no row file adaltm/hparams/rows/${row}.yaml" >&2; exit 1; }
+    if [ "${row}" = out_of_domain_dual ] && [ -z "${asr_out_source}" ]; then
+        echo "row out_of_domain_dual needs --asr_out_source (an out-of-domain ASR model)" >&2; exit 1
+    fi
+done
+
+prep=${exp}/prep
+vectors=${exp}/task_vectors
+common=(--seed="${seed}" --wavlm_source="${wavlm_source}" --data_folder="${data_folder}" --prep_folder="${prep}"
+        ${device:+--device="${device}"})
+
+if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
+    log "Stage 0: data preparation"
+    if [ "${mini}" = true ]; then
+        log "generating the mini IEMOCAP and the tiny WavLM under ${exp}/data"
+        [ -d "${data_folder}/Session1" ] || "${py}" "${recipe_dir}/make_mini_iemocap.py" --out "${data_folder}"
+        "${py}" -m tools.make_tiny_wavlm --out "${wavlm_source}"
+    fi
+    # with the recipes' default class_map / valid_gender; each train.py prepares again only when its own
+    # settings differ (a custom map given after --, e.g. -- --class_map=... --emotion_classes=...)
+    "${py}" "${recipe_dir}/iemocap_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}"
+fi
+
+if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
+    for fold in ${folds}; do
+        log "Stage 1: fold ${fold}: in-domain ASR-CTC fine-tuning on IEMOCAP transcripts"
+        # shellcheck disable=SC2086
+        launch "${recipe_dir}/asr_ctc/train.py" "${recipe_dir}/asr_ctc/hparams/train_asr_ctc.yaml" "${common[@]}" \
+            --fold="${fold}" --output_folder="${exp}/asr_ctc/fold${fold}" ${asr_args} "${extra[@]}"
+    done
+fi
+
+if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
+    for fold in ${folds}; do
+        log "Stage 2: fold ${fold}: SER fine-tuning"
+        # shellcheck disable=SC2086
+        launch "${recipe_dir}/ser/train.py" "${recipe_dir}/ser/hparams/train_ser.yaml" "${common[@]}" \
+            --fold="${fold}" --output_folder="${exp}/ser/fold${fold}" ${ser_args} "${extra[@]}"
+    done
+fi
+
+if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
+    if [ -n "${asr_out_source}" ] && [ ! -f "${vectors}/asr_out.safetensors" ]; then
+        log "Stage 3: out-of-domain ASR vector from ${asr_out_source} (one for every fold)"
+        "${py}" -m tools.extract_task_vector --base "${wavlm_source}" --finetuned "${asr_out_source}" \
+            --kind "${asr_out_kind}" --name ASR --out "${vectors}/asr_out.safetensors"
+    fi
+    for fold in ${folds}; do
+        log "Stage 3a: fold ${fold}: task vectors ΔW = W_ft − W_base"
+        mkdir -p "${vectors}/fold${fold}"
+        for spec in "ASR ${exp}/asr_ctc/fold${fold}/finetuned_wavlm asr_in" "SER ${exp}/ser/fold${fold}/finetuned_wavlm ser"; do
+            read -r name src out <<< "${spec}"
+            if [ -f "${vectors}/fold${fold}/${out}.safetensors" ]; then
+                log "  ${out}: ${vectors}/fold${fold}/${out}.safetensors exists, kept"; continue
+            fi
+            "${py}" -m tools.extract_task_vector --base "${wavlm_source}" --finetuned "${src}" --kind hf \
+                --name "${name}" --out "${vectors}/fold${fold}/${out}.safetensors"
+        done
+        [ -f "${vectors}/asr_out.safetensors" ] && ln -sf ../asr_out.safetensors "${vectors}/fold${fold}/asr_out.safetensors"
+        for row in ${rows}; do
+            log "Stage 3b: fold ${fold}: AdaLTM row ${row}"
+            # shellcheck disable=SC2086
+            launch "${recipe_dir}/adaltm/train.py" "${recipe_dir}/adaltm/hparams/rows/${row}.yaml" "${common[@]}" \
+                --fold="${fold}" --exp_folder="${exp}/rows" \
+                --vectors_folder="${vectors}/fold${fold}" ${adaltm_args} "${extra[@]}"
+        done
+    done
+fi
+
+if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
+    log "Stage 4: fold averages (UA, WA, MaF1: mean ± Student-t 95% interval over folds)"
+    inputs=()
+    for d in ser rows; do [ -d "${exp}/${d}" ] && inputs+=("${exp}/${d}"); done
+    [ ${#inputs[@]} -gt 0 ] || { echo "no results under ${exp}/ser or ${exp}/rows: run stages 2-3 first" >&2; exit 1; }
+    "${py}" "${recipe_dir}/average_folds.py" "${inputs[@]}" --out "${exp}/results/folds"
+    if [ -d "${exp}/asr_ctc" ]; then
+        "${py}" "${recipe_dir}/average_folds.py" "${exp}/asr_ctc" --out "${exp}/results/asr_folds" >/dev/null
+        log "in-domain ASR WER per fold and mean: ${exp}/results/asr_folds.md"
+    fi
+    log "results: ${exp}/results/folds.md (and .csv, .json)"
+fi

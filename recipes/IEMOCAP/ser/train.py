@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Fine-tune WavLM for 4-class SER on one IEMOCAP leave-one-session-out fold; exports the fine-tuned backbone
+(this fold's W_SER). Classes: the YAML's ``emotion_classes`` (checked against the prepared ``classes.txt``).
+
+    python train.py hparams/train_ser.yaml --data_folder /corpora/IEMOCAP_full_release --fold 1 [--key=value ...]
+    torchrun --nproc_per_node=4 train.py hparams/train_ser.yaml --data_folder ... --fold 3
+
+Writes to the output folder: metrics.json (UA = ``uar``, WA = ``accuracy``, 95% bootstrap CIs, with
+``experiment`` and ``fold`` for ../average_folds.py), predictions.csv, confusion.png, finetuned_wavlm/.
+"""
+import sys
+from pathlib import Path
+
+import speechbrain as sb
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/IEMOCAP: the prepare script
+from iemocap_prepare import iemocap_manifests, prepare_from_hparams  # noqa: E402
+
+from lobes import plots  # noqa: E402
+from lobes.brains import ToolkitBrain, export_finetuned_backbone, fit_and_evaluate  # noqa: E402
+from lobes.dataio import class_counts, ser_datasets  # noqa: E402
+from lobes.hparams_io import load_hparams  # noqa: E402
+
+
+class SERBrain(ToolkitBrain):
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        wavs, lens = batch.sig
+        hidden, mask = self.modules.wavlm(wavs, lens)   # all hidden states [L+1, B, T, D]
+        feats = self.modules.weighted_sum(hidden)       # α weighted layer sum (eq. 5)
+        return self.modules.ser_head(feats, mask)       # emotion logits [B, C]
+
+    def compute_objectives(self, logits, batch, stage):
+        if stage != sb.Stage.TRAIN:
+            self.collect_ser(batch, logits)
+        return self.hparams.loss(logits, batch.soft_label.data)
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage != sb.Stage.TEST:
+            return self.log_and_checkpoint(stage, stage_loss, epoch,
+                                           self.stage_stats() if stage != sb.Stage.TRAIN else {})
+        h = self.hparams
+        out = self.write_test_metrics(stage_loss, {"experiment": h.experiment, "fold": h.fold,
+                                                   "alphas": h.weighted_sum.alpha().tolist()})  # not the DDP wrapper
+        if sb.utils.distributed.if_main_process():
+            plots.plot_confusion(out["test"]["confusion"], self.classes, Path(h.output_folder) / "confusion.png",
+                                 title=f"{h.experiment}, fold {h.fold} (test Session {h.fold})")
+
+
+if __name__ == "__main__":
+    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+    sb.utils.distributed.ddp_init_group(run_opts)
+    hparams, base_file, overrides = load_hparams(hparams_file, overrides)
+    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=base_file,
+                                   overrides=overrides)
+    prepare_from_hparams(hparams, hparams["emotion_classes"])
+    manifests = iemocap_manifests(hparams)
+    datasets = ser_datasets(manifests, hparams["emotion_classes"])
+    hparams["loss"].set_counts(class_counts(manifests["train"], hparams["emotion_classes"]))
+
+    brain = SERBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                     run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    fit_and_evaluate(brain, datasets, hparams)
+    export_finetuned_backbone(brain.modules.wavlm, hparams["export_folder"])
