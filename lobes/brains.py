@@ -11,14 +11,25 @@
 - multi-GPU semantics (``lobes.distributed``): ``batch_size`` is the global batch (micro-batch x
   ``grad_accumulation_factor`` x GPUs, checked and logged at start); validation and test are sharded across
   DDP ranks, outputs gathered back into single-process order and the stage loss is the sample-weighted mean
-  over all ranks, so metrics do not depend on the GPU count.
+  over all ranks, so metrics do not depend on the GPU count;
+- learning-rate schedules (``lr_schedulers``: optimizer name -> SpeechBrain scheduler declared in the YAML and
+  listed in the checkpointer's recoverables, so a resumed run continues its schedule):
+  ``LinearWarmupScheduler`` is applied after every optimizer step (its step counts, when null in the YAML,
+  come from ``warmup_ratio`` and ``number_of_epochs`` x optimizer steps per epoch at the start of ``fit``),
+  ``NewBobScheduler`` after every validation, on the validation loss (either sets every param group of its
+  optimizer to the same rate); a null entry, or a recipe without the key, trains at constant learning rates;
+- live curves: every ``log_stats`` goes to ``train_logger`` (text) and, when switched on in the YAML, to
+  SpeechBrain's TensorBoard logger (``use_tensorboard``) and W&B (``use_wandb``, needs wandb installed);
+  at the end of ``fit`` the per-epoch losses and metrics of ``train_log.txt`` are drawn into ``curves_plot``.
 """
 import logging
+import math
 import time
 from pathlib import Path
 
 import speechbrain as sb
 import torch
+from speechbrain.nnet.schedulers import LinearWarmupScheduler, NewBobScheduler
 
 from lobes import distributed as D
 from lobes import metrics as M
@@ -68,6 +79,144 @@ class ToolkitBrain(sb.Brain):
         if self.checkpointer is not None:
             for name, opt in self.optimizers_dict.items():
                 self.checkpointer.add_recoverable(name, opt)
+        self._check_schedulers()
+
+    # -- learning-rate schedules -------------------------------------------------------------------------
+    @property
+    def lr_schedulers(self):
+        """{optimizer name: scheduler} of the YAML's ``lr_schedulers`` whose optimizer exists (a frozen
+        backbone has no backbone optimizer)."""
+        declared = getattr(self.hparams, "lr_schedulers", None) or {}
+        return {n: s for n, s in declared.items() if s is not None and n in getattr(self, "optimizers_dict", {})}
+
+    def _check_schedulers(self):
+        declared = getattr(self.hparams, "lr_schedulers", None) or {}
+        known = ("opt_class", "backbone_opt_class")
+        saved = set(map(id, self.checkpointer.recoverables.values())) if self.checkpointer is not None else set()
+        for name, sched in declared.items():
+            if sched is None:  # switched off, e.g. --lr_schedulers="{opt_class: null}": a constant learning rate
+                continue
+            if name not in known:
+                raise DataError(f"lr_schedulers: '{name}' names no optimizer (use {known})")
+            if not isinstance(sched, (LinearWarmupScheduler, NewBobScheduler)):
+                raise DataError(f"lr_schedulers.{name}: {type(sched).__name__} is not supported (LinearWarmupScheduler "
+                                "per optimizer step, NewBobScheduler per epoch on the validation loss)")
+            if self.checkpointer is not None and id(sched) not in saved:
+                raise DataError(f"lr_schedulers.{name} is not in the checkpointer's recoverables: a resumed run "
+                                "would restart its schedule")
+            if name not in self.optimizers_dict:
+                logger.warning("lr_schedulers.%s: no such optimizer (nothing trainable for it); not used", name)
+
+    def size_schedules(self, steps_per_epoch, epochs):
+        """Fill a ``LinearWarmupScheduler``'s null step counts: ``epochs`` x ``steps_per_epoch`` optimizer steps,
+        the first ``warmup_ratio`` of them warming up (a checkpoint's saved counts replace these on resume)."""
+        for name, sched in (getattr(self.hparams, "lr_schedulers", None) or {}).items():
+            if not isinstance(sched, LinearWarmupScheduler):  # also None: switched off
+                continue
+            if sched.num_training_steps is None:
+                sched.num_training_steps = epochs * steps_per_epoch
+            if sched.num_warmup_steps is None:
+                sched.num_warmup_steps = math.ceil(self.hparams.warmup_ratio * sched.num_training_steps)
+            logger.info("lr_schedulers.%s: linear warm-up over %d of %d optimizer steps to %.3g, then linear decay",
+                        name, sched.num_warmup_steps, sched.num_training_steps, sched.lr0)
+
+    @staticmethod
+    def scheduled_lr(sched):
+        """The learning rate a scheduler gives the next optimizer step (None: the schedule has no length yet)."""
+        if isinstance(sched, NewBobScheduler):
+            return sched.hyperparam_value
+        if sched.num_training_steps is None or sched.num_warmup_steps is None:
+            return None
+        return sched.calculate_lr(sched.current_step)
+
+    def on_fit_start(self):
+        """After the optimizers are built and a checkpoint is recovered: each optimizer takes its schedule's
+        learning rate for the next step (step 0 of a linear warm-up: 0, as HF's; a resumed run: where it stopped)."""
+        super().on_fit_start()
+        self.loggers  # noqa: B018 -- built now, so a logger that cannot start fails before any training
+        for name, sched in self.lr_schedulers.items():
+            lr = self.scheduled_lr(sched)
+            if lr is None:
+                logger.warning("lr_schedulers.%s: step counts unknown (fit() not used); learning rate left constant",
+                               name)
+                continue
+            for group in self.optimizers_dict[name].param_groups:
+                group["lr"] = lr
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        """A per-step schedule advances after every optimizer step (not after an accumulation micro-batch)."""
+        if not should_step:
+            return
+        for name, sched in self.lr_schedulers.items():
+            if isinstance(sched, LinearWarmupScheduler) and self.scheduled_lr(sched) is not None:
+                sched(self.optimizers_dict[name])
+
+    def anneal_on_valid(self, valid_loss):
+        """NewBob: anneal after a validation whose loss improved too little (SpeechBrain's wav2vec recipes)."""
+        for name, sched in self.lr_schedulers.items():
+            if isinstance(sched, NewBobScheduler):
+                _, new_lr = sched(valid_loss)
+                sb.nnet.schedulers.update_learning_rate(self.optimizers_dict[name], new_lr)
+
+    def current_lrs(self):
+        """{"lr": head learning rate, "lr_backbone": backbone learning rate} of the existing optimizers."""
+        names = {"opt_class": "lr", "backbone_opt_class": "lr_backbone"}
+        return {names[n]: opt.param_groups[0]["lr"] for n, opt in getattr(self, "optimizers_dict", {}).items()}
+
+    # -- logging -----------------------------------------------------------------------------------------
+    @property
+    def loggers(self):
+        """The text logger, plus TensorBoard / W&B when the YAML switches them on (built once, on first use)."""
+        if getattr(self, "_loggers", None) is None:
+            h = self.hparams
+            self._loggers = [h.train_logger]
+            if getattr(h, "use_tensorboard", False):
+                self._loggers.append(h.tensorboard_logger())
+            if getattr(h, "use_wandb", False):
+                try:
+                    import wandb
+                except ImportError as e:
+                    raise DataError("use_wandb: True, but wandb is not installed (pip install wandb)") from e
+                self._loggers.append(sb.utils.train_logger.WandBLogger(
+                    initializer=wandb.init, project=h.wandb_project, name=Path(h.output_folder).name,
+                    dir=str(Path(h.output_folder)), resume="allow"))
+        return self._loggers
+
+    def log_stats(self, stats_meta, step=None, **stats):
+        """One ``log_stats`` to every logger. ``step`` (the epoch) is TensorBoard's x value, so a resumed run's
+        points continue the curves instead of restarting at 1."""
+        for lg in self.loggers:
+            if step is not None and isinstance(getattr(lg, "global_step", None), dict):
+                lg.global_step["meta"] = step - 1
+                for stage in ("train", "valid", "test"):
+                    lg.global_step[stage] = {k: step - 1 for k in lg.global_step[stage]} | {
+                        k: step - 1 for k in (stats.get(f"{stage}_stats") or {})}
+            lg.log_stats(stats_meta=stats_meta, **stats)
+
+    def fit(self, epoch_counter, train_set, valid_set=None, progressbar=None, train_loader_kwargs=None,
+            valid_loader_kwargs=None):
+        """SpeechBrain's fit, with the schedules sized from the training loader and the curves plotted after."""
+        train_loader_kwargs, valid_loader_kwargs = train_loader_kwargs or {}, valid_loader_kwargs or {}
+        if not isinstance(train_set, (torch.utils.data.DataLoader, sb.dataio.dataloader.LoopedLoader)):
+            train_set = self.make_dataloader(train_set, stage=sb.Stage.TRAIN, **train_loader_kwargs)
+        if getattr(self.hparams, "lr_schedulers", None):
+            steps = max(1, len(train_set) // self.grad_accumulation_factor)  # SpeechBrain steps every k-th batch
+            self.size_schedules(steps, epoch_counter.limit)
+        super().fit(epoch_counter, train_set, valid_set, progressbar=progressbar,
+                    train_loader_kwargs=train_loader_kwargs, valid_loader_kwargs=valid_loader_kwargs)
+        self.plot_curves()
+
+    def plot_curves(self):
+        """Train / valid loss and the task metric per epoch, from ``train_log.txt``, into ``curves_plot``."""
+        path = getattr(self.hparams, "curves_plot", None)
+        if not path or not sb.utils.distributed.if_main_process():
+            return
+        from lobes.plots import plot_training_curves
+
+        try:
+            plot_training_curves(self.hparams.train_log, path, title=Path(self.hparams.output_folder).name)
+        except DataError as e:  # a plot must not fail a finished training run
+            logger.warning("training curves not drawn: %s", e)
 
     def head_param_groups(self, params):
         """What ``opt_class`` is given: the trainable non-backbone parameters, or a recipe's param groups."""
@@ -195,8 +344,9 @@ class ToolkitBrain(sb.Brain):
             self.train_stats = stats
             return
         if stage == sb.Stage.VALID:
-            self.hparams.train_logger.log_stats(
-                stats_meta={"epoch": epoch}, train_stats=getattr(self, "train_stats", None), valid_stats=stats)
+            meta = {"epoch": epoch, **(self.current_lrs() if self.lr_schedulers else {})}  # lr of the last step
+            self.log_stats(meta, step=epoch, train_stats=getattr(self, "train_stats", None), valid_stats=stats)
+            self.anneal_on_valid(stage_loss)
             self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"],
                                                  num_to_keep=self.hparams.ckpts_to_keep)
 
@@ -219,8 +369,8 @@ class ToolkitBrain(sb.Brain):
             out["asr_examples"] = [{"id": i, "ref": r, "hyp": h} for i, r, h in
                                    list(zip(*self.asr_out.values()))[:5]]
         out.update(extra or {})
-        self.hparams.train_logger.log_stats(
-            stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
+        self.log_stats(
+            {"Epoch loaded": self.hparams.epoch_counter.current},
             test_stats={"loss": stage_loss, **({"UAR": out["test"]["uar"]} if "test" in out else {}),
                         **({"WER": w} if w is not None else {})})
         if sb.utils.distributed.if_main_process():
@@ -251,7 +401,9 @@ def export_finetuned_backbone(encoder, out_dir):
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model = encoder.module.model if hasattr(encoder, "module") else encoder.model
-    model.save_pretrained(tmp, safe_serialization=True)
+    enc = encoder.module if hasattr(encoder, "module") else encoder
+    state = enc.export_state() if hasattr(enc, "export_state") else None  # without training-only parameters
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir

@@ -1,5 +1,5 @@
 """Figures for the papers: confusion matrices, λ per merge group (AdaLTM Figures 2/3: ``plot_lambda_lines``) and
-layer weights α.
+layer weights α; training curves (loss, task metric, learning rate per epoch) of a fine-tuning run.
 
 Every figure is drawn on its own ``matplotlib.figure.Figure`` with an Agg canvas (no pyplot global state, no
 display needed) at a fixed ``figsize`` x ``dpi``, so a PNG is exactly ``figsize[0]*dpi`` x ``figsize[1]*dpi``
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from lobes.errors import DataError
 from lobes.io_utils import atomic_path
@@ -210,3 +211,57 @@ def plot_lambda_lines(lines, path, title=None, init=0.5, figsize=(8, 4.5), dpi=D
     fig.tight_layout()
     plotted = {name: np.asarray(line.get_ydata(), dtype=np.float64) for name, line in drawn.items()}
     return _save(fig, path, dpi), plotted
+
+
+def _read_train_log(path):
+    """Per-epoch values of a SpeechBrain ``train_log.txt`` (``epoch: 3, lr: 1e-3 - train loss: 2.1 - valid loss:
+    2.0, valid WER: 45``) as ``{epoch: {"lr": .., "train loss": .., "valid WER": ..}}``; a resumed run's repeated
+    epoch keeps its last line; test lines (``Epoch loaded: ...``) are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no training log")
+    epochs = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("epoch: "):
+            continue
+        values = {}
+        for part in line.split(" - "):
+            for item in part.split(", "):
+                key, _, val = item.rpartition(": ")
+                try:
+                    values[key] = float(val)
+                except ValueError:
+                    continue
+        if "epoch" in values:
+            epochs[int(values.pop("epoch"))] = values
+    if not epochs:
+        raise DataError(f"{path}: no epoch lines")
+    return dict(sorted(epochs.items()))
+
+
+def plot_training_curves(train_log, path, title=None, figsize=(12, 4), dpi=DEFAULT_DPI):
+    """Training curves from ``train_log.txt``: train / valid loss per epoch, the validation task metrics (WER,
+    UAR, MaF1, ... every other ``valid`` value but its time) and, when logged, the learning rates."""
+    epochs = _read_train_log(train_log)
+    keys = list(dict.fromkeys(k for v in epochs.values() for k in v))
+    panels = [("loss", [k for k in ("train loss", "valid loss") if k in keys])]
+    panels.append(("metric", [k for k in keys if k.startswith("valid ") and k not in ("valid loss", "valid time_s")]))
+    panels.append(("learning rate", [k for k in keys if k.startswith("lr")]))
+    panels = [(name, ks) for name, ks in panels if ks]
+    fig = _new_figure(figsize, dpi)
+    for i, (name, ks) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for j, k in enumerate(ks):
+            xs = [e for e, v in epochs.items() if k in v]
+            ax.plot(xs, [epochs[e][k] for e in xs], marker=MARKERS[j % len(MARKERS)], markersize=4, label=k)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(name)
+        if name == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path, dpi)

@@ -9,24 +9,36 @@ Hidden-state convention (HF ``output_hidden_states``): index 0 is the CNN + posi
 norm (WavLM-Large) the final encoder layer norm is applied to index L only.
 """
 import contextlib
+import logging
 
 import torch
 from transformers import WavLMConfig, WavLMModel
 
 from lobes.errors import DataError
 
+logger = logging.getLogger(__name__)
 
-def load_wavlm(source, cache_dir=None, layerdrop=0.0, apply_spec_augment=False, **config_overrides):
-    """Load a ``WavLMModel``. LayerDrop is off by default: a weighted layer sum needs every layer every step."""
+
+def load_wavlm(source, cache_dir=None, layerdrop=0.0, apply_spec_augment=False, output_loading_info=False,
+               **config_overrides):
+    """Load a ``WavLMModel``. LayerDrop is off by default: a weighted layer sum needs every layer every step.
+
+    ``config_overrides`` set WavLMConfig fields (``mask_time_prob``, ...). ``output_loading_info=True`` also
+    returns HF's loading info (``missing_keys``: parameters the checkpoint did not hold, newly initialised)."""
     try:
         config = WavLMConfig.from_pretrained(source, cache_dir=cache_dir)
     except (OSError, ValueError) as e:
         raise DataError(f"wavlm_source '{source}' is neither a local WavLM directory nor a reachable hub id: {e}")
     config.layerdrop = layerdrop
     config.apply_spec_augment = apply_spec_augment
+    if not hasattr(config, "mask_feature_min_masks"):
+        # HF WavLMModel reads it for channel masking, but WavLMConfig (transformers 4.57) lacks the field, so
+        # mask_feature_prob > 0 raised AttributeError; 0 is Wav2Vec2Config's default
+        config.mask_feature_min_masks = 0
     for k, v in config_overrides.items():
         setattr(config, k, v)
-    return WavLMModel.from_pretrained(source, config=config, cache_dir=cache_dir)
+    return WavLMModel.from_pretrained(source, config=config, cache_dir=cache_dir,
+                                      output_loading_info=output_loading_info)
 
 
 def lengths_to_mask(rel_lens, max_len):
@@ -95,12 +107,46 @@ class WavLMEncoder(torch.nn.Module):
 
     Used by the ASR-CTC, SER and MTL recipes; AdaLTM uses :class:`lobes.adaltm.merged_wavlm.MergedWavLM`, which has
     the same ``forward`` contract.
+
+    Fine-tuning regularisers (HF WavLM's own, active only in train mode): SpecAugment-style masking of the
+    CNN features before the transformer -- time spans of ``mask_time_length`` frames replaced by the learnt
+    ``masked_spec_embed`` (``mask_time_prob``: share of frames starting a span; at least ``mask_time_min_masks``
+    spans per utterance, a large share of a short one), channel spans of
+    ``mask_feature_length`` zeroed (``mask_feature_prob``) -- and LayerDrop (``layerdrop``: probability of
+    skipping each transformer layer but the first). A frozen backbone runs in eval mode, so neither applies.
     """
 
     def __init__(self, source, freeze=False, freeze_feature_extractor=True, normalize_wav=True,
-                 gradient_checkpointing=False, cache_dir=None):
+                 gradient_checkpointing=False, cache_dir=None, apply_spec_augment=False, mask_time_prob=0.0,
+                 mask_time_length=10, mask_time_min_masks=2, mask_feature_prob=0.0, mask_feature_length=10,
+                 layerdrop=0.0):
         super().__init__()
-        self.model = load_wavlm(source, cache_dir=cache_dir)
+        augment = {"apply_spec_augment": apply_spec_augment, "mask_time_prob": mask_time_prob,
+                   "mask_time_length": mask_time_length, "mask_time_min_masks": mask_time_min_masks,
+                   "mask_feature_prob": mask_feature_prob,
+                   "mask_feature_length": mask_feature_length, "layerdrop": layerdrop}
+        for k in ("mask_time_prob", "mask_feature_prob", "layerdrop"):
+            if not 0.0 <= augment[k] < 1.0:
+                raise DataError(f"{k}: {augment[k]!r} must be in [0, 1)")
+        if freeze and (layerdrop > 0 or (apply_spec_augment and (mask_time_prob > 0 or mask_feature_prob > 0))):
+            logger.warning("wavlm: freeze=True runs WavLM in eval mode; masking / LayerDrop settings are ignored")
+        if not apply_spec_augment:
+            # masking off: the source's own mask_* values stay, so no masked_spec_embed is created that the
+            # checkpoint lacks (a static merge or task vector of the base's keys would not fit the model)
+            augment = {"apply_spec_augment": False, "layerdrop": layerdrop}
+        loaded = load_wavlm(source, cache_dir=cache_dir, output_loading_info=True, **augment)
+        self.model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+        # Parameters the source checkpoint lacks (masked_spec_embed of a checkpoint saved without masking):
+        # used only by train-time masking; the export leaves them out so W_ft has exactly W_base's keys.
+        self.training_only_keys = sorted(info.get("missing_keys", []))
+        if "masked_spec_embed" in self.training_only_keys:
+            # from_pretrained leaves a parameter the checkpoint lacks uninitialised (WavLM's _init_weights skips
+            # it): garbage up to 1e38 and a NaN loss at the first masked step. U[0, 1) as HF's own __init__.
+            with torch.no_grad():
+                self.model.masked_spec_embed.uniform_()
+        if getattr(self.model, "masked_spec_embed", None) is not None and not (apply_spec_augment and mask_time_prob > 0):
+            # used only by time masking: without it, a trainable parameter with no gradient would stop DDP
+            self.model.masked_spec_embed.requires_grad_(False)
         self.normalize_wav = normalize_wav
         self.freeze = freeze
         if freeze:
@@ -126,6 +172,10 @@ class WavLMEncoder(torch.nn.Module):
     @property
     def hidden_size(self):
         return self.model.config.hidden_size
+
+    def export_state(self):
+        """The fine-tuned weights to export (without ``training_only_keys``)."""
+        return {k: v for k, v in self.model.state_dict().items() if k not in self.training_only_keys}
 
     def forward(self, wavs, wav_lens):
         if self.freeze:

@@ -152,7 +152,10 @@ def _build(c, tmp_path, load_recipe, tiny_lm):
 
     module = load_recipe(str(c["train_py"].relative_to(REPO)))
     overrides = {"output_folder": str(tmp_path / "out"), "wavlm_source": "meta://wavlm-large", "skip_prep": True,
-                 "vectors_folder": str(tmp_path / "vectors"), "precision": "fp32", "number_of_epochs": 1}
+                 "vectors_folder": str(tmp_path / "vectors"), "precision": "fp32", "number_of_epochs": 1,
+                 # HF's SpecAugment draws its spans on the host from the lengths (a sync; torch.nonzero has no
+                 # meta kernel) and LayerDrop leaves skipped layers without a gradient: both off on meta
+                 "apply_spec_augment": False, "layerdrop": 0.0}
     if c["kind"] == "hf":
         overrides.update(msp_folder=str(tmp_path), libri_folder=str(tmp_path), lm_source=str(tiny_lm))
     else:
