@@ -1,6 +1,12 @@
 """Feature caching for static backbones (issue 8, target 2): a 100-epoch Setup-1 run with vs without the cache.
 
     .venv/bin/python benchmarks/bench_feature_cache.py [--epochs 100] [--uncached-epochs 1] [--out ...]
+    .venv/bin/python benchmarks/bench_feature_cache.py --scale [--out logs/feature_cache_scale.json]
+
+``--scale`` (issue 13.2) measures, without train.py, (1) the peak resident memory of a cache build at 1x and
+4x corpus size, streamed to disk in shards vs held in memory, each in a fresh child process; (2) the pooled
+cache: its size and the time of one α + head training epoch from it vs from the frame-level cache vs
+recomputing the backbone, on a WavLM-Base-shaped model (see ``scale_main``).
 
 The real recipe (``recipes/MSP-Podcast/adaltm/train.py``, row ``setup1_frozen``: frozen WavLM, α + head
 trained) on the generated mini MSP-Podcast corpus (``data/mini``, generated when missing), with a
@@ -30,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "MSP-Podcast" / "adaltm"
@@ -156,5 +162,155 @@ def main(argv=None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------------ --scale (13.2)
+def synthetic_corpus(n, seed=0):
+    """n utterances of 2.75-11 s (MSP-Podcast's range), waveforms made on demand (the corpus is never in RAM)."""
+    import random
+
+    import torch
+
+    rng = random.Random(seed)
+    utts = [(f"utt{i:05d}", round(rng.uniform(2.75, 11.0), 3)) for i in range(n)]
+    durations = dict(utts)
+
+    def load(uid):
+        g = torch.Generator().manual_seed(int(uid[3:]))
+        return torch.randn(round(durations[uid] * 16000), generator=g)
+    return utts, load
+
+
+def child_build(model_dir, n, where, out_dir):
+    """Peak RSS above the loaded model of one cache build (child process)."""
+    import torch
+
+    from lobes.adaltm import feature_cache as fc
+    from lobes.adaltm.merged_wavlm import MergedWavLM
+
+    C.set_threads()
+    # oneDNN (CPU convolutions) caches a compiled kernel per distinct input shape, ~0.4 MiB each for this model,
+    # up to 1024 (ONEDNN_PRIMITIVE_CACHE_CAPACITY): resident memory then grows with the number of distinct batch
+    # shapes, which is code, not cached features. Measured without it, so that only the cache's memory shows.
+    torch.backends.mkldnn.enabled = False
+    wavlm = MergedWavLM(model_dir)
+    utts, load = synthetic_corpus(n)
+    spec = fc.spec_for(wavlm, torch.float32, False)
+    with torch.no_grad():  # warm-up: first-call kernel / thread-pool set-up is not the cache's memory
+        wavlm(load(utts[0][0])[None], torch.ones(1))
+    rss0 = C.rss_bytes()
+    C.reset_peak_rss()
+    t0 = time.perf_counter()
+    cache = fc.FeatureCache.build(wavlm, utts, load, spec, "train", None if where == "memory" else out_dir,
+                                  batch_seconds=60, shard_mb=8, max_ram_gb=100, max_disk_gb=100)
+    wall = time.perf_counter() - t0
+    est = fc.estimate_cache([d for _, d in utts], spec)
+    C.emit({"n": n, "where": where, "peak_above_model": C.peak_rss_bytes() - rss0, "wall_s": wall,
+            "cache_bytes": est.bytes, "audio_s": est.audio_seconds, "entries": len(cache)})
+
+
+def epoch_times(wavlm, utts, load, caches, epochs=2, batch=16):
+    """Seconds of one α + head training epoch per source: 'recompute' (backbone forward per batch) or a cache."""
+    import torch
+    from speechbrain.dataio.batch import PaddedBatch
+
+    from lobes.adaltm import feature_cache as fc
+    from lobes.ser_head import SERHead
+    from lobes.weighted_sum import WeightedLayerSum
+
+    out = {}
+    for source in ["recompute"] + list(caches):
+        torch.manual_seed(0)
+        ws, head = WeightedLayerSum(wavlm.num_layers), SERHead(wavlm.hidden_size, 256, head_type="pooled_linear")
+        opt = torch.optim.AdamW(list(ws.parameters()) + list(head.parameters()), lr=1e-4)
+        ids = [u for u, _ in utts]
+        times = []
+        for _ in range(1 if source == "recompute" else epochs):
+            t0 = time.perf_counter()
+            for i in range(0, len(ids), batch):
+                chunk = ids[i:i + batch]
+                if source == "recompute":
+                    wavs, lens = PaddedBatch([{"sig": load(u)} for u in chunk]).sig
+                    hidden, mask = wavlm(wavs, lens)
+                else:
+                    hidden, mask = fc.cached_hidden(*PaddedBatch([{"feats": caches[source][u].float()}
+                                                                  for u in chunk]).feats)
+                loss = head(ws(hidden), mask).logsumexp(-1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            times.append(time.perf_counter() - t0)
+        out[source] = min(times)
+    return out
+
+
+def scale_main(a):
+    """Streaming peak RSS (1x / 4x, disk vs memory) and the pooled cache's size and epoch-time ratios."""
+    import torch
+
+    from lobes.adaltm import feature_cache as fc
+    from lobes.adaltm.merged_wavlm import MergedWavLM
+    from tools.make_tiny_wavlm import make_tiny_wavlm
+
+    res = {"machine": C.machine_info(), "command": " ".join(sys.argv)}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_fc_scale_"))
+    try:
+        tiny = make_tiny_wavlm(tmp / "tiny", num_layers=4, hidden_size=64)
+        rows = []
+        for n in (a.scale_n, 4 * a.scale_n) if a.scale_n else ():
+            for where in ("disk", "memory"):
+                r = C.run_child(__file__, ["--child-build", tiny, n, where, tmp / f"cache_{n}_{where}"], timeout=3000)
+                rows.append(r)
+                print(f"  {n:5d} utterances ({r['audio_s'] / 3600:.2f} h, cache {r['cache_bytes'] / 2**20:7.1f} MiB) "
+                      f"{where:6s}: peak RSS above the model {r['peak_above_model'] / 2**20:7.1f} MiB "
+                      f"({r['wall_s']:.0f} s)", flush=True)
+        res["streaming"] = {"model": "tiny WavLM, 4 layers x 64 (5 hidden states x 64 fp32 = 1280 B/frame)",
+                            "shard_mb": 8, "batch_seconds": 60, "rows": rows}
+        if not a.pooled_n:
+            C.save_json(a.out, res)
+            return
+        # pooled vs frame vs recompute on a WavLM-Base-shaped backbone
+        base = C.make_model_dir(tmp / "base")
+        torch.set_num_threads(C.THREADS)
+        wavlm = MergedWavLM(base)
+        utts, load = synthetic_corpus(a.pooled_n, seed=1)
+        caches, sizes, builds = {}, {}, {}
+        for name, pooled in (("frame", False), ("pooled", True)):
+            spec = fc.spec_for(wavlm, torch.float32, pooled)
+            t0 = time.perf_counter()
+            caches[name] = fc.FeatureCache.build(wavlm, utts, load, spec, name, tmp / "caches", batch_seconds=60,
+                                                 max_ram_gb=100, max_disk_gb=100)
+            builds[name] = time.perf_counter() - t0
+            sizes[name] = sum(p.stat().st_size for p in (tmp / "caches" / name).iterdir())
+        epochs = epoch_times(wavlm, utts, load, caches)
+        paper = [5.6] * 89752  # the paper's train split, mean 5.6 s, WavLM-Large fp32
+        large = {k: fc.estimate_cache(paper, fc.CacheSpec(25, 1024, "float32", k == "pooled")).bytes
+                 for k in ("frame", "pooled")}
+        res["pooled"] = {"backbone": "WavLM-Base-shaped random init (13 hidden states x 768)", "utterances": len(utts),
+                         "audio_s": sum(d for _, d in utts), "bytes_on_disk": sizes, "build_s": builds,
+                         "epoch_s": epochs, "size_ratio_frame_over_pooled": sizes["frame"] / sizes["pooled"],
+                         "epoch_ratio_recompute_over_pooled": epochs["recompute"] / epochs["pooled"],
+                         "epoch_ratio_frame_over_pooled": epochs["frame"] / epochs["pooled"],
+                         "epoch_ratio_recompute_over_frame": epochs["recompute"] / epochs["frame"],
+                         "paper_train_split_bytes": large}
+        print(f"  pooled cache: {sizes['pooled'] / 2**20:.2f} MiB vs frame {sizes['frame'] / 2**20:.1f} MiB "
+              f"({sizes['frame'] / sizes['pooled']:.0f}x smaller); epoch: recompute {epochs['recompute']:.2f} s, "
+              f"frame {epochs['frame']:.3f} s, pooled {epochs['pooled']:.4f} s")
+        C.save_json(a.out, res)
+        print(f"written {a.out}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 if __name__ == "__main__":
-    main()
+    if "--child-build" in sys.argv:
+        i = sys.argv.index("--child-build")
+        model, n, where, out_dir = sys.argv[i + 1: i + 5]
+        child_build(model, int(n), where, out_dir)
+    elif "--scale" in sys.argv:
+        p = argparse.ArgumentParser()
+        p.add_argument("--scale", action="store_true")
+        p.add_argument("--scale-n", type=int, default=100, help="utterances of the 1x corpus")
+        p.add_argument("--pooled-n", type=int, default=32)
+        p.add_argument("--out", default=str(Path(__file__).parent / "logs" / "feature_cache_scale.json"))
+        scale_main(p.parse_args())
+    else:
+        main()

@@ -459,7 +459,7 @@ def load_folded_export(export_dir, device="cpu"):
         raise DataError(f"{cfg_file}: lacks 'classes' (the emotion class names, in head output order)")
     weighted_sum = WeightedLayerSum(num_layers, include_cnn=include_cnn, layer_norm=bool(cfg.get("layer_norm", False)))
     ser_head = SERHead(model.config.hidden_size, hidden, num_classes=shapes["ser_head.classifier.3.weight"][0],
-                       pooling=pooling, num_proj_layers=num_proj)
+                       pooling=pooling, num_proj_layers=num_proj, head_type=cfg.get("head_type", "frame_mlp"))
     try:
         load_downstream(export_dir, {"weighted_sum": weighted_sum, "ser_head": ser_head})
     except RuntimeError as e:

@@ -2,8 +2,17 @@
 
 Pooling ignores padded frames (mask from the encoder), so a batch's padding never changes an utterance's
 prediction. ``pooling``: ``mean`` or ``mean_std`` (statistics pooling).
+
+``head_type``:
+- ``frame_mlp`` (default; the paper-faithful rows): Linear -> ReLU -> Dropout per frame, then pooling.
+- ``pooled_linear``: a purely linear frame projection, then masked mean pooling, then ReLU -> Dropout. Its
+  pooled output is W·mean_t(Σ_l α_l h_lt) + b = W·Σ_l α_l mean_t(h_lt) + b, so it can train from a per-layer
+  *pooled* feature cache ([L+1, D] per utterance, lobes.adaltm.feature_cache) and give the same logits as the
+  frame-level forward. Same parameter names as ``frame_mlp`` with one projection layer.
 """
 import torch
+
+HEAD_TYPES = ("frame_mlp", "pooled_linear")
 
 
 def masked_mean_std(x, mask):
@@ -16,24 +25,41 @@ def masked_mean_std(x, mask):
 
 
 class SERHead(torch.nn.Module):
-    def __init__(self, input_size, hidden_size=256, num_classes=8, pooling="mean", dropout=0.1, num_proj_layers=1):
+    def __init__(self, input_size, hidden_size=256, num_classes=8, pooling="mean", dropout=0.1, num_proj_layers=1,
+                 head_type="frame_mlp"):
         super().__init__()
         if pooling not in ("mean", "mean_std"):
             raise ValueError(f"pooling '{pooling}' is not 'mean' or 'mean_std'")
-        self.pooling = pooling
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type '{head_type}' is not one of {HEAD_TYPES}")
+        if head_type == "pooled_linear" and (pooling != "mean" or num_proj_layers != 1):
+            # the std of a projection does not commute with the layer sum; a 2nd layer would need a nonlinearity
+            raise ValueError("head_type 'pooled_linear' needs pooling 'mean' and num_proj_layers 1, got "
+                             f"pooling '{pooling}', num_proj_layers {num_proj_layers}")
+        self.pooling, self.head_type = pooling, head_type
         layers, size = [], input_size
         for _ in range(num_proj_layers):
-            layers += [torch.nn.Linear(size, hidden_size), torch.nn.ReLU(), torch.nn.Dropout(dropout)]
+            layers.append(torch.nn.Linear(size, hidden_size))
+            if head_type == "frame_mlp":
+                layers += [torch.nn.ReLU(), torch.nn.Dropout(dropout)]
             size = hidden_size
         self.frame_proj = torch.nn.Sequential(*layers)
+        # pooled_linear: the nonlinearity comes after pooling (parameter-free, so state dicts match frame_mlp)
+        self.post_pool = (torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(dropout))
+                          if head_type == "pooled_linear" else torch.nn.Identity())
         pooled = hidden_size * (2 if pooling == "mean_std" else 1)
         self.classifier = torch.nn.Sequential(
             torch.nn.Linear(pooled, hidden_size), torch.nn.ReLU(), torch.nn.Dropout(dropout),
             torch.nn.Linear(hidden_size, num_classes))
 
+    @property
+    def poolable(self):
+        """True when the head's output depends on the frames only through their per-layer means."""
+        return self.head_type == "pooled_linear"
+
     def pool(self, feats, mask):
         mean, std = masked_mean_std(self.frame_proj(feats), mask)
-        return mean if self.pooling == "mean" else torch.cat([mean, std], dim=-1)
+        return self.post_pool(mean if self.pooling == "mean" else torch.cat([mean, std], dim=-1))
 
     def forward(self, feats, mask):
         """feats [B, T, D], mask [B, T] -> logits [B, num_classes]."""

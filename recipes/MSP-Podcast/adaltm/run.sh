@@ -2,7 +2,7 @@
 # AdaLTM recipe (ESPnet-style stages). Every Table-1 row of the paper, from data to results table.
 #
 #   stage 0: data preparation (MSP-Podcast; LibriSpeech for the out-of-domain ASR model)
-#            with --mini true: first generate the mini corpora and the tiny WavLM (offline demo)
+#            with --mini true: first generate the mini corpora; base: the pretrained tiny WavLM fixture (offline demo)
 #   stage 1: ASR-CTC fine-tuning: in-domain (MSP-Podcast transcripts) and out-of-domain (LibriSpeech)
 #            skipped for a model given with --asr_in_source / --asr_out_source
 #   stage 2: SER fine-tuning on MSP-Podcast (skipped for a model given with --ser_source)
@@ -58,7 +58,7 @@ extra=("$@")                # passed to every train.py
 if [ "${mini}" = true ]; then
     data_folder=${data_folder:-${exp}/data/MSP-Podcast}
     libri_folder=${libri_folder:-${exp}/data/LibriSpeech}
-    [ "${wavlm_source}" = microsoft/wavlm-large ] && wavlm_source=${exp}/data/tiny_wavlm
+    [ "${wavlm_source}" = microsoft/wavlm-large ] && wavlm_source=${root}/tools/fixtures/tiny_wavlm_pretrained
     # tiny model, ~150 training utterances: a few quick epochs with large learning rates
     asr_args="--number_of_epochs=8 --lr=0.003 --lr_wavlm=0.001 ${asr_args}"
     ser_args="--number_of_epochs=15 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${ser_args}"
@@ -77,9 +77,8 @@ msp_opts=(--test_splits="${test_splits_yaml}")   # MSP-Podcast recipes only (rec
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     log "Stage 0: data preparation"
     if [ "${mini}" = true ]; then
-        log "generating the mini corpora and the tiny WavLM under ${exp}/data"
+        log "generating the mini corpora under ${exp}/data; base: ${wavlm_source}"
         "${py}" -m tools.make_mini_corpora --msp_out "${data_folder}" --libri_out "${libri_folder}"
-        "${py}" -m tools.make_tiny_wavlm --out "${wavlm_source}"
     fi
     "${py}" "${msp_dir}/msp_podcast_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}/msp" \
         --transcript_only --test_splits "${test_split_list[@]}"

@@ -9,6 +9,7 @@ Writes to the output folder: metrics.json (UAR / precision / MaF1 with 95% CIs),
 group per vector, α per layer), λ / α / confusion plots, and the folded model (folded_wavlm/).
 """
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -21,20 +22,21 @@ from msp_podcast_prepare import msp_manifests, prepare_msp_podcast  # noqa: E402
 from lobes import plots  # noqa: E402
 from lobes.brains import ToolkitBrain, fit_and_evaluate  # noqa: E402
 from lobes.dataio import class_counts, ser_datasets  # noqa: E402
-from lobes.adaltm.feature_cache import FeatureCache  # noqa: E402
+from lobes.adaltm.feature_cache import (CacheBudgetError, FeatureCache, cached_hidden,  # noqa: E402
+                                        check_pooled_exact, dataset_source, spec_for)
 from lobes.adaltm.fold_export import export_folded  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
 from lobes.io_utils import atomic_write  # noqa: E402
 from lobes.adaltm.layer_groups import group_names  # noqa: E402
-from lobes.wavlm_encoder import lengths_to_mask  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 class AdaLTMBrain(ToolkitBrain):
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
-        if hasattr(batch, "feats"):  # cached hidden states [B, T, L+1, D]
-            feats, lens = batch.feats
-            hidden, mask = feats.permute(2, 0, 1, 3), lengths_to_mask(lens, feats.shape[1])
+        if hasattr(batch, "feats"):  # cached hidden states [B, T, L+1, D] or pooled [B, L+1, D]
+            hidden, mask = cached_hidden(*batch.feats)
         else:
             wavs, lens = batch.sig
             hidden, mask = self.modules.wavlm(wavs, lens)  # task-vector-merged WavLM (eq. 4), [L+1, B, T, D]
@@ -96,22 +98,38 @@ class AdaLTMBrain(ToolkitBrain):
         h = self.hparams
         export_folded(h.wavlm, h.export_folder, {"weighted_sum": h.weighted_sum, "ser_head": h.ser_head},
                       {"classes": self.classes, "head_hidden": h.head_hidden, "pooling": h.pooling,
+                       "head_type": h.ser_head.head_type,
                        "num_layers": h.wavlm.num_layers, "hidden_size": h.wavlm.hidden_size,
                        "include_cnn": h.weighted_sum.include_cnn, "layer_norm": h.weighted_sum.layer_norm,
                        "normalize_wav": h.wavlm.normalize_wav})
 
 
-def use_feature_cache(hparams, datasets):
-    """Swap audio for cached hidden states when nothing upstream of them is trained."""
+def use_feature_cache(hparams, datasets, device="cpu"):
+    """Swap audio for cached hidden states when nothing upstream of them is trained (lobes/adaltm/feature_cache.py)."""
     wavlm = hparams["wavlm"]
     static = wavlm.num_vectors == 0 or not wavlm.lambdas.lam.requires_grad
     if not (hparams["cache_features"] and static):
         return datasets
-    cache_dir = hparams["feature_cache_dir"]
+    pooled = hparams["feature_cache_pooled"]
+    if pooled:
+        check_pooled_exact(hparams["weighted_sum"], hparams["ser_head"])
+    spec = spec_for(wavlm, hparams["cache_dtype"], pooled)
+    wavlm.to(device)  # built on the training device, before the Brain moves the modules there
+    caches = {}
     for split, ds in datasets.items():
-        cache_file = Path(cache_dir) / f"{split}.safetensors" if cache_dir else None
-        cache = FeatureCache.build(wavlm, ds, cache_file, dtype=hparams["cache_dtype"])
-        ds.add_dynamic_item(cache.pipeline())
+        utterances, load = dataset_source(ds)
+        try:
+            caches[split] = FeatureCache.build(
+                wavlm, utterances, load, spec, split, hparams["feature_cache_dir"], device,
+                hparams["feature_cache_batch_seconds"], hparams["feature_cache_shard_mb"],
+                hparams["feature_cache_max_ram_gb"], hparams["feature_cache_max_disk_gb"])
+        except CacheBudgetError as e:
+            if hparams["feature_cache_over_budget"] != "recompute":
+                raise
+            logger.warning("%s -- feature_cache_over_budget: recompute, so WavLM runs on every batch", e)
+            return datasets
+    for split, ds in datasets.items():
+        ds.add_dynamic_item(caches[split].pipeline())
         ds.set_output_keys(["id", "feats", "emo_idx", "soft_label", "spk_id"])
     return datasets
 
@@ -128,7 +146,8 @@ if __name__ == "__main__":
             "transcript_only": hparams["transcript_only"], "test_splits": hparams["test_splits"],
             "classes": hparams["emotion_classes"]})
     manifests = msp_manifests(hparams)
-    datasets = use_feature_cache(hparams, ser_datasets(manifests, hparams["emotion_classes"]))
+    device = run_opts.get("device") or sb.utils.distributed.infer_device()
+    datasets = use_feature_cache(hparams, ser_datasets(manifests, hparams["emotion_classes"]), device)
     hparams["loss"].set_counts(class_counts(manifests["train"], hparams["emotion_classes"]))
 
     brain = AdaLTMBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,

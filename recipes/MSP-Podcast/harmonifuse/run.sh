@@ -2,7 +2,7 @@
 # HarmoniFuse recipe (ESPnet-style stages): one speech LM for LibriSpeech ASR and MSP-Podcast SER.
 #
 #   stage 0: data preparation (MSP-Podcast manifests, LibriSpeech manifests)
-#            with --mini true: first generate the mini corpora, the tiny WavLM and the tiny causal LM (offline demo)
+#            with --mini true: first generate the mini corpora; bases: the pretrained tiny WavLM and LM fixtures (offline demo)
 #   stage 1: training + test of the selected rows (hparams/rows/<row>.yaml), batch-interleaved ASR/SER
 #   stage 2: results tables from every row's metrics.json (results/harmonifuse_table.md: WER clean/other, UA, WA,
 #            MaF1, each with its 95% CI); fusion plots per row
@@ -43,8 +43,8 @@ extra=("$@")                # passed to every train.py
 if [ "${mini}" = true ]; then
     msp_folder=${msp_folder:-${exp}/data/MSP-Podcast}
     libri_folder=${libri_folder:-${exp}/data/LibriSpeech}
-    [ "${wavlm_source}" = microsoft/wavlm-large ] && wavlm_source=${exp}/data/tiny_wavlm
-    [ "${lm_source}" = Qwen/Qwen2.5-0.5B ] && lm_source=${exp}/data/tiny_lm
+    [ "${wavlm_source}" = microsoft/wavlm-large ] && wavlm_source=${root}/tools/fixtures/tiny_wavlm_pretrained
+    [ "${lm_source}" = Qwen/Qwen2.5-0.5B ] && lm_source=${root}/tools/fixtures/tiny_lm_pretrained
     # Tiny random models and ~200 training utterances: the whole LM trains (it knows no language; LoRA on a
     # random 32-wide LM would learn little), large learning rates, decoding on the validation sets only at the
     # last epoch, few bootstraps.
@@ -66,10 +66,8 @@ common=(--seed="${seed}" --wavlm_source="${wavlm_source}" --lm_source="${lm_sour
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     log "Stage 0: data preparation"
     if [ "${mini}" = true ]; then
-        log "generating the mini corpora, the tiny WavLM and the tiny LM under ${exp}/data"
+        log "generating the mini corpora under ${exp}/data; bases: ${wavlm_source}, ${lm_source}"
         "${py}" -m tools.make_mini_corpora --msp_out "${msp_folder}" --libri_out "${libri_folder}"
-        "${py}" -m tools.make_tiny_wavlm --out "${wavlm_source}"
-        "${py}" -m tools.make_tiny_lm --out "${lm_source}"
     fi
     "${py}" "${msp_dir}/msp_podcast_prepare.py" --data_folder "${msp_folder}" --save_folder "${prep}/msp"
     # shellcheck disable=SC2086
