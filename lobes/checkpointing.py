@@ -316,7 +316,7 @@ class AtomicCheckpointer(sb_ckpt.Checkpointer):
                 f"refusing to write a checkpoint in {self.checkpoints_dir}: NaN/inf weights in "
                 + "; ".join(f"'{n}': {', '.join(k)}" for n, k in bad.items()))
 
-    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):
+    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):  # noqa: B006 (SpeechBrain's signature)
         """Write all files into a temp directory, ``CKPT.yaml`` last, then rename it into place."""
         if self.check_finite:
             self._check_finite()

@@ -28,7 +28,7 @@ def load_wavlm(source, cache_dir=None, layerdrop=0.0, apply_spec_augment=False, 
     try:
         config = WavLMConfig.from_pretrained(source, cache_dir=cache_dir)
     except (OSError, ValueError) as e:
-        raise DataError(f"wavlm_source '{source}' is neither a local WavLM directory nor a reachable hub id: {e}")
+        raise DataError(f"wavlm_source '{source}' is neither a local WavLM directory nor a reachable hub id: {e}") from e
     config.layerdrop = layerdrop
     config.apply_spec_augment = apply_spec_augment
     if not hasattr(config, "mask_feature_min_masks"):

@@ -109,7 +109,7 @@ class CharTokenizer:
             spec = json.loads(path.read_text())
             return cls(spec["chars"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path}: not a valid char tokenizer file ({e})")
+            raise DataError(f"{path}: not a valid char tokenizer file ({e})") from e
 
 
 def load_tokenizer(source):
@@ -120,7 +120,7 @@ def load_tokenizer(source):
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise DataError(f"lm_source '{source}': no char_tokenizer.json and no loadable HF tokenizer ({e})")
+        raise DataError(f"lm_source '{source}': no char_tokenizer.json and no loadable HF tokenizer ({e})") from e
     if tok.eos_token_id is None:
         raise DataError(f"lm_source '{source}': tokenizer has no EOS token; generation could not stop")
     return tok
@@ -151,7 +151,7 @@ def load_causal_lm(source, from_config=False, dtype=torch.float32):
             return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), **kw)
         return AutoModelForCausalLM.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
-        raise DataError(f"lm_source '{source}' is neither a local causal-LM directory nor a reachable hub id: {e}")
+        raise DataError(f"lm_source '{source}' is neither a local causal-LM directory nor a reachable hub id: {e}") from e
 
 
 def final_norm(lm):
