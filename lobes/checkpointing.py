@@ -237,6 +237,23 @@ class AtomicCheckpointer(sb_ckpt.Checkpointer):
     Arguments are those of ``speechbrain.utils.checkpoints.Checkpointer``, plus
     ``save_rng_state`` (default True: checkpoint the RNG streams, see module doc) and
     ``check_finite`` (default True: refuse to checkpoint modules holding NaN/inf).
+
+    Arguments
+    ---------
+    checkpoints_dir : str or path
+        Directory holding the ``CKPT+...`` checkpoint folders (created if missing).
+    recoverables : dict or None
+        ``{name: object}`` to save and load (modules, optimizers, counters, schedulers).
+    custom_load_hooks : dict or None
+        ``{name: load_fn}`` for recoverables without SpeechBrain's saver/loader marks.
+    custom_save_hooks : dict or None
+        ``{name: save_fn}`` for recoverables without SpeechBrain's saver/loader marks.
+    allow_partial_load : bool
+        Recover even when a recoverable has no file in the checkpoint (SpeechBrain's meaning).
+    save_rng_state : bool
+        Checkpoint the Python/NumPy/torch RNG streams so a resumed run draws the same numbers.
+    check_finite : bool
+        Refuse to save a checkpoint whose modules hold NaN/inf values.
     """
 
     def __init__(self, checkpoints_dir, recoverables=None, custom_load_hooks=None, custom_save_hooks=None,
