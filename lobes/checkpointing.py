@@ -251,7 +251,7 @@ class AtomicCheckpointer(sb_ckpt.Checkpointer):
     allow_partial_load : bool
         Recover even when a recoverable has no file in the checkpoint (SpeechBrain's meaning).
     save_rng_state : bool
-        Checkpoint the Python/NumPy/torch RNG streams so a resumed run draws the same numbers.
+        Checkpoint the global RNG streams (and named loader generators) so a resumed run draws the same numbers.
     check_finite : bool
         Refuse to save a checkpoint whose modules hold NaN/inf values.
     """

@@ -317,11 +317,12 @@ class SpeechLM(torch.nn.Module):
     include_cnn : bool
         Also fuse the encoder's CNN output (hidden state 0).
     encoder_layer_norm : bool
-        Layer-normalise each encoder layer before the fusion weights α apply.
+        Layer-normalise each encoder layer before the per-task fusion weights apply.
     lm_fusion : str
-        LM-layer fusion: ``"dynamic"`` (prompt-adaptive α from the prefix), ``"static"`` or ``"last"`` (plain LM).
+        LM-layer fusion: ``"dynamic"`` (prompt-adaptive α: learnable per-task, per-layer scalar plus an FFN score
+        of the prefix), ``"static"`` (the scalars only) or ``"last"`` (no fusion: the plain LM).
     fusion_ffn_hidden : int
-        Hidden width of the dynamic fusion's FFN that predicts α.
+        Hidden width H of the FFN that scores each LM layer's pooled prefix (``lm_fusion="dynamic"``).
     lm_mode : str
         ``"frozen"``, ``"lora"`` (peft adapters from ``lm_peft_config``) or ``"full"`` LM training.
     lm_peft_config : peft.PeftConfig or None
