@@ -181,7 +181,8 @@ def main(argv=None):
                 runs[v].append(r)
                 print(f"  round {rnd} {v:13s} {r['step_s']:6.2f} s/step  peak RSS {C.gib(r['peak_rss']):.3f} GiB  "
                       f"above import {C.gib(r['peak_rss'] - r['rss_import']):.3f} GiB  "
-                      f"built {C.gib(r['rss_built'] - r['rss_import']):.3f} warm {C.gib(r['rss_warm'] - r['rss_import']):.3f} GiB  "
+                      f"built {C.gib(r['rss_built'] - r['rss_import']):.3f} "
+                      f"warm {C.gib(r['rss_warm'] - r['rss_import']):.3f} GiB  "
                       f"load {[round(x, 1) for x in r['loadavg_1min']]}", flush=True)
         results = {v: C.aggregate(rs) for v, rs in runs.items()}
         for v, r in results.items():

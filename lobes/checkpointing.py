@@ -237,6 +237,23 @@ class AtomicCheckpointer(sb_ckpt.Checkpointer):
     Arguments are those of ``speechbrain.utils.checkpoints.Checkpointer``, plus
     ``save_rng_state`` (default True: checkpoint the RNG streams, see module doc) and
     ``check_finite`` (default True: refuse to checkpoint modules holding NaN/inf).
+
+    Arguments
+    ---------
+    checkpoints_dir : str or path
+        Directory holding the ``CKPT+...`` checkpoint folders (created if missing).
+    recoverables : dict or None
+        ``{name: object}`` to save and load (modules, optimizers, counters, schedulers).
+    custom_load_hooks : dict or None
+        ``{name: load_fn}`` for recoverables without SpeechBrain's saver/loader marks.
+    custom_save_hooks : dict or None
+        ``{name: save_fn}`` for recoverables without SpeechBrain's saver/loader marks.
+    allow_partial_load : bool
+        Recover even when a recoverable has no file in the checkpoint (SpeechBrain's meaning).
+    save_rng_state : bool
+        Checkpoint the global RNG streams (and named loader generators) so a resumed run draws the same numbers.
+    check_finite : bool
+        Refuse to save a checkpoint whose modules hold NaN/inf values.
     """
 
     def __init__(self, checkpoints_dir, recoverables=None, custom_load_hooks=None, custom_save_hooks=None,
@@ -316,7 +333,7 @@ class AtomicCheckpointer(sb_ckpt.Checkpointer):
                 f"refusing to write a checkpoint in {self.checkpoints_dir}: NaN/inf weights in "
                 + "; ".join(f"'{n}': {', '.join(k)}" for n, k in bad.items()))
 
-    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):
+    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):  # noqa: B006 (SpeechBrain's signature)
         """Write all files into a temp directory, ``CKPT.yaml`` last, then rename it into place."""
         if self.check_finite:
             self._check_finite()

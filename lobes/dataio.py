@@ -7,7 +7,8 @@ Manifest keys are documented in docs/DESIGN.md. Pipelines:
 - ``wrd``, ``tokens``    : normalised transcript and its CTC character indices.
 
 Dynamic batching groups utterances of similar duration into per-GPU batches of at most ``micro_batch_length``
-seconds (``max_batch_length`` is the global seconds per optimizer step; ``lobes.distributed``) (SpeechBrain's ``DynamicBatchSampler``), so long podcast turns do not run out of memory and little of a batch
+seconds (``max_batch_length`` is the global seconds per optimizer step; ``lobes.distributed``) (SpeechBrain's
+``DynamicBatchSampler``), so long podcast turns do not run out of memory and little of a batch
 is padding; see ``padding_share`` to measure it.
 """
 import json
@@ -86,9 +87,9 @@ def _check_manifest(path, required, ctc=False, classes=()):
     try:
         data = json.loads(open(path, encoding="utf-8").read())
     except FileNotFoundError:
-        raise DataError(f"manifest '{path}' does not exist: run data preparation (stage 0) first")
+        raise DataError(f"manifest '{path}' does not exist: run data preparation (stage 0) first") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"manifest '{path}' is not valid JSON ({e})")
+        raise DataError(f"manifest '{path}' is not valid JSON ({e})") from e
     if not data:
         raise DataError(f"manifest '{path}' holds no utterances")
     for utt, entry in data.items():

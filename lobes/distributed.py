@@ -88,7 +88,21 @@ def batch_split(batch_size, micro_batch_size=None, dynamic_batching=False, max_b
 
 def grad_accumulation_factor(batch_size, micro_batch_size=None, dynamic_batching=False, max_batch_length=None,
                              micro_batch_length=None):
-    """The recipe YAML's ``grad_accumulation_factor`` (read by SpeechBrain's ``Brain``), derived at load time."""
+    """The recipe YAML's ``grad_accumulation_factor`` (read by SpeechBrain's ``Brain``), derived at load time.
+
+    Arguments
+    ---------
+    batch_size : int
+        Global batch in utterances (over all GPUs and accumulation steps).
+    micro_batch_size : int or None
+        Utterances per GPU per forward/backward; None means the whole per-GPU batch at once.
+    dynamic_batching : bool
+        Batch by seconds of audio (``max_batch_length`` / ``micro_batch_length``) instead of utterances.
+    max_batch_length : float or None
+        Global batch in seconds of audio, with ``dynamic_batching``.
+    micro_batch_length : float or None
+        Seconds of audio per GPU per forward/backward, with ``dynamic_batching``.
+    """
     return batch_split(batch_size, micro_batch_size, dynamic_batching, max_batch_length, micro_batch_length)[1]
 
 

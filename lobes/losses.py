@@ -34,7 +34,17 @@ def soft_cross_entropy(logits, soft_targets, class_weights=None):
 
 
 class ClassBalancedSoftCE(torch.nn.Module):
-    """Holds the class weights (a buffer, so they follow the module's device and get checkpointed)."""
+    """Holds the class weights (a buffer, so they follow the module's device and get checkpointed).
+
+    Arguments
+    ---------
+    num_classes : int
+        Number of classes C; the weights are uniform (all 1) until counts are given.
+    beta : float
+        β of the effective number of samples, E_c = (1 − β^{n_c}) / (1 − β); β → 1 gives inverse frequency.
+    counts : sequence of int or None
+        Training-set counts n_c of the hard labels per class (or call ``set_counts`` later); None: uniform.
+    """
 
     def __init__(self, num_classes=8, beta=0.9999, counts=None):
         super().__init__()

@@ -25,6 +25,27 @@ def masked_mean_std(x, mask):
 
 
 class SERHead(torch.nn.Module):
+    """Emotion head: frame projection, masked pooling over time, MLP classifier (see module doc).
+
+    Arguments
+    ---------
+    input_size : int
+        Width D of the encoder features [B, T, D].
+    hidden_size : int
+        Width of the frame projection and of the classifier's hidden layer.
+    num_classes : int
+        Number of emotion classes (logits per utterance).
+    pooling : str
+        ``"mean"`` (masked mean over time) or ``"mean_std"`` (statistics pooling: mean and std).
+    dropout : float
+        Dropout probability after each ReLU.
+    num_proj_layers : int
+        Number of frame projection layers before pooling.
+    head_type : str
+        ``"frame_mlp"`` (nonlinearity per frame, the paper's head) or ``"pooled_linear"`` (linear projection,
+        nonlinearity after pooling, so it can train from a pooled feature cache).
+    """
+
     def __init__(self, input_size, hidden_size=256, num_classes=8, pooling="mean", dropout=0.1, num_proj_layers=1,
                  head_type="frame_mlp"):
         super().__init__()

@@ -28,7 +28,7 @@ def load_wavlm(source, cache_dir=None, layerdrop=0.0, apply_spec_augment=False, 
     try:
         config = WavLMConfig.from_pretrained(source, cache_dir=cache_dir)
     except (OSError, ValueError) as e:
-        raise DataError(f"wavlm_source '{source}' is neither a local WavLM directory nor a reachable hub id: {e}")
+        raise DataError(f"wavlm_source '{source}' is neither a local WavLM directory nor a reachable hub id: {e}") from e
     config.layerdrop = layerdrop
     config.apply_spec_augment = apply_spec_augment
     if not hasattr(config, "mask_feature_min_masks"):
@@ -114,6 +114,35 @@ class WavLMEncoder(torch.nn.Module):
     spans per utterance, a large share of a short one), channel spans of
     ``mask_feature_length`` zeroed (``mask_feature_prob``) -- and LayerDrop (``layerdrop``: probability of
     skipping each transformer layer but the first). A frozen backbone runs in eval mode, so neither applies.
+
+    Arguments
+    ---------
+    source : str
+        HF hub id or local directory of a WavLM checkpoint.
+    freeze : bool
+        Freeze every WavLM weight and run it in eval mode (feature extraction only).
+    freeze_feature_extractor : bool
+        Keep the CNN feature extractor frozen while the transformer fine-tunes.
+    normalize_wav : bool
+        Zero-mean, unit-variance each utterance over its valid samples (WavLM-Large's input normalisation).
+    gradient_checkpointing : bool
+        Recompute the transformer layers in backward instead of saving their activations.
+    cache_dir : str or None
+        transformers cache directory for hub downloads.
+    apply_spec_augment : bool
+        Turn on HF WavLM's train-time time/channel masking (the ``mask_*`` settings below).
+    mask_time_prob : float
+        Share of frames that start a masked time span, in [0, 1).
+    mask_time_length : int
+        Frames per masked time span.
+    mask_time_min_masks : int
+        Least number of masked time spans per utterance.
+    mask_feature_prob : float
+        Share of channels that start a zeroed channel span, in [0, 1).
+    mask_feature_length : int
+        Channels per zeroed channel span.
+    layerdrop : float
+        LayerDrop: probability of skipping each transformer layer but the first in training, in [0, 1).
     """
 
     def __init__(self, source, freeze=False, freeze_feature_extractor=True, normalize_wav=True,

@@ -9,6 +9,18 @@ import torch.nn.functional as F
 
 
 class WeightedLayerSum(torch.nn.Module):
+    """Eq. (5): learnable weighted sum of an encoder's layer outputs, α = softmax(w) (see module doc).
+
+    Arguments
+    ---------
+    num_layers : int
+        Number of transformer layer outputs weighted (the CNN output not counted).
+    include_cnn : bool
+        Also weight the CNN output (hidden state 0): ``num_layers + 1`` weights.
+    layer_norm : bool
+        Layer-normalise each layer output before weighting, so no layer wins by scale alone.
+    """
+
     def __init__(self, num_layers, include_cnn=False, layer_norm=False):
         super().__init__()
         self.include_cnn = include_cnn

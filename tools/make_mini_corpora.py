@@ -50,7 +50,8 @@ the transcribed Train split, and the CTC model is tested on sentences it heard i
 transcribed Train utterances over 32 sentences, about four each; 111 word types). Mini LibriSpeech likewise: its
 own neutral pool "libri" (16 sentences, 73 word types, none shared with MSP), train-clean-100 cycling through it
 (60 utterances by 8 speakers, about four per sentence), dev/test drawn from it, but spoken by 4 + 4 speakers
-disjoint from train's as in LibriSpeech (their accents all occur in train). mini_counts.json of each corpus records the overlap ("sentences": test utterances whose sentence is
+disjoint from train's as in LibriSpeech (their accents all occur in train). mini_counts.json of each corpus
+records the overlap ("sentences": test utterances whose sentence is
 in training, test words not in training).
 """
 import argparse

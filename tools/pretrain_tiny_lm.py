@@ -7,7 +7,8 @@
 was trained on (tools/sentences.txt by default): 400 steps, 205 s measured on
 this project's 2-core machine while it was shared with other jobs).
 
-Text: the sentence banks of the mini corpora, tools/sentences.txt (all pools; every ``--holdout_every``-th sentence held out to measure perplexity)
+Text: the sentence banks of the mini corpora, tools/sentences.txt (all pools; every ``--holdout_every``-th sentence
+held out to measure perplexity)
 plus sentences from the phrase grammar (tools/synthetic_text.py) and any ``--text`` files (one sentence a line);
 half of each batch comes from the banks, half from the grammar. The grammar is narrow: trained longer, the model
 fits it and its held-out bank perplexity rises again (on the earlier 60-sentence bank: about 11 at 300-400 steps,
@@ -47,7 +48,7 @@ def read_sentences(path):
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise DataError(f"{path}: cannot read text file ({e})")
+        raise DataError(f"{path}: cannot read text file ({e})") from e
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 

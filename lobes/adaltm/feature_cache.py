@@ -268,7 +268,7 @@ class FeatureCache:
         try:
             meta = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"feature cache index '{path}' cannot be read ({e}); delete '{folder}' to rebuild it")
+            raise DataError(f"feature cache index '{path}' cannot be read ({e}); delete '{folder}' to rebuild it") from e
         if meta.get("format") != FORMAT:
             raise DataError(f"feature cache '{folder}' has format {meta.get('format')!r}, not {FORMAT!r}; "
                             "delete it to rebuild")

@@ -10,7 +10,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from transformers import WavLMModel
 
@@ -52,7 +51,7 @@ def load_downstream(export_dir, modules):
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types on truncation
-        raise DataError(f"cannot read downstream weights '{path}': {e}")
+        raise DataError(f"cannot read downstream weights '{path}': {e}") from e
     for name, module in modules.items():
         sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         module.load_state_dict(sub, strict=True)

@@ -107,19 +107,33 @@ class MergedWavLM(torch.nn.Module):
 
     Arguments
     ---------
-    source : hub id or local dir of the base WavLM (W_base).
-    task_vectors : ordered {name: path | TaskVector | dict}; ``{}`` gives Setup 1 (frozen base, no merge).
-    lambda_mode, lambda_init : see :class:`lobes.adaltm.merge_coefficients.MergeCoefficients`.
-    delta_dtype : store ΔW in this dtype (e.g. ``torch.bfloat16``) to save memory; merging is done in fp32.
-    merge_impl : ``"functional"`` (autograd through ``W_base + λ ΔW``; merged weights stay saved until backward)
+    source : str
+        HF hub id or local directory of the base WavLM (W_base).
+    task_vectors : dict or None
+        Ordered ``{name: path | TaskVector | dict}`` of task vectors ΔW; ``{}`` or None gives Setup 1 (frozen
+        base, no merge).
+    lambda_mode : str
+        How λ is learnt: ``"fixed"``, ``"global"`` or ``"layerwise"`` (AdaLTM: one λ per task vector per
+        group); see :class:`lobes.adaltm.merge_coefficients.MergeCoefficients`.
+    lambda_init : float
+        Initial λ of every task vector and group (0.5 in the paper).
+    normalize_wav : bool
+        Zero-mean, unit-variance each utterance over its valid samples (WavLM-Large's input normalisation).
+    delta_dtype : torch.dtype or None
+        Store ΔW in this dtype (e.g. ``torch.bfloat16``) to save memory; merging is done in fp32.
+    gradient_checkpointing : bool or str
+        ``True`` recomputes every group in backward; ``"cnn"`` only the CNN feature
+        extractor, whose activations are the largest per FLOP (42% of a step's saved activations for 4 s of audio).
+    cache_dir : str or None
+        transformers cache directory for hub downloads.
+    merge_impl : str
+        ``"functional"`` (autograd through ``W_base + λ ΔW``; merged weights stay saved until backward)
         or ``"fused"`` (:mod:`lobes.adaltm.merged_linear`: one merge node whose backward reduces dL/dW into λ with a dot
         product, and merged weights rebuilt in backward instead of saved) or ``"materialized"`` (the model's
         stored weights *are* the merged weights for the current λ, recomputed from W_base when λ has
         changed, once per step; nothing is merged in forward or rebuilt in backward, and a fixed λ costs
         nothing after the first call; one more copy of the weights than fused). Same outputs and λ
         gradients; see benchmarks/RESULTS.md.
-    gradient_checkpointing : ``True`` recomputes every group in backward; ``"cnn"`` only the CNN feature
-        extractor, whose activations are the largest per FLOP (42% of a step's saved activations for 4 s of audio).
     """
 
     def __init__(self, source, task_vectors=None, lambda_mode="layerwise", lambda_init=0.5, normalize_wav=True,

@@ -65,7 +65,7 @@ def parse_ratio(ratio, tasks):
     try:
         out = {t: int(v) for t, v in out.items()}
     except (TypeError, ValueError):
-        raise DataError(f"ratio parts must be integers, got {out}")
+        raise DataError(f"ratio parts must be integers, got {out}") from None
     if any(v < 0 for v in out.values()) or sum(out.values()) == 0:
         raise DataError(f"ratio parts must be >= 0 and not all 0, got {out}")
     return out
@@ -137,7 +137,7 @@ class _Interleaver:
             try:
                 counts[t] = len(s)
             except TypeError:
-                raise DataError(f"the sampler/loader of task '{t}' has no len(); interleaving needs it")
+                raise DataError(f"the sampler/loader of task '{t}' has no len(); interleaving needs it") from None
         return counts
 
     def _set_pass(self, task, k):
@@ -172,7 +172,7 @@ class _Interleaver:
                 try:
                     item = next(iters[task])
                 except StopIteration:
-                    raise DataError(f"the sampler/loader of task '{task}' yielded no batches")
+                    raise DataError(f"the sampler/loader of task '{task}' yielded no batches") from None
             yield task, item
         # Leave every sampler at its first pass of this epoch, as set_epoch did.
         for t in self.tasks:

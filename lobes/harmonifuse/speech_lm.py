@@ -109,7 +109,7 @@ class CharTokenizer:
             spec = json.loads(path.read_text())
             return cls(spec["chars"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path}: not a valid char tokenizer file ({e})")
+            raise DataError(f"{path}: not a valid char tokenizer file ({e})") from e
 
 
 def load_tokenizer(source):
@@ -120,7 +120,7 @@ def load_tokenizer(source):
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise DataError(f"lm_source '{source}': no char_tokenizer.json and no loadable HF tokenizer ({e})")
+        raise DataError(f"lm_source '{source}': no char_tokenizer.json and no loadable HF tokenizer ({e})") from e
     if tok.eos_token_id is None:
         raise DataError(f"lm_source '{source}': tokenizer has no EOS token; generation could not stop")
     return tok
@@ -151,7 +151,7 @@ def load_causal_lm(source, from_config=False, dtype=torch.float32):
             return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), **kw)
         return AutoModelForCausalLM.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
-        raise DataError(f"lm_source '{source}' is neither a local causal-LM directory nor a reachable hub id: {e}")
+        raise DataError(f"lm_source '{source}' is neither a local causal-LM directory nor a reachable hub id: {e}") from e
 
 
 def final_norm(lm):
@@ -292,7 +292,63 @@ class SpeechLMOutput:
 
 
 class SpeechLM(torch.nn.Module):
-    """HarmoniFuse multi-task speech LM (see module doc). Main entry points: ``forward``, ``generate``."""
+    """HarmoniFuse multi-task speech LM (see module doc). Main entry points: ``forward``, ``generate``.
+
+    Arguments
+    ---------
+    encoder : torch.nn.Module
+        Speech encoder whose ``forward(wavs, wav_lens)`` returns ``(hidden_states [L+1, B, T, D], frames)``.
+    lm_source : str
+        HF hub id or ``save_pretrained`` directory of the causal LM and its tokenizer.
+    tasks : sequence of str
+        Task names τ, in order; each gets its own encoder fusion weights, prompt and LM-layer fusion.
+    prompt_mode : str
+        ``"text"`` (instruction words from ``task_prompts``) or ``"soft"`` (learned prompt vectors).
+    task_prompts : dict or None
+        ``{task: instruction text}`` for ``prompt_mode="text"``; None uses the built-in defaults.
+    num_prompt_tokens : int
+        Learned prompt vectors per task, with ``prompt_mode="soft"``.
+    stack : int
+        Speech adapter downsampling: consecutive encoder frames stacked into one.
+    adapter_hidden : int or None
+        Hidden width of the speech adapter's MLP; None uses the LM width.
+    encoder_gate : str
+        Encoder layer fusion gate: ``"none"`` (the paper's per-task softmax layer sum) or ``"channel"``.
+    include_cnn : bool
+        Also fuse the encoder's CNN output (hidden state 0).
+    encoder_layer_norm : bool
+        Layer-normalise each encoder layer before the per-task fusion weights apply.
+    lm_fusion : str
+        LM-layer fusion: ``"dynamic"`` (prompt-adaptive α: learnable per-task, per-layer scalar plus an FFN score
+        of the prefix), ``"static"`` (the scalars only) or ``"last"`` (no fusion: the plain LM).
+    fusion_ffn_hidden : int
+        Hidden width H of the FFN that scores each LM layer's pooled prefix (``lm_fusion="dynamic"``).
+    lm_mode : str
+        ``"frozen"``, ``"lora"`` (peft adapters from ``lm_peft_config``) or ``"full"`` LM training.
+    lm_peft_config : peft.PeftConfig or None
+        Adapter configuration (e.g. ``peft.LoraConfig``), needed by ``lm_mode="lora"``.
+    lm_dtype : str or torch.dtype
+        dtype the LM is loaded in: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+    lm_gradient_checkpointing : bool
+        Recompute the LM layers in backward (HF applies it in train mode only).
+    loss_chunk_size : int or None
+        In training, sum the loss over chunks of this many target tokens, rebuilding each chunk's logits in
+        backward; None builds all target logits at once.
+    lm_from_config : bool
+        Build a randomly initialised LM from ``lm_source``'s config instead of loading its weights.
+    ser_task : str
+        Name of the emotion task among ``tasks``.
+    ser_mode : str
+        ``"generate"`` (emotion word as text) or ``"classify"`` (linear head over the fused prefix states).
+    emotions : sequence of str
+        Emotion class names (labels of the ``classify`` head).
+    encoder_layers : int or None
+        Number of encoder transformer layers L; None reads ``encoder.num_layers``.
+    encoder_dim : int or None
+        Encoder width D; None reads ``encoder.hidden_size``.
+    fixed_layer : int or None
+        Ablation: use transformer layer l's output for every task instead of the fusion; None fuses.
+    """
 
     def __init__(self, encoder, lm_source, tasks=("asr", "ser"), prompt_mode="text", task_prompts=None,
                  num_prompt_tokens=4, stack=4, adapter_hidden=None, encoder_gate="none", include_cnn=False,
@@ -750,6 +806,15 @@ def rescale_layer_index(layer, num_layers, reference_layers=None):
     ``round(layer · num_layers / reference_layers)``, at least 1: the paper's layers 12 and 24 of WavLM-Large
     (24 layers) are the middle and the top; on the 4-layer test WavLM they become 2 and 4. Identity when
     ``reference_layers`` is None or equals ``num_layers``; None stays None (no fixed layer).
+
+    Arguments
+    ---------
+    layer : int or None
+        Layer index counted on the reference encoder; None means no fixed layer.
+    num_layers : int
+        Transformer layers of the encoder in use.
+    reference_layers : int or None
+        Transformer layers of the encoder ``layer`` was counted on (24 for the paper's WavLM-Large).
     """
     if layer is None:
         return None
@@ -769,6 +834,11 @@ class TrainableParameters:
     A frozen LM (and a frozen WavLM) is re-read from its source, not copied into every checkpoint: with a
     1B-parameter LM that is gigabytes per epoch. Loading checks that the file holds exactly the parameters
     that train now (a checkpoint from a differently frozen configuration is refused, naming the file).
+
+    Arguments
+    ---------
+    module : torch.nn.Module
+        Model whose parameters with ``requires_grad`` are saved and loaded.
     """
 
     def __init__(self, module):

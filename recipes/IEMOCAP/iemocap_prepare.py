@@ -211,7 +211,7 @@ def read_corpus(data_folder, unknown_words=None):
                 try:
                     spk, gender = speaker_of(utt, session)
                 except ValueError:
-                    raise DataError(f"{where}: cannot tell the speaker of {utt} (name must end in _F### or _M###)")
+                    raise DataError(f"{where}: cannot tell the speaker of {utt} (name must end in _F### or _M###)") from None
                 wav_dialog = utt.rsplit("_", 1)[0]
                 u.update(session=session, dialog=dialog, spk_id=spk, gender=gender, where=where,
                          wav=sdir / "sentences" / "wav" / wav_dialog / f"{utt}.wav", text=texts.get(utt))

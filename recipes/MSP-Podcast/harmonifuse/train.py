@@ -459,7 +459,7 @@ def libri_train_manifest(hparams):
             try:
                 part = json.loads(path.read_text())
             except FileNotFoundError:
-                raise DataError(f"manifest '{path}' does not exist: run data preparation (stage 0) first")
+                raise DataError(f"manifest '{path}' does not exist: run data preparation (stage 0) first") from None
             dup = set(part) & set(data)
             if dup:
                 raise DataError(f"{path}: utterance ids also in another training split, e.g. {sorted(dup)[:3]}")
