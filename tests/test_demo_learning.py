@@ -5,7 +5,7 @@ Reduced but equivalent configuration of ``recipes/MSP-Podcast/adaltm/run.sh --mi
 scripts, YAMLs, base and learning rates / masking as the demo's overrides, fewer epochs (the demo's numbers are
 in README.md, "Mini demo"). The ASR run is the out-of-domain one (mini LibriSpeech, 60 training utterances:
 the cheaper of the two CTC fine-tunings). Fixed seed; the thresholds sit well clear of chance and of the
-measured values (measured with this test's settings on a loaded 2-core machine: see the constants).
+measured values (see the constants). CPU time about 50 s (2 min wall on the shared 2-core machine under load).
 """
 import json
 import os
@@ -28,7 +28,7 @@ ASR_MAX_WER = 0.92
 ASR_MAX_LOSS = 2.0
 # Setup 1 (frozen base, features cached once): the demo's cheap-row adaltm_args with fewer epochs.
 SER_ARGS = ["--number_of_epochs=30", "--lr=0.01", "--batch_size=16", "--head_hidden=64", "--num_bootstraps=20"]
-SER_MIN_UAR = 0.30          # 8 classes: chance 0.125
+SER_MIN_UAR = 0.45          # measured 0.75 (seed 1986); 8 classes: chance 0.125
 
 
 def _train(script, hparams, args, timeout=300):
