@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "tools/fixtures/tiny_wavlm_pretrained"
