@@ -5,7 +5,7 @@ Reduced but equivalent configuration of ``recipes/MSP-Podcast/adaltm/run.sh --mi
 scripts, YAMLs, base and learning rates / masking as the demo's overrides, fewer epochs (the demo's numbers are
 in README.md, "Mini demo"). The ASR run is the out-of-domain one (mini LibriSpeech, 60 training utterances:
 the cheaper of the two CTC fine-tunings). Fixed seed; the thresholds sit well clear of chance and of the
-measured values (see the constants). CPU time about 50 s (2 min wall on the shared 2-core machine under load).
+measured values (see the constants). 54 s wall on the shared 2-core machine at load 2.3 (2 min with a demo running alongside).
 """
 import json
 import os
