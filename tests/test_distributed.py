@@ -130,8 +130,16 @@ class ToyBrain(ToolkitBrain):
                             "loss": self.stage_loss(stage, stage_loss)}
 
 
+class _NoTrainLog:
+    """Recipes log through ``train_logger``; the toy runs keep nothing."""
+
+    def log_stats(self, *args, **kwargs):
+        pass
+
+
 def toy_hparams(batch, micro, world, max_grad_norm=0.05):
-    h = {"batch_size": batch, "micro_batch_size": micro, "dynamic_batching": False, "max_batch_length": 1.0,
+    h = {"train_logger": _NoTrainLog(), "use_tensorboard": False, "use_wandb": False,
+         "batch_size": batch, "micro_batch_size": micro, "dynamic_batching": False, "max_batch_length": 1.0,
          "micro_batch_length": None, "sorting": "ascending", "num_workers": 0, "backbone_modules": [],
          "backbone_opt_class": None, "max_grad_norm": max_grad_norm, "emotion_classes": []}
     h["grad_accumulation_factor"] = D.batch_split(batch, micro, world=world)[1]

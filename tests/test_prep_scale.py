@@ -147,7 +147,8 @@ def test_prepare_270k_label_rows_fast_and_with_bounded_memory(tmp_path):
     assert e["emo_soft"] == [0, 0, 1 / 3, 1 / 3, 1 / 3, 0, 0, 0]
     # i = 1000 (q=50 -> 'A'; bucket 0 -> Train; 1000 % 250 == 0 -> transcript): votes (1000+v) % 9 = 1, 2, 3.
     e = man["train"][stem(1000)]
-    assert e["emo"] == "Anger" and e["wrd"] == "HELLO NUMBER OKAY" and e["duration"] == 60 * (1 + 1000 % 60)
+    # digits are spelled out (num2words)
+    assert e["emo"] == "Anger" and e["wrd"] == "HELLO NUMBER ONE THOUSAND OKAY" and e["duration"] == 60 * (1 + 1000 % 60)
     assert e["emo_soft"] == [0, 1 / 3, 1 / 3, 1 / 3, 0, 0, 0, 0]
     # i = 7 (Train, 'A'): votes 7, 8, 0 -> Surprise, Other (ignored), Angry -> 1/2, 1/2.
     assert man["train"][stem(7)]["emo_soft"] == [0.5, 0, 0, 0, 0, 0, 0, 0.5]
