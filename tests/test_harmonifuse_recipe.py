@@ -478,6 +478,9 @@ def test_model_card_and_results_table_show_the_run(trained, load_recipe, tmp_pat
     table_mod = load_recipe("recipes/MSP-Podcast/harmonifuse/make_table.py")
     m = json.loads((trained / "metrics.json").read_text())
     card = card_mod.model_card(trained)
+    import ruamel.yaml.constructor as C  # reading the card's YAML must not change how every later YAML is read
+    for cls in (C.BaseConstructor, C.SafeConstructor, C.RoundTripConstructor):
+        assert "!" not in cls.yaml_multi_constructors, cls
     lo, hi = m["wer_clean_ci"]
     assert f"| WER test-clean | {100 * m['wer']:.2f} ± {100 * (hi - lo) / 2:.2f} |" in card
     assert f"| UA (unweighted accuracy) | {100 * m['ua']:.2f} ±" in card and "| WA (accuracy) |" in card

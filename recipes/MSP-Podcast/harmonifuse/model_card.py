@@ -38,9 +38,14 @@ def model_card(exp_dir):
     for f in (hp_file, m_file):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: missing; is {exp} a tested HarmoniFuse experiment folder?")
-    hp = ruamel.yaml.YAML(typ="safe", pure=True)
-    hp.constructor.add_multi_constructor("!", lambda loader, suffix, node: None)
-    hp = hp.load(hp_file.read_text()) or {}
+    class _TagsAsNone(ruamel.yaml.constructor.SafeConstructor):
+        """!new:/!ref/... values read as None. A subclass: ruamel registers constructors per class, and adding
+        this to SafeConstructor itself would turn every later hyperpyyaml object in the process into None."""
+
+    _TagsAsNone.add_multi_constructor("!", lambda loader, suffix, node: None)
+    reader = ruamel.yaml.YAML(typ="safe", pure=True)
+    reader.Constructor = _TagsAsNone
+    hp = reader.load(hp_file.read_text()) or {}
     m = json.loads(m_file.read_text())
     lines = [f"# HarmoniFuse speech LM: {m.get('experiment', exp.name)}", "",
              "One speech language model for ASR (transcript) and SER (emotion word), trained batch-interleaved "
