@@ -8,6 +8,9 @@
 - SER / ASR output collection, the ``metrics.json`` and ``predictions.csv`` writers used by every recipe's test
   stage; the class names come from the recipe's ``emotion_classes``;
 - checkpointing on the validation loss (best = lowest, the paper's selection rule);
+- the stage-end tail (``on_stage_end``): recipes adapt it through ``epoch_stats``, ``test_extras`` and
+  ``write_artifacts`` (default: ``confusion.png`` of an SER test); a YAML with ``fold`` records ``experiment`` and
+  ``fold`` in metrics.json, one with a ``weighted_sum`` its α;
 - multi-GPU semantics (``lobes.distributed``): ``batch_size`` is the global batch (micro-batch x
   ``grad_accumulation_factor`` x GPUs, checked and logged at start); validation and test are sharded across
   DDP ranks, outputs gathered back into single-process order and the stage loss is the sample-weighted mean
