@@ -8,6 +8,9 @@
 - SER / ASR output collection, the ``metrics.json`` and ``predictions.csv`` writers used by every recipe's test
   stage; the class names come from the recipe's ``emotion_classes``;
 - checkpointing on the validation loss (best = lowest, the paper's selection rule);
+- the stage-end tail (``on_stage_end``): recipes adapt it through ``epoch_stats``, ``test_extras`` and
+  ``write_artifacts`` (default: ``confusion.png`` of an SER test); a YAML with ``fold`` records ``experiment`` and
+  ``fold`` in metrics.json, one with a ``weighted_sum`` its α;
 - multi-GPU semantics (``lobes.distributed``): ``batch_size`` is the global batch (micro-batch x
   ``grad_accumulation_factor`` x GPUs, checked and logged at start); validation and test are sharded across
   DDP ranks, outputs gathered back into single-process order and the stage loss is the sample-weighted mean
@@ -327,11 +330,39 @@ class ToolkitBrain(sb.Brain):
         return stats
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Test: metrics.json (+ predictions.csv); train / valid: log, keep the lowest-validation-loss checkpoint."""
-        if stage == sb.Stage.TEST:
-            self.write_test_metrics(stage_loss)
-        else:
-            self.log_and_checkpoint(stage, stage_loss, epoch, {} if stage == sb.Stage.TRAIN else self.stage_stats())
+        """Train / valid: log ``epoch_stats``, keep the lowest-validation-loss checkpoint. Test: metrics.json
+        (+ predictions.csv) with ``test_extras``, then ``write_artifacts`` on the main process.
+
+        A recipe changes what is logged, recorded or written through these three hooks, not by copying this."""
+        if stage != sb.Stage.TEST:
+            return self.log_and_checkpoint(stage, stage_loss, epoch, self.epoch_stats(stage))
+        out = self.write_test_metrics(stage_loss, self.test_extras())
+        if sb.utils.distributed.if_main_process():
+            self.write_artifacts(out)
+        return out
+
+    def epoch_stats(self, stage):
+        """Statistics logged beside the stage loss: none for training, ``stage_stats`` for validation."""
+        return {} if stage == sb.Stage.TRAIN else self.stage_stats()
+
+    def test_extras(self):
+        """Entries a recipe adds to metrics.json (called on every rank, before it is written)."""
+        return {}
+
+    def write_artifacts(self, metrics):
+        """Main process, after metrics.json: the confusion plot of an SER test stage (``confusion.png``)."""
+        if "test" not in metrics:
+            return
+        from lobes.plots import plot_confusion
+
+        run = self.fold_title()
+        plot_confusion(metrics["test"]["confusion"], self.classes, Path(self.hparams.output_folder) / "confusion.png",
+                       title=f"{run} (test Session {self.hparams.fold})" if run else None)
+
+    def fold_title(self):
+        """"<experiment>, fold <k>" for a leave-one-session-out recipe (``fold`` in its YAML), else None."""
+        fold = getattr(self.hparams, "fold", None)
+        return None if fold is None else f"{self.hparams.experiment}, fold {fold}"
 
     def log_and_checkpoint(self, stage, stage_loss, epoch, stats):
         """Validation: log and keep the checkpoint with the lowest validation loss."""
@@ -354,16 +385,23 @@ class ToolkitBrain(sb.Brain):
         """Test stage: metrics with 95% CIs (and WER) to ``<output_folder>/metrics.json`` (rank 0 only)."""
         self.sync_outputs()
         stage_loss = self.stage_loss(sb.Stage.TEST, stage_loss)
-        out = {"experiment": Path(self.hparams.output_folder).name, "test_loss": float(stage_loss)}
+        h = self.hparams
+        out = {"experiment": Path(h.output_folder).name, "test_loss": float(stage_loss)}
+        if getattr(h, "fold", None) is not None:  # leave-one-session-out: average_folds.py groups by both
+            out.update(experiment=h.experiment, fold=h.fold)
         for key in ("table_rows", "part", "row", "order"):
-            if getattr(self.hparams, key, None) is not None:
-                out[key] = getattr(self.hparams, key)
+            if getattr(h, key, None) is not None:
+                out[key] = getattr(h, key)
+        if getattr(h, "weighted_sum", None) is not None:  # the module itself, not a DDP wrapper
+            out["alphas"] = h.weighted_sum.alpha().tolist()
         if self.ser_out["true"]:
             out["test"] = {**self.ser_stats(with_ci=True), "n": len(self.ser_out["true"]),
                            "classes": self.classes}
         w = self.asr_wer()
         if w is not None:
             out["wer"] = w
+            out["wer_ci"] = M.wer_ci(self.asr_out["refs"], self.asr_out["hyps"],
+                                     getattr(h, "num_bootstraps", 1000), seed=getattr(h, "seed", 0))[1]
             # the same hypotheses scored after Whisper's English normaliser, as ASR papers report it
             out["wer_whisper_norm"] = M.wer_whisper_norm(self.asr_out["refs"], self.asr_out["hyps"])
             out["asr_examples"] = [{"id": i, "ref": r, "hyp": h} for i, r, h in

@@ -1,6 +1,7 @@
 """Atomic file writing: a crash never leaves a half-written manifest, vector, checkpoint or table."""
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -37,3 +38,38 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(out, marker, tool):
+    """Yield a staging folder next to ``out``; rename it over ``out`` only if the block succeeds.
+
+    A non-empty ``out`` is replaced only when it holds ``marker`` (a file the generating tool writes there),
+    so that a mistyped ``--out`` never deletes a folder the tool did not make.
+
+    Arguments
+    ---------
+    out : str or Path
+        The folder to create or replace.
+    marker : str
+        Name of the file, inside ``out``, that marks a folder the tool made.
+    tool : str
+        Name of the generating tool, shown in the error.
+
+    Yields
+    ------
+    Path
+        The empty staging folder (a hidden sibling of ``out``) to write into.
+    """
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()) and not (out / marker).exists():
+        raise FileExistsError(f"{out} exists, is not empty and was not made by {tool}; not replacing it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield stage
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -77,6 +77,8 @@ def test_four_class_label_set_flows_to_metrics_and_predictions(tmp_path):
     assert rows[0] == ["id", "true", "pred"] + CLASSES
     assert {r[0]: (r[1], r[2]) for r in rows[1:]}["u7"] == ("neu", "sad")
     assert len(rows) == 9 and all(len(r) == 7 for r in rows)
+    assert "fold" not in metrics and "alphas" not in metrics  # no fold / weighted layer sum in this recipe
+    assert (out / "confusion.png").stat().st_size > 1000  # ToolkitBrain.write_artifacts, for any SER test stage
 
 
 def test_four_class_confusion_plot_and_recognizer_use_the_given_names(tmp_path):

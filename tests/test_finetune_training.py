@@ -296,7 +296,9 @@ def test_layerdrop_skips_layers_in_train_mode_only(tiny_wavlm):
 @pytest.mark.parametrize("yaml, on", [("recipes/MSP-Podcast/asr_ctc/hparams/train_asr_ctc.yaml", True),
                                       ("recipes/LibriSpeech/asr_ctc/hparams/train_asr_ctc.yaml", True),
                                       ("recipes/MSP-Podcast/ser/hparams/train_ser.yaml", False),
-                                      ("recipes/MSP-Podcast/mtl/hparams/mtl.yaml", False)])
+                                      ("recipes/MSP-Podcast/mtl/hparams/mtl.yaml", False),
+                                      ("recipes/IEMOCAP/asr_ctc/hparams/train_asr_ctc.yaml", True),
+                                      ("recipes/IEMOCAP/ser/hparams/train_ser.yaml", False)])
 def test_recipe_yamls_mask_and_drop_layers_only_where_allowed(yaml, on):
     """ASR: masking + LayerDrop; a weighted layer sum (SER, MTL): LayerDrop 0 (s3prl), masking off (measured)."""
     from lobes.hparams_io import _yaml

@@ -57,7 +57,6 @@ in training, test words not in training).
 import argparse
 import csv
 import json
-import os
 import random
 import re
 import shutil
@@ -69,6 +68,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lobes.ctc_text import normalize_transcript
+from lobes.io_utils import atomic_dir
 from tools.sentence_banks import CLASS_POOLS, LIBRI, POOLS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "MSP-Podcast"))
@@ -203,21 +203,6 @@ def _votes(rng, letter):
 
 def _fmt_attr(x):
     return f"{min(7.0, max(1.0, x)):.1f}"
-
-
-def _prepare_out(out):
-    """Staging folder next to ``out``; refuses to replace a non-empty folder this tool did not make."""
-    out = Path(out).resolve()
-    if out.exists() and any(out.iterdir()) and not (out / README_NAME).exists():
-        raise FileExistsError(f"{out} exists, is not empty and was not made by make_mini_corpora; not replacing it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-
-
-def _publish(stage, out):
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(stage, out)
 
 
 def _split_sizes(n):
@@ -461,21 +446,13 @@ def make_mini_corpora(msp_out=None, libri_out=None, seed=1234, n_msp=240, n_libr
         rng = random.Random(f"{seed}-msp")
         rows = _plan_msp(rng, n_msp)
         counts = _msp_counts(rows, seed, n_msp)
-        out, stage = _prepare_out(msp_out)
-        try:
+        with atomic_dir(msp_out, README_NAME, "make_mini_corpora") as stage:
             _write_msp(stage, rows, counts, workers, rng)
-            _publish(stage, out)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
         result["msp"] = counts
     if libri_out is not None:
         rng = random.Random(f"{seed}-libri")
-        out, stage = _prepare_out(libri_out)
-        try:
+        with atomic_dir(libri_out, README_NAME, "make_mini_corpora") as stage:
             result["libri"] = _write_libri(stage, rng, n_libri, n_libri_eval, workers, seed)
-            _publish(stage, out)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
     return result
 
 

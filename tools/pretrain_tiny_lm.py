@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -33,24 +32,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lobes.ctc_text import normalize_transcript
 from lobes.errors import DataError
-from lobes.io_utils import atomic_write
 from lobes.harmonifuse.speech_lm import CharTokenizer
+from tools._pretrain_common import SENTENCES_NAME, read_sentences, save_output, train_steps
 from tools.synthetic_text import generated_sentences
 
 CONFIG = Path(__file__).parent / "tiny_configs" / "causal_lm.json"
 SENTENCES_FILE = Path(__file__).with_name("sentences.txt")
-LOG_NAME = "pretrain_log.json"
-SENTENCES_NAME = "pretrain_sentences.txt"  # the bank it was trained on (held-out lines included), for regeneration
-
-
-def read_sentences(path):
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read text file ({e})") from e
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-
 
 def split_text(seed, n_generated, holdout_every, extra_files=(), sentences=SENTENCES_FILE):
     """(bank training sentences, grammar sentences, held-out bank sentences in transcript form).
@@ -112,29 +99,20 @@ def pretrain(out=None, seed=0, steps=400, batch_size=32, lr=3e-3, warmup=100, n_
     bank_text = Path(sentences).read_text(encoding="utf-8")  # read before ``out`` is replaced (it may hold it)
     bank, grammar, heldout = split_text(seed, n_generated, holdout_every, extra_files, sentences)
     rng = random.Random(f"{seed}-lm-batches")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    # warm-up then inverse square root: independent of ``steps``, so a short run is a prefix of a long one
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else math.sqrt(warmup / (s + 1)))
     before = perplexity(model, tokenizer, heldout) if heldout else None
-    curve = []
-    model.train()
-    for step in range(steps):
+
+    def batch_loss():
         # bank_fraction of each batch from the sentence banks, the rest from the grammar: the grammar alone
         # is narrow enough that a long run fits it and drifts away from the banks' sentences
         texts = [rng.choice(bank if rng.random() < bank_fraction else grammar) for _ in range(batch_size)]
-        ids, attn, labels = encode_batch(tokenizer, texts)
-        total, n = lm_loss(model, ids, attn, labels)
-        loss = total / n
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        curve.append(round(loss.item(), 6))
-        if verbose and (step + 1) % log_every == 0:
-            ppl = f", held-out perplexity {perplexity(model, tokenizer, heldout):.2f}" if heldout else ""
-            print(f"step {step + 1}/{steps}  CE {sum(curve[-log_every:]) / log_every:.3f}{ppl}", flush=True)
+        total, n = lm_loss(model, *encode_batch(tokenizer, texts))
+        return total / n
+
+    def progress():
+        return f", held-out perplexity {perplexity(model, tokenizer, heldout):.2f}" if heldout else ""
+
+    curve = train_steps(model, list(model.parameters()), batch_loss, steps, lr, warmup, max_grad_norm=1.0,
+                        log_every=log_every, verbose=verbose, progress=progress)
     after = perplexity(model, tokenizer, heldout) if heldout else None
     log = {
         "command": f"python -m tools.pretrain_tiny_lm --out OUT --seed {seed} --steps {steps}",
@@ -154,18 +132,11 @@ def pretrain(out=None, seed=0, steps=400, batch_size=32, lr=3e-3, warmup=100, n_
 
 
 def save(model, tokenizer, out, log, bank_text):
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / SENTENCES_NAME).write_text(bank_text, encoding="utf-8")
-    with atomic_write(tmp / LOG_NAME) as f:
-        json.dump({k: v for k, v in log.items() if not k.startswith("_")}, f, indent=1)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
-    return out
+    def write_model(folder):
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    return save_output(out, log, bank_text, write_model, "pretrain_tiny_lm")
 
 
 def main(argv=None):

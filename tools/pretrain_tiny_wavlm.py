@@ -27,7 +27,6 @@ accuracy before and after pretraining. Only the unit projection is dropped: it i
 import argparse
 import io
 import json
-import math
 import random
 import shutil
 import subprocess
@@ -43,16 +42,14 @@ import torchaudio
 from safetensors.torch import save_file
 from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
 
-from lobes.io_utils import atomic_write
+from tools._pretrain_common import SENTENCES_NAME, read_sentences, save_output, train_steps
 from tools.synthetic_text import generated_sentences
 
 CONFIG = Path(__file__).parent / "tiny_configs" / "wavlm.json"
 SENTENCES_FILE = Path(__file__).with_name("sentences.txt")
 SAMPLE_RATE = 16000
 WIN, HOP = 400, 320  # the tiny WavLM CNN's receptive field and stride, in samples
-LOG_NAME = "pretrain_log.json"
 TARGETS_NAME = "ssl_targets.safetensors"
-SENTENCES_NAME = "pretrain_sentences.txt"  # the bank the speech was generated from, kept for regeneration
 
 # espeak-ng voices x variants: many "speakers", so the units code phones more than voices
 VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-gbclan",
@@ -60,15 +57,10 @@ VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc
 VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"]
 
 
-def load_bank(path=SENTENCES_FILE):
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-
-
 def plan_speech(seed, n_utts, sentences=SENTENCES_FILE):
     """(text, voice, pitch, speed) per utterance: every bank sentence, then grammar sentences."""
     rng = random.Random(f"{seed}-speech")
-    bank = load_bank(sentences)
+    bank = read_sentences(sentences)
     texts = (bank * (1 + n_utts // max(1, 4 * len(bank))))[: n_utts // 4]  # a quarter from the bank
     texts += generated_sentences(seed, n_utts - len(texts))
     return [(t, f"{rng.choice(VOICES)}+{rng.choice(VARIANTS)}", rng.randint(15, 95), rng.randint(110, 250))
@@ -224,27 +216,17 @@ def pretrain(out=None, seed=0, steps=2400, n_utts=800, n_units=50, batch_size=8,
     config.apply_spec_augment = True  # lets forward() take mask_time_indices
     model = WavLMModel(config)
     proj = torch.nn.Linear(config.hidden_size, n_units)
-    params = list(model.parameters()) + list(proj.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else math.sqrt(warmup / (s + 1)))
     crop = int(crop_s * SAMPLE_RATE)
     before = evaluate(model, proj, held_w, held_u, seed, crop, mask_prob, mask_span)
-    curve = []
-    model.train()
-    for step in range(steps):
+
+    def batch_loss():
         idx = torch.randint(n_utts, (batch_size,), generator=gen).tolist()
         x, smask, labels = make_batch(gen, train_w, train_u, idx, crop)
         mask = span_mask(gen, labels >= 0, mask_prob, mask_span)
-        loss, _, _ = masked_loss(model, proj, x, smask, labels, mask)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
-        opt.step()
-        sched.step()
-        curve.append(round(loss.item(), 6))
-        if verbose and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps}  masked CE {sum(curve[-log_every:]) / log_every:.3f}", flush=True)
+        return masked_loss(model, proj, x, smask, labels, mask)[0]
+
+    curve = train_steps(model, list(model.parameters()) + list(proj.parameters()), batch_loss, steps, lr, warmup,
+                        max_grad_norm=5.0, log_every=log_every, verbose=verbose, loss_name="masked CE")
     after = evaluate(model, proj, held_w, held_u, seed, crop, mask_prob, mask_span)
     log = {
         "command": f"python -m tools.pretrain_tiny_wavlm --out OUT --seed {seed} --steps {steps} --utts {n_utts} "
@@ -271,21 +253,15 @@ def save(model, out, log, bank_text, targets):
     """save_pretrained into a sibling temp dir, then swap it in whole. ``targets`` (unit projection and k-means
     centroids, a few KB) go to TARGETS_NAME so that the masked prediction can be re-evaluated later; WavLMModel
     loaders read only model.safetensors."""
-    out = Path(out)
     model.config.apply_spec_augment = False  # the tiny config's value: no masking unless a recipe asks
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=True).save_pretrained(tmp)
-    save_file({k: v.contiguous() for k, v in targets.items()}, str(tmp / TARGETS_NAME))
-    (tmp / SENTENCES_NAME).write_text(bank_text, encoding="utf-8")
-    with atomic_write(tmp / LOG_NAME) as f:
-        json.dump({k: v for k, v in log.items() if not k.startswith("_")}, f, indent=1)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
-    return out
+
+    def write_model(folder):
+        model.save_pretrained(folder, safe_serialization=True)
+        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
+                                 return_attention_mask=True).save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in targets.items()}, str(folder / TARGETS_NAME))
+
+    return save_output(out, log, bank_text, write_model, "pretrain_tiny_wavlm")
 
 
 def load_pretrained(directory):

@@ -18,13 +18,14 @@ generator in tools/make_mini_corpora.py do not change this corpus.
 """
 import argparse
 import json
-import os
 import random
 import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from lobes.io_utils import atomic_dir
 
 COUNTS_NAME = "mini_counts.json"
 README_NAME = "README_generated.txt"  # marks a folder this tool made (only such a folder is replaced)
@@ -85,21 +86,6 @@ def _run_jobs(jobs, workers):
             job["index"], job["tmpdir"] = i, tmpdir
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(_synthesize, jobs))
-
-
-def _prepare_out(out):
-    """Staging folder next to ``out``; refuses to replace a non-empty folder this tool did not make."""
-    out = Path(out).resolve()
-    if out.exists() and any(out.iterdir()) and not (out / README_NAME).exists():
-        raise FileExistsError(f"{out} exists, is not empty and was not made by make_mini_iemocap; not replacing it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-
-
-def _publish(stage, out):
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(stage, out)
 
 
 def _dialogs(session):
@@ -233,12 +219,8 @@ def make_mini_iemocap(out, seed=1234, workers=4):
     _check_tools()
     utts = plan(seed)
     counts = counts_of(utts, seed)
-    out, stage = _prepare_out(out)
-    try:
+    with atomic_dir(out, README_NAME, "make_mini_iemocap") as stage:
         _write(stage, utts, counts, workers)
-        _publish(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return counts
 
 

@@ -37,12 +37,6 @@ class ASRBrain(ToolkitBrain):
         tokens, token_lens = batch.tokens
         return ctc.ctc_loss(log_probs, mask, tokens, token_lens)
 
-    def on_stage_end(self, stage, stage_loss, epoch=None):
-        if stage == sb.Stage.TEST:
-            self.write_test_metrics(stage_loss, {"experiment": self.hparams.experiment, "fold": self.hparams.fold})
-        else:
-            self.log_and_checkpoint(stage, stage_loss, epoch, self.stage_stats() if stage != sb.Stage.TRAIN else {})
-
 
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])

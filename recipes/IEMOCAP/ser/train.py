@@ -16,7 +16,6 @@ import speechbrain as sb
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/IEMOCAP: the prepare script
 from iemocap_prepare import iemocap_manifests, prepare_from_hparams  # noqa: E402
 
-from lobes import plots  # noqa: E402
 from lobes.brains import ToolkitBrain, export_finetuned_backbone, fit_and_evaluate  # noqa: E402
 from lobes.dataio import class_counts, ser_datasets  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
@@ -34,17 +33,6 @@ class SERBrain(ToolkitBrain):
         if stage != sb.Stage.TRAIN:
             self.collect_ser(batch, logits)
         return self.hparams.loss(logits, batch.soft_label.data)
-
-    def on_stage_end(self, stage, stage_loss, epoch=None):
-        if stage != sb.Stage.TEST:
-            return self.log_and_checkpoint(stage, stage_loss, epoch,
-                                           self.stage_stats() if stage != sb.Stage.TRAIN else {})
-        h = self.hparams
-        out = self.write_test_metrics(stage_loss, {"experiment": h.experiment, "fold": h.fold,
-                                                   "alphas": h.weighted_sum.alpha().tolist()})  # not the DDP wrapper
-        if sb.utils.distributed.if_main_process():
-            plots.plot_confusion(out["test"]["confusion"], self.classes, Path(h.output_folder) / "confusion.png",
-                                 title=f"{h.experiment}, fold {h.fold} (test Session {h.fold})")
 
 
 if __name__ == "__main__":

@@ -31,12 +31,6 @@ class SERBrain(ToolkitBrain):
             self.collect_ser(batch, logits)
         return self.hparams.loss(logits, batch.soft_label.data)
 
-    def on_stage_end(self, stage, stage_loss, epoch=None):
-        if stage == sb.Stage.TEST:
-            self.write_test_metrics(stage_loss, {"alphas": self.hparams.weighted_sum.alpha().tolist()})  # not the DDP wrapper
-        else:
-            self.log_and_checkpoint(stage, stage_loss, epoch, self.stage_stats() if stage != sb.Stage.TRAIN else {})
-
 
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
