@@ -40,22 +40,6 @@ mini_lm_args=""             # LM overrides for every row but lm_* (--mini true s
 . "${root}/tools/recipe_lib.sh"   # parses the options above; defines log, launch, ${py}
 extra=("$@")                # passed to every train.py
 
-# last_wins ARG...: the ARGs, each --key=value kept at its last occurrence only (NUL-separated). hyperpyyaml refuses
-# a key given twice, and the --mini defaults, --train_args and the args after -- may each set the same key.
-last_wins() {
-    local -A seen=()
-    local out=() i a
-    for ((i = $#; i >= 1; i--)); do
-        a=${!i}
-        if [[ ${a} == --*=* ]]; then
-            [ -n "${seen[${a%%=*}]:-}" ] && continue
-            seen[${a%%=*}]=1
-        fi
-        out=("${a}" "${out[@]}")
-    done
-    [ ${#out[@]} -eq 0 ] || printf '%s\0' "${out[@]}"
-}
-
 if [ "${mini}" = true ]; then
     msp_folder=${msp_folder:-${exp}/data/MSP-Podcast}
     libri_folder=${libri_folder:-${exp}/data/LibriSpeech}
@@ -106,17 +90,16 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
         # shellcheck disable=SC2086
         row_lm_args=${mini_lm_args}
         case ${row} in lm_*) row_lm_args="" ;; esac   # the LM-mode rows keep their own lm_mode
-        mapfile -d '' args < <(last_wins "${common[@]}" --exp_folder="${exp}/rows" ${row_lm_args} ${train_args} \
-            "${extra[@]}")
-        launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${args[@]}"
+        launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${common[@]}" \
+            --exp_folder="${exp}/rows" ${row_lm_args} ${train_args} "${extra[@]}"
     done
     if [ -n "${iemocap_folder}" ]; then
         for fold in 1 2 3 4 5; do
             log "Stage 1: HarmoniFuse row iemocap_ser, fold ${fold}"
             # shellcheck disable=SC2086
-            mapfile -d '' args < <(last_wins "${common[@]}" --exp_folder="${exp}/rows" --iemocap_fold="${fold}" \
-                --experiment="iemocap_fold${fold}" ${mini_lm_args} ${train_args} "${extra[@]}")
-            launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/iemocap_ser.yaml" "${args[@]}"
+            launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/iemocap_ser.yaml" "${common[@]}" \
+                --exp_folder="${exp}/rows" --iemocap_fold="${fold}" --experiment="iemocap_fold${fold}" \
+                ${mini_lm_args} ${train_args} "${extra[@]}"
         done
     fi
 fi
