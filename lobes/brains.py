@@ -52,6 +52,8 @@ class ToolkitBrain(sb.Brain):
         if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
             # SpeechBrain passes it to clip_grad_norm_, where a value <= 0 would zero or flip the gradients
             raise DataError(f"max_grad_norm: {self.max_grad_norm!r} must be > 0 (.inf: no clipping)")
+        if D.is_distributed():
+            D.finish_together_at_exit()
         if "micro_batch_size" in h:  # a recipe with a global batch (HarmoniFuse keeps per-task batches)
             self.batch_description = D.check_batch(h, self.grad_accumulation_factor)
             logger.info(self.batch_description)

@@ -23,9 +23,11 @@ runs batches r, r+W, ... — each batch is the one a single process would run, n
 padded — and :func:`gather_rows` brings the per-utterance outputs of every rank back into the single-process
 order on all ranks, so metrics (bootstrap CIs included) are computed on the same lists as with one process.
 """
+import atexit
 import logging
 import math
 import os
+import sys
 
 import torch
 
@@ -36,6 +38,29 @@ logger = logging.getLogger(__name__)
 
 def is_distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+_EXIT_HOOK = []
+
+
+def finish_together_at_exit():
+    """Register (once) a hook that, when the process exits, waits for every rank and destroys the process group.
+
+    Without it a rank with nothing left to do (the others still write metrics, plots and exports on the main
+    process) exits with the gloo group alive, and its teardown can abort ("terminate called without an active
+    exception"), after which torchrun kills the main process before it has written its files.
+    """
+    if not _EXIT_HOOK:
+        _EXIT_HOOK.append(atexit.register(_finish_together))
+
+
+def _finish_together():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # after an uncaught exception (sys.last_value) the other ranks may be inside another collective: leave
+        # without the barrier, so that torchrun sees this rank fail at once instead of a hang
+        if getattr(sys, "last_value", None) is None:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def world_size():

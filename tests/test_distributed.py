@@ -313,3 +313,34 @@ def test_dynamic_batches_are_per_gpu_micro_batches_and_shard_without_duplicates(
     seen = sorted(i for s in shards for b in s[0]["batch_sampler"] for i in b)
     assert seen == list(range(11))
     assert sorted(shards[0][1]) == [f"u{i:03d}" for i in range(11)]
+
+
+def test_ranks_leave_together_so_the_main_process_can_finish_its_files(tmp_path):
+    """Rank 1 has nothing left to do while rank 0 still writes (metrics, plots, exports): with
+    finish_together_at_exit, rank 1's exit waits for rank 0's (a lone exit with the gloo group alive can abort and
+    make torchrun kill rank 0 before its files exist)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import atexit, os, sys, time\n"
+        "from pathlib import Path\n"
+        "import torch\n"
+        "from lobes import distributed as D\n"
+        "out, rank = Path(sys.argv[1]), int(os.environ['RANK'])\n"
+        "# registered first, so it runs last (atexit is LIFO): what this rank saw when it really left\n"
+        "atexit.register(lambda: (out / f'rank{rank}.txt').write_text(str((out / 'main_done').exists())))\n"
+        "torch.distributed.init_process_group('gloo')\n"
+        "D.finish_together_at_exit()\n"
+        "if rank == 0:\n"
+        "    time.sleep(2)\n"
+        "    (out / 'main_done').write_text('written')\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "rank1.txt").read_text() == "True"
+    assert not torch.distributed.is_initialized()  # the pytest process itself never joined a group
+    # a rank that dies of an exception leaves at once (no exit barrier that the others, busy elsewhere, never join)
+    script.write_text(script.read_text().replace("if rank == 0:", "if rank == 1:\n    raise RuntimeError('rank 1 "
+                                                 "fails')\nif rank == 0:\n    torch.distributed.barrier()"))
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0 and "rank 1 fails" in proc.stderr

@@ -149,7 +149,9 @@ def test_results_table_has_every_run_row(pipeline):
     for which, label in (("in", "In-domain ASR source (W_ASR_in)"), ("out", "Out-of-domain ASR source (W_ASR_out)")):
         m = json.loads((exp / "results" / "sources" / f"asr_{which}" / "metrics.json").read_text())
         assert m["n"] == len(json.loads((exp / "prep" / "msp" / "test.json").read_text()))
-        assert f"| {label} | - | - | - | {100 * m['wer']:.2f} |" in table
+        lo, hi = m["wer_ci"]
+        assert lo <= m["wer"] <= hi
+        assert f"| {label} | - | - | - | {100 * m['wer']:.2f} ± {100 * (hi - lo) / 2:.2f} |" in table
     # Figures 2 and 3 from the rows that ran (setup4_dual only: its two lines in each)
     for name in ("figure2_lambda_dual_vs_single.png", "figure3_lambda_domain.png"):
         assert (exp / "results" / "plots" / name).stat().st_size > 1000
