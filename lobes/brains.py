@@ -400,6 +400,8 @@ class ToolkitBrain(sb.Brain):
         w = self.asr_wer()
         if w is not None:
             out["wer"] = w
+            out["wer_ci"] = M.wer_ci(self.asr_out["refs"], self.asr_out["hyps"],
+                                     getattr(h, "num_bootstraps", 1000), seed=getattr(h, "seed", 0))[1]
             # the same hypotheses scored after Whisper's English normaliser, as ASR papers report it
             out["wer_whisper_norm"] = M.wer_whisper_norm(self.asr_out["refs"], self.asr_out["hyps"])
             out["asr_examples"] = [{"id": i, "ref": r, "hyp": h} for i, r, h in

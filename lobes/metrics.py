@@ -383,6 +383,31 @@ def wer(refs, hyps):
     return wer_details(refs, hyps)["wer"]
 
 
+def wer_ci(refs, hyps, num_bootstraps=1000, alpha=5, seed=0, conditions=None):
+    """Corpus WER and its percentile-bootstrap ``[low, high]`` interval over utterances.
+
+    Each resampled test set's WER is Σ errors / Σ reference words of the drawn utterances (pooled, as the point
+    value), over the same sets as the SER intervals (``bootstrap_sets``: same ``seed`` and ``num_bootstraps``
+    give the same draws). ``conditions``: per-utterance speaker ids for a speaker-level bootstrap. A draw made only
+    of empty references has no WER and is skipped.
+    """
+    import jiwer
+
+    refs, hyps = _check_transcripts(refs, hyps)
+    errors, words = np.zeros(len(refs)), np.zeros(len(refs))
+    for i, (r, h) in enumerate(zip(refs, hyps)):
+        if not r.split():  # jiwer refuses an empty reference: every hypothesis word is an insertion
+            errors[i] = len(h.split())
+            continue
+        o = jiwer.process_words(r, h)
+        errors[i] = o.substitutions + o.deletions + o.insertions
+        words[i] = o.hits + o.substitutions + o.deletions
+    cond = _conditions_from(conditions, len(refs))
+    vals = [errors[idx].sum() / words[idx].sum()
+            for idx in bootstrap_sets(len(refs), cond, num_bootstraps, seed) if words[idx].sum() > 0]
+    return float(errors.sum() / words.sum()), list(_percentile_ci(vals, alpha))
+
+
 def whisper_normalizer(spelling_mapping=None):
     """Whisper's English text normaliser (``transformers``' ``EnglishTextNormalizer``, the one ASR papers report
     WER with): lower case, bracketed/filler words removed (``[laughter]``, "uh", "um"), contractions expanded,

@@ -30,7 +30,8 @@ def exps(tmp_path):
         "test": ser(0.3705, [0.3638, 0.3772], 0.3446, [0.3404, 0.3488], 0.3446, [0.3399, 0.3493])})
     write(root / "zzz_extra" / "metrics.json", {  # same part, no order: after the ordered rows
         "experiment": "extra", "part": "Part 2: Ablation", "test": {"uar": 0.4, "precision": 0.3, "macro_f1": 0.2}})
-    write(root / "asr_in" / "metrics.json", {"experiment": "asr_in", "part": "Part 10: ASR", "wer": 0.2309})
+    write(root / "asr_in" / "metrics.json", {"experiment": "asr_in", "part": "Part 10: ASR", "wer": 0.2309,
+                                                "wer_ci": [0.2250, 0.2372]})
     write(root / "mtl" / "metrics.json", {  # no part: first, under no heading
         "experiment": "MTL w/ static init.",
         "test": ser(0.2921, [0.2883, 0.2959], 0.3830, [0.3584, 0.4076], 0.2906, [0.2856, 0.2956]), "wer": 0.6637})
@@ -46,7 +47,7 @@ EXPECTED_MD = """\
 | Setup 4: Proposed Dual-Vector | 38.94 ± 0.61 | 34.26 ± 0.42 | 35.20 ± 0.48 | - |
 | extra | 40.00 | 30.00 | 20.00 | - |
 | **Part 10: ASR** | | | | |
-| asr_in | - | - | - | 23.09 |
+| asr_in | - | - | - | 23.09 ± 0.61 |
 """
 
 
@@ -72,6 +73,7 @@ def test_collect_and_write_table(exps, tmp_path):
     assert got[0]["wer"] == "0.6637" and got[0]["part"] == ""
     asr = got[4]
     assert asr["wer"] == "0.2309" and asr["uar"] == "" and asr["uar_ci_low"] == ""
+    assert (float(asr["wer_ci_low"]), float(asr["wer_ci_high"])) == (0.2250, 0.2372) and got[0]["wer_ci_low"] == ""
 
 
 def test_files_and_folders_mixed_without_duplicates(exps):

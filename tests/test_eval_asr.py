@@ -168,8 +168,12 @@ def test_run_sh_stage4_source_rows_and_figures(manifest, exp_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (exp / "results" / "table.md").read_text()
     assert "| SER source (W_SER) | 39.00 | 35.00 | 35.56 | - |" in table
-    assert f"| In-domain ASR source (W_ASR_in) | - | - | - | {100 * 6 / 9:.2f} |" in table
-    assert f"| Out-of-domain ASR source (W_ASR_out) | - | - | - | {100 * 6 / 9:.2f} |" in table  # via its parent
+    sources = exp / "results" / "sources"
+    for label, src in (("In-domain ASR source (W_ASR_in)", "asr_in"), ("Out-of-domain ASR source (W_ASR_out)",
+                                                                        "asr_out")):  # the second via its parent
+        lo, hi = json.loads((sources / src / "metrics.json").read_text())["wer_ci"]
+        assert lo <= 6 / 9 <= hi
+        assert f"| {label} | - | - | - | {100 * 6 / 9:.2f} ± {100 * (hi - lo) / 2:.2f} |" in table
     assert table.index("SER source") < table.index("setup4_dual")  # the reference part comes first
     for name in ("figure2_lambda_dual_vs_single.png", "figure3_lambda_domain.png"):
         assert imread(exp / "results" / "plots" / name).shape == (450, 800, 4)

@@ -272,10 +272,10 @@ def test_rows_override_only_their_keys():
 
 def test_wer_ci_pools_errors_over_resampled_utterances(recipe):
     refs, hyps = ["A B C D", "E F", "G H I", ""], ["A B X D", "E", "G H I J", "K"]
-    wer, (lo, hi) = recipe.wer_with_ci(refs, hyps, num_bootstraps=200)
+    wer, (lo, hi) = M.wer_ci(refs, hyps, num_bootstraps=200)
     assert wer == pytest.approx(4 / 9) == pytest.approx(M.wer(refs, hyps))  # 1 sub + 1 del + 2 ins over 9 words
     assert lo <= wer <= hi and lo >= 0.0
-    assert recipe.wer_with_ci(["A B"], ["A B"], num_bootstraps=20) == (0.0, [0.0, 0.0])
+    assert M.wer_ci(["A B"], ["A B"], num_bootstraps=20) == (0.0, [0.0, 0.0])
 
 
 def test_ddp_unused_parameter_search_only_for_the_classify_head(recipe):

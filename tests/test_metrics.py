@@ -224,3 +224,18 @@ def test_read_metrics_errors(tmp_path):
         M.read_metrics(bad)
     with pytest.raises(DataError, match="not found"):
         M.read_metrics(tmp_path / "missing.json")
+
+
+def test_wer_ci_is_the_percentile_interval_of_pooled_wers_over_the_ser_bootstrap_sets():
+    refs = ["A B C D", "E F", "G H I", "", "J K L M N"]
+    hyps = ["A B X D", "E", "G H I J", "K", "J K L M N"]
+    errors, words = np.array([1, 1, 1, 1, 0.0]), np.array([4, 2, 3, 0, 5.0])  # 1 sub, 1 del, 1 ins, 1 ins
+    wer, (lo, hi) = M.wer_ci(refs, hyps, num_bootstraps=300, seed=3)
+    assert wer == pytest.approx(4 / 14) == pytest.approx(M.wer(refs, hyps))
+    vals = [errors[i].sum() / words[i].sum() for i in M.bootstrap_sets(5, None, 300, 3) if words[i].sum() > 0]
+    assert [lo, hi] == pytest.approx([np.percentile(vals, 2.5), np.percentile(vals, 97.5)], abs=1e-12)
+    assert 0.0 <= lo < wer < hi
+    # speaker-level: every draw keeps or drops whole speakers
+    spk_lo, spk_hi = M.wer_ci(refs, hyps, num_bootstraps=300, conditions=["s1", "s1", "s2", "s2", "s3"])[1]
+    assert (spk_lo, spk_hi) != (lo, hi)
+    assert M.wer_ci(["A B"], ["A B"], num_bootstraps=20) == (0.0, [0.0, 0.0])

@@ -89,3 +89,16 @@ def test_run_logs_its_command_line_and_writes_a_replayable_copy(tmp_path):
     assert (exp / "results" / "folds.md").read_text() == table
     history = (exp / "run_cmd.history").read_text().splitlines()
     assert len(history) == 2 and history[0].split(" ", 1)[1] == history[1].split(" ", 1)[1]
+
+
+def test_launch_keeps_the_last_of_repeated_overrides(tmp_path):
+    """A --mini default, a *_args option and an argument after -- may set the same key; hyperpyyaml refuses a key
+    given twice, so launch passes each --key=value once, at its last value and position."""
+    script = tmp_path / "run.sh"
+    script.write_text(f"#!/usr/bin/env bash\nset -euo pipefail\nroot={ROOT}\n# ---- options\nngpu=1  # GPUs\n"
+                      f"device=  # device\n. {ROOT}/tools/recipe_lib.sh\n"
+                      'launch train.py h.yaml --lr=0.1 --seed=1 "a b" --lr=0.2 --x --lr_wavlm=3 "$@"\n')
+    proc = subprocess.run(["bash", str(script), "--", "--seed=7", "--lr=0.3"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": "echo"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "train.py h.yaml a b --x --lr_wavlm=3 --seed=7 --lr=0.3"

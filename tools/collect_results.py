@@ -43,7 +43,7 @@ CSV_COLUMNS = (
     "uar", "uar_ci_low", "uar_ci_high",
     "precision", "precision_ci_low", "precision_ci_high",
     "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high",
-    "accuracy", "n", "wer",
+    "accuracy", "n", "wer", "wer_ci_low", "wer_ci_high",
 )
 
 
@@ -121,6 +121,7 @@ def row_from_metrics(data, path, placement=None):
         "accuracy": _number(test.get("accuracy"), f"{path}: test.accuracy"),
         "n": test.get("n"),
         "wer": _number(data.get("wer"), f"{path}: wer"),
+        "wer_ci": _ci(data.get("wer_ci"), f"{path}: wer_ci"),
     }
     for key in SER_KEYS:
         row[key] = _number(test.get(key), f"{path}: test.{key}")
@@ -200,7 +201,7 @@ def markdown_table(rows):
         current = part
         cells = [r["label"].replace("|", "\\|")]
         cells += [format_cell(r.get(k), r.get(f"{k}_ci")) for k in SER_KEYS]
-        cells.append(format_cell(r.get("wer")))
+        cells.append(format_cell(r.get("wer"), r.get("wer_ci")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -212,7 +213,7 @@ def csv_text(rows):
     writer.writerow(CSV_COLUMNS)
     for r in rows:
         flat = dict(r)
-        for key in SER_KEYS:
+        for key in (*SER_KEYS, "wer"):
             ci = r.get(f"{key}_ci")
             flat[f"{key}_ci_low"], flat[f"{key}_ci_high"] = ci if ci is not None else (None, None)
         writer.writerow(["" if flat.get(c) is None else flat[c] for c in CSV_COLUMNS])

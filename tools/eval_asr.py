@@ -18,7 +18,8 @@ Two kinds of model, greedy (best-path) CTC decoding for both, as the recipes dec
 
 Hypotheses and references (the manifest's ``wrd``) both go through ``lobes.ctc_text.normalize_transcript``;
 the WER is pooled over utterances (jiwer, ``lobes.metrics.wer_details``). Writes ``--out`` (metrics.json, atomic):
-``{"experiment", "model", "kind", "manifest", "n", "wer", "wer_details", "wer_whisper_norm", "asr_examples"}``, which
+``{"experiment", "model", "kind", "manifest", "n", "wer", "wer_details", "wer_ci", "wer_whisper_norm",
+"asr_examples"}``, which
 ``tools.collect_results --source`` places as a reference row. Utterances are batched by duration (``--batch_size``);
 padding does not change a hypothesis (attention and frame masks), the test checks it against batch size 1.
 """
@@ -162,6 +163,7 @@ def evaluate(manifest_path, out, exp=None, hf_ctc=None, batch_size=8, device="cp
         "experiment": experiment or Path(str(exp or hf_ctc)).name,
         "model": model.source, "kind": "exp" if exp is not None else "hf_ctc",
         "manifest": str(manifest_path), "n": len(ids), "wer": details["wer"], "wer_details": details,
+        "wer_ci": M.wer_ci(refs, [hyps[k] for k in ids])[1],  # 95% utterance bootstrap, 1000 sets
         # the same hypotheses scored as ASR papers do (Whisper's English normaliser on both sides)
         "wer_whisper_norm": M.wer_whisper_norm([manifest[k]["wrd"] for k in ids], [hyps[k] for k in ids]),
         "asr_examples": [{"id": k, "ref": r, "hyp": hyps[k]} for k, r in list(zip(ids, refs))[:5]],

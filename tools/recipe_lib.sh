@@ -71,7 +71,26 @@ py=${PYTHON:-python}
 [ -x "${root}/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && py="${root}/.venv/bin/python"
 export PYTHONPATH="${root}${PYTHONPATH:+:${PYTHONPATH}}"
 
+# last_wins ARG...: the ARGs, each --key=value kept at its last occurrence only (NUL-separated). hyperpyyaml refuses
+# a key given twice, and a recipe's --mini defaults, its *_args options and the args after -- may each set the same key.
+last_wins() {
+    local -A seen=()
+    local out=() i a
+    for ((i = $#; i >= 1; i--)); do
+        a=${!i}
+        if [[ ${a} == --*=* ]]; then
+            [ -n "${seen[${a%%=*}]:-}" ] && continue
+            seen[${a%%=*}]=1
+        fi
+        out=("${a}" "${out[@]}")
+    done
+    [ ${#out[@]} -eq 0 ] || printf '%s\0' "${out[@]}"
+}
+
 launch() {  # launch <train.py> <hparams> [overrides...]: one process, or torchrun over ${ngpu} GPUs
+    local args=()
+    mapfile -d '' args < <(last_wins "$@")   # a later --key=value overrides an earlier one
+    set -- "${args[@]}"
     if [ "${ngpu}" -gt 1 ]; then
         local backend=(); [ "${device}" = cpu ] && backend=(--distributed_backend=gloo)
         "${py}" -m torch.distributed.run --standalone --nproc_per_node="${ngpu}" "$@" "${backend[@]}"

@@ -111,31 +111,6 @@ def ser_report_with_invalid(y_true, y_pred, n_classes, speakers=None, num_bootst
     return report
 
 
-def wer_with_ci(refs, hyps, num_bootstraps=1000, seed=0, alpha=5):
-    """Corpus WER and its percentile-bootstrap CI over utterances: each resampled set's WER is
-    Σ errors / Σ reference words of the drawn utterances (the same sets as the SER CIs use)."""
-    import jiwer
-    import numpy as np
-
-    errors, words = [], []
-    for r, h in zip(refs, hyps):
-        if not r.split():  # jiwer refuses an empty reference: every hypothesis word is an insertion
-            errors.append(len(h.split()))
-            words.append(0)
-            continue
-        o = jiwer.process_words(r, h)
-        errors.append(o.substitutions + o.deletions + o.insertions)
-        words.append(o.hits + o.substitutions + o.deletions)
-    errors, words = np.asarray(errors, dtype=np.float64), np.asarray(words, dtype=np.float64)
-    vals = []
-    for idx in M.bootstrap_sets(len(refs), None, num_bootstraps, seed):
-        n = words[idx].sum()
-        if n:  # a draw of only empty references has no WER
-            vals.append(errors[idx].sum() / n)
-    return float(errors.sum() / words.sum()), [float(np.percentile(vals, alpha / 2)),
-                                               float(np.percentile(vals, 100 - alpha / 2))]
-
-
 # ------------------------------------------------------------------------------------------------ the Brain
 class HarmoniFuseBrain(ToolkitBrain):
     """Batches carry ``task`` (``asr`` / ``ser``; evaluation tags ``asr:<split>``, ``ser:<split>``)."""
@@ -298,7 +273,7 @@ class HarmoniFuseBrain(ToolkitBrain):
         if asr_by_split:
             details = {split: M.wer_details(o["refs"], o["hyps"]) for split, o in asr_by_split.items()}
             for split, o in asr_by_split.items():
-                details[split]["wer_ci"] = wer_with_ci(o["refs"], o["hyps"], h.num_bootstraps, h.seed)[1]
+                details[split]["wer_ci"] = M.wer_ci(o["refs"], o["hyps"], h.num_bootstraps, seed=h.seed)[1]
                 details[split]["wer_whisper_norm"] = M.wer_whisper_norm(o["refs"], o["hyps"])
             first = next(iter(details))  # libri_test_splits order: test-clean first
             out["wer"] = details[first]["wer"]
