@@ -40,15 +40,6 @@ adaltm_args=""              # extra overrides for the AdaLTM rows
 . "${root}/tools/recipe_lib.sh"   # parses the options above (--help lists them); defines log, launch, ${py}
 extra=("$@")                # passed to every train.py
 
-# with_defaults "<defaults>" "<overrides>": both, minus the defaults whose --key the overrides also set (a key given
-# twice is a YAML duplicate-key error in train.py); values hold no spaces
-with_defaults() {
-    local arg out=() keys=" "
-    for arg in $2; do keys+="${arg%%=*} "; done
-    for arg in $1; do [[ "${keys}" == *" ${arg%%=*} "* ]] || out+=("${arg}"); done
-    echo "${out[*]} $2"
-}
-
 if [ "${mini}" = true ]; then
     data_folder=${data_folder:-${exp}/data/IEMOCAP_full_release}
     [ "${wavlm_source}" = microsoft/wavlm-large ] && wavlm_source=${root}/tools/fixtures/tiny_wavlm_pretrained
@@ -57,9 +48,10 @@ if [ "${mini}" = true ]; then
     # JSON-style keys, no spaces); CTC with small batches and time masking; its lowest-validation-loss checkpoint
     # came at epoch 16-24 in every fold-1 trial, so 30 epochs; SER and AdaLTM rows: 30 epochs of batches of 8
     constant='--lr_schedulers={"opt_class":null,"backbone_opt_class":null}'
-    asr_args=$(with_defaults "--number_of_epochs=30 --batch_size=4 --lr=0.02 --lr_wavlm=0.01 --mask_time_prob=0.2 ${constant}" "${asr_args}")
-    ser_args=$(with_defaults "--number_of_epochs=30 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${constant}" "${ser_args}")
-    adaltm_args=$(with_defaults "--number_of_epochs=30 --lr=0.01 --batch_size=8 --head_hidden=64 --num_bootstraps=200" "${adaltm_args}")
+    # (launch keeps the last of a repeated --key=value: --asr_args / --ser_args / --adaltm_args and -- override these)
+    asr_args="--number_of_epochs=30 --batch_size=4 --lr=0.02 --lr_wavlm=0.01 --mask_time_prob=0.2 ${constant} ${asr_args}"
+    ser_args="--number_of_epochs=30 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${constant} ${ser_args}"
+    adaltm_args="--number_of_epochs=30 --lr=0.01 --batch_size=8 --head_hidden=64 --num_bootstraps=200 ${adaltm_args}"
 fi
 [ -n "${data_folder}" ] || { echo "--data_folder (IEMOCAP_full_release) is required (or --mini true)" >&2; exit 1; }
 for row in ${rows}; do
