@@ -324,6 +324,22 @@ def test_same_seed_same_bytes(tmp_path):
     assert len(rows) == 19 and sum(r[1] == "O" for r in rows) == 1
 
 
+def test_msp_test_factor_multiplies_only_test1(tmp_path):
+    # n_msp=40: 5 per class -> Train 3, Development 1, Test1 1 (x3 -> 3); plus 1 O, 1 X, 1 Test2
+    counts = make_mini_corpora(tmp_path / "msp", None, seed=7, n_msp=40, msp_test_factor=3)["msp"]
+    labelled = [r for r in _consensus(tmp_path / "msp")[1:] if r[1] in "ACDFHNSU"]
+    per = {split: Counter(r[1] for r in labelled if r[-1] == split) for split in ("Train", "Development", "Test1")}
+    assert per["Train"] == Counter({c: 3 for c in "ACDFHNSU"})
+    assert per["Development"] == Counter({c: 1 for c in "ACDFHNSU"})
+    assert per["Test1"] == Counter({c: 3 for c in "ACDFHNSU"})
+    assert counts["msp_test_factor"] == 3
+    # the default leaves no trace in the counts (so the default corpus stays byte-identical)
+    assert "msp_test_factor" not in make_mini_corpora(tmp_path / "d", None, seed=7, n_msp=16)["msp"]
+    with pytest.raises(DataError, match="msp_test_factor"):
+        make_mini_corpora(tmp_path / "e", None, n_msp=16, msp_test_factor=0)
+    assert not (tmp_path / "e").exists()
+
+
 def test_refuses_to_replace_foreign_folder_and_cli(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()

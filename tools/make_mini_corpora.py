@@ -1,7 +1,7 @@
 """Generate tiny synthetic MSP-Podcast (v1.12 layout) and LibriSpeech corpora with espeak-ng + sox.
 
     python -m tools.make_mini_corpora --msp_out data/mini_msp --libri_out data/mini_libri [--seed 1234]
-        [--n_msp 240 --n_libri 60 --n_libri_eval 16]
+        [--n_msp 240 --msp_test_factor 1 --n_libri 60 --n_libri_eval 16]
 
 Everything is a pure function of the seed and the sizes: the same arguments give byte-identical label files and
 audio. Speakers are espeak-ng voices with different variants. Each corpus is built in a hidden sibling folder and
@@ -68,6 +68,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lobes.ctc_text import normalize_transcript
+from lobes.errors import DataError
 from lobes.io_utils import atomic_dir
 from tools.sentence_banks import CLASS_POOLS, LIBRI, POOLS
 
@@ -221,14 +222,14 @@ def _cycle(rng, bank, n):
     return out[:n]
 
 
-def _plan_msp(rng, n_msp):
+def _plan_msp(rng, n_msp, test_factor=1):
     """All rows of labels_consensus.csv with their prosody, votes and transcript (no I/O)."""
     per_class = max(1, n_msp // len(LABELLED))
     n_extra = max(1, n_msp // 30)
     specs = []  # (letter, Split_Set)
     for letter in LABELLED:
         for split, k in _split_sizes(per_class).items():
-            specs += [(letter, split)] * k
+            specs += [(letter, split)] * (k * test_factor if split == "Test1" else k)
     specs += [("O", "Train")] * n_extra
     specs += [("X", rng.choice(["Train", "Development", "Test1"])) for _ in range(n_extra)]
     specs += [(rng.choice(LABELLED), "Test2") for _ in range(n_extra)]
@@ -432,20 +433,26 @@ def _write_libri(stage, rng, n_train, n_eval, workers, seed):
     return counts
 
 
-def make_mini_corpora(msp_out=None, libri_out=None, seed=1234, n_msp=240, n_libri=60, n_libri_eval=16, workers=4):
+def make_mini_corpora(msp_out=None, libri_out=None, seed=1234, n_msp=240, n_libri=60, n_libri_eval=16, workers=4,
+                      msp_test_factor=1):
     """Generate the corpora (either output may be None to skip it). Returns ``{"msp": counts, "libri": counts}``.
 
     ``n_msp``: labelled 8-class utterances (n_msp // 8 per class, 60/20/20 over Train/Development/Test1),
-    plus n_msp // 30 rows each of O, X and Test2. ``n_libri``: train-clean-100 utterances;
-    ``n_libri_eval``: dev-clean and test-clean utterances each.
+    plus n_msp // 30 rows each of O, X and Test2. ``msp_test_factor``: Test1 rows per class times this (a larger
+    test split for narrower CIs at the cost of evaluation only; any factor other than 1 draws a different corpus).
+    ``n_libri``: train-clean-100 utterances; ``n_libri_eval``: dev-clean and test-clean utterances each.
     """
+    if not (isinstance(msp_test_factor, int) and msp_test_factor >= 1):
+        raise DataError(f"msp_test_factor must be an integer >= 1, got {msp_test_factor!r}")
     _check_tools()
     result = {}
     # Separate generators so that the MSP corpus does not depend on the LibriSpeech sizes and vice versa.
     if msp_out is not None:
         rng = random.Random(f"{seed}-msp")
-        rows = _plan_msp(rng, n_msp)
+        rows = _plan_msp(rng, n_msp, msp_test_factor)
         counts = _msp_counts(rows, seed, n_msp)
+        if msp_test_factor != 1:  # recorded only when used: the default corpus stays byte-identical
+            counts["msp_test_factor"] = msp_test_factor
         with atomic_dir(msp_out, README_NAME, "make_mini_corpora") as stage:
             _write_msp(stage, rows, counts, workers, rng)
         result["msp"] = counts
@@ -462,6 +469,7 @@ def main(argv=None):
     p.add_argument("--libri_out", help="output root of the mini LibriSpeech corpus")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--n_msp", type=int, default=240, help="labelled 8-class utterances")
+    p.add_argument("--msp_test_factor", type=int, default=1, help="Test1 utterances per class, times this")
     p.add_argument("--n_libri", type=int, default=60, help="train-clean-100 utterances")
     p.add_argument("--n_libri_eval", type=int, default=16, help="dev-clean and test-clean utterances each")
     p.add_argument("--workers", type=int, default=4, help="parallel espeak-ng/sox processes")
@@ -469,7 +477,7 @@ def main(argv=None):
     if args.msp_out is None and args.libri_out is None:
         p.error("give --msp_out and/or --libri_out")
     res = make_mini_corpora(args.msp_out, args.libri_out, args.seed, args.n_msp, args.n_libri,
-                            args.n_libri_eval, args.workers)
+                            args.n_libri_eval, args.workers, args.msp_test_factor)
     if "msp" in res:
         m = res["msp"]["manifest"]
         print(f"MSP-Podcast mini corpus: {args.msp_out} ({res['msp']['rows']} rows; "
