@@ -60,7 +60,22 @@ def _finish_together():
         # without the barrier, so that torchrun sees this rank fail at once instead of a hang
         if getattr(sys, "last_value", None) is None:
             torch.distributed.barrier()
+        release_process_group()
+
+
+def release_process_group():
+    """Destroy the default process group and free what still holds it while the interpreter is fully alive.
+
+    ``destroy_process_group`` only unregisters the group: a DDP reducer or a finished gloo work object kept alive by
+    a reference cycle (a Brain) still holds it, and freeing those during interpreter finalization can abort the
+    process (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291). A collection now
+    frees them while Python still runs.
+    """
+    import gc
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    gc.collect()
 
 
 def world_size():
