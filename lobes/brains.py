@@ -399,11 +399,11 @@ class ToolkitBrain(sb.Brain):
         if self.ser_out["true"]:
             out["test"] = {**self.ser_stats(with_ci=True), "n": len(self.ser_out["true"]),
                            "classes": self.classes}
-        w = self.asr_wer()
-        if w is not None:
-            out["wer"] = w
-            out["wer_ci"] = M.wer_ci(self.asr_out["refs"], self.asr_out["hyps"],
-                                     getattr(h, "num_bootstraps", 1000), seed=getattr(h, "seed", 0))[1]
+        w = None
+        if self.asr_out["refs"]:  # the point WER comes with its interval, from one scoring pass
+            w, ci = M.wer_ci(self.asr_out["refs"], self.asr_out["hyps"], getattr(h, "num_bootstraps", 1000),
+                             seed=getattr(h, "seed", 0))
+            out["wer"], out["wer_ci"] = w, ci
             # the same hypotheses scored after Whisper's English normaliser, as ASR papers report it
             out["wer_whisper_norm"] = M.wer_whisper_norm(self.asr_out["refs"], self.asr_out["hyps"])
             out["asr_examples"] = [{"id": i, "ref": r, "hyp": h} for i, r, h in

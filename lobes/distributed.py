@@ -40,22 +40,21 @@ def is_distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-_EXIT_HOOK = []
-
-
 def finish_together_at_exit():
-    """Register (once) a hook that, when the process exits, waits for every rank and destroys the process group.
+    """Register a hook that, when the process exits, waits for every rank and releases the process group
+    (``release_process_group``); registering again replaces it, so it runs once however many Brains a process
+    builds.
 
     Without it a rank with nothing left to do (the others still write metrics, plots and exports on the main
-    process) exits with the gloo group alive, and its teardown can abort ("terminate called without an active
-    exception"), after which torchrun kills the main process before it has written its files.
+    process) can abort while its gloo group is torn down ("terminate called without an active exception"), after
+    which torchrun kills the main process before it has written its files.
     """
-    if not _EXIT_HOOK:
-        _EXIT_HOOK.append(atexit.register(_finish_together))
+    atexit.unregister(_finish_together)
+    atexit.register(_finish_together)
 
 
 def _finish_together():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         # after an uncaught exception (sys.last_value) the other ranks may be inside another collective: leave
         # without the barrier, so that torchrun sees this rank fail at once instead of a hang
         if getattr(sys, "last_value", None) is None:
@@ -73,7 +72,7 @@ def release_process_group():
     """
     import gc
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         torch.distributed.destroy_process_group()
     gc.collect()
 

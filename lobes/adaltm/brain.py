@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lobes import distributed as D
 from lobes import plots
 from lobes.adaltm.feature_cache import CacheBudgetError, FeatureCache, check_pooled_exact, dataset_source, spec_for
 from lobes.adaltm.fold_export import export_folded
@@ -56,7 +57,7 @@ class AdaLTMBrainBase(ToolkitBrain):
     def test_extras(self):
         """λ per group per task vector into metrics.json (α: ToolkitBrain); under DDP each rank's coefficients."""
         coeffs = self.coefficients()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if D.is_distributed():
             # every rank records the λ it ended with: DDP must keep them identical across ranks
             rank = torch.distributed.get_rank()
             with atomic_write(Path(self.hparams.output_folder) / "ranks" / f"coefficients_rank{rank}.json") as f:
