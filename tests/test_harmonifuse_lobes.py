@@ -580,3 +580,12 @@ def test_speech_lm_frozen_lm_and_classify_mode(tiny_dirs):
         m(wavs, lens, "ser", ["Joy", "Fear"])
     with pytest.raises(DataError, match="needs targets"):
         m(wavs, lens, "asr")
+
+
+def test_settings_groups_name_a_wrong_key(tiny_dirs):
+    with pytest.raises(DataError, match=r"speech_lm speech: .*'gte'.*fields of SpeechSettings: \['gate'"):
+        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), speech={"gte": "channel"})
+    with pytest.raises(DataError, match="prompt_mode must be one of"):
+        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), prompts={"mode": "words"})
+    with pytest.raises(DataError, match="ser_mode must be 'generate' or 'classify'"):
+        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), ser={"mode": "regress"})

@@ -501,3 +501,51 @@ def test_model_card_and_results_table_show_the_run(trained, load_recipe, tmp_pat
     assert cells[3] == f"{100 * t['uar']:.2f} ± {100 * (t['uar_ci'][1] - t['uar_ci'][0]) / 2:.2f}"
     assert cells[4].startswith(f"{100 * t['accuracy']:.2f} ±") and cells[5].startswith(f"{100 * t['macro_f1']:.2f}")
     assert "### HarmoniFuse: LM training mode" in table and "| LoRA (default) |" in table  # full.yaml's 2nd row
+
+
+# ------------------------------------------------------------------------------------------ task tags and losses
+def test_task_split_tags_round_trip_and_refuse_unknown_tasks():
+    for text, value in (("asr", TaskSplit("asr")), ("ser:emilia", TaskSplit("ser", "emilia")),
+                        ("asr:test-clean", TaskSplit("asr", "test-clean")), ("ser:valid", TaskSplit("ser", "valid"))):
+        assert TaskSplit.parse(text) == value and str(value) == text and TaskSplit.parse(value) is value
+    assert TaskSplit("asr") != TaskSplit("asr", "test-clean") and len({TaskSplit("ser"), TaskSplit.parse("ser")}) == 1
+    with pytest.raises(DataError, match="unknown task 'sv' in task tag 'sv:test'"):
+        TaskSplit.parse("sv:test")
+
+
+def test_combined_loss_counts_each_task_once_whatever_its_splits_and_batches():
+    from lobes.harmonifuse.task_losses import TaskLosses
+
+    ev = TaskLosses()
+    for i, (tag, loss) in enumerate((("asr:test-clean", 1.0), ("asr:test-clean", 3.0), ("asr:test-other", 4.0),
+                                     ("ser:test", 0.5), ("ser:test", 1.5), ("ser:test", 1.0))):
+        ev.add_eval(f"u{i}", TaskSplit.parse(tag), torch.tensor(loss))
+    means = {str(t): v for t, v in ev.means().items()}
+    assert means == {"asr:test-clean": 2.0, "asr:test-other": 4.0, "ser:test": 1.0}
+    assert ev.combined() == pytest.approx((2.0 + 4.0) / 2 + 1.0, abs=1e-12)   # ASR splits averaged, then + SER
+    tr = TaskLosses()
+    for tag, loss in (("asr", 2.0), ("ser", 1.0), ("ser:pseudo", 3.0), ("asr", 4.0)):
+        tr.add_train(TaskSplit.parse(tag), torch.tensor(loss))
+    assert {str(t): v for t, v in tr.means().items()} == {"asr": 3.0, "ser": 1.0, "ser:pseudo": 3.0}
+    assert tr.combined() == pytest.approx(3.0 + (1.0 + 3.0) / 2, abs=1e-12)
+
+
+def test_task_batches_come_from_the_shared_sampler_builder(msp_manifests):
+    """HarmoniFuse's per-task batches = lobes.dataio.loader_kwargs with the task's size and the recipe seed: the
+    batches the recipe drew before it used the shared builder (seeded shuffle, fixed or dynamic)."""
+    from speechbrain.dataio.sampler import DynamicBatchSampler, ReproducibleRandomSampler
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from lobes.dataio import ser_datasets
+
+    classes = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
+    ds = ser_datasets({"train": str(msp_manifests / "train.json")}, classes)["train"]
+    h = {"dynamic_batching": False, "ser_batch_size": 3, "seed": 7, "num_workers": 0, "num_buckets": 2,
+         "max_batch_ex": None, "max_batch_length_ser": 5.0}
+    for train, order in ((True, ReproducibleRandomSampler(ds, seed=7)), (False, SequentialSampler(ds))):
+        assert list(HD.task_batch_sampler(h, ds, "ser", train)) == list(BatchSampler(order, 3, drop_last=False))
+    h["dynamic_batching"] = True
+    for train in (True, False):
+        ref = DynamicBatchSampler(ds, max_batch_length=5.0, num_buckets=2, length_func=lambda x: x["duration"],
+                                  shuffle=train, batch_ordering="random" if train else "ascending", seed=7)
+        assert list(HD.task_batch_sampler(h, ds, "ser", train)) == list(ref)
