@@ -64,7 +64,7 @@ class TextReader:
                 text = raw.decode(FALLBACK_ENCODING)
             except UnicodeDecodeError:
                 raise DataError(f"{path}:{line_no}: neither UTF-8 ({utf8_error.reason} at byte "
-                                f"{utf8_error.start}) nor {FALLBACK_ENCODING}") from None
+                                f"{utf8_error.start} of the line) nor {FALLBACK_ENCODING}") from None
             self.fallbacks.append((str(path), line_no))
             return text
 
