@@ -14,6 +14,7 @@ methods and why). Utterances scored by only one side are left out and counted on
 """
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -165,6 +166,104 @@ def compare_paths(a, b, split=None, **kw):
         raise DataError(f"{a} and {b}: no predictions file of the same kind on both sides "
                         f"(SER: {', '.join(SER_FILES)}; ASR: {', '.join(ASR_FILES)})")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every row of a results table against reference rows (tools.collect_results --significance)
+# ----------------------------------------------------------------------------------------------------------------
+COMPARISON_COLUMNS = ("mark", "reference", "row", "experiment", "metric", "a", "b", "delta", "ci_low", "ci_high",
+                      "p", "p_holm", "significant", "n", "n_runs", "num_bootstraps", "num_permutations")
+
+
+def parse_mark(spec):
+    """``"†=Setup 1: Baseline"`` -> ``("†", "Setup 1: Baseline")``."""
+    symbol, sep, label = str(spec).partition("=")
+    if not sep or not symbol.strip() or not label.strip():
+        raise DataError(f"--mark {spec!r}: expected SYMBOL=row label, e.g. '†=Setup 1: Baseline (Frozen Backbone)'")
+    return symbol.strip(), label.strip()
+
+
+def systems_of(rows):
+    """``(key per row, {key: {kind: {run: file}}})``: the run folders behind each table label (several metrics.json
+    under one label are its runs, e.g. seeds, named by their folder) and their prediction files."""
+    folders = {}
+    for r in rows:
+        folders.setdefault(r["label"], []).append(Path(r["path"]).parent)
+    keys, systems = [], {}
+    for r in rows:
+        dirs = sorted(set(folders[r["label"]]))
+        key = tuple(str(d) for d in dirs)
+        keys.append(key)
+        if key not in systems and len({d.name for d in dirs}) < len(dirs):
+            raise DataError(f"row {r['label']!r}: its runs {list(key)} must have distinct folder names (seeds)")
+        if key not in systems:
+            systems[key] = {kind: {(d.name if len(dirs) > 1 else ""): f for d in dirs
+                                   for f in find_runs(d, kind).values()} for kind in ("ser", "asr")}
+    return keys, systems
+
+
+def compare_to_references(rows, marks, alpha=0.05, **kw):
+    """Every system of ``rows`` (``collect_results.collect``) with predictions against each reference row of
+    ``marks`` ([(symbol, label)]): one dict per (reference, system, metric) with Δ = system − reference, its CI,
+    p and the Holm-adjusted p over all of them; sets ``row["marks"]`` where the adjusted p < ``alpha``."""
+    keys, systems = systems_of(rows)
+    key_of = dict(zip((r["label"] for r in rows), keys))
+    out = []
+    for symbol, label in marks:
+        if label not in key_of:
+            raise DataError(f"--mark {symbol}={label!r}: no such row; rows: {sorted(key_of)}")
+        ref = systems[key_of[label]]
+        for key in dict.fromkeys(keys):
+            if key == key_of[label]:
+                continue
+            row = rows[keys.index(key)]
+            for kind in ("ser", "asr"):
+                if not (ref[kind] and systems[key][kind]):
+                    continue
+                res = compare(pair_runs(ref[kind], systems[key][kind], f"{label} vs {row['label']}"), **kw)
+                for metric, r in res["metrics"].items():
+                    out.append({"mark": symbol, "reference": label, "row": row["label"],
+                                "experiment": row["experiment"], "metric": metric, **r, "key": key})
+    for c, p in zip(out, S.holm([c["p"] for c in out]) if out else []):
+        c["p_holm"], c["significant"] = float(p), bool(p < alpha)
+    compared = {c["key"] for c in out} | {key_of[label] for _, label in marks}
+    for r, key in zip(rows, keys):
+        r["tested"] = key in compared
+        r["marks"] = {m: "".join(c["mark"] for c in out if c["key"] == key and c["metric"] == m
+                                 and c["significant"]) for m in LABELS}
+    return out
+
+
+def legend(comparisons, marks, rows, alpha=0.05, num_permutations=10000, csv_name="comparisons CSV"):
+    """Text under the marked table: what each symbol means, the test, the correction, which rows were not tested
+    (``rows`` as marked by ``compare_to_references``)."""
+    lines = [""]
+    for symbol, label in marks:
+        lines.append(f"{symbol} differs from *{label}* (Holm-adjusted p < {alpha:g})")
+    metrics = sorted({LABELS[c["metric"]] for c in comparisons}, key=list(LABELS.values()).index)
+    n = sorted({c["n"] for c in comparisons})
+    lines.append("")
+    lines.append(f"Paired approximate-randomisation test on the test utterances both rows scored ({'/'.join(map(str, n))}"
+                 f" utterances; {num_permutations} random swaps of the two rows' outputs per utterance; WER: sign flips "
+                 f"of per-utterance error differences), two-sided, on {', '.join(metrics) or 'no metric'}; "
+                 f"Holm–Bonferroni over the {len(comparisons)} comparisons of this table. Pre. is not tested. "
+                 f"Δ, its 95% paired-bootstrap CI and p: {csv_name}.")
+    untested = [r["label"] for r in rows if not r["tested"]]
+    if untested:
+        lines.append(f"Not tested (no predictions file): {'; '.join(dict.fromkeys(untested))}.")
+    return "\n".join(lines) + "\n"
+
+
+def comparisons_csv(comparisons, num_bootstraps, num_permutations):
+    """Long-format CSV text (fractions, full precision), ``COMPARISON_COLUMNS``."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COMPARISON_COLUMNS)
+    for c in comparisons:
+        flat = {**c, "ci_low": c["ci"][0], "ci_high": c["ci"][1], "num_bootstraps": num_bootstraps,
+                "num_permutations": num_permutations}
+        w.writerow([flat[k] for k in COMPARISON_COLUMNS])
+    return buf.getvalue()
 
 
 def report(a, b, results, confidence=0.95):
