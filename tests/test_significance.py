@@ -207,3 +207,8 @@ def test_compare_rows_cli_asr(tmp_path):
     assert saved["results"]["asr"]["metrics"]["wer"]["p"] == 1.0
     bad = subprocess.run(cmd[:5], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "choose one with --split" in bad.stderr
+
+
+def test_iemocap_folds_use_the_shared_aggregation(load_recipe):
+    avg = load_recipe("recipes/IEMOCAP/average_folds.py")
+    assert avg.t_interval is S.t_interval  # folds and seeds: one Student-t code (values: test_t_interval)
