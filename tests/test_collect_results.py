@@ -221,7 +221,7 @@ def test_significance_marks(marked_exps, tmp_path):
     assert float(g["delta"]) == pytest.approx(0.1, abs=1e-12) and float(g["a"]) == 0.5 and g["n"] == "500"
     # no random swap reaches Δ: p = 2 / 1000; Holm multiplies the smallest of 8 by 8, the running max keeps 0.016
     assert float(g["p"]) == pytest.approx(0.002) and float(g["p_holm"]) == pytest.approx(0.016)
-    assert g["significant"] == "True" and float(g["ci_low"]) > 0
+    assert g["significant"] == "True" and float(g["ci_low"]) > 0 and g["folders"] == str(marked_exps / "setup4" / "1986")
     same = got[2]  # out vs Setup 1: identical predictions
     assert (float(same["delta"]), float(same["ci_low"]), float(same["ci_high"]), float(same["p_holm"])) == (0, 0, 0, 1)
     assert float(got[4]["delta"]) == pytest.approx(-0.1, abs=1e-12)  # Setup 1 − Setup 4

@@ -171,7 +171,7 @@ def compare_paths(a, b, split=None, **kw):
 # ----------------------------------------------------------------------------------------------------------------
 # Every row of a results table against reference rows (tools.collect_results --significance)
 # ----------------------------------------------------------------------------------------------------------------
-COMPARISON_COLUMNS = ("mark", "reference", "row", "experiment", "metric", "a", "b", "delta", "ci_low", "ci_high",
+COMPARISON_COLUMNS = ("mark", "reference", "row", "folders", "metric", "a", "b", "delta", "ci_low", "ci_high",
                       "p", "p_holm", "significant", "n", "n_runs", "num_bootstraps", "num_permutations")
 
 
@@ -223,7 +223,7 @@ def compare_to_references(rows, marks, alpha=0.05, **kw):
                 res = compare(pair_runs(ref[kind], systems[key][kind], f"{label} vs {row['label']}"), **kw)
                 for metric, r in res["metrics"].items():
                     out.append({"mark": symbol, "reference": label, "row": row["label"],
-                                "experiment": row["experiment"], "metric": metric, **r, "key": key})
+                                "folders": " ".join(key), "metric": metric, **r, "key": key})
     for c, p in zip(out, S.holm([c["p"] for c in out]) if out else []):
         c["p_holm"], c["significant"] = float(p), bool(p < alpha)
     compared = {c["key"] for c in out} | {key_of[label] for _, label in marks}
