@@ -209,22 +209,22 @@ def test_significance_marks(marked_exps, tmp_path):
         "| **Part 9** | | | | |"]
     assert text[11:13] == ["† differs from *Setup 1* (Holm-adjusted p < 0.05)",
                            "‡ differs from *Setup 4* (Holm-adjusted p < 0.05)"]
-    assert "Holm–Bonferroni over the 8 comparisons" in text[14] and "sig.csv" in text[14]
+    assert "Holm–Bonferroni over the 6 comparisons" in text[14] and "sig.csv" in text[14]
     assert text[15] == "Not tested (no predictions file): asr."
     with open(csv_path, newline="", encoding="utf-8") as f:
         got = list(csv.DictReader(f))
     assert [(g["mark"], g["row"], g["metric"]) for g in got] == [
         ("†", "Setup 4", "uar"), ("†", "Setup 4", "macro_f1"), ("†", "Out-of-domain", "uar"),
-        ("†", "Out-of-domain", "macro_f1"), ("‡", "Setup 1", "uar"), ("‡", "Setup 1", "macro_f1"),
-        ("‡", "Out-of-domain", "uar"), ("‡", "Out-of-domain", "macro_f1")]
+        ("†", "Out-of-domain", "macro_f1"), ("‡", "Out-of-domain", "uar"), ("‡", "Out-of-domain", "macro_f1")]
+    # Setup 4 vs Setup 1 is tested once (under †) and marks both rows: 6 comparisons, not 8
     g = got[0]
     assert float(g["delta"]) == pytest.approx(0.1, abs=1e-12) and float(g["a"]) == 0.5 and g["n"] == "500"
-    # no random swap reaches Δ: p = 2 / 1000; Holm multiplies the smallest of 8 by 8, the running max keeps 0.016
-    assert float(g["p"]) == pytest.approx(0.002) and float(g["p_holm"]) == pytest.approx(0.016)
+    # no random swap reaches Δ: p = 2 / 1000; the four smallest of 6 become 6p, 5p, 4p, 3p, the running max 0.012
+    assert float(g["p"]) == pytest.approx(0.002) and float(g["p_holm"]) == pytest.approx(0.012)
     assert g["significant"] == "True" and float(g["ci_low"]) > 0 and g["folders"] == str(marked_exps / "setup4" / "1986")
     same = got[2]  # out vs Setup 1: identical predictions
     assert (float(same["delta"]), float(same["ci_low"]), float(same["ci_high"]), float(same["p_holm"])) == (0, 0, 0, 1)
-    assert float(got[4]["delta"]) == pytest.approx(-0.1, abs=1e-12)  # Setup 1 − Setup 4
+    assert float(got[4]["delta"]) == pytest.approx(-0.1, abs=1e-12) and got[4]["reference"] == "Setup 4"
 
 
 def test_significance_cli_and_errors(marked_exps, tmp_path):

@@ -205,32 +205,36 @@ def systems_of(rows):
 def compare_to_references(rows, marks, alpha=0.05, **kw):
     """Every system of ``rows`` (``collect_results.collect``) with predictions against each reference row of
     ``marks`` ([(symbol, label)]): one dict per (reference, system, metric) with Δ = system − reference, its CI,
-    p and the Holm-adjusted p over all of them; sets ``row["marks"]`` where the adjusted p < ``alpha``."""
+    p and the Holm-adjusted p over all of them; sets ``row["marks"]`` where the adjusted p < ``alpha``. Two
+    references are compared once (the second against the first), and that test marks both rows."""
     keys, systems = systems_of(rows)
     key_of = dict(zip((r["label"] for r in rows), keys))
-    out = []
+    out, done = [], set()
     for symbol, label in marks:
         if label not in key_of:
             raise DataError(f"--mark {symbol}={label!r}: no such row; rows: {sorted(key_of)}")
-        ref = systems[key_of[label]]
+        ref_key = key_of[label]
+        done.add(ref_key)
         for key in dict.fromkeys(keys):
-            if key == key_of[label]:
+            if key in done:
                 continue
             row = rows[keys.index(key)]
             for kind in ("ser", "asr"):
-                if not (ref[kind] and systems[key][kind]):
+                if not (systems[ref_key][kind] and systems[key][kind]):
                     continue
-                res = compare(pair_runs(ref[kind], systems[key][kind], f"{label} vs {row['label']}"), **kw)
+                res = compare(pair_runs(systems[ref_key][kind], systems[key][kind], f"{label} vs {row['label']}"),
+                              **kw)
                 for metric, r in res["metrics"].items():
-                    out.append({"mark": symbol, "reference": label, "row": row["label"],
-                                "folders": " ".join(key), "metric": metric, **r, "key": key})
+                    out.append({"mark": symbol, "reference": label, "row": row["label"], "folders": " ".join(key),
+                                "metric": metric, **r, "pair": {key, ref_key}})
     for c, p in zip(out, S.holm([c["p"] for c in out]) if out else []):
         c["p_holm"], c["significant"] = float(p), bool(p < alpha)
-    compared = {c["key"] for c in out} | {key_of[label] for _, label in marks}
+    compared = set().union(*(c["pair"] for c in out)) if out else set()
     for r, key in zip(rows, keys):
         r["tested"] = key in compared
-        r["marks"] = {m: "".join(c["mark"] for c in out if c["key"] == key and c["metric"] == m
-                                 and c["significant"]) for m in LABELS}
+        r["marks"] = {m: "".join(symbol for symbol, label in marks
+                                 if any(c["pair"] == {key, key_of[label]} and c["metric"] == m and c["significant"]
+                                        for c in out)) for m in LABELS}
     return out
 
 
