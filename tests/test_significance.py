@@ -188,6 +188,9 @@ def test_compare_rows_bad_inputs(tmp_path):
     bad.write_text("id,label\nx,1\n")
     with pytest.raises(DataError, match="bad.csv: expected columns"):
         CR.compare_paths(tmp_path / "A", bad)
+    bad.write_bytes(b"id,true,pred\nx,caf\xe9,A\n")
+    with pytest.raises(DataError, match=r"bad.csv:2: not UTF-8"):
+        CR.compare_paths(tmp_path / "A", bad)
 
 
 def test_compare_rows_cli_asr(tmp_path):

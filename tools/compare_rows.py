@@ -24,6 +24,7 @@ import numpy as np
 from lobes import significance as S
 from lobes.errors import DataError
 from lobes.io_utils import atomic_write
+from lobes.text_io import not_utf8_error
 
 SER_FILES = ("predictions.csv", "ser_predictions.csv")
 ASR_FILES = ("asr_predictions.csv",)
@@ -35,7 +36,9 @@ def _read_csv(path):
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             rows, fields = list(reader), list(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError as e:  # written by the toolkit as UTF-8: a stray byte is a damaged file
+        raise not_utf8_error(path) from e
+    except (OSError, csv.Error) as e:
         raise DataError(f"{path}: cannot read predictions ({e})") from e
     return rows, fields
 
