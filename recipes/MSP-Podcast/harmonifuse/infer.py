@@ -29,7 +29,7 @@ def load_harmonifuse(exp_dir, device="cpu", overrides=None):
 
     The experiment is rebuilt by the toolkit's one loader (``lobes.inference.load_experiment``); its checkpoint
     holds the trainable parameters only (recoverable ``speech_lm``), the frozen LM / WavLM are re-read from their
-    sources (``overrides`` as there, e.g. ``{"speech_lm": {"lm_source": "/models/lm"}}``).
+    sources (``overrides`` as there, e.g. ``{"speech_lm": {"lm": {"source": "/models/lm"}}}``).
     """
     from lobes.errors import DataError
     from lobes.inference import load_experiment
@@ -96,7 +96,7 @@ def main(argv=None):
     # the saved hyperparams.yaml has its references resolved: override the modules' own keys
     overrides = {}
     if a.lm_source:
-        overrides["speech_lm"] = {"lm_source": a.lm_source}
+        overrides["speech_lm"] = {"lm": {"source": a.lm_source}}
     if a.wavlm_source:
         overrides["wavlm"] = {"source": a.wavlm_source}
     paths = find_audio_files(a.inputs)
