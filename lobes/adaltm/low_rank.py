@@ -236,3 +236,17 @@ def resolve_factored(name, vec, spec):
     if hasattr(vec, "delta"):
         return factorize(name, vec.delta, spec, exact_factors=getattr(vec, "factors", None))
     return cached_factored(vec, spec)
+
+
+def merge_inputs(name, vec, spec, keep_factors, factor_lists, dtype, check):
+    """MergedWavLM's loader with ``delta_rank``: the truncated vector, shape-checked by ``check`` ({key: tensor}
+    -> raises). ``keep_factors`` (merge_impl lowrank): each factored key's (U, V) is appended to
+    ``factor_lists[key]`` and only the dense keys are returned; otherwise every key is returned dense (U Vᵀ), the
+    same truncated vector for the other merge implementations."""
+    fv = resolve_factored(name, vec, spec)
+    check({**fv.dense, **{k: torch.empty(s, device="meta") for k, s in fv.shapes.items()}})
+    if not keep_factors:
+        return fv.to_dense()
+    for k, (u, v) in fv.factors.items():
+        factor_lists.setdefault(k, []).append((u.to(dtype or u.dtype), v.to(dtype or v.dtype)))
+    return dict(fv.dense)

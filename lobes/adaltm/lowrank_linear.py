@@ -118,7 +118,10 @@ class LowRankOps(TorchFunctionMode):
         if route is None:
             return F.linear(x, w, b)
         lam, u, v, ranks = route
-        return LowRankLinear.apply(x, lam, w, b, u, v, ranks)
+        # 2-D inside the Function, reshaped outside it: F.linear on a 3-D input returns a view, and a view made
+        # inside a custom Function may not be edited in place (WavLM zeroes padded frames in place)
+        y = LowRankLinear.apply(x.reshape(-1, x.shape[-1]), lam, w, b, u, v, ranks)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -182,3 +185,60 @@ def self_attention(linear, a):
     out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt, embed)
     out = linear(out, a["out_proj_weight"], a["out_proj_bias"])
     return out.view(tgt, bsz, out.size(1)), None
+
+
+# ------------------------------------------------------------------------ MergedWavLM, merge_impl "lowrank"
+def _routable(model, key):
+    """Whether ``key`` is the weight of a plain Linear or a groups=1 Conv1d (the ops routed here)."""
+    path, local = model._base[key]
+    mod_path, _, pname = local.rpartition(".")
+    root = model.model.get_submodule(path).inner if path else model.model
+    module = root.get_submodule(mod_path) if mod_path else root
+    if pname != "weight" or torch.nn.utils.parametrize.is_parametrized(module):
+        return False
+    return isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv1d) and module.groups == 1)
+
+
+def setup_factors(model):
+    """Concatenate each key's K factors into U [out, R], V [in, R] (frozen Parameters, like ΔW) and record the
+    ranks (host ints) and which keys are routed to the no-dW functions."""
+    lists = model.__dict__.pop("_factor_lists", {})
+    model.lowrank_factors = torch.nn.ParameterDict()
+    model.lowrank_ranks, model.lowrank_routed = {}, set()
+    for key in list(lists):
+        pairs = lists.pop(key)
+        name = key.replace(".", "__")
+        for i, suffix in enumerate(("__U", "__V")):
+            model.lowrank_factors[name + suffix] = torch.nn.Parameter(
+                torch.cat([pair[i] for pair in pairs], 1).contiguous(), requires_grad=False)
+        model.lowrank_ranks[key] = tuple(u.shape[1] for u, _ in pairs)
+        if _routable(model, key):
+            model.lowrank_routed.add(key)
+
+
+def merged_factored(model, key, lam):
+    """W_base + Σ_k λ_k U_k V_kᵀ of one factored key, plain autograd in λ (fold, export, non-routed keys)."""
+    name, base = key.replace(".", "__"), model.base_parameter(key)
+    u, v = model.lowrank_factors[name + "__U"], model.lowrank_factors[name + "__V"]
+    lam_r = expand_lambda(lam[:, model.group_of[key]], model.lowrank_ranks[key]).to(base.dtype)
+    return base + ((u.to(base.dtype) * lam_r) @ v.to(base.dtype).T).view(base.shape)
+
+
+def lowrank_call(model, group, args, kwargs):
+    """Run one merge group: routed weights through :class:`LowRankOps`, the rest merged by autograd."""
+    from torch.func import functional_call
+
+    n = len(group.prefix) + 1
+    keys = [k for k in model.keys if k.startswith(group.prefix + ".")]
+    lam = model.lambdas()
+    col = lam[:, model.group_of[keys[0]]]  # every key of a wrapped module is in one group
+    params, routes = {}, {}
+    for k in keys:
+        if k in model.lowrank_routed:
+            name = k.replace(".", "__")
+            routes[id(model.base_parameter(k))] = (col, model.lowrank_factors[name + "__U"],
+                                                   model.lowrank_factors[name + "__V"], model.lowrank_ranks[k])
+        else:
+            params[k[n:]] = model.merged_weight(k, lam)
+    with LowRankOps(routes):
+        return functional_call(group.inner, params, args, kwargs)
