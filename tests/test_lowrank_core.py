@@ -227,3 +227,23 @@ def test_lora_sources_are_imported_as_their_exact_factors(tmp_path, merged):
     # a weight that was fully fine-tuned is truncated: rank 1 of a random 32 x 32 ΔW is far from it
     full = "encoder.layers.0.attention.q_proj.weight"
     assert fv.rank(full) == 1 and (fv.delta(full) - tv.delta[full]).norm() > 0.5 * tv.delta[full].norm()
+
+
+def test_spectrum_tool_energy_per_group(tmp_path):
+    """Known spectra: layer 1's matrix has singular values 3, 2, 1 (energy 9/14 at r=1), the CNN conv is zero."""
+    import tools.task_vector_spectrum as spec
+
+    q = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))[0]
+    m = q[:, :3] @ torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ q[:, 3:].T  # [6, 6], σ = 3, 2, 1
+    delta = {"encoder.layers.0.attention.q_proj.weight": m, "encoder.layers.0.attention.q_proj.bias": torch.ones(6),
+             "feature_extractor.conv_layers.0.conv.weight": torch.zeros(4, 1, 5),
+             "encoder.layers.0.feed_forward.output_dense.weight": torch.ones(6, 6)}  # rank 1, energy 36
+    save_task_vector(TaskVector("SER", delta), tmp_path / "ser.safetensors")
+    results, md = spec.run([tmp_path / "ser.safetensors"], tmp_path / "out", ranks=(1, 2, 8))
+    layer1, cnn = results["ser (SER)"][1], results["ser (SER)"][0]
+    assert layer1["energy"][1] == pytest.approx((9 + 36) / (14 + 36), abs=1e-6)
+    assert layer1["energy"][2] == pytest.approx((13 + 36) / 50, abs=1e-6) and layer1["energy"][8] == pytest.approx(1.0)
+    assert layer1["rank_0.9"] == 1.5 and layer1["matrices"] == 2  # median of 2 (13/14 ≥ 0.9 > 9/14) and 1
+    assert cnn["zero_matrices"] == 1 and cnn["rank_0.9"] == 0
+    assert "| L1 | 2 (0) | 0.900 | 0.980 | 1.000 | 1.5 |" in md
+    assert (tmp_path / "out" / "spectrum.png").stat().st_size > 0
