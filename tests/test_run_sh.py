@@ -118,6 +118,7 @@ def test_launch_runs_one_process_torchrun_on_one_node_or_the_rendezvous_of_sever
     (["--nnodes", "two"], "--nnodes must be a non-negative integer, not 'two'"),
     (["--master_port", "-1"], "--master_port must be a non-negative integer, not '-1'"),
     (["--nnodes", "0"], "--nnodes must be at least 1"),
+    (["--master_port", "65535"], "--master_port must be in 1..65534 (the next port is used too), not 65535"),
 ])
 def test_bad_node_options_are_refused_naming_them(tmp_path, options, message):
     proc = _bash(["recipes/IEMOCAP/run.sh", "--exp", str(tmp_path / "e"), *options])

@@ -77,6 +77,8 @@ for _v in nnodes node_rank master_port node_timeout; do
     [[ ${!_v} =~ ^[0-9]+$ ]] || { echo "--${_v} must be a non-negative integer, not '${!_v}'" >&2; exit 1; }
 done
 [ "${nnodes}" -ge 1 ] || { echo "--nnodes must be at least 1" >&2; exit 1; }
+[ "${master_port}" -ge 1 ] && [ "${master_port}" -le 65534 ] \
+    || { echo "--master_port must be in 1..65534 (the next port is used too), not ${master_port}" >&2; exit 1; }
 [ "${node_rank}" -lt "${nnodes}" ] || { echo "--node_rank ${node_rank} is not in 0..$((nnodes - 1)) (--nnodes ${nnodes})" >&2; exit 1; }
 if [ "${nnodes}" -gt 1 ] && [ -z "${master_addr}" ]; then
     echo "--master_addr (node 0's host name or address, the same on every node) is needed with --nnodes ${nnodes}" >&2
