@@ -26,14 +26,15 @@ for ``expandable_segments`` off), 1 GiB for cuBLAS / cuDNN workspaces and NCCL b
 """
 import copy
 import logging
+import weakref
 from unittest import mock
 
 import speechbrain as sb
 import torch
 
 from lobes.errors import DataError
-from lobes.memory_tracking import (EmulatedAutocast, LiveMemory, disabled_autocast_on_meta, meta_nonzero,
-                                   meta_values, register_meta_ctc, storages)
+from lobes.memory_tracking import (EmulatedAutocast, LiveMemory, checkpoint_recomputes_emulated,
+                                   disabled_autocast_on_meta, meta_nonzero, meta_values, register_meta_ctc, storages)
 
 logger = logging.getLogger(__name__)
 GIB = 2 ** 30
@@ -77,8 +78,12 @@ def meta_hparams(hparams):
 
     def deepcopy_tensor(t, _memo):
         return _meta_copy_of(t, storage_memo)
+
+    def deepcopy_weakref(r, memo):  # a back reference (a wrapped group's owner) follows its referent's copy
+        return weakref.ref(memo[id(r())]) if r() is not None and id(r()) in memo else r
     with mock.patch.object(torch.Tensor, "__deepcopy__", deepcopy_tensor), \
-            mock.patch.object(torch.nn.Parameter, "__deepcopy__", deepcopy_tensor):
+            mock.patch.object(torch.nn.Parameter, "__deepcopy__", deepcopy_tensor), \
+            mock.patch.dict(copy._deepcopy_dispatch, {weakref.ref: deepcopy_weakref}):
         out = {k: copy.deepcopy(v, memo) if _holds_tensors(v) else v for k, v in hparams.items()}
     for module in out["modules"].values():
         for m in module.modules():  # the worst case, and what meta can run: no LayerDrop, no SpecAugment
@@ -104,7 +109,8 @@ def longest_item(dataset):
     """The training utterance with the largest ``duration`` (what a padded batch's memory follows), loaded."""
     data = getattr(dataset, "data", None)
     if not data or not all("duration" in v for v in data.values()):
-        raise DataError("micro_batch_size: auto needs the training manifest's 'duration' of every utterance")
+        raise DataError("micro_batch_size: auto needs the 'duration' of every training utterance (manifest); "
+                        "set micro_batch_size to a number")
     ids = list(dataset.data_ids)
     longest = max(ids, key=lambda u: data[u]["duration"])
     return dataset[ids.index(longest)], float(data[longest]["duration"])
@@ -128,11 +134,11 @@ class BrainPredictor:
 
     def _run(self, micro, precision, checkpointing):
         h = meta_hparams(self.hparams)
-        h["micro_batch_size"], h["grad_accumulation_factor"] = micro, 1
+        h["batch_size"], h["micro_batch_size"], h["grad_accumulation_factor"] = micro, micro, 1  # one step each
         if checkpointing:
             enable_checkpointing(h["modules"])
         register_meta_ctc()
-        with disabled_autocast_on_meta(), meta_values(), meta_nonzero(), \
+        with disabled_autocast_on_meta(), meta_values(), meta_nonzero(), checkpoint_recomputes_emulated(), \
                 mock.patch("lobes.distributed.world_size", lambda: 1):
             brain = self.brain_class(modules=h["modules"], opt_class=h["opt_class"], hparams=h,
                                      run_opts={"device": "meta", "precision": "fp32", "eval_precision": "fp32"},
@@ -185,27 +191,38 @@ def plan_micro_batch(predict, batch_size, world, free, margin=MARGIN, overhead=O
     return None
 
 
-def what_would_fit(predictor, hparams, world, free, seconds):
-    """Settings under which micro-batch 1 fits ``free`` bytes, each with its predicted peak (GiB)."""
+def alternatives(predictor, hparams, world, free):
+    """[(setting, predicted peak bytes of micro-batch 1 or None, fits)] for the refusal message: bf16,
+    gradient checkpointing, both, bf16 task vectors (``delta_dtype``), and the longest utterance that would fit."""
     accum = hparams["batch_size"] // world
-    base = peak_bytes(predictor(1), accum, world)
+    p1 = predictor(1)
+    base = peak_bytes(p1, accum, world)
     options = []
     if hparams["precision"] == "fp32":
         options.append(("precision: bf16", peak_bytes(predictor(1, precision="bf16"), accum, world)))
     if "gradient_checkpointing" in hparams and hparams["gradient_checkpointing"] is not True:
         options.append(("gradient_checkpointing: True", peak_bytes(predictor(1, checkpointing=True), accum, world)))
-    if hparams["precision"] == "fp32" and options:
-        options.append(("precision: bf16 + gradient_checkpointing: True",
-                        peak_bytes(predictor(1, precision="bf16", checkpointing=True), accum, world)))
-    p1 = predictor(1)
+        if hparams["precision"] == "fp32":
+            options.append(("precision: bf16 + gradient_checkpointing: True",
+                            peak_bytes(predictor(1, precision="bf16", checkpointing=True), accum, world)))
     if "delta_dtype" in hparams and p1["fp32_deltas"]:
         options.append(("delta_dtype: !name:torch.bfloat16", base - p1["fp32_deltas"] // 2))
-    # activations grow with the utterance: the longest duration that fits, scaled from this one
+    # activations grow with the utterance: the longest duration that fits, scaled from the longest one
     room = (free - OVERHEAD) / (1 + MARGIN) - (base - p1["dynamic_peak"] - p1["kernel_temp"])
-    if room > 0:
-        options.append((f"a maximum duration of about {seconds * room / (p1['dynamic_peak'] + p1['kernel_temp']):.1f} s"
-                        f" (now {seconds:.1f} s)", None))
-    return [(name, peak) for name, peak in options if peak is None or fits(peak, free)], base
+    seconds = predictor.seconds * room / (p1["dynamic_peak"] + p1["kernel_temp"])
+    if seconds >= 1:
+        options.append((f"utterances of at most about {seconds:.1f} s (now {predictor.seconds:.1f} s)", None))
+    return [(name, peak, peak is None or fits(peak, free)) for name, peak in options], base
+
+
+def refusal(options, base, seconds, where):
+    def fmt(name, peak):
+        return f"{name} ({peak / GIB:.1f} GiB)" if peak is not None else name
+    good = [fmt(n, p) for n, p, ok in options if ok]
+    bad = [fmt(n, p) for n, p, ok in options if not ok]
+    return (f"memory plan: micro-batch 1 of {seconds:.1f} s needs {base / GIB:.1f} GiB predicted, more than fits {where}."
+            f" Settings that would fit: {'; '.join(good) or 'none of those tried'}."
+            + (f" Would not fit: {'; '.join(bad)}." if bad else "") + " Or use a GPU with more memory.")
 
 
 def device_memory(device):
@@ -214,9 +231,10 @@ def device_memory(device):
     return free, total, torch.cuda.get_device_properties(torch.device(device)).name
 
 
-def resolve_micro_batch(hparams, run_opts, brain_class, train_set):
+def resolve_micro_batch(hparams, run_opts, brain_class, train_set, predictor=None):
     """``micro_batch_size: auto`` -> the plan (on CUDA) or ``null`` (elsewhere); sets ``micro_batch_size`` and
-    ``grad_accumulation_factor`` in ``hparams`` before the Brain is built. Returns the plan's log line or None."""
+    ``grad_accumulation_factor`` in ``hparams`` before the Brain is built. Returns the plan's log line or None.
+    ``predictor``: a :class:`BrainPredictor` of these hparams to reuse (its predictions are cached)."""
     from lobes import distributed as D
 
     if hparams["micro_batch_size"] != "auto":
@@ -228,15 +246,11 @@ def resolve_micro_batch(hparams, run_opts, brain_class, train_set):
         return None
     world = D.world_size()
     free, total, name = device_memory(device)
-    predictor = BrainPredictor(hparams, brain_class, train_set, world)
+    predictor = predictor or BrainPredictor(hparams, brain_class, train_set, world)
     picked = plan_micro_batch(predictor, hparams["batch_size"], world, free)
     gib = f"of {free / GIB:.1f} GiB free on {name} ({total / 1e9:.0f} GB; margin {MARGIN:.0%} + {OVERHEAD / GIB:.1f} GiB)"
     if picked is None:
-        options, base = what_would_fit(predictor, hparams, world, free, predictor.seconds)
-        raise MemoryPlanError(
-            f"memory plan: micro-batch 1 of {predictor.seconds:.1f} s needs {base / GIB:.1f} GiB predicted, more "
-            f"than fits {gib}. Settings that would fit: "
-            + ("; ".join(f"{n} ({p / GIB:.1f} GiB)" if p else n for n, p in options) or "none found on this GPU"))
+        raise MemoryPlanError(refusal(*alternatives(predictor, hparams, world, free), predictor.seconds, gib))
     micro, accum, peak = picked
     hparams["micro_batch_size"], hparams["grad_accumulation_factor"] = micro, accum
     line = (f"memory plan: micro-batch {micro} x accum {accum} x {world} GPU{'s' if world > 1 else ''} = global "

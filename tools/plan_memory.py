@@ -205,8 +205,8 @@ def predict(settings, batch, seconds, gpus=1, shape="large", device="meta", auto
 
 
 def fits(peak, gpu_gb, margin, overhead_gib):
-    """A "24 GB" / "32 GB" / "80 GB" card holds that many GiB."""
-    return peak * (1 + margin) + overhead_gib * GIB <= gpu_gb * GIB
+    """A "24 GB" / "32 GB" / "80 GB" card holds that many bytes x 1e9 (an A10 / L4 "24 GB" shows ~22.5 GiB)."""
+    return peak * (1 + margin) + overhead_gib * GIB <= gpu_gb * 1e9
 
 
 def plan(settings, seconds, gpus, gpu_gb, margin=0.15, overhead_gib=1.5, effective=EFFECTIVE_BATCH, shape="large"):
