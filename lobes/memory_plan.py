@@ -242,7 +242,9 @@ def resolve_micro_batch(hparams, run_opts, brain_class, train_set, predictor=Non
     device = str(run_opts.get("device") or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     if not device.startswith("cuda") or hparams["dynamic_batching"]:
         hparams["micro_batch_size"] = None  # today's null: batch_size / GPUs, no accumulation
-        hparams["grad_accumulation_factor"] = D.batch_split(hparams["batch_size"], None)[1]
+        hparams["grad_accumulation_factor"] = D.batch_split(
+            hparams["batch_size"], None, hparams["dynamic_batching"], hparams["max_batch_length"],
+            hparams["micro_batch_length"])[1]
         return None
     world = D.world_size()
     free, total, name = device_memory(device)
