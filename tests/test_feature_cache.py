@@ -51,8 +51,8 @@ def test_estimate_exact_and_paper_scale(wavlm, corpus, tmp_path):
     cache = fc.FeatureCache.build(wavlm, utts, load, s, "train", tmp_path, shard_mb=0.01)
     data = sum(cache[u].numel() * 4 for u, _ in utts)
     assert data == frames * 5 * 32 * 4 == est.bytes - fc.HEADER_BYTES_PER_ENTRY * 8  # data part is exact
-    on_disk = sum(p.stat().st_size for p in (tmp_path / "train").glob("*.safetensors"))
-    assert data < on_disk <= est.bytes  # header allowance covers the safetensors headers
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "train").iterdir())
+    assert data < on_disk <= est.bytes  # the allowance covers the safetensors headers and index.json
     # the paper's subset (89,752 + 25,232 + 46,366 utterances, mean 5.6 s), WavLM-Large fp32: the issue's 4.7 TB
     large = fc.CacheSpec(25, 1024, "float32", False)
     paper = fc.estimate_cache([5.6] * (89752 + 25232 + 46366), large)
@@ -87,7 +87,7 @@ def test_over_budget_refuses_before_computing(wavlm, corpus, tmp_path):
     msg = str(e.value)
     assert "splits ['train', 'valid', 'test'] need 2.30 TB on disk together, over feature_cache_max_disk_gb: 1500" in msg
     assert "train: 1.28 TB for 89,752 utterances" in msg and "test: 662.34 GB for 46,366 utterances" in msg
-    assert "feature_cache_pooled: True (with ser_head_type: pooled_linear): 8.29 GB (fits)" in msg
+    assert "feature_cache_pooled: True (with ser_head_type: pooled_linear): 8.30 GB (fits)" in msg
 
 
 def test_sharded_build_is_streamed_and_matches_per_utterance(wavlm, corpus, tmp_path):
@@ -349,3 +349,85 @@ def test_leftovers_removed_before_the_free_space_check(wavlm, corpus, tmp_path, 
     monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     fc.FeatureCache.build(wavlm, utts, load, spec(wavlm), "train", tmp_path / "cache")
     assert seen == [False]  # measured once, after the killed build's folder was gone
+
+
+def _ddp_worker(rank, world, port, out, source):
+    """One rank: the in-RAM caches of SPLITS under DDP; writes the features it can read."""
+    from safetensors.torch import save_file
+
+    from lobes import distributed as D
+    from lobes.adaltm.brain import use_feature_cache
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        wavlm, result = MergedWavLM(source), {}
+        try:  # shuffled training set: no fixed shard per rank
+            use_feature_cache(cache_hparams(wavlm, None, batch_size=2), make_datasets(SPLITS)[0])
+        except ValueError as e:
+            result["random"] = str(e)
+        ds = use_feature_cache(cache_hparams(wavlm, None, batch_size=2, sorting="ascending"), make_datasets(SPLITS)[0])
+        held = {}
+        for d in ds.values():
+            for i, uid in enumerate(d.data_ids):
+                try:
+                    with d.output_keys_as(["feats"]):
+                        held[uid] = d[i]["feats"].contiguous()
+                except Exception as e:  # the DataError of an utterance this rank does not hold
+                    result.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
+        save_file(held, str(Path(out) / f"rank{rank}.safetensors"))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        torch.distributed.barrier()
+    finally:
+        D.release_process_group()
+
+
+def test_ddp_ram_cache_holds_only_each_ranks_share(wavlm, tmp_path):
+    """2 gloo processes: each rank computes and keeps only the utterances its loaders read (valid / test: batches
+    r, r+W, ...; train unshuffled: DistributedSampler's strided share, padded); a shuffled training set is refused
+    on every rank with the setting to change."""
+    import socket
+
+    from safetensors.torch import load_file
+
+    from lobes.adaltm.brain import use_feature_cache
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path), wavlm.source), nprocs=2, join=True)
+    single = features(use_feature_cache(cache_hparams(wavlm, None), make_datasets(SPLITS)[0]))
+    # batch_size 2 over 2 GPUs = micro 1: valid/test batches [0], [1]; train (3, ascending): indices 0,1,2 + pad 0
+    expected = [{"train00", "train02", "valid00", "test00"}, {"train01", "train00", "valid01", "test01"}]
+    for r in range(2):
+        held = load_file(str(tmp_path / f"rank{r}.safetensors"))
+        info = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert set(held) == expected[r]
+        assert len(info["errors"]) == len(single) - len(expected[r])
+        assert "is not in this process's in-RAM feature cache" in info["errors"][0]
+        for uid, t in held.items():  # same features as one process computes (other batch composition)
+            torch.testing.assert_close(t, single[uid], atol=1e-5, rtol=1e-4)
+        assert "sorting: random or dynamic_batching: True" in info["random"] and "Set feature_cache_dir" in info["random"]
+
+
+def test_ram_shards_refuse_a_training_set_dealt_anew_each_epoch(monkeypatch):
+    from torch.utils.data import DistributedSampler
+
+    from lobes.adaltm.cache_plan import ram_shards
+
+    # why: SpeechBrain's DDP train sampler with sorting: random reshuffles per epoch (seed + epoch), so rank 0's
+    # utterances of epoch 1 are not those of epoch 0
+    sampler = DistributedSampler(range(64), num_replicas=2, rank=0, shuffle=True)
+    sampler.set_epoch(0)
+    first = set(sampler)
+    sampler.set_epoch(1)
+    assert len(first) == 32 and set(sampler) != first
+    ds, _ = make_datasets(SPLITS)
+    for changes in ({"sorting": "random"}, {"sorting": "ascending", "dynamic_batching": True}):
+        with pytest.raises(ValueError, match="Set feature_cache_dir to a folder on a filesystem all ranks share"):
+            ram_shards(cache_hparams(None, None, **changes), ds, 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: the loaders' micro-batch is batch_size / 2
+    shards = ram_shards(cache_hparams(None, None, sorting="ascending", batch_size=2), ds, 2)
+    assert shards[1] == {"train": {"train01", "train00"}, "valid": {"valid01"}, "test": {"test01"}}

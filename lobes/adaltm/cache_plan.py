@@ -26,9 +26,9 @@ SAMPLE_RATE = 16000
 # WavLM's CNN (every released WavLM / wav2vec2): receptive field 400 samples, total stride 320
 WAVLM_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
 WAVLM_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
-# per utterance: its safetensors header entry + its index.json entries (shard, duration); measured ≤ 130 B for
-# MSP-Podcast-length ids (tests/test_feature_cache.py)
-HEADER_BYTES_PER_ENTRY = 160
+# per utterance: its safetensors header entry + its index.json entries (shard, duration); measured 221 B for
+# MSP-Podcast ids ("MSP-PODCAST_0001_0008"), index header included (tests/test_feature_cache.py)
+HEADER_BYTES_PER_ENTRY = 256
 INDEX_FILE = "index.json"
 FORMAT = "feature-cache-v3"
 GB = 1e9
@@ -242,7 +242,8 @@ def ram_shards(hparams, datasets, world):
     """[{split: ids rank r reads}] for r < world, for an in-RAM cache under DDP (see the module docstring).
 
     A training set the sampler deals out anew every epoch (``sorting: random`` or ``dynamic_batching: True``) has
-    no fixed shard: a ValueError asks for a disk cache instead."""
+    no fixed shard: a ValueError asks for a disk cache instead. Run under DDP: the evaluation loaders' micro-batch
+    is the one ``lobes.dataio.loader_kwargs`` derives for this process's world size."""
     from torch.utils.data import DistributedSampler
 
     from lobes import distributed as D
