@@ -88,6 +88,11 @@ def test_over_budget_refuses_before_computing(wavlm, corpus, tmp_path):
     assert "splits ['train', 'valid', 'test'] need 2.30 TB on disk together, over feature_cache_max_disk_gb: 1500" in msg
     assert "train: 1.28 TB for 89,752 utterances" in msg and "test: 662.34 GB for 46,366 utterances" in msg
     assert "feature_cache_pooled: True (with ser_head_type: pooled_linear): 8.30 GB (fits)" in msg
+    # and the pooled fp32 cache of the three splits in RAM (issue 22: 16.5 GB passed the 16 GB limit)
+    pooled = fc.CacheSpec(25, 1024, "float32", True)
+    plans = [plan_split(p.split, p.utterances, p.keep, pooled, None) for p in plans]
+    with pytest.raises(fc.CacheBudgetError, match=r"need 16\.56 GB in RAM together, over feature_cache_max_ram_gb: 16"):
+        check_plans(plans, pooled, None, 16, 500)
 
 
 def test_sharded_build_is_streamed_and_matches_per_utterance(wavlm, corpus, tmp_path):
