@@ -58,7 +58,7 @@ def test_ser_fold1_metrics_and_predictions_use_the_four_classes(ser_fold1, iemoc
 
 
 def test_ser_fold1_inference_names_the_four_classes_and_matches_the_test_stage(ser_fold1, iemocap_manifests):
-    from lobes.inference import load_model
+    from tools.infer import load_model
 
     test = json.loads((iemocap_manifests / "fold1" / "test.json").read_text())
     rec = load_model(ser_fold1)

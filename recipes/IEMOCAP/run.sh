@@ -22,8 +22,13 @@ root=$(cd "${recipe_dir}/../.." && pwd)
 # ----------------------------------------------------------------- options
 stage=0                     # first stage to run (0-4)
 stop_stage=4                # last stage to run (0-4)
-ngpu=1                      # >1: torchrun --nproc_per_node=<ngpu> (SpeechBrain DDP)
+ngpu=1                      # GPUs per node; >1 or nnodes >1: torchrun --nproc_per_node=<ngpu> (SpeechBrain DDP)
 device=                     # cuda:0 / cpu; empty = SpeechBrain's default
+nnodes=1                    # machines; >1: run this script on each one (README: several machines, shared filesystem)
+node_rank=0                 # this machine's index, 0..nnodes-1; node 0 alone runs the steps that write shared files
+master_addr=                # node 0's host name or address, the same on every node (needed with --nnodes > 1)
+master_port=29500           # rendezvous port on node 0 (consecutive torchrun jobs alternate with the next port)
+node_timeout=3600           # seconds the other nodes wait for node 0's shared steps (data preparation, task vectors)
 mini=false                  # true: generate the mini IEMOCAP + tiny WavLM and use fast demo settings
 data_folder=                # IEMOCAP_full_release (Session1 ... Session5)
 split_protocol=sessions     # sessions (leave one session out) | speakers (leave one speaker out) | random (80/10/10)
@@ -77,14 +82,17 @@ common=(--seed="${seed}" --wavlm_source="${wavlm_source}" --data_folder="${data_
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     log "Stage 0: data preparation"
-    if [ "${mini}" = true ]; then
-        log "generating the mini IEMOCAP under ${exp}/data; base: ${wavlm_source}"
-        [ -d "${data_folder}/Session1" ] || "${py}" "${recipe_dir}/make_mini_iemocap.py" --out "${data_folder}"
+    if node0_begin "stage 0 (data preparation)"; then   # writes shared files: node 0 only, the others wait
+        if [ "${mini}" = true ]; then
+            log "generating the mini IEMOCAP under ${exp}/data; base: ${wavlm_source}"
+            [ -d "${data_folder}/Session1" ] || "${py}" "${recipe_dir}/make_mini_iemocap.py" --out "${data_folder}"
+        fi
+        # with the recipes' default class_map / valid_gender; each train.py prepares again only when its own
+        # settings differ (a custom map given after --, e.g. -- --class_map=... --emotion_classes=...)
+        "${py}" "${recipe_dir}/iemocap_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}" \
+            --split_protocol "${split_protocol}"
     fi
-    # with the recipes' default class_map / valid_gender; each train.py prepares again only when its own
-    # settings differ (a custom map given after --, e.g. -- --class_map=... --emotion_classes=...)
-    "${py}" "${recipe_dir}/iemocap_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}" \
-        --split_protocol "${split_protocol}"
+    node0_end
 fi
 
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
@@ -106,23 +114,28 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
 fi
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
-    if [ -n "${asr_out_source}" ] && [ ! -f "${vectors}/asr_out.safetensors" ]; then
-        log "Stage 3: out-of-domain ASR vector from ${asr_out_source} (one for every fold)"
-        "${py}" -m tools.extract_task_vector --base "${wavlm_source}" --finetuned "${asr_out_source}" \
-            --kind "${asr_out_kind}" --name ASR --out "${vectors}/asr_out.safetensors"
-    fi
     for fold in ${folds}; do
         log "Stage 3a: fold ${fold}: task vectors ΔW = W_ft − W_base"
-        mkdir -p "${vectors}/fold${fold}"
-        for spec in "ASR ${exp}/asr_ctc/fold${fold}/finetuned_wavlm asr_in" "SER ${exp}/ser/fold${fold}/finetuned_wavlm ser"; do
-            read -r name src out <<< "${spec}"
-            if [ -f "${vectors}/fold${fold}/${out}.safetensors" ]; then
-                log "  ${out}: ${vectors}/fold${fold}/${out}.safetensors exists, kept"; continue
+        if node0_begin "stage 3a of fold ${fold} (task vectors)"; then
+            if [ -n "${asr_out_source}" ] && [ ! -f "${vectors}/asr_out.safetensors" ]; then
+                log "  out-of-domain ASR vector from ${asr_out_source} (one for every fold)"
+                "${py}" -m tools.extract_task_vector --base "${wavlm_source}" --finetuned "${asr_out_source}" \
+                    --kind "${asr_out_kind}" --name ASR --out "${vectors}/asr_out.safetensors"
             fi
-            "${py}" -m tools.extract_task_vector --base "${wavlm_source}" --finetuned "${src}" --kind hf \
-                --name "${name}" --out "${vectors}/fold${fold}/${out}.safetensors"
-        done
-        [ -f "${vectors}/asr_out.safetensors" ] && ln -sf ../asr_out.safetensors "${vectors}/fold${fold}/asr_out.safetensors"
+            mkdir -p "${vectors}/fold${fold}"
+            for spec in "ASR ${exp}/asr_ctc/fold${fold}/finetuned_wavlm asr_in" "SER ${exp}/ser/fold${fold}/finetuned_wavlm ser"; do
+                read -r name src out <<< "${spec}"
+                if [ -f "${vectors}/fold${fold}/${out}.safetensors" ]; then
+                    log "  ${out}: ${vectors}/fold${fold}/${out}.safetensors exists, kept"; continue
+                fi
+                "${py}" -m tools.extract_task_vector --base "${wavlm_source}" --finetuned "${src}" --kind hf \
+                    --name "${name}" --out "${vectors}/fold${fold}/${out}.safetensors"
+            done
+            if [ -f "${vectors}/asr_out.safetensors" ]; then
+                ln -sf ../asr_out.safetensors "${vectors}/fold${fold}/asr_out.safetensors"
+            fi
+        fi
+        node0_end
         for row in ${rows}; do
             log "Stage 3b: fold ${fold}: AdaLTM row ${row}"
             # shellcheck disable=SC2086
@@ -133,7 +146,9 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
     done
 fi
 
-if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
+if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ] && ! is_node0; then
+    log "Stage 4: fold averages, on node 0"
+elif [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     log "Stage 4: fold averages (UA, WA, MaF1: mean ± Student-t 95% interval over folds)"
     inputs=()
     for d in ser rows; do [ -d "${exp}/${d}" ] && inputs+=("${exp}/${d}"); done
