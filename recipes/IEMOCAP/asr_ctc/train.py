@@ -19,6 +19,7 @@ from lobes.brains import ToolkitBrain, fit_and_evaluate  # noqa: E402
 from lobes.ctc_export import export_ctc_model  # noqa: E402
 from lobes.dataio import asr_datasets  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
+from lobes.memory_plan import resolve_micro_batch  # noqa: E402
 
 
 class ASRBrain(ToolkitBrain):
@@ -48,6 +49,7 @@ if __name__ == "__main__":
     prepare_from_hparams(hparams)
     datasets = asr_datasets(iemocap_manifests(hparams, asr=True))
 
+    resolve_micro_batch(hparams, run_opts, ASRBrain, datasets["train"])  # micro_batch_size: auto
     brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                      run_opts=run_opts, checkpointer=hparams["checkpointer"])
     fit_and_evaluate(brain, datasets, hparams)
