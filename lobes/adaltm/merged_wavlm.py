@@ -296,15 +296,32 @@ class MergedWavLM(torch.nn.Module):
 
         task_vectors = dict(task_vectors or {})
         self.lambdas = MergeCoefficients(list(task_vectors), self.num_groups, lambda_mode, lambda_init)
+        self.delta_rank = low_rank.check_rank_spec(delta_rank)
+        if strategy.keeps_factors and self.delta_rank is None:
+            raise DataError(f"merge_impl '{merge_impl}' needs delta_rank (an integer rank or an energy fraction)")
+        self._load_vectors(task_vectors, base_state, strategy, delta_dtype)
+        for path, _ in layer_groups.group_modules(cfg.num_hidden_layers, self.stable_layer_norm):
+            parent_path, _, attr = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path) if parent_path else self.model
+            parent._modules[attr] = _MergedGroup(parent._modules[attr], path, self)
+        self._base = {k: self._find_base(k) for k in self.keys}
+        self.model.eval()
+        # materialized: which λ the stored weights hold, as host-side facts only (see sync_merged)
+        self._merged_key = None   # None: the stored weights are W_base, no merge applied yet
+        self._merge_stale = False
+        # without task vectors there is nothing to merge: every strategy is the plain model
+        self.strategy = strategy if self.num_vectors else FunctionalMerge()
+        self.strategy.setup(self)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    def _load_vectors(self, task_vectors, base_state, strategy, delta_dtype):
+        """Each vector's ΔW as frozen Parameters in ``self.deltas`` (lowrank: the factors in ``_factor_lists``)."""
         # ΔW are frozen Parameters (not buffers): DDP broadcasts buffers every step, parameters only once.
         # fused / materialized: each key's K task vectors are copied straight into the rows of one [K, ...]
         # tensor (one GEMV per merge, see merged_linear.stacked_view), one loaded vector at a time, so no
         # second copy of all ΔW is ever alive.
         num_vectors, stacked = len(task_vectors), {}
         self.deltas = torch.nn.ModuleList()
-        self.delta_rank = low_rank.check_rank_spec(delta_rank)
-        if strategy.keeps_factors and self.delta_rank is None:
-            raise DataError(f"merge_impl '{merge_impl}' needs delta_rank (an integer rank or an energy fraction)")
         self._factor_lists = {}  # lowrank: {key: [(U_k, V_k)]}, concatenated by LowRankMerge.setup
         for row, (name, vec) in enumerate(task_vectors.items()):
             if self.delta_rank is None:
@@ -328,20 +345,6 @@ class MergedWavLM(torch.nn.Module):
         del stacked
         _release_freed_memory()
 
-        for path, _ in layer_groups.group_modules(cfg.num_hidden_layers, self.stable_layer_norm):
-            parent_path, _, attr = path.rpartition(".")
-            parent = self.model.get_submodule(parent_path) if parent_path else self.model
-            parent._modules[attr] = _MergedGroup(parent._modules[attr], path, self)
-        self._base = {k: self._find_base(k) for k in self.keys}
-        self.model.eval()
-        # materialized: which λ the stored weights hold, as host-side facts only (see sync_merged)
-        self._merged_key = None   # None: the stored weights are W_base, no merge applied yet
-        self._merge_stale = False
-        # without task vectors there is nothing to merge: every strategy is the plain model
-        self.strategy = strategy if self.num_vectors else FunctionalMerge()
-        self.strategy.setup(self)
-
-    # -- bookkeeping ---------------------------------------------------------------------------------
     def _find_base(self, key):
         for path, _ in layer_groups.group_modules(self.num_layers, self.stable_layer_norm):
             if key.startswith(path + "."):
