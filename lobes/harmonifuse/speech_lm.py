@@ -53,8 +53,9 @@ from lobes.harmonifuse.adapter import SpeechAdapter, to_frame_mask
 from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion, masked_mean
 from lobes.harmonifuse.generation import generate_text
 from lobes.harmonifuse.layer_select import freeze_unused_encoder_parameters, make_encoder_fusion
-from lobes.harmonifuse.lm_loading import LMSettings, final_norm, hf_model, load_lm
-from lobes.harmonifuse.targets import chunked_cross_entropy, label_indices, target_token_ids, teacher_forcing_tensors
+from lobes.harmonifuse.lm_loading import LMSettings, final_norm, frozen_lm_mode, hf_model, load_lm
+from lobes.harmonifuse.targets import (chunked_cross_entropy, label_indices, soft_target_loss, soft_target_pairs,
+                                      target_token_ids, teacher_forcing_tensors)
 
 PROMPT_MODES = ("text", "soft")
 SER_MODES = ("generate", "classify")
@@ -239,7 +240,7 @@ class SpeechLM(torch.nn.Module):
     def train(self, mode=True):
         super().train(mode)
         if self.lm_mode == "frozen":
-            self.lm.eval()  # a frozen LM keeps dropout off
+            frozen_lm_mode(self.lm, mode)  # dropout off; checkpointing layers (if enabled) stay in training mode
         return self
 
     def _task_index(self, task):
@@ -351,12 +352,15 @@ class SpeechLM(torch.nn.Module):
             self._alpha_count[t] += alpha.shape[0]
 
     # ----------------------------------------------------------------------------------------- forward
-    def forward(self, wavs, wav_lens, task, targets=None):
+    def forward(self, wavs, wav_lens, task, targets=None, soft_targets=None):
         speech, smask = self.encode_speech(wavs, wav_lens, task)
+        if soft_targets is not None and not self._is_classify(task):  # SER soft labels [B, C] (targets.py)
+            utt, targets, pair_p = soft_target_pairs(soft_targets, self.emotions)
+            speech, smask = speech.index_select(0, utt.to(speech.device)), smask.index_select(0, utt.to(speech.device))
         prefix, pmask = self.prefix_embeddings(speech, smask, task)
         (B, _, D), dev = prefix.shape, speech.device
         if self._is_classify(task):
-            return self._classify(prefix, pmask, task, targets, dev)
+            return self._classify(prefix, pmask, task, targets if soft_targets is None else soft_targets, dev)
         if targets is None:
             raise DataError(f"task '{task}' is generative: forward needs targets (use generate() to decode)")
         if len(targets) != B:
@@ -379,6 +383,10 @@ class SpeechLM(torch.nn.Module):
         self._record(task, alpha)
         fused = self.fuse(self.layer_states(hidden, gather), alpha)     # [B, N, D]: target positions only
         head = self.hf_lm.get_output_embeddings()
+        if soft_targets is not None:
+            chunk = self.loss_chunk_size if self.training and torch.is_grad_enabled() else None
+            loss = soft_target_loss(fused, target_ids, flat, tgt, pair_p, head, chunk)
+            return SpeechLMOutput(loss, None, target_ids, alpha, self.tasks[self._task_index(task)])
         if self.training and self.loss_chunk_size is not None and torch.is_grad_enabled():
             # the real target tokens by host-known indices (a fixed shape, no boolean selection)
             loss = chunked_cross_entropy(fused.reshape(B * N, -1).index_select(0, flat),
@@ -399,7 +407,7 @@ class SpeechLM(torch.nn.Module):
         logits = self.classifier(fused.to(self.classifier.weight.dtype)).float()
         labels = loss = None
         if targets is not None:
-            labels = label_indices(targets, self.emotions, dev)
+            labels = label_indices(targets, self.emotions, dev)  # soft labels [B, C] (float): soft CE
             loss = F.cross_entropy(logits, labels)
         return SpeechLMOutput(loss, logits, labels, alpha, self.tasks[self._task_index(task)])
 

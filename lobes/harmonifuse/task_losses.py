@@ -34,9 +34,20 @@ class TaskLosses:
             s[0], s[1] = s[0] + loss, s[1] + 1
         return {tag: s / n for tag, (s, n) in sums.items()}
 
-    def combined(self):
-        """Σ over tasks of the task's mean batch loss: each task counts once, whatever its batch count."""
+    def by_task(self):
+        """task -> the mean over its sets of each set's mean batch loss."""
         by_task = {}
         for tag, v in self.means().items():
             by_task.setdefault(tag.task, []).append(v)
-        return sum(sum(v) / len(v) for v in by_task.values())
+        return {task: sum(v) / len(v) for task, v in by_task.items()}
+
+    def log_stats(self):
+        """Log keys: training one per source (``loss_asr``, ``loss_ser``, ``loss_ser_emilia`` for the extra SER
+        source ``ser:emilia``: no source overwrites another's), evaluation one per task (``loss_asr``, ``loss_ser``)."""
+        if self.sums:
+            return {"loss_" + str(tag).replace(":", "_"): round(v, 4) for tag, v in sorted(self.means().items())}
+        return {f"loss_{task}": round(v, 4) for task, v in self.by_task().items()}
+
+    def combined(self):
+        """Σ over tasks of the task's mean batch loss: each task counts once, whatever its batch count."""
+        return sum(self.by_task().values())

@@ -58,12 +58,14 @@ class HarmoniFuseBrain(ToolkitBrain):
         tag = TaskSplit.parse(batch_task(batch))
         # target texts from the host batch, before it moves to the device (no device read)
         targets = list(batch.wrd) if tag.task == "asr" else [self.classes[i] for i in batch.emo_idx.data.view(-1).tolist()]
+        # an extra SER source (ser:<name>, e.g. pseudo-labelled) trains on its soft labels (lobes.harmonifuse.targets)
+        soft = batch.soft_label.data if stage == sb.Stage.TRAIN and tag.task == "ser" and tag.split else None
         batch = batch.to(self.device)
         wavs, lens = batch.sig
         # evaluation bypasses the DDP wrapper: its forward may broadcast buffers (a collective), and the ranks'
         # evaluation shards can differ in batch count (or be empty)
         model = self.modules.speech_lm if stage == sb.Stage.TRAIN else self.speech_lm
-        out = model(wavs, lens, tag.task, targets)
+        out = model(wavs, lens, tag.task, targets, soft_targets=soft)
         hyps = None
         if self.decoding(stage):
             max_len = self.hparams.asr_max_decode_len if tag.task == "asr" else self.hparams.ser_max_decode_len
@@ -120,7 +122,7 @@ class HarmoniFuseBrain(ToolkitBrain):
         self.sync_outputs()
         if stage == sb.Stage.TEST:
             return self.write_test_outputs()
-        stats = {f"loss_{tag.task}": round(v, 4) for tag, v in self.losses.means().items()}
+        stats = self.losses.log_stats()  # training: one key per source; evaluation: per task
         stats["batches"] = D.all_gather(self.rank_batches)  # DDP: training the same count, evaluation r, r+W, ...
         if stage == sb.Stage.TRAIN:
             return self.log_and_checkpoint(stage, stage_loss, epoch, stats)
