@@ -73,3 +73,28 @@ def test_attn_implementation_reaches_transformers(tiny_lm):
                           eager(wavs, lens, "asr", ["HELLO", "HI"]).logits, atol=1e-5)
     with pytest.raises(DataError, match="lm_attn_implementation 'flash_attention_2'"):
         SpeechLM(_Encoder(), {"source": str(tiny_lm), "attn_implementation": "flash_attention_2"})
+
+
+def test_the_gpu_row_builds_a_bf16_checkpointed_lora_lm_that_trains(tiny_lm, tmp_path, monkeypatch):
+    """hparams/rows/gpu_llm_lora.yaml with the tiny WavLM and LM: the settings reach the built model, and one
+    training step gives the LoRA adapters a finite gradient while the bf16 base weights get none."""
+    from pathlib import Path
+
+    from lobes.hparams_io import load_hparams
+    from tools.make_tiny_wavlm import make_tiny_wavlm
+
+    row = Path(__file__).resolve().parents[1] / "recipes/MSP-Podcast/harmonifuse/hparams/rows/gpu_llm_lora.yaml"
+    monkeypatch.chdir(tmp_path)
+    h, _, _ = load_hparams(row, {"lm_source": str(tiny_lm), "wavlm_source": str(make_tiny_wavlm(tmp_path / "w")),
+                                 "msp_folder": str(tmp_path), "libri_folder": str(tmp_path)})
+    assert (h["precision"], h["lm_dtype"], h["lm_mode"]) == ("bf16", "bfloat16", "lora")
+    m = h["speech_lm"].train()
+    lm = m.hf_lm
+    assert lm.is_gradient_checkpointing and lm.config._attn_implementation == "sdpa"
+    assert m.encoder.model.is_gradient_checkpointing  # WavLM
+    assert {p.dtype for n, p in m.lm.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    torch.manual_seed(0)
+    m(torch.randn(2, 3200) * 0.1, torch.tensor([1.0, 0.8]), "asr", ["HELLO", "HI"]).loss.backward()
+    lora = [p.grad for n, p in m.lm.named_parameters() if "lora_B" in n]
+    assert lora and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in lora)
+    assert all(p.grad is None for n, p in m.lm.named_parameters() if "lora_" not in n)

@@ -116,6 +116,7 @@ def test_an_extra_ser_source_is_interleaved_at_its_ratio(msp_manifests, libri_ma
     pseudo = {f"pseudo_{k}": v for k, v in sorted(data.items())[:6]}
     (tmp_path / "pseudo.json").write_text(json.dumps(pseudo))
     h = {"train_tasks": ["asr", "ser"], "ser_extra_sources": {"pseudo": str(tmp_path / "pseudo.json")},
+         "pseudo_label_threshold": 0.0,
          "interleave_ratio": {"asr": 1, "ser": 1, "ser:pseudo": 2}, "interleave_length": 8,
          "interleave_order": "round_robin", "seed": 1, "num_workers": 0, "dynamic_batching": False,
          "asr_batch_size": 2, "ser_batch_size": 2, "libri_prep_folder": str(libri_manifests),
