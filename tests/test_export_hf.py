@@ -148,3 +148,26 @@ def test_export_refuses_a_model_without_emotion_head_and_leaves_nothing(adaltm_e
     with pytest.raises(DataError, match=r"differs from the toolkit's by .* nothing written"):
         export_hf(folded, tmp_path / "bad")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_readme_share_a_model_snippets_run_against_an_export(adaltm_exp, hf_export, tmp_path, offline):  # noqa: F811
+    """The README's "Share a model" code, run as written (paths swapped for the fixture's), gives tools.infer's
+    probabilities through both libraries."""
+    import re
+
+    exp, files, _ = adaltm_exp
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Share a model\n", 1)[1].split("\n## ", 1)[0]
+    assert len(section.splitlines()) <= 20
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1 and blocks[0].count('"hf_export"') == 2 and blocks[0].count('"speech.wav"') == 2
+    code = blocks[0].replace('"hf_export"', repr(str(hf_export))).replace('"speech.wav"', repr(files[2]))
+    printed = []
+    namespace = {"print": printed.append}
+    exec(compile(code, "README.md (Share a model)", "exec"), namespace)
+    want = load_model(exp).predict([files[2]], progress=False)[0]
+    pipe = {d["label"]: d["score"] for d in printed[0]}
+    assert max(abs(pipe[c] - want["probs"][c]) for c in CLASSES) < 1e-5
+    assert namespace["label"] == [want["emotion"]]
+    assert torch.allclose(namespace["out_prob"][0], torch.tensor([want["probs"][c] for c in CLASSES]), atol=1e-5,
+                          rtol=0)
