@@ -23,10 +23,10 @@ import speechbrain as sb
 import torch
 
 from lobes import distributed as D
-from lobes import metrics as M
 from lobes import stage_logging
 from lobes.collectors import write_ser_predictions
 from lobes.errors import DataError
+from lobes.results_io import write_metrics
 from lobes.schedules import LRSchedules, size_schedules
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class ToolkitBrain(sb.Brain):
         if not sb.utils.distributed.if_main_process():
             return metrics
         folder = Path(self.hparams.output_folder)
-        M.write_metrics(folder / "metrics.json", metrics)
+        write_metrics(folder / "metrics.json", metrics)
         if ser is not None and len(ser):
             from lobes.plots import plot_confusion
 
