@@ -53,7 +53,7 @@ def make_lm_dir(out, seed=0):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lobes.harmonifuse.speech_lm import CharTokenizer
+    from lobes.harmonifuse.lm_loading import CharTokenizer
 
     out = Path(out)
     if not (out / "config.json").exists():
@@ -109,8 +109,8 @@ def child(variant, lm_dir, steps, warmup, loss_chunk):
     gc.collect()
     rss_import = C.rss_bytes()
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    model = SpeechLM(Enc(), str(lm_dir), lm_mode=mode, lm_peft_config=lora, lm_dtype=dtype,
-                     lm_gradient_checkpointing=gc_on, loss_chunk_size=LOSS_CHUNK).train()
+    model = SpeechLM(Enc(), {"source": str(lm_dir), "mode": mode, "peft_config": lora, "dtype": dtype,
+                             "gradient_checkpointing": gc_on}, loss_chunk_size=LOSS_CHUNK).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)

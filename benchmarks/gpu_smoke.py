@@ -70,7 +70,7 @@ def make_models(root, tiny):
     from transformers import AutoConfig, AutoModelForCausalLM, WavLMConfig, WavLMModel
 
     from lobes.adaltm.task_vector import compute_task_vector, save_task_vector
-    from lobes.harmonifuse.speech_lm import CharTokenizer
+    from lobes.harmonifuse.lm_loading import CharTokenizer
     from tools.make_tiny_lm import make_tiny_lm
     from tools.make_tiny_wavlm import make_tiny_wavlm
 

@@ -17,7 +17,8 @@ from collections import Counter
 
 import speechbrain as sb
 import torch
-from speechbrain.dataio.sampler import DynamicBatchSampler
+from speechbrain.dataio.sampler import DynamicBatchSampler, ReproducibleRandomSampler
+from torch.utils.data import BatchSampler, SequentialSampler
 
 from lobes import ctc_text
 from lobes.audio import read_audio
@@ -121,12 +122,17 @@ def class_counts(manifest, classes):
     return [counts.get(e, 0) for e in classes]
 
 
-def loader_kwargs(hparams, dataset, train):
+def loader_kwargs(hparams, dataset, train, micro=None, seed=None):
     """DataLoader kwargs of one GPU's micro-batches: a ``DynamicBatchSampler`` of at most ``micro_batch_length``
     seconds when ``dynamic_batching`` is on, else ``micro_batch_size`` utterances (``batch_size`` and
     ``max_batch_length`` are global per optimizer step: ``lobes.distributed``). Under DDP, SpeechBrain gives each
-    rank its share of the training batches; ``ToolkitBrain.make_dataloader`` shards validation and test."""
-    micro = micro_batch(hparams)
+    rank its share of the training batches; ``ToolkitBrain.make_dataloader`` shards validation and test.
+
+    ``micro``: the batch (utterances, or seconds with dynamic batching) in place of ``micro_batch(hparams)``.
+    ``seed``: a batch sampler seeded with it for fixed-size batches too (shuffled when training, else in
+    order), for a recipe that drives its own batches (HarmoniFuse's interleaving); None leaves fixed-size
+    shuffling to SpeechBrain's loader and the dynamic sampler at its default seed."""
+    micro = micro_batch(hparams) if micro is None else micro
     if hparams["dynamic_batching"]:
         sampler = DynamicBatchSampler(
             dataset,
@@ -136,8 +142,12 @@ def loader_kwargs(hparams, dataset, train):
             shuffle=train,
             batch_ordering="random" if train else "ascending",
             max_batch_ex=hparams["max_batch_ex"],
+            **({} if seed is None else {"seed": seed}),
         )
         return {"batch_sampler": sampler, "num_workers": hparams["num_workers"]}
+    if seed is not None:
+        order = ReproducibleRandomSampler(dataset, seed=seed) if train else SequentialSampler(dataset)
+        return {"batch_sampler": BatchSampler(order, micro, drop_last=False), "num_workers": hparams["num_workers"]}
     return {"batch_size": micro, "shuffle": train and hparams["sorting"] == "random",
             "num_workers": hparams["num_workers"]}
 

@@ -88,16 +88,19 @@ def confusion_counts(y_true, y_pred, n_classes):
     return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
-def metrics_from_confusion(confusion):
+def metrics_from_confusion(confusion, n_classes=None):
     """UAR, macro precision, macro F1 and accuracy from a confusion matrix, exactly as defined in the module doc.
 
     Returns a dict of floats. Used inside the bootstrap loops (numpy only, no sklearn overhead); ``ser_metrics``
-    computes the reported values with sklearn and the tests check both agree.
+    computes the reported values with sklearn and the tests check both agree. ``n_classes`` < the matrix size:
+    the columns after the first ``n_classes`` are outputs that are no class (e.g. a generated word outside the
+    label set): misses of their true class, but not classes that precision and F1 average over.
     """
     c = np.asarray(confusion, dtype=np.float64)
-    tp = np.diag(c)
-    n_true = c.sum(axis=1)
-    n_pred = c.sum(axis=0)
+    k = c.shape[0] if n_classes is None else n_classes
+    tp = np.diag(c)[:k]
+    n_true = c[:k].sum(axis=1)
+    n_pred = c[:, :k].sum(axis=0)
     total = c.sum()
     in_true = n_true > 0
     in_any = in_true | (n_pred > 0)

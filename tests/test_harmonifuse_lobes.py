@@ -7,13 +7,10 @@ import torch
 from lobes.errors import DataError
 from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
 from lobes.harmonifuse.gated_encoder_fusion import GatedEncoderFusion
-from lobes.harmonifuse.speech_lm import (
-    CharTokenizer,
-    SpeechAdapter,
-    SpeechLM,
-    pad_prefixes,
-    to_frame_mask,
-)
+from lobes.harmonifuse.adapter import SpeechAdapter, to_frame_mask
+from lobes.harmonifuse.generation import left_padded, pad_prefixes
+from lobes.harmonifuse.lm_loading import CharTokenizer
+from lobes.harmonifuse.speech_lm import SpeechLM
 
 EMOTIONS = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
 
@@ -208,7 +205,7 @@ class ToyEncoder(torch.nn.Module):
 def test_speech_lm_last_fusion_equals_plain_lm(tiny_dirs):
     """lm_fusion='last': logits are exactly the LM's own logits on [BOS][prompt words][speech][target]."""
     torch.manual_seed(0)
-    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_fusion="last").eval()
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), fusion={"mode": "last"}).eval()
     assert m.lm_fusion.layer_bias is None and not list(m.lm_fusion.parameters())  # nothing DDP could miss
     wavs, lens = torch.randn(1, 800), torch.tensor([1.0])
     out = m(wavs, lens, "asr", ["HI"])
@@ -236,18 +233,18 @@ def test_speech_lm_last_fusion_equals_plain_lm(tiny_dirs):
 
 def test_soft_prompts_are_learned_vectors(tiny_dirs):
     torch.manual_seed(0)
-    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), prompt_mode="soft", num_prompt_tokens=3).eval()
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), prompts={"mode": "soft", "num_tokens": 3}).eval()
     assert m.prompts.shape == (2, 3, 32) and m.prompt_ids == {}
     speech, smask = m.encode_speech(torch.randn(1, 800), torch.tensor([1.0]), "ser")
     prefix = m.prefix_embeddings(speech, smask, "ser")[0][0]
     assert prefix.shape[0] == 1 + 3 + 3 and torch.equal(prefix[1:4], m.prompts[1])
     with pytest.raises(DataError, match="task_prompts needs an instruction text for task\\(s\\) \\['ser'\\]"):
-        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), task_prompts={"asr": "Transcribe."})
+        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), prompts={"texts": {"asr": "Transcribe."}})
 
 
 def test_chunked_loss_equals_the_full_loss_and_its_gradients(tiny_dirs):
     torch.manual_seed(0)
-    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="full").train()
+    m = SpeechLM(ToyEncoder(), {"source": str(tiny_dirs[1]), "mode": "full"}).train()
     wavs, lens, tg = torch.randn(2, 1600), torch.tensor([1.0, 0.6]), ["HELLO THERE", "OK"]
     grads = []
     for chunk in (None, 5):
@@ -281,7 +278,7 @@ def test_logits_are_built_only_at_target_positions(tiny_dirs):
 def test_speech_lm_batch_padding_invariance(tiny_dirs):
     """A padded batch gives each utterance the same loss terms as running it alone."""
     torch.manual_seed(0)
-    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), encoder_gate="channel").eval()
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), speech={"gate": "channel"}).eval()
     torch.nn.init.normal_(m.lm_fusion.ffn[2].weight)  # make α input-dependent
     wavs = torch.randn(2, 1600)
     lens = torch.tensor([1.0, 0.5])
@@ -320,7 +317,7 @@ def test_padded_prefixes_equal_the_per_utterance_ones(tiny_dirs):
     ref = prefix_list(m, speech, smask, "ser")
     assert [p.shape[0] for p in ref] == [1 + 39 + 3, 1 + 39 + 5, 1 + 39 + 2]  # 10, 20, 6 frames, stack 4
     right, rmask = m.prefix_embeddings(speech, smask, "ser")
-    left, lmask = m.left_padded(right, rmask)
+    left, lmask = left_padded(right, rmask)
     want_left, want_lmask = pad_left(ref)
     assert torch.equal(left, want_left) and torch.equal(lmask, want_lmask)
     assert right.shape == (3, 45, 32) and rmask.sum(1).tolist() == [43, 45, 42]
@@ -331,7 +328,7 @@ def test_padded_prefixes_equal_the_per_utterance_ones(tiny_dirs):
 def reference_greedy(m, wavs, lens, task, max_len):
     """The hand-written greedy loop that SpeechLM.generate used before transformers' generate (the reference)."""
     from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
-    from lobes.harmonifuse.speech_lm import final_norm
+    from lobes.harmonifuse.lm_loading import final_norm
 
     def lm_states(embeds, attn_mask, **kwargs):
         pos = (attn_mask.long().cumsum(1) - 1).clamp(min=0)
@@ -373,8 +370,8 @@ def test_speech_lm_wavlm_overfits_and_generates(tiny_dirs):
     from lobes.wavlm_encoder import WavLMEncoder
     torch.manual_seed(0)
     # soft prompts: the tiny random LM separates the tasks within 60 steps with them (text prompts: 1 of 4 wrong)
-    m = SpeechLM(WavLMEncoder(str(tiny_dirs[0]), freeze=True), str(tiny_dirs[1]), lm_mode="full",
-                 prompt_mode="soft")
+    m = SpeechLM(WavLMEncoder(str(tiny_dirs[0]), freeze=True), {"source": str(tiny_dirs[1]), "mode": "full"},
+                 prompts={"mode": "soft"})
     wavs, lens = torch.randn(2, 8000), torch.tensor([1.0, 0.7])
     # untrained: long random outputs of different lengths, a demanding comparison with the old greedy loop
     torch.nn.init.normal_(m.lm_fusion.ffn[2].weight)  # input-dependent α
@@ -475,7 +472,7 @@ def test_lora_wraps_target_modules_and_only_adapters_and_new_parts_train(tiny_di
     from peft.tuners.lora import LoraLayer
     torch.manual_seed(0)
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="lora", lm_peft_config=cfg)
+    m = SpeechLM(ToyEncoder(), {"source": str(tiny_dirs[1]), "mode": "lora", "peft_config": cfg})
     wrapped = sorted(n for n, mod in m.lm.named_modules() if isinstance(mod, LoraLayer))
     assert wrapped == sorted(f"base_model.model.model.layers.{i}.self_attn.{p}" for i in range(4)
                              for p in ("q_proj", "v_proj"))
@@ -497,7 +494,7 @@ def test_lora_wraps_target_modules_and_only_adapters_and_new_parts_train(tiny_di
     m.eval()
     assert all(isinstance(h, str) for h in m.generate(wavs, lens, "asr", max_len=4))
     with pytest.raises(DataError, match="lm_peft_config"):
-        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="lora")
+        SpeechLM(ToyEncoder(), {"source": str(tiny_dirs[1]), "mode": "lora"})
 
 
 def test_other_peft_adapters_plug_in_through_lm_peft_config(tiny_dirs):
@@ -508,7 +505,7 @@ def test_other_peft_adapters_plug_in_through_lm_peft_config(tiny_dirs):
              (LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True), 4 * 2 * 3, "lora_"))
     for cfg, n_params, marker in cases:
         torch.manual_seed(0)
-        m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="lora", lm_peft_config=cfg)
+        m = SpeechLM(ToyEncoder(), {"source": str(tiny_dirs[1]), "mode": "lora", "peft_config": cfg})
         m(torch.randn(2, 1600), torch.tensor([1.0, 0.8]), "asr", ["AB", "CD"]).loss.backward()
         lm = [n for n, p in m.named_parameters() if p.requires_grad and n.startswith("lm.")]
         assert len(lm) == n_params and all(marker in n for n in lm), (type(cfg).__name__, lm[:3])
@@ -517,8 +514,8 @@ def test_other_peft_adapters_plug_in_through_lm_peft_config(tiny_dirs):
 
 def test_bf16_lm_with_gradient_checkpointing_trains_and_decodes(tiny_dirs):
     torch.manual_seed(0)
-    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_mode="full", lm_dtype="bfloat16",
-                 lm_gradient_checkpointing=True)
+    m = SpeechLM(ToyEncoder(), {"source": str(tiny_dirs[1]), "mode": "full", "dtype": "bfloat16",
+                                "gradient_checkpointing": True})
     assert m.lm.dtype == torch.bfloat16 and m.lm.is_gradient_checkpointing
     assert m.adapter.proj[0].weight.dtype == torch.float32  # the new parts stay fp32
     wavs, lens = torch.randn(2, 1600), torch.tensor([1.0, 0.8])
@@ -530,7 +527,7 @@ def test_bf16_lm_with_gradient_checkpointing_trains_and_decodes(tiny_dirs):
     m.eval()
     assert len(m.generate(wavs, lens, "asr", max_len=3)) == 2
     with pytest.raises(DataError, match="lm_dtype must be one of"):
-        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), lm_dtype="fp8")
+        SpeechLM(ToyEncoder(), {"source": str(tiny_dirs[1]), "dtype": "fp8"})
 
 
 def test_unused_encoder_parameters_are_frozen(tiny_dirs, tmp_path):
@@ -538,7 +535,7 @@ def test_unused_encoder_parameters_are_frozen(tiny_dirs, tmp_path):
     import json
     import shutil
 
-    from lobes.harmonifuse.speech_lm import freeze_unused_encoder_parameters
+    from lobes.harmonifuse.layer_select import freeze_unused_encoder_parameters
     from lobes.wavlm_encoder import WavLMEncoder
     src = tmp_path / "wavlm"
     shutil.copytree(tiny_dirs[0], src)
@@ -561,8 +558,8 @@ def test_unused_encoder_parameters_are_frozen(tiny_dirs, tmp_path):
 
 def test_speech_lm_frozen_lm_and_classify_mode(tiny_dirs):
     torch.manual_seed(0)
-    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), ser_mode="classify", lm_mode="frozen", prompt_mode="soft",
-                 emotions=EMOTIONS)
+    m = SpeechLM(ToyEncoder(), {"source": str(tiny_dirs[1]), "mode": "frozen"}, prompts={"mode": "soft"},
+                 ser={"mode": "classify", "emotions": EMOTIONS})
     lm_before = {k: v.clone() for k, v in m.lm.state_dict().items()}
     prompts_before = m.prompts.detach().clone()
     wavs, lens = torch.randn(2, 1600), torch.tensor([1.0, 0.8])
@@ -583,3 +580,12 @@ def test_speech_lm_frozen_lm_and_classify_mode(tiny_dirs):
         m(wavs, lens, "ser", ["Joy", "Fear"])
     with pytest.raises(DataError, match="needs targets"):
         m(wavs, lens, "asr")
+
+
+def test_settings_groups_name_a_wrong_key(tiny_dirs):
+    with pytest.raises(DataError, match=r"speech_lm speech: .*'gte'.*fields of SpeechSettings: \['gate'"):
+        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), speech={"gte": "channel"})
+    with pytest.raises(DataError, match="prompt_mode must be one of"):
+        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), prompts={"mode": "words"})
+    with pytest.raises(DataError, match="ser_mode must be 'generate' or 'classify'"):
+        SpeechLM(ToyEncoder(), str(tiny_dirs[1]), ser={"mode": "regress"})

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,15 @@ from safetensors.torch import load_file
 from lobes import metrics as M
 from lobes.errors import DataError
 from lobes.hparams_io import resolve_row
-from lobes.harmonifuse.speech_lm import FixedLayerSelect, TrainableParameters, rescale_layer_index
+from lobes.harmonifuse import data as HD
+from lobes.harmonifuse.checkpoint import TrainableParameters
+from lobes.harmonifuse.layer_select import FixedLayerSelect, rescale_layer_index
+from lobes.harmonifuse.reporting import emotion_index, ser_report_with_invalid
+from lobes.harmonifuse.task_split import TaskSplit
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/MSP-Podcast/harmonifuse"
-PYTHON = ROOT / ".venv/bin/python"
+PYTHON = sys.executable  # the interpreter running the tests: any environment, not only <repo>/.venv
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +31,18 @@ def recipe(load_recipe):
 
 
 # ------------------------------------------------------------------------------------------ SER scoring
-def test_emotion_index_accepts_exact_class_names_only(recipe):
+def test_emotion_index_accepts_exact_class_names_only():
     classes = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
-    assert recipe.emotion_index("Anger", classes) == 0
-    assert recipe.emotion_index("  Surprise\n", classes) == 7
+    assert emotion_index("Anger", classes) == 0
+    assert emotion_index("  Surprise\n", classes) == 7
     for bad in ("anger", "", "Angerr", "Anger Fear", "<unk>"):
-        assert recipe.emotion_index(bad, classes) == 8  # invalid
-    assert recipe.emotion_index("Surprise", classes[:4]) == 4  # not among a 4-class recipe's classes
+        assert emotion_index(bad, classes) == 8  # invalid
+    assert emotion_index("Surprise", classes[:4]) == 4  # not among a 4-class recipe's classes
 
 
-def test_invalid_outputs_count_as_wrong_but_are_not_a_class(recipe):
+def test_invalid_outputs_count_as_wrong_but_are_not_a_class():
     # true [A, A, C, C], pred [A, invalid, C, A]
-    rep = recipe.ser_report_with_invalid([0, 0, 1, 1], [0, 8, 1, 0], 8, num_bootstraps=20)
+    rep = ser_report_with_invalid([0, 0, 1, 1], [0, 8, 1, 0], 8, num_bootstraps=20)
     assert rep["uar"] == pytest.approx(0.5)          # recall A = 1/2, C = 1/2
     assert rep["accuracy"] == pytest.approx(0.5)     # 2 of 4
     # precision A = 1/2 (predicted twice), C = 1/1; the invalid column is not averaged in (it would give 0.5)
@@ -52,10 +57,10 @@ def test_invalid_outputs_count_as_wrong_but_are_not_a_class(recipe):
         assert 0 <= lo <= hi <= 1
 
 
-def test_without_invalid_outputs_the_report_equals_ser_report(recipe):
+def test_without_invalid_outputs_the_report_equals_ser_report():
     rng = np.random.RandomState(0)
     t, p = rng.randint(0, 8, 60).tolist(), rng.randint(0, 8, 60).tolist()
-    mine = recipe.ser_report_with_invalid(t, p, 8, num_bootstraps=50, seed=3)
+    mine = ser_report_with_invalid(t, p, 8, num_bootstraps=50, seed=3)
     ref = M.ser_report(t, p, num_bootstraps=50, seed=3)
     for k in ("uar", "precision", "macro_f1", "accuracy"):
         assert mine[k] == pytest.approx(ref[k], abs=1e-12)
@@ -64,10 +69,10 @@ def test_without_invalid_outputs_the_report_equals_ser_report(recipe):
     assert mine["n_invalid"] == 0
 
 
-def test_bad_task_settings_are_refused_before_any_work(recipe):
+def test_bad_task_settings_are_refused_before_any_work():
     ok = {"train_tasks": ["asr", "ser"], "interleave_ratio": {"asr": 2, "ser": 1}, "libri_test_splits": ["test-clean"],
           "ser_extra_sources": {}, "ser_corpus": "msp_podcast", "iemocap_fold": 1}
-    recipe.check_hparams(ok)
+    HD.check_hparams(ok)
     for change, msg in (({"train_tasks": ["asr", "sv"]}, "subset of"), ({"train_tasks": []}, "subset of"),
                         ({"interleave_ratio": {"asr": 1, "ser": 0}}, r"task\(s\) \['ser'\]"),
                         ({"libri_test_splits": []}, "libri_test_splits is empty"),
@@ -76,9 +81,9 @@ def test_bad_task_settings_are_refused_before_any_work(recipe):
                         ({"ser_corpus": "iemocap", "iemocap_fold": 6}, "iemocap_fold must be a session number"),
                         ({"ser_corpus": "crema"}, "ser_corpus must be")):
         with pytest.raises(DataError, match=msg):
-            recipe.check_hparams({**ok, **change})
-    recipe.check_hparams({**ok, "train_tasks": ["ser"], "libri_test_splits": []})  # SER-only needs no ASR test
-    recipe.check_hparams({**ok, "ser_extra_sources": {"emilia": "x.json"},
+            HD.check_hparams({**ok, **change})
+    HD.check_hparams({**ok, "train_tasks": ["ser"], "libri_test_splits": []})  # SER-only needs no ASR test
+    HD.check_hparams({**ok, "ser_extra_sources": {"emilia": "x.json"},
                           "interleave_ratio": {"asr": 1, "ser": 1, "ser:emilia": 2}})
 
 
@@ -87,22 +92,23 @@ def test_iemocap_fold_is_the_ser_corpus_of_the_iemocap_row(recipe, iemocap_manif
     h = {"train_tasks": ["ser"], "ser_corpus": "iemocap", "iemocap_prep_folder": str(iemocap_manifests),
          "iemocap_fold": 2, "iemocap_folder": str(mini_iemocap.root), "ser_extra_sources": {},
          "emotion_classes": ["neu", "hap", "ang", "sad"], "interleave_ratio": {"ser": 1}, "libri_test_splits": []}
-    recipe.check_hparams(h)
-    ds = recipe.build_datasets(h)
+    HD.check_hparams(h)
+    ds = HD.build_datasets(h)
     for split, tag in (("train", "ser"), ("valid", "ser:valid"), ("test", "ser:test")):
         manifest = json.loads((iemocap_manifests / "fold2" / f"{split}.json").read_text())
-        assert len(ds[split][tag]) == len(manifest) > 0
-    test_ids = {ds["test"]["ser:test"][i]["spk_id"] for i in range(len(ds["test"]["ser:test"]))}
+        assert [str(t) for t in ds[split]] == [tag] and len(ds[split][TaskSplit.parse(tag)]) == len(manifest) > 0
+    test_set = ds["test"][TaskSplit("ser", "test")]
+    test_ids = {test_set[i]["spk_id"] for i in range(len(test_set))}
     assert test_ids == {"Ses02_F", "Ses02_M"}  # fold 2 tests on Session 2
     with pytest.raises(DataError, match="differ from the prepared IEMOCAP classes"):
-        recipe.build_datasets({**h, "emotion_classes": ["ang", "hap", "neu", "sad"]})
+        HD.build_datasets({**h, "emotion_classes": ["ang", "hap", "neu", "sad"]})
     # prepare() writes the fold from the corpus itself
     recipe.prepare({**h, "iemocap_prep_folder": str(tmp_path / "prep"), "iemocap_fold": 3})
     assert json.loads((tmp_path / "prep" / "fold3" / "test.json").read_text()) == \
         json.loads((iemocap_manifests / "fold3" / "test.json").read_text())
 
 
-def test_an_extra_ser_source_is_interleaved_at_its_ratio(recipe, msp_manifests, libri_manifests, tmp_path):
+def test_an_extra_ser_source_is_interleaved_at_its_ratio(msp_manifests, libri_manifests, tmp_path):
     """asr : ser : ser:pseudo = 1 : 1 : 2 over 3 sources; pseudo batches are SER batches of their own manifest."""
     from lobes.harmonifuse.interleave import batch_task
 
@@ -117,20 +123,21 @@ def test_an_extra_ser_source_is_interleaved_at_its_ratio(recipe, msp_manifests, 
          "libri_test_splits": ["test-clean"], "msp_prep_folder": str(msp_manifests),
          "ser_corpus": "msp_podcast", "iemocap_fold": 1,
          "emotion_classes": ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]}
-    recipe.check_hparams(h)
-    assert recipe.train_sources(h) == ["asr", "ser", "ser:pseudo"]
-    train, _, _ = recipe.make_loaders(h, recipe.build_datasets(h))
+    HD.check_hparams(h)
+    assert HD.train_sources(h) == [TaskSplit("asr"), TaskSplit("ser"), TaskSplit("ser", "pseudo")]
+    assert [str(t) for t in HD.train_sources(h)] == ["asr", "ser", "ser:pseudo"]
+    train, _, _ = HD.make_loaders(h, HD.build_datasets(h))
     tags = []
     for batch in train:
-        tags.append(batch_task(batch))
+        tags.append(str(batch_task(batch)))
         if tags[-1] == "ser:pseudo":
             assert all(i.startswith("pseudo_") for i in batch.id) and batch.emo_idx.data.shape == (2, 1)
     assert tags == ["asr", "ser", "ser:pseudo", "ser:pseudo"] * 2
     with pytest.raises(DataError, match="ser_extra_sources.gone: manifest"):
-        recipe.build_datasets({**h, "ser_extra_sources": {"gone": str(tmp_path / "none.json")}})
+        HD.build_datasets({**h, "ser_extra_sources": {"gone": str(tmp_path / "none.json")}})
 
 
-def test_ddp_ranks_deal_out_the_single_process_training_batches(recipe, msp_manifests, libri_manifests, tmp_path,
+def test_ddp_ranks_deal_out_the_single_process_training_batches(msp_manifests, libri_manifests, tmp_path,
                                                                monkeypatch):
     """2 ranks (RANK / WORLD_SIZE as torchrun sets them): the same task at every step, each rank half of the
     epoch's batches, and step k of the ranks = single-process batches 2k, 2k+1 of that task, in every epoch."""
@@ -146,14 +153,14 @@ def test_ddp_ranks_deal_out_the_single_process_training_batches(recipe, msp_mani
          "libri_test_splits": ["test-clean"], "msp_prep_folder": str(msp), "ser_corpus": "msp_podcast",
          "iemocap_fold": 1,
          "emotion_classes": ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]}
-    datasets = recipe.build_datasets(h)
+    datasets = HD.build_datasets(h)
 
     def run(rank, world, epoch):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        train = recipe.make_loaders(h, datasets)[0]
+        train = HD.make_loaders(h, datasets)[0]
         train.batch_sampler.set_epoch(epoch)
-        return [(batch_task(b), list(b.id)) for b in train]
+        return [(str(batch_task(b)), list(b.id)) for b in train]
 
     for epoch in (0, 1):
         one, r0, r1 = run(0, 1, epoch), run(0, 2, epoch), run(1, 2, epoch)
@@ -170,9 +177,9 @@ def test_ddp_ranks_deal_out_the_single_process_training_batches(recipe, msp_mani
     assert [list(ShardedBatches([[0], [1], [2]], r, 2)) for r in (0, 1)] == [[[0], [2]], [[1], [0]]]
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(DataError, match="does not split over 3 DDP ranks .* multiple of 6"):
-        recipe.make_loaders(h, datasets)
+        HD.make_loaders(h, datasets)
     # dynamic batching (DynamicBatchSampler, seeded): the same dealing of the single-process batches
-    h.update(dynamic_batching=True, max_batch_length_asr=6.0, max_batch_length_ser=6.0, num_buckets=2,
+    h.update(dynamic_batching=True, max_batch_length_asr=6.0, max_batch_length_ser=6.0, num_buckets=2, max_batch_ex=None,
              interleave_length="min", interleave_order="round_robin")
     one, r0, r1 = run(0, 1, 0), run(0, 2, 0), run(1, 2, 0)
     assert len(r0) == len(r1) >= 2 and [t for t, _ in r0] == [t for t, _ in r1]
@@ -270,7 +277,7 @@ def test_rows_override_only_their_keys():
         assert merged["table_rows"][0]["part"].startswith("HarmoniFuse")
 
 
-def test_wer_ci_pools_errors_over_resampled_utterances(recipe):
+def test_wer_ci_pools_errors_over_resampled_utterances():
     refs, hyps = ["A B C D", "E F", "G H I", ""], ["A B X D", "E", "G H I J", "K"]
     wer, (lo, hi) = M.wer_ci(refs, hyps, num_bootstraps=200)
     assert wer == pytest.approx(4 / 9) == pytest.approx(M.wer(refs, hyps))  # 1 sub + 1 del + 2 ins over 9 words
@@ -278,11 +285,11 @@ def test_wer_ci_pools_errors_over_resampled_utterances(recipe):
     assert M.wer_ci(["A B"], ["A B"], num_bootstraps=20) == (0.0, [0.0, 0.0])
 
 
-def test_ddp_unused_parameter_search_only_for_the_classify_head(recipe):
+def test_ddp_unused_parameter_search_only_for_the_classify_head():
     base = {"ser_mode": "generate", "train_tasks": ["asr", "ser"]}
-    assert not recipe.needs_unused_parameter_search(base)
-    assert recipe.needs_unused_parameter_search({**base, "ser_mode": "classify"})
-    assert not recipe.needs_unused_parameter_search({"ser_mode": "classify", "train_tasks": ["ser"]})
+    assert not HD.needs_unused_parameter_search(base)
+    assert HD.needs_unused_parameter_search({**base, "ser_mode": "classify"})
+    assert not HD.needs_unused_parameter_search({"ser_mode": "classify", "train_tasks": ["ser"]})
 
 
 # ------------------------------------------------------------------------------------------ train.py end to end
@@ -320,7 +327,7 @@ def trained(mini_corpora, msp_manifests, libri_manifests, tmp_path_factory):
     msp = _subset_manifests(msp_manifests, root / "msp", {"valid": _two_per_class, "test": _two_per_class})
     libri = _subset_manifests(libri_manifests, root / "libri", {"dev-clean": first(8), "test-clean": first(8)})
     out = root / "exp"
-    cmd = [str(PYTHON), str(RECIPE / "train.py"), str(RECIPE / "hparams/rows/full.yaml"),
+    cmd = [PYTHON, str(RECIPE / "train.py"), str(RECIPE / "hparams/rows/full.yaml"),
            "--msp_folder", str(mini_corpora.msp), "--libri_folder", str(mini_corpora.libri),
            "--skip_prep=True", f"--msp_prep_folder={msp}", f"--libri_prep_folder={libri}",
            f"--wavlm_source={wavlm}", f"--lm_source={lm}", f"--output_folder={out}",
@@ -444,7 +451,7 @@ def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, 
             "--lr=0.01", "--asr_max_decode_len=3", "--ser_max_decode_len=3", "--num_bootstraps=5",
             "--device=cpu", "--noprogressbar"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [str(PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
            f"--output_folder={out}", "--distributed_backend=gloo"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -464,7 +471,7 @@ def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, 
     single = tmp_path / "exp1"
     shutil.copytree(out, single)
     (single / "metrics.json").unlink()
-    proc = subprocess.run([str(PYTHON), *args, f"--output_folder={single}"], cwd=ROOT, env=env,
+    proc = subprocess.run([PYTHON, *args, f"--output_folder={single}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert json.loads((single / "metrics.json").read_text()) == metrics
@@ -494,3 +501,51 @@ def test_model_card_and_results_table_show_the_run(trained, load_recipe, tmp_pat
     assert cells[3] == f"{100 * t['uar']:.2f} ± {100 * (t['uar_ci'][1] - t['uar_ci'][0]) / 2:.2f}"
     assert cells[4].startswith(f"{100 * t['accuracy']:.2f} ±") and cells[5].startswith(f"{100 * t['macro_f1']:.2f}")
     assert "### HarmoniFuse: LM training mode" in table and "| LoRA (default) |" in table  # full.yaml's 2nd row
+
+
+# ------------------------------------------------------------------------------------------ task tags and losses
+def test_task_split_tags_round_trip_and_refuse_unknown_tasks():
+    for text, value in (("asr", TaskSplit("asr")), ("ser:emilia", TaskSplit("ser", "emilia")),
+                        ("asr:test-clean", TaskSplit("asr", "test-clean")), ("ser:valid", TaskSplit("ser", "valid"))):
+        assert TaskSplit.parse(text) == value and str(value) == text and TaskSplit.parse(value) is value
+    assert TaskSplit("asr") != TaskSplit("asr", "test-clean") and len({TaskSplit("ser"), TaskSplit.parse("ser")}) == 1
+    with pytest.raises(DataError, match="unknown task 'sv' in task tag 'sv:test'"):
+        TaskSplit.parse("sv:test")
+
+
+def test_combined_loss_counts_each_task_once_whatever_its_splits_and_batches():
+    from lobes.harmonifuse.task_losses import TaskLosses
+
+    ev = TaskLosses()
+    for i, (tag, loss) in enumerate((("asr:test-clean", 1.0), ("asr:test-clean", 3.0), ("asr:test-other", 4.0),
+                                     ("ser:test", 0.5), ("ser:test", 1.5), ("ser:test", 1.0))):
+        ev.add_eval(f"u{i}", TaskSplit.parse(tag), torch.tensor(loss))
+    means = {str(t): v for t, v in ev.means().items()}
+    assert means == {"asr:test-clean": 2.0, "asr:test-other": 4.0, "ser:test": 1.0}
+    assert ev.combined() == pytest.approx((2.0 + 4.0) / 2 + 1.0, abs=1e-12)   # ASR splits averaged, then + SER
+    tr = TaskLosses()
+    for tag, loss in (("asr", 2.0), ("ser", 1.0), ("ser:pseudo", 3.0), ("asr", 4.0)):
+        tr.add_train(TaskSplit.parse(tag), torch.tensor(loss))
+    assert {str(t): v for t, v in tr.means().items()} == {"asr": 3.0, "ser": 1.0, "ser:pseudo": 3.0}
+    assert tr.combined() == pytest.approx(3.0 + (1.0 + 3.0) / 2, abs=1e-12)
+
+
+def test_task_batches_come_from_the_shared_sampler_builder(msp_manifests):
+    """HarmoniFuse's per-task batches = lobes.dataio.loader_kwargs with the task's size and the recipe seed: the
+    batches the recipe drew before it used the shared builder (seeded shuffle, fixed or dynamic)."""
+    from speechbrain.dataio.sampler import DynamicBatchSampler, ReproducibleRandomSampler
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from lobes.dataio import ser_datasets
+
+    classes = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
+    ds = ser_datasets({"train": str(msp_manifests / "train.json")}, classes)["train"]
+    h = {"dynamic_batching": False, "ser_batch_size": 3, "seed": 7, "num_workers": 0, "num_buckets": 2,
+         "max_batch_ex": None, "max_batch_length_ser": 5.0}
+    for train, order in ((True, ReproducibleRandomSampler(ds, seed=7)), (False, SequentialSampler(ds))):
+        assert list(HD.task_batch_sampler(h, ds, "ser", train)) == list(BatchSampler(order, 3, drop_last=False))
+    h["dynamic_batching"] = True
+    for train in (True, False):
+        ref = DynamicBatchSampler(ds, max_batch_length=5.0, num_buckets=2, length_func=lambda x: x["duration"],
+                                  shuffle=train, batch_ordering="random" if train else "ascending", seed=7)
+        assert list(HD.task_batch_sampler(h, ds, "ser", train)) == list(ref)

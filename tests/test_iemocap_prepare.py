@@ -233,3 +233,38 @@ def test_rerun_is_skipped_only_with_the_same_options(prep, mini_iemocap, tmp_pat
     prep.prepare_iemocap(mini_iemocap.root, out, folds=(1,), asr_manifests=False, valid_gender="M")
     assert "skipping" not in capsys.readouterr().out
     assert {e["spk_id"] for e in _load(out, 1, "valid").values()} == {"Ses02_M"}
+
+
+def test_latin1_bytes_are_decoded_as_cp1252_listed_and_counted(prep, mini_iemocap, tmp_path, capsys):
+    """A transcription saved in Latin-1 ("caf\\xe9") gives the text the normaliser gives for "café" (not "CAF",
+    what errors="replace" made of it); every such line is listed (file, line) and counted in the log."""
+    from lobes.ctc_text import normalize_transcript
+
+    root = _copy(mini_iemocap, tmp_path)
+    trans = root / "Session1" / "dialog" / "transcriptions" / "Ses01F_impro01.txt"
+    lines = trans.read_bytes().split(b"\n")
+    assert lines[1].startswith(b"Ses01F_impro01_F000 [")
+    lines[1] = lines[1].split(b"]: ")[0] + b"]: I like the caf\xe9."
+    trans.write_bytes(b"\n".join(lines))
+    emo = root / "Session1" / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt"
+    emo.write_bytes(emo.read_bytes().replace(b"C-E1:\tAnger;\t()", b"C-E1:\tAnger;\t(d\xe9j\xe0 vu)", 1))
+    prep.prepare_iemocap(root, tmp_path / "o", folds=(1,))
+    wrd = _load(tmp_path / "o", 1, "asr_test")["Ses01F_impro01_F000"]["wrd"]
+    assert wrd == normalize_transcript("I like the café.") == "I LIKE THE CAFE"
+    emo_line = emo.read_bytes().split(b"\n").index(b"C-E1:\tAnger;\t(d\xe9j\xe0 vu)") + 1
+    listed = (tmp_path / "o" / "cp1252_fallback.txt").read_text(encoding="utf-8").splitlines()
+    assert listed == ["file\tline", f"{trans}\t2", f"{emo}\t{emo_line}"]  # transcriptions are read first
+    assert ("2 line(s) in 2 file(s) were not UTF-8 and were decoded as cp1252; listed in "
+            f"{tmp_path / 'o' / 'cp1252_fallback.txt'}") in capsys.readouterr().out
+    # The clean corpus lists nothing (the list is still written, so a stale one never survives).
+    assert (iemocap_manifests_folder(prep, mini_iemocap, tmp_path) / "cp1252_fallback.txt").read_text() == "file\tline\n"
+
+    # A byte that cp1252 leaves undefined is neither: DataError naming file and line, nothing written.
+    trans.write_bytes(trans.read_bytes().replace(b"caf\xe9", b"caf\x81"))
+    _assert_fails(prep, root, tmp_path / "bad", rf"{re.escape(str(trans))}:2: neither UTF-8 .* nor cp1252")
+
+
+def iemocap_manifests_folder(prep, mini_iemocap, tmp_path):
+    out = tmp_path / "clean"
+    prep.prepare_iemocap(mini_iemocap.root, out, folds=(1,), asr_manifests=False)
+    return out

@@ -310,3 +310,70 @@ def test_libri_bad_inputs(libri, mini_corpora, tmp_path):
     root, chap, prefix = broken("corrupt")
     (chap / f"{prefix}-0001.flac").write_bytes(b"fLaC" + b"\x00" * 30)
     _assert_fails(lambda **kw: libri.prepare_librispeech(root, **kw), tmp_path / "o3", f"{prefix}-0001.flac")
+
+
+# ----------------------------------------------------------------------------------------------- encodings
+def test_cp1252_transcripts_are_decoded_and_listed(msp, libri, tmp_path, capsys):
+    """Transcripts that are not UTF-8 are decoded as cp1252 (the text of "don’t", "café"), listed with file and
+    line in <save_folder>/cp1252_fallback.txt and counted in the log; UTF-8 ones are not listed."""
+    root = _tiny_msp(tmp_path / "c", [("u1", "A", "Train"), ("u2", "N", "Train")], transcripts={"u2": "Plain text."})
+    (root / "Transcripts" / "u1.txt").write_bytes(b"I don\x92t like\r\nthe caf\xe9.\n")
+    msp.prepare_msp_podcast(root, tmp_path / "o", splits=("train",))
+    man = _load(tmp_path / "o", "train")
+    assert man["u1"]["wrd"] == "I DON'T LIKE THE CAFE" and man["u2"]["wrd"] == "PLAIN TEXT"
+    listed = tmp_path / "o" / "cp1252_fallback.txt"
+    u1 = root / "Transcripts" / "u1.txt"
+    assert listed.read_text(encoding="utf-8").splitlines() == ["file\tline", f"{u1}\t1", f"{u1}\t2"]
+    assert f"2 line(s) in 1 file(s) were not UTF-8 and were decoded as cp1252; listed in {listed}" in \
+        capsys.readouterr().out
+
+    chap = tmp_path / "L" / "dev-clean" / "12" / "34"
+    for i in range(3):
+        _write_wav(chap / f"12-34-000{i}.flac", seed=i)
+    (chap / "12-34.trans.txt").write_bytes(b"12-34-0000 CAF\xc9 AU LAIT\n12-34-0001 caf\xc3\xa9 au lait\n"
+                                           b"12-34-0002 NA\xcfVE\n")
+    libri.prepare_librispeech(tmp_path / "L", tmp_path / "lo")
+    man = _load(tmp_path / "lo", "dev-clean")
+    assert [man[f"12-34-000{i}"]["wrd"] for i in range(3)] == ["CAFE AU LAIT", "CAFE AU LAIT", "NAIVE"]
+    assert (tmp_path / "lo" / "cp1252_fallback.txt").read_text().splitlines() == [
+        "file\tline", f"{chap / '12-34.trans.txt'}\t1", f"{chap / '12-34.trans.txt'}\t3"]
+
+
+def test_label_csv_that_is_not_utf8_names_file_and_line(msp, tmp_path):
+    root = _tiny_msp(tmp_path / "c", [("u1", "A", "Train"), ("u2", "N", "Train"), ("u3", "S", "Train")])
+    labels = root / "Labels" / "labels_consensus.csv"
+    labels.write_bytes(labels.read_bytes().replace(b",7,Female,", b",7,F\xe9male,").replace(b"\xe9", b"e", 2))
+    _assert_fails(msp.prepare_msp_podcast, tmp_path / "o", re.escape(f"{labels}:4: not UTF-8"), data_folder=root)
+    labels.write_bytes(labels.read_bytes().replace(b"\xe9", b"e"))
+    (root / "Labels" / "labels_detailed.csv").write_bytes(V111.encode().replace(b"Amused", b"Amus\xe9"))
+    detailed = root / "Labels" / "labels_detailed.csv"
+    _assert_fails(msp.prepare_msp_podcast, tmp_path / "o", re.escape(f"{detailed}:6: not UTF-8"), data_folder=root)
+
+
+def test_prepare_from_hparams_writes_what_the_prepare_functions_write(msp, libri, mini_corpora, msp_manifests,
+                                                                       libri_manifests, tmp_path):
+    """A recipe's stage 0 (train.py calls prepare_from_hparams) gives the manifests of the prepare functions,
+    byte for byte, where msp_manifests / librispeech_manifests say; skip_prep writes nothing; a key missing
+    from the YAML is named."""
+    h = {"skip_prep": False, "data_folder": str(mini_corpora.msp), "prep_folder": str(tmp_path / "m"),
+         "transcript_only": False, "test_splits": ["Test1"]}
+    msp.prepare_from_hparams(h)
+    assert sorted(msp.msp_manifests(h)) == ["test", "train", "valid"]
+    for split, path in msp.msp_manifests(h).items():
+        assert Path(path).read_bytes() == (msp_manifests / f"{split}.json").read_bytes()
+    with pytest.raises(KeyError, match="test_splits"):
+        msp.prepare_from_hparams({k: v for k, v in h.items() if k != "test_splits"})
+    h = {"skip_prep": False, "data_folder": str(mini_corpora.libri), "prep_folder": str(tmp_path / "l"),
+         "train_split": "train-clean-100", "valid_split": "dev-clean", "test_split": "test-clean"}
+    libri.prepare_from_hparams(h)
+    paths = libri.librispeech_manifests(h)
+    assert {k: Path(v).name for k, v in paths.items()} == {
+        "train": "train-clean-100.json", "valid": "dev-clean.json", "test": "test-clean.json"}
+    for path in paths.values():
+        assert Path(path).read_bytes() == (libri_manifests / Path(path).name).read_bytes()
+    _assert_fails(lambda **kw: libri.prepare_from_hparams({**h, "prep_folder": str(kw["save_folder"]),
+                                                           "test_split": "test-other"}),
+                  tmp_path / "l2", "required LibriSpeech split test-other not found")
+    msp.prepare_from_hparams({**h, "skip_prep": True, "prep_folder": str(tmp_path / "never")})
+    libri.prepare_from_hparams({**h, "skip_prep": True, "prep_folder": str(tmp_path / "never")})
+    assert not (tmp_path / "never").exists()

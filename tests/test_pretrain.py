@@ -21,7 +21,7 @@ def _size(directory):
 
 
 def test_fixtures_are_small_and_load_through_the_recipe_paths():
-    from lobes.harmonifuse.speech_lm import CharTokenizer, load_causal_lm, load_tokenizer
+    from lobes.harmonifuse.lm_loading import CharTokenizer, load_causal_lm, load_tokenizer
     from lobes.wavlm_encoder import WavLMEncoder
 
     assert _size(FIXTURES) < 5 * 2 ** 20
@@ -108,7 +108,7 @@ def test_lm_fixture_heldout_perplexity_far_below_random_init():
     s = log["settings"]
     bank = LM_FIXTURE / "pretrain_sentences.txt"
     _, _, heldout = split_text(s["seed"], s["n_generated"], s["holdout_every"], sentences=bank)
-    from lobes.harmonifuse.speech_lm import load_causal_lm, load_tokenizer
+    from lobes.harmonifuse.lm_loading import load_causal_lm, load_tokenizer
 
     lm, tok = load_causal_lm(LM_FIXTURE), load_tokenizer(LM_FIXTURE)
     rand, _ = build_model(seed=0)

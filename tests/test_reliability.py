@@ -26,7 +26,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from lobes.checkpointing import AtomicCheckpointer, NonFiniteCheckpointError, safe_torch_recovery
+from lobes.checkpointing import AtomicCheckpointer, NonFiniteCheckpointError
 from lobes.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,11 +288,56 @@ def recipe_checkpointer(tiny, msp_manifests, tmp_path):
     return hparams, ckpt
 
 
-def test_recipes_use_the_atomic_checkpointer():
-    for yaml_file in sorted(ROOT.glob("recipes/*/*/hparams/*.yaml")):
-        text = yaml_file.read_text()
-        if "checkpointer:" in text:
-            assert "checkpointer: !new:lobes.checkpointing.AtomicCheckpointer" in text, yaml_file
+BASE_YAMLS = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("recipes/*/*/hparams/*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def registry_models(tmp_path_factory):
+    """Tiny WavLM and causal LM, and task vectors asr_in / asr_out / ser of the WavLM (what the YAMLs name)."""
+    from tools.make_tiny_lm import make_tiny_lm
+    from tools.make_tiny_wavlm import make_tiny_wavlm
+    from transformers import WavLMModel
+
+    from lobes.adaltm.task_vector import compute_task_vector, save_task_vector
+
+    root = tmp_path_factory.mktemp("recipe_checkpointers")
+    wavlm = make_tiny_wavlm(root / "tiny_wavlm")
+    base = WavLMModel.from_pretrained(wavlm).state_dict()
+    for name, file in (("ASR", "asr_in"), ("ASR", "asr_out"), ("SER", "ser")):
+        save_task_vector(compute_task_vector(base, {k: v + 0.01 for k, v in base.items()}, name),
+                         root / "vectors" / f"{file}.safetensors")
+    return {"wavlm_source": str(wavlm), "lm_source": str(make_tiny_lm(root / "tiny_lm")),
+            "vectors_folder": str(root / "vectors")}
+
+
+@pytest.mark.parametrize("yaml_file", BASE_YAMLS)
+def test_every_recipe_survives_a_save_killed_half_way(yaml_file, registry_models, tmp_path, monkeypatch):
+    """What a user sees when a run is killed while it writes a checkpoint, for the checkpointer each recipe's
+    YAML builds: no half-written ``CKPT+`` folder is left, and resuming finds the last complete checkpoint."""
+    import ruamel.yaml
+
+    from lobes.hparams_io import load_hparams
+
+    keys = ruamel.yaml.YAML().load(ROOT / yaml_file)
+    overrides = {k: str(tmp_path / k) for k in keys if k.endswith("_folder")}
+    overrides.update({k: v for k, v in registry_models.items() if k in keys})
+    monkeypatch.chdir(tmp_path)  # relative paths of the YAML land here
+    hparams, _, _ = load_hparams(ROOT / yaml_file, overrides)
+    checkpointer = hparams["checkpointer"]
+    save = Path(checkpointer.checkpoints_dir)
+    first = checkpointer.save_checkpoint(meta={"loss": 2.0})
+    pid = os.fork()
+    if pid == 0:  # child: every recoverable written, then killed while writing one more file (no cleanup runs)
+        try:
+            checkpointer.add_recoverable("z_dies", object(), custom_save_hook=_saver_that_dies,
+                                         custom_load_hook=lambda *a: None)
+            checkpointer.save_checkpoint(meta={"loss": 1.0})
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert [p.name for p in save.glob("CKPT+*")] == [first.path.name]
+    assert checkpointer.recover_if_possible().path == first.path
 
 
 def test_truncated_checkpoint_file_names_the_file(recipe_checkpointer):
@@ -355,9 +400,7 @@ def test_pickle_bearing_files_are_refused_and_never_run(recipe_checkpointer, tmp
 
 
 def test_every_torch_load_in_the_project_is_weights_only():
-    """Static check over our sources, plus SpeechBrain's default hooks (its own torch.load passes no flag)."""
-    from speechbrain.utils import checkpoints as sb_ckpt
-
+    """Static check over our sources (the developer guide's rule: every torch.load passes weights_only=True)."""
     offenders = []
     for folder in ("lobes", "recipes", "tools", "benchmarks", "tests"):
         for path in sorted((ROOT / folder).rglob("*.py")):
@@ -368,8 +411,26 @@ def test_every_torch_load_in_the_project_is_weights_only():
                     if not (flag and isinstance(flag[0].value, ast.Constant) and flag[0].value.value is True):
                         offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
-    for cls in (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler):
-        assert sb_ckpt.DEFAULT_LOAD_HOOKS[cls] is safe_torch_recovery
+
+
+def test_a_plain_speechbrain_checkpointer_refuses_pickles_too(tmp_path, monkeypatch):
+    """SpeechBrain's own load hooks call torch.load without weights_only, which unpickles on torch < 2.6 (and
+    wherever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, set here to be that torch). Once lobes is imported, a plain
+    SpeechBrain Checkpointer (a user's script, the Pretrainer's path) still refuses a pickle-bearing module,
+    optimizer or scheduler file, and the pickled code never runs."""
+    from speechbrain.utils.checkpoints import Checkpointer
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pickled_code_ran"
+    head = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    for name, obj in (("head", head), ("opt", opt), ("sched", torch.optim.lr_scheduler.StepLR(opt, 1))):
+        ck = Checkpointer(tmp_path / name, {name: obj})
+        target = ck.save_checkpoint().path / f"{name}.ckpt"
+        torch.save({**torch.load(target, weights_only=True), "extra": _Payload(marker)}, target)
+        with pytest.raises(Exception, match="weights_only|Unsupported global|GLOBAL"):
+            ck.recover_if_possible()
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------- atomic checkpoints

@@ -1,8 +1,8 @@
 """Write a tiny, randomly initialised causal LM (LLaMA layout) plus a character tokenizer.
 
-It stands in for the HarmoniFuse text LM in tests and the demo: ``SpeechLM(lm_source=DIR)`` loads it through
+It stands in for the HarmoniFuse text LM in tests and the demo: ``SpeechLM(encoder, lm=DIR)`` loads it through
 the same ``AutoModelForCausalLM.from_pretrained`` path as a real checkpoint; ``char_tokenizer.json`` makes
-``lobes.harmonifuse.speech_lm.load_tokenizer`` pick :class:`lobes.harmonifuse.speech_lm.CharTokenizer` (no download).
+``lobes.harmonifuse.lm_loading.load_tokenizer`` pick :class:`lobes.harmonifuse.lm_loading.CharTokenizer` (no download).
 
     python -m tools.make_tiny_lm --out data/tiny_lm [--layers 4] [--seed 0] [--overwrite]
 """
@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lobes.errors import DataError
-from lobes.harmonifuse.speech_lm import CHAR_TOKENIZER_FILE, CharTokenizer
+from lobes.harmonifuse.lm_loading import CHAR_TOKENIZER_FILE, CharTokenizer
 
 CONFIG = Path(__file__).parent / "tiny_configs" / "causal_lm.json"
 

@@ -16,7 +16,7 @@ fits it and its held-out bank perplexity rises again (on the earlier 60-sentence
 Each sentence is seen both as written and in the normalised transcript form (``lobes.ctc_text``: upper case,
 letters, apostrophes and spaces), the form HarmoniFuse's ASR targets take. Training is next-character
 cross-entropy, ``<bos> text <eos>``, deterministic from the seed. The output is a ``save_pretrained`` directory plus
-``char_tokenizer.json``, which ``SpeechLM(lm_source=DIR)`` loads like any checkpoint; ``pretrain_log.json`` records
+``char_tokenizer.json``, which ``SpeechLM(encoder, lm=DIR)`` loads like any checkpoint; ``pretrain_log.json`` records
 the settings and the held-out perplexity before and after.
 """
 import argparse
@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lobes.ctc_text import normalize_transcript
 from lobes.errors import DataError
-from lobes.harmonifuse.speech_lm import CharTokenizer
+from lobes.harmonifuse.lm_loading import CharTokenizer
 from tools._pretrain_common import SENTENCES_NAME, read_sentences, save_output, train_steps
 from tools.synthetic_text import generated_sentences
 

@@ -11,7 +11,8 @@ Each argument is a ``metrics.json`` file or a folder searched recursively for th
 fold present twice for one experiment is an error naming both files.
 
 Per experiment and metric: the **mean over folds** and a **Student-t 95% interval**
-``mean ± t_{0.975, n-1} · s / sqrt(n)`` (s: sample standard deviation over the n folds; n = 5: t = 2.776). We chose
+``mean ± t_{0.975, n-1} · s / sqrt(n)`` (s: sample standard deviation over the n folds; n = 5: t = 2.776;
+``lobes.significance.t_interval``, the aggregation used over seeds, with folds as the repeated unit). We chose
 the t-interval over a bootstrap of the pooled test predictions because the folds differ mostly by session
 (speakers, scripts): a pooled utterance bootstrap treats the 5 test sets as one sample and leaves this
 between-session variance out, giving intervals that are too narrow for "another speaker pair". With n < 2 folds
@@ -36,6 +37,7 @@ import numpy as np
 from lobes.errors import DataError
 from lobes.io_utils import atomic_write
 from lobes.metrics import metrics_from_confusion, read_metrics
+from lobes.significance import t_interval  # the seeds' aggregation too: one Student-t code for repeated units
 
 N_FOLDS = 5
 METRICS = {"ua": ("test", "uar"), "wa": ("test", "accuracy"), "macro_f1": ("test", "macro_f1"), "wer": (None, "wer"),
@@ -52,19 +54,6 @@ def _metric(data, where, key):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(f"{where}: {section + '.' if section else ''}{name} = {value!r} is not a finite number")
     return float(value)
-
-
-def t_interval(values, confidence=CONFIDENCE):
-    """``(mean, low, high, std)`` of ``values``: Student-t interval of the mean; low/high/std None for n < 2."""
-    from scipy.stats import t
-
-    v = np.asarray(values, dtype=np.float64)
-    mean = float(v.mean())
-    if len(v) < 2:
-        return mean, None, None, None
-    std = float(v.std(ddof=1))
-    half = float(t.ppf(0.5 + confidence / 2, len(v) - 1)) * std / math.sqrt(len(v))
-    return mean, mean - half, mean + half, std
 
 
 def load_folds(paths):
@@ -104,7 +93,7 @@ def summarise(exp, run):
             raise DataError(f"experiment {exp!r}: {METRICS[key][1]} missing in fold(s) {missing} "
                             f"({[run['files'][k] for k in missing]})")
         row[f"{key}_mean"], row[f"{key}_ci_low"], row[f"{key}_ci_high"], row[f"{key}_std"] = \
-            t_interval(list(values.values()))
+            t_interval(list(values.values()), CONFIDENCE)
         for k, v in values.items():
             row[f"{key}_fold{k}"] = v
     confusions = [run["folds"][k].get("test", {}).get("confusion") for k in folds]

@@ -37,9 +37,11 @@ IEMOCAP code, ``vad``), so the same dataio reads them, and ``<save_folder>/class
 speakers (any category) with a transcript, for the in-domain ASR vector. Transcripts go through
 ``lobes.ctc_text.normalize_transcript`` (IEMOCAP marks ``[LAUGHTER]``, ``[BREATHING]``, ``[GARBAGE]``); one
 that is missing or empty after normalisation gives no ``wrd`` and is listed in
-``<save_folder>/excluded_transcripts.txt`` (``id<TAB>reason``). Bad input (an unparsable consensus line, an
-unknown category code, a missing or corrupt wav) raises ``DataError`` naming the file and line; nothing is
-written then.
+``<save_folder>/excluded_transcripts.txt`` (``id<TAB>reason``). Text files are read as UTF-8; a line that is
+not UTF-8 is decoded as cp1252 (``caf\\xe9`` -> ``café``), counted in the log and listed in
+``<save_folder>/cp1252_fallback.txt`` (``file<TAB>line``; ``lobes.text_io``). Bad input (an unparsable
+consensus line, an unknown category code, a missing or corrupt wav) raises ``DataError`` naming the file and
+line; nothing is written then.
 """
 import argparse
 import json
@@ -53,6 +55,7 @@ from lobes.audio import check_audio
 from lobes.ctc_text import normalize_transcript
 from lobes.errors import DataError
 from lobes.io_utils import atomic_write
+from lobes.text_io import TextReader
 
 SAMPLE_RATE = 16000
 N_SESSIONS = 5
@@ -81,50 +84,49 @@ _TRANSCRIPT = re.compile(r"^(Ses\S+)\s+\[[^\]]*\]:\s?(.*)$")
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-def read_emo_evaluation(path, unknown_words=None):
-    """``[{utt, code, vad, votes, line}]`` from one ``EmoEvaluation/<dialog>.txt``.
+def read_emo_evaluation(path, reader, unknown_words=None):
+    """``[{utt, code, vad, votes, line}]`` from one ``EmoEvaluation/<dialog>.txt``, decoded by ``reader`` (a
+    ``lobes.text_io.TextReader``: UTF-8, listed cp1252 fallback).
 
     ``votes``: one list of category codes per ``C-`` evaluator line (``[["neu"], ["ang", "fru"], ...]``);
     an unknown evaluator word counts as ``oth`` (ignored by the soft labels) and is counted in
     ``unknown_words`` (a Counter) when given.
     """
     out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("%"):
-                continue
-            if line.startswith("["):
-                m = _CONSENSUS.match(line)
-                if m is None:
-                    raise DataError(f"{path}:{line_no}: cannot parse consensus line {line!r} "
-                                    "(expected '[start - end]<TAB>utt<TAB>cat<TAB>[V, A, D]')")
-                code = m.group(4).lower()
-                if code not in CATEGORY_CODES:
-                    raise DataError(f"{path}:{line_no}: unknown category {m.group(4)!r} for {m.group(3)} "
-                                    f"(expected one of {list(CATEGORY_CODES)})")
-                out.append({"utt": m.group(3), "code": code, "vad": [float(m.group(i)) for i in (5, 6, 7)],
-                            "votes": [], "line": line_no})
-            elif line.startswith("C-") and out:
-                m = _EVALUATOR.match(line)
-                if m is None:
-                    raise DataError(f"{path}:{line_no}: cannot parse evaluator line {line!r}")
-                words = [w.strip().lower() for w in m.group(2).split(";") if w.strip()]
-                if unknown_words is not None:
-                    unknown_words.update(w for w in words if w not in EVALUATOR_WORDS)
-                out[-1]["votes"].append([EVALUATOR_WORDS.get(w, "oth") for w in words])
+    for line_no, raw in reader.lines(path):
+        line = raw.strip()
+        if not line or line.startswith("%"):
+            continue
+        if line.startswith("["):
+            m = _CONSENSUS.match(line)
+            if m is None:
+                raise DataError(f"{path}:{line_no}: cannot parse consensus line {line!r} "
+                                "(expected '[start - end]<TAB>utt<TAB>cat<TAB>[V, A, D]')")
+            code = m.group(4).lower()
+            if code not in CATEGORY_CODES:
+                raise DataError(f"{path}:{line_no}: unknown category {m.group(4)!r} for {m.group(3)} "
+                                f"(expected one of {list(CATEGORY_CODES)})")
+            out.append({"utt": m.group(3), "code": code, "vad": [float(m.group(i)) for i in (5, 6, 7)],
+                        "votes": [], "line": line_no})
+        elif line.startswith("C-") and out:
+            m = _EVALUATOR.match(line)
+            if m is None:
+                raise DataError(f"{path}:{line_no}: cannot parse evaluator line {line!r}")
+            words = [w.strip().lower() for w in m.group(2).split(";") if w.strip()]
+            if unknown_words is not None:
+                unknown_words.update(w for w in words if w not in EVALUATOR_WORDS)
+            out[-1]["votes"].append([EVALUATOR_WORDS.get(w, "oth") for w in words])
     return out
 
 
-def read_transcriptions(path):
-    """``{utt: raw text}`` from one ``transcriptions/<dialog>.txt`` (lines that are not ``<utt> [..]: text``
-    are skipped)."""
+def read_transcriptions(path, reader):
+    """``{utt: raw text}`` from one ``transcriptions/<dialog>.txt`` decoded by ``reader`` (lines that are not
+    ``<utt> [..]: text`` are skipped)."""
     out = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            m = _TRANSCRIPT.match(line.strip())
-            if m:
-                out[m.group(1)] = m.group(2)
+    for _, line in reader.lines(path):
+        m = _TRANSCRIPT.match(line.strip())
+        if m:
+            out[m.group(1)] = m.group(2)
     return out
 
 
@@ -185,9 +187,9 @@ def _sorted_txt(folder):
                       and not e.name.startswith("."))
 
 
-def read_corpus(data_folder, unknown_words=None):
+def read_corpus(data_folder, reader, unknown_words=None):
     """Every evaluated utterance: ``[{utt, session, dialog, code, vad, votes, spk_id, gender, wav, text}]``
-    (``text`` None when the dialog's transcription has no line for it)."""
+    (``text`` None when the dialog's transcription has no line for it); text files are decoded by ``reader``."""
     utts, seen = [], {}
     for session in range(1, N_SESSIONS + 1):
         sdir = data_folder / f"Session{session}"
@@ -199,8 +201,8 @@ def read_corpus(data_folder, unknown_words=None):
         for emo_path in emo_files:
             dialog = emo_path.stem
             trans_path = sdir / "dialog" / "transcriptions" / f"{dialog}.txt"
-            texts = read_transcriptions(trans_path) if trans_path.is_file() else {}
-            for u in read_emo_evaluation(emo_path, unknown_words):
+            texts = read_transcriptions(trans_path, reader) if trans_path.is_file() else {}
+            for u in read_emo_evaluation(emo_path, reader, unknown_words):
                 utt = u["utt"]
                 where = f"{emo_path}:{u['line']}"
                 if not utt.startswith(f"Ses{session:02d}"):
@@ -236,59 +238,31 @@ def _outputs(save_folder, folds, asr_manifests):
     return {k: {s: save_folder / f"fold{k}" / f"{s}.json" for s in names} for k in folds}
 
 
-def prepare_iemocap(data_folder, save_folder, class_map=None, folds=(1, 2, 3, 4, 5), valid_gender="F",
-                    asr_manifests=True, skip_prep=False):
-    """Write the leave-one-session-out manifests (see the module docstring).
-
-    Arguments
-    ---------
-    data_folder : str or Path
-        The ``IEMOCAP_full_release`` folder (holding ``Session1`` ... ``Session5``).
-    save_folder : str or Path
-        Where ``classes.txt``, ``excluded_transcripts.txt`` and ``fold{k}/*.json`` go.
-    class_map : dict or None
-        IEMOCAP category code -> class name (YAML-passable); None = ``DEFAULT_CLASS_MAP`` (4 classes).
-    folds : sequence of int
-        Test sessions to write folds for (1..5).
-    valid_gender : str
-        ``"F"`` or ``"M"``: the validation speaker of fold k is this speaker of Session ``k % 5 + 1``.
-    asr_manifests : bool
-        Also write ``fold{k}/asr_{split}.json`` (all evaluated utterances with a transcript).
-    skip_prep : bool
-        Return the paths without doing anything.
-
-    Returns
-    -------
-    dict
-        ``{fold: {split: manifest path}}``; ``<save_folder>/classes.txt`` lists the classes.
-    """
-    save_folder = Path(save_folder)
+def _check_options(class_map, folds, valid_gender):
+    """(class map, folds as ints) after checking every option; DataError naming the bad one."""
     class_map = _check_class_map(DEFAULT_CLASS_MAP if class_map is None else class_map)
     folds = tuple(int(k) for k in folds)
     if not folds or any(k < 1 or k > N_SESSIONS for k in folds):
         raise DataError(f"folds must be test sessions among 1..{N_SESSIONS}, got {list(folds)}")
     if valid_gender not in ("F", "M"):
         raise DataError(f"valid_gender must be 'F' or 'M', got {valid_gender!r}")
-    paths = _outputs(save_folder, folds, asr_manifests)
-    if skip_prep:
-        return paths
-    data_folder = Path(data_folder).resolve()
-    if not data_folder.is_dir():
-        raise DataError(f"{data_folder}: IEMOCAP data_folder not found")
-    opts = _opts(data_folder, class_map, folds, valid_gender, asr_manifests)
-    opts_path = save_folder / OPTS_FILE
-    if opts_path.exists() and all(p.exists() for f in paths.values() for p in f.values()):
-        try:
-            if json.loads(opts_path.read_text(encoding="utf-8")) == opts:
-                print(f"IEMOCAP manifests in {save_folder} already prepared with the same options; skipping.")
-                return paths
-        except (OSError, ValueError):
-            pass
-    classes = classes_of(class_map)
+    return class_map, folds
 
-    # All parsing and checks first; nothing is written before they pass.
-    unknown_words = Counter()
-    utts = read_corpus(data_folder, unknown_words)
+
+def _already_done(save_folder, paths, opts):
+    """True when every manifest exists and the options file records the same options."""
+    opts_path = save_folder / OPTS_FILE
+    if not opts_path.exists() or not all(p.exists() for f in paths.values() for p in f.values()):
+        return False
+    try:
+        return json.loads(opts_path.read_text(encoding="utf-8")) == opts
+    except (OSError, ValueError):
+        return False
+
+
+def build_entries(utts, class_map, classes, asr_manifests):
+    """``({utt: manifest entry}, [(utt, reason)])``: the entries of the SER utterances (and, with
+    ``asr_manifests``, of every other evaluated one), checking each wav; the excluded-transcript list."""
     entries, excluded = {}, []
     for u in utts:
         keep_ser = u["code"] in class_map
@@ -311,32 +285,89 @@ def prepare_iemocap(data_folder, save_folder, class_map=None, folds=(1, 2, 3, 4,
             else:
                 excluded.append((u["utt"], f"transcript empty after normalisation (raw: {u['text'].strip()[:80]!r})"))
         entries[u["utt"]] = item
+    return entries, excluded
 
-    manifests = {}
-    for k in folds:
-        valid_spk, test_spks = fold_speakers(k, valid_gender)
-        out = {name: {} for name in paths[k]}
-        for utt, item in entries.items():
-            spk = item["spk_id"]
-            split = "test" if spk in test_spks else "valid" if spk == valid_spk else "train"
-            if "emo" in item:
-                out[split][utt] = item
-            if asr_manifests and "wrd" in item:
-                out[f"asr_{split}"][utt] = {key: v for key, v in item.items() if key not in ("emo", "emo_soft")}
-        manifests[k] = out
 
-    opts_path.unlink(missing_ok=True)  # the options file goes last: a crash mid-way never looks 'already done'
+def fold_manifests(entries, fold, valid_gender, names):
+    """``{name: manifest}`` of one fold, for each manifest ``name`` (``train`` ... and ``asr_train`` ...)."""
+    valid_spk, test_spks = fold_speakers(fold, valid_gender)
+    out = {name: {} for name in names}
+    asr = "asr_train" in out
+    for utt, item in entries.items():
+        spk = item["spk_id"]
+        split = "test" if spk in test_spks else "valid" if spk == valid_spk else "train"
+        if "emo" in item:
+            out[split][utt] = item
+        if asr and "wrd" in item:
+            out[f"asr_{split}"][utt] = {key: v for key, v in item.items() if key not in ("emo", "emo_soft")}
+    return out
+
+
+def _write_outputs(save_folder, paths, manifests, classes, excluded, reader, opts):
+    """Every output file, each atomically; the options file last, so a crash mid-way never looks 'already
+    done' (it is removed first)."""
+    opts_path = save_folder / OPTS_FILE
+    opts_path.unlink(missing_ok=True)
     with atomic_write(save_folder / CLASSES_FILE, encoding="utf-8") as f:
         f.write("".join(c + "\n" for c in classes))
     with atomic_write(save_folder / EXCLUDED_FILE, encoding="utf-8") as f:
         f.write("id\treason\n")
         f.writelines(f"{utt}\t{reason}\n" for utt, reason in excluded)
+    reader.write_report(save_folder)
     for k, out in manifests.items():
         for name, manifest in out.items():
             with atomic_write(paths[k][name], encoding="utf-8") as f:
                 write_manifest(manifest, f)
     with atomic_write(opts_path, encoding="utf-8") as f:
         json.dump(opts, f, indent=2)
+
+
+def prepare_iemocap(data_folder, save_folder, class_map=None, folds=(1, 2, 3, 4, 5), valid_gender="F",
+                    asr_manifests=True, skip_prep=False):
+    """Write the leave-one-session-out manifests (see the module docstring).
+
+    Arguments
+    ---------
+    data_folder : str or Path
+        The ``IEMOCAP_full_release`` folder (holding ``Session1`` ... ``Session5``).
+    save_folder : str or Path
+        Where ``classes.txt``, ``excluded_transcripts.txt``, ``cp1252_fallback.txt`` and ``fold{k}/*.json`` go.
+    class_map : dict or None
+        IEMOCAP category code -> class name (YAML-passable); None = ``DEFAULT_CLASS_MAP`` (4 classes).
+    folds : sequence of int
+        Test sessions to write folds for (1..5).
+    valid_gender : str
+        ``"F"`` or ``"M"``: the validation speaker of fold k is this speaker of Session ``k % 5 + 1``.
+    asr_manifests : bool
+        Also write ``fold{k}/asr_{split}.json`` (all evaluated utterances with a transcript).
+    skip_prep : bool
+        Return the paths without doing anything.
+
+    Returns
+    -------
+    dict
+        ``{fold: {split: manifest path}}``; ``<save_folder>/classes.txt`` lists the classes.
+    """
+    save_folder = Path(save_folder)
+    class_map, folds = _check_options(class_map, folds, valid_gender)
+    paths = _outputs(save_folder, folds, asr_manifests)
+    if skip_prep:
+        return paths
+    data_folder = Path(data_folder).resolve()
+    if not data_folder.is_dir():
+        raise DataError(f"{data_folder}: IEMOCAP data_folder not found")
+    opts = _opts(data_folder, class_map, folds, valid_gender, asr_manifests)
+    if _already_done(save_folder, paths, opts):
+        print(f"IEMOCAP manifests in {save_folder} already prepared with the same options; skipping.")
+        return paths
+    classes = classes_of(class_map)
+
+    # All parsing and checks first; nothing is written before they pass.
+    reader, unknown_words = TextReader(), Counter()
+    utts = read_corpus(data_folder, reader, unknown_words)
+    entries, excluded = build_entries(utts, class_map, classes, asr_manifests)
+    manifests = {k: fold_manifests(entries, k, valid_gender, paths[k]) for k in folds}
+    _write_outputs(save_folder, paths, manifests, classes, excluded, reader, opts)
     _log_counts(entries, classes, manifests, excluded, class_map, save_folder)
     if unknown_words:
         print(f"  evaluator category words not recognised (ignored, like 'Other'): {dict(unknown_words)}")

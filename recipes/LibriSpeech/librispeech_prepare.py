@@ -8,7 +8,8 @@ Layout: ``<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac`` with ``<s
 (``ID TRANSCRIPT`` lines). Writes ``<save_folder>/<split>.json``: ``{utt_id: {wav, duration, spk_id, wrd}}``
 with ``wrd`` normalised by ``lobes.ctc_text.normalize_transcript`` and durations read from the flac headers.
 An utterance whose transcript is empty after normalisation is left out, counted in the log and listed in
-``<save_folder>/excluded_transcripts.txt`` (``id<TAB>reason``).
+``<save_folder>/excluded_transcripts.txt`` (``id<TAB>reason``). A ``trans.txt`` line that is not UTF-8 is decoded as
+cp1252, counted in the log and listed in ``<save_folder>/cp1252_fallback.txt`` (``file<TAB>line``; ``lobes.text_io``).
 Splits absent on disk are skipped with a message, unless listed in ``required_splits``.
 """
 import argparse
@@ -21,6 +22,7 @@ from lobes.audio import check_audio
 from lobes.ctc_text import normalize_transcript
 from lobes.errors import DataError
 from lobes.io_utils import atomic_write
+from lobes.text_io import TextReader
 
 SAMPLE_RATE = 16000
 DEFAULT_SPLITS = ("train-clean-100", "dev-clean", "dev-other", "test-clean", "test-other")
@@ -40,26 +42,26 @@ def _subdirs(folder):
         return sorted(e.path for e in it if e.is_dir())
 
 
-def read_trans(path):
-    """``{utt_id: raw transcript}`` from one ``<spk>-<chapter>.trans.txt``."""
+def read_trans(path, reader):
+    """``{utt_id: raw transcript}`` from one ``<spk>-<chapter>.trans.txt``, decoded by ``reader`` (a
+    ``lobes.text_io.TextReader``)."""
     out = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            utt, _, text = line.partition(" ")
-            if utt in out:
-                raise DataError(f"{path}:{line_no}: utterance {utt} listed twice")
-            out[utt] = text
+    for line_no, line in reader.lines(path):
+        line = line.strip()
+        if not line:
+            continue
+        utt, _, text = line.partition(" ")
+        if utt in out:
+            raise DataError(f"{path}:{line_no}: utterance {utt} listed twice")
+        out[utt] = text
     return out
 
 
-def prepare_split(split_dir, excluded=None):
+def prepare_split(split_dir, reader, excluded=None):
     """Manifest dict of one split folder; every flac must be in its trans.txt and vice versa.
 
     An utterance whose transcript is empty after normalisation is left out and appended to ``excluded`` as
-    ``(utt_id, reason)`` (never an abort).
+    ``(utt_id, reason)`` (never an abort). Transcripts are decoded by ``reader``.
     """
     manifest = {}
     excluded = [] if excluded is None else excluded
@@ -74,7 +76,7 @@ def prepare_split(split_dir, excluded=None):
                 if flacs:
                     raise DataError(f"{trans_path}: transcript file missing for {len(flacs)} flac file(s)")
                 continue
-            trans = read_trans(trans_path)
+            trans = read_trans(trans_path, reader)
             for utt in sorted(flacs):
                 if utt not in trans:
                     raise DataError(f"{flacs[utt]}: utterance {utt} not found in {trans_path}")
@@ -130,8 +132,8 @@ def prepare_librispeech(data_folder, save_folder, splits=DEFAULT_SPLITS, skip_pr
         except (OSError, ValueError):
             pass
 
-    excluded = []
-    manifests = {s: prepare_split(data_folder / s, excluded) for s in present}  # all checks before any write
+    excluded, reader = [], TextReader()
+    manifests = {s: prepare_split(data_folder / s, reader, excluded) for s in present}  # all checks before any write
     opts_path.unlink(missing_ok=True)
     for s, manifest in manifests.items():
         with atomic_write(paths[s]) as f:
@@ -145,9 +147,30 @@ def prepare_librispeech(data_folder, save_folder, splits=DEFAULT_SPLITS, skip_pr
     if excluded:
         print(f"  {len(excluded)} utterance(s) with a transcript empty after normalisation left out; "
               f"listed in {save_folder / EXCLUDED_FILE}")
+    reader.write_report(save_folder)
     with atomic_write(opts_path) as f:
         json.dump(opts, f, indent=2)
     return paths
+
+
+def librispeech_manifests(hparams):
+    """``{train, valid, test}`` -> manifest paths in ``prep_folder`` of the YAML's ``train_split``,
+    ``valid_split`` and ``test_split``."""
+    folder = Path(hparams["prep_folder"])
+    return {k: str(folder / f"{hparams[f'{k}_split']}.json") for k in ("train", "valid", "test")}
+
+
+def prepare_from_hparams(hparams):
+    """A recipe's stage 0: unless ``skip_prep``, prepare the YAML's ``train_split``, ``valid_split`` and
+    ``test_split`` (all required; a rerun with the same options is skipped) on the main process."""
+    if hparams["skip_prep"]:
+        return
+    from speechbrain.utils.distributed import run_on_main
+
+    splits = tuple(hparams[f"{k}_split"] for k in ("train", "valid", "test"))
+    run_on_main(prepare_librispeech, kwargs={"data_folder": hparams["data_folder"],
+                                             "save_folder": hparams["prep_folder"], "splits": splits,
+                                             "required_splits": splits})
 
 
 def main(argv=None):

@@ -13,6 +13,9 @@ and ``Transcripts/<stem>.txt`` (normalised for CTC by ``lobes.ctc_text.normalize
 A transcript that is empty after normalisation (only "[laughter]", only punctuation) gives no ``wrd``: with
 ``transcript_only`` the utterance is left out, otherwise it stays for SER without ``wrd``; either way it is
 counted in the log and listed in ``<save_folder>/excluded_transcripts.txt`` (``id<TAB>reason``).
+Transcripts are read as UTF-8; a line that is not is decoded as cp1252, counted in the log and listed in
+``<save_folder>/cp1252_fallback.txt`` (``file<TAB>line``; ``lobes.text_io``). The label CSVs must be UTF-8
+(``DataError`` naming the first line that is not).
 
 Durations: with ``check_audio=True`` each file's header is read (sample rate, length; nothing decoded);
 with ``check_audio=False`` they are estimated from the file size assuming 16 kHz 16-bit mono PCM with a
@@ -30,6 +33,7 @@ from lobes.audio import check_audio as check_audio_file
 from lobes.ctc_text import normalize_transcript
 from lobes.errors import DataError
 from lobes.io_utils import atomic_write
+from lobes.text_io import TextReader, not_utf8_error
 
 SAMPLE_RATE = 16000
 CONSENSUS_COLUMNS = ["FileName", "EmoClass", "SpkrID", "Gender", "Split_Set"]
@@ -202,6 +206,125 @@ def _already_done(save_folder, splits, opts):
         return False
 
 
+def _check_options(splits, classes, test_splits):
+    """(classes as a list, test_splits as a list) after checking every option."""
+    unknown = set(splits) - {"train", "valid", "test"}
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; choose among train, valid, test")
+    classes = list(classes)
+    foreign = [c for c in classes if c not in MSP_CLASSES]
+    if foreign:
+        raise DataError(f"emotion_classes {foreign} are not MSP-Podcast classes {MSP_CLASSES}")
+    return classes, _test_splits(test_splits)
+
+
+def read_consensus(labels_path, wanted, classes):
+    """``[(split, stem, emotion, row)]`` of ``labels_consensus.csv``: the rows whose ``Split_Set`` is in
+    ``wanted`` (``{Split_Set: split}``) and whose class is among ``classes`` (O / X dropped), validated,
+    without touching audio."""
+    rows = []
+    try:
+        with open(labels_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing_cols = [c for c in CONSENSUS_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing_cols:
+                raise DataError(f"{labels_path}: missing column(s) {missing_cols}")
+            for line_no, row in enumerate(reader, start=2):
+                split = wanted.get(row["Split_Set"].strip())
+                if split is None:
+                    continue
+                letter = row["EmoClass"].strip()
+                if letter in DROPPED_LETTERS:
+                    continue
+                if letter not in LETTER_TO_EMOTION:
+                    raise DataError(f"{labels_path}:{line_no}: unknown EmoClass {letter!r} for {row['FileName']}")
+                if LETTER_TO_EMOTION[letter] in classes:
+                    rows.append((split, _stem(row["FileName"]), LETTER_TO_EMOTION[letter], row))
+    except UnicodeDecodeError:
+        raise not_utf8_error(labels_path) from None
+    return rows
+
+
+def _votes(data_folder, rows, classes):
+    """The detailed votes of the utterances in ``rows`` (``{}`` with a warning when the file is absent)."""
+    detailed_path = data_folder / "Labels" / "labels_detailed.csv"
+    if not detailed_path.is_file():
+        print(f"Warning: {detailed_path} not found; emo_soft is the one-hot consensus class.")
+        return {}
+    try:
+        return read_detailed_votes(detailed_path, {stem for _, stem, _, _ in rows}, classes)
+    except UnicodeDecodeError:
+        raise not_utf8_error(detailed_path) from None
+
+
+def build_manifests(data_folder, rows, splits, classes, transcript_only, check_audio, reader):
+    """``({split: manifest}, [(utt, reason)])`` from the consensus ``rows``: per-utterance checks (audio
+    present and valid), soft labels and normalised transcripts (decoded by ``reader``); the second item lists
+    the transcripts that normalise to nothing."""
+    labels_path = data_folder / "Labels" / "labels_consensus.csv"
+    audio_dir = data_folder / "Audios"
+    audios = _list_dir(audio_dir, ".wav")
+    transcripts = _list_dir(data_folder / "Transcripts", ".txt")
+    votes = _votes(data_folder, rows, classes)
+    manifests = {s: {} for s in splits}
+    excluded = []
+    for split, stem, emo, row in rows:
+        entry = audios.get(stem)
+        if entry is None:
+            raise DataError(f"{labels_path}: audio file for {row['FileName']} not found in {audio_dir}")
+        wrd = None
+        if stem in transcripts:
+            raw = reader.text(transcripts[stem].path)
+            wrd = normalize_transcript(raw)
+            if not wrd:  # e.g. only "[laughter]": out of the ASR subset, listed, never an abort
+                excluded.append((stem, f"transcript empty after normalisation (raw: {raw.strip()[:80]!r})"))
+        if transcript_only and not wrd:
+            continue
+        if check_audio:
+            duration = check_audio_file(entry.path, SAMPLE_RATE)
+        else:
+            duration = max(0, entry.stat().st_size - WAV_HEADER_BYTES) / BYTES_PER_SECOND
+        item = {"wav": entry.path, "duration": round(duration, 4), "emo": emo,
+                "emo_soft": soft_label(votes.get(stem), emo, classes),
+                "spk_id": row["SpkrID"].strip(), "gender": row["Gender"].strip()}
+        if wrd:
+            item["wrd"] = wrd
+        if stem in manifests[split]:
+            raise DataError(f"{labels_path}: {row['FileName']} listed twice")
+        manifests[split][stem] = item
+    return manifests, excluded
+
+
+def _write_outputs(save_folder, paths, manifests, excluded, reader, opts):
+    """Every output, atomically. The options file goes last (removed first), so a crash mid-way never looks
+    'already done'."""
+    (save_folder / OPTS_FILE).unlink(missing_ok=True)
+    for split, manifest in manifests.items():
+        with atomic_write(paths[split]) as f:
+            write_manifest(manifest, f)
+    write_excluded(save_folder / EXCLUDED_FILE, excluded)
+    reader.write_report(save_folder)
+    with atomic_write(save_folder / OPTS_FILE) as f:
+        json.dump(opts, f, indent=2)
+
+
+def _log_summary(save_folder, rows, manifests, excluded, transcript_only, test_splits, classes):
+    if excluded:
+        where = "left out of the manifests" if transcript_only else "kept without 'wrd' (not in the ASR subset)"
+        print(f"{len(excluded)} utterance(s) whose transcript is empty after normalisation {where}; "
+              f"listed in {save_folder / EXCLUDED_FILE}")
+    split_set = {stem: row["Split_Set"].strip() for _, stem, _, row in rows}
+    subset = " (utterances with a transcript only)" if transcript_only else ""
+    print(f"MSP-Podcast manifests{subset} written to {save_folder} (test = {' + '.join(test_splits)}):")
+    for split, manifest in manifests.items():
+        per_class = Counter(item["emo"] for item in manifest.values())
+        n_wrd = sum("wrd" in item for item in manifest.values())
+        per_set = Counter(split_set[stem] for stem in manifest)
+        sets = f" [{', '.join(f'{k} {per_set[k]}' for k in test_splits)}]" if split == "test" and len(test_splits) > 1 else ""
+        print(f"  {split}: {len(manifest)} utterances{sets} ({n_wrd} with transcript; the paper's transcript subset "
+              f"of v1.12: {PAPER_COUNTS[split]:,}); " + ", ".join(f"{e} {per_class.get(e, 0)}" for e in classes))
+
+
 def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "test"), transcript_only=False,
                         test_splits=("Test1",), skip_prep=False, check_audio=True, classes=MSP_CLASSES):
     """Write ``<save_folder>/<split>.json`` for each of ``splits`` (names among train / valid / test).
@@ -219,14 +342,7 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
     paths = {s: save_folder / f"{s}.json" for s in splits}
     if skip_prep:
         return paths
-    unknown = set(splits) - {"train", "valid", "test"}
-    if unknown:
-        raise ValueError(f"unknown split(s) {sorted(unknown)}; choose among train, valid, test")
-    classes = list(classes)
-    foreign = [c for c in classes if c not in MSP_CLASSES]
-    if foreign:
-        raise DataError(f"emotion_classes {foreign} are not MSP-Podcast classes {MSP_CLASSES}")
-    test_splits = _test_splits(test_splits)
+    classes, test_splits = _check_options(splits, classes, test_splits)
     opts = _opts(data_folder, splits, transcript_only, test_splits, check_audio, classes)
     if _already_done(save_folder, splits, opts):
         print(f"MSP-Podcast manifests in {save_folder} already prepared with the same options; skipping.")
@@ -236,96 +352,26 @@ def prepare_msp_podcast(data_folder, save_folder, splits=("train", "valid", "tes
     labels_path = data_folder / "Labels" / "labels_consensus.csv"
     if not labels_path.is_file():
         raise DataError(f"{labels_path}: MSP-Podcast consensus labels not found (is data_folder right?)")
-    audio_dir = data_folder / "Audios"
     wanted = {k: v for k, v in _split_map(test_splits).items() if v in splits}
-
-    # Pass 1: consensus rows of the wanted splits (validated), without touching audio.
-    rows = []
-    with open(labels_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing_cols = [c for c in CONSENSUS_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing_cols:
-            raise DataError(f"{labels_path}: missing column(s) {missing_cols}")
-        for line_no, row in enumerate(reader, start=2):
-            split = wanted.get(row["Split_Set"].strip())
-            if split is None:
-                continue
-            letter = row["EmoClass"].strip()
-            if letter in DROPPED_LETTERS:
-                continue
-            if letter not in LETTER_TO_EMOTION:
-                raise DataError(f"{labels_path}:{line_no}: unknown EmoClass {letter!r} for {row['FileName']}")
-            if LETTER_TO_EMOTION[letter] in classes:
-                rows.append((split, _stem(row["FileName"]), LETTER_TO_EMOTION[letter], row))
-    split_set = {stem: row["Split_Set"].strip() for _, stem, _, row in rows}
-
-    audios = _list_dir(audio_dir, ".wav")
-    transcripts = _list_dir(data_folder / "Transcripts", ".txt")
-    detailed_path = data_folder / "Labels" / "labels_detailed.csv"
-    keep = {stem for _, stem, _, _ in rows}
-    if detailed_path.is_file():
-        votes = read_detailed_votes(detailed_path, keep, classes)
-    else:
-        print(f"Warning: {detailed_path} not found; emo_soft is the one-hot consensus class.")
-        votes = {}
-
-    # Pass 2: per-utterance checks and manifest entries.
-    manifests = {s: {} for s in splits}
-    excluded = []  # (utt_id, reason): transcripts that normalise to nothing
-    for split, stem, emo, row in rows:
-        entry = audios.get(stem)
-        if entry is None:
-            raise DataError(f"{labels_path}: audio file for {row['FileName']} not found in {audio_dir}")
-        wrd = None
-        if stem in transcripts:
-            with open(transcripts[stem].path, encoding="utf-8", errors="replace") as f:
-                raw = f.read()
-            wrd = normalize_transcript(raw)
-            if not wrd:  # e.g. only "[laughter]": out of the ASR subset, listed, never an abort
-                excluded.append((stem, f"transcript empty after normalisation (raw: {raw.strip()[:80]!r})"))
-        if transcript_only and not wrd:
-            continue
-        if check_audio:
-            duration = check_audio_file(entry.path, SAMPLE_RATE)
-        else:
-            duration = max(0, entry.stat().st_size - WAV_HEADER_BYTES) / BYTES_PER_SECOND
-        item = {
-            "wav": entry.path,
-            "duration": round(duration, 4),
-            "emo": emo,
-            "emo_soft": soft_label(votes.get(stem), emo, classes),
-            "spk_id": row["SpkrID"].strip(),
-            "gender": row["Gender"].strip(),
-        }
-        if wrd:
-            item["wrd"] = wrd
-        if stem in manifests[split]:
-            raise DataError(f"{labels_path}: {row['FileName']} listed twice")
-        manifests[split][stem] = item
-
-    # All checks passed: write. The options file goes last, so a crash mid-way never looks 'already done'.
-    (save_folder / OPTS_FILE).unlink(missing_ok=True)
-    for split, manifest in manifests.items():
-        with atomic_write(paths[split]) as f:
-            write_manifest(manifest, f)
-    write_excluded(save_folder / EXCLUDED_FILE, excluded)
-    with atomic_write(save_folder / OPTS_FILE) as f:
-        json.dump(opts, f, indent=2)
-
-    if excluded:
-        where = "left out of the manifests" if transcript_only else "kept without 'wrd' (not in the ASR subset)"
-        print(f"{len(excluded)} utterance(s) whose transcript is empty after normalisation {where}; "
-              f"listed in {save_folder / EXCLUDED_FILE}")
-    subset = " (utterances with a transcript only)" if transcript_only else ""
-    print(f"MSP-Podcast manifests{subset} written to {save_folder} (test = {' + '.join(test_splits)}):")
-    for split, manifest in manifests.items():
-        per_class = Counter(item["emo"] for item in manifest.values())
-        n_wrd = sum("wrd" in item for item in manifest.values())
-        per_set = Counter(split_set[stem] for stem in manifest)
-        sets = f" [{', '.join(f'{k} {per_set[k]}' for k in test_splits)}]" if split == "test" and len(test_splits) > 1 else ""
-        print(f"  {split}: {len(manifest)} utterances{sets} ({n_wrd} with transcript; the paper's transcript subset "
-              f"of v1.12: {PAPER_COUNTS[split]:,}); " + ", ".join(f"{e} {per_class.get(e, 0)}" for e in classes))
+    rows = read_consensus(labels_path, wanted, classes)  # pass 1: labels only
+    reader = TextReader()
+    manifests, excluded = build_manifests(data_folder, rows, splits, classes, transcript_only, check_audio, reader)
+    _write_outputs(save_folder, paths, manifests, excluded, reader, opts)  # all checks passed
+    _log_summary(save_folder, rows, manifests, excluded, transcript_only, test_splits, classes)
     return paths
+
+
+def prepare_from_hparams(hparams, classes=MSP_CLASSES):
+    """A recipe's stage 0: unless ``skip_prep``, prepare ``data_folder`` into ``prep_folder`` on the main
+    process (``transcript_only``, ``test_splits`` from the YAML; ``classes`` = the recipe's
+    ``emotion_classes``, all 8 for ASR). A rerun with the same options is skipped."""
+    if hparams["skip_prep"]:
+        return
+    from speechbrain.utils.distributed import run_on_main
+
+    run_on_main(prepare_msp_podcast, kwargs={
+        "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
+        "transcript_only": hparams["transcript_only"], "test_splits": hparams["test_splits"], "classes": classes})
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ import speechbrain as sb
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from librispeech_prepare import prepare_librispeech  # noqa: E402
+from librispeech_prepare import librispeech_manifests, prepare_from_hparams  # noqa: E402
 
 from lobes import ctc  # noqa: E402
 from lobes.brains import ToolkitBrain, export_finetuned_backbone, fit_and_evaluate  # noqa: E402
@@ -59,12 +59,8 @@ if __name__ == "__main__":
     hparams, base_file, overrides = load_hparams(hparams_file, overrides)
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=base_file,
                                    overrides=overrides)
-    splits = {"train": hparams["train_split"], "valid": hparams["valid_split"], "test": hparams["test_split"]}
-    if not hparams["skip_prep"]:
-        sb.utils.distributed.run_on_main(prepare_librispeech, kwargs={
-            "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
-            "splits": tuple(splits.values()), "required_splits": tuple(splits.values())})
-    datasets = asr_datasets({k: str(Path(hparams["prep_folder"]) / f"{v}.json") for k, v in splits.items()})
+    prepare_from_hparams(hparams)
+    datasets = asr_datasets(librispeech_manifests(hparams))
 
     brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                      run_opts=run_opts, checkpointer=hparams["checkpointer"])

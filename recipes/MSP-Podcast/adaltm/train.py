@@ -14,7 +14,7 @@ from pathlib import Path
 import speechbrain as sb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msp_podcast_prepare import msp_manifests, prepare_msp_podcast  # noqa: E402
+from msp_podcast_prepare import msp_manifests, prepare_from_hparams  # noqa: E402
 
 from lobes.adaltm.brain import AdaLTMBrainBase, use_feature_cache  # noqa: E402
 from lobes.adaltm.feature_cache import cached_hidden  # noqa: E402
@@ -65,11 +65,7 @@ if __name__ == "__main__":
     hparams, base_file, overrides = load_hparams(hparams_file, overrides)
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=base_file,
                                    overrides=overrides)
-    if not hparams["skip_prep"]:
-        sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
-            "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
-            "transcript_only": hparams["transcript_only"], "test_splits": hparams["test_splits"],
-            "classes": hparams["emotion_classes"]})
+    prepare_from_hparams(hparams, hparams["emotion_classes"])
     manifests = msp_manifests(hparams)
     device = run_opts.get("device") or sb.utils.distributed.infer_device()
     datasets = use_feature_cache(hparams, ser_datasets(manifests, hparams["emotion_classes"]), device)

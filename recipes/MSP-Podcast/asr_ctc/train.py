@@ -10,7 +10,7 @@ import speechbrain as sb
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from msp_podcast_prepare import msp_manifests, prepare_msp_podcast  # noqa: E402
+from msp_podcast_prepare import msp_manifests, prepare_from_hparams  # noqa: E402
 
 from lobes import ctc  # noqa: E402
 from lobes.brains import ToolkitBrain, export_finetuned_backbone, fit_and_evaluate  # noqa: E402
@@ -57,10 +57,7 @@ if __name__ == "__main__":
     hparams, base_file, overrides = load_hparams(hparams_file, overrides)
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=base_file,
                                    overrides=overrides)
-    if not hparams["skip_prep"]:
-        sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
-            "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
-            "transcript_only": hparams["transcript_only"], "test_splits": hparams["test_splits"]})
+    prepare_from_hparams(hparams)
     datasets = asr_datasets(msp_manifests(hparams))
 
     brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,

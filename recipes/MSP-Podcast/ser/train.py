@@ -11,7 +11,7 @@ from pathlib import Path
 import speechbrain as sb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/MSP-Podcast: the prepare script
-from msp_podcast_prepare import msp_manifests, prepare_msp_podcast  # noqa: E402
+from msp_podcast_prepare import msp_manifests, prepare_from_hparams  # noqa: E402
 
 from lobes.brains import ToolkitBrain, export_finetuned_backbone, fit_and_evaluate  # noqa: E402
 from lobes.collectors import SERCollector, run_record  # noqa: E402
@@ -54,11 +54,7 @@ if __name__ == "__main__":
     hparams, base_file, overrides = load_hparams(hparams_file, overrides)
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=base_file,
                                    overrides=overrides)
-    if not hparams["skip_prep"]:
-        sb.utils.distributed.run_on_main(prepare_msp_podcast, kwargs={
-            "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
-            "transcript_only": hparams["transcript_only"], "test_splits": hparams["test_splits"],
-            "classes": hparams["emotion_classes"]})
+    prepare_from_hparams(hparams, hparams["emotion_classes"])
     manifests = msp_manifests(hparams)
     datasets = ser_datasets(manifests, hparams["emotion_classes"])
     hparams["loss"].set_counts(class_counts(manifests["train"], hparams["emotion_classes"]))
