@@ -54,8 +54,8 @@ from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion, masked_mean
 from lobes.harmonifuse.generation import generate_text
 from lobes.harmonifuse.layer_select import freeze_unused_encoder_parameters, make_encoder_fusion
 from lobes.harmonifuse.lm_loading import LMSettings, final_norm, frozen_lm_mode, hf_model, load_lm
-from lobes.harmonifuse.targets import (chunked_cross_entropy, label_indices, soft_target_loss, soft_target_pairs,
-                                      target_token_ids, teacher_forcing_tensors)
+from lobes.harmonifuse import targets as T
+from lobes.harmonifuse.targets import chunked_cross_entropy, label_indices, target_token_ids, teacher_forcing_tensors
 
 PROMPT_MODES = ("text", "soft")
 SER_MODES = ("generate", "classify")
@@ -142,7 +142,6 @@ class SpeechLMOutput:
     target_ids: torch.Tensor      # generate: [B, N] with -100 on padding; classify: [B] label indices
     lm_weights: torch.Tensor      # [B, L] dynamic LM-layer weights α
     task: str
-
 
 
 class SpeechLM(torch.nn.Module):
@@ -355,8 +354,7 @@ class SpeechLM(torch.nn.Module):
     def forward(self, wavs, wav_lens, task, targets=None, soft_targets=None):
         speech, smask = self.encode_speech(wavs, wav_lens, task)
         if soft_targets is not None and not self._is_classify(task):  # SER soft labels [B, C] (targets.py)
-            utt, targets, pair_p = soft_target_pairs(soft_targets, self.emotions)
-            speech, smask = speech.index_select(0, utt.to(speech.device)), smask.index_select(0, utt.to(speech.device))
+            speech, smask, targets, pair_p = T.soft_target_pairs(soft_targets, self.emotions, speech, smask)
         prefix, pmask = self.prefix_embeddings(speech, smask, task)
         (B, _, D), dev = prefix.shape, speech.device
         if self._is_classify(task):
@@ -383,9 +381,8 @@ class SpeechLM(torch.nn.Module):
         self._record(task, alpha)
         fused = self.fuse(self.layer_states(hidden, gather), alpha)     # [B, N, D]: target positions only
         head = self.hf_lm.get_output_embeddings()
-        if soft_targets is not None:
-            chunk = self.loss_chunk_size if self.training and torch.is_grad_enabled() else None
-            loss = soft_target_loss(fused, target_ids, flat, tgt, pair_p, head, chunk)
+        if soft_targets is not None:  # Σ p·NLL / Σ p·tokens (chunked like the hard loss when training)
+            loss = T.soft_target_loss(fused, target_ids, flat, tgt, pair_p, head, self.loss_chunk_size if self.training else None)
             return SpeechLMOutput(loss, None, target_ids, alpha, self.tasks[self._task_index(task)])
         if self.training and self.loss_chunk_size is not None and torch.is_grad_enabled():
             # the real target tokens by host-known indices (a fixed shape, no boolean selection)
@@ -410,7 +407,6 @@ class SpeechLM(torch.nn.Module):
             labels = label_indices(targets, self.emotions, dev)  # soft labels [B, C] (float): soft CE
             loss = F.cross_entropy(logits, labels)
         return SpeechLMOutput(loss, logits, labels, alpha, self.tasks[self._task_index(task)])
-
 
     # -------------------------------------------------------------------------------------- generation
     @torch.no_grad()

@@ -93,9 +93,10 @@ def weighted_token_nll(hidden, targets, weights, head, chunk=None):
     return total
 
 
-def soft_target_pairs(soft, emotions):
+def soft_target_pairs(soft, emotions, *rows):
     """SER soft labels [B, C] (host; rows are distributions over ``emotions``) -> one teacher-forced sequence per
-    (utterance, class) pair with p > 0: (utterance index of each pair [P], its target word [P], its p [P]).
+    (utterance, class) pair with p > 0: (each of ``rows`` ([B, ...] tensors, e.g. the speech embeddings and their
+    mask) repeated for its utterance's pairs [P, ...], the pairs' target words [P], their p [P]).
 
     The generative SER loss on soft labels is the expected NLL of the emotion word, Σ_c p_c · NLL(word_c), so each
     utterance's prefix is scored once per class it gives mass to (a one-hot row gives one pair: the hard loss).
@@ -105,7 +106,8 @@ def soft_target_pairs(soft, emotions):
         raise DataError(f"soft labels of shape {tuple(soft.shape)}: expected [batch, {len(emotions)}] "
                         f"(one probability per class of {list(emotions)})")
     utt, cls = torch.nonzero(soft > 0, as_tuple=True)
-    return utt, [emotions[c] for c in cls.tolist()], soft[utt, cls]
+    picked = [r.index_select(0, utt.to(r.device)) for r in rows]
+    return (*picked, [emotions[c] for c in cls.tolist()], soft[utt, cls])
 
 
 def token_weights(tgt, weights):
