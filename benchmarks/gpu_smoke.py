@@ -9,8 +9,11 @@ trained with SpeechBrain's own ``fit_batch`` (AMP bf16 via ``precision=bf16``) o
 ``--batch`` utterances of ``--seconds`` s. Weights: a random-init WavLM-Large written locally by
 :func:`make_models` (no hub), random task vectors (ΔW = 0.01·N(0, 1)) in the task-vector format, and for
 HarmoniFuse a random LLaMA-layout LM of Qwen2.5-0.5B's shape (vocab 151936) with the character tokenizer.
-Per recipe it prints peak memory (``torch.cuda.max_memory_allocated`` over the timed steps, model included) and
-s/step (median of ``--steps`` steps after one warm-up step); one line of JSON per recipe goes to ``--out``.
+Per recipe it prints s/step (median of ``--steps`` steps after one warm-up step), the memory planner's predicted
+peak of one GPU (``tools.plan_memory.predict`` of the same row, micro-batch, duration and precision; the rows it
+models: AdaLTM, "-" for the others), the measured peaks over the warm-up and timed steps, model included
+(``torch.cuda.max_memory_allocated``: tensors; ``max_memory_reserved``: what the caching allocator held, the
+number that must fit the card) and both divided by the prediction; one line of JSON per recipe goes to ``--out``.
 Exit status 1 if any recipe fails (the others still run).
 """
 import argparse
@@ -140,6 +143,30 @@ def load_train_py(path):
     return module
 
 
+def predicted_gib(case, args, precision):
+    """The planner's predicted peak (GiB) of one GPU for ``case``, or None where it has no model of the Brain."""
+    from tools import plan_memory as PM
+
+    _, _, hparams_file, brain_cls, _, extra = case
+    if brain_cls != "AdaLTMBrain":
+        return None
+    settings = PM.read_row(hparams_file)
+    settings.update({k: v for k, v in extra.items() if k in settings}, precision=precision)
+    shape = (REPO / "tools/tiny_configs/wavlm.json").read_text() if args.tiny else "large"
+    return PM.predict(settings, args.batch, args.seconds, gpus=1, shape=shape)["peak"] / PM.GIB
+
+
+def memory_columns(predicted, allocated, reserved):
+    """Predicted / allocated / reserved GiB and the two ratios to the prediction ("-" where a value is missing)."""
+    def ratio(x):
+        return "-" if predicted is None or x is None else f"{x / predicted:.2f}"
+    gib = ["-" if v is None else f"{v:.2f}" for v in (predicted, allocated, reserved)]
+    return [*gib, ratio(allocated), ratio(reserved)]
+
+
+MEMORY_HEADER = ["pred GiB", "alloc GiB", "resv GiB", "alloc/pred", "resv/pred"]
+
+
 def run_case(case, models, args, work):
     from lobes.hparams_io import _yaml, load_hparams, resolve_row
 
@@ -185,11 +212,24 @@ def run_case(case, models, args, work):
             times.append(time.perf_counter() - t0)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{name}: non-finite loss {loss}")
-    peak = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None  # no CUDA: not measured
-    result = {"recipe": name, "precision": precision, "batch": args.batch, "seconds": args.seconds,
-              "s_per_step": round(statistics.median(times), 4), "peak_gib": peak,
-              "loss": round(float(loss), 4)}
+    # no CUDA: not measured
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+    reserved = torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else None
     del brain, hparams, batches
+    try:  # after the steps: the meta-device prediction must not touch the measured peaks
+        predicted = predicted_gib(case, args, precision)
+        predict_error = None
+    except Exception as e:  # noqa: BLE001 -- shown in the row and the JSON: the measurement still counts
+        predicted, predict_error = None, f"{type(e).__name__}: {e}"
+    result = {"recipe": name, "precision": precision, "batch": args.batch, "seconds": args.seconds,
+              "s_per_step": round(statistics.median(times), 4), "loss": round(float(loss), 4),
+              "predicted_gib": None if predicted is None else round(predicted, 3),
+              "peak_gib": None if peak is None else round(peak, 3),
+              "reserved_gib": None if reserved is None else round(reserved, 3),
+              "allocated_over_predicted": None if None in (peak, predicted) else round(peak / predicted, 3),
+              "reserved_over_predicted": None if None in (reserved, predicted) else round(reserved / predicted, 3),
+              "predict_error": predict_error}
+    result["columns"] = memory_columns(predicted, peak, reserved)
     return result
 
 
@@ -218,15 +258,16 @@ def main(argv=None):
     only = [s for s in args.only.split(",") if s]
     out = Path(args.out) if args.out else work / "gpu_smoke.jsonl"
     failures = []
-    print(f"{'recipe':40s} {'s/step':>8s} {'peak GiB':>9s}", flush=True)
+    print(f"{'recipe':40s} {'s/step':>8s} " + " ".join(f"{h:>10s}" for h in MEMORY_HEADER), flush=True)
     with out.open("w") as f:
         for case in CASES:
             if only and not any(s in case[0] for s in only):
                 continue
             try:
                 r = run_case(case, models, args, work)
-                peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-                print(f"{r['recipe']:40s} {r['s_per_step']:8.3f} {peak:>9s}", flush=True)
+                columns = " ".join(f"{c:>10s}" for c in r.pop("columns"))
+                print(f"{r['recipe']:40s} {r['s_per_step']:8.3f} {columns}"
+                      + (f"   (planner failed: {r['predict_error']})" if r["predict_error"] else ""), flush=True)
                 f.write(json.dumps(r) + "\n")
             except Exception:  # noqa: BLE001 -- report and go on: one broken recipe must not hide the others' numbers
                 failures.append(case[0])

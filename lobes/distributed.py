@@ -9,7 +9,8 @@ runs per forward/backward (its memory decides it); the recipe YAML derives
 
 with :func:`grad_accumulation_factor`, which SpeechBrain's ``Brain`` reads from the hparams. A split that does
 not divide is an error naming the keys. ``micro_batch_size: null`` means ``batch_size / world size`` (no
-accumulation), so one process behaves as SpeechBrain always did.
+accumulation), so one process behaves as SpeechBrain always did; ``auto`` (the recipes' default) is
+resolved at start by ``lobes.memory_plan.resolve_micro_batch`` on a GPU and means ``null`` elsewhere.
 
 Dynamic batching uses the same rule in seconds of audio: ``max_batch_length`` is the global seconds per
 optimizer step, ``micro_batch_length`` the per-GPU cap of one ``DynamicBatchSampler`` batch (null:
@@ -95,7 +96,7 @@ def _split(total, micro, world, total_key, micro_key, integral):
         raise DataError(f"world size {world} must be >= 1")
     if not (isinstance(total, (int, float)) and total > 0) or (integral and int(total) != total):
         raise DataError(f"{total_key}: {total!r} must be a positive {'integer' if integral else 'number'}")
-    if micro is None:
+    if micro is None or micro == "auto":  # auto: lobes.memory_plan decides on a GPU; until then (and on CPU) null
         micro = total / world
         if integral:
             if total % world:

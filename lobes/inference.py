@@ -1,41 +1,41 @@
 """Inference from a trained recipe: emotion (one probability per class of the recipe) and, with a CTC head, a
 transcript per file.
 
-    from lobes.inference import load_model
+    from tools.infer import load_model                          # experiments and folded AdaLTM exports
     model = load_model("exp/adaltm/setup4_dual/1986")          # or ".../folded_wavlm", device="cuda"
     for r in model.predict(["a.wav", "b.flac"]):
         print(r["file"], r["emotion"], r["probs"][r["emotion"]], r.get("transcript"), r["error"])
 
-``load_model`` accepts
-- an experiment directory of the SER, AdaLTM or MTL recipes (ASR-CTC works too: transcripts only). Its
-  ``hyperparams.yaml`` (the effective hparams SpeechBrain saved) rebuilds the modules and the checkpoint with the
-  lowest validation ``loss`` (the one the recipe tested) is loaded. Relative paths in that file (``wavlm_source``,
-  task vectors) are resolved against the folder training ran from, found by matching ``output_folder`` against
-  the experiment path; ``overrides`` (hyperpyyaml style, nested) fix paths of a moved experiment. AdaLTM
-  checkpoints hold only λ, α and the head, so W_base and the task vectors must still exist.
-- a folded AdaLTM export (``folded_wavlm/``: a plain HF ``WavLMModel`` + ``downstream.safetensors`` +
-  ``downstream.json``).
+This module is the one experiment loader of every recipe (SER, ASR-CTC, MTL, AdaLTM, HarmoniFuse):
+:func:`load_experiment` rebuilds the modules from the experiment's ``hyperparams.yaml`` (the effective hparams
+SpeechBrain saved) and restores the checkpoint SpeechBrain's ``Checkpointer.find_checkpoint(min_key="loss")``
+picks, the one the recipe tested. Relative paths in that file (``wavlm_source``, task vectors) are resolved
+against the folder training ran from, found by matching ``output_folder`` against the experiment path;
+``overrides`` (hyperpyyaml style, nested) fix paths of a moved experiment. AdaLTM checkpoints hold only λ, α and
+the head, so W_base and the task vectors must still exist. :func:`recognizer_from_experiment` wraps the
+encoder + heads into a :class:`Recognizer`; HarmoniFuse's infer.py adds its own ``predict`` to the experiment.
+Paper packages are not imported here: folded AdaLTM exports are loaded by ``lobes.adaltm.fold_export``, and
+``tools.infer.load_model`` picks the loader for a path.
 
 Audio: any format libsndfile reads (wav, flac, ogg, mp3), any sample rate and channel count: channels are averaged
-and the signal resampled to 16 kHz (logged once per call). Unreadable files are reported in their result's
-``error`` and skipped; the rest are still processed. Files are sorted by duration and grouped into batches of at
-most ``batch_seconds`` of padded audio (padding costs memory and time, not accuracy: pooling and attention are
-masked).
+and the signal resampled to 16 kHz (``lobes.audio.read_audio(convert=True)``, logged once per call). Unreadable
+files are reported in their result's ``error`` and skipped; the rest are still processed. Files are sorted by
+duration and grouped into batches of at most ``batch_seconds`` of padded audio (padding costs memory and time,
+not accuracy: pooling and attention are masked).
 """
 import contextlib
-import json
+import dataclasses
 import logging
 import os
 import random
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from lobes import ctc_text
+from lobes.audio import audio_info, read_audio
 from lobes.errors import DataError
-from lobes.wavlm_encoder import run_wavlm
 
 logger = logging.getLogger(__name__)
 
@@ -46,38 +46,12 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 # ----------------------------------------------------------------------------------------------------------------
 # Audio
 # ----------------------------------------------------------------------------------------------------------------
-def probe_audio(path):
+def _probe(path):
     """``(sample_rate, num_frames, channels)`` from the header; DataError naming the file if it is unusable."""
-    try:
-        info = sf.info(str(path))
-    except Exception as e:  # libsndfile raises its own types (and FileNotFoundError-like RuntimeErrors)
-        reason = "no such file" if not Path(path).exists() else f"unreadable or corrupt audio file ({e})"
-        raise DataError(f"{path}: {reason}") from e
-    if info.frames <= 0 or info.samplerate <= 0:
+    sr, frames, channels = audio_info(path)
+    if frames <= 0 or sr <= 0:
         raise DataError(f"{path}: audio file has 0 samples")
-    return int(info.samplerate), int(info.frames), int(info.channels)
-
-
-def load_audio(path, sample_rate=SAMPLE_RATE):
-    """Decode ``path`` into a mono float32 tensor at ``sample_rate``: channels averaged, then resampled.
-
-    Returns ``(wav [samples], original sample rate, original channel count)``.
-    """
-    import torchaudio.functional as AF
-
-    try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:
-        raise DataError(f"{path}: unreadable or corrupt audio file ({e})") from e
-    if data.shape[0] == 0:
-        raise DataError(f"{path}: audio file has 0 samples")
-    channels = data.shape[1]
-    wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float32)))
-    if not torch.isfinite(wav).all():
-        raise DataError(f"{path}: audio holds NaN/inf samples")
-    if sr != sample_rate:
-        wav = AF.resample(wav, sr, sample_rate)
-    return wav, int(sr), int(channels)
+    return sr, frames, channels
 
 
 def find_audio_files(inputs, extensions=AUDIO_EXTENSIONS):
@@ -119,18 +93,6 @@ def duration_batches(durations, batch_seconds):
 # ----------------------------------------------------------------------------------------------------------------
 # The predictor
 # ----------------------------------------------------------------------------------------------------------------
-class FoldedEncoder(torch.nn.Module):
-    """A plain ``WavLMModel`` (e.g. a folded export) with the recipes' encoder contract (hidden states, frame mask)."""
-
-    def __init__(self, model, normalize_wav=True):
-        super().__init__()
-        self.model = model
-        self.normalize_wav = normalize_wav
-
-    def forward(self, wavs, wav_lens):
-        return run_wavlm(self.model, wavs, wav_lens, self.normalize_wav)
-
-
 def _min_samples(config):
     """Shortest input giving one output frame of WavLM's CNN (400 samples = 25 ms for WavLM-Large)."""
     n = 1
@@ -226,6 +188,14 @@ class Recognizer:
         return {i: self._success(path, w, sr, ch, None if probs is None else probs[b], None if texts is None
                                  else texts[b]) for b, (i, path, w, sr, ch) in enumerate(items)}
 
+    def _decode(self, path):
+        """The file as a mono 16 kHz tensor, or DataError (unreadable, too short for one frame)."""
+        wav = read_audio(path, SAMPLE_RATE, convert=True)
+        if wav.numel() < self.min_samples:
+            raise DataError(f"{path}: too short ({wav.numel()} samples at 16 kHz; the model needs at least "
+                            f"{self.min_samples})")
+        return wav
+
     def predict(self, paths, batch_seconds=60.0, progress=True):
         """Predict every file; returns one dict per path, in input order.
 
@@ -237,31 +207,29 @@ class Recognizer:
 
         paths = [str(p) for p in paths]
         results = [None] * len(paths)
-        todo, durations = [], []
+        todo, durations, headers = [], [], {}
         for i, p in enumerate(paths):
             try:
-                sr, frames, _ = probe_audio(p)
+                sr, frames, ch = _probe(p)
             except DataError as e:
                 results[i] = self._failure(p, e)
                 continue
             todo.append(i)
             durations.append(frames / sr)
+            headers[i] = (sr, ch)
         batches = duration_batches(durations, batch_seconds) if todo else []
         told = False
         with tqdm(total=len(todo), unit="file", desc="inference", disable=not progress or len(batches) < 2,
                   leave=False) as bar:
             for batch in batches:
                 items = []
-                for j in batch:
-                    i = todo[j]
+                for i in (todo[j] for j in batch):
                     try:
-                        wav, sr, ch = load_audio(paths[i])
-                        if wav.numel() < self.min_samples:
-                            raise DataError(f"{paths[i]}: too short ({wav.numel()} samples at 16 kHz; the model "
-                                            f"needs at least {self.min_samples})")
+                        wav = self._decode(paths[i])
                     except DataError as e:
                         results[i] = self._failure(paths[i], e)
                         continue
+                    sr, ch = headers[i]
                     if (sr != SAMPLE_RATE or ch != 1) and not told:
                         logger.info("input audio is downmixed to mono and resampled to 16 kHz before inference "
                                     "(first such file: %s, %d Hz, %d channel(s)); further files are not logged",
@@ -281,25 +249,6 @@ class Recognizer:
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
-def best_checkpoint(save_folder, key="loss"):
-    """The ``CKPT+*`` folder with the lowest ``key`` in its ``CKPT.yaml`` meta (ties: the most recent)."""
-    import yaml
-
-    save_folder = Path(save_folder)
-    found = []
-    for meta_file in sorted(save_folder.glob("CKPT+*/CKPT.yaml")):
-        try:
-            meta = yaml.safe_load(meta_file.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise DataError(f"{meta_file}: not valid YAML ({e})") from e
-        if isinstance(meta.get(key), (int, float)):
-            found.append((float(meta[key]), -float(meta.get("unixtime", 0)), meta_file.parent))
-    if not found:
-        raise DataError(f"{save_folder}: no checkpoint (CKPT+*/CKPT.yaml) with a '{key}' value; "
-                        "was the experiment trained for at least one epoch?")
-    return min(found, key=lambda t: t[:2])[2]
-
-
 @contextlib.contextmanager
 def _working_dir(path):
     old = os.getcwd()
@@ -336,33 +285,58 @@ def training_root(exp_dir, output_folder):
     return Path.cwd()
 
 
-def _load_state(module, ckpt_file):
-    try:
-        state = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise DataError(f"{ckpt_file}: checkpoint file missing") from e
-    except Exception as e:
-        raise DataError(f"{ckpt_file}: cannot read checkpoint ({e})") from e
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise DataError(f"{ckpt_file}: does not fit the model built from hyperparams.yaml ({e})") from e
+def find_experiment(path):
+    """The experiment folder at ``path``: it holds ``hyperparams.yaml``, or holds exactly one folder that does
+    (``exp/.../setup4_dual`` with its ``1986/`` seed folder). DataError otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such model directory")
+    if (path / "hyperparams.yaml").is_file():
+        return path.resolve()
+    below = sorted(p.parent for p in path.glob("*/hyperparams.yaml"))
+    if len(below) == 1:
+        return below[0].resolve()
+    if len(below) > 1:
+        raise DataError(f"{path}: holds several experiments ({', '.join(p.name for p in below)}); name one")
+    raise DataError(f"{path}: not an experiment directory (hyperparams.yaml + save/)")
 
 
-def load_experiment(exp_dir, device="cpu", overrides=None, fold=False):
-    """Rebuild a recipe's model from ``<exp_dir>/hyperparams.yaml`` and load its best (lowest-loss) checkpoint.
+@dataclasses.dataclass
+class Experiment:
+    """A trained recipe rebuilt from its folder: ``hparams`` as training built them (modules included), with the
+    weights of ``checkpoint`` (a SpeechBrain ``Checkpoint``: path, meta, files) loaded into them."""
 
-    ``overrides``: nested hyperpyyaml overrides applied to the saved hparams, e.g.
-    ``{"wavlm": {"source": "/models/wavlm-large"}}`` when the experiment was moved (references are already
-    resolved in the saved file, so override the module's own key). ``fold``: for AdaLTM, bake λ into one plain
-    WavLM once (faster; otherwise W_base + Σ λ ΔW is rebuilt at every batch, exactly as in training).
-    """
+    path: Path
+    hparams: dict
+    checkpoint: object
+
+    @property
+    def modules(self):
+        return self.hparams["modules"]
+
+
+def _load_overrides(exp_dir, preview, overrides):
+    """hyperpyyaml overrides for rebuilding a saved experiment: leftover !PLACEHOLDERs filled, the checkpointer
+    pointed at this experiment's save/ (it creates its folder when built), then the caller's (nested) overrides."""
+    merged = {}
+    for key, value in preview.items():  # a !PLACEHOLDER left in the file must not stop inference
+        if getattr(getattr(value, "tag", None), "value", None) == "!PLACEHOLDER":
+            merged[key] = str(exp_dir)
+    if "checkpointer" in preview:
+        merged["checkpointer"] = {"checkpoints_dir": str(exp_dir / "save")}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _rebuild_hparams(exp_dir, overrides):
+    """The hparams (modules built, untrained weights) of ``<exp_dir>/hyperparams.yaml``."""
     import ruamel.yaml
     from hyperpyyaml import load_hyperpyyaml
 
-    from lobes.adaltm.merged_wavlm import MergedWavLM
-
-    exp_dir = Path(exp_dir).resolve()
     hp_file = exp_dir / "hyperparams.yaml"
     text = hp_file.read_text()
     try:
@@ -370,20 +344,9 @@ def load_experiment(exp_dir, device="cpu", overrides=None, fold=False):
     except Exception as e:
         raise DataError(f"{hp_file}: not valid YAML ({e})") from e
     root = training_root(exp_dir, preview.get("output_folder"))
-    merged = {}
-    for key, value in preview.items():  # a !PLACEHOLDER left in the file must not stop inference
-        if getattr(getattr(value, "tag", None), "value", None) == "!PLACEHOLDER":
-            merged[key] = str(exp_dir)
-    if "checkpointer" in preview:  # it creates its folder when built: point it at this experiment's save/
-        merged["checkpointer"] = {"checkpoints_dir": str(exp_dir / "save")}
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key].update(value)
-        else:
-            merged[key] = value
     try:
         with _working_dir(root), _kept_rng():
-            hparams = load_hyperpyyaml(text, merged)
+            return load_hyperpyyaml(text, _load_overrides(exp_dir, preview, overrides))
     except DataError as e:
         raise DataError(f"{hp_file}: cannot rebuild the model ({e}); relative paths are read from {root}; "
                         "pass overrides for moved files") from e
@@ -391,107 +354,76 @@ def load_experiment(exp_dir, device="cpu", overrides=None, fold=False):
         raise DataError(f"{hp_file}: cannot rebuild the model ({type(e).__name__}: {e}); relative paths are "
                         f"read from {root}") from e
 
-    modules = hparams.get("modules") or {}
+
+def best_checkpoint(save_dir, min_key="loss"):
+    """The ``Checkpoint`` (path, meta, files) of ``save_dir`` that SpeechBrain's ``find_checkpoint(min_key=...)``
+    picks: lowest ``min_key``, ties to the most recent; the one the recipes test (``evaluate(min_key="loss")``)."""
+    from lobes.checkpointing import AtomicCheckpointer
+
+    save_dir = Path(save_dir)
+    ckpt = None
+    if save_dir.is_dir():  # a Checkpointer creates its folder: do not leave one behind a wrong path
+        ckpt = AtomicCheckpointer(save_dir, save_rng_state=False).find_checkpoint(min_key=min_key)
+    if ckpt is None:
+        raise DataError(f"{save_dir}: no CKPT+*/CKPT.yaml with a '{min_key}' value; was the experiment trained "
+                        "for at least one epoch?")
+    return ckpt
+
+
+def restore_best(hparams, weights=None, min_key="loss", where=""):
+    """Load into the modules the weights of the :func:`best_checkpoint` of the experiment's checkpointer.
+
+    ``weights``: the names of the checkpointer's recoverables to load; default, every ``torch.nn.Module`` one. The
+    epoch counter, schedulers and RNG state are left alone (the caller's random streams stay as they were).
+    Returns the ``Checkpoint``.
+    """
+    from lobes.checkpointing import AtomicCheckpointer
+
+    if "checkpointer" not in hparams:
+        raise DataError(f"{where}: no checkpointer; cannot tell which weights were trained")
+    recoverables = hparams["checkpointer"].recoverables
+    names = list(weights) if weights is not None else [n for n, obj in recoverables.items()
+                                                      if isinstance(obj, torch.nn.Module)]
+    unknown = [n for n in names if n not in recoverables]
+    if unknown or not names:
+        raise DataError(f"{where}: the checkpointer has no recoverable {unknown or 'module'} to load "
+                        f"(it has {sorted(recoverables)})")
+    ckpt = best_checkpoint(hparams["checkpointer"].checkpoints_dir, min_key)
+    # a checkpointer of the weights alone, with SpeechBrain's load hooks (safe torch.load, strict state dicts)
+    AtomicCheckpointer(ckpt.path.parent, {n: recoverables[n] for n in names},
+                       save_rng_state=False).load_checkpoint(ckpt)
+    return ckpt
+
+
+def load_experiment(path, overrides=None, weights=None, min_key="loss"):
+    """Rebuild a recipe's modules from ``<path>/hyperparams.yaml`` and restore its best checkpoint.
+
+    ``path``: an experiment folder (or a folder holding exactly one, see :func:`find_experiment`). ``overrides``:
+    nested hyperpyyaml overrides applied to the saved hparams, e.g. ``{"wavlm": {"source": "/models/wavlm-large"}}``
+    when the experiment was moved (references are already resolved in the saved file, so override the module's
+    own key). ``weights`` / ``min_key``: see :func:`restore_best`. Modules stay on the CPU.
+    """
+    exp_dir = find_experiment(path)
+    hparams = _rebuild_hparams(exp_dir, overrides)
+    if "modules" not in hparams:
+        raise DataError(f"{exp_dir / 'hyperparams.yaml'}: no 'modules'")
+    ckpt = restore_best(hparams, weights, min_key, where=str(exp_dir / "hyperparams.yaml"))
+    logger.info("loaded experiment %s (checkpoint %s)", exp_dir, ckpt.path.name)
+    return Experiment(exp_dir, hparams, ckpt)
+
+
+def recognizer_from_experiment(exp, device="cpu", encoder=None):
+    """A :class:`Recognizer` over an SER / ASR-CTC / MTL / AdaLTM experiment's ``wavlm`` (or ``encoder``, e.g. a
+    folded copy of it) and its heads."""
+    hp_file = exp.path / "hyperparams.yaml"
+    modules = exp.modules
     if "wavlm" not in modules:
         raise DataError(f"{hp_file}: no 'wavlm' module in 'modules'")
-    checkpointer = hparams.get("checkpointer")
-    if checkpointer is None:
-        raise DataError(f"{hp_file}: no checkpointer; cannot tell which weights were trained")
-    ckpt = best_checkpoint(exp_dir / "save")
-    for name, obj in checkpointer.recoverables.items():
-        if isinstance(obj, torch.nn.Module):  # the epoch counter and optimizers are not needed
-            _load_state(obj, ckpt / f"{name}.ckpt")
-
-    encoder = modules["wavlm"]
-    kind = "AdaLTM" if isinstance(encoder, MergedWavLM) else ("MTL" if "ctc_head" in modules and "ser_head" in
-                                                              modules else ("ASR-CTC" if "ctc_head" in modules
-                                                                            else "SER"))
-    if fold and isinstance(encoder, MergedWavLM):
-        from lobes.adaltm.fold_export import fold_to_wavlm
-
-        encoder = FoldedEncoder(fold_to_wavlm(encoder), encoder.normalize_wav)
-    logger.info("loaded %s experiment %s (checkpoint %s)", kind, exp_dir, ckpt.name)
-    classes = hparams.get("emotion_classes") if "ser_head" in modules else None
-    if "ser_head" in modules and not classes:
-        raise DataError(f"{hp_file}: has an emotion head (ser_head) but no 'emotion_classes'")
-    return Recognizer(encoder, modules.get("weighted_sum"), modules.get("ser_head"), modules.get("ctc_head"),
-                      classes=classes, device=device, description=f"{kind} experiment {exp_dir} ({ckpt.name})")
-
-
-def load_folded_export(export_dir, device="cpu"):
-    """A folded AdaLTM export: plain HF WavLM + α + emotion head (sizes read from the saved weights)."""
-    from safetensors import safe_open
-    from transformers import WavLMModel
-
-    from lobes.adaltm.fold_export import load_downstream
-    from lobes.ser_head import SERHead
-    from lobes.weighted_sum import WeightedLayerSum
-
-    export_dir = Path(export_dir).resolve()
-    cfg_file = export_dir / "downstream.json"
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{cfg_file}: cannot read the downstream configuration ({e})") from e
-    try:
-        model = WavLMModel.from_pretrained(str(export_dir))
-    except Exception as e:
-        raise DataError(f"{export_dir}: cannot load the folded WavLM ({e})") from e
-    try:
-        with safe_open(str(export_dir / "downstream.safetensors"), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:
-        raise DataError(f"{export_dir / 'downstream.safetensors'}: cannot read ({e})") from e
-    need = ("weighted_sum.weights", "ser_head.frame_proj.0.weight", "ser_head.classifier.0.weight",
-            "ser_head.classifier.3.weight")
-    missing = [k for k in need if k not in shapes]
-    if missing:
-        raise DataError(f"{export_dir / 'downstream.safetensors'}: lacks {missing}")
-    num_layers = model.config.num_hidden_layers
-    n_weights = shapes["weighted_sum.weights"][0]
-    include_cnn = bool(cfg.get("include_cnn", n_weights == num_layers + 1))
-    hidden = shapes["ser_head.frame_proj.0.weight"][0]
-    pooled = shapes["ser_head.classifier.0.weight"][1]
-    pooling = cfg.get("pooling", "mean_std" if pooled == 2 * hidden else "mean")
-    num_proj = len({k.split(".")[2] for k in shapes if k.startswith("ser_head.frame_proj.")})
-    classes = cfg.get("classes")
-    if not classes:
-        raise DataError(f"{cfg_file}: lacks 'classes' (the emotion class names, in head output order)")
-    weighted_sum = WeightedLayerSum(num_layers, include_cnn=include_cnn, layer_norm=bool(cfg.get("layer_norm", False)))
-    ser_head = SERHead(model.config.hidden_size, hidden, num_classes=shapes["ser_head.classifier.3.weight"][0],
-                       pooling=pooling, num_proj_layers=num_proj, head_type=cfg.get("head_type", "frame_mlp"))
-    try:
-        load_downstream(export_dir, {"weighted_sum": weighted_sum, "ser_head": ser_head})
-    except RuntimeError as e:
-        raise DataError(f"{export_dir / 'downstream.safetensors'}: does not fit {cfg_file} ({e})") from e
-    encoder = FoldedEncoder(model, normalize_wav=bool(cfg.get("normalize_wav", True)))
-    logger.info("loaded folded export %s", export_dir)
-    return Recognizer(encoder, weighted_sum, ser_head, classes=classes, device=device,
-                      description=f"folded AdaLTM export {export_dir}")
-
-
-def is_folded_export(path):
-    path = Path(path)
-    return (path / "config.json").is_file() and (path / "downstream.json").is_file()
-
-
-def load_model(path, device="cpu", overrides=None, fold=False):
-    """A :class:`Recognizer` from an experiment directory or a folded export (see the module docstring).
-
-    A folder holding exactly one experiment one level down (``exp/.../setup4_dual`` with its ``1986/`` seed
-    folder) is accepted as well.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise DataError(f"{path}: no such model directory")
-    if is_folded_export(path):
-        return load_folded_export(path, device)
-    if (path / "hyperparams.yaml").is_file():
-        return load_experiment(path, device, overrides, fold)
-    below = sorted(p.parent for p in path.glob("*/hyperparams.yaml"))
-    if len(below) == 1:
-        return load_experiment(below[0], device, overrides, fold)
-    if len(below) > 1:
-        raise DataError(f"{path}: holds several experiments ({', '.join(p.name for p in below)}); name one")
-    raise DataError(f"{path}: neither an experiment directory (hyperparams.yaml + save/) nor a folded export "
-                    "(config.json + downstream.json)")
+    classes = None
+    if "ser_head" in modules:
+        if "emotion_classes" not in exp.hparams or not exp.hparams["emotion_classes"]:
+            raise DataError(f"{hp_file}: has an emotion head (ser_head) but no 'emotion_classes'")
+        classes = exp.hparams["emotion_classes"]
+    return Recognizer(modules["wavlm"] if encoder is None else encoder, modules.get("weighted_sum"),
+                      modules.get("ser_head"), modules.get("ctc_head"), classes=classes, device=device,
+                      description=f"experiment {exp.path} ({exp.checkpoint.path.name})")

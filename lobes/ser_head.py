@@ -58,6 +58,10 @@ class SERHead(torch.nn.Module):
             raise ValueError("head_type 'pooled_linear' needs pooling 'mean' and num_proj_layers 1, got "
                              f"pooling '{pooling}', num_proj_layers {num_proj_layers}")
         self.pooling, self.head_type = pooling, head_type
+        # the constructor arguments, so an export can state the head it holds (lobes.adaltm.fold_export)
+        self.config = {"input_size": input_size, "hidden_size": hidden_size, "num_classes": num_classes,
+                       "pooling": pooling, "dropout": dropout, "num_proj_layers": num_proj_layers,
+                       "head_type": head_type}
         layers, size = [], input_size
         for _ in range(num_proj_layers):
             layers.append(torch.nn.Linear(size, hidden_size))

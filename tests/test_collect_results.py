@@ -153,3 +153,88 @@ def test_source_models_as_reference_rows(exps, tmp_path, capsys):
         CR.parse_source("no-equals-sign")
     with pytest.raises(DataError, match="metrics.json of source model 'ASR' not found"):
         CR.collect([exps / "dual"], [("ASR", tmp_path / "missing" / "metrics.json")])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --significance: the table marked against reference rows (tools.compare_rows), table.md unchanged
+# ---------------------------------------------------------------------------------------------------------------
+CLASSES = ["A", "B", "C", "D", "E"]
+
+
+def predictions(folder, better):
+    """500 utterances, 5 classes x 100: UAR (and MaF1) 0.50, or 0.60 with ``better`` (15 more right per class, 5
+    fewer): paired against each other the difference is far beyond chance."""
+    lines = ["id,true,pred," + ",".join(CLASSES)]
+    for c in range(5):
+        for i in range(100):
+            right = i < 45 or (50 <= i < 65 if better else 45 <= i < 50)
+            lines.append(f"u{c}_{i},{CLASSES[c]},{CLASSES[c if right else (c + 1) % 5]}," + ",".join(["0.2"] * 5))
+    (folder / "predictions.csv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def marked_exps(tmp_path):
+    root = tmp_path / "rows"
+    write(root / "setup1" / "1986" / "metrics.json", {
+        "experiment": "setup1", "table_rows": [{"part": "Part 2", "row": "Setup 1", "order": 1}],
+        "test": ser(0.5, [0.47, 0.53], 0.5, [0.47, 0.53], 0.5, [0.47, 0.53])})
+    write(root / "setup4" / "1986" / "metrics.json", {
+        "experiment": "setup4", "table_rows": [{"part": "Part 2", "row": "Setup 4", "order": 4},
+                                               {"part": "Part 3", "row": "In-domain", "order": 2}],
+        "test": ser(0.6, [0.57, 0.63], 0.6, [0.57, 0.63], 0.6, [0.57, 0.63])})
+    write(root / "out" / "1986" / "metrics.json", {
+        "experiment": "out", "table_rows": [{"part": "Part 3", "row": "Out-of-domain", "order": 1}],
+        "test": ser(0.5, [0.47, 0.53], 0.5, [0.47, 0.53], 0.5, [0.47, 0.53])})
+    write(root / "asr" / "metrics.json", {"experiment": "asr", "part": "Part 9", "wer": 0.5})  # no predictions
+    for name, better in (("setup1", False), ("setup4", True), ("out", False)):
+        predictions(root / name / "1986", better)
+    return root
+
+
+def test_significance_marks(marked_exps, tmp_path):
+    rows = CR.collect([marked_exps])
+    plain = CR.markdown_table(rows)
+    md, csv_path = CR.write_significance(rows, tmp_path / "sig", [("†", "Setup 1"), ("‡", "Setup 4")],
+                                         num_bootstraps=200, num_permutations=999)
+    assert CR.markdown_table(rows) == plain and "marks" not in rows[0]  # the plain table is left as it was
+    text = md.read_text(encoding="utf-8").splitlines()
+    # out = setup1's predictions: differs from Setup 4 only; Setup 4's three rows are one system
+    assert text[2:9] == [
+        "| **Part 2** | | | | |",
+        "| Setup 1 | 50.00 ± 3.00‡ | 50.00 ± 3.00 | 50.00 ± 3.00‡ | - |",
+        "| Setup 4 | 60.00 ± 3.00† | 60.00 ± 3.00 | 60.00 ± 3.00† | - |",
+        "| **Part 3** | | | | |",
+        "| Out-of-domain | 50.00 ± 3.00‡ | 50.00 ± 3.00 | 50.00 ± 3.00‡ | - |",
+        "| In-domain | 60.00 ± 3.00† | 60.00 ± 3.00 | 60.00 ± 3.00† | - |",
+        "| **Part 9** | | | | |"]
+    assert text[11:13] == ["† differs from *Setup 1* (Holm-adjusted p < 0.05)",
+                           "‡ differs from *Setup 4* (Holm-adjusted p < 0.05)"]
+    assert "Holm–Bonferroni over the 6 comparisons" in text[14] and "sig.csv" in text[14]
+    assert text[15] == "Not tested (no predictions file): asr."
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        got = list(csv.DictReader(f))
+    assert [(g["mark"], g["row"], g["metric"]) for g in got] == [
+        ("†", "Setup 4", "uar"), ("†", "Setup 4", "macro_f1"), ("†", "Out-of-domain", "uar"),
+        ("†", "Out-of-domain", "macro_f1"), ("‡", "Out-of-domain", "uar"), ("‡", "Out-of-domain", "macro_f1")]
+    # Setup 4 vs Setup 1 is tested once (under †) and marks both rows: 6 comparisons, not 8
+    g = got[0]
+    assert float(g["delta"]) == pytest.approx(0.1, abs=1e-12) and float(g["a"]) == 0.5 and g["n"] == "500"
+    # no random swap reaches Δ: p = 2 / 1000; the four smallest of 6 become 6p, 5p, 4p, 3p, the running max 0.012
+    assert float(g["p"]) == pytest.approx(0.002) and float(g["p_holm"]) == pytest.approx(0.012)
+    assert g["significant"] == "True" and float(g["ci_low"]) > 0 and g["folders"] == str(marked_exps / "setup4" / "1986")
+    same = got[2]  # out vs Setup 1: identical predictions
+    assert (float(same["delta"]), float(same["ci_low"]), float(same["ci_high"]), float(same["p_holm"])) == (0, 0, 0, 1)
+    assert float(got[4]["delta"]) == pytest.approx(-0.1, abs=1e-12) and got[4]["reference"] == "Setup 4"
+
+
+def test_significance_cli_and_errors(marked_exps, tmp_path):
+    out = tmp_path / "res"
+    assert CR.main([str(marked_exps), "--out", str(out / "table"), "--significance", str(out / "table_significance"),
+                    "--mark", "†=Setup 1", "--num_permutations", "99", "--num_bootstraps", "50"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["table.csv", "table.md", "table_significance.csv",
+                                                     "table_significance.md"]
+    assert "†" not in (out / "table.md").read_text(encoding="utf-8")
+    assert CR.main([str(marked_exps), "--out", str(out / "t"), "--significance", str(out / "s"),
+                    "--mark", "†=Setup 9"]) == 2
+    with pytest.raises(SystemExit):
+        CR.main([str(marked_exps), "--out", str(out / "t"), "--significance", str(out / "s")])

@@ -423,6 +423,19 @@ def test_infer_cli_names_a_corrupt_file_and_predicts_the_rest(trained, mini_corp
     assert "corrupt.wav" in capsys.readouterr().err
 
 
+def test_infer_source_overrides_reach_the_modules(trained, load_recipe, tmp_path, capsys):
+    """--lm_source / --wavlm_source replace the sources the saved (reference-resolved) hyperparams.yaml names."""
+    infer = load_recipe("recipes/MSP-Podcast/harmonifuse/infer.py")
+    wav = tmp_path / "a.wav"
+    import soundfile as sf
+
+    sf.write(str(wav), np.zeros(8000, dtype="float32"), 16000)
+    for flag in ("--lm_source", "--wavlm_source"):
+        moved = tmp_path / f"moved{flag}"
+        assert infer.main(["--model", str(trained), flag, str(moved), str(wav)]) == 2
+        assert str(moved) in capsys.readouterr().err  # the override was used (and names the missing folder)
+
+
 def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, libri_manifests, tmp_path):
     """`full` row (LoRA LM, fine-tuned WavLM) on 2 gloo processes, find_unused_parameters off: DDP raises at a
     rank's second step if any trainable parameter got no gradient in the first (e.g. masked_spec_embed). Each

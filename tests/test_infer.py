@@ -1,4 +1,5 @@
-"""Inference (lobes.inference, tools.infer) on a real AdaLTM experiment trained by the recipe on the mini corpus.
+"""Inference (lobes.inference, lobes.adaltm.fold_export, tools.infer) on a real AdaLTM experiment trained by the
+recipe on the mini corpus.
 
 The module fixture trains one AdaLTM Setup-4 run (two task vectors from two tiny "fine-tuned" WavLMs, 1 epoch, a
 balanced 16/8/8 subset of the mini corpus) with the recipe's own train.py, as a user would, then every test
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lobes.inference import (best_checkpoint, duration_batches, find_audio_files, load_audio, load_model,
-                             training_root)
+from lobes.audio import audio_info, read_audio
+from lobes.errors import DataError
+from lobes.inference import best_checkpoint, duration_batches, find_audio_files, training_root
+from tools.infer import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ADALTM = ROOT / "recipes/MSP-Podcast/adaltm"
@@ -90,12 +93,23 @@ def test_duration_batches_hand_computed():
     assert duration_batches([], 3) == []
 
 
-def test_best_checkpoint_is_lowest_loss(tmp_path):
+def test_best_checkpoint_is_speechbrains_lowest_loss_then_most_recent(tmp_path):
+    """SpeechBrain's find_checkpoint(min_key="loss"): lowest loss; of equal losses the most recent; a checkpoint
+    without a loss (intra-epoch) is never picked."""
     for name, meta in (("CKPT+a", "loss: 2.5\nunixtime: 3\n"), ("CKPT+b", "loss: 2.1\nunixtime: 1\n"),
-                       ("CKPT+c", "loss: 2.3\nunixtime: 2\n"), ("CKPT+d", "unixtime: 4\n")):
+                       ("CKPT+c", "loss: 2.3\nunixtime: 2\n"), ("CKPT+d", "unixtime: 4\n"),
+                       ("CKPT+e", "loss: 2.1\nunixtime: 0.5\n")):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "CKPT.yaml").write_text(meta)
-    assert best_checkpoint(tmp_path).name == "CKPT+b"
+        (tmp_path / name / "CKPT.yaml").write_text("end-of-epoch: true\n" + meta)
+    ckpt = best_checkpoint(tmp_path)
+    assert ckpt.path.name == "CKPT+b" and ckpt.meta["loss"] == 2.1
+    assert best_checkpoint(tmp_path, min_key="unixtime").path.name == "CKPT+e"
+    with pytest.raises(DataError, match="no CKPT.*'loss'"):
+        best_checkpoint(tmp_path / "CKPT+d")
+    assert not (tmp_path / "nothing_here").exists()
+    with pytest.raises(DataError, match="no CKPT"):
+        best_checkpoint(tmp_path / "nothing_here")
+    assert not (tmp_path / "nothing_here").exists()  # no folder left behind a wrong path
 
 
 def test_training_root_strips_relative_output_folder(tmp_path):
@@ -146,9 +160,33 @@ def test_experiment_and_folded_export_agree(adaltm_exp, exp_model):
     cfg = json.loads((exp / "folded_wavlm" / "downstream.json").read_text())
     assert {"include_cnn", "layer_norm", "normalize_wav", "pooling", "head_hidden", "classes"} <= set(cfg)
     assert cfg["normalize_wav"] is True and cfg["layer_norm"] is False
+    # ... and states each module's configuration, which the loader builds them from (not from parameter names)
+    assert cfg["format_version"] == 2
+    assert cfg["weighted_sum"] == {"num_layers": 4, "include_cnn": False, "layer_norm": False}
+    assert cfg["ser_head"] == {"input_size": 32, "hidden_size": 16, "num_classes": 8, "pooling": "mean",
+                               "dropout": 0.1, "num_proj_layers": 1, "head_type": "frame_mlp"}
     # folding at load time gives the same model as the export
     c = load_model(exp, fold=True).predict(files[:3], progress=False)
     assert _max_diff(c, b[:3]) < 1e-4
+
+
+def test_folded_export_of_the_flat_format_still_loads_and_an_undescribed_one_is_refused(adaltm_exp, tmp_path):
+    """Exports written before downstream.json stated its modules (flat keys only) load to the same model; one
+    that cannot describe them is a DataError naming the file and the missing key."""
+    exp, files, _ = adaltm_exp
+    old = tmp_path / "old_export"
+    shutil.copytree(exp / "folded_wavlm", old)
+    cfg = json.loads((old / "downstream.json").read_text())
+    for key in ("format_version", "weighted_sum", "ser_head"):
+        del cfg[key]
+    (old / "downstream.json").write_text(json.dumps(cfg))
+    want = load_model(exp / "folded_wavlm").predict(files[:2], progress=False)
+    got = load_model(old).predict(files[:2], progress=False)
+    assert _max_diff(got, want) == 0.0
+    del cfg["head_hidden"]
+    (old / "downstream.json").write_text(json.dumps(cfg))
+    with pytest.raises(DataError, match=r"downstream.json: states no 'ser_head'.*lacks 'head_hidden'"):
+        load_model(old)
 
 
 def test_stereo_44k_file_matches_its_16k_mono_copy(adaltm_exp, exp_model, tmp_path):
@@ -164,14 +202,13 @@ def test_stereo_44k_file_matches_its_16k_mono_copy(adaltm_exp, exp_model, tmp_pa
     subprocess.run(["sox", "-M", files[0], files[1], "-r", "44100", str(stereo)], check=True)
     subprocess.run(["sox", str(stereo), "-r", "16000", "-c", "1", "-e", "floating-point", "-b", "32", str(mono)],
                    check=True)
-    ours, sr, ch = load_audio(stereo)
-    ref, _, _ = load_audio(mono)
-    assert (sr, ch) == (44100, 2)
+    ours, ref = read_audio(stereo, convert=True), read_audio(mono, convert=True)
+    assert audio_info(stereo)[::2] == (44100, 2)
     n = min(len(ours), len(ref))
     assert abs(len(ours) - len(ref)) <= 1
     snr = 20 * torch.log10(ref[:n].norm() / (ours[:n] - ref[:n]).norm())
     assert snr > 30
-    left, _, _ = load_audio(files[0])
+    left = read_audio(files[0])
     m = min(n, len(left))
     assert 20 * torch.log10(ref[:m].norm() / (left[:m] - ref[:m]).norm()) < 10  # one channel is not the mix
 

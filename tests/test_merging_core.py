@@ -8,7 +8,7 @@ from transformers import WavLMModel
 
 from lobes.adaltm import layer_groups
 from lobes.errors import DataError
-from lobes.adaltm.fold_export import export_folded, load_downstream
+from lobes.adaltm.fold_export import export_folded, load_downstream, load_folded_export
 from lobes.losses import ClassBalancedSoftCE, effective_number_weights, soft_cross_entropy
 from lobes.adaltm.merged_wavlm import MergedWavLM
 from lobes.ser_head import SERHead
@@ -156,6 +156,36 @@ def test_folded_export_reproduces_merged_hidden_states(tiny, tmp_path):
     load_downstream(out, {"weighted_sum": ws2, "ser_head": head2})
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), head2.state_dict().values()))
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_folded_export_rebuilds_a_non_default_head_from_downstream_json(tiny, tmp_path):
+    """Two projection layers, mean+std pooling, 3 classes, CNN output and layer norm in the α sum: the loader
+    builds exactly these modules from downstream.json and gives the probabilities of the exported ones."""
+    base, _, asr, _ = tiny
+    m = MergedWavLM(base, {"ASR": asr}, lambda_mode="global", lambda_init=0.3)
+    torch.manual_seed(4)
+    ws = WeightedLayerSum(4, include_cnn=True, layer_norm=True)
+    head = SERHead(32, 8, num_classes=3, pooling="mean_std", num_proj_layers=2).eval()
+    with torch.no_grad():
+        ws.weights.copy_(torch.randn(5))
+    out = export_folded(m, tmp_path / "folded", {"weighted_sum": ws, "ser_head": head},
+                        {"classes": ["a", "b", "c"], "normalize_wav": True})
+    cfg = json.loads((out / "downstream.json").read_text())
+    assert cfg["weighted_sum"] == {"num_layers": 4, "include_cnn": True, "layer_norm": True}
+    assert cfg["ser_head"] == {"input_size": 32, "hidden_size": 8, "num_classes": 3, "pooling": "mean_std",
+                               "dropout": 0.1, "num_proj_layers": 2, "head_type": "frame_mlp"}
+    rec = load_folded_export(out)
+    assert rec.modules["ser_head"].config == head.config and rec.classes == ["a", "b", "c"]
+    wavs, lens = _wavs()
+    with torch.no_grad():
+        hidden, mask = m(wavs, lens)
+        want = torch.softmax(head(ws(hidden), mask), dim=-1)
+    got, _ = rec.forward(wavs, lens)
+    assert (got - want).abs().max().item() <= 1e-5
+    cfg["ser_head"]["num_proj_layers"] = 1  # a configuration that does not fit the weights is named
+    (out / "downstream.json").write_text(json.dumps(cfg))
+    with pytest.raises(DataError, match=r"downstream.safetensors: 'ser_head' does not fit .*downstream.json"):
+        load_folded_export(out)
 
 
 def test_mismatched_vectors_name_the_keys(tiny, tmp_path):

@@ -50,7 +50,7 @@ def test_card_lists_exactly_the_metrics_of_metrics_json(adaltm_exp, tmp_path):  
 
 def test_card_snippet_runs_with_plain_transformers(adaltm_exp, tmp_path):  # noqa: F811
     """The card's plain-transformers code, run as written on one file, gives lobes.inference's probabilities."""
-    from lobes.inference import load_model
+    from tools.infer import load_model
 
     exp, files, _ = adaltm_exp
     text = model_card(exp)

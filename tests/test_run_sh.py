@@ -54,9 +54,88 @@ def test_every_option_has_a_comment_for_help(run_sh):
     assert [n for n, _, c in _options(run_sh) if not c] == [], f"{run_sh}: options without a '# comment'"
 
 
-def test_iemocap_run_sh_options():
-    names = [n for n, _, _ in _options("recipes/IEMOCAP/run.sh")]
-    assert names[:3] == ["stage", "stop_stage", "ngpu"] and "folds" in names and "rows" in names
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> {log}
+echo "alloc_conf=${{PYTORCH_CUDA_ALLOC_CONF:-unset}}" >> {log}.env
+"""
+
+
+def _fake_python(tmp_path):
+    """An executable that records each call of a run.sh (and the allocator setting it sees) instead of running it."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(log=tmp_path / "calls"))
+    fake.chmod(0o755)
+    return fake
+
+
+def _calls(tmp_path):
+    return (tmp_path / "calls").read_text().splitlines()
+
+
+def test_options_and_overrides_after_double_dash_reach_train_py(tmp_path):
+    proc = _bash(["recipes/IEMOCAP/run.sh", "--stage", "2", "--stop_stage", "2", "--folds", "1 3", "--seed", "7",
+                  "--data_folder", "/corpora/IEMOCAP", "--exp", str(tmp_path / "e"), "--ser_args",
+                  "--lr=0.2 --head_hidden=16", "--", "--lr=0.5", "--number_of_epochs=2"],
+                 PYTHON=str(_fake_python(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    calls = _calls(tmp_path)
+    assert len(calls) == 2  # stage 2 only: one SER run per selected fold, as one process (ngpu 1, one node)
+    for fold, call in zip((1, 3), calls):
+        args = call.split()
+        assert args[:2] == [f"{ROOT}/recipes/IEMOCAP/ser/train.py", f"{ROOT}/recipes/IEMOCAP/ser/hparams/train_ser.yaml"]
+        assert {"--seed=7", "--data_folder=/corpora/IEMOCAP", f"--fold={fold}", "--head_hidden=16",
+                f"--output_folder={tmp_path}/e/ser/fold{fold}"} <= set(args)
+        assert [a for a in args if a.startswith("--lr=")] == ["--lr=0.5"]  # after --: overrides --ser_args
+        assert args[-2:] == ["--lr=0.5", "--number_of_epochs=2"]
+
+
+@pytest.mark.parametrize("options, prefix", [
+    ([], []),
+    (["--ngpu", "2"], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+    (["--ngpu", "4", "--nnodes", "3", "--node_rank", "2", "--master_addr", "node-a", "--master_port", "4000",
+      "--node_timeout", "60"],
+     ["-m", "torch.distributed.run", "--nnodes=3", "--node_rank=2", "--master_addr=node-a", "--master_port={port}",
+      "--rdzv_conf=timeout=60", "--nproc_per_node=4"]),
+])
+def test_launch_runs_one_process_torchrun_on_one_node_or_the_rendezvous_of_several(tmp_path, options, prefix):
+    proc = _bash(["recipes/IEMOCAP/run.sh", "--stage", "2", "--stop_stage", "2", "--folds", "1 2",
+                  "--data_folder", "d", "--device", "cpu", "--exp", str(tmp_path / "e"), *options],
+                 PYTHON=str(_fake_python(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    backend = ["--distributed_backend=gloo"] if prefix else []
+    for port, call in zip((4000, 4001), _calls(tmp_path)):  # successive jobs alternate between two ports
+        args = call.split()
+        assert args[:len(prefix)] == [a.format(port=port) for a in prefix]
+        assert args[len(prefix)].endswith("recipes/IEMOCAP/ser/train.py") and args[len(args) - len(backend):] == backend
+    # only node 0 writes the replayable command on the shared filesystem
+    assert (tmp_path / "e" / "run_cmd.sh").exists() == ("--node_rank" not in options)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--nnodes", "2"], "--master_addr (node 0's host name or address, the same on every node) is needed with "
+                        "--nnodes 2"),
+    (["--nnodes", "2", "--node_rank", "2", "--master_addr", "a"], "--node_rank 2 is not in 0..1 (--nnodes 2)"),
+    (["--nnodes", "two"], "--nnodes must be a non-negative integer, not 'two'"),
+    (["--master_port", "-1"], "--master_port must be a non-negative integer, not '-1'"),
+    (["--nnodes", "0"], "--nnodes must be at least 1"),
+    (["--master_port", "65535"], "--master_port must be in 1..65534 (the next port is used too), not 65535"),
+])
+def test_bad_node_options_are_refused_naming_them(tmp_path, options, message):
+    proc = _bash(["recipes/IEMOCAP/run.sh", "--exp", str(tmp_path / "e"), *options])
+    assert proc.returncode == 1 and message in proc.stderr
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("env, seen", [({}, "expandable_segments:True"),
+                                       ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, "max_split_size_mb:128"),
+                                       ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, "unset")])
+def test_cuda_allocator_grows_segments_unless_the_user_chose(tmp_path, env, seen):
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    proc = subprocess.run(["bash", "recipes/IEMOCAP/run.sh", "--stage", "2", "--stop_stage", "2", "--folds", "1",
+                           "--data_folder", "d", "--exp", str(tmp_path / "e")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**base, **env, "PYTHON": str(_fake_python(tmp_path))})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "calls.env").read_text() == f"alloc_conf={seen}\n"
 
 
 def test_unknown_option_is_refused_and_help_writes_nothing(tmp_path):
@@ -96,9 +175,19 @@ def test_launch_keeps_the_last_of_repeated_overrides(tmp_path):
     given twice, so launch passes each --key=value once, at its last value and position."""
     script = tmp_path / "run.sh"
     script.write_text(f"#!/usr/bin/env bash\nset -euo pipefail\nroot={ROOT}\n# ---- options\nngpu=1  # GPUs\n"
-                      f"device=  # device\n. {ROOT}/tools/recipe_lib.sh\n"
+                      f"device=  # device\nnnodes=1  # nodes\nnode_rank=0  # node\nmaster_addr=  # node 0\n"
+                      f"master_port=29500  # port\nnode_timeout=60  # s\n. {ROOT}/tools/recipe_lib.sh\n"
                       'launch train.py h.yaml --lr=0.1 --seed=1 "a b" --lr=0.2 --x --lr_wavlm=3 "$@"\n')
     proc = subprocess.run(["bash", str(script), "--", "--seed=7", "--lr=0.3"], capture_output=True, text=True,
                           env={**os.environ, "PYTHON": "echo"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "train.py h.yaml a b --x --lr_wavlm=3 --seed=7 --lr=0.3"
+
+
+def test_a_run_sh_without_the_node_options_is_refused_naming_them(tmp_path):
+    script = tmp_path / "run.sh"
+    script.write_text(f"#!/usr/bin/env bash\nset -euo pipefail\nroot={ROOT}\n# ---- options\nngpu=1  # GPUs\n"
+                      f"device=  # device\nnnodes=1  # nodes\n. {ROOT}/tools/recipe_lib.sh\necho ran\n")
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and "ran" not in proc.stdout
+    assert f"{script}: declares no option node_rank (every run.sh has nnodes, node_rank, master_addr," in proc.stderr

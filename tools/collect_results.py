@@ -22,6 +22,18 @@ order given, whatever placement the file itself holds.
 Rows are grouped by ``part`` (parts in natural order, "Part 2" before "Part 10"; rows without a part first, under
 no heading); inside a part, rows with ``order`` come first by ascending order, then the rest alphabetically by
 label. The label is ``row``, else ``experiment``, else the folder holding metrics.json.
+
+Significance marks (a separate table; ``<out>.md`` is never marked)::
+
+    ... --significance results/table_significance --mark "†=Setup 1: Baseline (Frozen Backbone)" \
+        --mark "‡=Setup 4: Proposed Dual-Vector"
+
+compares every row that has per-utterance predictions beside its metrics.json (``predictions.csv``; ASR:
+``asr_predictions.csv``) with each ``--mark`` row on the utterances both scored (``tools.compare_rows``): UAR and
+MaF1 (and WER), paired bootstrap CI of Δ and permutation p, Holm–Bonferroni over all comparisons of the table.
+Writes ``<PREFIX>.md``, the table with the symbol after each value that differs from that reference at
+Holm-adjusted p < ``--alpha`` and a legend, and ``<PREFIX>.csv``, one line per comparison (Δ = row − reference,
+CI, p, adjusted p). Rows sharing one label (several metrics.json: seeds) are one system, paired seed by seed.
 """
 import argparse
 import csv
@@ -191,7 +203,9 @@ def format_cell(value, ci=None):
 
 
 def markdown_table(rows):
-    """Markdown text: header, then rows in the given order with a bold heading row whenever ``part`` changes."""
+    """Markdown text: header, then rows in the given order with a bold heading row whenever ``part`` changes.
+
+    A row's optional ``marks`` ({metric: "†‡"}, from ``tools.compare_rows.mark_rows``) follow its cells."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + [":---:"] * (len(HEADER) - 1)) + "|"]
     current = None
     for r in rows:
@@ -200,8 +214,8 @@ def markdown_table(rows):
             lines.append(f"| **{part}** |" + " |" * (len(HEADER) - 1))
         current = part
         cells = [r["label"].replace("|", "\\|")]
-        cells += [format_cell(r.get(k), r.get(f"{k}_ci")) for k in SER_KEYS]
-        cells.append(format_cell(r.get("wer"), r.get("wer_ci")))
+        marks = r.get("marks") or {}
+        cells += [format_cell(r.get(k), r.get(f"{k}_ci")) + marks.get(k, "") for k in (*SER_KEYS, "wer")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -234,6 +248,23 @@ def write_table(rows, out_prefix):
     return md, csv_path
 
 
+def write_significance(rows, out_prefix, marks, alpha=0.05, num_bootstraps=1000, num_permutations=10000, seed=0):
+    """The table with significance marks (``<out_prefix>.md``, legend below) and the comparisons behind them
+    (``<out_prefix>.csv``), see ``tools.compare_rows.compare_to_references``. ``rows`` are left unchanged."""
+    from tools import compare_rows as CMP
+
+    rows = [dict(r) for r in rows]
+    comparisons = CMP.compare_to_references(rows, marks, alpha=alpha, num_bootstraps=num_bootstraps,
+                                            num_permutations=num_permutations, seed=seed)
+    out_prefix = Path(out_prefix)
+    md, csv_path = out_prefix.with_name(out_prefix.name + ".md"), out_prefix.with_name(out_prefix.name + ".csv")
+    with atomic_write(md, encoding="utf-8") as f:
+        f.write(markdown_table(rows) + CMP.legend(comparisons, marks, rows, alpha, num_permutations, csv_path.name))
+    with atomic_write(csv_path, newline="", encoding="utf-8") as f:
+        f.write(CMP.comparisons_csv(comparisons, num_bootstraps, num_permutations))
+    return md, csv_path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -241,10 +272,27 @@ def main(argv=None):
     parser.add_argument("--out", default="results/table", help="output prefix: writes <out>.md and <out>.csv")
     parser.add_argument("--source", action="append", default=[], metavar="LABEL=METRICS_JSON",
                         help=f"a source model's metrics.json as a reference row in '{SOURCE_PART}' (repeatable)")
+    sig = parser.add_argument_group("significance marks (paired tests against reference rows)")
+    sig.add_argument("--significance", default=None, metavar="PREFIX",
+                     help="also write PREFIX.md (the table marked against each --mark row) and PREFIX.csv (Δ, CI, p)")
+    sig.add_argument("--mark", action="append", default=[], metavar="SYMBOL=ROW",
+                     help="reference row and its symbol, e.g. '†=Setup 1: Baseline (Frozen Backbone)' (repeatable)")
+    sig.add_argument("--alpha", type=float, default=0.05, help="level of the Holm-adjusted p-values")
+    sig.add_argument("--num_bootstraps", type=int, default=1000, help="paired bootstrap sets per comparison")
+    sig.add_argument("--num_permutations", type=int, default=10000, help="random swaps per comparison")
+    sig.add_argument("--seed", type=int, default=0, help="seed of the resamplings")
     args = parser.parse_args(argv)
+    if bool(args.significance) != bool(args.mark):
+        parser.error("--significance and --mark go together")
     try:
         rows = collect(args.paths, [parse_source(s) for s in args.source])
         md, csv_path = write_table(rows, args.out)
+        if args.significance:
+            from tools.compare_rows import parse_mark
+
+            sig_files = write_significance(rows, args.significance, [parse_mark(m) for m in args.mark], args.alpha,
+                                           args.num_bootstraps, args.num_permutations, args.seed)
+            print(f"wrote {sig_files[0]} and {sig_files[1]}", file=sys.stderr)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

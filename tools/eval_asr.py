@@ -29,26 +29,13 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from lobes import ctc_text
 from lobes import metrics as M
 from lobes.audio import read_audio
 from lobes.errors import DataError
+from lobes.inference import best_checkpoint
 from lobes.wavlm_encoder import load_wavlm, run_wavlm
-
-
-def best_checkpoint(save_dir):
-    """The ``CKPT+*`` folder of ``save_dir`` whose CKPT.yaml holds the lowest ``loss`` (the recipes' selection)."""
-    save_dir = Path(save_dir)
-    found = []
-    for meta in sorted(save_dir.glob("CKPT+*/CKPT.yaml")):
-        data = yaml.safe_load(meta.read_text()) or {}
-        if isinstance(data.get("loss"), (int, float)):
-            found.append((float(data["loss"]), meta.parent))
-    if not found:
-        raise DataError(f"{save_dir}: no CKPT+*/CKPT.yaml with a validation 'loss' (was the ASR recipe run here?)")
-    return min(found, key=lambda t: t[0])[1]
 
 
 class RecipeCTC(torch.nn.Module):
@@ -61,7 +48,7 @@ class RecipeCTC(torch.nn.Module):
         if not (backbone / "config.json").is_file():
             raise DataError(f"{backbone}: no exported fine-tuned WavLM (the ASR recipe writes it after testing)")
         self.wavlm = load_wavlm(str(backbone))
-        head_file = best_checkpoint(exp_dir / "save") / "ctc_head.ckpt"
+        head_file = best_checkpoint(exp_dir / "save").path / "ctc_head.ckpt"
         if not head_file.is_file():
             raise DataError(f"{head_file}: not found (the ASR recipe checkpoints its CTC head as 'ctc_head')")
         state = torch.load(head_file, map_location="cpu", weights_only=True)

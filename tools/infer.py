@@ -4,10 +4,11 @@
     python -m tools.infer --model exp/adaltm/setup4_dual/1986/folded_wavlm --device cuda \
         --csv out.csv --json out.json clips/
 
-``--model``: an experiment directory of the SER / AdaLTM / MTL recipes (best checkpoint + its hyperparams.yaml) or a
-folded AdaLTM export (``folded_wavlm/``). Folders are searched recursively for .wav/.flac/.ogg/.mp3. Any sample
-rate and channel count is accepted (downmixed and resampled to 16 kHz). Prints a table; ``--csv`` / ``--json``
-write every file's result (one probability per class of the model included).
+``--model``: an experiment directory of the SER / ASR-CTC / AdaLTM / MTL recipes (best checkpoint + its
+hyperparams.yaml) or a folded AdaLTM export (``folded_wavlm/``); :func:`load_model` does the same in Python.
+Folders are searched recursively for .wav/.flac/.ogg/.mp3. Any sample rate and channel count is accepted
+(downmixed and resampled to 16 kHz). Prints a table; ``--csv`` / ``--json`` write every file's result (one
+probability per class of the model included).
 
 Exit code: 0 when every file was predicted, 1 when any file failed (listed on stderr, the rest still predicted),
 2 for bad arguments, a bad model directory or no input files.
@@ -19,9 +20,35 @@ import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from lobes.errors import DataError
 from lobes.io_utils import atomic_write
+
+
+def load_model(path, device="cpu", overrides=None, fold=False):
+    """A :class:`lobes.inference.Recognizer` from an experiment folder or a folded AdaLTM export.
+
+    Experiments go through the one shared loader (``lobes.inference.load_experiment``); the tools layer is where
+    the paper packages meet it: a folded export is read by ``lobes.adaltm.fold_export``, and ``fold`` bakes an
+    AdaLTM experiment's λ into one plain WavLM once (faster; otherwise W_base + Σ λ ΔW is rebuilt at every batch,
+    exactly as in training). ``overrides``: see ``load_experiment``.
+    """
+    from lobes.adaltm import fold_export
+    from lobes.adaltm.merged_wavlm import MergedWavLM
+    from lobes.inference import load_experiment, recognizer_from_experiment
+
+    path = Path(path)
+    if fold_export.is_folded_export(path):
+        return fold_export.load_folded_export(path, device)
+    if path.is_dir() and not (path / "hyperparams.yaml").is_file() and not any(path.glob("*/hyperparams.yaml")):
+        raise DataError(f"{path}: neither an experiment directory (hyperparams.yaml + save/) nor a folded export "
+                        "(config.json + downstream.json)")
+    exp = load_experiment(path, overrides)
+    encoder = exp.modules["wavlm"]
+    if fold and isinstance(encoder, MergedWavLM):
+        encoder = fold_export.folded_encoder(encoder)
+    return recognizer_from_experiment(exp, device, encoder)
 
 
 def _short(text, width):
@@ -89,7 +116,7 @@ def main(argv=None):
 
     import torch
 
-    from lobes.inference import find_audio_files, load_model
+    from lobes.inference import find_audio_files
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {a.device} requested but CUDA is not available", file=sys.stderr)

@@ -248,7 +248,7 @@ def usage_section(exp_dir, export_dir, kind):
               + (" and the CTC transcript" if kind in ("MTL", "ASR-CTC") else "")
               + "; the CSV / JSON hold one probability per class. Exit code 1 means some files could not be read "
               "(listed on stderr); the others were still predicted.", "",
-              "### Python", "", "```python", "from lobes.inference import load_model", "",
+              "### Python", "", "```python", "from tools.infer import load_model", "",
               f'model = load_model("{exp_dir}", device="cpu")  # the best (lowest validation loss) checkpoint',
               'for r in model.predict(["clip1.wav", "clip2.flac"]):',
               '    print(r["file"], r["emotion"], r["probs"], r["error"])', "```"]

@@ -3,7 +3,7 @@
     python -m tools.pseudo_label --model exp/adaltm/setup4_dual/1986 --out data/emilia_pseudo.json \
         --threshold 0.6 /data/Emilia/EN/ [more folders or files] [--device cuda] [--batch_seconds 120]
 
-``--model``: anything :func:`lobes.inference.load_model` reads (an SER / AdaLTM / MTL experiment folder, or a
+``--model``: anything :func:`tools.infer.load_model` reads (an SER / AdaLTM / MTL experiment folder, or a
 folded AdaLTM export). Inputs: audio files and folders (searched recursively for .wav/.flac/.ogg/.mp3). An
 Emilia-style layout (audio + a per-utterance JSON with the same stem, e.g. ``X.mp3`` + ``X.json`` holding
 ``id``, ``speaker``, ``text``) is read as well: ``id`` names the utterance, ``speaker`` becomes ``spk_id`` and
@@ -96,7 +96,7 @@ def write_outputs(out, manifest, rejected):
 
 
 def main(argv=None):
-    from lobes.inference import load_model
+    from tools.infer import load_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+")

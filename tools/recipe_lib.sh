@@ -7,9 +7,25 @@
 #   exp=exp/my_recipe      # everything it writes          --help lists them with their comments
 #   . "${root}/tools/recipe_lib.sh"  # --name value for every declared option; what follows -- stays in "$@"
 #
-# After it: log, launch and ${py} are defined, the working directory is ${root}, and ${root} is on PYTHONPATH.
-# The full command line is logged and, when the recipe declares ${exp}, written to ${exp}/run_cmd.sh (a script that
-# replays this invocation; ESPnet keeps the same record) and appended to ${exp}/run_cmd.history.
+# After it: log, launch, is_node0, node0_begin, node0_end and ${py} are defined, the working directory is ${root},
+# and ${root} is on PYTHONPATH. The full command line is logged and, when the recipe declares ${exp}, written (by
+# node 0) to ${exp}/run_cmd.sh (a script that replays this invocation; ESPnet keeps the same record) and appended to
+# ${exp}/run_cmd.history. PYTORCH_CUDA_ALLOC_CONF is expandable_segments:True unless the caller set it (or
+# PYTORCH_ALLOC_CONF): segments that grow in place instead of many fixed-size blocks waste less memory on
+# utterances of varying length.
+#
+# Several machines (every run.sh declares nnodes, node_rank, master_addr, master_port, node_timeout): run.sh runs
+# on every node, with the same options but --node_rank, over a filesystem that every node sees at the same paths
+# (${exp}, the data, the models). Each launch is torchrun's static rendezvous (--nnodes --node_rank --master_addr
+# --master_port; --standalone only on one node). Steps that write shared files run on node 0 only; the others wait:
+#
+#   if node0_begin "stage 0 (data preparation)"; then   # true on node 0 only
+#       ...                                              # prepare, generate, extract
+#   fi
+#   node0_end                                            # every node: continue once node 0 is there
+#
+# node0_end is a torchrun job of tools/node_sync.py on every node (the rendezvous is the barrier): the others wait up
+# to ${node_timeout} s for node 0; if node 0 fails inside the step, its exit trap tells them and they stop too.
 
 log() { echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[0]}) $*"; }
 
@@ -52,10 +68,29 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+for _v in nnodes node_rank master_addr master_port node_timeout; do
+    declare -p "${_v}" >/dev/null 2>&1 \
+        || { echo "${_recipe_script}: declares no option ${_v} (every run.sh has nnodes, node_rank, master_addr," \
+                  "master_port, node_timeout)" >&2; exit 1; }
+done
+for _v in nnodes node_rank master_port node_timeout; do
+    [[ ${!_v} =~ ^[0-9]+$ ]] || { echo "--${_v} must be a non-negative integer, not '${!_v}'" >&2; exit 1; }
+done
+[ "${nnodes}" -ge 1 ] || { echo "--nnodes must be at least 1" >&2; exit 1; }
+[ "${master_port}" -ge 1 ] && [ "${master_port}" -le 65534 ] \
+    || { echo "--master_port must be in 1..65534 (the next port is used too), not ${master_port}" >&2; exit 1; }
+[ "${node_rank}" -lt "${nnodes}" ] || { echo "--node_rank ${node_rank} is not in 0..$((nnodes - 1)) (--nnodes ${nnodes})" >&2; exit 1; }
+if [ "${nnodes}" -gt 1 ] && [ -z "${master_addr}" ]; then
+    echo "--master_addr (node 0's host name or address, the same on every node) is needed with --nnodes ${nnodes}" >&2
+    exit 1
+fi
+
 cd "${root}"
 _recipe_cmd=$(printf '%q' "${_recipe_script}"; [ ${#_recipe_args[@]} -eq 0 ] || printf ' %q' "${_recipe_args[@]}")
 log "command line (from ${_recipe_cwd}): bash ${_recipe_cmd}"
-if declare -p exp >/dev/null 2>&1 && [ -n "${exp}" ]; then  # a replayable record of this invocation
+[ "${nnodes}" -eq 1 ] || log "node ${node_rank} of ${nnodes}; rendezvous at ${master_addr}:${master_port}"
+# a replayable record of this invocation, written once (node 0) on the shared filesystem
+if declare -p exp >/dev/null 2>&1 && [ -n "${exp}" ] && [ "${node_rank}" -eq 0 ]; then
     mkdir -p "${exp}"
     {
         echo "#!/usr/bin/env bash"
@@ -70,6 +105,7 @@ fi
 py=${PYTHON:-python}
 [ -x "${root}/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && py="${root}/.venv/bin/python"
 export PYTHONPATH="${root}${PYTHONPATH:+:${PYTHONPATH}}"
+[ -n "${PYTORCH_ALLOC_CONF:-}" ] || export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 # last_wins ARG...: the ARGs, each --key=value kept at its last occurrence only (NUL-separated). hyperpyyaml refuses
 # a key given twice, and a recipe's --mini defaults, its *_args options and the args after -- may each set the same key.
@@ -87,12 +123,75 @@ last_wins() {
     [ ${#out[@]} -eq 0 ] || printf '%s\0' "${out[@]}"
 }
 
-launch() {  # launch <train.py> <hparams> [overrides...]: one process, or torchrun over ${ngpu} GPUs
+# ---------------------------------------------------------------------------------------------- several nodes
+_node_runs=0      # torchrun jobs started so far: the same sequence on every node
+_node0_step=      # node 0: the shared step it is inside (its exit trap reports a failure there to the others)
+
+# The rendezvous options of the next multi-node torchrun job. Consecutive jobs alternate between master_port and
+# master_port + 1: a node that leaves job k early can never reach node 0's store of job k while it is shutting
+# down, since that store lives on the other port (job k - 1's, long gone, on this one).
+_node_rdzv() {  # sets _rdzv (in this shell: the job counter must advance here, not in a subshell)
+    _rdzv=(--nnodes="${nnodes}" --node_rank="${node_rank}" --master_addr="${master_addr}"
+           --master_port="$((master_port + _node_runs % 2))" --rdzv_conf="timeout=${node_timeout}")
+    _node_runs=$((_node_runs + 1))
+}
+
+is_node0() { [ "${node_rank}" -eq 0 ]; }
+
+node0_begin() {  # node0_begin <what>: true on node 0, which then runs the step; false on the others
+    _node0_step=$1
+    is_node0 && return 0
+    log "node ${node_rank}: node 0 runs ${1}; waiting for it (at most ${node_timeout} s)"
+    return 1
+}
+
+_node_sync() {  # _node_sync <what> <status>: every node meets node 0, which passes its status on
+    local what=$1 status=$2 out rc=0
+    _node_rdzv
+    out=$("${py}" -m torch.distributed.run "${_rdzv[@]}" --nproc_per_node=1 -m tools.node_sync --what "${what}" \
+        --status "${status}" --timeout "${node_timeout}" 2>&1) || rc=$?
+    [ "${rc}" -eq 0 ] && return 0
+    [ "${status}" -eq 0 ] || return 1  # node 0 reporting its own failure: its error is already in the log
+    if grep -q "^node [0-9]*: node 0 failed" <<< "${out}"; then
+        grep "^node [0-9]*: node 0 failed" <<< "${out}" >&2
+    else
+        echo "${out}" | tail -n 15 >&2
+        if is_node0; then
+            echo "node 0: not every node reached the end of ${what} within ${node_timeout} s (--node_timeout)" >&2
+        else
+            echo "node ${node_rank}: no word from node 0 at ${master_addr}:${master_port} (or +1) after ${what}" \
+                 "within ${node_timeout} s (--node_timeout): it failed or is still busy; see its log" >&2
+        fi
+    fi
+    return 1
+}
+
+node0_end() {  # every node: wait until node 0 has finished the step opened by node0_begin
+    local what=${_node0_step:-the step of node 0}
+    _node0_step=
+    [ "${nnodes}" -eq 1 ] || _node_sync "${what}" 0 || exit 1
+}
+
+_node0_exit() {  # EXIT trap on node 0: a step that failed stops the nodes waiting for it
+    local rc=$? step=${_node0_step}
+    _node0_step=
+    if [ "${rc}" -ne 0 ] && [ -n "${step}" ]; then
+        log "node 0 failed in ${step} (exit status ${rc}): telling the other nodes"
+        _node_sync "${step}" "${rc}" || true
+    fi
+    exit "${rc}"
+}
+if [ "${nnodes}" -gt 1 ] && is_node0; then trap _node0_exit EXIT; fi
+
+launch() {  # launch <train.py> <hparams> [overrides...]: one process, or torchrun over ${ngpu} GPUs x ${nnodes} nodes
     local args=()
     mapfile -d '' args < <(last_wins "$@")   # a later --key=value overrides an earlier one
     set -- "${args[@]}"
-    if [ "${ngpu}" -gt 1 ]; then
-        local backend=(); [ "${device}" = cpu ] && backend=(--distributed_backend=gloo)
+    local backend=(); [ "${device}" = cpu ] && backend=(--distributed_backend=gloo)
+    if [ "${nnodes}" -gt 1 ]; then
+        _node_rdzv
+        "${py}" -m torch.distributed.run "${_rdzv[@]}" --nproc_per_node="${ngpu}" "$@" "${backend[@]}"
+    elif [ "${ngpu}" -gt 1 ]; then
         "${py}" -m torch.distributed.run --standalone --nproc_per_node="${ngpu}" "$@" "${backend[@]}"
     else
         "${py}" "$@"

@@ -13,7 +13,7 @@ import torch
 
 from lobes import distributed as D
 from lobes import plots
-from lobes.adaltm.feature_cache import CacheBudgetError, FeatureCache, check_pooled_exact, dataset_source, spec_for
+from lobes.adaltm.feature_cache import cache_datasets, check_pooled_exact
 from lobes.adaltm.fold_export import export_folded
 from lobes.adaltm.layer_groups import group_names
 from lobes.brains import ToolkitBrain
@@ -107,21 +107,10 @@ def use_feature_cache(hparams, datasets, device="cpu"):
     pooled = hparams["feature_cache_pooled"]
     if pooled:
         check_pooled_exact(hparams["weighted_sum"], hparams["ser_head"])
-    spec = spec_for(wavlm, hparams["cache_dtype"], pooled)
     wavlm.to(device)  # built on the training device, before the Brain moves the modules there
-    caches = {}
-    for split, ds in datasets.items():
-        utterances, load = dataset_source(ds)
-        try:
-            caches[split] = FeatureCache.build(
-                wavlm, utterances, load, spec, split, hparams["feature_cache_dir"], device,
-                hparams["feature_cache_batch_seconds"], hparams["feature_cache_shard_mb"],
-                hparams["feature_cache_max_ram_gb"], hparams["feature_cache_max_disk_gb"])
-        except CacheBudgetError as e:
-            if hparams["feature_cache_over_budget"] != "recompute":
-                raise
-            logger.warning("%s -- feature_cache_over_budget: recompute, so WavLM runs on every batch", e)
-            return datasets
+    caches = cache_datasets(hparams, datasets, device)  # every split planned and budget-checked before any is built
+    if caches is None:  # over budget, feature_cache_over_budget: recompute
+        return datasets
     for split, ds in datasets.items():
         ds.add_dynamic_item(caches[split].pipeline())
         ds.set_output_keys(["id", "feats", "emo_idx", "soft_label", "spk_id"])

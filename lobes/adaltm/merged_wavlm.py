@@ -4,18 +4,21 @@
 
 How it runs: each merge group's submodule (the CNN block, each transformer layer, ...) is wrapped so that it
 runs with its group's merged weights. W_base and every ΔW stay frozen; only λ receives gradients
-(dL/dλ_k^(l) = Σ_{W in group l} <dL/dW, ΔW_k>). Three implementations of the same math (``merge_impl``):
+(dL/dλ_k^(l) = Σ_{W in group l} <dL/dW, ΔW_k>). The YAML's ``merge_impl`` picks, once, one of three
+implementations of the same math (:class:`MergeStrategy`; benchmarks/RESULTS.md section 1 has each one's time and
+memory against full fine-tuning, and the row that keeps it):
 
-- ``materialized`` (default): the model's stored weights *are* W_merged for the current λ, recomputed from a
-  kept copy of W_base when λ has moved (once per optimizer step, or after a checkpoint load); the forward
-  builds nothing, the backward reduces each dL/dW into λ as autograd produces it. Memory = W_base + W + ΔW's,
-  one merge pass per step; a fixed λ runs as fast as a plain WavLM.
-- ``fused``: W_merged is built per group just before it runs and rebuilt in backward (lobes.adaltm.merged_linear).
-- ``functional``: plain autograd through W_base + Σ λ ΔW with ``torch.func.functional_call``; the merged
-  weights stay saved until backward. The reference the others are tested against.
+- ``materialized`` (:class:`MaterializedMerge`, default): the model's stored weights *are* W_merged for the current
+  λ, recomputed from a kept copy of W_base when λ has moved. Kept for time: row ``materialized`` 1.01× / 0.96×
+  median of full fine-tuning, the fastest λ step (fewest merge passes in the profile).
+- ``fused`` (:class:`FusedMerge`): W_merged built per group just before it runs and rebuilt in backward
+  (lobes.adaltm.merged_linear). Kept for memory: rows ``fused_gc_bf16`` (0.77× peak, the only one ≤ 0.8×),
+  ``fused_bf16`` (0.84×) and ``fused_bf16_cnngc`` (0.81× peak at 0.95× time).
+- ``functional`` (:class:`FunctionalMerge`): plain autograd through W_base + Σ λ ΔW with
+  ``torch.func.functional_call``. The reference (oracle) the others are tested against
+  (tests/test_merged_linear.py); it wins no row.
 
-benchmarks/RESULTS.md has the measured time and memory of each vs full fine-tuning. With
-``gradient_checkpointing`` each group is recomputed in backward (less activation memory).
+With ``gradient_checkpointing`` each group is recomputed in backward (less activation memory).
 
 The backbone is kept in eval mode (no dropout): it is a frozen feature extractor, as in the paper, and this
 makes its features deterministic (needed for feature caching of static merges).
@@ -74,7 +77,118 @@ def _check_vector(name, delta, base_state, source=None):
         raise DataError(f"task vector '{name}'{where} does not fit the base model ({'; '.join(parts)})")
 
 
-MERGE_IMPLS = ("materialized", "fused", "functional")
+class MergeStrategy:
+    """How a :class:`MergedWavLM` runs eq. (4), chosen once from ``merge_impl``.
+
+    ``setup`` makes the strategy's extra state, ``sync`` brings stored weights up to date with λ, ``merged_weight``
+    gives one merged parameter differentiable in λ, ``call`` runs one merge group; ``stacks_deltas`` /
+    ``keeps_base_copy`` state its memory needs. A strategy holds no state itself: everything lives in the model it
+    is given, so the model moves between devices, is copied and checkpointed as one module.
+    """
+
+    name = None
+    stacks_deltas = False    # load each key's K ΔW as rows of one [K, ...] tensor (one GEMV per merge)
+    keeps_base_copy = False  # keep W_base beside the stored weights (one more copy of the model)
+
+    def setup(self, model):
+        """Extra state the strategy needs, made once after the task vectors are loaded."""
+
+    def sync(self, model, force=False):
+        """Bring the stored weights up to date with λ (only a strategy that stores the merge has work here)."""
+
+    def merged_weight(self, model, key, lam):
+        """W_base + Σ_k λ_k^(g) ΔW_k of one parameter as a plain autograd expression of λ."""
+        base = model.base_parameter(key)
+        g = model.group_of[key]
+        w = base
+        for k, store in enumerate(model.deltas):
+            w = w + lam[k, g] * store[key.replace(".", "__")].to(base.dtype)
+        return w
+
+    def call(self, model, group, args, kwargs):
+        """Run one wrapped merge group (a :class:`_MergedGroup`) with its merged weights."""
+        raise NotImplementedError
+
+
+class FunctionalMerge(MergeStrategy):
+    """Plain autograd through W_base + Σ_k λ_k ΔW_k (``functional_call``): the reference the others are tested
+    against. Memory needs: W_base + K separate ΔW; the merged weights stay saved by autograd until backward."""
+
+    name = "functional"
+
+    def call(self, model, group, args, kwargs):
+        return functional_call(group.inner, model.merged_parameters(group.prefix), args, kwargs)
+
+
+class FusedMerge(MergeStrategy):
+    """One merge node per group whose backward reduces dL/dW into λ and rebuilds W_merged instead of saving it
+    (:func:`lobes.adaltm.merged_linear.fused_call`). Memory needs: W_base + the K ΔW stacked as one [K, ...] tensor
+    per key; no merged weight outlives its group's forward. RESULTS.md rows ``fused_bf16`` / ``fused_gc_bf16`` /
+    ``fused_bf16_cnngc``: the lowest peak memory of any λ-training variant."""
+
+    name = "fused"
+    stacks_deltas = True
+
+    def call(self, model, group, args, kwargs):
+        sources, lam = model._group_sources(group)
+        # with checkpointing the whole group is recomputed in backward anyway (its own saved-tensor hooks)
+        return merged_linear.fused_call(group.inner, sources, lam, args, kwargs,
+                                        rebuild_in_backward=not model.checkpointed(group.prefix))
+
+
+class MaterializedMerge(MergeStrategy):
+    """The stored weights *are* W_base + Σ_k λ_k ΔW_k for the current λ, re-merged from a kept copy of W_base when
+    λ has moved (once per optimizer step, or after a checkpoint load); the forward builds nothing and the backward
+    reduces each dL/dW into λ as autograd produces it. Memory needs: W_base + W + the stacked ΔW (one more copy of
+    the weights than fused). RESULTS.md row ``materialized``: the fastest λ step (1.01× of full fine-tuning)."""
+
+    name = "materialized"
+    stacks_deltas = True
+    keeps_base_copy = True
+
+    def setup(self, model):
+        # frozen Parameters, like ΔW (DDP broadcasts them once, not every step as it would buffers); no merge
+        # here: the first forward (or merged_weight) merges, on the device the model then lives on
+        model.base_weights = torch.nn.ParameterDict({
+            k.replace(".", "__"): torch.nn.Parameter(model.base_parameter(k).detach().clone(), requires_grad=False)
+            for k in model.keys})
+
+    def sync(self, model, force=False):
+        """Make the stored weights W_base + Σ_k λ_k ΔW_k for the current λ.
+
+        Decided on the host, never by reading λ back from the GPU (a ``.tolist()`` of a λ comparison per step
+        would stall the CUDA stream): ``force`` (the forward of a training step with trainable λ: every step
+        moves λ, so this re-merges once per step, as comparing would), or λ stale since a training forward (its
+        optimizer step may be fused AdamW, which leaves the version counter alone), or λ's host-side key changed
+        (checkpoint load, an in-place edit, a device move). A fixed λ is merged once. Each merge is recomputed
+        from W_base (merge_into), so it is bitwise the same whatever path λ took (exact resume)."""
+        if not (force or model._merge_stale or model._lambda_key() != model._merged_key):
+            return
+        with torch.no_grad():
+            lam = model.lambdas().detach()  # [K, G] on λ's device: each group's column stays a device tensor
+            for key in model.keys:
+                name = key.replace(".", "__")
+                merged_linear.merge_into(model.base_parameter(key), model.base_weights[name],
+                                         [s[name] for s in model.deltas], lam[:, model.group_of[key]])
+        model._merged_key = model._lambda_key()
+        # a training forward is followed by an optimizer step that moves λ: the next non-forced call re-merges
+        model._merge_stale = bool(force)
+
+    def merged_weight(self, model, key, lam):
+        # the stored W holds the current λ's merge; attach its λ gradient
+        self.sync(model)  # a no-op (host-side check) unless λ moved since the last sync
+        return merged_linear.MaterializedWeight.apply(
+            lam[:, model.group_of[key]], model.base_parameter(key),
+            *[s[key.replace(".", "__")] for s in model.deltas])
+
+    def call(self, model, group, args, kwargs):
+        sources, lam = model._group_sources(group)
+        return merged_linear.materialized_call(group.inner, sources, lam, args, kwargs)
+
+
+# The one place the YAML string ``merge_impl`` is read.
+MERGE_STRATEGIES = {s.name: s for s in (MaterializedMerge, FusedMerge, FunctionalMerge)}
+MERGE_IMPLS = tuple(MERGE_STRATEGIES)
 
 
 class _MergedGroup(torch.nn.Module):
@@ -88,12 +202,7 @@ class _MergedGroup(torch.nn.Module):
 
     def _call(self, *args, **kwargs):
         owner = self._owner()
-        if owner.merge_impl == "fused" and owner.num_vectors:
-            return owner._fused_call(self, args, kwargs)
-        if owner.merge_impl == "materialized" and owner.num_vectors:
-            return owner._materialized_call(self, args, kwargs)
-        params = owner.merged_parameters(self.prefix)
-        return functional_call(self.inner, params, args, kwargs)
+        return owner.strategy.call(owner, self, args, kwargs)
 
     def forward(self, *args, **kwargs):
         owner = self._owner()
@@ -127,21 +236,17 @@ class MergedWavLM(torch.nn.Module):
     cache_dir : str or None
         transformers cache directory for hub downloads.
     merge_impl : str
-        ``"functional"`` (autograd through ``W_base + λ ΔW``; merged weights stay saved until backward)
-        or ``"fused"`` (:mod:`lobes.adaltm.merged_linear`: one merge node whose backward reduces dL/dW into λ with a dot
-        product, and merged weights rebuilt in backward instead of saved) or ``"materialized"`` (the model's
-        stored weights *are* the merged weights for the current λ, recomputed from W_base when λ has
-        changed, once per step; nothing is merged in forward or rebuilt in backward, and a fixed λ costs
-        nothing after the first call; one more copy of the weights than fused). Same outputs and λ
-        gradients; see benchmarks/RESULTS.md.
+        ``"materialized"``, ``"fused"`` or ``"functional"``: which :class:`MergeStrategy` runs eq. (4) (same
+        outputs and λ gradients; see the module docstring and benchmarks/RESULTS.md).
     """
 
     def __init__(self, source, task_vectors=None, lambda_mode="layerwise", lambda_init=0.5, normalize_wav=True,
                  delta_dtype=None, gradient_checkpointing=False, cache_dir=None, merge_impl="materialized"):
         super().__init__()
-        if merge_impl not in MERGE_IMPLS:
+        if merge_impl not in MERGE_STRATEGIES:
             raise ValueError(f"merge_impl '{merge_impl}' is not one of {MERGE_IMPLS}")
-        self.merge_impl = merge_impl
+        self.merge_impl = merge_impl  # the setting, as reported; behaviour comes from self.strategy
+        strategy = MERGE_STRATEGIES[merge_impl]()
         self.model = load_wavlm(source, cache_dir=cache_dir)
         self.model.requires_grad_(False)
         self.source = str(source)
@@ -170,7 +275,7 @@ class MergedWavLM(torch.nn.Module):
             store = {}
             for k in self.keys:
                 value = delta[k].detach().to(delta_dtype or base_state[k].dtype)
-                if merge_impl != "functional" and num_vectors > 1:
+                if strategy.stacks_deltas and num_vectors > 1:
                     if k not in stacked:
                         stacked[k] = torch.empty((num_vectors, *value.shape), dtype=value.dtype,
                                                  device=value.device)
@@ -191,12 +296,9 @@ class MergedWavLM(torch.nn.Module):
         # materialized: which λ the stored weights hold, as host-side facts only (see sync_merged)
         self._merged_key = None   # None: the stored weights are W_base, no merge applied yet
         self._merge_stale = False
-        if merge_impl == "materialized" and self.num_vectors:
-            # frozen Parameters, like ΔW (DDP broadcasts them once, not every step as it would buffers)
-            self.base_weights = torch.nn.ParameterDict({
-                k.replace(".", "__"): torch.nn.Parameter(self.base_parameter(k).detach().clone(),
-                                                         requires_grad=False) for k in self.keys})
-            # no merge here: the first forward (or merged_weight) merges, on the device the model then lives on
+        # without task vectors there is nothing to merge: every strategy is the plain model
+        self.strategy = strategy if self.num_vectors else FunctionalMerge()
+        self.strategy.setup(self)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def _find_base(self, key):
@@ -235,27 +337,8 @@ class MergedWavLM(torch.nn.Module):
         return lam.device, lam.untyped_storage()._cdata, lam._version, self.lambdas.revision
 
     def sync_merged(self, force=False):
-        """merge_impl="materialized": make the stored weights W_base + Σ_k λ_k ΔW_k for the current λ.
-
-        Decided on the host, never by reading λ back from the GPU (a ``.tolist()`` of a λ comparison per step
-        would stall the CUDA stream): ``force`` (the forward of a training step with trainable λ: every step
-        moves λ, so this re-merges once per step, as comparing would), or λ stale since a training forward (its
-        optimizer step may be fused AdamW, which leaves the version counter alone), or λ's host-side key changed
-        (checkpoint load, an in-place edit, a device move). A fixed λ is merged once. Each merge is recomputed
-        from W_base (merge_into), so it is bitwise the same whatever path λ took (exact resume)."""
-        if self.merge_impl != "materialized" or not self.num_vectors:
-            return
-        if not (force or self._merge_stale or self._lambda_key() != self._merged_key):
-            return
-        with torch.no_grad():
-            lam = self.lambdas().detach()  # [K, G] on λ's device: each group's column stays a device tensor
-            for key in self.keys:
-                name = key.replace(".", "__")
-                merged_linear.merge_into(self.base_parameter(key), self.base_weights[name],
-                                         [s[name] for s in self.deltas], lam[:, self.group_of[key]])
-        self._merged_key = self._lambda_key()
-        # a training forward is followed by an optimizer step that moves λ: the next non-forced call re-merges
-        self._merge_stale = bool(force)
+        """Bring the stored weights up to date with λ (merge_impl="materialized"; see MaterializedMerge.sync)."""
+        self.strategy.sync(self, force)
 
     def base_parameter(self, key):
         """The stored tensor of ``key``: W_base, or with merge_impl="materialized" the merged W (sync_merged)."""
@@ -271,19 +354,9 @@ class MergedWavLM(torch.nn.Module):
     # -- eq. (4) -------------------------------------------------------------------------------------
     def merged_weight(self, key, lam=None):
         """W_base + Σ_k λ_k^(g) ΔW_k for one parameter (g = its group)."""
-        base = self.base_parameter(key)
         if not self.num_vectors:
-            return base
-        lam = self.lambdas() if lam is None else lam
-        g = self.group_of[key]
-        if self.merge_impl == "materialized":  # stored W holds the current λ's merge; attach its λ gradient
-            self.sync_merged()  # a no-op (host-side check) unless λ moved since the last sync
-            return merged_linear.MaterializedWeight.apply(
-                lam[:, g], base, *[s[key.replace(".", "__")] for s in self.deltas])
-        w = base
-        for k, store in enumerate(self.deltas):
-            w = w + lam[k, g] * store[key.replace(".", "__")].to(base.dtype)
-        return w
+            return self.base_parameter(key)
+        return self.strategy.merged_weight(self, key, self.lambdas() if lam is None else lam)
 
     def merged_parameters(self, prefix):
         """Merged weights of one wrapped submodule, keyed by their names inside it."""
@@ -299,18 +372,6 @@ class MergedWavLM(torch.nn.Module):
         keys = [k for k in self.keys if k.startswith(group.prefix + ".")]
         sources = {k[n:]: (self.base_parameter(k), [s[k.replace(".", "__")] for s in self.deltas]) for k in keys}
         return sources, self.lambdas()[:, self.group_of[keys[0]]]  # every key of a wrapped module is in one group
-
-    def _materialized_call(self, group, args, kwargs):
-        """merge_impl="materialized": run one wrapped group on its stored merged weights."""
-        sources, lam = self._group_sources(group)
-        return merged_linear.materialized_call(group.inner, sources, lam, args, kwargs)
-
-    def _fused_call(self, group, args, kwargs):
-        """merge_impl="fused": run one wrapped group through :func:`lobes.adaltm.merged_linear.fused_call`."""
-        sources, lam = self._group_sources(group)
-        # with checkpointing the whole group is recomputed in backward anyway (its own saved-tensor hooks)
-        return merged_linear.fused_call(group.inner, sources, lam, args, kwargs,
-                                        rebuild_in_backward=not self.checkpointed(group.prefix))
 
     def merged_state_dict(self):
         """Every backbone weight merged with the current λ (detached): the folded model of eq. (4)."""

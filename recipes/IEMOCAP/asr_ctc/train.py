@@ -15,9 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/IEMOCAP:
 from iemocap_prepare import iemocap_manifests, prepare_from_hparams  # noqa: E402
 
 from lobes import ctc  # noqa: E402
-from lobes.brains import ToolkitBrain, export_finetuned_backbone, fit_and_evaluate  # noqa: E402
+from lobes.brains import ToolkitBrain, fit_and_evaluate  # noqa: E402
+from lobes.ctc_export import export_ctc_model  # noqa: E402
 from lobes.dataio import asr_datasets  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
+from lobes.memory_plan import resolve_micro_batch  # noqa: E402
 
 
 class ASRBrain(ToolkitBrain):
@@ -47,7 +49,8 @@ if __name__ == "__main__":
     prepare_from_hparams(hparams)
     datasets = asr_datasets(iemocap_manifests(hparams, asr=True))
 
+    resolve_micro_batch(hparams, run_opts, ASRBrain, datasets["train"])  # micro_batch_size: auto
     brain = ASRBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                      run_opts=run_opts, checkpointer=hparams["checkpointer"])
     fit_and_evaluate(brain, datasets, hparams)
-    export_finetuned_backbone(brain.modules.wavlm, hparams["export_folder"])
+    export_ctc_model(brain.modules.wavlm, brain.modules.ctc_head, hparams["export_folder"])  # + processor: pipeline()

@@ -28,8 +28,13 @@ msp_dir=$(cd "${recipe_dir}/.." && pwd)
 # ----------------------------------------------------------------- options
 stage=0                     # first stage to run (0-4)
 stop_stage=4                # last stage to run (0-4)
-ngpu=1                      # >1: torchrun --nproc_per_node=<ngpu> (SpeechBrain DDP)
+ngpu=1                      # GPUs per node; >1 or nnodes >1: torchrun --nproc_per_node=<ngpu> (SpeechBrain DDP)
 device=                     # cuda:0 / cpu; empty = SpeechBrain's default
+nnodes=1                    # machines; >1: run this script on each one (README: several machines, shared filesystem)
+node_rank=0                 # this machine's index, 0..nnodes-1; node 0 alone runs the steps that write shared files
+master_addr=                # node 0's host name or address, the same on every node (needed with --nnodes > 1)
+master_port=29500           # rendezvous port on node 0 (consecutive torchrun jobs alternate with the next port)
+node_timeout=3600           # seconds the other nodes wait for node 0's shared steps (data preparation, task vectors)
 mini=false                  # true: generate mini corpora + tiny WavLM and use fast demo settings
 mini_msp_test_factor=3      # --mini true: Test1 utterances of the mini MSP-Podcast, times the generator's default
 mini_libri_utts=180         # --mini true: train-clean-100 utterances of the generated mini LibriSpeech
@@ -89,18 +94,21 @@ msp_opts=(--test_splits="${test_splits_yaml}")   # MSP-Podcast recipes only (rec
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     log "Stage 0: data preparation"
-    if [ "${mini}" = true ]; then
-        log "generating the mini corpora under ${exp}/data; base: ${wavlm_source}"
-        "${py}" -m tools.make_mini_corpora --msp_out "${data_folder}" --libri_out "${libri_folder}" \
-            --msp_test_factor "${mini_msp_test_factor}" --n_libri "${mini_libri_utts}" \
-            --n_libri_eval "${mini_libri_eval_utts}"
+    if node0_begin "stage 0 (data preparation)"; then   # writes shared files: node 0 only, the others wait
+        if [ "${mini}" = true ]; then
+            log "generating the mini corpora under ${exp}/data; base: ${wavlm_source}"
+            "${py}" -m tools.make_mini_corpora --msp_out "${data_folder}" --libri_out "${libri_folder}" \
+                --msp_test_factor "${mini_msp_test_factor}" --n_libri "${mini_libri_utts}" \
+                --n_libri_eval "${mini_libri_eval_utts}"
+        fi
+        "${py}" "${msp_dir}/msp_podcast_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}/msp" \
+            --transcript_only --test_splits "${test_split_list[@]}"
+        if [ -n "${libri_folder}" ] && [ -z "${asr_out_source}" ]; then
+            "${py}" "${root}/recipes/LibriSpeech/librispeech_prepare.py" --data_folder "${libri_folder}" \
+                --save_folder "${prep}/libri"
+        fi
     fi
-    "${py}" "${msp_dir}/msp_podcast_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}/msp" \
-        --transcript_only --test_splits "${test_split_list[@]}"
-    if [ -n "${libri_folder}" ] && [ -z "${asr_out_source}" ]; then
-        "${py}" "${root}/recipes/LibriSpeech/librispeech_prepare.py" --data_folder "${libri_folder}" \
-            --save_folder "${prep}/libri"
-    fi
+    node0_end
 fi
 
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
@@ -142,14 +150,17 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
     [ -n "${asr_in_source}" ] || asr_in_kind=hf
     [ -n "${asr_out_source}" ] || asr_out_kind=hf
     [ -n "${ser_source}" ] || ser_kind=hf
-    for spec in "ASR ${asr_in} ${asr_in_kind} asr_in" "ASR ${asr_out} ${asr_out_kind} asr_out" "SER ${ser} ${ser_kind} ser"; do
-        read -r name src kind out <<< "${spec}"
-        if [ -f "${vectors}/${out}.safetensors" ]; then
-            log "  ${out}: ${vectors}/${out}.safetensors exists, kept"; continue
-        fi
-        "${py}" -m tools.extract_task_vector --base "${wavlm_source}" --finetuned "${src}" --kind "${kind}" \
-            --name "${name}" --out "${vectors}/${out}.safetensors"
-    done
+    if node0_begin "stage 3a (task vectors)"; then
+        for spec in "ASR ${asr_in} ${asr_in_kind} asr_in" "ASR ${asr_out} ${asr_out_kind} asr_out" "SER ${ser} ${ser_kind} ser"; do
+            read -r name src kind out <<< "${spec}"
+            if [ -f "${vectors}/${out}.safetensors" ]; then
+                log "  ${out}: ${vectors}/${out}.safetensors exists, kept"; continue
+            fi
+            "${py}" -m tools.extract_task_vector --base "${wavlm_source}" --finetuned "${src}" --kind "${kind}" \
+                --name "${name}" --out "${vectors}/${out}.safetensors"
+        done
+    fi
+    node0_end
     for row in ${rows}; do
         log "Stage 3b: AdaLTM row ${row}"
         launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${common[@]}" \
@@ -164,7 +175,9 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
     done
 fi
 
-if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
+if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ] && ! is_node0; then
+    log "Stage 4: single-process evaluation and tables, on node 0"
+elif [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     log "Stage 4a: reference rows of the source models on the MSP-Podcast test split (${test_splits})"
     results=${exp}/results
     sources=()

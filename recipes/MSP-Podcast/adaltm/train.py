@@ -21,6 +21,7 @@ from lobes.adaltm.feature_cache import cached_hidden  # noqa: E402
 from lobes.brains import fit_and_evaluate  # noqa: E402
 from lobes.dataio import class_counts, ser_datasets  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
+from lobes.memory_plan import resolve_micro_batch  # noqa: E402
 
 
 class AdaLTMBrain(AdaLTMBrainBase):
@@ -52,6 +53,7 @@ if __name__ == "__main__":
     datasets = use_feature_cache(hparams, ser_datasets(manifests, hparams["emotion_classes"]), device)
     hparams["loss"].set_counts(class_counts(manifests["train"], hparams["emotion_classes"]))
 
+    resolve_micro_batch(hparams, run_opts, AdaLTMBrain, datasets["train"])  # micro_batch_size: auto
     brain = AdaLTMBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                         run_opts=run_opts, checkpointer=hparams["checkpointer"])
     fit_and_evaluate(brain, datasets, hparams)

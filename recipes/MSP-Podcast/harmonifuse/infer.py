@@ -25,47 +25,32 @@ logger = logging.getLogger(__name__)
 
 
 def load_harmonifuse(exp_dir, device="cpu", overrides=None):
-    """(SpeechLM in eval mode with the best checkpoint loaded, hparams) of a HarmoniFuse experiment folder."""
-    import ruamel.yaml
-    from hyperpyyaml import load_hyperpyyaml
+    """(SpeechLM in eval mode with the best checkpoint loaded, hparams) of a HarmoniFuse experiment folder.
 
+    The experiment is rebuilt by the toolkit's one loader (``lobes.inference.load_experiment``); its checkpoint
+    holds the trainable parameters only (recoverable ``speech_lm``), the frozen LM / WavLM are re-read from their
+    sources (``overrides`` as there, e.g. ``{"speech_lm": {"lm": {"source": "/models/lm"}}}``).
+    """
     from lobes.errors import DataError
-    from lobes.inference import _kept_rng, _working_dir, best_checkpoint, training_root
+    from lobes.inference import load_experiment
 
-    exp_dir = Path(exp_dir).resolve()
-    hp_file = exp_dir / "hyperparams.yaml"
-    if not hp_file.is_file():
-        raise DataError(f"{exp_dir}: no hyperparams.yaml; not a HarmoniFuse experiment folder")
-    text = hp_file.read_text()
-    preview = ruamel.yaml.YAML().load(text) or {}
-    merged = {k: str(exp_dir) for k, v in preview.items()
-              if getattr(getattr(v, "tag", None), "value", None) == "!PLACEHOLDER"}
-    merged["checkpointer"] = {"checkpoints_dir": str(exp_dir / "save")}
-    merged.update(overrides or {})
-    try:
-        with _working_dir(training_root(exp_dir, preview.get("output_folder"))), _kept_rng():
-            hparams = load_hyperpyyaml(text, merged)
-    except Exception as e:
-        raise DataError(f"{hp_file}: cannot rebuild the model ({type(e).__name__}: {e})") from e
-    if "speech_lm" not in (hparams.get("modules") or {}):
-        raise DataError(f"{hp_file}: no 'speech_lm' module; not a HarmoniFuse experiment")
-    ckpt = best_checkpoint(exp_dir / "save")
-    hparams["checkpointer"].recoverables["speech_lm"].load(ckpt / "speech_lm.ckpt")
-    model = hparams["modules"]["speech_lm"].to(device).eval()
-    logger.info("loaded HarmoniFuse experiment %s (checkpoint %s)", exp_dir, ckpt.name)
-    return model, hparams
+    exp = load_experiment(exp_dir, overrides, weights=["speech_lm"])
+    if "speech_lm" not in exp.modules:
+        raise DataError(f"{exp.path / 'hyperparams.yaml'}: no 'speech_lm' module; not a HarmoniFuse experiment")
+    return exp.modules["speech_lm"].to(device).eval(), exp.hparams
 
 
 def predict(model, hparams, paths, device="cpu", batch_seconds=60.0, num_beams=None):
     """One dict per file: ``file``, ``transcript`` / ``emotion`` (trained tasks), or ``error``."""
+    from lobes.audio import read_audio
     from lobes.errors import DataError
-    from lobes.inference import SAMPLE_RATE, duration_batches, load_audio
+    from lobes.inference import SAMPLE_RATE, duration_batches
 
     results = {p: {"file": p} for p in paths}
     loaded = {}
     for p in paths:
         try:
-            loaded[p] = load_audio(p)[0]
+            loaded[p] = read_audio(p, SAMPLE_RATE, convert=True)
         except DataError as e:
             results[p]["error"] = str(e)
     good = list(loaded)
@@ -108,7 +93,12 @@ def main(argv=None):
     ap.add_argument("--json", help="write every file's result here")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = {k: getattr(a, k) for k in ("lm_source", "wavlm_source") if getattr(a, k)}
+    # the saved hyperparams.yaml has its references resolved: override the modules' own keys
+    overrides = {}
+    if a.lm_source:
+        overrides["speech_lm"] = {"lm": {"source": a.lm_source}}
+    if a.wavlm_source:
+        overrides["wavlm"] = {"source": a.wavlm_source}
     paths = find_audio_files(a.inputs)
     if not paths:
         print("no input audio files found", file=sys.stderr)

@@ -21,8 +21,13 @@ msp_dir=$(cd "${recipe_dir}/.." && pwd)
 # ----------------------------------------------------------------- options
 stage=0                     # first stage to run (0-2)
 stop_stage=2                # last stage to run (0-2)
-ngpu=1                      # >1: torchrun --nproc_per_node=<ngpu> (SpeechBrain DDP)
+ngpu=1                      # GPUs per node; >1 or nnodes >1: torchrun --nproc_per_node=<ngpu> (SpeechBrain DDP)
 device=                     # cuda:0 / cpu; empty = SpeechBrain's default
+nnodes=1                    # machines; >1: run this script on each one (README: several machines, shared filesystem)
+node_rank=0                 # this machine's index, 0..nnodes-1; node 0 alone runs the steps that write shared files
+master_addr=                # node 0's host name or address, the same on every node (needed with --nnodes > 1)
+master_port=29500           # rendezvous port on node 0 (consecutive torchrun jobs alternate with the next port)
+node_timeout=3600           # seconds the other nodes wait for node 0's shared steps (data preparation, task vectors)
 mini=false                  # true: generate mini corpora + tiny WavLM + tiny LM and use fast demo settings
 msp_folder=                 # MSP-Podcast root (Audios/ Labels/ Transcripts/)
 libri_folder=               # LibriSpeech root (train-clean-100/ dev-clean/ test-clean/ test-other/)
@@ -69,18 +74,22 @@ common=(--seed="${seed}" --wavlm_source="${wavlm_source}" --lm_source="${lm_sour
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     log "Stage 0: data preparation"
-    if [ "${mini}" = true ]; then
-        log "generating the mini corpora under ${exp}/data; bases: ${wavlm_source}, ${lm_source}"
-        "${py}" -m tools.make_mini_corpora --msp_out "${msp_folder}" --libri_out "${libri_folder}"
+    if node0_begin "stage 0 (data preparation)"; then   # writes shared files: node 0 only, the others wait
+        if [ "${mini}" = true ]; then
+            log "generating the mini corpora under ${exp}/data; bases: ${wavlm_source}, ${lm_source}"
+            "${py}" -m tools.make_mini_corpora --msp_out "${msp_folder}" --libri_out "${libri_folder}"
+        fi
+        "${py}" "${msp_dir}/msp_podcast_prepare.py" --data_folder "${msp_folder}" --save_folder "${prep}/msp"
+        if [ -n "${iemocap_folder}" ]; then
+            "${py}" "${root}/recipes/IEMOCAP/iemocap_prepare.py" --data_folder "${iemocap_folder}" \
+                --save_folder "${prep}/iemocap"
+        fi
+        # shellcheck disable=SC2086
+        "${py}" "${root}/recipes/LibriSpeech/librispeech_prepare.py" --data_folder "${libri_folder}" \
+            --save_folder "${prep}/libri" --splits ${libri_train_splits} dev-clean test-clean test-other \
+            --required_splits ${libri_train_splits} dev-clean test-clean
     fi
-    "${py}" "${msp_dir}/msp_podcast_prepare.py" --data_folder "${msp_folder}" --save_folder "${prep}/msp"
-    # shellcheck disable=SC2086
-    if [ -n "${iemocap_folder}" ]; then
-        "${py}" "${root}/recipes/IEMOCAP/iemocap_prepare.py" --data_folder "${iemocap_folder}" --save_folder "${prep}/iemocap"
-    fi
-    "${py}" "${root}/recipes/LibriSpeech/librispeech_prepare.py" --data_folder "${libri_folder}" \
-        --save_folder "${prep}/libri" --splits ${libri_train_splits} dev-clean test-clean test-other \
-        --required_splits ${libri_train_splits} dev-clean test-clean
+    node0_end
 fi
 
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
@@ -104,7 +113,9 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
     fi
 fi
 
-if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
+if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ] && ! is_node0; then
+    log "Stage 2: results tables, on node 0"
+elif [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     log "Stage 2: results table"
     "${py}" -m tools.collect_results "${exp}/rows" --out "${exp}/results/table"
     # WER clean / other, UA, WA and MaF1 with their 95% CIs

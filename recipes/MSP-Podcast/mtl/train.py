@@ -17,6 +17,7 @@ from lobes import ctc  # noqa: E402
 from lobes.brains import ToolkitBrain, fit_and_evaluate  # noqa: E402
 from lobes.dataio import class_counts, ser_datasets  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
+from lobes.memory_plan import resolve_micro_batch  # noqa: E402
 from lobes.adaltm.merged_wavlm import apply_static_merge  # noqa: E402
 
 
@@ -53,6 +54,7 @@ if __name__ == "__main__":
     # Static init (before the checkpointer may resume a later state over it)
     apply_static_merge(hparams["wavlm"].model, hparams["init_task_vectors"], hparams["init_lambda"])
 
+    resolve_micro_batch(hparams, run_opts, MTLBrain, datasets["train"])  # micro_batch_size: auto
     brain = MTLBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                      run_opts=run_opts, checkpointer=hparams["checkpointer"])
     fit_and_evaluate(brain, datasets, hparams)

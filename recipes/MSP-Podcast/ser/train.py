@@ -16,6 +16,7 @@ from msp_podcast_prepare import msp_manifests, prepare_from_hparams  # noqa: E40
 from lobes.brains import ToolkitBrain, export_finetuned_backbone, fit_and_evaluate  # noqa: E402
 from lobes.dataio import class_counts, ser_datasets  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
+from lobes.memory_plan import resolve_micro_batch  # noqa: E402
 
 
 class SERBrain(ToolkitBrain):
@@ -43,6 +44,7 @@ if __name__ == "__main__":
     datasets = ser_datasets(manifests, hparams["emotion_classes"])
     hparams["loss"].set_counts(class_counts(manifests["train"], hparams["emotion_classes"]))
 
+    resolve_micro_batch(hparams, run_opts, SERBrain, datasets["train"])  # micro_batch_size: auto
     brain = SERBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                      run_opts=run_opts, checkpointer=hparams["checkpointer"])
     fit_and_evaluate(brain, datasets, hparams)
