@@ -254,6 +254,9 @@ def test_rows_override_only_their_keys():
               "lm_frozen": {"lm_mode": "frozen"},
               "lm_full": {"lm_mode": "full", "backbone_modules": ["speech_lm.encoder", "speech_lm.lm"]},
               "soft_prompts": {"prompt_mode": "soft"}, "channel_gate": {"encoder_gate": "channel"},
+              "gpu_llm_lora": {"lm_source": "Qwen/Qwen2.5-0.5B", "lm_mode": "lora", "lm_dtype": "bfloat16",
+                               "lm_gradient_checkpointing": True, "lm_attn_implementation": "sdpa",
+                               "precision": "bf16", "gradient_checkpointing": True},
               "iemocap_ser": {"ser_corpus": "iemocap", "msp_folder": None,
                               "emotion_classes": ["neu", "hap", "ang", "sad"]}}
     for task, other in (("asr", "msp_folder"), ("ser", "libri_folder")):
