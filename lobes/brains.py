@@ -54,7 +54,7 @@ class ToolkitBrain(sb.Brain):
             raise DataError(f"max_grad_norm: {self.max_grad_norm!r} must be > 0 (.inf: no clipping)")
         if D.is_distributed():
             D.finish_together_at_exit()
-        if "micro_batch_size" in h:  # a recipe with a global batch (HarmoniFuse keeps per-task batches)
+        if "batch_size" in h and "micro_batch_size" in h:  # a global batch (HarmoniFuse: per-task batches)
             self.batch_description = D.check_batch(h, self.grad_accumulation_factor)
             logger.info(self.batch_description)
 
