@@ -198,10 +198,11 @@ def lm_config(shape="qwen2.5-0.5b"):
 
 
 @contextlib.contextmanager
-def meta_models(wavlm_cfg, lm_cfg):
-    """While a recipe YAML is loaded, its models are built on meta instead of read from files: WavLM of
-    ``wavlm_cfg``, task vectors of its shapes, the causal LM of ``lm_cfg`` with the character tokenizer (one
-    token per character; :data:`TEXT_RATE` keeps the token count of a real tokenizer)."""
+def recipe_models(wavlm_cfg, lm_cfg, device="meta"):
+    """While a recipe YAML is loaded, its models are built on ``device`` (meta: shapes only; cpu: seeded random
+    weights, for the validation) instead of read from files: WavLM of ``wavlm_cfg``, task vectors of its shapes,
+    the causal LM of ``lm_cfg`` with the character tokenizer (one token per character; :data:`TEXT_RATE` keeps
+    the token count of a real tokenizer)."""
     from transformers import AutoModelForCausalLM, WavLMModel
 
     import lobes.adaltm.merged_wavlm as mw
@@ -211,17 +212,21 @@ def meta_models(wavlm_cfg, lm_cfg):
 
     def wavlm(source=None, cache_dir=None, output_loading_info=False, **overrides):
         cfg = type(wavlm_cfg)(**{**wavlm_cfg.to_dict(), **overrides})
-        with torch.device("meta"):
+        torch.manual_seed(0)
+        with torch.device(device):
             model = WavLMModel(cfg)
         return (model, {"missing_keys": []}) if output_loading_info else model
 
     shapes = {k: (v.shape, v.dtype) for k, v in wavlm().state_dict().items()}
 
     def task_vector(path):
-        return SimpleNamespace(delta={k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in shapes.items()})
+        g = torch.Generator().manual_seed(len(str(path)))
+        return SimpleNamespace(delta={k: torch.empty(s, dtype=d, device="meta") if device == "meta" else
+                                      1e-3 * torch.randn(s, generator=g).to(d) for k, (s, d) in shapes.items()})
 
     def causal_lm(source, from_config=False, dtype=torch.float32):
-        with torch.device("meta"):
+        torch.manual_seed(0)
+        with torch.device(device):
             return AutoModelForCausalLM.from_config(lm_cfg).to(dtype)
     with mock.patch.object(we, "load_wavlm", wavlm), mock.patch.object(mw, "load_wavlm", wavlm), \
             mock.patch.object(tv, "load_task_vector", task_vector), mock.patch.object(lml, "load_causal_lm", causal_lm), \
@@ -252,8 +257,8 @@ def recipe_brain(hparams_file):
     return found[0]
 
 
-def load_meta_recipe(hparams_file, overrides=None, shape="large", lm_shape="qwen2.5-0.5b"):
-    """(hparams with every model on meta, Brain class) of any recipe or row YAML; ``overrides``: {key: YAML
+def load_meta_recipe(hparams_file, overrides=None, shape="large", lm_shape="qwen2.5-0.5b", device="meta"):
+    """(hparams with every model on ``device``, Brain class) of any recipe or row YAML; ``overrides``: {key: YAML
     text}, those the YAML does not have are ignored (a recipe without task vectors has no vectors_folder)."""
     from lobes.hparams_io import _yaml, load_hparams, resolve_row
 
@@ -263,7 +268,7 @@ def load_meta_recipe(hparams_file, overrides=None, shape="large", lm_shape="qwen
              "vectors_folder": tmp, "data_folder": tmp, "msp_folder": tmp, "libri_folder": tmp,
              "number_of_epochs": "1", "layerdrop": "0.0", "apply_spec_augment": "False"}
     text = "\n".join(f"{k}: {v}" for k, v in {**fixed, **(overrides or {})}.items() if k in keys)
-    with meta_models(wavlm_config(shape), lm_config(lm_shape)):
+    with recipe_models(wavlm_config(shape), lm_config(lm_shape), device):
         hparams = load_hparams(hparams_file, text)[0]
     if "loss" in hparams and hasattr(hparams["loss"], "set_counts"):
         hparams["loss"].set_counts([1] * len(hparams["emotion_classes"]))
@@ -382,8 +387,8 @@ def main(argv=None):
         accum = 1 if task else max(1, hparams["batch_size"] // (micro * a.gpus))
         out["predictions"][str(task)] = {"batch": micro, "accum": accum, **pred(micro)}
         print(f"  {task + ' batch' if task else 'micro-batch'} {micro}: {describe(pred(micro), micro, accum, a.gpus)}")
-    for gpus, gb in GPU_SETUPS if a.plans else ():
-        for task, plan in plan_on(hparams, recipe_predictors(hparams, brain, seconds, gpus), gpus, gb).items():
+    for gpus, gb in GPU_SETUPS if a.plans else ():  # a prediction is per process: the same for any GPU count
+        for task, plan in plan_on(hparams, predictors, gpus, gb).items():
             what = f"{task}_batch_size" if task else "batch_size"
             text = plan if isinstance(plan, str) else (f"micro-batch {plan[0]} x accum {plan[1]} (predicted "
                                                         f"{plan[2] / GIB:.1f} GiB per GPU)")
