@@ -1,25 +1,24 @@
 #!/usr/bin/env python3
-"""Predict the peak training memory of an AdaLTM row and plan micro-batch + gradient accumulation per GPU.
+"""Predict one GPU's peak training memory of any recipe or row YAML and plan its micro-batch (what
+``micro_batch_size: auto`` does at start on a GPU), without a GPU and without downloads.
 
-    python -m tools.plan_memory recipes/MSP-Podcast/adaltm/hparams/rows/setup4_dual.yaml \
-        [--batch 8] [--max_duration 11] [--precision fp32|bf16] [--gradient_checkpointing False|True|cnn] \
-        [--merge_impl materialized|fused|functional] [--delta_dtype float32|bfloat16] [--gpus 1]
-    python -m tools.plan_memory <row.yaml> --plans        # effective batch 32 on 1x24 GB, 2x32 GB, 1x80 GB
+    python -m tools.plan_memory recipes/MSP-Podcast/adaltm/hparams/rows/setup4_dual.yaml --plans
+    python -m tools.plan_memory recipes/MSP-Podcast/ser/hparams/train_ser.yaml --batch 8 --precision bf16
+    python -m tools.plan_memory recipes/MSP-Podcast/harmonifuse/hparams/harmonifuse.yaml --lm_mode full \
+        --task_duration asr=24.5 ser=11 --plans
+    options: [--batch N] [--max_duration 11] [--precision fp32|bf16] [--gradient_checkpointing False|True|cnn]
+        [--merge_impl ...] [--delta_dtype ...] [--lm_mode ...] [--set KEY=VALUE ...] [--gpus 1]
+        [--shape large|JSON] [--lm_shape qwen2.5-0.5b|JSON] [--json out.json]
 
-How: the row's real model (lobes.adaltm.merged_wavlm.MergedWavLM + α + emotion head, WavLM-Large shape unless
-``--shape``) runs two real training steps (forward, loss, backward, AdamW step) on PyTorch's ``meta`` device,
-where tensors have shapes and dtypes but no data, so nothing is computed and a step takes about a second.
-:class:`LiveMemory` (a ``TorchDispatchMode``) sees every tensor an op creates and, through weak references,
-when its storage is freed: the running sum of live storages and its maximum give the step's peak,
-including what autograd saves for backward, the gradients, the transients of backward and the optimizer
-states, exactly as the PyTorch ops allocate them. Parameters, task vectors and the materialized copy of
-W_base are added from the modules' storages. ``bf16`` is emulated by :class:`EmulatedAutocast` (the CUDA
-autocast op lists; ``autocast`` itself ignores meta tensors). Values never matter for memory: ``.tolist()`` /
-``.item()`` of a meta tensor read as zeros (:func:`meta_values`).
+How: the YAML is loaded with its models built on PyTorch's ``meta`` device (:func:`recipe_models`: WavLM-Large's
+configuration unless ``--shape``, task vectors of its shapes, Qwen2.5-0.5B's configuration for a causal LM unless
+``--lm_shape``, with a character tokenizer fed as many tokens as a real one would get), and the recipe's own Brain
+(from the train.py next to the YAML) runs two ``fit_batch`` steps on a synthetic batch of the longest utterance
+through :class:`lobes.memory_plan.BrainPredictor`, the predictor ``micro_batch_size: auto`` uses; ``--plans``
+prints its plan (or its refusal) on 1x24, 2x32 and 1x80 GB. HarmoniFuse is planned per task batch.
 
-On a GPU the CUDA caching allocator adds fragmentation and the CUDA context ~0.5-1 GB: a plan must keep
-``predicted x (1 + margin) + overhead_gib`` under the GPU's memory (defaults: 15%, 1.5 GiB). Validated against
-the measured peak of the same steps on this CPU (benchmarks/bench_plan_memory.py; benchmarks/RESULTS.md).
+The AdaLTM-only functions (:func:`build_adaltm`, :func:`train_steps`, :func:`predict`) remain the reference of
+the tracking method (benchmarks/bench_plan_memory.py, first table).
 """
 import argparse
 import contextlib
@@ -379,7 +378,8 @@ def main(argv=None):
     predictors = recipe_predictors(hparams, brain, seconds, a.gpus)
     out = {"hparams": str(a.hparams), "brain": brain.__name__, "overrides": overrides, "max_duration": a.max_duration,
            "predictions": {}, "plans": []}
-    print(f"{a.hparams} ({brain.__name__}, {hparams['precision']}), utterances of {a.max_duration:g} s, {a.gpus} GPU(s):")
+    longest = ", ".join(f"{t} {v:g} s" for t, v in seconds.items()) if isinstance(seconds, dict) else f"{seconds:g} s"
+    print(f"{a.hparams} ({brain.__name__}, {hparams['precision']}), longest utterance {longest}, {a.gpus} GPU(s):")
     for task, pred in predictors.items():
         micro = a.batch or (hparams[f"{task}_batch_size"] if task else
                             hparams["micro_batch_size"] if isinstance(hparams["micro_batch_size"], int)
