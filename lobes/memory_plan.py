@@ -13,6 +13,10 @@ If even micro-batch 1 does not fit it stops at once (:class:`MemoryPlanError`) n
 fit (bf16, gradient checkpointing, ``delta_dtype``, a shorter maximum duration). On CPU (and meta) ``auto`` is
 ``null`` (no accumulation): CPU runs are unchanged.
 
+HarmoniFuse (:func:`resolve_task_batches`) steps on one task's batch at a time and consecutive batches are of
+different tasks, so accumulation would mix tasks in one step: it checks each ``<task>_batch_size`` instead and
+stops naming the largest batch that fits (and the settings that would fit at the configured one).
+
 How a peak is predicted: the recipe's own Brain runs two ``fit_batch`` steps (forward, loss, backward, AdamW
 step) on a copy of its modules on PyTorch's ``meta`` device (shapes, no data: nothing is computed), under
 :class:`lobes.memory_tracking.LiveMemory`; bf16 runs under CUDA's autocast op lists (``EmulatedAutocast``). The
