@@ -306,12 +306,25 @@ def longest_by_task(train_sets):
     return out
 
 
+def plan_task_batch(predictor, hparams, task, world, free, where):
+    """One HarmoniFuse task: ``(peak bytes, None)`` when its ``<task>_batch_size`` fits ``free`` bytes, else
+    ``(None, refusal)`` naming the largest batch of that task that fits and the settings that would fit."""
+    want = hparams[f"{task}_batch_size"]
+    picked = largest_fitting(predictor, list(range(want, 0, -1)), lambda m: 1, world, free)
+    if picked is not None and picked[0] == want:
+        return picked[2], None
+    options, base = alternatives(predictor, hparams, world, free, micro=want, accum=1)
+    if picked is not None:
+        options.insert(0, (f"{task}_batch_size {picked[0]} (the largest that fits)", picked[2], True))
+    return None, refusal(options, base, predictor.seconds, where, f"{task}_batch_size {want}")
+
+
 def resolve_task_batches(hparams, run_opts, brain_class, train_sets, predictors=None):
     """HarmoniFuse's ``micro_batch_size: auto``: each optimizer step is one task's batch (``<task>_batch_size``
     per process) and consecutive batches are of different tasks, so accumulation would mix tasks in one step:
-    the plan checks, on CUDA, that each task's batch of its longest utterance fits, logs the largest batch of
-    each task that would, and stops before any step when a configured batch does not fit, naming the largest
-    batch that fits and the settings that would fit at the configured one. Elsewhere (CPU, dynamic batching)
+    the plan checks, on CUDA, that each task's batch of its longest utterance fits and logs each batch's
+    predicted peak, or stops before any step when a configured batch does not fit, naming the largest batch of
+    that task that fits and the settings that would fit at the configured one. Elsewhere (CPU, dynamic batching)
     nothing is planned. ``auto`` then reads as ``null``. ``predictors``: {task: BrainPredictor} to reuse."""
     from lobes import distributed as D
 
@@ -327,15 +340,11 @@ def resolve_task_batches(hparams, run_opts, brain_class, train_sets, predictors=
     for task, (item, seconds) in longest_by_task(train_sets).items():
         predictor = (predictors or {}).get(task) or BrainPredictor(hparams, brain_class, world=world, item=item,
                                                                    seconds=seconds)
-        want = hparams[f"{task}_batch_size"]
-        picked = largest_fitting(predictor, list(range(want, 0, -1)), lambda m: 1, world, free)
-        if picked is not None and picked[0] == want:
-            parts.append(f"{task}_batch_size {want} ({picked[2] / GIB:.1f} GiB, {seconds:.1f} s)")
-            continue
-        options, base = alternatives(predictor, hparams, world, free, micro=want, accum=1)
-        if picked is not None:
-            options.insert(0, (f"{task}_batch_size {picked[0]} (the largest that fits)", picked[2], True))
-        errors.append(refusal(options, base, seconds, gib, f"{task}_batch_size {want}"))
+        peak, error = plan_task_batch(predictor, hparams, task, world, free, gib)
+        if error:
+            errors.append(error)
+        else:
+            parts.append(f"{task}_batch_size {hparams[f'{task}_batch_size']} ({peak / GIB:.1f} GiB, {seconds:.1f} s)")
     if errors:
         raise MemoryPlanError(" | ".join(errors))
     line = (f"memory plan: one task batch per optimizer step (no accumulation) x {world} "

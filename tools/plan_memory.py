@@ -323,16 +323,13 @@ def plan_on(hparams, predictors, gpus, gpu_gb, context_gib=0.5):
     free = gpu_gb * 1e9 - context_gib * GIB
     out = {}
     for task, pred in predictors.items():
-        if task is None:
-            picked = MP.plan_micro_batch(pred, hparams["batch_size"], gpus, free)
-            micro, accum = 1, hparams["batch_size"] // gpus
-        else:
-            micro = accum = hparams[f"{task}_batch_size"]
-            picked = MP.largest_fitting(pred, list(range(micro, 0, -1)), lambda m: 1, gpus, free)
-            picked, accum = (picked if picked and picked[0] == micro else None), 1
         where = f"of {free / GIB:.1f} GiB free on {gpus} x {gpu_gb:g} GB"
-        out[task] = picked or MP.refusal(*MP.alternatives(pred, hparams, gpus, free, micro=micro, accum=accum),
-                                         pred.seconds, where, f"{task}_batch_size {micro}" if task else "micro-batch 1")
+        if task is not None:  # HarmoniFuse: its task batch as configured, no accumulation
+            peak, error = MP.plan_task_batch(pred, hparams, task, gpus, free, where)
+            out[task] = error or (hparams[f"{task}_batch_size"], 1, peak)
+            continue
+        picked = MP.plan_micro_batch(pred, hparams["batch_size"], gpus, free)
+        out[task] = picked or MP.refusal(*MP.alternatives(pred, hparams, gpus, free), pred.seconds, where)
     return out
 
 
