@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# IEMOCAP recipe (ESPnet-style stages): 4-class SER, in-domain ASR-CTC and AdaLTM rows on the 5
-# leave-one-session-out folds, then UA / WA averaged over the folds with 95% CIs.
+# IEMOCAP recipe (ESPnet-style stages): 4-class SER, in-domain ASR-CTC and AdaLTM rows on the folds of
+# --split_protocol (default: the 5 leave-one-session-out folds), then UA / WA averaged over the folds with 95% CIs.
 #
-#   stage 0: data preparation (classes.txt + fold{1..5} manifests; see iemocap_prepare.py)
+#   stage 0: data preparation (classes.txt, folds.tsv + fold{k} manifests; see iemocap_prepare.py)
 #            with --mini true: first generate the mini IEMOCAP and the tiny WavLM (offline demo)
 #   stage 1: per fold: in-domain ASR-CTC fine-tuning on the fold's training transcripts (W_ASR_in of that fold)
 #   stage 2: per fold: SER fine-tuning (W_SER of that fold; also the "SER fine-tuning" baseline row)
@@ -31,7 +31,8 @@ master_port=29500           # rendezvous port on node 0 (consecutive torchrun jo
 node_timeout=3600           # seconds the other nodes wait for node 0's shared steps (data preparation, task vectors)
 mini=false                  # true: generate the mini IEMOCAP + tiny WavLM and use fast demo settings
 data_folder=                # IEMOCAP_full_release (Session1 ... Session5)
-folds="1 2 3 4 5"           # test sessions to run (leave-one-session-out); stage 4 averages what exists
+split_protocol=sessions     # sessions (leave one session out) | speakers (leave one speaker out) | random (80/10/10)
+folds=all                   # folds to run, e.g. "1 3"; all = every fold of split_protocol (5, 10 or 1)
 wavlm_source=microsoft/wavlm-large    # W_base: hub id or local directory
 exp=exp/iemocap_recipe      # everything this recipe writes
 asr_out_source=             # out-of-domain ASR model for the out_of_domain_dual row (e.g. a LibriSpeech CTC model)
@@ -59,6 +60,13 @@ if [ "${mini}" = true ]; then
     adaltm_args="--number_of_epochs=30 --lr=0.01 --batch_size=8 --head_hidden=64 --num_bootstraps=200 ${adaltm_args}"
 fi
 [ -n "${data_folder}" ] || { echo "--data_folder (IEMOCAP_full_release) is required (or --mini true)" >&2; exit 1; }
+case "${split_protocol}" in
+    sessions) all_folds="1 2 3 4 5" ;;
+    speakers) all_folds="1 2 3 4 5 6 7 8 9 10" ;;
+    random) all_folds="1" ;;
+    *) echo "--split_protocol must be sessions, speakers or random" >&2; exit 1 ;;
+esac
+[ "${folds}" = all ] && folds=${all_folds}
 for row in ${rows}; do
     [ -f "${recipe_dir}/adaltm/hparams/rows/${row}.yaml" ] || { echo "no row file adaltm/hparams/rows/${row}.yaml" >&2; exit 1; }
     if [ "${row}" = out_of_domain_dual ] && [ -z "${asr_out_source}" ]; then
@@ -69,6 +77,7 @@ done
 prep=${exp}/prep
 vectors=${exp}/task_vectors
 common=(--seed="${seed}" --wavlm_source="${wavlm_source}" --data_folder="${data_folder}" --prep_folder="${prep}"
+        --split_protocol="${split_protocol}"
         ${device:+--device="${device}"})
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
@@ -80,7 +89,8 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
         fi
         # with the recipes' default class_map / valid_gender; each train.py prepares again only when its own
         # settings differ (a custom map given after --, e.g. -- --class_map=... --emotion_classes=...)
-        "${py}" "${recipe_dir}/iemocap_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}"
+        "${py}" "${recipe_dir}/iemocap_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}" \
+            --split_protocol "${split_protocol}"
     fi
     node0_end
 fi
@@ -143,9 +153,11 @@ elif [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     inputs=()
     for d in ser rows; do [ -d "${exp}/${d}" ] && inputs+=("${exp}/${d}"); done
     [ ${#inputs[@]} -gt 0 ] || { echo "no results under ${exp}/ser or ${exp}/rows: run stages 2-3 first" >&2; exit 1; }
-    "${py}" "${recipe_dir}/average_folds.py" "${inputs[@]}" --out "${exp}/results/folds"
+    "${py}" "${recipe_dir}/average_folds.py" "${inputs[@]}" --out "${exp}/results/folds" \
+        --n_folds "$(wc -w <<< "${all_folds}")"
     if [ -d "${exp}/asr_ctc" ]; then
-        "${py}" "${recipe_dir}/average_folds.py" "${exp}/asr_ctc" --out "${exp}/results/asr_folds" >/dev/null
+        "${py}" "${recipe_dir}/average_folds.py" "${exp}/asr_ctc" --out "${exp}/results/asr_folds" \
+            --n_folds "$(wc -w <<< "${all_folds}")" >/dev/null
         log "in-domain ASR WER per fold and mean: ${exp}/results/asr_folds.md"
     fi
     log "results: ${exp}/results/folds.md (and .csv, .json)"
