@@ -228,11 +228,15 @@ def run_case(case, models, args, work):
     except Exception as e:  # noqa: BLE001 -- shown in the row and the JSON: the measurement still counts
         predicted, predict_error = None, f"{type(e).__name__}: {e}"
     del hparams
+    return row_result(name, precision, args, times, loss, predicted, peak, reserved, predict_error)
+
+
+def row_result(name, precision, args, times, loss, predicted, peak, reserved, predict_error):
+    def r3(x):
+        return None if x is None else round(x, 3)
     result = {"recipe": name, "precision": precision, "batch": args.batch, "seconds": args.seconds,
               "s_per_step": round(statistics.median(times), 4), "loss": round(float(loss), 4),
-              "predicted_gib": None if predicted is None else round(predicted, 3),
-              "peak_gib": None if peak is None else round(peak, 3),
-              "reserved_gib": None if reserved is None else round(reserved, 3),
+              "predicted_gib": r3(predicted), "peak_gib": r3(peak), "reserved_gib": r3(reserved),
               "allocated_over_predicted": None if None in (peak, predicted) else round(peak / predicted, 3),
               "reserved_over_predicted": None if None in (reserved, predicted) else round(reserved / predicted, 3),
               "predict_error": predict_error}
