@@ -223,10 +223,10 @@ def recipe_models(wavlm_cfg, lm_cfg, device="meta"):
         return SimpleNamespace(delta={k: torch.empty(s, dtype=d, device="meta") if device == "meta" else
                                       1e-3 * torch.randn(s, generator=g).to(d) for k, (s, d) in shapes.items()})
 
-    def causal_lm(source, from_config=False, dtype=torch.float32):
+    def causal_lm(source, from_config=False, dtype=torch.float32, attn_implementation="sdpa"):
         torch.manual_seed(0)
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(lm_cfg).to(dtype)
+            return AutoModelForCausalLM.from_config(lm_cfg, attn_implementation=attn_implementation).to(dtype)
     with mock.patch.object(we, "load_wavlm", wavlm), mock.patch.object(mw, "load_wavlm", wavlm), \
             mock.patch.object(tv, "load_task_vector", task_vector), mock.patch.object(lml, "load_causal_lm", causal_lm), \
             mock.patch.object(lml, "load_tokenizer", lambda source: lml.CharTokenizer()):
