@@ -4,9 +4,9 @@
     python recipes/MSP-Podcast/harmonifuse/make_table.py EXP_ROWS_DIR [...] --out results/harmonifuse_table
 
 Reads every ``metrics.json`` below the ``EXP_ROWS_DIR`` folders (run.sh passes each row's run of one seed),
-as ``train.py`` writes them (``wer_clean`` / ``wer_other`` with ``*_ci``, and the SER ``test`` report with ``uar_ci``, ``accuracy_ci``, ``macro_f1_ci``) and writes
-``<out>.md``. Rows are placed by their ``table_rows`` entries (part, row, order), as ``tools.collect_results``
-does; ``–`` where a row has no value (single-task rows).
+as ``train.py`` writes them (``wer_clean`` / ``wer_other`` with ``*_ci``, and the SER ``test`` report with
+``uar_ci``, ``accuracy_ci``, ``macro_f1_ci``), and writes ``<out>.md``. Rows are placed by their ``table_rows``
+entries (part, row, order), as ``tools.collect_results`` does; ``–`` where a row has no value (single-task rows).
 """
 import argparse
 import json
