@@ -241,7 +241,9 @@ elif [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     fi
     "${py}" -m tools.collect_results "${runs[@]}" "${sources[@]}" --out "${results}/table" "${marks[@]}" "${multi[@]}"
     plot_seeds=(); [ ${#seed_list[@]} -eq 1 ] || plot_seeds=(--seeds "${seed_list[@]}")
-    "${py}" -m tools.plot_coefficients "${runs[@]}" --out "${results}/plots" "${plot_seeds[@]}" \
+    coef_runs=()            # the runs with λ / α (AdaLTM rows; the MTL rows have none)
+    for r in "${runs[@]}"; do [ -f "${r}/coefficients.json" ] && coef_runs+=("${r}"); done
+    "${py}" -m tools.plot_coefficients "${coef_runs[@]}" --out "${results}/plots" "${plot_seeds[@]}" \
         --figure2 "${figures[0]}" "${figures[1]}" "${figures[2]}" --figure3 "${figures[0]}" "${figures[3]}"
     log "results: ${results}/table.md$([ ${#marks[@]} -eq 0 ] || echo ", marked: ${results}/table_significance.md")" \
         "$([ ${#multi[@]} -eq 0 ] || echo "; over seeds: ${results}/table_seeds.md");" \
