@@ -77,15 +77,20 @@ def test_seed_table_cli_marks_and_missing_metric(tmp_path):
     for seed in ("1", "2"):
         write_run(rows_dir / "base" / seed, "Setup 1", 0.5, HALF_B * 10)
         write_run(rows_dir / "prop" / seed, "Setup 4", 0.9, PERFECT * 10)
-    assert CR.main([str(rows_dir), "--out", str(tmp_path / "t"), "--seeds_table", str(tmp_path / "s"),
+    write_run(tmp_path / "src" / "ser", "SER source", 0.5, HALF_B * 10)  # one run: paired with every seed
+    assert CR.main([str(rows_dir), str(tmp_path / "src"), "--out", str(tmp_path / "t"), "--seeds_table", str(tmp_path / "s"),
                     "--significance", str(tmp_path / "sig"), "--mark", "†=Setup 1", "--num_permutations", "999",
                     "--num_bootstraps", "100"]) == 0
     md = (tmp_path / "s.md").read_text(encoding="utf-8").splitlines()
     # the paired test pairs the seeds: 400 units, Setup 4 far better -> marked on its pooled cells only
-    assert md[3].startswith("| Setup 1 | 2 | 50.00 ± 0.00 |") and "†" not in md[3]
-    assert md[4].startswith("| Setup 4 | 2 | 90.00 ± 0.00 |") and md[4].count("†") == 2
-    assert md[4].split(" | ")[6:8] == ["100.00 ± 0.00†", "100.00 ± 0.00†"]
-    assert "Mean over the runs (1, 2)" in md[6] and "s.csv" in md[6]
+    assert md[3].startswith("| SER source | 1 | 50.00 | 50.00 | 40.00 | - | 75.00 ± ") and "†" not in md[3]
+    assert md[4].startswith("| Setup 1 | 2 | 50.00 ± 0.00 |") and "†" not in md[4]
+    assert md[5].startswith("| Setup 4 | 2 | 90.00 ± 0.00 |") and md[5].count("†") == 2
+    assert md[5].split(" | ")[6:8] == ["100.00 ± 0.00†", "100.00 ± 0.00†"]
+    assert "Mean over the runs (1, 2, ser)" in md[7] and "s.csv" in md[7]
+    sig = (tmp_path / "sig.csv").read_text(encoding="utf-8").splitlines()
+    assert [line.split(",")[2] for line in sig[1:]] == ["SER source", "SER source", "Setup 4", "Setup 4"]
+    assert [line.split(",")[-3] for line in sig[1:3]] == ["2", "2"]  # n_runs: the source beside both seeds
     # a metric present in some runs of a row but not all is an error naming the row
     data = json.loads((rows_dir / "prop" / "2" / "metrics.json").read_text())
     del data["test"]["precision"]
