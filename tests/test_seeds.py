@@ -87,7 +87,7 @@ def test_seed_table_cli_marks_and_missing_metric(tmp_path):
     assert md[4].startswith("| Setup 1 | 2 | 50.00 ± 0.00 |") and "†" not in md[4]
     assert md[5].startswith("| Setup 4 | 2 | 90.00 ± 0.00 |") and md[5].count("†") == 2
     assert md[5].split(" | ")[6:8] == ["100.00 ± 0.00†", "100.00 ± 0.00†"]
-    assert "Mean over the runs (1, 2, ser)" in md[7] and "s.csv" in md[7]
+    assert "Mean over the runs (1, 2) ±" in md[7] and "s.csv" in md[7]
     sig = (tmp_path / "sig.csv").read_text(encoding="utf-8").splitlines()
     assert [line.split(",")[2] for line in sig[1:]] == ["SER source", "SER source", "Setup 4", "Setup 4"]
     assert [line.split(",")[-3] for line in sig[1:3]] == ["2", "2"]  # n_runs: the source beside both seeds

@@ -392,7 +392,8 @@ def write_seed_table(rows, out_prefix, num_bootstraps=1000, seed=0, confidence=0
     srows = seed_rows(rows, num_bootstraps, seed)
     out_prefix = Path(out_prefix)
     md, csv_path = out_prefix.with_name(out_prefix.name + ".md"), out_prefix.with_name(out_prefix.name + ".csv")
-    runs = sorted({x for r in srows for x in r["runs"].split()}, key=_natural)
+    several = [r for r in srows if r["n_runs"] > 1] or srows  # the seeds; a single-run source row is no seed
+    runs = sorted({x for r in several for x in r["runs"].split()}, key=_natural)
     note = (f"\nMean over the runs ({', '.join(runs)}) ± half-width of the Student-t {confidence:.0%} interval "
             f"(t with runs − 1 degrees of freedom; none for one run); pooled: all runs' test predictions together, "
             f"± half-width of the {confidence:.0%} bootstrap CI ({num_bootstraps} sets of utterances, each with all "
