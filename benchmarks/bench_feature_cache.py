@@ -3,6 +3,12 @@
     .venv/bin/python benchmarks/bench_feature_cache.py [--epochs 100] [--uncached-epochs 1] [--out ...]
     .venv/bin/python benchmarks/bench_feature_cache.py --scale [--out logs/feature_cache_scale.json]
 
+    .venv/bin/python benchmarks/bench_feature_cache.py --identity [--mb 1262] [--out logs/feature_cache_identity.json]
+
+``--identity`` (issue 22.3) measures what keeping a cache fresh costs per run: hashing a file of WavLM-Large's size
+(1262 MB of safetensors) once, the memoised look-up that replaces it while the file's size and mtime are unchanged,
+and planning + checking the paper's three splits together (161,350 utterances) before anything is built.
+
 ``--scale`` (issue 13.2) measures, without train.py, (1) the peak resident memory of a cache build at 1x and
 4x corpus size, streamed to disk in shards vs held in memory, each in a fresh child process; (2) the pooled
 cache: its size and the time of one α + head training epoch from it vs from the frame-level cache vs
@@ -300,11 +306,58 @@ def scale_main(a):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------------ --identity (22.3)
+def identity_main(a):
+    """Seconds of a first hash, of a memoised one, and of planning the paper's splits together."""
+    from lobes.adaltm import cache_identity as ci
+    from lobes.adaltm.cache_plan import CacheBudgetError, CacheSpec, check_plans, plan_split
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_fc_identity_"))
+    try:
+        big = tmp / "model.safetensors"
+        with open(big, "wb") as f:  # random bytes (not compressible), written in 16 MiB pieces
+            for _ in range(a.mb // 16):
+                f.write(os.urandom(16 * 2 ** 20))
+        memo = {}
+        t0 = time.perf_counter()
+        ci.file_sha256(big, memo)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(100):
+            ci.file_sha256(big, memo)
+        memoised = (time.perf_counter() - t0) / 100
+        spec = CacheSpec(25, 1024, "float16", False)
+        t0 = time.perf_counter()
+        plans = [plan_split(name, [(f"{name}{i:06d}", 2.75 + (i % 83) / 10) for i in range(n)],
+                 {f"{name}{i:06d}" for i in range(n)}, spec, tmp / "cache")
+                 for name, n in (("train", 89752), ("valid", 25232), ("test", 46366))]
+        try:
+            check_plans(plans, spec, tmp / "cache", 16, 1500)
+            refused = ""
+        except CacheBudgetError as e:
+            refused = str(e)
+        planning = time.perf_counter() - t0
+        res = {"machine": C.machine_info(), "command": " ".join(sys.argv), "file_mb": (a.mb // 16) * 16,
+               "first_hash_s": first, "hash_mb_per_s": (a.mb // 16) * 16 / first, "memoised_lookup_s": memoised,
+               "plan_paper_splits_s": planning, "refusal": refused}
+        print(f"sha256 of {res['file_mb']} MB: {first:.2f} s ({res['hash_mb_per_s']:.0f} MB/s, page cache warm); "
+              f"memoised: {memoised * 1e6:.0f} us; planning 161,350 utterances in 3 splits: {planning:.2f} s")
+        C.save_json(a.out, res)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 if __name__ == "__main__":
     if "--child-build" in sys.argv:
         i = sys.argv.index("--child-build")
         model, n, where, out_dir = sys.argv[i + 1: i + 5]
         child_build(model, int(n), where, out_dir)
+    elif "--identity" in sys.argv:
+        p = argparse.ArgumentParser()
+        p.add_argument("--identity", action="store_true")
+        p.add_argument("--mb", type=int, default=1262, help="size of the hashed file (WavLM-Large: 1262 MB)")
+        p.add_argument("--out", default=str(Path(__file__).parent / "logs" / "feature_cache_identity.json"))
+        identity_main(p.parse_args())
     elif "--scale" in sys.argv:
         p = argparse.ArgumentParser()
         p.add_argument("--scale", action="store_true")

@@ -10,8 +10,17 @@ Dynamic batching groups utterances of similar duration into per-GPU batches of a
 seconds (``max_batch_length`` is the global seconds per optimizer step; ``lobes.distributed``) (SpeechBrain's
 ``DynamicBatchSampler``), so long podcast turns do not run out of memory and little of a batch
 is padding; see ``padding_share`` to measure it.
+
+SpeechBrain-format manifests (``{utt: {"wav", "length", "emo"}}``, as SpeechBrain's IEMOCAP recipe writes them)
+are read as they are (``from_speechbrain``): an entry without ``duration`` takes it from ``length`` (seconds)
+or, lacking that, from the wav header; an entry with ``emo`` but no ``emo_soft`` gets the one-hot of its class,
+its ``emo`` first mapped by the recipe's ``label_map`` (e.g. SpeechBrain's short labels to MSP-Podcast names,
+``SPEECHBRAIN_TO_MSP``); an entry without ``spk_id`` is its own speaker (its utterance id); a ``{data_root}``
+in ``wav`` is replaced by ``data_root`` (SpeechBrain's ``replacements``). The number of entries so completed is
+logged per manifest.
 """
 import json
+import logging
 import math
 from collections import Counter
 
@@ -21,9 +30,15 @@ from speechbrain.dataio.sampler import DynamicBatchSampler, ReproducibleRandomSa
 from torch.utils.data import BatchSampler, SequentialSampler
 
 from lobes import ctc_text
-from lobes.audio import read_audio
+from lobes.audio import check_audio, read_audio
 from lobes.distributed import micro_batch
 from lobes.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# SpeechBrain's IEMOCAP labels (its prepare merges exc into hap) -> the MSP-Podcast class names of this toolkit;
+# an IEMOCAP recipe needs no map (its classes are these short labels), an MSP-Podcast-named one uses this table
+SPEECHBRAIN_TO_MSP = {"neu": "Neutral", "ang": "Anger", "hap": "Happiness", "sad": "Sadness"}
 
 
 @sb.utils.data_pipeline.takes("wav")
@@ -84,15 +99,54 @@ def _bad_value(entry, required, ctc, classes):
     return ""
 
 
-def _check_manifest(path, required, ctc=False, classes=()):
+def _complete_entry(path, utt, entry, classes, label_map, data_root):
+    """Fill a SpeechBrain-format entry in place (module docstring); True when something was added."""
+    added = False
+    wav = entry.get("wav")
+    if isinstance(wav, str) and "{data_root}" in wav:
+        if data_root is None:
+            raise DataError(f"manifest '{path}': utterance '{utt}': wav {wav!r} holds SpeechBrain's {{data_root}} "
+                            "placeholder but no data_root was given")
+        entry["wav"] = wav.replace("{data_root}", str(data_root))
+    if "duration" not in entry and ("length" in entry or "wav" in entry):
+        entry["duration"] = entry["length"] if "length" in entry else round(check_audio(entry["wav"]), 4)
+        added = True
+    if classes and "emo" in entry and "emo_soft" not in entry:
+        emo = label_map.get(entry["emo"], entry["emo"]) if label_map else entry["emo"]
+        if emo not in classes:
+            raise DataError(f"manifest '{path}': utterance '{utt}': emotion {entry['emo']!r} is not a class "
+                            f"{list(classes)}{f' after label_map {dict(label_map)}' if label_map else ''}")
+        entry["emo"], entry["emo_soft"] = emo, [float(c == emo) for c in classes]
+        added = True
+    if classes and "spk_id" not in entry:
+        entry["spk_id"] = utt
+        added = True
+    return added
+
+
+def from_speechbrain(path, data, classes=(), label_map=None, data_root=None):
+    """``data`` (a manifest's dict) with its SpeechBrain-format entries completed (module docstring)."""
+    completed = sum(_complete_entry(path, utt, entry, classes, label_map, data_root)
+                    for utt, entry in data.items() if isinstance(entry, dict))
+    if completed:
+        logger.info("%s: %d of %d entries in SpeechBrain format (no duration / emo_soft / spk_id): durations from "
+                    "'length' or the wav, one-hot emo_soft from 'emo'%s, spk_id = utterance id", path, completed,
+                    len(data), f" mapped by {dict(label_map)}" if label_map else "")
+    return data
+
+
+def _check_manifest(path, required, ctc=False, classes=(), label_map=None, data_root=None):
     try:
         data = json.loads(open(path, encoding="utf-8").read())
     except FileNotFoundError:
         raise DataError(f"manifest '{path}' does not exist: run data preparation (stage 0) first") from None
     except json.JSONDecodeError as e:
         raise DataError(f"manifest '{path}' is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise DataError(f"manifest '{path}' is not a JSON object {{utt_id: entry}}")
     if not data:
         raise DataError(f"manifest '{path}' holds no utterances")
+    from_speechbrain(path, data, classes, label_map, data_root)
     for utt, entry in data.items():
         missing = [k for k in required if k not in entry]
         if missing:
@@ -103,10 +157,13 @@ def _check_manifest(path, required, ctc=False, classes=()):
     return data
 
 
-def make_dataset(manifest, pipelines, output_keys, required=("wav", "duration"), sort=None, data_root=None):
-    """A ``DynamicItemDataset`` from one manifest, validated first so errors name the utterance."""
+def make_dataset(manifest, pipelines, output_keys, required=("wav", "duration"), sort=None, data_root=None,
+                 label_map=None):
+    """A ``DynamicItemDataset`` from one manifest (ours or SpeechBrain's: module docstring), validated first so
+    errors name the utterance."""
     classes = next((p.classes for p in pipelines if hasattr(p, "classes")), ())
-    data = _check_manifest(manifest, required, ctc=ctc_text_pipeline in pipelines, classes=classes)
+    data = _check_manifest(manifest, required, ctc=ctc_text_pipeline in pipelines, classes=classes,
+                           label_map=label_map, data_root=data_root)
     ds = sb.dataio.dataset.DynamicItemDataset(data)
     for p in pipelines:
         ds.add_dynamic_item(p)
@@ -116,9 +173,10 @@ def make_dataset(manifest, pipelines, output_keys, required=("wav", "duration"),
     return ds
 
 
-def class_counts(manifest, classes):
+def class_counts(manifest, classes, label_map=None, data_root=None):
     """Training-set counts of the hard labels, in ``classes`` order (for the class-balanced loss)."""
-    counts = Counter(entry["emo"] for entry in _check_manifest(manifest, ("emo",), classes=classes).values())
+    data = _check_manifest(manifest, ("emo",), classes=classes, label_map=label_map, data_root=data_root)
+    counts = Counter(entry["emo"] for entry in data.values())
     return [counts.get(e, 0) for e in classes]
 
 
@@ -162,13 +220,15 @@ def padding_share(durations, batches):
     return padded / total if total else 0.0
 
 
-def ser_datasets(manifests, classes, with_text=False, sort=None):
+def ser_datasets(manifests, classes, with_text=False, sort=None, label_map=None, data_root=None):
     """Datasets yielding ``sig, emo_idx, soft_label, spk_id`` (+ ``wrd, tokens`` for multi-task recipes);
-    ``classes``: the recipe's emotion class names, the order of ``emo_idx`` and of ``emo_soft``."""
+    ``classes``: the recipe's emotion class names, the order of ``emo_idx`` and of ``emo_soft``; ``label_map``,
+    ``data_root``: for SpeechBrain-format manifests (module docstring)."""
     pipelines = [audio_pipeline, emotion_pipeline(classes)] + ([ctc_text_pipeline] if with_text else [])
     keys = ["sig", "emo_idx", "soft_label", "spk_id"] + (["wrd", "tokens"] if with_text else [])
     required = ("wav", "duration", "emo", "emo_soft") + (("wrd",) if with_text else ())
-    return {s: make_dataset(p, pipelines, keys, required, sort=sort if s == "train" else None)
+    return {s: make_dataset(p, pipelines, keys, required, sort=sort if s == "train" else None, data_root=data_root,
+                            label_map=label_map)
             for s, p in manifests.items()}
 
 

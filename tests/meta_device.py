@@ -7,8 +7,11 @@ sync (``.item()``, ``.tolist()``, ``bool(t)``, ``int(t)``) cannot work on meta; 
 records each one with its source line (a GPU stall in the training step) and returns a placeholder value,
 so one run lists them all.
 
-- :func:`register_meta_ctc`: ``aten::_ctc_loss`` has no Meta kernel; these check devices like the CUDA ones
-  (the length vectors may stay on the host, as CUDA accepts).
+- :func:`register_meta_ctc` (``lobes.memory_tracking``): ``aten::_ctc_loss`` has no Meta kernel; these check
+  devices like the CUDA ones (the length vectors may stay on the host, as CUDA accepts).
+- :class:`EmulatedAutocast` (``lobes.memory_tracking``, shared with the memory planner): CUDA's autocast op
+  lists on meta tensors, so ``precision: bf16`` runs as CUDA runs it (torch's autocast refuses "meta");
+  :class:`SameDtypeCheck`: the operand-dtype check that meta GEMM / convolution kernels skip.
 - :func:`meta_wavlm`: stands in for ``lobes.wavlm_encoder.load_wavlm``: WavLM-Large's configuration (hidden
   1024, 24 layers, 16 heads, FFN 4096, stable layer norm, conv bias), built on meta, with load_wavlm's
   LayerDrop / SpecAugment settings.
@@ -23,6 +26,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 from transformers import WavLMConfig, WavLMModel
 
+from lobes.memory_tracking import (EmulatedAutocast, SameDtypeCheck, checkpoint_recomputes_emulated,  # noqa: F401
+                                   register_meta_ctc)  # re-exported for the device test
+
 LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
          "do_stable_layer_norm": True, "conv_bias": True, "feat_extract_norm": "layer",
          "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16, "num_buckets": 320,
@@ -30,37 +36,6 @@ LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16
 SAMPLE_RATE = 16000
 SECONDS = 11.0                      # the paper's longest utterance
 FRAMES = 549                        # WavLM's CNN on 11 s: (176000 - 400) // 320 + 1
-
-_ctc_lib = None
-
-
-def _same_device(*ts):
-    devs = {t.device for t in ts if isinstance(t, torch.Tensor) and t.dim() > 0}
-    if len(devs) > 1:
-        raise RuntimeError(f"CTC loss: tensors on different devices: {sorted(map(str, devs))}")
-
-
-def register_meta_ctc():
-    """Meta kernels for ``_ctc_loss`` / ``_ctc_loss_backward`` (idempotent). Shapes as the CUDA kernels:
-    loss [B], log_alpha [B, T, 2S+1]."""
-    global _ctc_lib
-    if _ctc_lib is not None:
-        return
-    lib = torch.library.Library("aten", "IMPL")
-
-    def ctc_meta(log_probs, targets, input_lengths, target_lengths, blank=0, zero_infinity=False):
-        _same_device(log_probs, targets)
-        t, b, _ = log_probs.shape
-        return log_probs.new_empty(b), log_probs.new_empty(b, t, 2 * targets.shape[-1] + 1)
-
-    def ctc_bwd_meta(grad, log_probs, targets, input_lengths, target_lengths, nll, log_alpha, blank,
-                     zero_infinity=False):
-        _same_device(grad, log_probs, targets, nll, log_alpha)
-        return torch.empty_like(log_probs)
-
-    lib.impl("_ctc_loss.Tensor", ctc_meta, "Meta")
-    lib.impl("_ctc_loss_backward.Tensor", ctc_bwd_meta, "Meta")
-    _ctc_lib = lib  # the registration lives as long as this object
 
 
 def large_config():

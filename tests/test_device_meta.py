@@ -6,26 +6,33 @@ PyTorch's ``meta`` device (tests/meta_device.py says why and how).
 What runs: the recipe's real YAML (row files too) through ``lobes.hparams_io.load_hparams`` with overrides, the
 recipe's own Brain class from its train.py, built with ``run_opts={"device": "meta"}`` (SpeechBrain moves every
 module there), ``on_fit_start`` (optimizers, checkpoint recovery: none), ``modules.train()``,
-``on_stage_start(TRAIN)``, then the body of ``Brain.fit_batch`` with the Brain's real methods: ``on_fit_batch_start``,
-``compute_forward`` and ``compute_objectives`` under ``training_ctx``, ``scaler.scale(loss).backward()``,
-``optimizers_step`` (gradient clipping, AdamW step, zero_grad), ``on_fit_batch_end``, and a second
-``compute_forward`` + ``compute_objectives`` on the updated parameters. Weights: WavLM-Large's
-configuration built on meta in place of ``load_wavlm``; task vectors are meta ΔW of the base's shapes.
+``on_stage_start(TRAIN)``, SpeechBrain's own ``Brain.fit_batch`` (forward and loss under ``training_ctx``,
+backward, ``optimizers_step``: clipping, AdamW step, zero_grad; ``on_fit_batch_end``), and a second
+``compute_forward`` + ``compute_objectives`` on the updated parameters. Weights: WavLM-Large's configuration built
+on meta in place of ``load_wavlm``; task vectors are meta ΔW of the base's shapes.
 
-Bypassed, because they are the training loop's logging / NaN checks that read a value on the host and cannot
-run on meta (they are one sync per step on CUDA, outside model code): ``check_loss_isfinite`` (``bool(isfinite)``),
-``check_gradients`` (only with ``skip_nonfinite_grads``), and fit_batch's ``loss.detach().cpu()`` for the running
-average. Everything else runs under :class:`tests.meta_device.HostSyncRecorder`: model and recipe code must not
-read a device value in the step, HarmoniFuse included (``HARMONIFUSE_KNOWN_SYNCS`` lists a recipe's known syncs by
-source line; it is empty).
+Every case runs twice: in fp32 and in bf16 as CUDA runs it. torch's autocast refuses the meta device, so the
+Brain's ``training_ctx`` becomes :class:`lobes.memory_tracking.EmulatedAutocast` with CUDA's op lists (ATen's
+``autocast_mode``; e.g. ``addmv`` / ``mv`` in bf16, which CPU autocast leaves in fp32), and
+:class:`lobes.memory_tracking.SameDtypeCheck` adds the operand-dtype check of the GEMM / convolution / attention
+kernels that their meta kernels skip: a dtype mix that CUDA raises on ("expected m1 and m2 to have the same
+dtype") raises here too, in forward and in backward (checkpointed segments are recomputed under the
+emulation too: ``checkpoint_recomputes_emulated``).
+
+Patched, because it reads a value on the host and cannot run on meta: the NaN guard ``check_loss_isfinite``
+(``bool(isfinite(loss))``, one sync per step on CUDA, outside model code). fit_batch's ``loss.detach().cpu()``
+(the running average) is the one allowed host read (``LOOP_SYNCS``). Everything else runs under
+:class:`tests.meta_device.HostSyncRecorder`: model and recipe code must not read a device value in the step,
+HarmoniFuse included (``HARMONIFUSE_KNOWN_SYNCS`` lists a recipe's known syncs by source line; it is empty).
 """
-import contextlib
 from pathlib import Path
 
 import meta_device as md  # tests/ is on sys.path (pytest rootdir conftest)
 import pytest
 import speechbrain as sb
 import torch
+
+from lobes.memory_tracking import meta_safe_autocast
 
 REPO = Path(__file__).resolve().parents[1]
 MSP = REPO / "recipes" / "MSP-Podcast"
@@ -37,6 +44,8 @@ N_CLASSES = 8
 # int(smask[b].sum()) per utterance, fused[valid], isfinite(loss) / loss.item(), the labels' .tolist() and
 # transformers' padding_mask.all()). A new one fails the test.
 HARMONIFUSE_KNOWN_SYNCS = []
+# SpeechBrain's training loop: fit_batch returns the loss on the host for the running average (once per step)
+LOOP_SYNCS = [("fit_batch", "core.py", "loss.detach().cpu()")]
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -134,25 +143,13 @@ def meta_loaders(monkeypatch):
     return merges
 
 
-def _disabled_autocast_on_meta(monkeypatch):
-    """HF's rotary embedding opens ``torch.autocast(device_type=x.device.type, enabled=False)``, which torch
-    refuses for "meta"; a disabled autocast does nothing on any device, so on meta it becomes a no-op."""
-    real = torch.autocast
-
-    def autocast(device_type, *args, enabled=True, **kwargs):
-        if device_type == "meta" and not enabled:
-            return contextlib.nullcontext()
-        return real(device_type, *args, enabled=enabled, **kwargs)
-
-    monkeypatch.setattr(torch, "autocast", autocast)
-
-
 def _build(c, tmp_path, load_recipe, tiny_lm):
     from lobes.hparams_io import _yaml, load_hparams, resolve_row
 
     module = load_recipe(str(c["train_py"].relative_to(REPO)))
     overrides = {"output_folder": str(tmp_path / "out"), "wavlm_source": "meta://wavlm-large", "skip_prep": True,
                  "vectors_folder": str(tmp_path / "vectors"), "precision": "fp32", "number_of_epochs": 1,
+                 # bf16 runs under EmulatedAutocast (set on the built Brain): torch.autocast refuses "meta"
                  # HF's SpecAugment draws its spans on the host from the lengths (a sync; torch.nonzero has no
                  # meta kernel) and LayerDrop leaves skipped layers without a gradient: both off on meta
                  "apply_spec_augment": False, "layerdrop": 0.0}
@@ -174,38 +171,45 @@ def _build(c, tmp_path, load_recipe, tiny_lm):
     return brain, hparams
 
 
-def _train_step(brain, batch):
-    """Brain.fit_batch without its host-side loss checks (see the module docstring)."""
-    brain.on_fit_batch_start(batch, True)
-    with brain.training_ctx:
-        out = brain.compute_forward(batch, sb.Stage.TRAIN)
-        loss = brain.compute_objectives(out, batch, sb.Stage.TRAIN)
-    brain.scaler.scale(loss / brain.grad_accumulation_factor).backward()
-    grads = {id(p): p.grad for opt in brain.optimizers_dict.values() for g in opt.param_groups for p in g["params"]}
-    brain.optimizers_step()
-    brain.on_fit_batch_end(batch, out, loss, True)
-    return out, loss, grads
+def _train_step(brain, batch, monkeypatch):
+    """SpeechBrain's ``Brain.fit_batch``, the NaN guard patched (see the module docstring); the gradients are
+    recorded as ``optimizers_step`` sees them (it ends with zero_grad)."""
+    grads = {}
+    real_step = brain.optimizers_step
+
+    def optimizers_step():
+        grads.update({id(p): p.grad for opt in brain.optimizers_dict.values() for g in opt.param_groups
+                      for p in g["params"]})
+        real_step()
+    monkeypatch.setattr(brain, "check_loss_isfinite", lambda loss: None)
+    monkeypatch.setattr(brain, "optimizers_step", optimizers_step)
+    brain.step += 1  # as Brain._fit_train does before fit_batch
+    brain.fit_batch(batch)
+    return grads
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("c", CASES)
-def test_training_step_on_meta_device(c, tmp_path, load_recipe, meta_loaders, tiny_lm, monkeypatch):
+def test_training_step_on_meta_device(c, precision, tmp_path, load_recipe, meta_loaders, tiny_lm, monkeypatch):
     hf = c["kind"] == "hf"
-    if hf:
-        _disabled_autocast_on_meta(monkeypatch)
+    if hf:  # HF's rotary embedding opens a disabled autocast on "meta" (lobes.memory_tracking says why)
+        monkeypatch.setattr(torch, "autocast", meta_safe_autocast(torch.autocast))
     brain, hparams = _build(c, tmp_path, load_recipe, tiny_lm)
     if hf:
         tasks = list(hparams["train_tasks"])
         batches = [_batch(f"hf_{t}", t) for t in (tasks * 2)[:2]]  # both tasks when both train
     else:
         batches = [_batch(c["kind"]), _batch(c["kind"])]
+    if precision == "bf16":  # the YAML's precision: bf16 as CUDA's autocast runs it
+        brain.training_ctx = md.EmulatedAutocast("cuda", torch.bfloat16)
     recorder = md.HostSyncRecorder()
     brain.on_fit_start()
     brain.modules.train()
     brain.on_stage_start(sb.Stage.TRAIN, 1)
     wavlm = hparams["wavlm"]
     materialized = getattr(wavlm, "merge_impl", None) == "materialized" and wavlm.num_vectors
-    with recorder:
-        out, loss, grads = _train_step(brain, batches[0])
+    with recorder, md.SameDtypeCheck(), md.checkpoint_recomputes_emulated():
+        grads = _train_step(brain, batches[0], monkeypatch)
         merges_first = len(meta_loaders)
         with brain.training_ctx:
             out2 = brain.compute_forward(batches[1], sb.Stage.TRAIN)
@@ -213,13 +217,13 @@ def test_training_step_on_meta_device(c, tmp_path, load_recipe, meta_loaders, ti
     merges_second = len(meta_loaders) - merges_first
 
     # no host read of a device value in the step (HarmoniFuse: only its known ones)
-    allowed = HARMONIFUSE_KNOWN_SYNCS if hf else []
+    allowed = LOOP_SYNCS + (HARMONIFUSE_KNOWN_SYNCS if hf else [])
     unexpected = [(fn, f, src) for fn, f, _, src in recorder.syncs
                   if not any(fn == kfn and f == kf and frag in src for kfn, kf, frag in allowed)]
     assert not unexpected, f"host syncs in the training step:\n{recorder.report()}"
 
     # the step ran on meta, with a gradient for every trainable parameter (HarmoniFuse: some are per task)
-    assert loss.device.type == "meta" and loss.dim() == 0 and loss2.device.type == "meta"
+    assert loss2.device.type == "meta" and loss2.dim() == 0
     trainable = [p for opt in brain.optimizers_dict.values() for g in opt.param_groups for p in g["params"]]
     assert trainable and all(p.requires_grad for p in trainable)
     with_grad = [p for p in trainable if grads[id(p)] is not None]
@@ -240,7 +244,7 @@ def test_training_step_on_meta_device(c, tmp_path, load_recipe, meta_loaders, ti
 
     # outputs at WavLM-Large shape: 549 frames for 11 s
     if c["kind"] in ("ser",):
-        assert out.shape == out2.shape == (2, N_CLASSES)
+        assert out2.shape == (2, N_CLASSES)
     elif c["kind"] == "asr":
         from lobes import ctc_text
 
@@ -267,9 +271,10 @@ def test_training_step_on_meta_device(c, tmp_path, load_recipe, meta_loaders, ti
 # ------------------------------------------------------------------------------------------------ host-side re-merge
 @pytest.mark.parametrize("optimizer", ["foreach", "fused"])
 def test_materialized_merge_follows_lambda_without_reading_it(tmp_path, optimizer):
-    """materialized decides on the host when to re-merge (no GPU read of λ). Fused AdamW updates λ without
-    bumping its version counter, so the decision must not rest on it alone: after a training step, a no-grad
-    forward (validation) must run on W_base + λ ΔW for the *updated* λ, bitwise as a fresh model with that λ."""
+    """materialized decides on the host when to re-merge (no GPU read of λ). Whatever optimizer implementation
+    updates λ (foreach or fused AdamW, which writes λ in place without bumping its version counter), after a
+    training step a no-grad forward (validation) must run on W_base + λ ΔW for the *updated* λ, bitwise as a
+    fresh model with that λ."""
     from transformers import WavLMModel
 
     from lobes.adaltm.merged_wavlm import MergedWavLM
@@ -283,9 +288,9 @@ def test_materialized_merge_follows_lambda_without_reading_it(tmp_path, optimize
     opt = torch.optim.AdamW([m.lambdas.lam], lr=0.1, **{optimizer: True})
     h, mask = m(wavs, lens)
     (h * mask[None, ..., None]).pow(2).mean().backward()
-    version = m.lambdas.lam._version
+    before = m.lambdas.lam.detach().clone()
     opt.step()
-    assert (m.lambdas.lam._version == version) == (optimizer == "fused")  # why the version alone is not enough
+    assert not torch.equal(m.lambdas.lam.detach(), before)  # λ moved: the validation forward must see it
     # AdamW's first step: decay 0.5 -> 0.4995, then every λ moves by lr = 0.1 against its gradient's sign
     step = (m.lambdas.lam.detach() - 0.4995).abs()
     assert torch.allclose(step, torch.full_like(step, 0.1), atol=1e-4)

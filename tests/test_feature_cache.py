@@ -1,6 +1,10 @@
 """Feature cache at scale (issue 13.2): size estimate + refusal, sharded streaming build, DDP rank sharding,
 the pooled per-layer cache and its exactness for the ``pooled_linear`` head."""
+import hashlib
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,8 +51,8 @@ def test_estimate_exact_and_paper_scale(wavlm, corpus, tmp_path):
     cache = fc.FeatureCache.build(wavlm, utts, load, s, "train", tmp_path, shard_mb=0.01)
     data = sum(cache[u].numel() * 4 for u, _ in utts)
     assert data == frames * 5 * 32 * 4 == est.bytes - fc.HEADER_BYTES_PER_ENTRY * 8  # data part is exact
-    on_disk = sum(p.stat().st_size for p in (tmp_path / "train").glob("*.safetensors"))
-    assert data < on_disk <= est.bytes  # header allowance covers the safetensors headers
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "train").iterdir())
+    assert data < on_disk <= est.bytes  # the allowance covers the safetensors headers and index.json
     # the paper's subset (89,752 + 25,232 + 46,366 utterances, mean 5.6 s), WavLM-Large fp32: the issue's 4.7 TB
     large = fc.CacheSpec(25, 1024, "float32", False)
     paper = fc.estimate_cache([5.6] * (89752 + 25232 + 46366), large)
@@ -71,9 +75,24 @@ def test_over_budget_refuses_before_computing(wavlm, corpus, tmp_path):
     assert not (tmp_path / "cache").exists()  # nothing half-written
     with pytest.raises(fc.CacheBudgetError, match="feature_cache_max_ram_gb: 1e-06"):
         fc.FeatureCache.build(wavlm, utts, load, s, "valid", None, max_ram_gb=1e-6)
-    large = fc.CacheSpec(25, 1024, "float32", False)  # the paper's train split on a default 500 GB budget
-    with pytest.raises(fc.CacheBudgetError, match=r"2\.[0-9]+ TB for 89,752 utterances"):
-        fc.check_budget(fc.estimate_cache([5.6] * 89752, large), large, "train", tmp_path, 16, 500)
+    from lobes.adaltm.cache_plan import check_plans, plan_split
+
+    # the paper's three splits in fp16 (issue 22: 2.30 TB passed a 1.5 TB budget, each split checked alone)
+    half = fc.CacheSpec(25, 1024, "float16", False)
+    plans = [plan_split(name, [(f"{name}{i}", 5.6) for i in range(n)], {f"{name}{i}" for i in range(n)}, half,
+                        tmp_path / "paper") for name, n in (("train", 89752), ("valid", 25232), ("test", 46366))]
+    assert [p.estimate.bytes for p in plans][0] < 1500e9  # the train split alone fits
+    with pytest.raises(fc.CacheBudgetError) as e:
+        check_plans(plans, half, tmp_path / "paper", 16, 1500)
+    msg = str(e.value)
+    assert "splits ['train', 'valid', 'test'] need 2.30 TB on disk together, over feature_cache_max_disk_gb: 1500" in msg
+    assert "train: 1.28 TB for 89,752 utterances" in msg and "test: 662.34 GB for 46,366 utterances" in msg
+    assert "feature_cache_pooled: True (with ser_head_type: pooled_linear): 8.30 GB (fits)" in msg
+    # and the pooled fp32 cache of the three splits in RAM (issue 22: 16.5 GB passed the 16 GB limit)
+    pooled = fc.CacheSpec(25, 1024, "float32", True)
+    plans = [plan_split(p.split, p.utterances, p.keep, pooled, None) for p in plans]
+    with pytest.raises(fc.CacheBudgetError, match=r"need 16\.56 GB in RAM together, over feature_cache_max_ram_gb: 16"):
+        check_plans(plans, pooled, None, 16, 500)
 
 
 def test_sharded_build_is_streamed_and_matches_per_utterance(wavlm, corpus, tmp_path):
@@ -173,3 +192,247 @@ def test_pooled_cache_gives_frame_level_logits(wavlm, corpus, tmp_path):
         fc.check_pooled_exact(WeightedLayerSum(wavlm.num_layers, layer_norm=True), head)
     with pytest.raises(ValueError, match="pooling 'mean'"):
         SERHead(32, 16, pooling="mean_std", head_type="pooled_linear")
+
+
+# ---------------------------------------------------------------------------------- issue 22.3: never stale
+def make_datasets(splits, seed=5):
+    """{split: DynamicItemDataset of synthetic utterances with ``duration`` and ``sig``}; splits: {name: [s]}."""
+    from speechbrain.dataio.dataset import DynamicItemDataset
+    from speechbrain.utils.data_pipeline import provides, takes
+
+    g = torch.Generator().manual_seed(seed)
+    wavs, out = {}, {}
+    for split, durations in splits.items():
+        data = {}
+        for i, d in enumerate(durations):
+            wavs[f"{split}{i:02d}"] = torch.randn(round(d * 16000), generator=g)
+            data[f"{split}{i:02d}"] = {"duration": d}
+        out[split] = DynamicItemDataset(data)
+
+        @takes("id")
+        @provides("sig")
+        def sig(uid):
+            return wavs[uid]
+        out[split].add_dynamic_item(sig)
+        out[split].set_output_keys(["id", "sig"])
+    return out, wavs
+
+
+def cache_hparams(wavlm, cache_dir, **changes):
+    """The keys ``use_feature_cache`` reads, with the AdaLTM YAML's defaults."""
+    h = {"wavlm": wavlm, "cache_features": True, "feature_cache_dir": cache_dir, "cache_dtype": torch.float32,
+         "feature_cache_pooled": False, "feature_cache_max_ram_gb": 16, "feature_cache_max_disk_gb": 500,
+         "feature_cache_over_budget": "error", "feature_cache_batch_seconds": 160, "feature_cache_shard_mb": 256,
+         "task_vectors": {}, "weighted_sum": None, "ser_head": None, "sorting": "random", "dynamic_batching": False,
+         "batch_size": 4, "micro_batch_size": None, "max_batch_length": 200, "micro_batch_length": None,
+         "num_buckets": 40, "max_batch_ex": None, "num_workers": 0}
+    h.update(changes)
+    return h
+
+
+def features(datasets):
+    out = {}
+    for ds in datasets.values():
+        with ds.output_keys_as(["id", "feats"]):
+            out.update({item["id"]: item["feats"] for item in ds})
+    return out
+
+
+SPLITS = {"train": [0.7, 0.5, 0.9], "valid": [0.6, 0.8], "test": [0.55, 0.65]}
+
+
+@pytest.fixture(scope="module")
+def vectors(wavlm, tmp_path_factory):
+    """Two saved task vectors (ASR, SER) fitting the tiny WavLM, and its source folder."""
+    from lobes.adaltm.task_vector import TaskVector, save_task_vector
+
+    folder, g = tmp_path_factory.mktemp("tv"), torch.Generator().manual_seed(7)
+    paths = {}
+    for name in ("ASR", "SER"):
+        delta = {k: 0.05 * torch.randn(wavlm.base_parameter(k).shape, generator=g) for k in wavlm.keys}
+        paths[name] = str(save_task_vector(TaskVector(name, delta), folder / f"{name.lower()}.safetensors"))
+    return paths, wavlm.source
+
+
+def test_changed_task_vector_rebuilds_and_unchanged_is_reused(vectors, tmp_path, caplog):
+    from lobes.adaltm.brain import use_feature_cache
+    from lobes.adaltm.task_vector import load_task_vector, save_task_vector
+
+    paths, source = vectors
+    paths = {k: shutil.copy(p, tmp_path) for k, p in paths.items()}  # this test edits them
+
+    def run(cache_dir, **changes):
+        merged = MergedWavLM(source, paths, lambda_mode="fixed")
+        ds, _ = make_datasets(SPLITS)
+        return features(use_feature_cache(cache_hparams(merged, cache_dir, task_vectors=paths, **changes), ds))
+    old = run(tmp_path / "cache")
+    tv = load_task_vector(paths["ASR"])
+    key = next(k for k in tv.delta if k.endswith("layers.0.feed_forward.intermediate_dense.weight"))
+    tv.delta[key][0, 0] += 1.0  # one value of one task vector: same file size, same λ, same source
+    save_task_vector(tv, paths["ASR"])
+    with caplog.at_level("INFO", logger="lobes.adaltm.feature_cache"):
+        cached = run(tmp_path / "cache")
+    fresh = run(None)  # what this backbone computes, in RAM
+    assert max((old[u] - fresh[u]).abs().max() for u in fresh) > 1e-3  # the change moves the features
+    for uid in fresh:  # the rebuilt cache holds exactly the fresh features
+        assert torch.equal(cached[uid], fresh[uid])
+    stale = [r.getMessage() for r in caplog.records if "is stale" in r.getMessage()]
+    assert len(stale) == 3 and f"feature cache {tmp_path / 'cache' / 'train'} is stale: task vector ASR changed; " \
+        "rebuilding" in stale[0]
+    caplog.clear()
+    stamp = (tmp_path / "cache" / "train" / "index.json").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="lobes.adaltm.feature_cache"):
+        again = run(tmp_path / "cache")  # nothing changed: reused, not recomputed
+    assert (tmp_path / "cache" / "train" / "index.json").stat().st_mtime_ns == stamp
+    assert sum("reusing" in r.getMessage() for r in caplog.records) == 3
+    assert all(torch.equal(again[u], fresh[u]) for u in fresh)
+
+
+def test_identity_hashes_files_once_and_names_each_change(vectors, tmp_path, monkeypatch):
+    from lobes.adaltm import cache_identity as ci
+
+    paths, source = vectors
+    merged = MergedWavLM(source, paths, lambda_mode="fixed")
+    reads = []
+    real = ci.hashlib.file_digest
+    monkeypatch.setattr(ci.hashlib, "file_digest", lambda f, name: reads.append(f.name) or real(f, name))
+    memo = {}
+    first = ci.cache_identity(merged, paths, memo=memo)
+    n_files = len(first["base"]) + 2
+    assert len(reads) == n_files and set(first["task_vectors"]) == {"ASR", "SER"}
+    assert first["task_vectors"]["SER"] == hashlib.sha256(Path(paths["SER"]).read_bytes()).hexdigest()
+    assert ci.cache_identity(merged, paths, memo=memo) == first and len(reads) == n_files  # memoised
+    st = os.stat(paths["SER"])
+    os.utime(paths["SER"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: hashed again, same content
+    assert ci.cache_identity(merged, paths, memo=memo) == first and len(reads) == n_files + 1
+    # in-memory vectors (no path) are hashed from the tensors the model holds, and agree with themselves only
+    assert ci.cache_identity(merged)["task_vectors"] == ci.cache_identity(merged)["task_vectors"]
+    other = MergedWavLM(source, paths, lambda_mode="fixed", lambda_init=0.25, delta_dtype=torch.bfloat16)
+    changes = ci.describe_change(first, ci.cache_identity(other, paths, memo=memo))
+    assert changes == ["λ changed", "merge delta_dtype changed"]
+    assert ci.describe_change(first, ci.cache_identity(MergedWavLM(source), memo=memo)) == [
+        "task vector removed", "λ removed", "merge removed"]
+
+
+def test_all_splits_checked_together_before_anything_is_built(wavlm, tmp_path, monkeypatch):
+    from lobes.adaltm.brain import use_feature_cache
+
+    ds, _ = make_datasets(SPLITS)
+    spec = fc.spec_for(wavlm, torch.float32, False)
+    sizes = {s: fc.estimate_cache(d, spec).bytes for s, d in SPLITS.items()}
+    budget = (max(sizes.values()) + sum(sizes.values())) / 2  # every split fits alone, not all three
+    for split in ds:  # nothing may be computed
+        ds[split].add_dynamic_item(lambda uid: (_ for _ in ()).throw(AssertionError("computed")), takes="id",
+                                   provides="sig")
+    with pytest.raises(fc.CacheBudgetError) as e:
+        use_feature_cache(cache_hparams(wavlm, tmp_path / "cache", feature_cache_max_disk_gb=budget / 1e9), ds)
+    msg = str(e.value)
+    assert not (tmp_path / "cache").exists()  # no file written, not even the hash memo
+    assert f"splits ['train', 'valid', 'test'] need {fc.human_bytes(sum(sizes.values()))} on disk together" in msg
+    assert f"over feature_cache_max_disk_gb: {budget / 1e9} ({fc.human_bytes(budget)})" in msg
+    assert all(f"  {s}: {fc.human_bytes(b)} for {len(SPLITS[s])} utterances" in msg for s, b in sizes.items())
+    assert "cache_dtype: !name:torch.float16: " in msg and "(fits)" in msg
+    with pytest.raises(fc.CacheBudgetError, match="need .* in RAM together, over feature_cache_max_ram_gb"):
+        use_feature_cache(cache_hparams(wavlm, None, feature_cache_max_ram_gb=budget / 1e9), ds)
+    # recompute instead: the datasets come back untouched
+    out = use_feature_cache(cache_hparams(wavlm, None, feature_cache_max_ram_gb=budget / 1e9,
+                                          feature_cache_over_budget="recompute"), ds)
+    assert out is ds and ds["train"].pipeline.output_mapping == {"id": "id", "sig": "sig"}
+
+
+def test_leftovers_removed_before_the_free_space_check(wavlm, corpus, tmp_path, monkeypatch):
+    utts, load = corpus
+    debris = tmp_path / "cache" / ".train.tmp"
+    debris.mkdir(parents=True)
+    (debris / "r0-00000.safetensors").write_bytes(b"\0" * 1000)
+    real = shutil.disk_usage
+    seen = []
+
+    def disk_usage(path):
+        seen.append(debris.exists())
+        return real(path)
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    fc.FeatureCache.build(wavlm, utts, load, spec(wavlm), "train", tmp_path / "cache")
+    assert seen == [False]  # measured once, after the killed build's folder was gone
+
+
+def _ddp_worker(rank, world, port, out, source):
+    """One rank: the in-RAM caches of SPLITS under DDP; writes the features it can read."""
+    from safetensors.torch import save_file
+
+    from lobes import distributed as D
+    from lobes.adaltm.brain import use_feature_cache
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        wavlm, result = MergedWavLM(source), {}
+        try:  # shuffled training set: no fixed shard per rank
+            use_feature_cache(cache_hparams(wavlm, None, batch_size=2), make_datasets(SPLITS)[0])
+        except ValueError as e:
+            result["random"] = str(e)
+        ds = use_feature_cache(cache_hparams(wavlm, None, batch_size=2, sorting="ascending"), make_datasets(SPLITS)[0])
+        held = {}
+        for d in ds.values():
+            for i, uid in enumerate(d.data_ids):
+                try:
+                    with d.output_keys_as(["feats"]):
+                        held[uid] = d[i]["feats"].contiguous()
+                except Exception as e:  # the DataError of an utterance this rank does not hold
+                    result.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
+        save_file(held, str(Path(out) / f"rank{rank}.safetensors"))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        torch.distributed.barrier()
+    finally:
+        D.release_process_group()
+
+
+def test_ddp_ram_cache_holds_only_each_ranks_share(wavlm, tmp_path):
+    """2 gloo processes: each rank computes and keeps only the utterances its loaders read (valid / test: batches
+    r, r+W, ...; train unshuffled: DistributedSampler's strided share, padded); a shuffled training set is refused
+    on every rank with the setting to change."""
+    import socket
+
+    from safetensors.torch import load_file
+
+    from lobes.adaltm.brain import use_feature_cache
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path), wavlm.source), nprocs=2, join=True)
+    single = features(use_feature_cache(cache_hparams(wavlm, None), make_datasets(SPLITS)[0]))
+    # batch_size 2 over 2 GPUs = micro 1: valid/test batches [0], [1]; train (3, ascending): indices 0,1,2 + pad 0
+    expected = [{"train00", "train02", "valid00", "test00"}, {"train01", "train00", "valid01", "test01"}]
+    for r in range(2):
+        held = load_file(str(tmp_path / f"rank{r}.safetensors"))
+        info = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert set(held) == expected[r]
+        assert len(info["errors"]) == len(single) - len(expected[r])
+        assert "is not in this process's in-RAM feature cache" in info["errors"][0]
+        for uid, t in held.items():  # same features as one process computes (other batch composition)
+            torch.testing.assert_close(t, single[uid], atol=1e-5, rtol=1e-4)
+        assert "sorting: random or dynamic_batching: True" in info["random"] and "Set feature_cache_dir" in info["random"]
+
+
+def test_ram_shards_refuse_a_training_set_dealt_anew_each_epoch(monkeypatch):
+    from torch.utils.data import DistributedSampler
+
+    from lobes.adaltm.cache_plan import ram_shards
+
+    # why: SpeechBrain's DDP train sampler with sorting: random reshuffles per epoch (seed + epoch), so rank 0's
+    # utterances of epoch 1 are not those of epoch 0
+    sampler = DistributedSampler(range(64), num_replicas=2, rank=0, shuffle=True)
+    sampler.set_epoch(0)
+    first = set(sampler)
+    sampler.set_epoch(1)
+    assert len(first) == 32 and set(sampler) != first
+    ds, _ = make_datasets(SPLITS)
+    for changes in ({"sorting": "random"}, {"sorting": "ascending", "dynamic_batching": True}):
+        with pytest.raises(ValueError, match="Set feature_cache_dir to a folder on a filesystem all ranks share"):
+            ram_shards(cache_hparams(None, None, **changes), ds, 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: the loaders' micro-batch is batch_size / 2
+    shards = ram_shards(cache_hparams(None, None, sorting="ascending", batch_size=2), ds, 2)
+    assert shards[1] == {"train": {"train01", "train00"}, "valid": {"valid01"}, "test": {"test01"}}

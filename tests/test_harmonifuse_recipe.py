@@ -350,8 +350,9 @@ def test_recipe_writes_checkpoint_of_trainable_parameters_only(trained):
     assert not any(k.startswith("encoder.model.feature_extractor.") for k in state)  # ... but not its CNN
     assert "encoder.model.masked_spec_embed" not in state               # unused: frozen (DDP)
     lm = sorted(k for k in state if k.startswith("lm."))                # only the LoRA adapters of the LM:
-    assert len(lm) == 4 * 4 * 2 and all(".lora_A." in k or ".lora_B." in k for k in lm)  # 4 layers x q,k,v,o x A,B
-    assert state[lm[0]].shape in ((8, 32), (32, 8))                     # rank 8, LM width 32
+    # lora_target_modules all-linear: 4 layers x (q, k, v, o, gate, up, down) x A, B
+    assert len(lm) == 4 * 7 * 2 and all(".lora_A." in k or ".lora_B." in k for k in lm)
+    assert {state[k].shape for k in lm} == {(8, 32), (32, 8), (8, 64), (64, 8)}  # rank 8; LM width 32, MLP 64
 
 
 def test_recipe_metrics_hold_wer_ua_wa(trained):

@@ -268,3 +268,84 @@ def iemocap_manifests_folder(prep, mini_iemocap, tmp_path):
     out = tmp_path / "clean"
     prep.prepare_iemocap(mini_iemocap.root, out, folds=(1,), asr_manifests=False)
     return out
+
+
+# ------------------------------------------------------------------------------------------ split protocols
+SPLITS = ("train", "valid", "test")
+
+
+def test_sessions_fold_list_is_written(iemocap_manifests):
+    lines = (iemocap_manifests / "folds.tsv").read_text().splitlines()
+    assert lines[0] == "fold\tsplit\tspeakers\tser_utterances\tasr_utterances" and len(lines) == 1 + 5 * 3
+    train_spk = " ".join(f"Ses{s:02d}_{g}" for s in range(2, 6) for g in "FM" if (s, g) != (2, "F"))
+    assert lines[1:4] == [f"1\ttrain\t{train_spk}\t35\t41", "1\tvalid\tSes02_F\t5\t6",
+                          "1\ttest\tSes01_F Ses01_M\t10\t12"]
+
+
+def test_speakers_protocol_leaves_one_speaker_out_as_speechbrain(prep, mini_iemocap, tmp_path):
+    """SpeechBrain's different_speakers split: test_spk_id k (Session s: F = 2s - 1, M = 2s), validation = the
+    other speaker of that session, training = the other 8 speakers."""
+    out = tmp_path / "spk"
+    paths = prep.prepare_iemocap(mini_iemocap.root, out, split_protocol="speakers")
+    assert sorted(paths) == list(range(1, 11))
+    per_spk = mini_iemocap.counts["per_speaker_4class"]
+    assert sum(per_spk.values()) == 50
+    order = ["Ses01_F", "Ses01_M", "Ses02_F", "Ses02_M", "Ses03_F", "Ses03_M", "Ses04_F", "Ses04_M", "Ses05_F",
+             "Ses05_M"]
+    rows = (out / "folds.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 30
+    for k in range(1, 11):
+        test_spk, valid_spk = order[k - 1], order[k if k % 2 else k - 2]
+        for prefix in ("", "asr_"):
+            spk = {s: {e["spk_id"] for e in _load(out, k, prefix + s).values()} for s in SPLITS}
+            assert spk == {"test": {test_spk}, "valid": {valid_spk}, "train": set(order) - {test_spk, valid_spk}}
+        sizes = {s: len(_load(out, k, s)) for s in SPLITS}
+        assert sizes == {"test": per_spk[test_spk], "valid": per_spk[valid_spk],
+                         "train": 50 - per_spk[test_spk] - per_spk[valid_spk]}
+        asr = {s: len(_load(out, k, "asr_" + s)) for s in SPLITS}
+        assert rows[3 * (k - 1) + 2] == f"{k}\ttest\t{test_spk}\t{sizes['test']}\t{asr['test']}"
+        assert rows[3 * (k - 1) + 1] == f"{k}\tvalid\t{valid_spk}\t{sizes['valid']}\t{asr['valid']}"
+
+
+def test_random_protocol_is_an_80_10_10_split_of_the_seed(prep, mini_iemocap, tmp_path):
+    import random
+
+    out = tmp_path / "rnd"
+    assert sorted(prep.prepare_iemocap(mini_iemocap.root, out, split_protocol="random", split_seed=12)) == [1]
+    ser = {s: _load(out, 1, s) for s in SPLITS}
+    assert {s: len(m) for s, m in ser.items()} == {"train": 40, "valid": 5, "test": 5}  # int(50*.8), int(50*.1)
+    ids = sorted(u for m in ser.values() for u in m)
+    assert len(ids) == len(set(ids)) == 50
+    rng = random.Random(12)
+    rng.shuffle(ids)  # SpeechBrain's split_sets arithmetic on the sorted ids
+    assert (set(ids[:40]), set(ids[40:45]), set(ids[45:])) == tuple(set(ser[s]) for s in SPLITS)
+    assert len({e["spk_id"] for e in ser["train"].values()}) == 10  # speakers shared across splits
+    # then the 10 fru / xxx utterances (ASR only), same generator: 8 / 1 / 1 (those with a transcript listed)
+    asr = {s: _load(out, 1, "asr_" + s) for s in SPLITS}
+    others = sorted(u for m in asr.values() for u, e in m.items() if e["emo_orig"] in ("fru", "xxx"))
+    others = sorted(set(others) | set(mini_iemocap.counts["empty_transcripts"]) - set(ids))
+    assert len(others) == 10
+    rng.shuffle(others)
+    for s, part in zip(SPLITS, (others[:8], others[8:9], others[9:])):
+        assert set(asr[s]) == {u for u in ser[s] if "wrd" in ser[s][u]} | (
+            set(part) - set(mini_iemocap.counts["empty_transcripts"]))
+    other = tmp_path / "rnd13"
+    prep.prepare_iemocap(mini_iemocap.root, other, split_protocol="random", split_seed=13)
+    assert set(_load(other, 1, "test")) != set(ser["test"])
+    prep.prepare_iemocap(mini_iemocap.root, tmp_path / "rnd12", split_protocol="random", split_seed=12)
+    assert (tmp_path / "rnd12" / "fold1" / "test.json").read_bytes() == (out / "fold1" / "test.json").read_bytes()
+
+
+def test_fold_and_protocol_are_checked(prep, mini_iemocap, tmp_path):
+    with pytest.raises(DataError, match=r"folds of split_protocol 'sessions' are \[1, 2, 3, 4, 5\], got \[6\]"):
+        prep.prepare_iemocap(mini_iemocap.root, tmp_path / "x", folds=(6,))
+    with pytest.raises(DataError, match="split_protocol must be one of"):
+        prep.prepare_iemocap(mini_iemocap.root, tmp_path / "x", split_protocol="dialogs")
+    out = tmp_path / "spk"
+    prep.prepare_iemocap(mini_iemocap.root, out, split_protocol="speakers", folds=(7,), asr_manifests=False)
+    hp = {"prep_folder": str(out), "fold": 7, "split_protocol": "speakers"}
+    assert prep.iemocap_manifests(hp)["test"] == str(out / "fold7" / "test.json")
+    with pytest.raises(DataError, match="fold 7 is not a fold of split_protocol 'sessions'"):
+        prep.iemocap_manifests({**hp, "split_protocol": "sessions"})
+    with pytest.raises(DataError, match="prepared with split_protocol 'speakers', the recipe asks for 'random'"):
+        prep.iemocap_manifests({**hp, "fold": 1, "split_protocol": "random"})

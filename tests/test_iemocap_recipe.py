@@ -77,7 +77,7 @@ def test_classes_txt_must_match_emotion_classes(load_recipe, iemocap_manifests):
     with pytest.raises(DataError, match=r"classes.txt lists classes \['neu', 'hap', 'ang', 'sad'\] but "
                                         r"emotion_classes is \['neu', 'hap', 'sad', 'ang'\]"):
         prep.check_classes(iemocap_manifests, ["neu", "hap", "sad", "ang"])
-    hp = {"prep_folder": str(iemocap_manifests), "fold": 3}
+    hp = {"prep_folder": str(iemocap_manifests), "fold": 3, "split_protocol": "sessions"}
     assert prep.iemocap_manifests(hp)["valid"] == str(iemocap_manifests / "fold3" / "valid.json")
     assert prep.iemocap_manifests(hp, asr=True)["test"] == str(iemocap_manifests / "fold3" / "asr_test.json")
 
@@ -163,7 +163,12 @@ def test_average_folds_refuses_duplicate_folds_and_unnamed_runs(load_recipe, tmp
     with pytest.raises(DataError, match=f"fold 2 twice, in {a} and {b}"):
         avg.average_folds([tmp_path / "a", tmp_path / "b"])
     bad = json.loads(a.read_text())
-    bad["fold"] = 6
+    bad["fold"] = 10  # leave-one-speaker-out has 10 folds
     a.write_text(json.dumps(bad))
-    with pytest.raises(DataError, match=f"{a}: 'fold' must be a test session 1..5, got 6"):
+    rows = avg.average_folds([a])
+    assert rows[0]["folds"] == "10" and "ua_fold10" in avg.csv_text(rows, 10).splitlines()[0].split(",")
+    assert avg.markdown(rows, 10).startswith("IEMOCAP, leave-one-speaker-out: ")
+    bad["fold"] = 11
+    a.write_text(json.dumps(bad))
+    with pytest.raises(DataError, match=f"{a}: 'fold' must be a fold 1..10, got 11"):
         avg.average_folds([a])

@@ -88,17 +88,18 @@ def test_model_bytes_of_the_merge_options():
 
 def test_plan_picks_largest_fitting_micro_batch_then_checkpointing():
     p1, p2 = (PM.predict(SETTINGS, b, 0.5, shape=TINY)["peak"] for b in (1, 2))
-    gib = (p1 + 3.5 * (p2 - p1)) / PM.GIB  # micro-batch 4 fits, 8 does not
-    plan = PM.plan(SETTINGS, 0.5, 1, gib, margin=0, overhead_gib=0, shape=TINY)
+    gb = (p1 + 3.5 * (p2 - p1)) / 1e9  # micro-batch 4 fits, 8 does not ("GB": 1e9 bytes)
+    plan = PM.plan(SETTINGS, 0.5, 1, gb, margin=0, overhead_gib=0, shape=TINY)
     assert (plan["micro_batch_size"], plan["grad_accumulation_factor"], plan["gradient_checkpointing"]) == (4, 8, False)
-    plan = PM.plan(SETTINGS, 0.5, 2, gib, margin=0, overhead_gib=0, shape=TINY)
+    plan = PM.plan(SETTINGS, 0.5, 2, gb, margin=0, overhead_gib=0, shape=TINY)
     assert (plan["micro_batch_size"], plan["grad_accumulation_factor"], plan["effective_batch"]) == (4, 4, 32)
     # micro-batch 1 does not fit without checkpointing: recompute the CNN in backward (before all groups)
     cnn = PM.predict({**SETTINGS, "gradient_checkpointing": "cnn"}, 1, 0.5, shape=TINY)["peak"]
     assert cnn < p1
-    plan = PM.plan(SETTINGS, 0.5, 1, (cnn + p1) / 2 / PM.GIB, margin=0, overhead_gib=0, shape=TINY)
+    plan = PM.plan(SETTINGS, 0.5, 1, (cnn + p1) / 2 / 1e9, margin=0, overhead_gib=0, shape=TINY)
     assert (plan["micro_batch_size"], plan["grad_accumulation_factor"], plan["gradient_checkpointing"]) == (1, 32, "cnn")
-    assert not PM.fits(p1, p1 / PM.GIB, margin=0.15, overhead_gib=0)  # the margin is applied
+    assert PM.fits(p1, p1 / 1e9, margin=0, overhead_gib=0)  # a "GB" is 1e9 bytes
+    assert not PM.fits(p1, p1 / 1e9, margin=0.15, overhead_gib=0)  # the margin is applied
 
 
 def test_read_row_and_cli(tmp_path, capsys):
@@ -121,3 +122,108 @@ def test_read_row_and_cli(tmp_path, capsys):
 def test_bad_shape_is_named(bad):
     with pytest.raises(ValueError, match="--shape 'huge'"):
         PM.wavlm_config(bad)
+
+
+# ------------------------------------------------------------------------------------------ micro_batch_size: auto
+CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]
+CONTEXT = 512 * 2 ** 20  # the CUDA context's share, already used when mem_get_info is read
+
+
+@pytest.fixture(scope="module")
+def setup4(tmp_path_factory, load_recipe):
+    """The default AdaLTM Setup 4 row at WavLM-Large shape on meta (as tests/test_device_meta.py builds it), its
+    Brain class and a training set whose longest utterance is 11 s (the paper's cut)."""
+    import meta_device as md
+    import numpy as np
+    import soundfile as sf
+
+    import lobes.adaltm.merged_wavlm
+    import lobes.adaltm.task_vector
+    from lobes.dataio import ser_datasets
+    from lobes.hparams_io import load_hparams
+    from lobes.memory_plan import BrainPredictor
+
+    tmp = tmp_path_factory.mktemp("plan_auto")
+    manifest = {}
+    for utt, seconds in (("short", 3.0), ("long", 11.0)):
+        sf.write(tmp / f"{utt}.wav", np.zeros(int(seconds * 16000), dtype="float32"), 16000)
+        manifest[utt] = {"wav": str(tmp / f"{utt}.wav"), "duration": seconds, "emo": "Anger",
+                         "emo_soft": [1.0] + [0.0] * 7, "spk_id": "1", "gender": "F"}
+    (tmp / "train.json").write_text(json.dumps(manifest))
+    train = ser_datasets({"train": str(tmp / "train.json")}, CLASSES)["train"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lobes.adaltm.merged_wavlm, "load_wavlm", md.meta_wavlm)
+        mp.setattr(lobes.adaltm.task_vector, "load_task_vector", md.meta_task_vector)
+        hparams, _, _ = load_hparams(ROW, {"output_folder": str(tmp / "out"), "wavlm_source": "meta://wavlm-large",
+                                           "skip_prep": True, "vectors_folder": str(tmp / "v"),
+                                           "data_folder": str(tmp), "number_of_epochs": 1})
+    hparams["loss"].set_counts([10] * 8)
+    brain = load_recipe("recipes/MSP-Podcast/adaltm/train.py").AdaLTMBrain
+    assert hparams["micro_batch_size"] == "auto" and hparams["grad_accumulation_factor"] == 1  # the default
+    return hparams, brain, train, BrainPredictor(hparams, brain, train)
+
+
+def _gpu(monkeypatch, gb, name):
+    """A simulated CUDA device of ``gb`` x 1e9 bytes (run_opts name it; torch.cuda.is_available stays False, or
+    the optimizers on meta would probe CUDA graph capture)."""
+    from types import SimpleNamespace
+
+    total = int(gb * 1e9)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (total - CONTEXT, total))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(name=name, total_memory=total))
+
+
+@pytest.mark.parametrize("gb, name, micro, accum", [(24, "NVIDIA A10", 4, 8), (80, "NVIDIA A100-SXM4-80GB", 16, 2)])
+def test_auto_micro_batch_fits_the_gpu(setup4, monkeypatch, caplog, gb, name, micro, accum):
+    """Setup 4 (2 task vectors, materialized, fp32, batch 32 of up to 11 s) needs ~6.6 GiB at micro-batch 1 and
+    ~2 GiB per more utterance: 4 x 8 fits a 24 GB card (22.4 GiB), 16 x 2 an 80 GB one; 32 x 1 (71 GiB) does not."""
+    import logging
+
+    from lobes import distributed as D
+    from lobes.memory_plan import GIB, MARGIN, OVERHEAD, peak_bytes, resolve_micro_batch
+
+    hparams, brain, train, predictor = setup4
+    h = dict(hparams)
+    _gpu(monkeypatch, gb, name)
+    with caplog.at_level(logging.INFO, logger="lobes.memory_plan"):
+        line = resolve_micro_batch(h, {"device": "cuda:0"}, brain, train, predictor=predictor)
+    assert (h["micro_batch_size"], h["grad_accumulation_factor"]) == (micro, accum)
+    assert D.check_batch(h, accum, world=1) == f"global batch 32 = micro {micro} x accum {accum} x 1 GPU"
+    free = gb * 1e9 - CONTEXT
+    peak = peak_bytes(predictor(micro), accum, 1)
+    assert peak * (1 + MARGIN) + OVERHEAD <= free  # fits ...
+    if micro < 32:  # ... and the next divisor does not
+        assert peak_bytes(predictor(2 * micro), accum // 2, 1) * (1 + MARGIN) + OVERHEAD > free
+    assert line == (f"memory plan: micro-batch {micro} x accum {accum} x 1 GPU = global 32; predicted "
+                    f"{peak / GIB:.1f} GiB of {free / GIB:.1f} GiB free on {name} ({gb} GB; margin 15% + 1.0 GiB), "
+                    "longest utterance 11.0 s")
+    assert line in caplog.text
+
+
+@pytest.mark.parametrize("gb, names", [(4, []), (8, ["gradient_checkpointing: True", "at most about"])])
+def test_auto_refuses_when_nothing_fits(setup4, monkeypatch, gb, names):
+    """Micro-batch 1 needs more than the GPU: stop before any step, naming what would fit (and what would not)."""
+    from lobes.memory_plan import MemoryPlanError, resolve_micro_batch
+
+    hparams, brain, train, predictor = setup4
+    h = dict(hparams)
+    _gpu(monkeypatch, gb, "small GPU")
+    with pytest.raises(MemoryPlanError) as err:
+        resolve_micro_batch(h, {"device": "cuda:0"}, brain, train, predictor=predictor)
+    msg = str(err.value)
+    assert msg.startswith("memory plan: micro-batch 1 of 11.0 s needs 6.6 GiB predicted, more than fits")
+    fit, _, rest = msg.partition("Settings that would fit: ")[2].partition("Would not fit: ")
+    assert "precision: bf16 (" in rest and "delta_dtype: !name:torch.bfloat16 (" in rest  # tried, too large
+    assert all(n in fit for n in names) and (names or fit.startswith("none of those tried"))
+    assert h["micro_batch_size"] == "auto"  # nothing was set
+
+
+def test_auto_is_null_on_cpu(setup4):
+    """On the CPU (the demo, the tests) auto is today's null: the whole global batch, no accumulation."""
+    from lobes.memory_plan import resolve_micro_batch
+
+    hparams, brain, train, _ = setup4
+    h = dict(hparams)
+    assert resolve_micro_batch(h, {"device": "cpu"}, brain, train) is None
+    assert (h["micro_batch_size"], h["grad_accumulation_factor"]) == (None, 1)

@@ -240,6 +240,7 @@ def test_stage4_summarises_the_selected_seeds(tmp_path, seeds):
         for seed in ("1986", "7"):
             (exp / "rows" / row / seed).mkdir(parents=True)
             (exp / "rows" / row / seed / "metrics.json").write_text("{}")
+            (exp / "rows" / row / seed / "predictions.csv").write_text("")  # the marks need them
     (exp / "results").mkdir()
     for name in ("table.md", "table_seeds.md"):
         (exp / "results" / name).write_text("")
@@ -277,9 +278,9 @@ def test_iemocap_results_leave_out_the_fold_the_mini_settings_were_chosen_on(tmp
     assert proc.returncode == 0, proc.stderr
     calls = [c.split() for c in _calls(tmp_path) if "average_folds.py" in c]
     runs = lambda folds: [f"{exp}/{r}/fold{k}" for r in ("ser", "rows/setup4_dual/1986") for k in folds.split()]
-    assert calls[-1][1:] == runs(reported) + ["--out", f"{exp}/results/folds"]
+    assert calls[-1][1:] == runs(reported) + ["--out", f"{exp}/results/folds", "--n_folds", "5"]
     if reported == "2":  # the tuning fold is kept apart, in a table of its own name
-        assert calls[0][1:] == runs("1 2") + ["--out", f"{exp}/results/folds_with_tuning_folds"]
+        assert calls[0][1:] == runs("1 2") + ["--out", f"{exp}/results/folds_with_tuning_folds", "--n_folds", "5"]
         assert "fold(s) 1 left out of" in proc.stdout + proc.stderr
     else:
         assert len(calls) == 1

@@ -25,14 +25,12 @@ import argparse
 import contextlib
 import json
 import sys
-import weakref
 from pathlib import Path
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from lobes.memory_tracking import EmulatedAutocast, FollowMeta, LiveMemory, SavedBytes, meta_values, storages
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
@@ -46,176 +44,6 @@ NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropo
               "final_dropout": 0.0, "layerdrop": 0.0, "apply_spec_augment": False, "mask_time_prob": 0.0}
 GPU_SETUPS = ((1, 24), (2, 32), (1, 80))  # (GPUs, GB each): a 24 GB card, the paper's 2 V100s, an A100/H100
 EFFECTIVE_BATCH = 32
-
-
-# -------------------------------------------------------------------------------------------------- tracking
-# Python functions that a TorchFunctionMode would otherwise see as one call, running their inner ops without
-# the mode: they are run with the mode kept on (F.multi_head_attention_forward holds WavLM's q/k/v/out GEMMs;
-# torch.autograd.backward runs every backward op and saved-tensor unpack hook). {function: its module}
-_DECOMPOSE = {F.multi_head_attention_forward: F, torch.autograd.backward: torch.autograd}
-
-
-def _call_inside(mode, func, args, kwargs):
-    """Run a Python-level torch function with ``mode`` active for the ops inside it."""
-    if func in _DECOMPOSE:
-        with mode, mock.patch.object(_DECOMPOSE[func], "has_torch_function", lambda *a, **k: False):
-            return func(*args, **kwargs)
-    return func(*args, **kwargs)
-
-
-class LiveMemory(TorchDispatchMode):
-    """Running total and peak of the bytes of every tensor storage created under it and still alive.
-
-    A storage counts from the op that creates it until the last tensor using it dies. Outputs that alias an
-    input (views, in-place ops) add nothing; storages that existed before (parameters) are never counted.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.refs, self.size = {}, {}
-        self.live = self.peak = self.largest = 0
-
-    def _release(self, key):
-        self.refs[key] -= 1
-        if not self.refs[key]:
-            del self.refs[key]
-            self.live -= self.size.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
-        for t in _tensors(out):
-            key = t.untyped_storage()._cdata
-            if key not in self.refs:
-                if key in inputs:  # a view / in-place result of something created outside: not new memory
-                    continue
-                self.refs[key], self.size[key] = 0, t.untyped_storage().nbytes()
-                self.live += self.size[key]
-                self.peak = max(self.peak, self.live)
-                self.largest = max(self.largest, self.size[key])
-            self.refs[key] += 1
-            weakref.finalize(t, self._release, key)
-        return out
-
-
-class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Bytes autograd saves for backward (distinct storages, parameters excluded): the activation memory."""
-
-    def __init__(self, exclude):
-        self.exclude, self.saved = set(exclude), {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st._cdata not in self.exclude:
-                self.saved[st._cdata] = st.nbytes()
-            return t
-        super().__init__(pack, lambda t: t)
-
-    @property
-    def total(self):
-        return sum(self.saved.values())
-
-
-class FollowMeta(TorchFunctionMode):
-    """A small CPU tensor built from Python values (λ as ``torch.tensor(coeffs)``) that meets meta weights is
-    moved to meta (on a GPU the recipe must build it on the weights' device; issue 13.1)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        found = list(_tensors((args, kwargs)))
-        if any(t.is_meta for t in found) and any(t.device.type == "cpu" for t in found):
-            args, kwargs = _map((args, kwargs), lambda x: x.to("meta") if isinstance(x, torch.Tensor)
-                                and x.device.type == "cpu" and x.dim() > 0 else x)
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def meta_values():
-    """``.tolist()`` / ``.item()`` / ``bool()`` of a meta tensor read as zeros: memory never depends on values
-    (e.g. MergedWavLM compares λ with the λ its weights hold). Patched on ``torch.Tensor`` rather than done by
-    a function mode, which would run for every op of every meta kernel (10x slower)."""
-    orig = {k: getattr(torch.Tensor, k) for k in ("tolist", "item", "__bool__")}
-
-    def tolist(t):
-        return torch.zeros(t.shape, dtype=t.dtype, device="cpu").tolist() if t.is_meta else orig["tolist"](t)
-
-    def item(t):
-        return 0 if t.is_meta else orig["item"](t)
-
-    def as_bool(t):
-        return False if t.is_meta else orig["__bool__"](t)
-    with mock.patch.object(torch.Tensor, "tolist", tolist), mock.patch.object(torch.Tensor, "item", item), \
-            mock.patch.object(torch.Tensor, "__bool__", as_bool):
-        yield
-
-
-# op lists of torch.autocast (torch/csrc/autograd/autocast_mode.cpp): lower precision / float32
-_LOW = {"cuda": {F.linear, F.conv1d, F.conv2d, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
-                 torch.bmm, torch.baddbmm, torch.addmm, torch.addbmm, torch.einsum, F.scaled_dot_product_attention,
-                 torch.Tensor.bmm, torch.Tensor.baddbmm, torch.Tensor.mm, torch.Tensor.addmm},
-        "cpu": {F.linear, F.conv1d, F.conv2d, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
-                torch.bmm, torch.baddbmm, torch.addmm, torch.addbmm, F.scaled_dot_product_attention,
-                torch.Tensor.bmm, torch.Tensor.baddbmm, torch.Tensor.mm, torch.Tensor.addmm}}
-_F32 = {"cuda": {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
-                 torch.Tensor.softmax, torch.Tensor.log_softmax, torch.exp, torch.log, torch.Tensor.exp,
-                 torch.pow, torch.Tensor.pow, torch.sum, torch.Tensor.sum, torch.cumsum, torch.norm, F.mse_loss,
-                 F.cross_entropy, F.nll_loss, torch.layer_norm, torch.group_norm},
-        "cpu": {F.cross_entropy, F.nll_loss, F.mse_loss}}
-
-
-class EmulatedAutocast(TorchFunctionMode):
-    """``torch.autocast(dtype=bfloat16)``'s casting rules, for tensors on any device (incl. meta).
-
-    Works above autograd, as autocast does, so autograd saves the cast inputs. ``policy`` picks the op lists
-    of CUDA or of CPU autocast (the CPU one is what the CPU validation measures). Like autocast, the cast of a
-    leaf that requires grad is cached for the region.
-    """
-
-    def __init__(self, policy="cuda", dtype=torch.bfloat16):
-        super().__init__()
-        self.low, self.f32, self.dtype, self.cache = _LOW[policy], _F32[policy], dtype, {}
-
-    def _cast(self, x, dtype):
-        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype):
-            return x
-        if x.is_leaf and x.requires_grad:
-            key = (id(x), dtype)
-            if key not in self.cache:
-                self.cache[key] = (x, x.to(dtype))
-            return self.cache[key][1]
-        return x.to(dtype)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self.low:
-            args, kwargs = _map((args, kwargs), lambda x: self._cast(x, self.dtype))
-        elif func in self.f32:
-            args, kwargs = _map((args, kwargs), lambda x: self._cast(x, torch.float32))
-        return _call_inside(self, func, args, kwargs)
-
-
-def _map(tree, fn):
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map(x, fn) for x in tree)
-    if isinstance(tree, dict):
-        return {k: _map(v, fn) for k, v in tree.items()}
-    return fn(tree)
-
-
-def _tensors(tree):
-    """The tensors in nested tuples / lists / dicts (a cheaper tree_flatten: it runs for every op)."""
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, (list, tuple)):
-        for x in tree:
-            yield from _tensors(x)
-    elif isinstance(tree, dict):
-        for x in tree.values():
-            yield from _tensors(x)
-
-
-def _storages(tensors):
-    return {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -269,7 +97,7 @@ def build_adaltm(config, num_vectors, lambda_mode="layerwise", merge_impl="mater
 def model_bytes(modules):
     """Bytes of every distinct parameter / buffer storage (W_base, ΔW, the materialized copy, λ, α, head)."""
     tensors = [t for m in modules for t in list(m.parameters()) + list(m.buffers())]
-    return sum(_storages(tensors).values()), _storages(tensors)
+    return sum(storages(tensors).values()), storages(tensors)
 
 
 def train_steps(modules, batch, seconds, precision="fp32", steps=2, device="meta", autocast_policy="cuda",
@@ -377,8 +205,8 @@ def predict(settings, batch, seconds, gpus=1, shape="large", device="meta", auto
 
 
 def fits(peak, gpu_gb, margin, overhead_gib):
-    """A "24 GB" / "32 GB" / "80 GB" card holds that many GiB."""
-    return peak * (1 + margin) + overhead_gib * GIB <= gpu_gb * GIB
+    """A "24 GB" / "32 GB" / "80 GB" card holds that many bytes x 1e9 (an A10 / L4 "24 GB" shows ~22.5 GiB)."""
+    return peak * (1 + margin) + overhead_gib * GIB <= gpu_gb * 1e9
 
 
 def plan(settings, seconds, gpus, gpu_gb, margin=0.15, overhead_gib=1.5, effective=EFFECTIVE_BATCH, shape="large"):

@@ -1,19 +1,20 @@
 """What the AdaLTM recipes (recipes/MSP-Podcast/adaltm, recipes/IEMOCAP/adaltm) share around their model flow.
 
 Each recipe's train.py keeps ``compute_forward`` / ``compute_objectives`` (the forward stays visible there) on top
-of ``AdaLTMBrainBase``: per-kind weight decay (λ, α, head), λ means in the epoch log, λ / α in metrics.json,
-and the test artifacts (coefficients.json, λ / α / confusion plots, the folded model). ``use_feature_cache`` swaps
+of ``AdaLTMBrainBase``: per-kind weight decay (λ, α, head), λ means in the epoch log, λ in metrics.json, and
+the test artifacts (coefficients.json, λ / α plots, the folded model). ``use_feature_cache`` swaps
 audio for cached hidden states when nothing upstream of them trains.
 """
 import json
 import logging
 from pathlib import Path
 
+import speechbrain as sb
 import torch
 
 from lobes import distributed as D
 from lobes import plots
-from lobes.adaltm.feature_cache import CacheBudgetError, FeatureCache, check_pooled_exact, dataset_source, spec_for
+from lobes.adaltm.feature_cache import cache_datasets, check_pooled_exact
 from lobes.adaltm.fold_export import export_folded
 from lobes.adaltm.layer_groups import group_names
 from lobes.brains import ToolkitBrain
@@ -47,31 +48,31 @@ class AdaLTMBrainBase(ToolkitBrain):
         return {"lambda": wavlm.coefficients(), "alpha": self.hparams.weighted_sum.alpha().tolist(),
                 "groups": group_names(wavlm.num_layers), "lambda_mode": wavlm.lambdas.mode}
 
-    def epoch_stats(self, stage):
-        """UAR / MaF1 (validation) and the mean λ per task vector, every epoch."""
-        stats = self.ser_stats()
+    def lambda_means(self):
+        """The mean λ per task vector, logged beside the validation statistics every epoch."""
         lam = self.hparams.wavlm.coefficients()
-        stats.update({f"λ_{k} mean": round(sum(v) / len(v), 4) for k, v in lam.items()})
-        return stats
+        return {f"λ_{k} mean": round(sum(v) / len(v), 4) for k, v in lam.items()}
 
-    def test_extras(self):
-        """λ per group per task vector into metrics.json (α: ToolkitBrain); under DDP each rank's coefficients."""
+    def lambda_record(self):
+        """λ per group per task vector, for metrics.json; under DDP every rank also writes the λ it ended with to
+        ``ranks/coefficients_rank<r>.json`` (DDP must keep them identical across ranks)."""
         coeffs = self.coefficients()
         if D.is_distributed():
-            # every rank records the λ it ended with: DDP must keep them identical across ranks
             rank = torch.distributed.get_rank()
             with atomic_write(Path(self.hparams.output_folder) / "ranks" / f"coefficients_rank{rank}.json") as f:
                 json.dump(coeffs, f)
-        return {"lambdas": coeffs["lambda"]}
+        return coeffs["lambda"]
 
-    def write_artifacts(self, metrics):
-        """coefficients.json, λ / α / confusion plots and the folded model (folded_wavlm/)."""
-        super().write_artifacts(metrics)
+    def write_artifacts(self, run_title=None):
+        """Main process: coefficients.json, λ / α plots and the folded model (folded_wavlm/). ``run_title`` names
+        the run in the λ plot (default: the row, i.e. the output folder's parent)."""
+        if not sb.utils.distributed.if_main_process():
+            return
         h, coeffs, folder = self.hparams, self.coefficients(), Path(self.hparams.output_folder)
         with atomic_write(folder / "coefficients.json") as f:
             json.dump(coeffs, f, indent=2)
         if coeffs["lambda"]:
-            run = self.fold_title() or folder.parent.name  # the row's name: output folders end in <row>/<seed>
+            run = run_title or folder.parent.name  # output folders end in <row>/<seed>
             plots.plot_lambdas(coeffs["lambda"], folder / "lambdas.png", title=f"λ per group — {run}")
         plots.plot_layer_weights({"α": coeffs["alpha"]}, folder / "alphas.png", title="α per layer", first_index=1)
         export_folded(h.wavlm, h.export_folder, {"weighted_sum": h.weighted_sum, "ser_head": h.ser_head},
@@ -107,21 +108,10 @@ def use_feature_cache(hparams, datasets, device="cpu"):
     pooled = hparams["feature_cache_pooled"]
     if pooled:
         check_pooled_exact(hparams["weighted_sum"], hparams["ser_head"])
-    spec = spec_for(wavlm, hparams["cache_dtype"], pooled)
     wavlm.to(device)  # built on the training device, before the Brain moves the modules there
-    caches = {}
-    for split, ds in datasets.items():
-        utterances, load = dataset_source(ds)
-        try:
-            caches[split] = FeatureCache.build(
-                wavlm, utterances, load, spec, split, hparams["feature_cache_dir"], device,
-                hparams["feature_cache_batch_seconds"], hparams["feature_cache_shard_mb"],
-                hparams["feature_cache_max_ram_gb"], hparams["feature_cache_max_disk_gb"])
-        except CacheBudgetError as e:
-            if hparams["feature_cache_over_budget"] != "recompute":
-                raise
-            logger.warning("%s -- feature_cache_over_budget: recompute, so WavLM runs on every batch", e)
-            return datasets
+    caches = cache_datasets(hparams, datasets, device)  # every split planned and budget-checked before any is built
+    if caches is None:  # over budget, feature_cache_over_budget: recompute
+        return datasets
     for split, ds in datasets.items():
         ds.add_dynamic_item(caches[split].pipeline())
         ds.set_output_keys(["id", "feats", "emo_idx", "soft_label", "spk_id"])

@@ -4,16 +4,23 @@ Nothing upstream of the hidden states trains, so recomputing WavLM every epoch i
 states are computed once and the α + head training reads them back. At the paper's scale this needs care
 (issue 13.2), so a cache is
 
-- **sized before anything is computed**: :func:`estimate_cache` counts the frames of every utterance from the
-  manifest durations with WavLM's CNN arithmetic (stride 320 at 16 kHz, 50 frames/s), times (L+1)·D·bytes.
-  Over the configured budget (``feature_cache_max_ram_gb`` in memory, ``feature_cache_max_disk_gb`` and the
-  free space on disk) the run stops at once with the estimate and the setting to change
-  (:class:`CacheBudgetError`), or — ``feature_cache_over_budget: recompute`` — logs it and recomputes.
+- **identified by content**: the spec stored in its ``index.json`` holds content hashes of everything the
+  features depend on (base weights, each task vector, λ, normalisation, a pooled cache's head;
+  :mod:`lobes.adaltm.cache_identity`) and each utterance's duration; a mismatch rebuilds it, logged with what
+  changed ("feature cache <dir> is stale: task vector ASR changed; rebuilding").
+- **sized before anything is computed, all splits together**: :func:`estimate_cache` counts the frames of every
+  utterance from the manifest durations with WavLM's CNN arithmetic (stride 320 at 16 kHz, 50 frames/s), times
+  (L+1)·D·bytes; the splits' total is checked (:func:`lobes.adaltm.cache_plan.check_plans`) against
+  ``feature_cache_max_ram_gb`` in memory, ``feature_cache_max_disk_gb`` and the free space on disk, and the run
+  stops before any split is built with each split's size and what would fit (:class:`CacheBudgetError`), or —
+  ``feature_cache_over_budget: recompute`` — logs it and recomputes.
 - **streamed to disk in shards**: utterances are written to safetensors shards of ``shard_mb`` each plus an
   ``index.json`` (utterance -> shard), inside a temp folder that is renamed to ``<cache_dir>/<split>/`` only
   when complete. Peak RAM is one shard + one batch, whatever the corpus size (benchmarks/RESULTS.md).
-- **batched on the training device and sharded across DDP ranks**: rank r computes utterances ``r::world``
-  (sorted ids) in duration-sorted batches of at most ``batch_seconds`` padded seconds on ``device``.
+- **batched on the training device and sharded across DDP ranks**: on disk, rank r computes utterances
+  ``r::world`` (sorted ids) and every rank reads the shared folder; in RAM, each rank computes and keeps only the
+  utterances its loaders read (:func:`lobes.adaltm.cache_plan.ram_shards`; a training set dealt out anew every
+  epoch needs a disk cache). Batches are duration-sorted, at most ``batch_seconds`` padded seconds, on ``device``.
 - optionally **pooled**: ``pooled=True`` stores the per-layer masked mean over time, [L+1, D] per utterance
   instead of [T, L+1, D] (~280x smaller at 5.6 s). Exact only for a head whose first op is a linear frame
   projection followed by masked mean pooling (``SERHead(head_type="pooled_linear")``), since
@@ -26,7 +33,7 @@ import logging
 import os
 import shutil
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import speechbrain as sb
@@ -34,103 +41,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lobes.adaltm.cache_identity import cache_identity, load_memo, save_memo
+from lobes.adaltm.cache_plan import (  # noqa: F401 (sizing API re-exported: estimate_cache, conv_frames, ...)
+    FORMAT, GB, HEADER_BYTES_PER_ENTRY, INDEX_FILE, CacheBudgetError, CacheEstimate, CacheSpec, check_plans, conv_frames,
+    dtype_name, estimate_cache, human_bytes, plan_split, ram_shards, read_meta, remove_leftovers)
 from lobes.adaltm.merged_wavlm import _release_freed_memory as release_freed_memory
 from lobes.errors import DataError
 from lobes.io_utils import atomic_write
 
 logger = logging.getLogger(__name__)
-
-SAMPLE_RATE = 16000
-# WavLM's CNN (every released WavLM / wav2vec2): receptive field 400 samples, total stride 320
-WAVLM_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
-WAVLM_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
-HEADER_BYTES_PER_ENTRY = 128  # safetensors header + index.json line per utterance (measured ≤ 100 for short ids)
-INDEX_FILE = "index.json"
-FORMAT = "feature-cache-v2"
-GB = 1e9
-
-
-class CacheBudgetError(DataError):
-    """The cache would not fit the configured RAM/disk budget (raised before anything is computed)."""
-
-
-def conv_frames(num_samples, conv_kernel=WAVLM_CONV_KERNEL, conv_stride=WAVLM_CONV_STRIDE):
-    """Frames the CNN outputs for ``num_samples`` samples (HF ``_get_feat_extract_output_lengths``)."""
-    n = int(num_samples)
-    for k, s in zip(conv_kernel, conv_stride):
-        n = (n - k) // s + 1
-    return max(n, 0)
-
-
-def dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """What a cache holds; stored in index.json and compared when an existing cache is reused."""
-    num_hidden: int          # L+1 hidden states (CNN output + L transformer layers)
-    hidden_size: int         # D
-    dtype: str               # e.g. "float32"
-    pooled: bool             # [L+1, D] per utterance (masked mean over time) instead of [T, L+1, D]
-    backbone: str = ""       # the backbone's identity: source + λ (a changed λ must not reuse a cache)
-
-
-@dataclass
-class CacheEstimate:
-    utterances: int
-    audio_seconds: float
-    frames: int
-    bytes: int
-
-    def describe(self, spec):
-        shape = "[L+1, D]" if spec.pooled else "[T, L+1, D]"
-        return (f"{human_bytes(self.bytes)} for {self.utterances:,} utterances ({self.audio_seconds / 3600:.1f} h, "
-                f"{self.frames:,} frames), {shape} = {spec.num_hidden} x {spec.hidden_size} {spec.dtype} "
-                f"{'per utterance' if spec.pooled else 'per frame'}")
-
-
-def human_bytes(n):
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
-def estimate_cache(durations, spec, conv_kernel=WAVLM_CONV_KERNEL, conv_stride=WAVLM_CONV_STRIDE,
-                   sample_rate=SAMPLE_RATE):
-    """Size of a cache from the manifest durations alone (seconds per utterance), before computing anything."""
-    itemsize = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
-    durations = list(durations)
-    frames = sum(conv_frames(round(d * sample_rate), conv_kernel, conv_stride) for d in durations)
-    per_vector = spec.num_hidden * spec.hidden_size * itemsize
-    data = per_vector * (len(durations) if spec.pooled else frames)
-    return CacheEstimate(len(durations), float(sum(durations)), frames,
-                         data + HEADER_BYTES_PER_ENTRY * len(durations))
-
-
-def check_budget(estimate, spec, split, cache_dir, max_ram_gb, max_disk_gb):
-    """Raise :class:`CacheBudgetError` when the estimate exceeds the budget of where the cache goes."""
-    what = f"feature cache of split '{split}': {estimate.describe(spec)}"
-    fixes = ("set cache_dtype: !name:torch.float16 (halves it), use the pooled cache (feature_cache_pooled: True "
-             "with ser_head_type: pooled_linear, 1/frames the size), or cache_features: False (recompute)")
-    if cache_dir is None:
-        if estimate.bytes > max_ram_gb * GB:
-            raise CacheBudgetError(
-                f"{what} exceeds feature_cache_max_ram_gb: {max_ram_gb} ({human_bytes(max_ram_gb * GB)}). "
-                f"Set feature_cache_dir to stream it to disk, raise feature_cache_max_ram_gb, or {fixes}.")
-        return
-    if estimate.bytes > max_disk_gb * GB:
-        raise CacheBudgetError(
-            f"{what} exceeds feature_cache_max_disk_gb: {max_disk_gb} ({human_bytes(max_disk_gb * GB)}). "
-            f"Raise feature_cache_max_disk_gb, or {fixes}.")
-    probe = Path(cache_dir)
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if estimate.bytes > free:
-        raise CacheBudgetError(f"{what} exceeds the free space of feature_cache_dir '{cache_dir}' "
-                               f"({human_bytes(free)} free). Point feature_cache_dir elsewhere, or {fixes}.")
 
 
 def check_pooled_exact(weighted_sum, ser_head):
@@ -220,7 +139,10 @@ def build_rank(encoder, utterances, load, tmp_dir, spec, rank=0, world=1, device
 
 
 def finalize(tmp_dir, final_dir, spec, world, expected_ids):
-    """Merge the ranks' indexes (every utterance exactly once), write index.json, rename temp -> final."""
+    """Merge the ranks' indexes (every utterance exactly once), write index.json, rename temp -> final.
+
+    expected_ids: the utterance ids, or {id: manifest duration} (stored: a later run with other durations under
+    the same ids, e.g. re-segmented audio, rebuilds instead of reading these features)."""
     tmp_dir, index = Path(tmp_dir), {}
     for r in range(world):
         part = tmp_dir / f"index-r{r}.json"
@@ -234,7 +156,8 @@ def finalize(tmp_dir, final_dir, spec, world, expected_ids):
     if missing:
         raise DataError(f"feature cache build in '{tmp_dir}': {len(missing)} utterances missing, e.g. {missing[:5]}")
     with atomic_write(tmp_dir / INDEX_FILE) as f:
-        json.dump({"format": FORMAT, "spec": asdict(spec), "index": index}, f)
+        json.dump({"format": FORMAT, "spec": asdict(spec), "index": index,
+                   "durations": expected_ids if isinstance(expected_ids, dict) else {}}, f)
     if Path(final_dir).exists():
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
@@ -259,20 +182,8 @@ class FeatureCache:
         self.feats, self.folder, self.max_open = feats, folder, max_open
         self.spec, self.index, self._handles = None, None, OrderedDict()
         if folder is not None:
-            meta = self.read_index(folder)
+            meta = read_meta(folder)
             self.spec, self.index = CacheSpec(**meta["spec"]), meta["index"]
-
-    @staticmethod
-    def read_index(folder):
-        path = Path(folder) / INDEX_FILE
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"feature cache index '{path}' cannot be read ({e}); delete '{folder}' to rebuild it") from e
-        if meta.get("format") != FORMAT:
-            raise DataError(f"feature cache '{folder}' has format {meta.get('format')!r}, not {FORMAT!r}; "
-                            "delete it to rebuild")
-        return meta
 
     def __len__(self):
         return len(self.feats if self.feats is not None else self.index)
@@ -291,6 +202,9 @@ class FeatureCache:
 
     def __getitem__(self, utt_id):
         if self.feats is not None:
+            if utt_id not in self.feats:  # under DDP a rank holds only the utterances its loader reads
+                raise DataError(f"utterance '{utt_id}' is not in this process's in-RAM feature cache "
+                                f"({len(self.feats)} utterances): its loader reads other utterances than planned")
             return self.feats[utt_id]
         shard = self.index.get(utt_id)
         if shard is None:
@@ -309,46 +223,63 @@ class FeatureCache:
     @classmethod
     def build(cls, encoder, utterances, load, spec, split="train", cache_dir=None, device="cpu",
               batch_seconds=160.0, shard_mb=256, max_ram_gb=16.0, max_disk_gb=500.0, rank=None, world=None):
-        """Size-check, then build (or reuse) the cache of one split.
+        """The cache of one split: :func:`build_caches` with that split alone."""
+        return build_caches(encoder, {split: (utterances, load)}, spec, cache_dir, device, batch_seconds, shard_mb,
+                            max_ram_gb, max_disk_gb, rank=rank, world=world)[split]
 
-        utterances: [(utt_id, duration in s)]; load(utt_id) -> waveform tensor. Without ``cache_dir`` the
-        cache is held in memory (each DDP rank computes its share, then they are exchanged); with it, shards
-        go to ``<cache_dir>/<split>/`` (each rank writes its share; rank 0 publishes it with one rename).
-        """
-        r, w = _dist() if rank is None else (rank, world)
-        ids = {u for u, _ in utterances}
-        final, tmp = (Path(cache_dir) / split, Path(cache_dir) / f".{split}.tmp") if cache_dir else (None, None)
-        stale = None
-        if final is not None and (final / INDEX_FILE).exists():
-            stale = cls(folder=final)
-            if stale.spec == spec and ids <= stale.ids():
-                logger.info("feature cache %s: reusing %s", split, final)
-                return stale
-        estimate = estimate_cache([d for _, d in utterances], spec)
-        check_budget(estimate, spec, split, cache_dir, max_ram_gb, max_disk_gb)
-        logger.info("feature cache %s: %s", split, estimate.describe(spec))
-        if cache_dir is None:
-            feats = dict(compute_batched(encoder, rank_share(utterances, r, w), load, device,
-                                         getattr(torch, spec.dtype), spec.pooled, batch_seconds))
-            if w > 1:
-                parts = [None] * w
-                torch.distributed.all_gather_object(parts, feats)
-                feats = {k: v for p in parts for k, v in p.items()}
-            return cls(feats=feats)
-        if stale is not None:
-            _barrier()  # every rank has read the old index before rank 0 replaces it
-            logger.warning("feature cache %s: '%s' holds %s for %d utterances, this run needs %s for %d: rebuilding",
-                           split, final, stale.spec, len(stale), spec, len(ids))
+
+def build_caches(encoder, sources, spec, cache_dir=None, device="cpu", batch_seconds=160.0, shard_mb=256,
+                 max_ram_gb=16.0, max_disk_gb=500.0, shards=None, memo=None, rank=None, world=None):
+    """Plan every split, check them together, then build the missing or stale ones; {split: FeatureCache}.
+
+    sources: {split: ([(utt_id, duration s)], load(utt_id) -> waveform)}. Without ``cache_dir`` the caches are
+    held in RAM: each process computes and keeps ``shards[rank][split]`` (the ids its loaders read under DDP,
+    :func:`lobes.adaltm.cache_plan.ram_shards`), every id when ``shards`` is None. With it, shards go to
+    ``<cache_dir>/<split>/`` (rank r computes ids r::world; rank 0 publishes each split with one rename).
+    Nothing is written before the check passes, except that the temp folders of a killed build are removed
+    first (they would count against the free space). ``memo``: file digests, saved beside the caches.
+    """
+    r, w = _dist() if rank is None else (rank, world)
+    if cache_dir is not None:
         if r == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # debris of a killed build
-            tmp.mkdir(parents=True)
+            remove_leftovers(cache_dir, sources)
         _barrier()
-        build_rank(encoder, utterances, load, tmp, spec, r, w, device, batch_seconds, int(shard_mb * 2 ** 20))
-        _barrier()
-        if r == 0:
-            finalize(tmp, final, spec, w, ids)
-        _barrier()
-        return cls(folder=final)
+    plans = {}
+    for split, (utterances, _) in sources.items():
+        keep = shards[r][split] if shards is not None and cache_dir is None else {u for u, _ in utterances}
+        plans[split] = plan_split(split, utterances, keep, spec, cache_dir)
+    check_plans(list(plans.values()), spec, cache_dir, max_ram_gb, max_disk_gb, shards if cache_dir is None else None)
+    for split, p in plans.items():
+        where = Path(cache_dir) / split if cache_dir is not None else "in RAM"
+        if p.action == "reuse":
+            logger.info("feature cache %s: reusing %s", split, where)
+        elif p.action == "rebuild":
+            logger.warning("feature cache %s is stale: %s; rebuilding (%s)", where, p.reason, p.estimate.describe(spec))
+        else:
+            logger.info("feature cache %s (%s): %s", split, where, p.estimate.describe(spec))
+    if cache_dir is None:
+        return {split: FeatureCache(feats=dict(compute_batched(
+            encoder, [u for u in p.utterances if u[0] in p.keep], sources[split][1], device, getattr(torch, spec.dtype),
+            spec.pooled, batch_seconds))) for split, p in plans.items()}
+    if r == 0 and memo is not None:
+        save_memo(cache_dir, memo)
+    _barrier()  # every rank has read the stale indexes before rank 0 replaces them
+    caches = {}
+    for split, p in plans.items():
+        final, tmp = Path(cache_dir) / split, Path(cache_dir) / f".{split}.tmp"
+        if p.action != "reuse":
+            if r == 0:
+                shutil.rmtree(final, ignore_errors=True)  # a stale cache: its space is counted as free
+                tmp.mkdir(parents=True)
+            _barrier()
+            build_rank(encoder, p.utterances, sources[split][1], tmp, spec, r, w, device, batch_seconds,
+                       int(shard_mb * 2 ** 20))
+            _barrier()
+            if r == 0:
+                finalize(tmp, final, spec, w, dict(p.utterances))
+            _barrier()
+        caches[split] = FeatureCache(folder=final)
+    return caches
 
 
 def cached_hidden(feats, lens):
@@ -377,14 +308,42 @@ def dataset_source(dataset):
     return utterances, load
 
 
-def backbone_identity(wavlm):
-    """A string that changes when the cached features would: source, normalisation and λ."""
-    lam = wavlm.coefficients() if getattr(wavlm, "num_vectors", 0) else {}
-    lam = {k: [round(float(x), 8) for x in v] for k, v in lam.items()}
-    return json.dumps({"source": str(getattr(wavlm, "source", "")), "normalize_wav": getattr(wavlm, "normalize_wav", None),
-                       "lambda": lam}, sort_keys=True)
-
-
-def spec_for(wavlm, dtype, pooled):
+def spec_for(wavlm, dtype, pooled, identity=None):
+    """The spec of ``wavlm``'s cache; ``identity`` defaults to :func:`cache_identity` of ``wavlm`` alone (task vectors
+    hashed from its tensors, no file memo)."""
     return CacheSpec(num_hidden=wavlm.num_layers + 1, hidden_size=wavlm.hidden_size, dtype=dtype_name(dtype),
-                     pooled=bool(pooled), backbone=backbone_identity(wavlm))
+                     pooled=bool(pooled), identity=cache_identity(wavlm) if identity is None else identity)
+
+
+def _from_rank0(fn):
+    """``fn()`` computed on rank 0 and sent to every rank (file hashing reads each file once, not once per rank)."""
+    r, w = _dist()
+    if w == 1:
+        return fn()
+    out = [fn() if r == 0 else None]
+    torch.distributed.broadcast_object_list(out, src=0)
+    return out[0]
+
+
+def cache_datasets(hparams, datasets, device):
+    """{split: FeatureCache} of a recipe's datasets (every split planned and checked before any is built), or None
+    when they are over budget and ``feature_cache_over_budget: recompute``."""
+    wavlm, pooled, cache_dir = hparams["wavlm"], hparams["feature_cache_pooled"], hparams["feature_cache_dir"]
+    world = _dist()[1]
+    shards = ram_shards(hparams, datasets, world) if cache_dir is None and world > 1 else None
+    memo, identity = None, {}  # an in-RAM cache is built by this run for this run: nothing to compare
+    if cache_dir is not None:
+        memo = load_memo(cache_dir)
+        head = hparams["ser_head"] if pooled else None
+        identity = _from_rank0(lambda: cache_identity(wavlm, hparams["task_vectors"], head, memo))
+    spec = spec_for(wavlm, hparams["cache_dtype"], pooled, identity)
+    sources = {split: dataset_source(ds) for split, ds in datasets.items()}
+    try:
+        return build_caches(wavlm, sources, spec, cache_dir, device, hparams["feature_cache_batch_seconds"],
+                            hparams["feature_cache_shard_mb"], hparams["feature_cache_max_ram_gb"],
+                            hparams["feature_cache_max_disk_gb"], shards, memo)
+    except CacheBudgetError as e:
+        if hparams["feature_cache_over_budget"] != "recompute":
+            raise
+        logger.warning("%s -- feature_cache_over_budget: recompute, so WavLM runs on every batch", e)
+        return None

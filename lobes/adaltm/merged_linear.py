@@ -52,17 +52,22 @@ def lam_vector(coeffs, base):
     return torch.tensor(list(coeffs), dtype=base.dtype, device=base.device)
 
 
-def merge_values(base, deltas, coeffs):
-    """W_base + Σ_k c_k ΔW_k in ``base``'s dtype (ΔW may be stored in a lower precision); ``coeffs``: [K]
-    tensor on ``base``'s device (or a list of numbers)."""
+def merge_values(base, deltas, coeffs, dtype=None):
+    """W_base + Σ_k c_k ΔW_k in ``dtype`` (default ``base``'s; ΔW may be stored in a lower precision);
+    ``coeffs``: [K] tensor on ``base``'s device (or a list of numbers).
+
+    With the stacked layout the GEMV runs in ``dtype`` on inputs cast to it, which is what CUDA's autocast
+    makes of ``addmv`` in a bf16 region: the backward rebuild of a merged W (:class:`RebuildMergedInBackward`)
+    passes the dtype the forward produced, so the rebuilt W is the forward's, bit for bit."""
+    dtype = base.dtype if dtype is None else dtype
     lam = lam_vector(coeffs, base)
     stacked = stacked_view(deltas)
     if stacked is not None:
-        return torch.addmv(base.reshape(-1), stacked.to(base.dtype).t(), lam).view(base.shape)
+        return torch.addmv(base.reshape(-1).to(dtype), stacked.to(dtype).t(), lam.to(dtype)).view(base.shape)
     w = torch.addcmul(base, deltas[0].to(base.dtype), lam[0])  # λ_k as a 0-dim device tensor: no host read
     for k in range(1, len(deltas)):
         w.addcmul_(deltas[k].to(base.dtype), lam[k])
-    return w
+    return w.to(dtype)
 
 
 class MergeWeight(torch.autograd.Function):
@@ -71,12 +76,15 @@ class MergeWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lam, base, *deltas):
         ctx.save_for_backward(*deltas)
+        ctx.lam_dtype = lam.dtype
         return merge_values(base, deltas, lam)
 
     @staticmethod
     def backward(ctx, grad_w):
         deltas = ctx.saved_tensors
-        g = grad_w.reshape(-1)  # a linear's dL/dW arrives transposed: one copy, then contiguous reads
+        # dL/dλ in λ's dtype: under bf16 autocast dL/dW arrives in bf16 and ΔW may be fp32 (a GEMV needs one
+        # dtype); a no-op in fp32
+        g = grad_w.reshape(-1).to(ctx.lam_dtype)  # a linear's dL/dW arrives transposed: one copy, then contiguous
         stacked = stacked_view(deltas)
         if stacked is not None:
             grad_lam = torch.mv(stacked.to(g.dtype), g)
@@ -93,6 +101,7 @@ class MaterializedWeight(MergeWeight):
     @staticmethod
     def forward(ctx, lam, merged, *deltas):
         ctx.save_for_backward(*deltas)
+        ctx.lam_dtype = lam.dtype
         return merged.view_as(merged)
 
 
@@ -139,14 +148,14 @@ class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):
             if t.layout == torch.strided and t.numel():
                 name = by_ptr.get(t.untyped_storage()._cdata)
                 if name is not None:
-                    return _Recipe(name, t.size(), t.stride(), t.storage_offset())
+                    return _Recipe(name, t.size(), t.stride(), t.storage_offset(), t.dtype)
             return t
 
         def unpack(x):
             if isinstance(x, _Recipe):
                 base, deltas = sources[x.name]
-                with torch.no_grad():
-                    w = merge_values(base, deltas, coeffs)
+                with torch.no_grad():  # in the forward's dtype (bf16 under CUDA autocast, which runs addmv so)
+                    w = merge_values(base, deltas, coeffs, x.dtype)
                 return w.as_strided(x.size, x.stride, x.offset)
             return x
 
@@ -154,10 +163,10 @@ class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):
 
 
 class _Recipe:
-    __slots__ = ("name", "offset", "size", "stride")
+    __slots__ = ("dtype", "name", "offset", "size", "stride")
 
-    def __init__(self, name, size, stride, offset):
-        self.name, self.size, self.stride, self.offset = name, size, stride, offset
+    def __init__(self, name, size, stride, offset, dtype):
+        self.name, self.size, self.stride, self.offset, self.dtype = name, size, stride, offset, dtype
 
 
 def fused_call(module, sources, lam, args, kwargs, rebuild_in_backward=True):

@@ -4,8 +4,11 @@
 * A directory holding ``char_tokenizer.json`` (see ``tools/make_tiny_lm.py``) uses :class:`CharTokenizer`;
   anything else goes through ``AutoTokenizer``.
 * ``mode``: ``frozen`` (no LM weight trains), ``lora`` (``peft`` adapters from ``peft_config``, e.g. a
-  ``peft.LoraConfig``; every other LM weight frozen) or ``full``. ``gradient_checkpointing`` recomputes the LM
-  layers in backward (HF checkpoints only in train mode, i.e. for ``lora`` / ``full``).
+  ``peft.LoraConfig``; every other LM weight frozen) or ``full``. LoRA's ``target_modules`` come from the
+  config: the recipe's default ``all-linear`` (every Linear / Conv1D but the head, any architecture) or None
+  (peft's per-architecture table; an architecture missing from it is a DataError naming the key).
+  ``gradient_checkpointing`` recomputes the LM layers in backward (HF checkpoints only in train mode, i.e. for
+  ``lora`` / ``full``).
 * :func:`final_norm` finds the LM's final normalisation, which the LM-layer fusion applies to every layer.
 """
 import json
@@ -142,7 +145,11 @@ def load_lm(settings):
         lm.requires_grad_(False)
     elif settings.mode == "lora":
         from peft import get_peft_model
-        lm = get_peft_model(lm, settings.peft_config)  # freezes every LM weight but the adapters
+        try:  # freezes every LM weight but the adapters
+            lm = get_peft_model(lm, settings.peft_config)
+        except ValueError as e:  # no per-architecture default, or target names the LM does not have
+            raise DataError(f"lm_peft_config on lm_source '{settings.source}' ({lm.config.model_type}): {e}. Set "
+                            "lora_target_modules: all-linear, or this architecture's module names") from e
     return lm, tokenizer
 
 

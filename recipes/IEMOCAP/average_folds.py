@@ -39,7 +39,8 @@ from lobes.io_utils import atomic_write
 from lobes.metrics import metrics_from_confusion, read_metrics
 from lobes.significance import t_interval  # the seeds' aggregation too: one Student-t code for repeated units
 
-N_FOLDS = 5
+N_FOLDS = 5        # leave one session out; --n_folds 10 for split_protocol speakers, 1 for random
+MAX_FOLD = 10      # folds of the speakers protocol (iemocap_prepare.PROTOCOL_FOLDS)
 METRICS = {"ua": ("test", "uar"), "wa": ("test", "accuracy"), "macro_f1": ("test", "macro_f1"), "wer": (None, "wer"),
            "wer_norm": (None, "wer_whisper_norm")}  # WER after Whisper's English normaliser: CSV / JSON only
 CONFIDENCE = 0.95
@@ -66,8 +67,8 @@ def load_folds(paths):
         exp, fold = data.get("experiment"), data.get("fold")
         if not isinstance(exp, str) or not exp:
             raise DataError(f"{path}: no 'experiment' name (written by the IEMOCAP train.py files)")
-        if isinstance(fold, bool) or not isinstance(fold, int) or not 1 <= fold <= N_FOLDS:
-            raise DataError(f"{path}: 'fold' must be a test session 1..{N_FOLDS}, got {fold!r}")
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 1 <= fold <= MAX_FOLD:
+            raise DataError(f"{path}: 'fold' must be a fold 1..{MAX_FOLD}, got {fold!r}")
         run = runs.setdefault(exp, {"folds": {}, "files": {}, "table_rows": data.get("table_rows") or []})
         if fold in run["folds"]:
             raise DataError(f"experiment {exp!r}: fold {fold} twice, in {run['files'][fold]} and {path}")
@@ -125,7 +126,8 @@ def _pct(row, key):
 
 
 def markdown(rows, n_folds=N_FOLDS):
-    lines = [f"IEMOCAP, leave-one-session-out: mean over folds ± half-width of the Student-t {CONFIDENCE:.0%} "
+    protocol = {5: "leave-one-session-out", 10: "leave-one-speaker-out", 1: "random split"}.get(n_folds, "folds")
+    lines = [f"IEMOCAP, {protocol}: mean over folds ± half-width of the Student-t {CONFIDENCE:.0%} "
              "interval, in %; pooled = summed confusion matrices", "",
              "| Method/Setup | UA | WA | MaF1 | WER | UA pooled | WA pooled | folds |",
              "|---|---|---|---|---|---|---|---|"]
@@ -141,11 +143,12 @@ def markdown(rows, n_folds=N_FOLDS):
     return "\n".join(lines) + "\n"
 
 
-def csv_text(rows):
+def csv_text(rows, n_folds=N_FOLDS):
     cols = ["part", "row", "order", "experiment", "n_folds", "folds", "n", "ua_pooled", "wa_pooled"]
+    last = max([n_folds] + [int(k) for r in rows for k in r["folds"].split()])
     for key in METRICS:
         cols += [f"{key}_{s}" for s in ("mean", "ci_low", "ci_high", "std")] + [f"{key}_fold{k}"
-                                                                              for k in range(1, N_FOLDS + 1)]
+                                                                              for k in range(1, last + 1)]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", restval="")
     w.writeheader()
@@ -154,9 +157,10 @@ def csv_text(rows):
     return buf.getvalue()
 
 
-def write_tables(rows, out):
+def write_tables(rows, out, n_folds=N_FOLDS):
     out = Path(out)
-    for suffix, text in ((".md", markdown(rows)), (".csv", csv_text(rows)), (".json", json.dumps(rows, indent=2))):
+    for suffix, text in ((".md", markdown(rows, n_folds)), (".csv", csv_text(rows, n_folds)),
+                         (".json", json.dumps(rows, indent=2))):
         with atomic_write(out.with_name(out.name + suffix), encoding="utf-8") as f:
             f.write(text)
     return out
@@ -166,13 +170,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Average IEMOCAP fold metrics: UA / WA means with Student-t 95% CIs.")
     p.add_argument("paths", nargs="+", help="metrics.json files or folders searched for them")
     p.add_argument("--out", required=True, help="output prefix: <out>.md, <out>.csv, <out>.json")
+    p.add_argument("--n_folds", type=int, default=N_FOLDS,
+                   help="folds of a complete experiment: 5 (sessions), 10 (speakers), 1 (random)")
     args = p.parse_args(argv)
     try:
         rows = average_folds(args.paths)
-        write_tables(rows, args.out)
+        write_tables(rows, args.out, args.n_folds)
     except DataError as e:
         sys.exit(f"Error: {e}")
-    print(markdown(rows), end="")
+    print(markdown(rows, args.n_folds), end="")
 
 
 if __name__ == "__main__":

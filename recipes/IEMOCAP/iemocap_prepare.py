@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Data preparation for IEMOCAP (``IEMOCAP_full_release`` layout): leave-one-session-out SER manifests.
+"""Data preparation for IEMOCAP (``IEMOCAP_full_release`` layout): SER (and ASR) manifests per fold.
 
     python recipes/IEMOCAP/iemocap_prepare.py --data_folder /corpora/IEMOCAP_full_release --save_folder exp/iemocap \
-        [--folds 1 2 3 4 5] [--valid_gender F] [--class_map '{"neu": "neu", "hap": "hap", "exc": "hap", ...}']
+        [--split_protocol sessions|speakers|random] [--folds 1 2 3 4 5] [--valid_gender F] \
+        [--split_seed 12] [--split_ratio 80 10 10] [--class_map '{"neu": "neu", "hap": "hap", "exc": "hap", ...}']
 
 Reads, for each ``Session{1..5}``:
 
@@ -24,11 +25,24 @@ on the line; categories are mapped with ``class_map`` (so an "Excited" vote is a
 outside the map are ignored (as MSP-Podcast's "Other" votes are); the result is normalised. An utterance
 without a usable vote gets the one-hot of its consensus class.
 
-Folds (leave one session out). Fold ``k``: test = Session ``k`` (both speakers); validation = the speaker of
-gender ``valid_gender`` of the next session (Session ``k % 5 + 1``), so validation is speaker-independent of
-both test and training; training = the other 7 speakers. Speaker ids are ``Ses01_F`` ... ``Ses05_M`` (the
-speaker is the letter of the utterance's last name part, ``..._F000``; the ``F``/``M`` in the dialog name
-only says who wore the motion-capture markers).
+Folds (``split_protocol``). Speaker ids are ``Ses01_F`` ... ``Ses05_M`` (the speaker is the letter of the
+utterance's last name part, ``..._F000``; the ``F``/``M`` in the dialog name only says who wore the
+motion-capture markers).
+
+- ``sessions`` (default; leave one session out, folds 1-5): fold ``k``: test = Session ``k`` (both speakers);
+  validation = the speaker of gender ``valid_gender`` of the next session (Session ``k % 5 + 1``), so validation
+  is speaker-independent of both test and training; training = the other 7 speakers.
+- ``speakers`` (leave one speaker out, folds 1-10, SpeechBrain's ``different_speakers: True`` with
+  ``test_spk_id``): speakers are numbered as SpeechBrain does, Session ``s``'s F speaker = ``2s - 1`` and its M
+  speaker = ``2s``; fold ``k``: test = speaker ``k``, validation = the other speaker of the same session,
+  training = the other 8 speakers.
+- ``random`` (one fold, SpeechBrain's default ``split_ratio: [80, 10, 10]``): the utterances, sorted by id, are
+  shuffled with ``random.Random(split_seed)``; the first ``int(n * 80 / 100)`` train, the next
+  ``int(n * 10 / 100)`` validate, the rest test (SpeechBrain's arithmetic). The SER utterances and the ASR-only
+  ones (other categories) are split separately, in this order, with the same generator. Speakers are shared
+  across splits (not speaker-independent).
+
+``<save_folder>/folds.tsv`` lists every fold: ``fold, split, speakers, ser_utterances, asr_utterances``.
 
 Writes ``<save_folder>/fold{k}/{train,valid,test}.json`` in the MSP-Podcast schema,
 ``{utt_id: {wav, duration, emo, emo_soft, spk_id, gender[, wrd]}}`` (plus ``session``, ``emo_orig`` = the
@@ -46,6 +60,7 @@ line; nothing is written then.
 import argparse
 import json
 import os
+import random
 import re
 import sys
 from collections import Counter
@@ -60,6 +75,10 @@ from lobes.text_io import TextReader
 SAMPLE_RATE = 16000
 N_SESSIONS = 5
 SPLITS = ("train", "valid", "test")
+# split_protocol -> its folds (sessions: test session; speakers: SpeechBrain's test_spk_id; random: one split)
+PROTOCOL_FOLDS = {"sessions": tuple(range(1, N_SESSIONS + 1)), "speakers": tuple(range(1, 2 * N_SESSIONS + 1)),
+                  "random": (1,)}
+FOLDS_FILE = "folds.tsv"
 OPTS_FILE = "iemocap_prepare.opts"  # JSON, but not *.json: only manifests match that
 CLASSES_FILE = "classes.txt"
 EXCLUDED_FILE = "excluded_transcripts.txt"
@@ -165,6 +184,41 @@ def fold_speakers(test_session, valid_gender):
     return f"Ses{valid_session:02d}_{valid_gender}", {f"Ses{test_session:02d}_F", f"Ses{test_session:02d}_M"}
 
 
+def speaker_of_number(k):
+    """SpeechBrain's speaker number (1..10) -> speaker id: Session s's F = 2s - 1, its M = 2s."""
+    return f"Ses{(k + 1) // 2:02d}_{'F' if k % 2 else 'M'}"
+
+
+def speaker_fold(test_spk):
+    """(valid speaker, {test speaker}) of leave-one-speaker-out fold ``test_spk``: valid = the other speaker of
+    the test speaker's session (SpeechBrain's split_different_speakers)."""
+    other = test_spk + 1 if test_spk % 2 else test_spk - 1
+    return speaker_of_number(other), {speaker_of_number(test_spk)}
+
+
+def random_splits(entries, seed, ratio):
+    """``{utt: split}`` of the ``random`` protocol (module docstring): SER utterances, then ASR-only ones."""
+    rng, out = random.Random(seed), {}
+    for group in (sorted(u for u, e in entries.items() if "emo" in e),
+                  sorted(u for u, e in entries.items() if "emo" not in e)):
+        rng.shuffle(group)
+        n_train = int(len(group) * ratio[0] / sum(ratio))
+        n_valid = int(len(group) * ratio[1] / sum(ratio))
+        out.update({u: "train" if i < n_train else "valid" if i < n_train + n_valid else "test"
+                    for i, u in enumerate(group)})
+    return out
+
+
+def split_assigner(protocol, fold, valid_gender, entries, seed, ratio):
+    """A function ``(utt, entry) -> split`` for one fold of ``protocol``."""
+    if protocol == "random":
+        splits = random_splits(entries, seed, ratio)
+        return lambda utt, item: splits[utt]
+    valid_spk, test_spks = fold_speakers(fold, valid_gender) if protocol == "sessions" else speaker_fold(fold)
+    return lambda utt, item: ("test" if item["spk_id"] in test_spks else
+                              "valid" if item["spk_id"] == valid_spk else "train")
+
+
 # ------------------------------------------------------------------------------------------------ prepare
 def _check_class_map(class_map):
     if not isinstance(class_map, dict) or not class_map:
@@ -228,9 +282,12 @@ def write_manifest(manifest, f):
     f.write("\n}\n")
 
 
-def _opts(data_folder, class_map, folds, valid_gender, asr_manifests):
-    return {"data_folder": str(Path(data_folder).resolve()), "class_map": class_map, "folds": list(folds),
-            "valid_gender": valid_gender, "asr_manifests": bool(asr_manifests)}
+def _opts(data_folder, class_map, folds, valid_gender, asr_manifests, split):
+    opts = {"data_folder": str(Path(data_folder).resolve()), "class_map": class_map, "folds": list(folds),
+            "valid_gender": valid_gender, "asr_manifests": bool(asr_manifests), "split_protocol": split["protocol"]}
+    if split["protocol"] == "random":  # seed and ratio change nothing else
+        opts.update(split_seed=split["seed"], split_ratio=list(split["ratio"]))
+    return opts
 
 
 def _outputs(save_folder, folds, asr_manifests):
@@ -238,12 +295,25 @@ def _outputs(save_folder, folds, asr_manifests):
     return {k: {s: save_folder / f"fold{k}" / f"{s}.json" for s in names} for k in folds}
 
 
-def _check_options(class_map, folds, valid_gender):
+def _check_split(protocol, seed, ratio):
+    """``{protocol, seed, ratio}`` after checking them; DataError naming the bad one."""
+    if protocol not in PROTOCOL_FOLDS:
+        raise DataError(f"split_protocol must be one of {list(PROTOCOL_FOLDS)}, got {protocol!r}")
+    ratio = tuple(ratio)
+    if len(ratio) != 3 or not all(isinstance(r, (int, float)) and r >= 0 for r in ratio) or not sum(ratio) > 0:
+        raise DataError(f"split_ratio must be 3 non-negative numbers (train, valid, test), got {list(ratio)}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DataError(f"split_seed must be an integer, got {seed!r}")
+    return {"protocol": protocol, "seed": seed, "ratio": ratio}
+
+
+def _check_options(class_map, folds, valid_gender, split):
     """(class map, folds as ints) after checking every option; DataError naming the bad one."""
     class_map = _check_class_map(DEFAULT_CLASS_MAP if class_map is None else class_map)
-    folds = tuple(int(k) for k in folds)
-    if not folds or any(k < 1 or k > N_SESSIONS for k in folds):
-        raise DataError(f"folds must be test sessions among 1..{N_SESSIONS}, got {list(folds)}")
+    allowed = PROTOCOL_FOLDS[split["protocol"]]
+    folds = allowed if folds is None else tuple(int(k) for k in folds)
+    if not folds or any(k not in allowed for k in folds):
+        raise DataError(f"folds of split_protocol '{split['protocol']}' are {list(allowed)}, got {list(folds)}")
     if valid_gender not in ("F", "M"):
         raise DataError(f"valid_gender must be 'F' or 'M', got {valid_gender!r}")
     return class_map, folds
@@ -288,19 +358,28 @@ def build_entries(utts, class_map, classes, asr_manifests):
     return entries, excluded
 
 
-def fold_manifests(entries, fold, valid_gender, names):
-    """``{name: manifest}`` of one fold, for each manifest ``name`` (``train`` ... and ``asr_train`` ...)."""
-    valid_spk, test_spks = fold_speakers(fold, valid_gender)
+def fold_manifests(entries, split_of, names):
+    """``{name: manifest}`` of one fold, for each manifest ``name`` (``train`` ... and ``asr_train`` ...);
+    ``split_of(utt, entry)`` gives the fold's split of an utterance (``split_assigner``)."""
     out = {name: {} for name in names}
     asr = "asr_train" in out
     for utt, item in entries.items():
-        spk = item["spk_id"]
-        split = "test" if spk in test_spks else "valid" if spk == valid_spk else "train"
+        split = split_of(utt, item)
         if "emo" in item:
             out[split][utt] = item
         if asr and "wrd" in item:
             out[f"asr_{split}"][utt] = {key: v for key, v in item.items() if key not in ("emo", "emo_soft")}
     return out
+
+
+def write_fold_list(f, manifests):
+    """``folds.tsv``: per fold and split, its speakers and SER / ASR utterance counts."""
+    f.write("fold\tsplit\tspeakers\tser_utterances\tasr_utterances\n")
+    for k, out in manifests.items():
+        for s in SPLITS:
+            ser, asr = out[s], out.get(f"asr_{s}", {})
+            speakers = sorted({e["spk_id"] for e in (*ser.values(), *asr.values())})
+            f.write(f"{k}\t{s}\t{' '.join(speakers)}\t{len(ser)}\t{len(asr) if f'asr_{s}' in out else ''}\n")
 
 
 def _write_outputs(save_folder, paths, manifests, classes, excluded, reader, opts):
@@ -314,6 +393,8 @@ def _write_outputs(save_folder, paths, manifests, classes, excluded, reader, opt
         f.write("id\treason\n")
         f.writelines(f"{utt}\t{reason}\n" for utt, reason in excluded)
     reader.write_report(save_folder)
+    with atomic_write(save_folder / FOLDS_FILE, encoding="utf-8") as f:
+        write_fold_list(f, manifests)
     for k, out in manifests.items():
         for name, manifest in out.items():
             with atomic_write(paths[k][name], encoding="utf-8") as f:
@@ -322,9 +403,10 @@ def _write_outputs(save_folder, paths, manifests, classes, excluded, reader, opt
         json.dump(opts, f, indent=2)
 
 
-def prepare_iemocap(data_folder, save_folder, class_map=None, folds=(1, 2, 3, 4, 5), valid_gender="F",
-                    asr_manifests=True, skip_prep=False):
-    """Write the leave-one-session-out manifests (see the module docstring).
+def prepare_iemocap(data_folder, save_folder, class_map=None, folds=None, valid_gender="F",
+                    asr_manifests=True, skip_prep=False, split_protocol="sessions", split_seed=12,
+                    split_ratio=(80, 10, 10)):
+    """Write the manifests of every fold of ``split_protocol`` (see the module docstring).
 
     Arguments
     ---------
@@ -334,14 +416,22 @@ def prepare_iemocap(data_folder, save_folder, class_map=None, folds=(1, 2, 3, 4,
         Where ``classes.txt``, ``excluded_transcripts.txt``, ``cp1252_fallback.txt`` and ``fold{k}/*.json`` go.
     class_map : dict or None
         IEMOCAP category code -> class name (YAML-passable); None = ``DEFAULT_CLASS_MAP`` (4 classes).
-    folds : sequence of int
-        Test sessions to write folds for (1..5).
+    folds : sequence of int or None
+        Folds to write (``sessions``: test sessions 1..5; ``speakers``: test speakers 1..10; ``random``: 1);
+        None = all of the protocol's.
     valid_gender : str
-        ``"F"`` or ``"M"``: the validation speaker of fold k is this speaker of Session ``k % 5 + 1``.
+        ``"F"`` or ``"M"``: with ``sessions``, the validation speaker of fold k is this speaker of Session
+        ``k % 5 + 1``.
     asr_manifests : bool
         Also write ``fold{k}/asr_{split}.json`` (all evaluated utterances with a transcript).
     skip_prep : bool
         Return the paths without doing anything.
+    split_protocol : str
+        ``"sessions"`` (leave one session out), ``"speakers"`` (leave one speaker out) or ``"random"``.
+    split_seed : int
+        Seed of the ``random`` protocol's shuffle (SpeechBrain's prepare uses 12).
+    split_ratio : sequence of 3 numbers
+        Train / valid / test proportions of the ``random`` protocol.
 
     Returns
     -------
@@ -349,14 +439,15 @@ def prepare_iemocap(data_folder, save_folder, class_map=None, folds=(1, 2, 3, 4,
         ``{fold: {split: manifest path}}``; ``<save_folder>/classes.txt`` lists the classes.
     """
     save_folder = Path(save_folder)
-    class_map, folds = _check_options(class_map, folds, valid_gender)
+    split = _check_split(split_protocol, split_seed, split_ratio)
+    class_map, folds = _check_options(class_map, folds, valid_gender, split)
     paths = _outputs(save_folder, folds, asr_manifests)
     if skip_prep:
         return paths
     data_folder = Path(data_folder).resolve()
     if not data_folder.is_dir():
         raise DataError(f"{data_folder}: IEMOCAP data_folder not found")
-    opts = _opts(data_folder, class_map, folds, valid_gender, asr_manifests)
+    opts = _opts(data_folder, class_map, folds, valid_gender, asr_manifests, split)
     if _already_done(save_folder, paths, opts):
         print(f"IEMOCAP manifests in {save_folder} already prepared with the same options; skipping.")
         return paths
@@ -366,9 +457,10 @@ def prepare_iemocap(data_folder, save_folder, class_map=None, folds=(1, 2, 3, 4,
     reader, unknown_words = TextReader(), Counter()
     utts = read_corpus(data_folder, reader, unknown_words)
     entries, excluded = build_entries(utts, class_map, classes, asr_manifests)
-    manifests = {k: fold_manifests(entries, k, valid_gender, paths[k]) for k in folds}
+    manifests = {k: fold_manifests(entries, split_assigner(split["protocol"], k, valid_gender, entries, split["seed"],
+                                                           split["ratio"]), paths[k]) for k in folds}
     _write_outputs(save_folder, paths, manifests, classes, excluded, reader, opts)
-    _log_counts(entries, classes, manifests, excluded, class_map, save_folder)
+    _log_counts(entries, classes, manifests, excluded, class_map, save_folder, split["protocol"])
     if unknown_words:
         print(f"  evaluator category words not recognised (ignored, like 'Other'): {dict(unknown_words)}")
     return paths
@@ -383,7 +475,13 @@ def count_per_session(entries, classes):
     return {s: {c: c_counts.get(c, 0) for c in classes} for s, c_counts in counts.items()}
 
 
-def _log_counts(entries, classes, manifests, excluded, class_map, save_folder):
+def describe_fold(protocol, k):
+    """What fold ``k`` of ``protocol`` tests on, for the log."""
+    return {"sessions": f"test Session{k}", "speakers": f"test speaker {k} = {speaker_of_number(k)}",
+            "random": "random split"}[protocol]
+
+
+def _log_counts(entries, classes, manifests, excluded, class_map, save_folder, protocol):
     per_session = count_per_session(entries, classes)
     total = sum(sum(c.values()) for c in per_session.values())
     note = f" (full corpus: {FULL_CORPUS_4CLASS})" if class_map == DEFAULT_CLASS_MAP else ""
@@ -396,17 +494,42 @@ def _log_counts(entries, classes, manifests, excluded, class_map, save_folder):
     print("  all     " + "".join(f"{all_c[k]:>{max(width, 6)}}" for k in classes) + f"{total:>8}")
     for k, out in manifests.items():
         sizes = ", ".join(f"{name} {len(m)}" for name, m in out.items())
-        print(f"  fold{k} (test Session{k}): {sizes}")
+        print(f"  fold{k} ({describe_fold(protocol, k)}): {sizes}")
     if excluded:
         print(f"  {len(excluded)} utterance(s) without a usable transcript (no 'wrd', not in the ASR manifests); "
               f"listed in {save_folder / EXCLUDED_FILE}")
 
 
 def iemocap_manifests(hparams, asr=False):
-    """``{train, valid, test}`` -> manifest paths of fold ``hparams["fold"]`` in ``hparams["prep_folder"]``
-    (``asr=True``: the ``asr_*`` manifests, every evaluated utterance with a transcript)."""
-    folder = Path(hparams["prep_folder"]) / f"fold{int(hparams['fold'])}"
+    """``{train, valid, test}`` -> manifest paths of fold ``hparams["fold"]`` of ``hparams["split_protocol"]``
+    in ``hparams["prep_folder"]`` (``asr=True``: the ``asr_*`` manifests, every evaluated utterance with a
+    transcript). DataError when the fold is not one of the protocol's, or the folder was prepared with
+    another protocol (its ``fold{k}`` would silently be another split)."""
+    protocol, fold = hparams["split_protocol"], int(hparams["fold"])
+    if fold not in PROTOCOL_FOLDS.get(protocol, ()):
+        raise DataError(f"fold {fold} is not a fold of split_protocol {protocol!r} "
+                        f"(folds: {list(PROTOCOL_FOLDS.get(protocol, ()))}; protocols: {list(PROTOCOL_FOLDS)})")
+    opts_path = Path(hparams["prep_folder"]) / OPTS_FILE
+    if opts_path.is_file():
+        prepared = json.loads(opts_path.read_text(encoding="utf-8")).get("split_protocol", "sessions")
+        if prepared != protocol:
+            raise DataError(f"{opts_path}: prepared with split_protocol {prepared!r}, the recipe asks for "
+                            f"{protocol!r}: prepare again (skip_prep: False) or use another prep_folder")
+    folder = Path(hparams["prep_folder"]) / f"fold{fold}"
     return {s: str(folder / f"{'asr_' if asr else ''}{s}.json") for s in SPLITS}
+
+
+def annotation_manifests(hparams):
+    """SpeechBrain-style ``train_annotation`` / ``valid_annotation`` / ``test_annotation`` (e.g. the manifests of
+    SpeechBrain's own IEMOCAP prepare: ``wav``, ``length``, ``emo``): ``{split: path}``, or None when all three
+    are null (then the prepared fold is used). DataError when only some are set."""
+    given = {s: hparams[f"{s}_annotation"] for s in SPLITS}
+    if all(v is None for v in given.values()):
+        return None
+    missing = [f"{s}_annotation" for s, v in given.items() if v is None]
+    if missing:
+        raise DataError(f"{missing} not set: give all three annotation manifests, or none (prepared folds)")
+    return {s: str(v) for s, v in given.items()}
 
 
 def prepare_from_hparams(hparams, classes=None):
@@ -415,15 +538,17 @@ def prepare_from_hparams(hparams, classes=None):
     prepared ``classes.txt``, in order. ``class_map`` and ``valid_gender`` come from the YAML (ASR recipes
     declare them too: the manifests are shared, and the folds' validation speaker depends on them).
 
-    All five folds are always written so that the options, hence the skip check, are the same for every fold's
-    run. Raises DataError naming the file when the classes differ (a label set must not silently change).
+    All folds of the protocol are always written so that the options, hence the skip check, are the same for
+    every fold's run. Raises DataError naming the file when the classes differ (a label set must not silently change).
     """
     if not hparams["skip_prep"]:
         from speechbrain.utils.distributed import run_on_main
 
         run_on_main(prepare_iemocap, kwargs={
             "data_folder": hparams["data_folder"], "save_folder": hparams["prep_folder"],
-            "class_map": dict(hparams["class_map"]), "valid_gender": hparams["valid_gender"]})
+            "class_map": dict(hparams["class_map"]), "valid_gender": hparams["valid_gender"],
+            "split_protocol": hparams["split_protocol"], "split_seed": hparams["split_seed"],
+            "split_ratio": list(hparams["split_ratio"])})
     if classes is not None:
         check_classes(hparams["prep_folder"], classes)
 
@@ -442,12 +567,17 @@ def check_classes(save_folder, classes):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Prepare IEMOCAP leave-one-session-out manifests for SER (and ASR).")
+    p = argparse.ArgumentParser(description="Prepare IEMOCAP SER (and ASR) manifests, one folder per fold.")
     p.add_argument("--data_folder", required=True, help="the IEMOCAP_full_release folder")
-    p.add_argument("--save_folder", required=True, help="where classes.txt and fold{k}/*.json go")
-    p.add_argument("--folds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="test sessions")
+    p.add_argument("--save_folder", required=True, help="where classes.txt, folds.tsv and fold{k}/*.json go")
+    p.add_argument("--split_protocol", default="sessions", choices=list(PROTOCOL_FOLDS),
+                   help="sessions: leave one session out (5 folds); speakers: leave one speaker out (10 folds); "
+                        "random: one 80/10/10 split")
+    p.add_argument("--folds", nargs="+", type=int, default=None, help="folds to write (default: all)")
     p.add_argument("--valid_gender", default="F", choices=["F", "M"],
-                   help="validation speaker of fold k: this speaker of Session k %% 5 + 1")
+                   help="sessions protocol: validation speaker of fold k is this speaker of Session k %% 5 + 1")
+    p.add_argument("--split_seed", type=int, default=12, help="random protocol: shuffle seed")
+    p.add_argument("--split_ratio", nargs=3, type=float, default=[80, 10, 10], help="random protocol: proportions")
     p.add_argument("--class_map", default=None, help="JSON dict IEMOCAP code -> class (default: 4 classes)")
     p.add_argument("--no_asr_manifests", action="store_true", help="skip fold{k}/asr_*.json")
     args = p.parse_args(argv)
@@ -457,7 +587,9 @@ def main(argv=None):
         sys.exit(f"Error: --class_map is not valid JSON ({e})")
     try:
         prepare_iemocap(args.data_folder, args.save_folder, class_map=class_map, folds=args.folds,
-                        valid_gender=args.valid_gender, asr_manifests=not args.no_asr_manifests)
+                        valid_gender=args.valid_gender, asr_manifests=not args.no_asr_manifests,
+                        split_protocol=args.split_protocol, split_seed=args.split_seed,
+                        split_ratio=args.split_ratio)
     except DataError as e:
         sys.exit(f"Error: {e}")
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# IEMOCAP recipe (ESPnet-style stages): 4-class SER, in-domain ASR-CTC and AdaLTM rows on the 5
-# leave-one-session-out folds, then UA / WA averaged over the folds with 95% CIs.
+# IEMOCAP recipe (ESPnet-style stages): 4-class SER, in-domain ASR-CTC and AdaLTM rows on the folds of
+# --split_protocol (default: the 5 leave-one-session-out folds), then UA / WA averaged over the folds with 95% CIs.
 #
-#   stage 0: data preparation (classes.txt + fold{1..5} manifests; see iemocap_prepare.py)
+#   stage 0: data preparation (classes.txt, folds.tsv + fold{k} manifests; see iemocap_prepare.py)
 #            with --mini true: first generate the mini IEMOCAP and the tiny WavLM (offline demo)
 #   stage 1: per fold: in-domain ASR-CTC fine-tuning on the fold's training transcripts (W_ASR_in of that fold)
 #   stage 2: per fold: SER fine-tuning (W_SER of that fold; also the "SER fine-tuning" baseline row)
@@ -32,13 +32,14 @@ master_port=29500           # rendezvous port on node 0 (consecutive torchrun jo
 node_timeout=3600           # seconds the other nodes wait for node 0's shared steps (data preparation, task vectors)
 mini=false                  # true: generate the mini IEMOCAP + tiny WavLM and use fast demo settings
 data_folder=                # IEMOCAP_full_release (Session1 ... Session5)
-folds="1 2 3 4 5"           # test sessions to run (leave-one-session-out); stage 4 averages what exists
+split_protocol=sessions     # sessions (leave one session out) | speakers (leave one speaker out) | random (80/10/10)
+folds=all                   # folds to run, e.g. "1 3"; all = every fold of split_protocol (5, 10 or 1)
 wavlm_source=microsoft/wavlm-large    # W_base: hub id or local directory
 exp=exp/iemocap_recipe      # everything this recipe writes
 asr_out_source=             # out-of-domain ASR model for the out_of_domain_dual row (e.g. a LibriSpeech CTC model)
 asr_out_kind=auto           # hf | hf_ctc | speechbrain | auto
 rows="setup1_frozen setup2_asr_only setup3_ser_only setup4_dual"   # AdaLTM rows (hparams/rows/<row>.yaml)
-tuning_folds=auto           # folds whose test session informed a setting: left out of results/folds.md (auto: 1 with --mini true, else none)
+tuning_folds=auto           # folds whose test data informed a setting: left out of results/folds.md (auto: 1 with --mini true and sessions, else none)
 seeds=1986                  # stage 3: each row once per seed, into rows/<row>/<seed>/fold<k>; stages 1-2: the first
 asr_args=""                 # extra overrides for the stage-1 ASR-CTC runs
 ser_args=""                 # extra overrides for the stage-2 SER runs
@@ -61,10 +62,17 @@ if [ "${mini}" = true ]; then
     adaltm_args="--number_of_epochs=30 --lr=0.01 --batch_size=8 --head_hidden=64 --num_bootstraps=200 ${adaltm_args}"
     # these settings were tried on fold 1 with its test session scored (README, "How the mini settings were
     # chosen"): fold 1 is no held-out result, so results/folds.md averages folds 2-5
-    [ "${tuning_folds}" = auto ] && tuning_folds=1
+    [ "${tuning_folds}" = auto ] && [ "${split_protocol}" = sessions ] && tuning_folds=1
 fi
 [ "${tuning_folds}" = auto ] && tuning_folds=""
 [ -n "${data_folder}" ] || { echo "--data_folder (IEMOCAP_full_release) is required (or --mini true)" >&2; exit 1; }
+case "${split_protocol}" in
+    sessions) all_folds="1 2 3 4 5" ;;
+    speakers) all_folds="1 2 3 4 5 6 7 8 9 10" ;;
+    random) all_folds="1" ;;
+    *) echo "--split_protocol must be sessions, speakers or random" >&2; exit 1 ;;
+esac
+[ "${folds}" = all ] && folds=${all_folds}
 for row in ${rows}; do
     [ -f "${recipe_dir}/adaltm/hparams/rows/${row}.yaml" ] || { echo "no row file adaltm/hparams/rows/${row}.yaml" >&2; exit 1; }
     if [ "${row}" = out_of_domain_dual ] && [ -z "${asr_out_source}" ]; then
@@ -82,6 +90,7 @@ seed=${seed_list[0]}        # the source models (stages 1-2: ASR-CTC, SER) and t
 prep=${exp}/prep
 vectors=${exp}/task_vectors
 common=(--seed="${seed}" --wavlm_source="${wavlm_source}" --data_folder="${data_folder}" --prep_folder="${prep}"
+        --split_protocol="${split_protocol}"
         ${device:+--device="${device}"})
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
@@ -93,7 +102,8 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
         fi
         # with the recipes' default class_map / valid_gender; each train.py prepares again only when its own
         # settings differ (a custom map given after --, e.g. -- --class_map=... --emotion_classes=...)
-        "${py}" "${recipe_dir}/iemocap_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}"
+        "${py}" "${recipe_dir}/iemocap_prepare.py" --data_folder "${data_folder}" --save_folder "${prep}" \
+            --split_protocol "${split_protocol}"
     fi
     node0_end
 fi
@@ -164,13 +174,15 @@ elif [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
         for f in "${inputs[@]}"; do [[ " ${tuning_folds} " == *" ${f##*/fold} "* ]] || held_out+=("${f}"); done
         out=${exp}/results/folds; [ "${s}" = "${seed}" ] || out=${exp}/results/folds_seed${s}
         if [ -n "${tuning_folds}" ]; then   # every fold, the tuning one(s) included: a record, not the result
-            "${py}" "${recipe_dir}/average_folds.py" "${inputs[@]}" --out "${out}_with_tuning_folds" >/dev/null
+            "${py}" "${recipe_dir}/average_folds.py" "${inputs[@]}" --out "${out}_with_tuning_folds" \
+                --n_folds "$(wc -w <<< "${all_folds}")" >/dev/null
             log "  fold(s) ${tuning_folds} left out of ${out}.md (settings were chosen on them); all folds: ${out}_with_tuning_folds.md"
         fi
-        "${py}" "${recipe_dir}/average_folds.py" "${held_out[@]}" --out "${out}"
+        "${py}" "${recipe_dir}/average_folds.py" "${held_out[@]}" --out "${out}" --n_folds "$(wc -w <<< "${all_folds}")"
     done
     if [ -d "${exp}/asr_ctc" ]; then
-        "${py}" "${recipe_dir}/average_folds.py" "${exp}/asr_ctc" --out "${exp}/results/asr_folds" >/dev/null
+        "${py}" "${recipe_dir}/average_folds.py" "${exp}/asr_ctc" --out "${exp}/results/asr_folds" \
+            --n_folds "$(wc -w <<< "${all_folds}")" >/dev/null
         log "in-domain ASR WER per fold and mean: ${exp}/results/asr_folds.md"
     fi
     log "results: ${exp}/results/folds.md (and .csv, .json)"

@@ -229,8 +229,8 @@ elif [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     [ ${#runs[@]} -gt 0 ] || { echo "no row results of the seeds ${seeds} under ${rows_dir}: run stage 3 first" >&2; exit 1; }
     # paired tests of every row against Setup 1 (†) and Setup 4 (‡), where those rows ran
     marks=()
-    [ -d "${rows_dir}/setup1_frozen/${seed}" ] && marks+=(--mark "†=Setup 1: Baseline (Frozen Backbone)")
-    [ -d "${rows_dir}/setup4_dual/${seed}" ] && marks+=(--mark "‡=Setup 4: Proposed Dual-Vector")
+    [ -f "${rows_dir}/setup1_frozen/${seed}/predictions.csv" ] && marks+=(--mark "†=Setup 1: Baseline (Frozen Backbone)")
+    [ -f "${rows_dir}/setup4_dual/${seed}/predictions.csv" ] && marks+=(--mark "‡=Setup 4: Proposed Dual-Vector")
     [ ${#marks[@]} -eq 0 ] || marks+=(--significance "${results}/table_significance")
     figures=("${rows_dir}/setup4_dual/${seed}" "${rows_dir}/setup2_asr_only/${seed}" "${rows_dir}/setup3_ser_only/${seed}"
              "${rows_dir}/out_of_domain_dual/${seed}")

@@ -1,0 +1,261 @@
+"""Plan before running: the largest micro-batch that fits the GPU a recipe actually has (``micro_batch_size: auto``).
+
+Each recipe's train.py calls :func:`resolve_micro_batch` once, before building its Brain. With
+``micro_batch_size: auto`` on a CUDA device it predicts the peak memory of one GPU for micro-batches of the
+recipe's longest training utterance, picks the largest divisor of ``batch_size / GPUs`` that fits the free
+memory (``torch.cuda.mem_get_info``) with a margin, sets ``micro_batch_size`` and ``grad_accumulation_factor``
+so the YAML's global batch holds, and logs one line, e.g.
+
+    memory plan: micro-batch 4 x accum 8 x 1 GPU = global 32; predicted 14.8 GiB of 21.9 GiB free
+    (margin 15% + 1.0 GiB)
+
+If even micro-batch 1 does not fit it stops at once (:class:`MemoryPlanError`) naming the settings that would
+fit (bf16, gradient checkpointing, ``delta_dtype``, a shorter maximum duration). On CPU (and meta) ``auto`` is
+``null`` (no accumulation): CPU runs are unchanged.
+
+How a peak is predicted: the recipe's own Brain runs two ``fit_batch`` steps (forward, loss, backward, AdamW
+step) on a copy of its modules on PyTorch's ``meta`` device (shapes, no data: nothing is computed), under
+:class:`lobes.memory_tracking.LiveMemory`; bf16 runs under CUDA's autocast op lists (``EmulatedAutocast``). The
+peak = model storages + the steps' live peak + one largest tensor (kernels' scratch buffers no op returns) + one
+more copy of the trainable gradients under DDP (its buckets). Validated against the measured CPU peak of the same
+steps (benchmarks/bench_plan_memory.py, benchmarks/RESULTS.md §10).
+
+Margin: ``free`` is read after the CUDA context exists (it is not counted twice); a plan keeps
+``predicted x 1.15 + 1.0 GiB`` under it: 15% for the caching allocator's fragmentation (PyTorch's own guidance
+for ``expandable_segments`` off), 1 GiB for cuBLAS / cuDNN workspaces and NCCL buffers.
+"""
+import copy
+import logging
+import weakref
+from unittest import mock
+
+import speechbrain as sb
+import torch
+
+from lobes.errors import DataError
+from lobes.memory_tracking import (EmulatedAutocast, LiveMemory, checkpoint_recomputes_emulated,
+                                   disabled_autocast_on_meta, meta_nonzero, meta_values, register_meta_ctc, storages)
+
+logger = logging.getLogger(__name__)
+GIB = 2 ** 30
+MARGIN, OVERHEAD = 0.15, 1.0 * GIB
+
+
+class MemoryPlanError(DataError):
+    """Nothing fits: raised before any training step, naming what would fit."""
+
+
+def fits(peak, free, margin=MARGIN, overhead=OVERHEAD):
+    return peak * (1 + margin) + overhead <= free
+
+
+# ------------------------------------------------------------------------------------------ meta copy
+def _meta_copy_of(t, memo):
+    """``t`` on meta with its storage sharing kept (views of one storage stay views of one meta storage)."""
+    st = t.untyped_storage()
+    if st._cdata not in memo:
+        memo[st._cdata] = torch.empty(st.nbytes(), dtype=torch.uint8, device="meta")
+    out = memo[st._cdata].view(t.dtype).as_strided(t.size(), t.stride(), t.storage_offset())
+    if isinstance(t, torch.nn.Parameter):
+        return torch.nn.Parameter(out, requires_grad=t.requires_grad)
+    return out.requires_grad_(t.requires_grad) if t.is_leaf else out
+
+
+def _holds_tensors(v):
+    if isinstance(v, (torch.nn.Module, torch.Tensor)):
+        return True
+    if isinstance(v, dict):
+        return any(_holds_tensors(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_holds_tensors(x) for x in v)
+    return False
+
+
+def meta_hparams(hparams):
+    """A copy of ``hparams`` whose modules (and anything else holding tensors) live on meta; other values are
+    shared. One deepcopy memo, so ``hparams["wavlm"]`` and ``hparams["modules"]["wavlm"]`` stay one object."""
+    storage_memo, memo = {}, {}
+
+    def deepcopy_tensor(t, _memo):
+        return _meta_copy_of(t, storage_memo)
+
+    def deepcopy_weakref(r, memo):  # a back reference (a wrapped group's owner) follows its referent's copy
+        return weakref.ref(memo[id(r())]) if r() is not None and id(r()) in memo else r
+    with mock.patch.object(torch.Tensor, "__deepcopy__", deepcopy_tensor), \
+            mock.patch.object(torch.nn.Parameter, "__deepcopy__", deepcopy_tensor), \
+            mock.patch.dict(copy._deepcopy_dispatch, {weakref.ref: deepcopy_weakref}):
+        out = {k: copy.deepcopy(v, memo) if _holds_tensors(v) else v for k, v in hparams.items()}
+    for module in out["modules"].values():
+        for m in module.modules():  # the worst case, and what meta can run: no LayerDrop, no SpecAugment
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "layerdrop"):
+                cfg.layerdrop, cfg.apply_spec_augment = 0.0, False
+    return out
+
+
+def enable_checkpointing(modules):
+    """Gradient checkpointing on every model that supports it (HF: ``gradient_checkpointing_enable``; a toolkit
+    module with a ``gradient_checkpointing`` setting, e.g. MergedWavLM: True)."""
+    for module in modules.values():
+        for m in module.modules():
+            if hasattr(m, "gradient_checkpointing_enable") and getattr(m, "supports_gradient_checkpointing", 0):
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            elif "gradient_checkpointing" in vars(m) and not type(m).__module__.startswith("transformers"):
+                m.gradient_checkpointing = True
+
+
+# ------------------------------------------------------------------------------------------ prediction
+def longest_item(dataset):
+    """The training utterance with the largest ``duration`` (what a padded batch's memory follows), loaded."""
+    data = getattr(dataset, "data", None)
+    if not data or not all("duration" in v for v in data.values()):
+        raise DataError("micro_batch_size: auto needs the 'duration' of every training utterance (manifest); "
+                        "set micro_batch_size to a number")
+    ids = list(dataset.data_ids)
+    longest = max(ids, key=lambda u: data[u]["duration"])
+    return dataset[ids.index(longest)], float(data[longest]["duration"])
+
+
+class BrainPredictor:
+    """Predicted peak bytes of one GPU running the recipe's Brain on micro-batches of its longest utterance.
+
+    ``precision`` / ``checkpointing`` evaluate alternatives for the refusal message; results are cached."""
+
+    def __init__(self, hparams, brain_class, train_set, world=1):
+        self.hparams, self.brain_class, self.world = hparams, brain_class, world
+        self.item, self.seconds = longest_item(train_set)
+        self.cache = {}
+
+    def __call__(self, micro, precision=None, checkpointing=False):
+        key = (micro, precision or self.hparams["precision"], checkpointing)
+        if key not in self.cache:
+            self.cache[key] = self._run(*key)
+        return self.cache[key]
+
+    def _run(self, micro, precision, checkpointing):
+        h = meta_hparams(self.hparams)
+        h["batch_size"], h["micro_batch_size"], h["grad_accumulation_factor"] = micro, micro, 1  # one step each
+        if checkpointing:
+            enable_checkpointing(h["modules"])
+        register_meta_ctc()
+        with disabled_autocast_on_meta(), meta_values(), meta_nonzero(), checkpoint_recomputes_emulated(), \
+                mock.patch("lobes.distributed.world_size", lambda: 1):
+            brain = self.brain_class(modules=h["modules"], opt_class=h["opt_class"], hparams=h,
+                                     run_opts={"device": "meta", "precision": "fp32", "eval_precision": "fp32"},
+                                     checkpointer=None)
+            if precision in ("bf16", "fp16"):  # torch's autocast refuses meta: CUDA's op lists, emulated
+                brain.training_ctx = EmulatedAutocast("cuda", torch.bfloat16 if precision == "bf16" else torch.float16)
+            brain.check_loss_isfinite = lambda loss: None  # reads the loss on the host
+            brain.init_optimizers()
+            brain.modules.train()
+            brain.on_stage_start(sb.Stage.TRAIN, 1)
+            batch = sb.dataio.batch.PaddedBatch([self.item] * micro)
+            live = LiveMemory()
+            with live:
+                for step in (1, 2):  # the second step runs with AdamW's states alive
+                    brain.step = step
+                    brain.fit_batch(batch)
+        tensors = [t for m in h["modules"].values() for t in list(m.parameters()) + list(m.buffers())]
+        model = sum(storages(tensors).values())
+        trainable = sum(p.numel() * p.element_size() for m in h["modules"].values() for p in m.parameters()
+                        if p.requires_grad)
+        deltas = sum(p.numel() * p.element_size() for m in h["modules"].values() for n, p in m.named_parameters()
+                     if ".deltas." in f".{n}" and p.dtype == torch.float32)
+        return {"model": model, "dynamic_peak": live.peak, "kernel_temp": live.largest, "trainable": trainable,
+                "fp32_deltas": deltas}
+
+
+def peak_bytes(pred, accum, world):
+    """Model + step peak + kernel scratch; + the trainable gradients kept across accumulation micro-batches
+    (the step measured starts without them) and DDP's gradient buckets (one more copy) with several GPUs."""
+    return (pred["model"] + pred["dynamic_peak"] + pred["kernel_temp"] + (pred["trainable"] if accum > 1 else 0)
+            + (pred["trainable"] if world > 1 else 0))
+
+
+# ------------------------------------------------------------------------------------------ the plan
+def plan_micro_batch(predict, batch_size, world, free, margin=MARGIN, overhead=OVERHEAD):
+    """The largest divisor m of ``batch_size / world`` whose predicted peak fits ``free`` bytes:
+    ``(m, accumulation, peak bytes)``, or None. Peak is affine in m (predicted at 1 and 2, confirmed at m)."""
+    if batch_size % world:
+        raise DataError(f"batch_size {batch_size} (global) does not divide over {world} GPUs")
+    per_gpu = batch_size // world
+    p1 = predict(1)
+    slope = predict(2)["dynamic_peak"] - p1["dynamic_peak"] if per_gpu > 1 else 0
+    for micro in [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0]:
+        accum = per_gpu // micro
+        guess = dict(p1, dynamic_peak=p1["dynamic_peak"] + (micro - 1) * slope)
+        if fits(peak_bytes(guess, accum, world), free, margin, overhead):
+            exact = peak_bytes(predict(micro), accum, world)
+            if fits(exact, free, margin, overhead):
+                return micro, accum, exact
+    return None
+
+
+def alternatives(predictor, hparams, world, free):
+    """[(setting, predicted peak bytes of micro-batch 1 or None, fits)] for the refusal message: bf16,
+    gradient checkpointing, both, bf16 task vectors (``delta_dtype``), and the longest utterance that would fit."""
+    accum = hparams["batch_size"] // world
+    p1 = predictor(1)
+    base = peak_bytes(p1, accum, world)
+    options = []
+    if hparams["precision"] == "fp32":
+        options.append(("precision: bf16", peak_bytes(predictor(1, precision="bf16"), accum, world)))
+    if "gradient_checkpointing" in hparams and hparams["gradient_checkpointing"] is not True:
+        options.append(("gradient_checkpointing: True", peak_bytes(predictor(1, checkpointing=True), accum, world)))
+        if hparams["precision"] == "fp32":
+            options.append(("precision: bf16 + gradient_checkpointing: True",
+                            peak_bytes(predictor(1, precision="bf16", checkpointing=True), accum, world)))
+    if "delta_dtype" in hparams and p1["fp32_deltas"]:
+        options.append(("delta_dtype: !name:torch.bfloat16", base - p1["fp32_deltas"] // 2))
+    # activations grow with the utterance: the longest duration that fits, scaled from the longest one
+    room = (free - OVERHEAD) / (1 + MARGIN) - (base - p1["dynamic_peak"] - p1["kernel_temp"])
+    seconds = predictor.seconds * room / (p1["dynamic_peak"] + p1["kernel_temp"])
+    if seconds >= 1:
+        options.append((f"utterances of at most about {seconds:.1f} s (now {predictor.seconds:.1f} s)", None))
+    return [(name, peak, peak is None or fits(peak, free)) for name, peak in options], base
+
+
+def refusal(options, base, seconds, where):
+    def fmt(name, peak):
+        return f"{name} ({peak / GIB:.1f} GiB)" if peak is not None else name
+    good = [fmt(n, p) for n, p, ok in options if ok]
+    bad = [fmt(n, p) for n, p, ok in options if not ok]
+    return (f"memory plan: micro-batch 1 of {seconds:.1f} s needs {base / GIB:.1f} GiB predicted, more than fits {where}."
+            f" Settings that would fit: {'; '.join(good) or 'none of those tried'}."
+            + (f" Would not fit: {'; '.join(bad)}." if bad else "") + " Or use a GPU with more memory.")
+
+
+def device_memory(device):
+    """(free bytes, total bytes, name) of a CUDA device, as the driver reports them now."""
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return free, total, torch.cuda.get_device_properties(torch.device(device)).name
+
+
+def resolve_micro_batch(hparams, run_opts, brain_class, train_set, predictor=None):
+    """``micro_batch_size: auto`` -> the plan (on CUDA) or ``null`` (elsewhere); sets ``micro_batch_size`` and
+    ``grad_accumulation_factor`` in ``hparams`` before the Brain is built. Returns the plan's log line or None.
+    ``predictor``: a :class:`BrainPredictor` of these hparams to reuse (its predictions are cached)."""
+    from lobes import distributed as D
+
+    if hparams["micro_batch_size"] != "auto":
+        return None
+    device = str(run_opts.get("device") or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    if not device.startswith("cuda") or hparams["dynamic_batching"]:
+        hparams["micro_batch_size"] = None  # today's null: batch_size / GPUs, no accumulation
+        hparams["grad_accumulation_factor"] = D.batch_split(
+            hparams["batch_size"], None, hparams["dynamic_batching"], hparams["max_batch_length"],
+            hparams["micro_batch_length"])[1]
+        return None
+    world = D.world_size()
+    free, total, name = device_memory(device)
+    predictor = predictor or BrainPredictor(hparams, brain_class, train_set, world)
+    picked = plan_micro_batch(predictor, hparams["batch_size"], world, free)
+    gib = f"of {free / GIB:.1f} GiB free on {name} ({total / 1e9:.0f} GB; margin {MARGIN:.0%} + {OVERHEAD / GIB:.1f} GiB)"
+    if picked is None:
+        raise MemoryPlanError(refusal(*alternatives(predictor, hparams, world, free), predictor.seconds, gib))
+    micro, accum, peak = picked
+    hparams["micro_batch_size"], hparams["grad_accumulation_factor"] = micro, accum
+    line = (f"memory plan: micro-batch {micro} x accum {accum} x {world} GPU{'s' if world > 1 else ''} = global "
+            f"{hparams['batch_size']}; predicted {peak / GIB:.1f} GiB {gib}, longest utterance {predictor.seconds:.1f} s")
+    logger.info(line)
+    return line
