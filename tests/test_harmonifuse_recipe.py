@@ -533,7 +533,7 @@ def test_combined_loss_counts_each_task_once_whatever_its_splits_and_batches():
     ev = TaskLosses()
     for i, (tag, loss) in enumerate((("asr:test-clean", 1.0), ("asr:test-clean", 3.0), ("asr:test-other", 4.0),
                                      ("ser:test", 0.5), ("ser:test", 1.5), ("ser:test", 1.0))):
-        ev.add_eval(f"u{i}", TaskSplit.parse(tag), torch.tensor(loss))
+        ev.add_eval([f"u{i}a", f"u{i}b"], TaskSplit.parse(tag), torch.tensor(loss))  # a batch counts once
     means = {str(t): v for t, v in ev.means().items()}
     assert means == {"asr:test-clean": 2.0, "asr:test-other": 4.0, "ser:test": 1.0}
     assert ev.combined() == pytest.approx((2.0 + 4.0) / 2 + 1.0, abs=1e-12)   # ASR splits averaged, then + SER
