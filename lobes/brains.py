@@ -48,7 +48,7 @@ class ToolkitBrain(sb.Brain):
         self.schedules = None  # built with the optimizers
         self._loggers, self._batch_ids, self.train_stats = None, [], None
         h = vars(self.hparams)
-        if "micro_batch_size" in h:  # a recipe with a global batch (HarmoniFuse keeps per-task batches)
+        if "batch_size" in h and "micro_batch_size" in h:  # a global batch (HarmoniFuse: per-task batches)
             self.batch_description = D.check_batch(h, self.grad_accumulation_factor)
             logger.info(self.batch_description)
 

@@ -37,6 +37,7 @@ from lobes.harmonifuse.interleave import batch_task  # noqa: E402
 from lobes.harmonifuse.task_losses import TaskLosses  # noqa: E402
 from lobes.harmonifuse.task_split import TaskSplit  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
+from lobes.memory_plan import resolve_task_batches  # noqa: E402
 
 
 class HarmoniFuseBrain(ToolkitBrain):
@@ -169,7 +170,9 @@ if __name__ == "__main__":
     check_hparams(hparams)
     if not hparams["skip_prep"]:
         prepare(hparams)
-    train_loader, (valid_set, valid_kwargs), (test_set, test_kwargs) = make_loaders(hparams, build_datasets(hparams))
+    datasets = build_datasets(hparams)
+    resolve_task_batches(hparams, run_opts, HarmoniFuseBrain, datasets["train"])  # micro_batch_size: auto
+    train_loader, (valid_set, valid_kwargs), (test_set, test_kwargs) = make_loaders(hparams, datasets)
     brain = HarmoniFuseBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                              run_opts=run_opts, checkpointer=hparams["checkpointer"])
     # Every trainable parameter gets a gradient from every batch (SpeechLM freezes what cannot), except the SER
