@@ -37,7 +37,7 @@ def mini_full_row(mini_corpora, msp_manifests, libri_manifests, tmp_path_factory
     (exp / "prep/libri").symlink_to(libri_manifests, target_is_directory=True)
     cmd = ["bash", str(RECIPE / "run.sh"), "--mini", "true", "--stage", "1", "--stop_stage", "1", "--rows", "full",
            "--exp", str(exp), "--msp_folder", str(mini_corpora.msp), "--libri_folder", str(mini_corpora.libri),
-           "--seed", str(SEED), "--device", "cpu", "--", *REDUCED, "--noprogressbar"]
+           "--seeds", str(SEED), "--device", "cpu", "--", *REDUCED, "--noprogressbar"]
     # one thread: on a loaded 2-core machine two OpenMP threads per process run several times slower
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
