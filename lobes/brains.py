@@ -145,8 +145,7 @@ class ToolkitBrain(sb.Brain):
     def on_stage_start(self, stage, epoch=None):
         self.shards.start()
         self._stage_t0 = time.perf_counter()
-        self._stage, self._synced = stage, False
-        self.reset_outputs()
+        self._stage = stage
 
     def gather(self, *collectors):
         """Every rank's rows of each collector in single-process order, checked to be the evaluated set (no
@@ -160,15 +159,17 @@ class ToolkitBrain(sb.Brain):
     def stage_loss(self, stage, stage_loss):
         """Validation / test on a loader sharded by ``make_dataloader``: the sample-weighted mean of the batch
         losses over all ranks' utterances, in place of SpeechBrain's per-rank batch average. A stage whose loader
-        the recipe built itself (HarmoniFuse: its own task-combined loss) keeps the loss it passes."""
+        the recipe built itself keeps the loss it passes."""
         if stage == sb.Stage.TRAIN or stage not in self.shards.order:
             return stage_loss
         return self.shards.mean()
 
     # -- stage ends: checkpoint selection and the test files -------------------------------------------------
-    def log_and_checkpoint(self, stage, stage_loss, epoch, stats):
-        """Train: keep the stage's statistics. Valid: log both, anneal, keep the lowest-validation-loss checkpoint."""
-        stage_loss = self.stage_loss(stage, stage_loss)
+    def log_and_checkpoint(self, stage, stage_loss, epoch, stats, gathered=False):
+        """Train: keep the stage's statistics. Valid: log both, anneal, keep the lowest-validation-loss checkpoint.
+        ``gathered``: ``stage_loss`` is already over every rank's utterances (HarmoniFuse's task-combined loss from
+        its gathered batch losses), not to be replaced by ``stage_loss()``."""
+        stage_loss = stage_loss if gathered else self.stage_loss(stage, stage_loss)
         stats = {"loss": stage_loss, **stats, "time_s": round(time.perf_counter() - self._stage_t0, 3)}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
@@ -193,31 +194,6 @@ class ToolkitBrain(sb.Brain):
             write_ser_predictions(folder / "predictions.csv", ser)
             plot_confusion(metrics["test"]["confusion"], ser.classes, folder / "confusion.png", title=confusion_title)
         return metrics
-
-    # -- until HarmoniFuseBrain adopts lobes.collectors (it keeps ser_out / asr_out dicts); then remove ----------
-    @property
-    def classes(self):
-        return list(self.hparams.emotion_classes)
-
-    @property
-    def _eval_order(self):
-        return self.shards.order
-
-    def reset_outputs(self):
-        """Stage-start hook of a Brain that keeps its outputs in ``ser_out`` / ``asr_out`` dicts."""
-
-    def sync_outputs(self):
-        """Once per stage: all ranks' ``ser_out`` / ``asr_out`` rows (each a subset of the stage's utterances)."""
-        if self._synced or not D.is_distributed() or self._stage == sb.Stage.TRAIN:
-            return
-        if self._stage not in self.shards.order:
-            logger.warning("%s loader was not sharded (built outside make_dataloader): outputs not gathered",
-                           self._stage.name)
-            return
-        self._synced = True
-        order = self.shards.order[self._stage]
-        self.ser_out = D.gather_rows(self.ser_out, order, complete=False, what="SER outputs")
-        self.asr_out = D.gather_rows(self.asr_out, order, complete=False, what="ASR outputs")
 
 
 def export_finetuned_backbone(encoder, out_dir):

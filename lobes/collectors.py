@@ -36,9 +36,9 @@ class Collector:
     def __getitem__(self, column):
         return self.rows[column]
 
-    def gather(self, order, complete=True):
-        """All ranks' rows in the single-process ``order``; ``complete``: every evaluated utterance exactly once."""
-        self.rows = D.gather_rows(self.rows, order, complete=complete, what=self.name)
+    def gather(self, order):
+        """All ranks' rows in the single-process ``order``, checked to be every evaluated utterance exactly once."""
+        self.rows = D.gather_rows(self.rows, order, what=self.name)
         return self
 
 

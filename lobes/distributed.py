@@ -246,22 +246,16 @@ def all_gather(obj):
     return out
 
 
-def gather_rows(columns, order, complete=False, what="outputs"):
+def gather_rows(columns, order, what="outputs"):
     """Merge per-rank output columns (a dict of equal-length lists, keyed by ``ids``) from every rank into
     single-process ``order`` on all ranks. A column empty on every rank stays empty. The gathered ids must be
-    distinct ids of ``order`` and, with ``complete`` (what every ``lobes.collectors`` collector asks), all of
-    them: every evaluated utterance once. A breach is a DataError naming the ids (``what``: whose outputs).
-    A subset (``complete=False``) is e.g. one row per batch. Nothing collected on any rank (a collector this
-    stage did not use) is returned as it is."""
+    ``order``'s ids, each once: every evaluated utterance, nothing dropped, duplicated or foreign (a DataError
+    naming the ids otherwise; ``what``: whose outputs). Nothing collected on any rank (a collector this stage did
+    not use) is returned as it is."""
     parts = all_gather(columns)
     if not any(p["ids"] for p in parts):
         return columns
-    got = [u for p in parts for u in p["ids"]]
-    if complete:
-        check_ids(got, order, f"gathered {what}")
-    else:
-        collected = set(got)
-        check_ids(got, [u for u in order if u in collected], f"gathered {what}")
+    check_ids([u for p in parts for u in p["ids"]], order, f"gathered {what}")
     if len(parts) == 1:
         return columns  # one process: already in loader order, which is ``order``
     keys = list(columns)

@@ -248,22 +248,28 @@ def test_a_gathered_set_missing_an_utterance_fails_loudly_naming_it(monkeypatch)
                                 {"ids": ["u2", "u3"], "pred": [2, 3]}])
     with pytest.raises(DataError, match=r"gathered ser do not cover the 6 evaluated utterances once each: "
                                         r"missing 1: \['u4'\]"):
-        D.gather_rows(mine, order, complete=True, what="ser")
+        D.gather_rows(mine, order, what="ser")
     mine = _ranks(monkeypatch, [{"ids": ["u0", "u1", "u4", "u5"], "pred": [0, 1, 4, 5]},
                                 {"ids": ["u2", "u3"], "pred": [2, 3]}])
-    assert D.gather_rows(mine, order, complete=True) == {"ids": order, "pred": [0, 1, 2, 3, 4, 5]}
+    assert D.gather_rows(mine, order) == {"ids": order, "pred": [0, 1, 2, 3, 4, 5]}
 
 
-def test_a_gathered_duplicate_or_stranger_fails_loudly_also_for_a_subset(monkeypatch):
+def test_a_gathered_duplicate_stranger_or_subset_fails_loudly(monkeypatch):
     order = [f"u{i}" for i in range(4)]
-    mine = _ranks(monkeypatch, [{"ids": ["u0", "u1"], "loss": [0.5, 0.25]}, {"ids": ["u1", "u2"], "loss": [1, 2]}])
+    mine = _ranks(monkeypatch, [{"ids": ["u0", "u1"], "loss": [0.5, 0.25]}, {"ids": ["u1", "u2", "u3"],
+                                                                          "loss": [1, 2, 3]}])
     with pytest.raises(DataError, match=r"duplicated 1: \['u1'\]"):  # was kept once, silently
         D.gather_rows(mine, order)
-    mine = _ranks(monkeypatch, [{"ids": ["u0"], "loss": [0.5]}, {"ids": ["x9"], "loss": [1]}])
-    with pytest.raises(DataError, match=r"not in the evaluated set 1: \['x9'\]"):
+    mine = _ranks(monkeypatch, [{"ids": ["u0", "u1"], "loss": [0.5, 1]}, {"ids": ["u2", "x9"], "loss": [1, 2]}])
+    with pytest.raises(DataError, match=r"missing 1: \['u3'\]; not in the evaluated set 1: \['x9'\]"):
         D.gather_rows(mine, order)
+    # one row per batch (a subset of the evaluated set) is no longer a valid gather: per-utterance rows only
     mine = _ranks(monkeypatch, [{"ids": ["u2"], "loss": [0.5]}, {"ids": ["u0"], "loss": [1]}])
-    assert D.gather_rows(mine, order) == {"ids": ["u0", "u2"], "loss": [1, 0.5]}  # one row per batch: a subset
+    with pytest.raises(DataError, match=r"gathered outputs do not cover the 4 evaluated utterances once each: "
+                                        r"missing 2: \['u1', 'u3'\]"):
+        D.gather_rows(mine, order)
+    mine = _ranks(monkeypatch, [{"ids": ["u2", "u3"], "loss": [0.5, 0.5]}, {"ids": ["u0", "u1"], "loss": [1, 1]}])
+    assert D.gather_rows(mine, order) == {"ids": order, "loss": [1, 1, 0.5, 0.5]}
 
 
 def test_a_brain_whose_collector_drops_an_utterance_fails_at_the_stage_end():

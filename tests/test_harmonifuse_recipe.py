@@ -537,7 +537,7 @@ def test_combined_loss_counts_each_task_once_whatever_its_splits_and_batches():
     ev = TaskLosses()
     for i, (tag, loss) in enumerate((("asr:test-clean", 1.0), ("asr:test-clean", 3.0), ("asr:test-other", 4.0),
                                      ("ser:test", 0.5), ("ser:test", 1.5), ("ser:test", 1.0))):
-        ev.add_eval(f"u{i}", TaskSplit.parse(tag), torch.tensor(loss))
+        ev.add_eval([f"u{i}a", f"u{i}b"], TaskSplit.parse(tag), torch.tensor(loss))  # a batch counts once
     means = {str(t): v for t, v in ev.means().items()}
     assert means == {"asr:test-clean": 2.0, "asr:test-other": 4.0, "ser:test": 1.0}
     assert ev.combined() == pytest.approx((2.0 + 4.0) / 2 + 1.0, abs=1e-12)   # ASR splits averaged, then + SER
@@ -546,6 +546,32 @@ def test_combined_loss_counts_each_task_once_whatever_its_splits_and_batches():
         tr.add_train(TaskSplit.parse(tag), torch.tensor(loss))
     assert {str(t): v for t, v in tr.means().items()} == {"asr": 3.0, "ser": 1.0, "ser:pseudo": 3.0}
     assert tr.combined() == pytest.approx(3.0 + (1.0 + 3.0) / 2, abs=1e-12)
+
+
+def test_each_split_output_is_gathered_against_its_split_and_a_dropped_utterance_fails_naming_it():
+    """Per-split collectors are checked against the split's evaluated utterances (from the gathered per-utterance
+    losses): an SER output lost for one utterance fails loudly instead of being scored on a subset."""
+    from lobes.harmonifuse import reporting as R
+    from lobes.harmonifuse.task_losses import TaskLosses
+
+    classes = ["Anger", "Neutral"]
+    asr, ser = TaskSplit("asr", "test-clean"), TaskSplit("ser", "test")
+    losses = TaskLosses()
+    losses.add_eval(["a1", "a2"], asr, torch.tensor(2.0))
+    losses.add_eval(["s1", "s2"], ser, torch.tensor(1.0))
+    losses.add_eval(["s3"], ser, torch.tensor(3.0))
+    assert losses.split_orders() == {asr: ["a1", "a2"], ser: ["s1", "s2", "s3"]}
+    assert {str(t): v for t, v in losses.means().items()} == {"asr:test-clean": 2.0, "ser:test": 2.0}
+    out = {ser: R.split_collector(ser, classes)}   # ASR was not decoded on this rank: an empty collector joins
+    out[ser].add_generated(["s1", "s2", "s3"], torch.tensor([0, 1, 1]), ["Anger", " Neutral", "happy"], ["p"] * 3)
+    got = R.gather_by_split(losses, out, classes)
+    assert list(got) == [asr, ser] and len(got[asr]) == 0 and got[ser]["pred"] == [0, 1, 2]  # 2 = invalid
+    assert got[ser].summary() == {"UA": 75.0, "WA": 66.67, "invalid": 1}  # recalls 1 and 1/2
+    out[ser] = R.split_collector(ser, classes)
+    out[ser].add_generated(["s1", "s3"], torch.tensor([0, 1]), ["Anger", "Neutral"], ["p"] * 2)
+    with pytest.raises(DataError, match=r"gathered ser:test outputs do not cover the 3 evaluated utterances once "
+                                        r"each: missing 1: \['s2'\]"):
+        R.gather_by_split(losses, out, classes)
 
 
 def test_task_batches_come_from_the_shared_sampler_builder(msp_manifests):

@@ -76,7 +76,7 @@ class AdaLTMBrainBase(ToolkitBrain):
             plots.plot_lambdas(coeffs["lambda"], folder / "lambdas.png", title=f"λ per group — {run}")
         plots.plot_layer_weights({"α": coeffs["alpha"]}, folder / "alphas.png", title="α per layer", first_index=1)
         export_folded(h.wavlm, h.export_folder, {"weighted_sum": h.weighted_sum, "ser_head": h.ser_head},
-                      {"classes": self.classes, "head_hidden": h.head_hidden, "pooling": h.pooling,
+                      {"classes": list(h.emotion_classes), "head_hidden": h.head_hidden, "pooling": h.pooling,
                        "head_type": h.ser_head.head_type,
                        "num_layers": h.wavlm.num_layers, "hidden_size": h.wavlm.hidden_size,
                        "include_cnn": h.weighted_sum.include_cnn, "layer_norm": h.weighted_sum.layer_norm,
