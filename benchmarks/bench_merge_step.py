@@ -25,6 +25,10 @@ Variants (λ: 2 task vectors x 13 groups for a 12-layer model):
   materialized_gc_bf16 ... + gradient_checkpointing + bf16 ΔW
   *_cnngc         gradient_checkpointing="cnn": only the CNN feature extractor is recomputed in backward
   frozen          (d) frozen backbone under no_grad + α + head
+  lowrank_r8 / _r32 / _r128 / _e0.9   MergedWavLM(merge_impl="lowrank", delta_rank=8 / 32 / 128 / 0.9): task
+                      vectors as factors U Vᵀ, no dW GEMM (issue 24). Their vectors have a synthetic spectrum
+                      σ_i ∝ i^-0.75 per matrix (``synthetic_factored``): time and memory depend on the rank only,
+                      and energy 0.9 of that spectrum keeps ~10% of each matrix's rank (printed per run).
 ``bf16_error`` (not a training variant) measures what bf16 ΔW does to the merged weights and hidden states.
 """
 import argparse
@@ -52,6 +56,30 @@ def random_task_vectors(state, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [{k: DELTA_STD * torch.randn(v.shape, generator=g) for k, v in state.items()}
             for _ in range(NUM_VECTORS)]
+
+
+SPECTRUM_POWER = 0.75
+
+
+def synthetic_factored(state, spec, seed):
+    """A FactoredVector at ``spec`` of a task vector whose matrices have singular values σ_i ∝ i^-0.75, scaled to
+    the Frobenius norm of the Gaussian vectors above (no SVD: the factors are drawn at the kept rank)."""
+    import torch
+    from lobes.adaltm.low_rank import FactoredVector, is_matrix, rank_for
+
+    g = torch.Generator().manual_seed(seed)
+    dense, factors, shapes = {}, {}, {}
+    for k, v in state.items():
+        if not is_matrix(v):
+            dense[k] = DELTA_STD * torch.randn(v.shape, generator=g)
+            continue
+        out, inner = v.shape[0], v[0].numel()
+        sigma = torch.arange(1, min(out, inner) + 1, dtype=torch.float64).pow(-SPECTRUM_POWER)
+        sigma *= DELTA_STD * (out * inner) ** 0.5 / float(sigma.norm())
+        r = rank_for(sigma, spec)
+        u = torch.randn(out, r, generator=g) / out ** 0.5 * sigma[:r].float()
+        factors[k], shapes[k] = (u, torch.randn(inner, r, generator=g) / inner ** 0.5), tuple(v.shape)
+    return FactoredVector(name=f"tv{seed}", dense=dense, factors=factors, shapes=shapes)
 
 
 def task_vector_files(model_dir, out_dir=None):
@@ -117,6 +145,17 @@ def build(variant, model_dir, vector_dir=None):
     if variant == "frozen":
         enc = WavLMEncoder(model_dir, freeze=True)
         return enc, []
+    if variant.startswith("lowrank_"):
+        tag = variant.split("_")[1]
+        spec = int(tag[1:]) if tag[0] == "r" else float(tag[1:])
+        state = {k: v for k, v in load_wavlm(model_dir).state_dict().items() if v.is_floating_point()}
+        vectors = {f"tv{i}": synthetic_factored(state, spec, seed=i + 1) for i in range(NUM_VECTORS)}
+        del state
+        enc = MergedWavLM(model_dir, vectors, lambda_mode="layerwise", merge_impl="lowrank", delta_rank=spec,
+                          gradient_checkpointing="_gc" in variant)
+        del vectors
+        enc.train()
+        return enc, [enc.lambdas.lam]
     paths = task_vector_files(model_dir, vector_dir)
     if variant == "naive":
         from lobes.adaltm.task_vector import load_task_vector
@@ -193,7 +232,8 @@ def child(variant, model_dir, steps, warmup, profile=False, precision="fp32", ve
             "optimizer_s": C.median([t[3] for t in times]), "all_steps_s": [t[0] for t in times],
             "steps": [dict(zip(("step_s", "forward_s", "backward_s", "optimizer_s", "cpu_s"), t)) for t in times],
             "rss_import": rss_import, "rss_built": rss_built, "peak_rss": peak,
-            "trainable_backbone_params": sum(p.numel() for p in backbone_params)})
+            "trainable_backbone_params": sum(p.numel() for p in backbone_params),
+            "lowrank_ranks": sorted({r for rs in getattr(enc, "lowrank_ranks", {}).values() for r in rs})})
 
 
 def saved_activations(model_dir):

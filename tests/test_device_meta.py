@@ -108,6 +108,12 @@ for impl in ("materialized", "fused", "functional"):
              *ADALTM[1:], {"merge_impl": impl, "gradient_checkpointing": gc})
 case("adaltm_static_global-fused", ADALTM[0], ADALTM_ROWS / "static_global.yaml", *ADALTM[1:],
      {"merge_impl": "fused"})
+# lowrank (issue 24; the row setup4_dual_lowrank is among the row files above): one vector, and checkpointing
+LOWRANK = {"merge_impl": "lowrank", "delta_rank": 32}
+case("adaltm_setup2_asr_only-lowrank", ADALTM[0], ADALTM_ROWS / "setup2_asr_only.yaml", *ADALTM[1:], LOWRANK)
+for gc in (True, "cnn"):
+    case(f"adaltm_setup3_ser_only-lowrank-gc_{gc}", ADALTM[0], ADALTM_ROWS / "setup3_ser_only.yaml", *ADALTM[1:],
+         {**LOWRANK, "gradient_checkpointing": gc})
 
 HF = MSP / "harmonifuse"
 # every row file (LM modes, prompts, gates, LM fusion, fixed layers, single-task, IEMOCAP): ~3 s CPU each
@@ -127,6 +133,7 @@ def tiny_lm(tmp_path_factory):
 @pytest.fixture
 def meta_loaders(monkeypatch):
     """Large WavLM on meta instead of a download; meta task vectors; Meta CTC kernels."""
+    import lobes.adaltm.low_rank
     import lobes.adaltm.merged_linear
     import lobes.adaltm.merged_wavlm
     import lobes.adaltm.task_vector
@@ -136,11 +143,23 @@ def meta_loaders(monkeypatch):
     monkeypatch.setattr(lobes.wavlm_encoder, "load_wavlm", md.meta_wavlm)
     monkeypatch.setattr(lobes.adaltm.merged_wavlm, "load_wavlm", md.meta_wavlm)
     monkeypatch.setattr(lobes.adaltm.task_vector, "load_task_vector", md.meta_task_vector)
+    monkeypatch.setattr(lobes.adaltm.low_rank, "cached_factored", _meta_factored)
     merges = []
     real_merge_into = lobes.adaltm.merged_linear.merge_into
     monkeypatch.setattr(lobes.adaltm.merged_linear, "merge_into", lambda *a, **k: (merges.append(1),
                                                                                    real_merge_into(*a, **k)))
     return merges
+
+
+def _meta_factored(path, spec):
+    """delta_rank on meta: rank-``spec`` factors of the meta task vector's matrices (an SVD needs values)."""
+    from lobes.adaltm.low_rank import FactoredVector, is_matrix
+
+    tv = md.meta_task_vector(path)
+    factors = {k: (torch.empty(t.shape[0], spec, device="meta"), torch.empty(t[0].numel(), spec, device="meta"))
+               for k, t in tv.delta.items() if is_matrix(t)}
+    return FactoredVector(Path(path).stem, {k: t for k, t in tv.delta.items() if k not in factors}, factors,
+                          {k: tuple(tv.delta[k].shape) for k in factors})
 
 
 def _build(c, tmp_path, load_recipe, tiny_lm):

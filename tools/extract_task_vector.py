@@ -59,6 +59,8 @@ def extract_task_vector(base, finetuned, name, out, kind="auto", base_kind="auto
         meta["lora_case"] = ft_info["lora"]["case"]
         meta["lora_scaling"] = str(ft_info["lora"]["scaling"])
     tv = compute_task_vector(base_state, ft_state, name, metadata=meta)
+    if ft_info.get("lora"):  # exact low-rank factors of the LoRA-trained weights (lobes.adaltm.low_rank)
+        tv.factors = dict(ft_info["lora"]["factors"])
     save_task_vector(tv, out)
     if verbose:
         print(format_summary(tv, base_state, ft_info))

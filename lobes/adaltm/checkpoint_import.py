@@ -329,7 +329,7 @@ def _merge_lora(state, base_state, lora_alpha, where):
                         "base_state= so the importer can tell merged from unmerged LoRA weights")
     alpha = 1.0 if lora_alpha is None else float(lora_alpha)
     state = dict(state)
-    cases, ranks, module_ranks, per_layer_sq, per_module = {}, set(), {}, {}, {}
+    cases, ranks, module_ranks, per_layer_sq, per_module, factors = {}, set(), {}, {}, {}, {}
     for m in modules:
         ka, kb, kw = m + ".lora_A", m + ".lora_B", m + ".weight"
         if ka not in state or kb not in state:
@@ -362,6 +362,8 @@ def _merge_lora(state, base_state, lora_alpha, where):
                            "unmerged on top of a trained weight (wrong base?)", where, kw)
         state[kw] = merged
         cases[m] = case
+        if case != "unmerged_over_modified":  # ΔW = B A·scaling exactly: low_rank keeps these factors
+            factors[kw] = ((b * (alpha / r)).contiguous(), a.T.contiguous())
         per_module[m] = dn
         mt = _LAYER_RE.match(m)
         layer = int(mt.group(1)) if mt else m
@@ -380,6 +382,7 @@ def _merge_lora(state, base_state, lora_alpha, where):
         "layers": sorted(k for k in per_layer if isinstance(k, int)),
         "delta_norm_per_layer": per_layer,
         "delta_norm_per_module": per_module,
+        "factors": factors,  # {weight key: (U = B·scaling, V = Aᵀ)} of the modules whose ΔW is exactly B A·scaling
     }
     return state, info
 

@@ -17,6 +17,12 @@ memory against full fine-tuning, and the row that keeps it):
 - ``functional`` (:class:`FunctionalMerge`): plain autograd through W_base + Σ λ ΔW with
   ``torch.func.functional_call``. The reference (oracle) the others are tested against
   (tests/test_merged_linear.py); it wins no row.
+- ``lowrank`` (:class:`LowRankMerge`, beyond the paper, needs ``delta_rank``): ΔW_k = U_k V_kᵀ truncated
+  (lobes.adaltm.low_rank); linear and CNN layers keep only Vᵀx for backward and give dL/dλ without any dW GEMM
+  (lobes.adaltm.lowrank_linear). benchmarks/RESULTS.md, "Low-rank task vectors".
+
+``delta_rank`` (int rank, energy fraction or None) truncates the task vectors for every implementation, so
+``functional`` on the same truncated vectors is the reference ``lowrank`` is tested against.
 
 With ``gradient_checkpointing`` each group is recomputed in backward (less activation memory).
 
@@ -30,7 +36,7 @@ import torch
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from lobes.adaltm import layer_groups, merged_linear
+from lobes.adaltm import layer_groups, low_rank, lowrank_linear, merged_linear
 from lobes.adaltm.merge_coefficients import MergeCoefficients
 from lobes.errors import DataError
 from lobes.wavlm_encoder import load_wavlm, run_wavlm
@@ -88,6 +94,7 @@ class MergeStrategy:
 
     name = None
     stacks_deltas = False    # load each key's K ΔW as rows of one [K, ...] tensor (one GEMV per merge)
+    keeps_factors = False    # keep truncated matrices as U, V factors (never as a dense ΔW)
     keeps_base_copy = False  # keep W_base beside the stored weights (one more copy of the model)
 
     def setup(self, model):
@@ -186,8 +193,30 @@ class MaterializedMerge(MergeStrategy):
         return merged_linear.materialized_call(group.inner, sources, lam, args, kwargs)
 
 
+class LowRankMerge(MergeStrategy):
+    """Truncated task vectors as factors: W_base + Σ_k λ_k U_k V_kᵀ. Linear and CNN conv layers run
+    :class:`lobes.adaltm.lowrank_linear.LowRankLinear` / ``LowRankConv1d`` (merged W built in forward, only the
+    r-wide projections Vᵀx kept, dL/dλ = Σ_t (U_kᵀ δ_t)·(V_kᵀ x_t), no dW GEMM); biases, norms, the weight-normed
+    positional conv and the relative-position embedding are merged by plain autograd (their ΔW dense, or expanded
+    from factors). Memory needs: W_base + the factors; no merged weight outlives its layer's call."""
+
+    name = "lowrank"
+    keeps_factors = True
+
+    def setup(self, model):
+        lowrank_linear.setup_factors(model)
+
+    def merged_weight(self, model, key, lam):
+        if key in model.lowrank_ranks:
+            return lowrank_linear.merged_factored(model, key, lam)
+        return super().merged_weight(model, key, lam)
+
+    def call(self, model, group, args, kwargs):
+        return lowrank_linear.lowrank_call(model, group, args, kwargs)
+
+
 # The one place the YAML string ``merge_impl`` is read.
-MERGE_STRATEGIES = {s.name: s for s in (MaterializedMerge, FusedMerge, FunctionalMerge)}
+MERGE_STRATEGIES = {s.name: s for s in (MaterializedMerge, FusedMerge, FunctionalMerge, LowRankMerge)}
 MERGE_IMPLS = tuple(MERGE_STRATEGIES)
 
 
@@ -236,12 +265,16 @@ class MergedWavLM(torch.nn.Module):
     cache_dir : str or None
         transformers cache directory for hub downloads.
     merge_impl : str
-        ``"materialized"``, ``"fused"`` or ``"functional"``: which :class:`MergeStrategy` runs eq. (4) (same
-        outputs and λ gradients; see the module docstring and benchmarks/RESULTS.md).
+        ``"materialized"``, ``"fused"``, ``"functional"`` or ``"lowrank"``: which :class:`MergeStrategy` runs
+        eq. (4) (same outputs and λ gradients; see the module docstring and benchmarks/RESULTS.md).
+    delta_rank : int, float or None
+        Truncate each task-vector matrix to this rank, or to this fraction of its energy (``lobes.adaltm.low_rank``;
+        cached beside a vector file); None keeps ΔW exact (the paper). ``lowrank`` needs it.
     """
 
     def __init__(self, source, task_vectors=None, lambda_mode="layerwise", lambda_init=0.5, normalize_wav=True,
-                 delta_dtype=None, gradient_checkpointing=False, cache_dir=None, merge_impl="materialized"):
+                 delta_dtype=None, gradient_checkpointing=False, cache_dir=None, merge_impl="materialized",
+                 delta_rank=None):
         super().__init__()
         if merge_impl not in MERGE_STRATEGIES:
             raise ValueError(f"merge_impl '{merge_impl}' is not one of {MERGE_IMPLS}")
@@ -269,11 +302,19 @@ class MergedWavLM(torch.nn.Module):
         # second copy of all ΔW is ever alive.
         num_vectors, stacked = len(task_vectors), {}
         self.deltas = torch.nn.ModuleList()
+        self.delta_rank = low_rank.check_rank_spec(delta_rank)
+        if strategy.keeps_factors and self.delta_rank is None:
+            raise DataError(f"merge_impl '{merge_impl}' needs delta_rank (an integer rank or an energy fraction)")
+        self._factor_lists = {}  # lowrank: {key: [(U_k, V_k)]}, concatenated by LowRankMerge.setup
         for row, (name, vec) in enumerate(task_vectors.items()):
-            delta = _resolve_vector(name, vec)
-            _check_vector(name, delta, base_state, vec)
+            if self.delta_rank is None:
+                delta = _resolve_vector(name, vec)
+                _check_vector(name, delta, base_state, vec)
+            else:
+                delta = low_rank.merge_inputs(name, vec, self.delta_rank, strategy.keeps_factors, self._factor_lists,
+                                              delta_dtype, lambda d, n=name, v=vec: _check_vector(n, d, base_state, v))
             store = {}
-            for k in self.keys:
+            for k in (k for k in self.keys if k in delta):  # lowrank: factored keys are not in delta
                 value = delta[k].detach().to(delta_dtype or base_state[k].dtype)
                 if strategy.stacks_deltas and num_vectors > 1:
                     if k not in stacked:

@@ -10,8 +10,11 @@ On disk a task vector is one safetensors file: the ΔW tensors plus string metad
     format=adaltm-task-vector, format_version, name, kind, base_source, finetuned_source,
     fingerprint, num_layers, hidden_size, num_keys, key_hash, num_params, toolkit_version
 
-(and any user metadata). ``fingerprint`` (:func:`architecture_fingerprint`) lets a merge refuse a vector
-computed for another architecture before touching a tensor.
+(and any user metadata). A vector whose source was LoRA also stores the exact factors of its LoRA-trained
+weights (``TaskVector.factors`` {key: (U = B·scaling, V = Aᵀ)}, ΔW = U Vᵀ) as tensors ``factor::<key>::U`` /
+``::V``; :mod:`lobes.adaltm.low_rank` uses them instead of a truncated SVD. ``fingerprint``
+(:func:`architecture_fingerprint`) lets a merge refuse a vector computed for another architecture before
+touching a tensor.
 
 Groups (:func:`backbone_group`), the paper's partition into 25 "layers": ``"group 0"`` = the non-encoder
 part (CNN feature extractor, feature projection, positional convolution, ``masked_spec_embed``); ``"layer i"``
@@ -31,6 +34,7 @@ from lobes.io_utils import atomic_path
 
 FORMAT = "adaltm-task-vector"
 FORMAT_VERSION = "1"
+FACTOR_PREFIX = "factor::"
 GROUP0_PREFIXES = (
     "feature_extractor.",
     "feature_projection.",
@@ -75,6 +79,7 @@ class TaskVector:
     name: str
     delta: dict
     metadata: dict = field(default_factory=dict)
+    factors: dict = field(default_factory=dict)  # {key: (U, V)} exact low-rank ΔW (LoRA sources)
 
     def keys(self):
         return sorted(self.delta)
@@ -225,6 +230,8 @@ def save_task_vector(tv, path):
 
     meta = _complete_metadata(tv)
     tensors = {k: t.detach().cpu().contiguous() for k, t in tv.delta.items()}
+    for k, (u, v) in tv.factors.items():
+        tensors[f"{FACTOR_PREFIX}{k}::U"], tensors[f"{FACTOR_PREFIX}{k}::V"] = u.contiguous(), v.contiguous()
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
     tv.metadata = meta
@@ -250,10 +257,13 @@ def load_task_vector(path):
     missing = [k for k in required if k not in meta]
     if missing:
         raise DataError(f"{path}: task vector metadata lacks {missing}")
+    factor_keys = [k for k in delta if k.startswith(FACTOR_PREFIX)]
+    factors = {k[len(FACTOR_PREFIX):-3]: (delta.pop(k), delta.pop(k[:-1] + "V")) for k in factor_keys
+               if k.endswith("::U")}
     fp = architecture_fingerprint(delta)
     if fp != meta["fingerprint"]:
         raise DataError(f"{path}: tensors ({fp}) do not match the stored fingerprint {meta['fingerprint']}")
     bad = _nonfinite_keys(delta)
     if bad:
         raise DataError(f"{path}: task vector holds NaN/inf in {bad[:_MAX_LISTED]}")
-    return TaskVector(name=meta["name"], delta=delta, metadata=dict(meta))
+    return TaskVector(name=meta["name"], delta=delta, metadata=dict(meta), factors=factors)
