@@ -10,8 +10,8 @@ trained with SpeechBrain's own ``fit_batch`` (AMP bf16 via ``precision=bf16``) o
 :func:`make_models` (no hub), random task vectors (ΔW = 0.01·N(0, 1)) in the task-vector format, and for
 HarmoniFuse a random LLaMA-layout LM of Qwen2.5-0.5B's shape (vocab 151936) with the character tokenizer.
 Per recipe it prints s/step (median of ``--steps`` steps after one warm-up step), the memory planner's predicted
-peak of one GPU (``tools.plan_memory.predict`` of the same row, micro-batch, duration and precision; the rows it
-models: AdaLTM, "-" for the others), the measured peaks over the warm-up and timed steps, model included
+peak of one GPU (``lobes.memory_plan.BrainPredictor`` on a meta copy of the same modules, micro-batch, duration
+and precision: every row), the measured peaks over the warm-up and timed steps, model included
 (``torch.cuda.max_memory_allocated``: tensors; ``max_memory_reserved``: what the caching allocator held, the
 number that must fit the card) and both divided by the prediction; one line of JSON per recipe goes to ``--out``.
 Exit status 1 if any recipe fails (the others still run).
@@ -107,9 +107,7 @@ def make_models(root, tiny):
     return wavlm_dir, lm_dir, vec_dir
 
 
-def make_batch(kind, task, batch_size, seconds):
-    import speechbrain as sb
-
+def make_items(kind, task, batch_size, seconds):
     from lobes import ctc_text
 
     n = int(seconds * 16000)
@@ -127,7 +125,13 @@ def make_batch(kind, task, batch_size, seconds):
         if task:
             item["task"] = task
         items.append(item)
-    return sb.dataio.batch.PaddedBatch(items)
+    return items
+
+
+def make_batch(kind, task, batch_size, seconds):
+    import speechbrain as sb
+
+    return sb.dataio.batch.PaddedBatch(make_items(kind, task, batch_size, seconds))
 
 
 def load_train_py(path):
@@ -143,17 +147,19 @@ def load_train_py(path):
     return module
 
 
-def predicted_gib(case, args, precision):
-    """The planner's predicted peak (GiB) of one GPU for ``case``, or None where it has no model of the Brain."""
-    from tools import plan_memory as PM
+def predicted_gib(case, hparams, brain_class, args, precision):
+    """The planner's predicted peak (GiB) of one GPU for ``case``: ``lobes.memory_plan.BrainPredictor`` (what
+    ``micro_batch_size: auto`` uses) on a meta copy of the very modules just measured, ``--batch`` copies of
+    one of the measured utterances, two ``fit_batch`` steps, bf16 under CUDA's autocast lists; HarmoniFuse:
+    the larger of its task batches (the measured steps alternate them)."""
+    from lobes.memory_plan import GIB, BrainPredictor, peak_bytes
 
-    _, _, hparams_file, brain_cls, _, extra = case
-    if brain_cls != "AdaLTMBrain":
-        return None
-    settings = PM.read_row(hparams_file)
-    settings.update({k: v for k, v in extra.items() if k in settings}, precision=precision)
-    shape = (REPO / "tools/tiny_configs/wavlm.json").read_text() if args.tiny else "large"
-    return PM.predict(settings, args.batch, args.seconds, gpus=1, shape=shape)["peak"] / PM.GIB
+    kind = case[4]
+    tasks = list(hparams["train_tasks"]) if kind == "hf" else [None]
+    peaks = [peak_bytes(BrainPredictor(hparams, brain_class, item=make_items(kind, task, 1, args.seconds)[0],
+                                       seconds=args.seconds)(args.batch, precision=precision), 1, 1)
+             for task in tasks]
+    return max(peaks) / GIB
 
 
 def memory_columns(predicted, allocated, reserved):
@@ -215,17 +221,22 @@ def run_case(case, models, args, work):
     # no CUDA: not measured
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
     reserved = torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else None
-    del brain, hparams, batches
+    del brain, batches
     try:  # after the steps: the meta-device prediction must not touch the measured peaks
-        predicted = predicted_gib(case, args, precision)
+        predicted = predicted_gib(case, hparams, getattr(module, brain_cls), args, precision)
         predict_error = None
     except Exception as e:  # noqa: BLE001 -- shown in the row and the JSON: the measurement still counts
         predicted, predict_error = None, f"{type(e).__name__}: {e}"
+    del hparams
+    return row_result(name, precision, args, times, loss, predicted, peak, reserved, predict_error)
+
+
+def row_result(name, precision, args, times, loss, predicted, peak, reserved, predict_error):
+    def r3(x):
+        return None if x is None else round(x, 3)
     result = {"recipe": name, "precision": precision, "batch": args.batch, "seconds": args.seconds,
               "s_per_step": round(statistics.median(times), 4), "loss": round(float(loss), 4),
-              "predicted_gib": None if predicted is None else round(predicted, 3),
-              "peak_gib": None if peak is None else round(peak, 3),
-              "reserved_gib": None if reserved is None else round(reserved, 3),
+              "predicted_gib": r3(predicted), "peak_gib": r3(peak), "reserved_gib": r3(reserved),
               "allocated_over_predicted": None if None in (peak, predicted) else round(peak / predicted, 3),
               "reserved_over_predicted": None if None in (reserved, predicted) else round(reserved / predicted, 3),
               "predict_error": predict_error}

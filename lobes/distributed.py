@@ -22,7 +22,10 @@ Sharded evaluation. SpeechBrain 1.1 runs the whole validation/test set on every 
 cuts the evaluation loader's batch list (fixed or dynamic, built exactly as one process would) so that rank r
 runs batches r, r+W, ... — each batch is the one a single process would run, no utterance is duplicated or
 padded — and :func:`gather_rows` brings the per-utterance outputs of every rank back into the single-process
-order on all ranks, so metrics (bootstrap CIs included) are computed on the same lists as with one process.
+order on all ranks, so metrics (bootstrap CIs included) are computed on the same lists as with one process. Both
+check the ids: the batches must cover the evaluated set once, and the gathered outputs must be that set, in
+order, with nothing dropped or duplicated (a DataError naming the ids otherwise). :class:`EvalShards` holds a
+Brain's state of it.
 """
 import atexit
 import logging
@@ -204,16 +207,34 @@ def eval_batches(dataset, loader_kwargs):
 
 def shard_batches(dataset, loader_kwargs, rank_=None, world=None):
     """Loader kwargs evaluating this rank's share of ``dataset`` (batches r, r+W, ...), and the utterance ids
-    in single-process order (what :func:`gather_rows` sorts by)."""
+    in single-process order (what :func:`gather_rows` sorts by and checks against)."""
     rank_ = rank() if rank_ is None else rank_
     world = world_size() if world is None else world
     batches = eval_batches(dataset, loader_kwargs)
     ids = list(dataset.data_ids) if hasattr(dataset, "data_ids") else list(range(len(dataset)))
     order = [ids[i] for b in batches for i in b]
+    check_ids(order, ids, "evaluation batches")  # a sampler that drops or repeats an utterance fails here
     kwargs = {k: v for k, v in loader_kwargs.items() if k not in ("batch_size", "shuffle", "batch_sampler",
                                                                   "sampler", "drop_last")}
     kwargs["batch_sampler"] = ListBatchSampler(batches[rank_::world])
     return kwargs, order
+
+
+def check_ids(got, expected, what):
+    """DataError unless ``got`` holds every id of ``expected`` exactly once (no drop, no duplicate, no stranger)."""
+    if len(got) == len(expected) and set(got) == set(expected) and len(set(got)) == len(got):
+        return
+    seen, dup = set(), []
+    for u in got:
+        if u in seen:
+            dup.append(u)
+        seen.add(u)
+    want = set(expected)
+    missing = [u for u in expected if u not in seen]
+    strangers = [u for u in seen if u not in want]
+    problems = [f"{name} {len(v)}: {v[:5]}" for name, v in (("missing", missing), ("duplicated", dup),
+                                                            ("not in the evaluated set", strangers)) if v]
+    raise DataError(f"{what} do not cover the {len(expected)} evaluated utterances once each: " + "; ".join(problems))
 
 
 def all_gather(obj):
@@ -225,26 +246,24 @@ def all_gather(obj):
     return out
 
 
-def gather_rows(columns, order):
+def gather_rows(columns, order, what="outputs"):
     """Merge per-rank output columns (a dict of equal-length lists, keyed by ``ids``) from every rank into
-    single-process order on all ranks. Columns shorter than ``ids`` (e.g. an unused ``spk``) stay as they are
-    on each rank when empty everywhere. An id seen twice (a padded duplicate) is kept once."""
+    single-process ``order`` on all ranks. A column empty on every rank stays empty. The gathered ids must be
+    ``order``'s ids, each once: every evaluated utterance, nothing dropped, duplicated or foreign (a DataError
+    naming the ids otherwise; ``what``: whose outputs). Nothing collected on any rank (a collector this stage did
+    not use) is returned as it is."""
     parts = all_gather(columns)
-    if len(parts) == 1:
+    if not any(p["ids"] for p in parts):
         return columns
+    check_ids([u for p in parts for u in p["ids"]], order, f"gathered {what}")
+    if len(parts) == 1:
+        return columns  # one process: already in loader order, which is ``order``
     keys = list(columns)
     full = [k for k in keys if any(len(p[k]) for p in parts)]
     position = {u: i for i, u in enumerate(order)}
-    rows = {}
-    for p in parts:
-        for j, u in enumerate(p["ids"]):
-            rows.setdefault(u, tuple(p[k][j] for k in full))
-    missing = [u for u in rows if u not in position]
-    if missing:
-        raise RuntimeError(f"gathered outputs for ids outside the evaluation set: {missing[:5]}")
-    ranked = sorted(rows.items(), key=lambda kv: position[kv[0]])
+    rows = {u: tuple(p[k][j] for k in full) for p in parts for j, u in enumerate(p["ids"])}
     merged = {k: [] for k in keys}
-    for _, values in ranked:
+    for _, values in sorted(rows.items(), key=lambda kv: position[kv[0]]):
         for k, v in zip(full, values):
             merged[k].append(v)
     return merged
@@ -259,3 +278,26 @@ def weighted_mean(total, count):
         torch.distributed.all_reduce(t)
         t = t.cpu()
     return (t[0] / t[1]).item() if t[1] > 0 else math.nan
+
+
+class EvalShards:
+    """A Brain's sharded evaluation: the single-process id order of each stage's loader (``loader_kwargs``) and
+    the stage loss as the sample-weighted mean over every rank's utterances (``add`` per batch, ``mean``)."""
+
+    def __init__(self):
+        self.order = {}  # stage -> utterance ids in single-process order
+        self.start()
+
+    def start(self):
+        self.loss_sum, self.count = 0.0, 0
+
+    def loader_kwargs(self, stage, dataset, loader_kwargs):
+        kwargs, self.order[stage] = shard_batches(dataset, loader_kwargs)
+        return kwargs
+
+    def add(self, loss, n):
+        self.loss_sum += float(loss) * n  # a sample-weighted mean is the same for any sharding
+        self.count += n
+
+    def mean(self):
+        return weighted_mean(self.loss_sum, self.count)

@@ -13,6 +13,10 @@ If even micro-batch 1 does not fit it stops at once (:class:`MemoryPlanError`) n
 fit (bf16, gradient checkpointing, ``delta_dtype``, a shorter maximum duration). On CPU (and meta) ``auto`` is
 ``null`` (no accumulation): CPU runs are unchanged.
 
+HarmoniFuse (:func:`resolve_task_batches`) steps on one task's batch at a time and consecutive batches are of
+different tasks, so accumulation would mix tasks in one step: it checks each ``<task>_batch_size`` instead and
+stops naming the largest batch that fits (and the settings that would fit at the configured one).
+
 How a peak is predicted: the recipe's own Brain runs two ``fit_batch`` steps (forward, loss, backward, AdamW
 step) on a copy of its modules on PyTorch's ``meta`` device (shapes, no data: nothing is computed), under
 :class:`lobes.memory_tracking.LiveMemory`; bf16 runs under CUDA's autocast op lists (``EmulatedAutocast``). The
@@ -119,11 +123,14 @@ def longest_item(dataset):
 class BrainPredictor:
     """Predicted peak bytes of one GPU running the recipe's Brain on micro-batches of its longest utterance.
 
+    ``item`` / ``seconds``: a ready batch element instead of ``train_set``'s longest (tools, benchmarks);
+    ``autocast_policy``: whose autocast op lists bf16 follows ("cuda"; "cpu" to compare with a CPU run).
     ``precision`` / ``checkpointing`` evaluate alternatives for the refusal message; results are cached."""
 
-    def __init__(self, hparams, brain_class, train_set, world=1):
-        self.hparams, self.brain_class, self.world = hparams, brain_class, world
-        self.item, self.seconds = longest_item(train_set)
+    def __init__(self, hparams, brain_class, train_set=None, world=1, item=None, seconds=None,
+                 autocast_policy="cuda"):
+        self.hparams, self.brain_class, self.world, self.policy = hparams, brain_class, world, autocast_policy
+        self.item, self.seconds = (item, float(seconds)) if item is not None else longest_item(train_set)
         self.cache = {}
 
     def __call__(self, micro, precision=None, checkpointing=False):
@@ -134,7 +141,9 @@ class BrainPredictor:
 
     def _run(self, micro, precision, checkpointing):
         h = meta_hparams(self.hparams)
-        h["batch_size"], h["micro_batch_size"], h["grad_accumulation_factor"] = micro, micro, 1  # one step each
+        if "batch_size" in h:  # a global batch (HarmoniFuse's per-task batches are the batch given here)
+            h["batch_size"], h["micro_batch_size"] = micro, micro
+        h["grad_accumulation_factor"] = 1  # one step each
         if checkpointing:
             enable_checkpointing(h["modules"])
         register_meta_ctc()
@@ -144,7 +153,7 @@ class BrainPredictor:
                                      run_opts={"device": "meta", "precision": "fp32", "eval_precision": "fp32"},
                                      checkpointer=None)
             if precision in ("bf16", "fp16"):  # torch's autocast refuses meta: CUDA's op lists, emulated
-                brain.training_ctx = EmulatedAutocast("cuda", torch.bfloat16 if precision == "bf16" else torch.float16)
+                brain.training_ctx = EmulatedAutocast(self.policy, torch.bfloat16 if precision == "bf16" else torch.float16)
             brain.check_loss_isfinite = lambda loss: None  # reads the loss on the host
             brain.init_optimizers()
             brain.modules.train()
@@ -173,16 +182,13 @@ def peak_bytes(pred, accum, world):
 
 
 # ------------------------------------------------------------------------------------------ the plan
-def plan_micro_batch(predict, batch_size, world, free, margin=MARGIN, overhead=OVERHEAD):
-    """The largest divisor m of ``batch_size / world`` whose predicted peak fits ``free`` bytes:
+def largest_fitting(predict, candidates, accum_of, world, free, margin=MARGIN, overhead=OVERHEAD):
+    """The first of ``candidates`` (micro-batch sizes, largest first) whose predicted peak fits ``free`` bytes:
     ``(m, accumulation, peak bytes)``, or None. Peak is affine in m (predicted at 1 and 2, confirmed at m)."""
-    if batch_size % world:
-        raise DataError(f"batch_size {batch_size} (global) does not divide over {world} GPUs")
-    per_gpu = batch_size // world
     p1 = predict(1)
-    slope = predict(2)["dynamic_peak"] - p1["dynamic_peak"] if per_gpu > 1 else 0
-    for micro in [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0]:
-        accum = per_gpu // micro
+    slope = predict(2)["dynamic_peak"] - p1["dynamic_peak"] if max(candidates) > 1 else 0
+    for micro in candidates:
+        accum = accum_of(micro)
         guess = dict(p1, dynamic_peak=p1["dynamic_peak"] + (micro - 1) * slope)
         if fits(peak_bytes(guess, accum, world), free, margin, overhead):
             exact = peak_bytes(predict(micro), accum, world)
@@ -191,20 +197,38 @@ def plan_micro_batch(predict, batch_size, world, free, margin=MARGIN, overhead=O
     return None
 
 
-def alternatives(predictor, hparams, world, free):
-    """[(setting, predicted peak bytes of micro-batch 1 or None, fits)] for the refusal message: bf16,
-    gradient checkpointing, both, bf16 task vectors (``delta_dtype``), and the longest utterance that would fit."""
-    accum = hparams["batch_size"] // world
-    p1 = predictor(1)
+def plan_micro_batch(predict, batch_size, world, free, margin=MARGIN, overhead=OVERHEAD):
+    """The largest divisor m of ``batch_size / world`` whose predicted peak fits ``free`` bytes:
+    ``(m, accumulation, peak bytes)``, or None."""
+    if batch_size % world:
+        raise DataError(f"batch_size {batch_size} (global) does not divide over {world} GPUs")
+    per_gpu = batch_size // world
+    return largest_fitting(predict, [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0],
+                           lambda m: per_gpu // m, world, free, margin, overhead)
+
+
+def checkpointing_keys(hparams):
+    """The YAML switches that :func:`enable_checkpointing` turns on (WavLM's, the LM's), where not yet on."""
+    return [k for k in ("gradient_checkpointing", "lm_gradient_checkpointing") if k in hparams
+            and hparams[k] is not True]
+
+
+def alternatives(predictor, hparams, world, free, micro=1, accum=None):
+    """[(setting, predicted peak bytes of ``micro`` (default: micro-batch 1, the most accumulation) or None,
+    fits)] for the refusal message: bf16, gradient checkpointing, both, bf16 task vectors (``delta_dtype``),
+    and the longest utterance that would fit."""
+    accum = hparams["batch_size"] // world if accum is None else accum
+    p1 = predictor(micro)
     base = peak_bytes(p1, accum, world)
     options = []
     if hparams["precision"] == "fp32":
-        options.append(("precision: bf16", peak_bytes(predictor(1, precision="bf16"), accum, world)))
-    if "gradient_checkpointing" in hparams and hparams["gradient_checkpointing"] is not True:
-        options.append(("gradient_checkpointing: True", peak_bytes(predictor(1, checkpointing=True), accum, world)))
+        options.append(("precision: bf16", peak_bytes(predictor(micro, precision="bf16"), accum, world)))
+    ckpt = " + ".join(f"{k}: True" for k in checkpointing_keys(hparams))
+    if ckpt:
+        options.append((ckpt, peak_bytes(predictor(micro, checkpointing=True), accum, world)))
         if hparams["precision"] == "fp32":
-            options.append(("precision: bf16 + gradient_checkpointing: True",
-                            peak_bytes(predictor(1, precision="bf16", checkpointing=True), accum, world)))
+            options.append((f"precision: bf16 + {ckpt}",
+                            peak_bytes(predictor(micro, precision="bf16", checkpointing=True), accum, world)))
     if "delta_dtype" in hparams and p1["fp32_deltas"]:
         options.append(("delta_dtype: !name:torch.bfloat16", base - p1["fp32_deltas"] // 2))
     # activations grow with the utterance: the longest duration that fits, scaled from the longest one
@@ -215,12 +239,12 @@ def alternatives(predictor, hparams, world, free):
     return [(name, peak, peak is None or fits(peak, free)) for name, peak in options], base
 
 
-def refusal(options, base, seconds, where):
+def refusal(options, base, seconds, where, what="micro-batch 1"):
     def fmt(name, peak):
         return f"{name} ({peak / GIB:.1f} GiB)" if peak is not None else name
     good = [fmt(n, p) for n, p, ok in options if ok]
     bad = [fmt(n, p) for n, p, ok in options if not ok]
-    return (f"memory plan: micro-batch 1 of {seconds:.1f} s needs {base / GIB:.1f} GiB predicted, more than fits {where}."
+    return (f"memory plan: {what} of {seconds:.1f} s needs {base / GIB:.1f} GiB predicted, more than fits {where}."
             f" Settings that would fit: {'; '.join(good) or 'none of those tried'}."
             + (f" Would not fit: {'; '.join(bad)}." if bad else "") + " Or use a GPU with more memory.")
 
@@ -231,6 +255,15 @@ def device_memory(device):
     return free, total, torch.cuda.get_device_properties(torch.device(device)).name
 
 
+def _cuda_device(run_opts):
+    device = str(run_opts.get("device") or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    return device if device.startswith("cuda") else None
+
+
+def _where(free, total, name):
+    return f"of {free / GIB:.1f} GiB free on {name} ({total / 1e9:.0f} GB; margin {MARGIN:.0%} + {OVERHEAD / GIB:.1f} GiB)"
+
+
 def resolve_micro_batch(hparams, run_opts, brain_class, train_set, predictor=None):
     """``micro_batch_size: auto`` -> the plan (on CUDA) or ``null`` (elsewhere); sets ``micro_batch_size`` and
     ``grad_accumulation_factor`` in ``hparams`` before the Brain is built. Returns the plan's log line or None.
@@ -239,8 +272,8 @@ def resolve_micro_batch(hparams, run_opts, brain_class, train_set, predictor=Non
 
     if hparams["micro_batch_size"] != "auto":
         return None
-    device = str(run_opts.get("device") or ("cuda:0" if torch.cuda.is_available() else "cpu"))
-    if not device.startswith("cuda") or hparams["dynamic_batching"]:
+    device = _cuda_device(run_opts)
+    if device is None or hparams["dynamic_batching"]:
         hparams["micro_batch_size"] = None  # today's null: batch_size / GPUs, no accumulation
         hparams["grad_accumulation_factor"] = D.batch_split(
             hparams["batch_size"], None, hparams["dynamic_batching"], hparams["max_batch_length"],
@@ -250,12 +283,71 @@ def resolve_micro_batch(hparams, run_opts, brain_class, train_set, predictor=Non
     free, total, name = device_memory(device)
     predictor = predictor or BrainPredictor(hparams, brain_class, train_set, world)
     picked = plan_micro_batch(predictor, hparams["batch_size"], world, free)
-    gib = f"of {free / GIB:.1f} GiB free on {name} ({total / 1e9:.0f} GB; margin {MARGIN:.0%} + {OVERHEAD / GIB:.1f} GiB)"
+    gib = _where(free, total, name)
     if picked is None:
         raise MemoryPlanError(refusal(*alternatives(predictor, hparams, world, free), predictor.seconds, gib))
     micro, accum, peak = picked
     hparams["micro_batch_size"], hparams["grad_accumulation_factor"] = micro, accum
     line = (f"memory plan: micro-batch {micro} x accum {accum} x {world} GPU{'s' if world > 1 else ''} = global "
             f"{hparams['batch_size']}; predicted {peak / GIB:.1f} GiB {gib}, longest utterance {predictor.seconds:.1f} s")
+    logger.info(line)
+    return line
+
+
+def longest_by_task(train_sets):
+    """{task: (item, seconds)} of the longest training utterance of each task over its sources
+    (``{TaskSplit or 'task[:source]': dataset}``)."""
+    out = {}
+    for tag, dataset in train_sets.items():
+        task = str(getattr(tag, "task", tag)).split(":")[0]
+        item, seconds = longest_item(dataset)
+        if task not in out or seconds > out[task][1]:
+            out[task] = (item, seconds)
+    return out
+
+
+def plan_task_batch(predictor, hparams, task, world, free, where):
+    """One HarmoniFuse task: ``(peak bytes, None)`` when its ``<task>_batch_size`` fits ``free`` bytes, else
+    ``(None, refusal)`` naming the largest batch of that task that fits and the settings that would fit."""
+    want = hparams[f"{task}_batch_size"]
+    picked = largest_fitting(predictor, list(range(want, 0, -1)), lambda m: 1, world, free)
+    if picked is not None and picked[0] == want:
+        return picked[2], None
+    options, base = alternatives(predictor, hparams, world, free, micro=want, accum=1)
+    if picked is not None:
+        options.insert(0, (f"{task}_batch_size {picked[0]} (the largest that fits)", picked[2], True))
+    return None, refusal(options, base, predictor.seconds, where, f"{task}_batch_size {want}")
+
+
+def resolve_task_batches(hparams, run_opts, brain_class, train_sets, predictors=None):
+    """HarmoniFuse's ``micro_batch_size: auto``: each optimizer step is one task's batch (``<task>_batch_size``
+    per process) and consecutive batches are of different tasks, so accumulation would mix tasks in one step:
+    the plan checks, on CUDA, that each task's batch of its longest utterance fits and logs each batch's
+    predicted peak, or stops before any step when a configured batch does not fit, naming the largest batch of
+    that task that fits and the settings that would fit at the configured one. Elsewhere (CPU, dynamic batching)
+    nothing is planned. ``auto`` then reads as ``null``. ``predictors``: {task: BrainPredictor} to reuse."""
+    from lobes import distributed as D
+
+    if hparams["micro_batch_size"] != "auto":
+        return None
+    hparams["micro_batch_size"] = None
+    device = _cuda_device(run_opts)
+    if device is None or hparams["dynamic_batching"]:
+        return None
+    world = D.world_size()
+    free, total, name = device_memory(device)
+    gib, parts, errors = _where(free, total, name), [], []
+    for task, (item, seconds) in longest_by_task(train_sets).items():
+        predictor = (predictors or {}).get(task) or BrainPredictor(hparams, brain_class, world=world, item=item,
+                                                                   seconds=seconds)
+        peak, error = plan_task_batch(predictor, hparams, task, world, free, gib)
+        if error:
+            errors.append(error)
+        else:
+            parts.append(f"{task}_batch_size {hparams[f'{task}_batch_size']} ({peak / GIB:.1f} GiB, {seconds:.1f} s)")
+    if errors:
+        raise MemoryPlanError(" | ".join(errors))
+    line = (f"memory plan: one task batch per optimizer step (no accumulation) x {world} "
+            f"GPU{'s' if world > 1 else ''}: {', '.join(parts)} predicted {gib}")
     logger.info(line)
     return line

@@ -314,17 +314,21 @@ def register_meta_ctc():
     _ctc_lib = lib  # the registration lives as long as this object
 
 
-@contextlib.contextmanager
-def disabled_autocast_on_meta():
-    """HF's rotary embedding opens ``torch.autocast(device_type=x.device.type, enabled=False)``, which torch
-    refuses for "meta"; a disabled autocast does nothing on any device, so on meta it becomes a no-op."""
-    real = torch.autocast
-
+def meta_safe_autocast(real=torch.autocast):
+    """``torch.autocast`` that accepts a disabled autocast on "meta". HF's rotary embedding opens
+    ``torch.autocast(device_type=x.device.type, enabled=False)``, which torch refuses for "meta"; a disabled
+    autocast does nothing on any device, so on meta it becomes a no-op."""
     def autocast(device_type, *args, enabled=True, **kwargs):
         if device_type == "meta" and not enabled:
             return contextlib.nullcontext()
         return real(device_type, *args, enabled=enabled, **kwargs)
-    with mock.patch.object(torch, "autocast", autocast):
+    return autocast
+
+
+@contextlib.contextmanager
+def disabled_autocast_on_meta():
+    """Within it, ``torch.autocast`` is :func:`meta_safe_autocast`."""
+    with mock.patch.object(torch, "autocast", meta_safe_autocast(torch.autocast)):
         yield
 
 

@@ -181,25 +181,41 @@ def plot_layer_weights(weights, path, title=None, first_index=0, figsize=(8, 4.5
     return _save(fig, path, dpi)
 
 
-def plot_lambda_lines(lines, path, title=None, init=0.5, figsize=(8, 4.5), dpi=DEFAULT_DPI):
+def _band_edges(poly, n):
+    """(low, high) per x = 0..n-1 read back from a ``fill_between`` polygon."""
+    xy = poly.get_paths()[0].vertices
+    return np.array([[xy[np.isclose(xy[:, 0], x), 1].min(), xy[np.isclose(xy[:, 0], x), 1].max()]
+                     for x in range(n)]).T
+
+
+def plot_lambda_lines(lines, path, title=None, init=0.5, figsize=(8, 4.5), dpi=DEFAULT_DPI, bands=None):
     """λ per merge group as one line per entry of ``lines`` (``{label: [λ per group]}``, drawing order kept).
 
     The paper's Figures 2 and 3 in their colour order: the first line blue, then orange, green, red (matplotlib's
-    C0..C3). Every line must have the same number of groups. Returns ``(path, plotted)``: ``plotted`` is
-    ``{label: y-data}`` read back from the drawn ``Line2D`` objects, so a caller (or a test) can check what the
-    figure shows against the coefficients it was given.
+    C0..C3). Every line must have the same number of groups. ``bands`` (``{label: (low, high)}``, e.g. the range
+    over seeds around their mean) shades a band in the line's colour. Returns ``(path, plotted)``: ``plotted`` is
+    ``{label: y-data}`` read back from the drawn ``Line2D`` objects, plus ``{label + " band": [low, high]}`` read
+    back from each band, so a caller (or a test) can check what the figure shows against what it was given.
     """
     series = _series(lines, "lines")
     lengths = {name: len(v) for name, v in series.items()}
     if len(set(lengths.values())) != 1:
         raise DataError(f"lines: every λ line needs the same number of merge groups, got {lengths}")
+    bands = bands or {}
+    if set(bands) - set(series):
+        raise DataError(f"bands: no line named {sorted(set(bands) - set(series))}")
     fig = _new_figure(figsize, dpi)
     ax = fig.add_subplot(1, 1, 1)
-    drawn = {}
+    drawn, shaded = {}, {}
     for k, (name, vals) in enumerate(series.items()):
         (line,) = ax.plot(range(len(vals)), vals, color=f"C{k % 10}", marker=MARKERS[k % len(MARKERS)],
                           markersize=4, label=name)
         drawn[name] = line
+        if name in bands:
+            low, high = (_values(b, f"bands['{name}']") for b in bands[name])
+            if not len(low) == len(high) == len(vals):
+                raise DataError(f"bands['{name}']: low / high need {len(vals)} values, got {len(low)} / {len(high)}")
+            shaded[name] = ax.fill_between(range(len(vals)), low, high, color=f"C{k % 10}", alpha=0.2, linewidth=0)
     if init is not None:
         ax.axhline(init, color="gray", linestyle="--", linewidth=0.8, label=f"init ({init:g})")
     _group_axis(ax, next(iter(lengths.values())))
@@ -210,6 +226,7 @@ def plot_lambda_lines(lines, path, title=None, init=0.5, figsize=(8, 4.5), dpi=D
         ax.set_title(title)
     fig.tight_layout()
     plotted = {name: np.asarray(line.get_ydata(), dtype=np.float64) for name, line in drawn.items()}
+    plotted.update({f"{name} band": _band_edges(poly, len(series[name])) for name, poly in shaded.items()})
     return _save(fig, path, dpi), plotted
 
 

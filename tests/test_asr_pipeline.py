@@ -35,10 +35,10 @@ def recipe_asr(load_recipe, mini_iemocap, iemocap_manifests, tmp_path_factory):
     test = asr_datasets(train.iemocap_manifests(hparams, asr=True))["test"]
     batch = sb.dataio.batch.PaddedBatch([test[i] for i in range(len(test))])
     brain.modules.eval()
-    brain.reset_outputs()
+    brain.on_stage_start(sb.Stage.TEST)  # the recipe's collectors
     with torch.no_grad():
         brain.compute_objectives(brain.compute_forward(batch, sb.Stage.TEST), batch, sb.Stage.TEST)
-    hyps = dict(zip(brain.asr_out["ids"], brain.asr_out["hyps"]))
+    hyps = dict(zip(brain.asr["ids"], brain.asr["hyps"]))
     export_ctc_model(brain.modules.wavlm, brain.modules.ctc_head, hparams["export_folder"])  # as train.py
     manifest = json.loads(open(train.iemocap_manifests(hparams, asr=True)["test"]).read())
     return {"hyps": hyps, "export": hparams["export_folder"], "brain": brain,

@@ -25,13 +25,14 @@ Patched, because it reads a value on the host and cannot run on meta: the NaN gu
 :class:`tests.meta_device.HostSyncRecorder`: model and recipe code must not read a device value in the step,
 HarmoniFuse included (``HARMONIFUSE_KNOWN_SYNCS`` lists a recipe's known syncs by source line; it is empty).
 """
-import contextlib
 from pathlib import Path
 
 import meta_device as md  # tests/ is on sys.path (pytest rootdir conftest)
 import pytest
 import speechbrain as sb
 import torch
+
+from lobes.memory_tracking import meta_safe_autocast
 
 REPO = Path(__file__).resolve().parents[1]
 MSP = REPO / "recipes" / "MSP-Podcast"
@@ -161,19 +162,6 @@ def _meta_factored(path, spec):
                           {k: tuple(tv.delta[k].shape) for k in factors})
 
 
-def _disabled_autocast_on_meta(monkeypatch):
-    """HF's rotary embedding opens ``torch.autocast(device_type=x.device.type, enabled=False)``, which torch
-    refuses for "meta"; a disabled autocast does nothing on any device, so on meta it becomes a no-op."""
-    real = torch.autocast
-
-    def autocast(device_type, *args, enabled=True, **kwargs):
-        if device_type == "meta" and not enabled:
-            return contextlib.nullcontext()
-        return real(device_type, *args, enabled=enabled, **kwargs)
-
-    monkeypatch.setattr(torch, "autocast", autocast)
-
-
 def _build(c, tmp_path, load_recipe, tiny_lm):
     from lobes.hparams_io import _yaml, load_hparams, resolve_row
 
@@ -223,8 +211,8 @@ def _train_step(brain, batch, monkeypatch):
 @pytest.mark.parametrize("c", CASES)
 def test_training_step_on_meta_device(c, precision, tmp_path, load_recipe, meta_loaders, tiny_lm, monkeypatch):
     hf = c["kind"] == "hf"
-    if hf:
-        _disabled_autocast_on_meta(monkeypatch)
+    if hf:  # HF's rotary embedding opens a disabled autocast on "meta" (lobes.memory_tracking says why)
+        monkeypatch.setattr(torch, "autocast", meta_safe_autocast(torch.autocast))
     brain, hparams = _build(c, tmp_path, load_recipe, tiny_lm)
     if hf:
         tasks = list(hparams["train_tasks"])

@@ -22,6 +22,7 @@ import torch
 
 from lobes import distributed as D
 from lobes.brains import ToolkitBrain
+from lobes.collectors import ASRCollector, Collector
 from lobes.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,26 +108,29 @@ def toy_dataset(n, seed=0):
 
 
 class ToyBrain(ToolkitBrain):
+    def on_stage_start(self, stage, epoch=None):
+        super().on_stage_start(stage, epoch)
+        self.out, self.asr = Collector("toy", ["pred"]), ASRCollector()
+
     def compute_forward(self, batch, stage):
         return self.modules.net(batch.xt.data)
 
     def compute_objectives(self, pred, batch, stage):
         if stage != sb.Stage.TRAIN:
-            self.ser_out["ids"] += list(batch.id)
-            self.ser_out["pred"] += pred.view(-1).tolist()
-            self.asr_out["ids"] += list(batch.id)  # ASR refs / hyps are gathered the same way
-            self.asr_out["refs"] += [f"REF {u}" for u in batch.id]
-            self.asr_out["hyps"] += [f"{v:.3f}" for v in pred.view(-1).tolist()]
+            keep = [i for i, u in enumerate(batch.id) if u not in self.drop]  # a collector that loses rows
+            self.out.add(ids=[batch.id[i] for i in keep], pred=[pred.view(-1)[i].item() for i in keep])
+            self.asr.add(ids=batch.id, refs=[f"REF {u}" for u in batch.id],  # ASR rows are gathered the same way
+                         hyps=[f"{v:.3f}" for v in pred.view(-1).tolist()])
         return torch.nn.functional.mse_loss(pred, batch.yt.data)  # a per-sample mean: batch-size invariant
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:
             self.optimizer_steps_per_epoch = self.optimizer_step
             return
-        local = self._eval_count  # utterances this rank ran itself
-        self.sync_outputs()
-        self.eval_result = {"local": local, "ids": self.ser_out["ids"], "pred": self.ser_out["pred"],
-                            "asr": [self.asr_out["ids"], self.asr_out["refs"], self.asr_out["hyps"]],
+        local = self.shards.count  # utterances this rank ran itself
+        self.gather(self.out, self.asr)
+        self.eval_result = {"local": local, "ids": self.out["ids"], "pred": self.out["pred"],
+                            "asr": [self.asr["ids"], self.asr["refs"], self.asr["hyps"]],
                             "loss": self.stage_loss(stage, stage_loss)}
 
 
@@ -138,7 +142,8 @@ class _NoTrainLog:
 
 
 def toy_hparams(batch, micro, world, max_grad_norm=0.05):
-    h = {"train_logger": _NoTrainLog(), "use_tensorboard": False, "use_wandb": False,
+    h = {"train_logger": _NoTrainLog(), "use_tensorboard": False, "use_wandb": False, "lr_schedulers": {},
+         "train_log": "unused", "curves_plot": None, "output_folder": "unused",
          "batch_size": batch, "micro_batch_size": micro, "dynamic_batching": False, "max_batch_length": 1.0,
          "micro_batch_length": None, "sorting": "ascending", "num_workers": 0, "backbone_modules": [],
          "backbone_opt_class": None, "max_grad_norm": max_grad_norm, "emotion_classes": []}
@@ -146,7 +151,7 @@ def toy_hparams(batch, micro, world, max_grad_norm=0.05):
     return h
 
 
-def run_toy(batch, micro, world, n_train, n_eval, eval_batch):
+def run_toy(batch, micro, world, n_train, n_eval, eval_batch, drop=()):
     from lobes.dataio import loader_kwargs
 
     torch.manual_seed(0)
@@ -154,6 +159,7 @@ def run_toy(batch, micro, world, n_train, n_eval, eval_batch):
     net = torch.nn.Linear(N_FEAT, 1)
     brain = ToyBrain(modules={"net": net}, opt_class=lambda p: torch.optim.SGD(p, lr=0.1), hparams=h,
                      run_opts={"device": "cpu", "distributed_backend": "gloo", "noprogressbar": True})
+    brain.drop = set(drop)
     counter = sb.utils.epoch_loop.EpochCounter(1)
     train = toy_dataset(n_train)
     brain.fit(counter, train, train_loader_kwargs=loader_kwargs(h, train, train=True))
@@ -227,6 +233,58 @@ def test_shard_batches_cover_every_utterance_once():
     assert batches == [[[0, 1, 2], [9, 10]], [[3, 4, 5]], [[6, 7, 8]]]
     assert shards[0][1] == [f"u{i:03d}" for i in range(11)]
     assert "batch_size" not in shards[0][0] and shards[0][0]["num_workers"] == 0
+
+
+# ------------------------------------------------------ gathered outputs are the evaluated set (issue 22 item 6)
+def _ranks(monkeypatch, parts):
+    """Simulate a 2-rank all_gather_object: every rank receives ``parts``."""
+    monkeypatch.setattr(D, "all_gather", lambda obj: parts)
+    return parts[0]
+
+
+def test_a_gathered_set_missing_an_utterance_fails_loudly_naming_it(monkeypatch):
+    order = [f"u{i}" for i in range(6)]  # batches of 2: rank 0 ran [u0, u1] and [u4, u5], rank 1 [u2, u3]
+    mine = _ranks(monkeypatch, [{"ids": ["u0", "u1", "u5"], "pred": [0, 1, 5]},   # rank 0 lost u4
+                                {"ids": ["u2", "u3"], "pred": [2, 3]}])
+    with pytest.raises(DataError, match=r"gathered ser do not cover the 6 evaluated utterances once each: "
+                                        r"missing 1: \['u4'\]"):
+        D.gather_rows(mine, order, what="ser")
+    mine = _ranks(monkeypatch, [{"ids": ["u0", "u1", "u4", "u5"], "pred": [0, 1, 4, 5]},
+                                {"ids": ["u2", "u3"], "pred": [2, 3]}])
+    assert D.gather_rows(mine, order) == {"ids": order, "pred": [0, 1, 2, 3, 4, 5]}
+
+
+def test_a_gathered_duplicate_stranger_or_subset_fails_loudly(monkeypatch):
+    order = [f"u{i}" for i in range(4)]
+    mine = _ranks(monkeypatch, [{"ids": ["u0", "u1"], "loss": [0.5, 0.25]}, {"ids": ["u1", "u2", "u3"],
+                                                                          "loss": [1, 2, 3]}])
+    with pytest.raises(DataError, match=r"duplicated 1: \['u1'\]"):  # was kept once, silently
+        D.gather_rows(mine, order)
+    mine = _ranks(monkeypatch, [{"ids": ["u0", "u1"], "loss": [0.5, 1]}, {"ids": ["u2", "x9"], "loss": [1, 2]}])
+    with pytest.raises(DataError, match=r"missing 1: \['u3'\]; not in the evaluated set 1: \['x9'\]"):
+        D.gather_rows(mine, order)
+    # one row per batch (a subset of the evaluated set) is no longer a valid gather: per-utterance rows only
+    mine = _ranks(monkeypatch, [{"ids": ["u2"], "loss": [0.5]}, {"ids": ["u0"], "loss": [1]}])
+    with pytest.raises(DataError, match=r"gathered outputs do not cover the 4 evaluated utterances once each: "
+                                        r"missing 2: \['u1', 'u3'\]"):
+        D.gather_rows(mine, order)
+    mine = _ranks(monkeypatch, [{"ids": ["u2", "u3"], "loss": [0.5, 0.5]}, {"ids": ["u0", "u1"], "loss": [1, 1]}])
+    assert D.gather_rows(mine, order) == {"ids": order, "loss": [1, 1, 0.5, 0.5]}
+
+
+def test_a_brain_whose_collector_drops_an_utterance_fails_at_the_stage_end():
+    with pytest.raises(DataError, match=r"gathered toy do not cover the 10 evaluated utterances once each: "
+                                        r"missing 1: \['u007'\]"):
+        run_toy(16, 4, 1, 16, 10, 4, drop=("u007",))
+
+
+def test_evaluation_batches_that_skip_or_repeat_an_utterance_are_refused():
+    ds = toy_dataset(5)
+    with pytest.raises(DataError, match=r"evaluation batches do not cover the 5 evaluated utterances once each: "
+                                        r"missing 1: \['u002'\]"):
+        D.shard_batches(ds, {"batch_sampler": [[0, 1], [3, 4]]}, rank_=0, world=2)
+    with pytest.raises(DataError, match=r"duplicated 1: \['u001'\]"):
+        D.shard_batches(ds, {"batch_sampler": [[0, 1], [1, 2, 3, 4]]}, rank_=0, world=2)
 
 
 # ----------------------------------------------------------------------------------------- the SER recipe

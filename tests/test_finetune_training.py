@@ -38,6 +38,9 @@ class ToyBrain(ToolkitBrain):
     def compute_objectives(self, pred, batch, stage):
         return torch.nn.functional.mse_loss(pred, batch[1])
 
+    def on_stage_end(self, stage, stage_loss, epoch=None):  # log, anneal, checkpoint: as every recipe does
+        self.log_and_checkpoint(stage, stage_loss, epoch, {})
+
     def optimizers_step(self):
         if len(self.used_lrs) == self.stop_at:
             raise _Stop

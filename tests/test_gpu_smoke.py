@@ -24,19 +24,30 @@ def test_memory_columns_divide_the_measured_peaks_by_the_prediction(smoke):
     assert len(smoke.MEMORY_HEADER) == 5
 
 
-def test_the_prediction_is_of_the_rows_settings_micro_batch_duration_and_precision(smoke, monkeypatch):
-    from tools import plan_memory as PM
+def test_the_prediction_is_brain_predictors_of_the_measured_modules_batch_and_precision(smoke, monkeypatch):
+    """Every row gets a prediction: BrainPredictor on the measured hparams with one of the measured utterances,
+    at --batch and the run's precision; HarmoniFuse the larger of its task batches."""
+    import lobes.memory_plan as MP
 
     seen = []
-    monkeypatch.setattr(PM, "predict", lambda settings, batch, seconds, gpus, shape: seen.append(
-        (settings, batch, seconds, gpus, shape)) or {"peak": 3 * PM.GIB})
-    args = argparse.Namespace(tiny=False, batch=8, seconds=11.0)
+
+    class Recorder:
+        def __init__(self, hparams, brain_class, item=None, seconds=None):
+            self.task = item.get("task")
+            seen.append((hparams, brain_class, sorted(item), item["sig"].shape[0], seconds))
+
+        def __call__(self, micro, precision=None):
+            seen.append((self.task, micro, precision))
+            return {"model": {"asr": 1, "ser": 3, None: 2}[self.task] * MP.GIB, "dynamic_peak": 0, "kernel_temp": 0,
+                    "trainable": 0}
+    monkeypatch.setattr(MP, "BrainPredictor", Recorder)
+    args = argparse.Namespace(batch=8, seconds=11.0)
     cases = {c[0]: c for c in smoke.CASES}
-    assert smoke.predicted_gib(cases["adaltm_setup4_dual-fused"], args, "bf16") == 3.0
-    settings, batch, seconds, gpus, shape = seen[-1]
-    assert (batch, seconds, gpus, shape) == (8, 11.0, 1, "large")
-    assert settings["merge_impl"] == "fused" and settings["precision"] == "bf16" and settings["num_vectors"] == 2
-    smoke.predicted_gib(cases["adaltm_setup4_dual-gc_cnn"], args, "fp32")
-    assert seen[-1][0]["gradient_checkpointing"] == "cnn" and seen[-1][0]["merge_impl"] == "materialized"
-    assert seen[-1][0]["precision"] == "fp32"
-    assert smoke.predicted_gib(cases["ser"], args, "bf16") is None and len(seen) == 2  # the planner has no SER model
+    hparams = {"train_tasks": ["asr", "ser"]}
+    assert smoke.predicted_gib(cases["harmonifuse_full"], hparams, "HFBrain", args, "bf16") == 3.0
+    assert seen == [(hparams, "HFBrain", sorted(["id", "sig", "wrd", "tokens", "task"]), 176000, 11.0), ("asr", 8, "bf16"),
+                    (hparams, "HFBrain", sorted(["id", "sig", "emo_idx", "soft_label", "spk_id", "task"]), 176000, 11.0),
+                    ("ser", 8, "bf16")]
+    seen.clear()
+    assert smoke.predicted_gib(cases["ser"], {}, "SERBrain", args, "fp32") == 2.0
+    assert seen[1] == (None, 8, "fp32") and "soft_label" in seen[0][2] and "task" not in seen[0][2]

@@ -116,6 +116,7 @@ def test_an_extra_ser_source_is_interleaved_at_its_ratio(msp_manifests, libri_ma
     pseudo = {f"pseudo_{k}": v for k, v in sorted(data.items())[:6]}
     (tmp_path / "pseudo.json").write_text(json.dumps(pseudo))
     h = {"train_tasks": ["asr", "ser"], "ser_extra_sources": {"pseudo": str(tmp_path / "pseudo.json")},
+         "pseudo_label_threshold": 0.0,
          "interleave_ratio": {"asr": 1, "ser": 1, "ser:pseudo": 2}, "interleave_length": 8,
          "interleave_order": "round_robin", "seed": 1, "num_workers": 0, "dynamic_batching": False,
          "asr_batch_size": 2, "ser_batch_size": 2, "libri_prep_folder": str(libri_manifests),
@@ -253,6 +254,9 @@ def test_rows_override_only_their_keys():
               "lm_frozen": {"lm_mode": "frozen"},
               "lm_full": {"lm_mode": "full", "backbone_modules": ["speech_lm.encoder", "speech_lm.lm"]},
               "soft_prompts": {"prompt_mode": "soft"}, "channel_gate": {"encoder_gate": "channel"},
+              "gpu_llm_lora": {"lm_source": "Qwen/Qwen2.5-0.5B", "lm_mode": "lora", "lm_dtype": "bfloat16",
+                               "lm_gradient_checkpointing": True, "lm_attn_implementation": "sdpa",
+                               "precision": "bf16", "gradient_checkpointing": True},
               "iemocap_ser": {"ser_corpus": "iemocap", "msp_folder": None,
                               "emotion_classes": ["neu", "hap", "ang", "sad"]}}
     for task, other in (("asr", "msp_folder"), ("ser", "libri_folder")):
@@ -350,8 +354,9 @@ def test_recipe_writes_checkpoint_of_trainable_parameters_only(trained):
     assert not any(k.startswith("encoder.model.feature_extractor.") for k in state)  # ... but not its CNN
     assert "encoder.model.masked_spec_embed" not in state               # unused: frozen (DDP)
     lm = sorted(k for k in state if k.startswith("lm."))                # only the LoRA adapters of the LM:
-    assert len(lm) == 4 * 4 * 2 and all(".lora_A." in k or ".lora_B." in k for k in lm)  # 4 layers x q,k,v,o x A,B
-    assert state[lm[0]].shape in ((8, 32), (32, 8))                     # rank 8, LM width 32
+    # lora_target_modules all-linear: 4 layers x (q, k, v, o, gate, up, down) x A, B
+    assert len(lm) == 4 * 7 * 2 and all(".lora_A." in k or ".lora_B." in k for k in lm)
+    assert {state[k].shape for k in lm} == {(8, 32), (32, 8), (8, 64), (64, 8)}  # rank 8; LM width 32, MLP 64
 
 
 def test_recipe_metrics_hold_wer_ua_wa(trained):
@@ -532,7 +537,7 @@ def test_combined_loss_counts_each_task_once_whatever_its_splits_and_batches():
     ev = TaskLosses()
     for i, (tag, loss) in enumerate((("asr:test-clean", 1.0), ("asr:test-clean", 3.0), ("asr:test-other", 4.0),
                                      ("ser:test", 0.5), ("ser:test", 1.5), ("ser:test", 1.0))):
-        ev.add_eval(f"u{i}", TaskSplit.parse(tag), torch.tensor(loss))
+        ev.add_eval([f"u{i}a", f"u{i}b"], TaskSplit.parse(tag), torch.tensor(loss))  # a batch counts once
     means = {str(t): v for t, v in ev.means().items()}
     assert means == {"asr:test-clean": 2.0, "asr:test-other": 4.0, "ser:test": 1.0}
     assert ev.combined() == pytest.approx((2.0 + 4.0) / 2 + 1.0, abs=1e-12)   # ASR splits averaged, then + SER
@@ -541,6 +546,32 @@ def test_combined_loss_counts_each_task_once_whatever_its_splits_and_batches():
         tr.add_train(TaskSplit.parse(tag), torch.tensor(loss))
     assert {str(t): v for t, v in tr.means().items()} == {"asr": 3.0, "ser": 1.0, "ser:pseudo": 3.0}
     assert tr.combined() == pytest.approx(3.0 + (1.0 + 3.0) / 2, abs=1e-12)
+
+
+def test_each_split_output_is_gathered_against_its_split_and_a_dropped_utterance_fails_naming_it():
+    """Per-split collectors are checked against the split's evaluated utterances (from the gathered per-utterance
+    losses): an SER output lost for one utterance fails loudly instead of being scored on a subset."""
+    from lobes.harmonifuse import reporting as R
+    from lobes.harmonifuse.task_losses import TaskLosses
+
+    classes = ["Anger", "Neutral"]
+    asr, ser = TaskSplit("asr", "test-clean"), TaskSplit("ser", "test")
+    losses = TaskLosses()
+    losses.add_eval(["a1", "a2"], asr, torch.tensor(2.0))
+    losses.add_eval(["s1", "s2"], ser, torch.tensor(1.0))
+    losses.add_eval(["s3"], ser, torch.tensor(3.0))
+    assert losses.split_orders() == {asr: ["a1", "a2"], ser: ["s1", "s2", "s3"]}
+    assert {str(t): v for t, v in losses.means().items()} == {"asr:test-clean": 2.0, "ser:test": 2.0}
+    out = {ser: R.split_collector(ser, classes)}   # ASR was not decoded on this rank: an empty collector joins
+    out[ser].add_generated(["s1", "s2", "s3"], torch.tensor([0, 1, 1]), ["Anger", " Neutral", "happy"], ["p"] * 3)
+    got = R.gather_by_split(losses, out, classes)
+    assert list(got) == [asr, ser] and len(got[asr]) == 0 and got[ser]["pred"] == [0, 1, 2]  # 2 = invalid
+    assert got[ser].summary() == {"UA": 75.0, "WA": 66.67, "invalid": 1}  # recalls 1 and 1/2
+    out[ser] = R.split_collector(ser, classes)
+    out[ser].add_generated(["s1", "s3"], torch.tensor([0, 1]), ["Anger", "Neutral"], ["p"] * 2)
+    with pytest.raises(DataError, match=r"gathered ser:test outputs do not cover the 3 evaluated utterances once "
+                                        r"each: missing 1: \['s2'\]"):
+        R.gather_by_split(losses, out, classes)
 
 
 def test_task_batches_come_from_the_shared_sampler_builder(msp_manifests):

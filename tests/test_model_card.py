@@ -73,3 +73,92 @@ def test_card_without_metrics_or_export(adaltm_exp, tmp_path):  # noqa: F811
     text = model_card(copy)
     assert "_No metrics.json" in text and _metric_rows(text) == []
     assert "Plain transformers" not in text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub metadata (huggingface_hub's ModelCard / ModelCardData, offline) and --push_to_hub
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def offline(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:]}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_card_header_is_hub_metadata_with_the_metrics_and_cis(adaltm_exp, offline):  # noqa: F811
+    from huggingface_hub import ModelCard
+
+    exp, _, _ = adaltm_exp
+    text = model_card(exp)
+    assert text.startswith("---\n")
+    data = ModelCard(text, ignore_metadata_errors=False).data  # the hub's own parser, no network
+    assert (data.language, data.license, data.datasets) == ("en", "mit", ["MSP-Podcast"])  # from adaltm.yaml
+    assert data.pipeline_tag == "audio-classification" and data.base_model is None  # W_base is a local folder here
+    assert {"speech-emotion-recognition", "task-vectors", "wavlm"} <= set(data.tags)
+    assert data.model_name == "Setup 4: Proposed Dual-Vector"
+    test = json.loads((exp / "metrics.json").read_text())["test"]
+    got = {r.metric_type: r for r in data.eval_results}
+    assert sorted(got) == ["accuracy", "f1", "precision", "uar"] and data.metrics == sorted(got)
+    assert got["accuracy"].metric_value == round(100 * test["accuracy"], 2) and "accuracy_ci" not in test
+    assert (got["accuracy"].metric_name, got["accuracy"].metric_args) == ("Accuracy (WA) (%)", None)
+    for key, metric in (("uar", "uar"), ("precision", "precision"), ("macro_f1", "f1")):
+        r, ci = got[metric], test[f"{key}_ci"]
+        assert r.metric_value == round(100 * test[key], 2)
+        assert (r.metric_args["ci_low"], r.metric_args["ci_high"]) == (round(100 * ci[0], 2), round(100 * ci[1], 2))
+        assert r.metric_args["num_bootstraps"] == 20 and r.metric_args["ci_level"] == 0.95
+        assert f"95% CI [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" in r.metric_name
+        assert (r.task_type, r.dataset_name, r.dataset_split) == ("audio-classification", "MSP-Podcast", "Test1")
+
+
+def test_card_metadata_hand_computed(tmp_path):
+    from lobes.errors import DataError
+    from tools.model_card import card_metadata, hub_id
+
+    (tmp_path / "models" / "wavlm").mkdir(parents=True)
+    assert hub_id("microsoft/wavlm-large", tmp_path) == "microsoft/wavlm-large"
+    assert hub_id("models/wavlm", tmp_path) is None  # a folder where training ran
+    assert hub_id(str(tmp_path / "models" / "wavlm"), tmp_path) is None
+    hp = {"language": "en", "license": "apache-2.0", "datasets": ["IEMOCAP"], "wavlm_source": "microsoft/wavlm-large",
+          "test_splits": ["Test1", "Test2"], "modules": {}}
+    metrics = {"test": {"uar": 0.61234, "uar_ci": [0.6, 0.625], "accuracy": 0.5, "ci_level": 0.9}, "wer": 0.2309}
+    data = card_metadata(hp, "MTL", metrics, tmp_path, "mtl row")
+    assert data.base_model == "microsoft/wavlm-large" and data.license == "apache-2.0"
+    uar, acc, wer = data.eval_results
+    assert (uar.metric_value, uar.metric_name, uar.metric_args["ci_level"]) == (61.23, "UAR (%, 90% CI [60.00, 62.50])",
+                                                                               0.9)
+    assert (acc.metric_value, acc.metric_name, acc.metric_args) == (50.0, "Accuracy (WA) (%)", None)
+    assert (wer.task_type, wer.metric_type, wer.metric_value) == ("automatic-speech-recognition", "wer", 23.09)
+    assert uar.dataset_split == "Test1, Test2" and data.tags[-2:] == ["multi-task", "ctc"]
+    del hp["license"]
+    with pytest.raises(DataError, match=r"hyperparams.yaml: lacks \['license'\]"):
+        card_metadata(hp, "MTL", metrics, tmp_path, "mtl row")
+
+
+def test_push_to_hub_only_with_the_option(adaltm_exp, tmp_path, monkeypatch, offline):  # noqa: F811
+    """Without --push_to_hub nothing reaches the hub (the network is refused); with it, one commit holds the card,
+    its plots and the export folder, and the card's snippets name the repo."""
+    from huggingface_hub import HfApi
+
+    from tools.model_card import main
+
+    exp, _, _ = adaltm_exp
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: calls.append(("create_repo", a, k)))
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo, ops, **k: calls.append(
+        ("create_commit", repo, sorted(op.path_in_repo for op in ops))) or "commit-url")
+    hf = tmp_path / "hf_export"
+    hf.mkdir()
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_wavlm_emotion.py"):
+        (hf / name).write_text("{}")
+    assert main([str(exp), "--hf_export", str(hf)]) == 0
+    assert calls == []
+    assert main([str(exp), "--hf_export", str(hf), "--push_to_hub", "someone/ser-model"]) == 0
+    assert calls[0] == ("create_repo", ("someone/ser-model",), {"repo_type": "model", "exist_ok": True})
+    assert calls[1] == ("create_commit", "someone/ser-model",
+                        ["README.md", "alphas.png", "config.json", "confusion.png", "lambdas.png",
+                         "model.safetensors", "modeling_wavlm_emotion.py", "preprocessor_config.json"])
+    card = (exp / "README.md").read_text()
+    assert 'pipeline("audio-classification", model="someone/ser-model", trust_remote_code=True)' in card
+    assert "library_name: transformers" in card

@@ -86,36 +86,89 @@ def test_model_bytes_of_the_merge_options():
     assert large / PM.GIB == pytest.approx(4 * 315.46e6 * 4 / PM.GIB, rel=2e-3)
 
 
-def test_plan_picks_largest_fitting_micro_batch_then_checkpointing():
-    p1, p2 = (PM.predict(SETTINGS, b, 0.5, shape=TINY)["peak"] for b in (1, 2))
-    gb = (p1 + 3.5 * (p2 - p1)) / 1e9  # micro-batch 4 fits, 8 does not ("GB": 1e9 bytes)
-    plan = PM.plan(SETTINGS, 0.5, 1, gb, margin=0, overhead_gib=0, shape=TINY)
-    assert (plan["micro_batch_size"], plan["grad_accumulation_factor"], plan["gradient_checkpointing"]) == (4, 8, False)
-    plan = PM.plan(SETTINGS, 0.5, 2, gb, margin=0, overhead_gib=0, shape=TINY)
-    assert (plan["micro_batch_size"], plan["grad_accumulation_factor"], plan["effective_batch"]) == (4, 4, 32)
-    # micro-batch 1 does not fit without checkpointing: recompute the CNN in backward (before all groups)
-    cnn = PM.predict({**SETTINGS, "gradient_checkpointing": "cnn"}, 1, 0.5, shape=TINY)["peak"]
-    assert cnn < p1
-    plan = PM.plan(SETTINGS, 0.5, 1, (cnn + p1) / 2 / 1e9, margin=0, overhead_gib=0, shape=TINY)
-    assert (plan["micro_batch_size"], plan["grad_accumulation_factor"], plan["gradient_checkpointing"]) == (1, 32, "cnn")
-    assert PM.fits(p1, p1 / 1e9, margin=0, overhead_gib=0)  # a "GB" is 1e9 bytes
-    assert not PM.fits(p1, p1 / 1e9, margin=0.15, overhead_gib=0)  # the margin is applied
+TINY_LM = json.dumps({"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2})
+HF_YAML = "recipes/MSP-Podcast/harmonifuse/hparams/harmonifuse.yaml"
 
 
-def test_read_row_and_cli(tmp_path, capsys):
-    s = PM.read_row(ROW)
-    assert (s["num_vectors"], s["lambda_mode"], s["merge_impl"], s["delta_dtype"]) == (2, "layerwise", "materialized",
-                                                                                        None)
-    row = tmp_path / "row.yaml"
-    row.write_text(f"base_hparams: {(PM.REPO / ROW).parent / '..' / 'adaltm.yaml'}\nexperiment: x\n"
-                   "delta_dtype: !name:torch.bfloat16\ngradient_checkpointing: cnn\n")
-    s = PM.read_row(row)
-    assert (s["num_vectors"], s["delta_dtype"], s["gradient_checkpointing"]) == (0, "bfloat16", "cnn")
-    out = PM.main([ROW, "--batch", "2", "--max_duration", "0.5", "--shape", TINY, "--json", str(tmp_path / "p.json")])
-    assert "per GPU" in capsys.readouterr().out
+def test_cli_plans_any_recipe_through_its_brain(tmp_path, capsys):
+    """tools.plan_memory on a non-AdaLTM YAML: the recipe's own Brain (SERBrain) on meta; the printed and saved
+    prediction is BrainPredictor's, and each GPU setup gets micro_batch_size: auto's plan."""
+    from lobes.memory_plan import BrainPredictor, peak_bytes, plan_micro_batch
+
+    yaml = "recipes/MSP-Podcast/ser/hparams/train_ser.yaml"
+    out = PM.main([yaml, "--batch", "2", "--max_duration", "0.5", "--shape", TINY, "--plans",
+                   "--json", str(tmp_path / "p.json")])
+    assert out["brain"] == "SERBrain" and "per GPU" in capsys.readouterr().out
+    hparams, brain = PM.load_meta_recipe(yaml, shape=TINY)
+    pred = BrainPredictor(hparams, brain, item=PM.synthetic_item(hparams, 0.5), seconds=0.5)
     saved = json.loads((tmp_path / "p.json").read_text())
-    assert saved["prediction"]["peak"] == out["prediction"]["peak"] == PM.predict(
-        {**PM.read_row(ROW)}, 2, 0.5, shape=TINY)["peak"]
+    assert saved["predictions"]["None"]["dynamic_peak"] == out["predictions"]["None"]["dynamic_peak"] == \
+        pred(2)["dynamic_peak"]
+    assert [p["plan"] for p in out["plans"]] == [
+        plan_micro_batch(pred, hparams["batch_size"], gpus, gb * 1e9 - 0.5 * PM.GIB) for gpus, gb in PM.GPU_SETUPS]
+    assert peak_bytes(pred(2), 1, 2) - peak_bytes(pred(2), 1, 1) == pred(2)["trainable"]  # DDP buckets
+
+
+class _Items:
+    """A training set of ready elements (what longest_item reads: ``data`` durations, ``data_ids``, items)."""
+
+    def __init__(self, *items_seconds):
+        self.items = [i for i, _ in items_seconds]
+        self.data = {i["id"]: {"duration": s} for i, s in items_seconds}
+        self.data_ids = list(self.data)
+
+    def __getitem__(self, k):
+        return self.items[k]
+
+
+@pytest.fixture(scope="module")
+def harmonifuse_meta():
+    """HarmoniFuse (LoRA LM) at tiny shape on meta, its Brain, and per task a training set whose longest
+    utterance is 2 s (ASR) / 1.5 s (SER)."""
+    hparams, brain = PM.load_meta_recipe(HF_YAML, shape=TINY, lm_shape=TINY_LM)
+    assert brain.__name__ == "HarmoniFuseBrain" and hparams["micro_batch_size"] == "auto"  # the default
+    sets = {task: _Items((PM.synthetic_item(hparams, 1.0, task, 0), 1.0), (PM.synthetic_item(hparams, s, task, 1), s))
+            for task, s in (("asr", 2.0), ("ser", 1.5))}
+    return hparams, brain, sets
+
+
+def test_harmonifuse_auto_checks_each_task_batch(harmonifuse_meta, monkeypatch, caplog):
+    """One task batch per optimizer step, no accumulation: a GPU where ASR batch 8 does not fit is refused,
+    naming the largest ASR batch that fits (3); with room for both, the plan line names both batches."""
+    import logging
+
+    from lobes.memory_plan import GIB, MARGIN, OVERHEAD, BrainPredictor, MemoryPlanError, resolve_task_batches
+
+    hparams, brain, sets = harmonifuse_meta
+    asr = BrainPredictor(hparams, brain, sets["asr"])
+    ser = BrainPredictor(hparams, brain, sets["ser"])
+    assert (asr.seconds, ser.seconds) == (2.0, 1.5)  # the longest of each task
+
+    def peak(pred, b):
+        return pred(b)["model"] + pred(b)["dynamic_peak"] + pred(b)["kernel_temp"]
+    assert peak(asr, 4) > peak(asr, 3) > peak(ser, 1)
+    h = dict(hparams, ser_batch_size=1)
+    free = int(peak(asr, 3) * (1 + MARGIN) + OVERHEAD) + 1  # ASR 3 fits, 4 does not
+    _gpu(monkeypatch, (free + CONTEXT) / 1e9, "small GPU")
+    with pytest.raises(MemoryPlanError) as err:
+        resolve_task_batches(h, {"device": "cuda:0"}, brain, sets, predictors={"asr": asr, "ser": ser})
+    msg = str(err.value)
+    assert msg.startswith(f"memory plan: asr_batch_size 8 of 2.0 s needs {peak(asr, 8) / GIB:.1f} GiB predicted")
+    assert f"Settings that would fit: asr_batch_size 3 (the largest that fits) ({peak(asr, 3) / GIB:.1f} GiB)" in msg
+    assert "ser_batch_size" not in msg  # SER batch 1 fits
+    h = dict(hparams)
+    free = int(max(peak(asr, 8), peak(ser, 8)) * (1 + MARGIN) + OVERHEAD) + 1
+    _gpu(monkeypatch, (free + CONTEXT) / 1e9, "big GPU")
+    with caplog.at_level(logging.INFO, logger="lobes.memory_plan"):
+        line = resolve_task_batches(h, {"device": "cuda:0"}, brain, sets, predictors={"asr": asr, "ser": ser})
+    assert line == (f"memory plan: one task batch per optimizer step (no accumulation) x 1 GPU: asr_batch_size 8 "
+                    f"({peak(asr, 8) / GIB:.1f} GiB, 2.0 s), ser_batch_size 8 ({peak(ser, 8) / GIB:.1f} GiB, 1.5 s) "
+                    f"predicted of {free / GIB:.1f} GiB free on big GPU ({(free + CONTEXT) / 1e9:.0f} GB; margin 15% "
+                    "+ 1.0 GiB)")
+    assert line in caplog.text and h["micro_batch_size"] is None
+    h = dict(hparams)
+    assert resolve_task_batches(h, {"device": "cpu"}, brain, sets) is None and h["micro_batch_size"] is None
 
 
 @pytest.mark.parametrize("bad", ["huge"])

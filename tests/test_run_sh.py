@@ -73,7 +73,7 @@ def _calls(tmp_path):
 
 
 def test_options_and_overrides_after_double_dash_reach_train_py(tmp_path):
-    proc = _bash(["recipes/IEMOCAP/run.sh", "--stage", "2", "--stop_stage", "2", "--folds", "1 3", "--seed", "7",
+    proc = _bash(["recipes/IEMOCAP/run.sh", "--stage", "2", "--stop_stage", "2", "--folds", "1 3", "--seeds", "7",
                   "--data_folder", "/corpora/IEMOCAP", "--exp", str(tmp_path / "e"), "--ser_args",
                   "--lr=0.2 --head_hidden=16", "--", "--lr=0.5", "--number_of_epochs=2"],
                  PYTHON=str(_fake_python(tmp_path)))
@@ -191,3 +191,96 @@ def test_a_run_sh_without_the_node_options_is_refused_naming_them(tmp_path):
     proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1 and "ran" not in proc.stdout
     assert f"{script}: declares no option node_rank (every run.sh has nnodes, node_rank, master_addr," in proc.stderr
+
+
+def _train_calls(tmp_path):
+    """(train.py path relative to recipes/, its --seed values) of every recorded train.py call."""
+    out = []
+    for call in _calls(tmp_path):
+        args = call.split()
+        if args[0].endswith("train.py"):
+            out.append((args[0].split("/recipes/")[1], [a for a in args if a.startswith("--seed=")]))
+    return out
+
+
+def test_seeds_train_every_row_once_per_seed_and_the_source_models_once(tmp_path):
+    proc = _bash(["recipes/MSP-Podcast/adaltm/run.sh", "--stage", "1", "--stop_stage", "3", "--seeds", "1986 7",
+                  "--rows", "setup4_dual", "--mtl_rows", "static_init", "--data_folder", "d", "--libri_folder", "l",
+                  "--exp", str(tmp_path / "e")], PYTHON=str(_fake_python(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    assert _train_calls(tmp_path) == [
+        ("MSP-Podcast/asr_ctc/train.py", ["--seed=1986"]), ("LibriSpeech/asr_ctc/train.py", ["--seed=1986"]),
+        ("MSP-Podcast/ser/train.py", ["--seed=1986"]),
+        ("MSP-Podcast/adaltm/train.py", ["--seed=1986"]), ("MSP-Podcast/mtl/train.py", ["--seed=1986"]),
+        ("MSP-Podcast/adaltm/train.py", ["--seed=7"]), ("MSP-Podcast/mtl/train.py", ["--seed=7"])]
+    assert sum("extract_task_vector" in c for c in _calls(tmp_path)) == 3  # one set of task vectors
+    (tmp_path / "calls").unlink()
+    proc = _bash(["recipes/IEMOCAP/run.sh", "--stage", "2", "--stop_stage", "3", "--seeds", "5 6", "--folds", "1",
+                  "--rows", "setup4_dual", "--data_folder", "d", "--exp", str(tmp_path / "i")],
+                 PYTHON=str(_fake_python(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    assert _train_calls(tmp_path) == [("IEMOCAP/ser/train.py", ["--seed=5"]),
+                                      ("IEMOCAP/adaltm/train.py", ["--seed=5"]), ("IEMOCAP/adaltm/train.py", ["--seed=6"])]
+    (tmp_path / "calls").unlink()
+    proc = _bash(["recipes/MSP-Podcast/harmonifuse/run.sh", "--stage", "1", "--stop_stage", "1", "--seeds", "1 2",
+                  "--rows", "full", "--msp_folder", "m", "--libri_folder", "l", "--exp", str(tmp_path / "h")],
+                 PYTHON=str(_fake_python(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    assert _train_calls(tmp_path) == [("MSP-Podcast/harmonifuse/train.py", ["--seed=1"]),
+                                      ("MSP-Podcast/harmonifuse/train.py", ["--seed=2"])]
+    proc = _bash(["recipes/MSP-Podcast/harmonifuse/run.sh", "--seeds", "1 x", "--msp_folder", "m",
+                  "--libri_folder", "l"], PYTHON=str(_fake_python(tmp_path)))
+    assert proc.returncode == 1 and "--seeds: 'x' is not a non-negative integer" in proc.stderr
+
+
+@pytest.mark.parametrize("seeds", ["1986", "1986 7"])
+def test_stage4_summarises_the_selected_seeds(tmp_path, seeds):
+    exp = tmp_path / "e"
+    for row in ("setup1_frozen", "setup4_dual", "out_of_domain_dual"):
+        for seed in ("1986", "7"):
+            (exp / "rows" / row / seed).mkdir(parents=True)
+            (exp / "rows" / row / seed / "metrics.json").write_text("{}")
+            (exp / "rows" / row / seed / "predictions.csv").write_text("")  # the marks need them
+    (exp / "results").mkdir()
+    for name in ("table.md", "table_seeds.md"):
+        (exp / "results" / name).write_text("")
+    proc = _bash(["recipes/MSP-Podcast/adaltm/run.sh", "--stage", "4", "--seeds", seeds, "--data_folder", "d",
+                  "--exp", str(exp)], PYTHON=str(_fake_python(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    calls = _calls(tmp_path)
+    (collect,) = [c for c in calls if c.startswith("-m tools.collect_results")]
+    (plot,) = [c for c in calls if c.startswith("-m tools.plot_coefficients")]
+    rows = exp / "rows"
+    runs = [f"{rows}/{row}/{s}" for row in ("out_of_domain_dual", "setup1_frozen", "setup4_dual") for s in seeds.split()]
+    marks = ("--mark †=Setup 1: Baseline (Frozen Backbone) --mark ‡=Setup 4: Proposed Dual-Vector "
+             f"--significance {exp}/results/table_significance")
+    assert collect.startswith("-m tools.collect_results " + " ".join(runs) + " --source ")
+    if seeds == "1986":  # one seed: the table of that seed's runs, marked; figures of its runs
+        assert collect.endswith(f"--out {exp}/results/table {marks}")
+        assert plot.endswith(f"--out {exp}/results/plots --figure2 {rows}/setup4_dual/1986 {rows}/setup2_asr_only/1986 "
+                             f"{rows}/setup3_ser_only/1986 --figure3 {rows}/setup4_dual/1986 "
+                             f"{rows}/out_of_domain_dual/1986")
+    else:  # several: the seeds table too; figures of row folders, the mean over the seeds
+        assert collect.endswith(f"--out {exp}/results/table {marks} --seeds_table {exp}/results/table_seeds")
+        assert plot.endswith(f"--out {exp}/results/plots --seeds 1986 7 --figure2 {rows}/setup4_dual "
+                             f"{rows}/setup2_asr_only {rows}/setup3_ser_only --figure3 {rows}/setup4_dual "
+                             f"{rows}/out_of_domain_dual")
+
+
+@pytest.mark.parametrize("options, reported", [([], "1 2"), (["--mini", "true"], "2"),
+                                              (["--mini", "true", "--tuning_folds", ""], "1 2")])
+def test_iemocap_results_leave_out_the_fold_the_mini_settings_were_chosen_on(tmp_path, options, reported):
+    exp = tmp_path / "e"
+    for run in ("ser/fold1", "ser/fold2", "rows/setup4_dual/1986/fold1", "rows/setup4_dual/1986/fold2"):
+        (exp / run).mkdir(parents=True)
+    proc = _bash(["recipes/IEMOCAP/run.sh", "--stage", "4", "--data_folder", "d", "--exp", str(exp), *options],
+                 PYTHON=str(_fake_python(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    calls = [c.split() for c in _calls(tmp_path) if "average_folds.py" in c]
+    runs = lambda folds: [f"{exp}/{r}/fold{k}" for r in ("ser", "rows/setup4_dual/1986") for k in folds.split()]
+    assert calls[-1][1:] == runs(reported) + ["--out", f"{exp}/results/folds", "--n_folds", "5"]
+    if reported == "2":  # the tuning fold is kept apart, in a table of its own name
+        assert calls[0][1:] == runs("1 2") + ["--out", f"{exp}/results/folds_with_tuning_folds", "--n_folds", "5"]
+        assert "fold(s) 1 left out of" in proc.stdout + proc.stderr
+    else:
+        assert len(calls) == 1

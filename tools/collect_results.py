@@ -34,6 +34,19 @@ MaF1 (and WER), paired bootstrap CI of Δ and permutation p, Holm–Bonferroni o
 Writes ``<PREFIX>.md``, the table with the symbol after each value that differs from that reference at
 Holm-adjusted p < ``--alpha`` and a legend, and ``<PREFIX>.csv``, one line per comparison (Δ = row − reference,
 CI, p, adjusted p). Rows sharing one label (several metrics.json: seeds) are one system, paired seed by seed.
+
+Several runs of one row (seeds: ``rows/<row>/<seed>/metrics.json``, one label)::
+
+    ... --seeds_table results/table_seeds
+
+writes ``<PREFIX>.md`` and ``.csv``, one line per label (not per run): UAR / Pre. / MaF1 / WER as the **mean over
+runs ± the half-width of its Student-t 95% interval** (``lobes.significance.t_interval``, the aggregation IEMOCAP's
+folds use), beside the **pooled** value: every run's test predictions taken together, with the 95% bootstrap CI of
+``lobes.metrics`` (the confidence-intervals toolkit's scheme) whose condition is the utterance, so each draw takes
+utterances with their runs. The t-interval answers "another seed", the pooled CI "other test utterances". With
+``--significance``, the pooled cells carry the same marks (those tests pair the runs seed by seed). In ``<out>.md``
+each run of a label with several runs is named by its folder (``Setup 4 (1987)``); with one run per label the
+table is as before.
 """
 import argparse
 import csv
@@ -42,6 +55,8 @@ import math
 import re
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from lobes.errors import DataError
 from lobes.io_utils import atomic_write
@@ -202,18 +217,31 @@ def format_cell(value, ci=None):
     return f"{_pct(value)} ± {100 * (ci[1] - ci[0]) / 2:.2f}"
 
 
+def run_names(rows):
+    """Per row, the name of its run when its label has several metrics.json (their folder, e.g. the seed), else
+    None."""
+    paths = {}
+    for r in rows:
+        paths.setdefault(r["label"], set()).add(Path(r["path"]).parent)
+    return [Path(r["path"]).parent.name if len(paths[r["label"]]) > 1 else None for r in rows]
+
+
+def _part_heading(lines, part, current, width):
+    if part is not None and part != current:
+        lines.append(f"| **{part}** |" + " |" * (width - 1))
+    return part
+
+
 def markdown_table(rows):
     """Markdown text: header, then rows in the given order with a bold heading row whenever ``part`` changes.
 
-    A row's optional ``marks`` ({metric: "†‡"}, from ``tools.compare_rows.mark_rows``) follow its cells."""
+    A row's optional ``marks`` ({metric: "†‡"}, from ``tools.compare_rows.mark_rows``) follow its cells. Runs of a
+    label with several (seeds) are told apart by their folder name after the label."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + [":---:"] * (len(HEADER) - 1)) + "|"]
     current = None
-    for r in rows:
-        part = r.get("part")
-        if part is not None and part != current:
-            lines.append(f"| **{part}** |" + " |" * (len(HEADER) - 1))
-        current = part
-        cells = [r["label"].replace("|", "\\|")]
+    for r, run in zip(rows, run_names(rows)):
+        current = _part_heading(lines, r.get("part"), current, len(HEADER))
+        cells = [r["label"].replace("|", "\\|") + (f" ({run})" if run else "")]
         marks = r.get("marks") or {}
         cells += [format_cell(r.get(k), r.get(f"{k}_ci")) + marks.get(k, "") for k in (*SER_KEYS, "wer")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -248,20 +276,145 @@ def write_table(rows, out_prefix):
     return md, csv_path
 
 
-def write_significance(rows, out_prefix, marks, alpha=0.05, num_bootstraps=1000, num_permutations=10000, seed=0):
-    """The table with significance marks (``<out_prefix>.md``, legend below) and the comparisons behind them
-    (``<out_prefix>.csv``), see ``tools.compare_rows.compare_to_references``. ``rows`` are left unchanged."""
+def mark_rows(rows, marks, alpha=0.05, num_bootstraps=1000, num_permutations=10000, seed=0):
+    """``(marked copies of rows, comparisons)``: ``tools.compare_rows.compare_to_references``; ``rows`` unchanged."""
     from tools import compare_rows as CMP
 
     rows = [dict(r) for r in rows]
     comparisons = CMP.compare_to_references(rows, marks, alpha=alpha, num_bootstraps=num_bootstraps,
                                             num_permutations=num_permutations, seed=seed)
+    return rows, comparisons
+
+
+def write_significance(rows, out_prefix, marks, alpha=0.05, num_bootstraps=1000, num_permutations=10000, seed=0,
+                       marked=None):
+    """The table with significance marks (``<out_prefix>.md``, legend below) and the comparisons behind them
+    (``<out_prefix>.csv``), see ``tools.compare_rows.compare_to_references``. ``rows`` are left unchanged;
+    ``marked``: ``mark_rows``' result when already computed."""
+    from tools import compare_rows as CMP
+
+    rows, comparisons = marked or mark_rows(rows, marks, alpha, num_bootstraps, num_permutations, seed)
     out_prefix = Path(out_prefix)
     md, csv_path = out_prefix.with_name(out_prefix.name + ".md"), out_prefix.with_name(out_prefix.name + ".csv")
     with atomic_write(md, encoding="utf-8") as f:
         f.write(markdown_table(rows) + CMP.legend(comparisons, marks, rows, alpha, num_permutations, csv_path.name))
     with atomic_write(csv_path, newline="", encoding="utf-8") as f:
         f.write(CMP.comparisons_csv(comparisons, num_bootstraps, num_permutations))
+    return md, csv_path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several runs of one row (seeds): mean ± Student-t interval over runs, beside the pooled bootstrap CI
+# ----------------------------------------------------------------------------------------------------------------
+SEED_METRICS = (*SER_KEYS, "wer")
+SEED_HEADER = ("Method/Setup", "runs", "UAR", "Pre.", "MaF1", "WER", "UAR pooled", "MaF1 pooled", "WER pooled")
+POOLED = ("uar", "macro_f1", "wer")
+
+
+def pooled_metrics(system, num_bootstraps=1000, seed=0):
+    """``{metric: (value, [low, high])}`` of one system's runs taken together (``compare_rows.systems_of`` entry:
+    ``{kind: {run: predictions file}}``), on the utterances every run scored; utterance = bootstrap condition."""
+    from lobes.metrics import ser_report, wer_ci
+    from tools import compare_rows as CMP
+
+    out = {}
+    for kind in ("ser", "asr"):
+        runs = system[kind]
+        if not runs:
+            continue
+        _, ids, refs, outs, _, classes, _ = CMP.align([(name, f, f) for name, f in runs.items()])
+        utts = np.tile(np.arange(len(ids)), len(runs))  # run-major units; the utterance (its index) is the condition
+        flat_refs, flat_outs = [x for run in refs for x in run], [x for run in outs for x in run]
+        if kind == "ser":
+            index = CMP._class_index(classes, refs, outs)
+            rep = ser_report([index[x] for x in flat_refs], [index[x] for x in flat_outs], speakers=utts,
+                             num_bootstraps=num_bootstraps, n_classes=len(index), seed=seed)
+            out.update({k: (rep[k], rep[f"{k}_ci"]) for k in ("uar", "macro_f1")})
+        else:
+            value, ci = wer_ci(flat_refs, flat_outs, num_bootstraps=num_bootstraps, seed=seed, conditions=utts)
+            out["wer"] = (value, ci)
+    return out
+
+
+def seed_rows(rows, num_bootstraps=1000, seed=0):
+    """One row per label of ``rows`` (``collect``, optionally marked by ``compare_to_references``), in table order:
+    ``runs`` (folder names), ``{m}_mean / _ci_low / _ci_high / _std / _values`` over the runs (``t_interval``) and
+    ``{m}_pooled / _pooled_ci_low / _pooled_ci_high`` (``pooled_metrics``; None without predictions files)."""
+    from lobes.significance import t_interval
+    from tools.compare_rows import systems_of
+
+    keys, systems = systems_of(rows)
+    pooled, out, seen = {}, [], {}
+    for r, key in zip(rows, keys):
+        if r["label"] in seen:
+            seen[r["label"]]["_members"].append(r)
+            continue
+        if key not in pooled:
+            pooled[key] = pooled_metrics(systems[key], num_bootstraps, seed)
+        agg = {"part": r.get("part"), "row": r["label"], "marks": r.get("marks") or {}, "_members": [r],
+               **{f"{m}_pooled": pooled[key].get(m, (None,))[0] for m in POOLED},
+               **{f"{m}_pooled_ci": pooled[key].get(m, (None, None))[1] for m in POOLED}}
+        seen[r["label"]] = agg
+        out.append(agg)
+    for agg in out:
+        members = agg.pop("_members")
+        agg["runs"] = " ".join(Path(m["path"]).parent.name for m in members)
+        agg["n_runs"] = len(members)
+        for m in SEED_METRICS:
+            values = [x[m] for x in members if x.get(m) is not None]
+            if len(values) not in (0, len(members)):
+                raise DataError(f"row {agg['row']!r}: {m} in only {len(values)} of its {len(members)} runs "
+                                f"({[x['path'] for x in members]})")
+            mean, low, high, std = t_interval(values) if values else (None,) * 4
+            agg.update({f"{m}_mean": mean, f"{m}_ci_low": low, f"{m}_ci_high": high, f"{m}_std": std,
+                        f"{m}_values": " ".join(repr(v) for v in values)})
+    return out
+
+
+def seed_markdown(srows):
+    """The seeds table: mean ± t half-width per metric, then the pooled values ± bootstrap half-width (marked)."""
+    lines = ["| " + " | ".join(SEED_HEADER) + " |", "|" + "|".join(["---"] + [":---:"] * (len(SEED_HEADER) - 1)) + "|"]
+    current = None
+    for r in srows:
+        current = _part_heading(lines, r["part"], current, len(SEED_HEADER))
+        cells = [r["row"].replace("|", "\\|"), str(r["n_runs"])]
+        for m in SEED_METRICS:
+            ci = None if r[f"{m}_ci_low"] is None else [r[f"{m}_ci_low"], r[f"{m}_ci_high"]]
+            cells.append(format_cell(r[f"{m}_mean"], ci))
+        cells += [format_cell(r[f"{m}_pooled"], r[f"{m}_pooled_ci"]) + (r["marks"].get(m, "") if r[f"{m}_pooled"]
+                                                                       is not None else "") for m in POOLED]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_seed_table(rows, out_prefix, num_bootstraps=1000, seed=0, confidence=0.95):
+    """``<out_prefix>.md`` (table and how to read it) and ``<out_prefix>.csv`` (fractions, one line per label)."""
+    srows = seed_rows(rows, num_bootstraps, seed)
+    out_prefix = Path(out_prefix)
+    md, csv_path = out_prefix.with_name(out_prefix.name + ".md"), out_prefix.with_name(out_prefix.name + ".csv")
+    several = [r for r in srows if r["n_runs"] > 1] or srows  # the seeds; a single-run source row is no seed
+    runs = sorted({x for r in several for x in r["runs"].split()}, key=_natural)
+    note = (f"\nMean over the runs ({', '.join(runs)}) ± half-width of the Student-t {confidence:.0%} interval "
+            f"(t with runs − 1 degrees of freedom; none for one run); pooled: all runs' test predictions together, "
+            f"± half-width of the {confidence:.0%} bootstrap CI ({num_bootstraps} sets of utterances, each with all "
+            f"its runs). In %. Per-run values: {csv_path.name}.\n")
+    cols = ["part", "row", "n_runs", "runs"]
+    for m in SEED_METRICS:
+        cols += [f"{m}_{x}" for x in ("mean", "ci_low", "ci_high", "std", "values")]
+    for m in POOLED:
+        cols += [f"{m}_pooled", f"{m}_pooled_ci_low", f"{m}_pooled_ci_high"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(cols)
+    for r in srows:
+        flat = dict(r)
+        for m in POOLED:
+            flat[f"{m}_pooled_ci_low"], flat[f"{m}_pooled_ci_high"] = r[f"{m}_pooled_ci"] or (None, None)
+        writer.writerow(["" if flat.get(c) is None else flat[c] for c in cols])
+    with atomic_write(md, encoding="utf-8") as f:
+        f.write(seed_markdown(srows) + note)
+    with atomic_write(csv_path, newline="", encoding="utf-8") as f:
+        f.write(buf.getvalue())
     return md, csv_path
 
 
@@ -278,21 +431,31 @@ def main(argv=None):
     sig.add_argument("--mark", action="append", default=[], metavar="SYMBOL=ROW",
                      help="reference row and its symbol, e.g. '†=Setup 1: Baseline (Frozen Backbone)' (repeatable)")
     sig.add_argument("--alpha", type=float, default=0.05, help="level of the Holm-adjusted p-values")
-    sig.add_argument("--num_bootstraps", type=int, default=1000, help="paired bootstrap sets per comparison")
+    sig.add_argument("--num_bootstraps", type=int, default=1000, help="bootstrap sets per comparison and per pooled CI")
     sig.add_argument("--num_permutations", type=int, default=10000, help="random swaps per comparison")
     sig.add_argument("--seed", type=int, default=0, help="seed of the resamplings")
+    parser.add_argument("--seeds_table", default=None, metavar="PREFIX",
+                        help="also write PREFIX.md / .csv: per row, mean ± Student-t CI over its runs (seeds) and the "
+                             "pooled bootstrap CI (with --significance: marked)")
     args = parser.parse_args(argv)
     if bool(args.significance) != bool(args.mark):
         parser.error("--significance and --mark go together")
     try:
         rows = collect(args.paths, [parse_source(s) for s in args.source])
         md, csv_path = write_table(rows, args.out)
+        marked = None
         if args.significance:
             from tools.compare_rows import parse_mark
 
-            sig_files = write_significance(rows, args.significance, [parse_mark(m) for m in args.mark], args.alpha,
-                                           args.num_bootstraps, args.num_permutations, args.seed)
+            marks = [parse_mark(m) for m in args.mark]
+            marked = mark_rows(rows, marks, args.alpha, args.num_bootstraps, args.num_permutations, args.seed)
+            sig_files = write_significance(rows, args.significance, marks, args.alpha, args.num_bootstraps,
+                                           args.num_permutations, args.seed, marked=marked)
             print(f"wrote {sig_files[0]} and {sig_files[1]}", file=sys.stderr)
+        if args.seeds_table:
+            seed_files = write_seed_table(marked[0] if marked else rows, args.seeds_table, args.num_bootstraps,
+                                          args.seed)
+            print(f"wrote {seed_files[0]} and {seed_files[1]}", file=sys.stderr)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -96,9 +96,14 @@ def find_runs(path, kind):
 
 
 def pair_runs(runs_a, runs_b, where):
-    """``[(name, file A, file B)]``: one run each is one pair, else the runs both sides have, by name."""
+    """``[(name, file A, file B)]``: one run each is one pair; one run against several (a source model against the
+    seeds of a row) pairs that run with each of them; else the runs both sides have, by name."""
     if len(runs_a) == 1 and len(runs_b) == 1:
         return [("", *runs_a.values(), *runs_b.values())]
+    if len(runs_a) == 1 or len(runs_b) == 1:  # the single system's outputs repeat beside every run of the other
+        (only,) = (runs_a if len(runs_a) == 1 else runs_b).values()
+        many = runs_b if len(runs_a) == 1 else runs_a
+        return [(n, only, f) if len(runs_a) == 1 else (n, f, only) for n, f in sorted(many.items())]
     common = sorted(set(runs_a) & set(runs_b))
     if not common:
         raise DataError(f"{where}: no run in common to pair (A: {sorted(runs_a)}, B: {sorted(runs_b)})")

@@ -1,6 +1,17 @@
 """Write a model card (README.md) for an experiment directory of the SER / AdaLTM / MTL / ASR-CTC recipes.
 
     python -m tools.model_card exp/adaltm/setup4_dual/1986 [--export exp/adaltm/setup4_dual/1986/folded_wavlm]
+    python -m tools.model_card exp/adaltm/setup4_dual/1986 --hf_export exp/.../hf_export --push_to_hub me/ser-model
+
+The card starts with the hub's metadata header, built with ``huggingface_hub.ModelCardData`` and parsed back with
+``ModelCard`` before writing (offline; ``ModelCard.validate`` would ask the hub): ``language``, ``license`` and
+``datasets`` from the experiment's YAML, ``base_model`` (``wavlm_source`` when it is a hub id), tags, the pipeline
+task, and ``model-index`` results: every test metric of ``metrics.json`` in % with its bootstrap CI (in the
+metric's name and, as numbers, in its ``args``). The network is used only with ``--push_to_hub REPO``: one commit
+to the hub model repository REPO (created if missing) with the card as README.md, the plots it links and, with
+``--hf_export`` (default ``<EXP_DIR>/hf_export`` when it exists, written by ``tools.export_hf``), the exported
+model, so ``pipeline("audio-classification", model=REPO, trust_remote_code=True)`` works. It needs a hub token
+(``huggingface-cli login`` or ``HF_TOKEN``).
 
 The card holds: the setup (Table-1 rows, W_base, task vectors, λ mode), the hparams that matter, the test
 metrics of ``metrics.json`` in % with their 95% bootstrap CIs (UAR, precision, MaF1, accuracy; WER when present),
@@ -10,6 +21,7 @@ the learned λ / α and the plots found in the folder, and how to use the model:
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -41,6 +53,8 @@ HPARAMS = (
 )
 METRICS = (("uar", "UAR"), ("precision", "Precision"), ("macro_f1", "MaF1"), ("accuracy", "Accuracy (WA)"))
 PLOTS = (("lambdas.png", "λ per merge group"), ("alphas.png", "α per layer"), ("confusion.png", "test confusion"))
+METRIC_IDS = {"uar": "uar", "precision": "precision", "macro_f1": "f1", "accuracy": "accuracy"}
+TAGS = {"AdaLTM": ["task-vectors", "model-merging"], "MTL": ["multi-task", "ctc"], "SER": [], "ASR-CTC": ["ctc"]}
 RECIPES = {
     "AdaLTM": "AdaLTM: frozen WavLM whose weights are W_base + Σ_k λ_k^(l) ΔW_k (eq. 4), α weighted layer sum "
               "(eq. 5) and an emotion head; λ, α and the head are trained",
@@ -96,6 +110,79 @@ def _read_json(path):
         return None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub metadata
+# ----------------------------------------------------------------------------------------------------------------
+def hub_id(source, root):
+    """``source`` when it names a hub repository (``owner/name`` and no such folder under ``root``), else None."""
+    source = str(source or "")
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) and not (Path(root) / source).exists():
+        return source
+    return None
+
+
+def _eval_results(metrics, dataset, split):
+    """``EvalResult`` per test metric of metrics.json: value in %, CI in the name and in ``metric_args``."""
+    from huggingface_hub import EvalResult
+
+    test, out = (metrics or {}).get("test") or {}, []
+    common = {"dataset_type": dataset, "dataset_name": dataset, "dataset_split": split}
+    level = round(100 * test.get("ci_level", 0.95))
+    for key, name in METRICS:
+        if test.get(key) is None:
+            continue
+        ci = test.get(f"{key}_ci")
+        args = {"ci_low": float(pct(ci[0])), "ci_high": float(pct(ci[1])), "ci_level": level / 100,
+                "num_bootstraps": test.get("num_bootstraps")} if ci else None
+        label = f"{name} (%, {level}% CI [{pct(ci[0])}, {pct(ci[1])}])" if ci else f"{name} (%)"
+        out.append(EvalResult(task_type="audio-classification", task_name="Speech emotion recognition",
+                              metric_type=METRIC_IDS[key], metric_value=float(pct(test[key])), metric_name=label,
+                              metric_args=args, **common))
+    if (metrics or {}).get("wer") is not None:
+        out.append(EvalResult(task_type="automatic-speech-recognition", task_name="Speech recognition",
+                              metric_type="wer", metric_value=float(pct(metrics["wer"])), metric_name="WER (%)",
+                              **common))
+    return out
+
+
+def card_metadata(hp, kind, metrics, exp_dir, model_name, transformers_export=False):
+    """The card's ``ModelCardData``; DataError naming hyperparams.yaml when it lacks language / license /
+    datasets (the base YAMLs declare them)."""
+    from huggingface_hub import ModelCardData
+
+    from lobes.inference import training_root
+
+    missing = [k for k in ("language", "license", "datasets") if hp.get(k) in (None, "", [])]
+    if missing:
+        raise DataError(f"{Path(exp_dir) / 'hyperparams.yaml'}: lacks {missing}, the model card's hub metadata "
+                        "(declared in every base YAML; add them to an older experiment's file)")
+    datasets = [str(d) for d in _plain(hp["datasets"])] if not isinstance(hp["datasets"], str) else [hp["datasets"]]
+    splits = _plain(hp.get("test_splits")) or ["test"]
+    ser = kind != "ASR-CTC"
+    base = hub_id(hp.get("wavlm_source"), training_root(exp_dir, hp.get("output_folder")))
+    results = _eval_results(metrics, datasets[0], ", ".join(map(str, splits)))
+    return ModelCardData(
+        model_name=model_name, language=str(hp["language"]), license=str(hp["license"]), datasets=datasets,
+        base_model=base, library_name="transformers" if transformers_export else None,
+        pipeline_tag="audio-classification" if ser else "automatic-speech-recognition",
+        tags=["speechbrain", "wavlm"] + (["speech-emotion-recognition"] if ser else ["asr"]) + TAGS[kind],
+        metrics=sorted({r.metric_type for r in results}) or None, eval_results=results or None)
+
+
+def with_header(data, body, where):
+    """``---`` YAML header + body, parsed back by huggingface_hub (no network) so the hub reads what we wrote."""
+    from huggingface_hub import ModelCard
+
+    text = f"---\n{data.to_yaml()}\n---\n\n{body}"
+    try:
+        parsed = ModelCard(text, ignore_metadata_errors=False).data
+    except ValueError as e:
+        raise DataError(f"{where}: the model card's metadata does not parse ({e})") from e
+    if (parsed.eval_results or []) != (data.eval_results or []):
+        raise DataError(f"{where}: the model card's results changed when parsed back")
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,8 +356,40 @@ def usage_section(exp_dir, export_dir, kind):
     return lines
 
 
-def model_card(exp_dir, export_dir=None):
-    """Markdown text of the model card of ``exp_dir`` (see the module docstring)."""
+def hf_export_section(hf_export, exp_dir, repo=None):
+    """How transformers and SpeechBrain users load the ``tools.export_hf`` folder (or the hub repo ``repo``)."""
+    ref = repo or os.path.relpath(hf_export, exp_dir)
+    return ["### transformers and SpeechBrain", "",
+            f"`{ref}` (written by `python -m tools.export_hf`) loads offline with either library; it ships its own "
+            "model code (`modeling_wavlm_emotion.py`: WavLM, α layer sum, emotion head) and a feature extractor that "
+            "normalises as training did. Input: 16 kHz mono.", "", "```python",
+            "from transformers import pipeline", "",
+            f'classify = pipeline("audio-classification", model="{ref}", trust_remote_code=True)',
+            'print(classify({"raw": waveform, "sampling_rate": 16000}, top_k=None))  # or a file path, with ffmpeg', "",
+            "from speechbrain.inference.interfaces import foreign_class", "",
+            f'classifier = foreign_class(source="{ref}", pymodule_file="custom_interface.py", '
+            'classname="EmotionClassifier")',
+            'out_prob, score, index, label = classifier.classify_file("speech.wav")', "```"]
+
+
+def _checked_exports(exp_dir, export_dir, hf_export):
+    """(folded export, tools.export_hf folder), defaults found in ``exp_dir``; DataError for a wrong folder."""
+    if export_dir is None and (exp_dir / "folded_wavlm" / "downstream.json").is_file():
+        export_dir = exp_dir / "folded_wavlm"
+    if hf_export is None and (exp_dir / "hf_export" / "modeling_wavlm_emotion.py").is_file():
+        hf_export = exp_dir / "hf_export"
+    for folder, kind, needed in ((export_dir, "folded export", ("config.json", "downstream.json",
+                                                                "downstream.safetensors")),
+                                 (hf_export, "tools.export_hf folder", ("config.json", "model.safetensors",
+                                                                        "preprocessor_config.json"))):
+        missing = [f for f in needed if folder is not None and not (Path(folder) / f).is_file()]
+        if missing:
+            raise DataError(f"{folder}: not a {kind} (lacks {', '.join(missing)})")
+    return (None if export_dir is None else Path(export_dir)), (None if hf_export is None else Path(hf_export))
+
+
+def model_card(exp_dir, export_dir=None, hf_export=None, repo=None):
+    """Markdown text of the model card of ``exp_dir``, hub metadata header first (see the module docstring)."""
     exp_dir = Path(exp_dir)
     if not exp_dir.is_dir():
         raise DataError(f"{exp_dir}: no such experiment directory")
@@ -279,41 +398,61 @@ def model_card(exp_dir, export_dir=None):
     metrics_file = exp_dir / "metrics.json"
     metrics = read_metrics(metrics_file) if metrics_file.exists() else None
     coeffs = _read_json(exp_dir / "coefficients.json")
-    if export_dir is None and (exp_dir / "folded_wavlm" / "downstream.json").is_file():
-        export_dir = exp_dir / "folded_wavlm"
-    if export_dir is not None:
-        export_dir = Path(export_dir)
-        missing = [f for f in ("config.json", "downstream.json", "downstream.safetensors")
-                   if not (export_dir / f).is_file()]
-        if missing:
-            raise DataError(f"{export_dir}: not a folded export (lacks {', '.join(missing)})")
-    title = hp.get("experiment") or exp_dir.name
+    export_dir, hf_export = _checked_exports(exp_dir, export_dir, hf_export)
     rows = (metrics or {}).get("table_rows") or []
-    lines = [f"# {rows[0]['row'] if rows and rows[0].get('row') else title}", "",
-             f"Model card for `{exp_dir}` ({kind} recipe), written by `python -m tools.model_card`.", ""]
+    title = rows[0]["row"] if rows and rows[0].get("row") else (hp.get("experiment") or exp_dir.name)
+    lines = [f"# {title}", "", f"Model card for `{exp_dir}` ({kind} recipe), written by `python -m tools.model_card`.",
+             ""]
+    usage = usage_section(exp_dir, export_dir, kind) + (
+        ["", *hf_export_section(hf_export, exp_dir, repo)] if hf_export is not None else [])
     for section in (setup_section(hp, kind, metrics), hparams_section(hp),
                     metrics_section(metrics, metrics_file.name), coefficients_section(exp_dir, coeffs, metrics),
-                    usage_section(exp_dir, export_dir, kind)):
+                    usage):
         if section:
             lines += section + [""]
-    return "\n".join(lines).rstrip() + "\n"
+    data = card_metadata(hp, kind, metrics, exp_dir, title, transformers_export=hf_export is not None)
+    return with_header(data, "\n".join(lines).rstrip() + "\n", exp_dir / "hyperparams.yaml")
 
 
-def write_model_card(exp_dir, export_dir=None):
+def write_model_card(exp_dir, export_dir=None, hf_export=None, repo=None):
     out = Path(exp_dir) / "README.md"
-    text = model_card(exp_dir, export_dir)
+    text = model_card(exp_dir, export_dir, hf_export, repo)
     with atomic_write(out) as f:
         f.write(text)
     return out
+
+
+def push_to_hub(repo, exp_dir, card_file, hf_export=None):
+    """One commit to the hub model repo ``repo`` (created if missing): the card as README.md, the plots it links,
+    and the files of ``hf_export``. The only function here that uses the network."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    files = {"README.md": Path(card_file)}
+    files.update({f: Path(exp_dir) / f for f, _ in PLOTS if (Path(exp_dir) / f).is_file()})
+    if hf_export is not None:
+        files.update({p.name: p for p in sorted(Path(hf_export).iterdir()) if p.is_file() and p.name != "README.md"})
+    api = HfApi()
+    api.create_repo(repo, repo_type="model", exist_ok=True)
+    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
+    return api.create_commit(repo, ops, commit_message=f"Model card and export of {Path(exp_dir).name}",
+                             repo_type="model")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("exp_dir", help="experiment directory (hyperparams.yaml, metrics.json, ...)")
     p.add_argument("--export", default=None, help="folded export directory (default: <exp_dir>/folded_wavlm if any)")
+    p.add_argument("--hf_export", default=None,
+                   help="tools.export_hf folder (default: <exp_dir>/hf_export if any): shown in the card, pushed")
+    p.add_argument("--push_to_hub", metavar="REPO", default=None,
+                   help="upload the card (+ plots, + --hf_export) to this hub model repo; needs a hub token")
     a = p.parse_args(argv)
     try:
-        print(write_model_card(a.exp_dir, a.export))
+        out = write_model_card(a.exp_dir, a.export, a.hf_export, a.push_to_hub)
+        print(out)
+        if a.push_to_hub:
+            _, hf_export = _checked_exports(Path(a.exp_dir), a.export, a.hf_export)
+            print(push_to_hub(a.push_to_hub, a.exp_dir, out, hf_export))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,31 +1,32 @@
 #!/usr/bin/env python3
-"""Predict the peak training memory of an AdaLTM row and plan micro-batch + gradient accumulation per GPU.
+"""Predict one GPU's peak training memory of any recipe or row YAML and plan its micro-batch (what
+``micro_batch_size: auto`` does at start on a GPU), without a GPU and without downloads.
 
-    python -m tools.plan_memory recipes/MSP-Podcast/adaltm/hparams/rows/setup4_dual.yaml \
-        [--batch 8] [--max_duration 11] [--precision fp32|bf16] [--gradient_checkpointing False|True|cnn] \
-        [--merge_impl materialized|fused|functional] [--delta_dtype float32|bfloat16] [--gpus 1]
-    python -m tools.plan_memory <row.yaml> --plans        # effective batch 32 on 1x24 GB, 2x32 GB, 1x80 GB
+    python -m tools.plan_memory recipes/MSP-Podcast/adaltm/hparams/rows/setup4_dual.yaml --plans
+    python -m tools.plan_memory recipes/MSP-Podcast/ser/hparams/train_ser.yaml --batch 8 --precision bf16
+    python -m tools.plan_memory recipes/MSP-Podcast/harmonifuse/hparams/harmonifuse.yaml --lm_mode full \
+        --task_duration asr=24.5 ser=11 --plans
+    options: [--batch N] [--max_duration 11] [--precision fp32|bf16] [--gradient_checkpointing False|True|cnn]
+        [--merge_impl ...] [--delta_dtype ...] [--lm_mode ...] [--set KEY=VALUE ...] [--gpus 1]
+        [--shape large|JSON] [--lm_shape qwen2.5-0.5b|JSON] [--json out.json]
 
-How: the row's real model (lobes.adaltm.merged_wavlm.MergedWavLM + α + emotion head, WavLM-Large shape unless
-``--shape``) runs two real training steps (forward, loss, backward, AdamW step) on PyTorch's ``meta`` device,
-where tensors have shapes and dtypes but no data, so nothing is computed and a step takes about a second.
-:class:`LiveMemory` (a ``TorchDispatchMode``) sees every tensor an op creates and, through weak references,
-when its storage is freed: the running sum of live storages and its maximum give the step's peak,
-including what autograd saves for backward, the gradients, the transients of backward and the optimizer
-states, exactly as the PyTorch ops allocate them. Parameters, task vectors and the materialized copy of
-W_base are added from the modules' storages. ``bf16`` is emulated by :class:`EmulatedAutocast` (the CUDA
-autocast op lists; ``autocast`` itself ignores meta tensors). Values never matter for memory: ``.tolist()`` /
-``.item()`` of a meta tensor read as zeros (:func:`meta_values`).
+How: the YAML is loaded with its models built on PyTorch's ``meta`` device (:func:`recipe_models`: WavLM-Large's
+configuration unless ``--shape``, task vectors of its shapes, Qwen2.5-0.5B's configuration for a causal LM unless
+``--lm_shape``, with a character tokenizer fed as many tokens as a real one would get), and the recipe's own Brain
+(from the train.py next to the YAML) runs two ``fit_batch`` steps on a synthetic batch of the longest utterance
+through :class:`lobes.memory_plan.BrainPredictor`, the predictor ``micro_batch_size: auto`` uses; ``--plans``
+prints its plan (or its refusal) on 1x24, 2x32 and 1x80 GB. HarmoniFuse is planned per task batch.
 
-On a GPU the CUDA caching allocator adds fragmentation and the CUDA context ~0.5-1 GB: a plan must keep
-``predicted x (1 + margin) + overhead_gib`` under the GPU's memory (defaults: 15%, 1.5 GiB). Validated against
-the measured peak of the same steps on this CPU (benchmarks/bench_plan_memory.py; benchmarks/RESULTS.md).
+The AdaLTM-only functions (:func:`build_adaltm`, :func:`train_steps`, :func:`predict`) remain the reference of
+the tracking method (benchmarks/bench_plan_memory.py, first table).
 """
 import argparse
 import contextlib
 import json
 import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
@@ -43,7 +44,13 @@ LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16
 NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "feat_proj_dropout": 0.0,
               "final_dropout": 0.0, "layerdrop": 0.0, "apply_spec_augment": False, "mask_time_prob": 0.0}
 GPU_SETUPS = ((1, 24), (2, 32), (1, 80))  # (GPUs, GB each): a 24 GB card, the paper's 2 V100s, an A100/H100
-EFFECTIVE_BATCH = 32
+# Qwen/Qwen2.5-0.5B's config.json (494M parameters, tied embeddings): HarmoniFuse's default LM, built on meta
+QWEN25_05B = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+              "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+              "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": True, "attention_dropout": 0.0}
+CHARS_PER_S = 15   # LibriSpeech reads ~15 characters per second: a CTC target of the longest utterance
+TEXT_RATE = 4      # ... and ~4 BPE tokens per second (~2.7 words/s): the LM's target tokens
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -139,32 +146,6 @@ def train_steps(modules, batch, seconds, precision="fp32", steps=2, device="meta
             "largest": getattr(track, "largest", None), "left_live": getattr(track, "live", None)}
 
 
-# ---------------------------------------------------------------------------------------------- rows
-def _tag_value(v):
-    """A YAML value as a plain Python value (``!name:torch.bfloat16`` -> 'bfloat16')."""
-    tag = getattr(getattr(v, "tag", None), "value", None) or getattr(v, "tag", None)
-    if isinstance(tag, str) and tag.startswith("!name:torch."):
-        return tag[len("!name:torch."):]
-    return v
-
-
-def read_row(row_file):
-    """The settings of a row that decide memory, from its YAML folded into the recipe YAML (no instantiation)."""
-    import ruamel.yaml
-
-    from lobes.hparams_io import resolve_row
-
-    y = ruamel.yaml.YAML()
-    h = y.load(resolve_row(row_file))
-    delta = _tag_value(h.get("delta_dtype"))
-    return {"num_vectors": len(h.get("task_vectors") or {}), "lambda_mode": str(h["lambda_mode"]),
-            "merge_impl": str(h["merge_impl"]), "delta_dtype": None if delta in (None, "null") else str(delta),
-            "gradient_checkpointing": h["gradient_checkpointing"], "batch_size": int(h["batch_size"]),
-            "micro_batch_size": h["micro_batch_size"],
-            "precision": str(h["precision"]), "head_hidden": int(h["head_hidden"]), "pooling": str(h["pooling"]),
-            "cache_features": bool(h["cache_features"]), "experiment": str(h["experiment"])}
-
-
 def wavlm_config(shape="large", **overrides):
     from transformers import WavLMConfig
 
@@ -204,87 +185,213 @@ def predict(settings, batch, seconds, gpus=1, shape="large", device="meta", auto
             "trainable": r["trainable"]}
 
 
-def fits(peak, gpu_gb, margin, overhead_gib):
-    """A "24 GB" / "32 GB" / "80 GB" card holds that many bytes x 1e9 (an A10 / L4 "24 GB" shows ~22.5 GiB)."""
-    return peak * (1 + margin) + overhead_gib * GIB <= gpu_gb * 1e9
+# ---------------------------------------------------------------------------------------------- any recipe
+def lm_config(shape="qwen2.5-0.5b"):
+    """A causal LM's transformers config: Qwen2.5-0.5B's (no download) or a JSON dict with ``model_type``."""
+    from transformers import AutoConfig
+
+    cfg = dict(QWEN25_05B) if shape == "qwen2.5-0.5b" else json.loads(shape) if shape.startswith("{") else None
+    if cfg is None:
+        raise ValueError(f"--lm_shape '{shape}' is not 'qwen2.5-0.5b' or a JSON dict of config fields")
+    return AutoConfig.for_model(cfg.pop("model_type", "qwen2"), **cfg)
 
 
-def plan(settings, seconds, gpus, gpu_gb, margin=0.15, overhead_gib=1.5, effective=EFFECTIVE_BATCH, shape="large"):
-    """The fastest setting reaching ``effective`` utterances per optimizer step on ``gpus`` x ``gpu_gb`` GB:
-    no checkpointing before CNN-only before full (recomputation costs time), then the largest micro-batch
-    (fewest accumulation steps). Peak is affine in the micro-batch (measured at 1 and 2, checked at the pick)."""
-    per_gpu = effective // gpus
-    options = [False, "cnn", True]
-    start = options.index(_ckpt(settings["gradient_checkpointing"]))
-    for ckpt in options[start:]:
-        s = {**settings, "gradient_checkpointing": ckpt}
-        p1, p2 = (predict(s, b, seconds, gpus, shape)["peak"] for b in (1, 2))
-        for micro in [b for b in range(per_gpu, 0, -1) if per_gpu % b == 0]:
-            if fits(p1 + (micro - 1) * (p2 - p1), gpu_gb, margin, overhead_gib):
-                direct = predict(s, micro, seconds, gpus, shape)
-                if fits(direct["peak"], gpu_gb, margin, overhead_gib):
-                    return {"gpus": gpus, "gpu_gb": gpu_gb, "micro_batch_size": micro,
-                            "grad_accumulation_factor": per_gpu // micro, "gradient_checkpointing": ckpt,
-                            "precision": s["precision"], "merge_impl": s["merge_impl"],
-                            "delta_dtype": s["delta_dtype"], "peak_gib": direct["peak"] / GIB,
-                            "effective_batch": micro * (per_gpu // micro) * gpus}
-    return None
+@contextlib.contextmanager
+def recipe_models(wavlm_cfg, lm_cfg, device="meta"):
+    """While a recipe YAML is loaded, its models are built on ``device`` (meta: shapes only; cpu: seeded random
+    weights, for the validation) instead of read from files: WavLM of ``wavlm_cfg``, task vectors of its shapes,
+    the causal LM of ``lm_cfg`` with the character tokenizer (one token per character; :data:`TEXT_RATE` keeps
+    the token count of a real tokenizer)."""
+    from transformers import AutoModelForCausalLM, WavLMModel
+
+    import lobes.adaltm.merged_wavlm as mw
+    import lobes.adaltm.task_vector as tv
+    import lobes.harmonifuse.lm_loading as lml
+    import lobes.wavlm_encoder as we
+
+    def wavlm(source=None, cache_dir=None, output_loading_info=False, **overrides):
+        cfg = type(wavlm_cfg)(**{**wavlm_cfg.to_dict(), **overrides})
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = WavLMModel(cfg)
+        return (model, {"missing_keys": []}) if output_loading_info else model
+
+    shapes = {k: (v.shape, v.dtype) for k, v in wavlm().state_dict().items()}
+
+    def task_vector(path):
+        g = torch.Generator().manual_seed(len(str(path)))
+        return SimpleNamespace(delta={k: torch.empty(s, dtype=d, device="meta") if device == "meta" else
+                                      1e-3 * torch.randn(s, generator=g).to(d) for k, (s, d) in shapes.items()})
+
+    def causal_lm(source, from_config=False, dtype=torch.float32, attn_implementation="sdpa"):
+        torch.manual_seed(0)
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(lm_cfg, attn_implementation=attn_implementation).to(dtype)
+    with mock.patch.object(we, "load_wavlm", wavlm), mock.patch.object(mw, "load_wavlm", wavlm), \
+            mock.patch.object(tv, "load_task_vector", task_vector), mock.patch.object(lml, "load_causal_lm", causal_lm), \
+            mock.patch.object(lml, "load_tokenizer", lambda source: lml.CharTokenizer()):
+        yield
 
 
-def describe(pred):
-    return (f"model (W_base, ΔW, copies, λ/α/head) {pred['model'] / GIB:.2f} GiB + step peak "
-            f"{pred['dynamic_peak'] / GIB:.2f} GiB (of which saved for backward {pred['saved_for_backward'] / GIB:.2f})"
-            f" + kernel temporaries {pred['kernel_temp'] / GIB:.2f}"
-            + (f" + DDP buckets {pred['ddp_buckets'] / GIB:.3f}" if pred["ddp_buckets"] else "")
-            + f" = {pred['peak'] / GIB:.2f} GiB per GPU")
+def recipe_brain(hparams_file):
+    """The Brain class of the train.py next to ``hparams_file`` (``<recipe>/hparams[/rows]/x.yaml``)."""
+    import importlib.util
+
+    import speechbrain as sb
+
+    folder = Path(hparams_file).resolve().parent
+    while not (folder / "train.py").exists():
+        if folder == folder.parent:
+            raise ValueError(f"{hparams_file}: no train.py in a folder above it")
+        folder = folder.parent
+    name = "plan_" + "_".join(folder.relative_to(REPO).parts).replace("-", "_")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, folder / "train.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    found = [c for c in vars(sys.modules[name]).values() if isinstance(c, type) and issubclass(c, sb.Brain)
+             and c.__module__ == name]
+    if len(found) != 1:
+        raise ValueError(f"{folder / 'train.py'}: expected one Brain class, found {[c.__name__ for c in found]}")
+    return found[0]
+
+
+def load_meta_recipe(hparams_file, overrides=None, shape="large", lm_shape="qwen2.5-0.5b", device="meta"):
+    """(hparams with every model on ``device``, Brain class) of any recipe or row YAML; ``overrides``: {key: YAML
+    text}, those the YAML does not have are ignored (a recipe without task vectors has no vectors_folder)."""
+    from lobes.hparams_io import _yaml, load_hparams, resolve_row
+
+    keys = set(_yaml().load(resolve_row(hparams_file)))
+    tmp = tempfile.mkdtemp(prefix="plan_memory_")
+    fixed = {"output_folder": tmp, "wavlm_source": "meta://wavlm", "lm_source": "meta://lm", "skip_prep": "True",
+             "vectors_folder": tmp, "data_folder": tmp, "msp_folder": tmp, "libri_folder": tmp,
+             "number_of_epochs": "1", "layerdrop": "0.0", "apply_spec_augment": "False"}
+    text = "\n".join(f"{k}: {v}" for k, v in {**fixed, **(overrides or {})}.items() if k in keys)
+    with recipe_models(wavlm_config(shape), lm_config(lm_shape), device):
+        hparams = load_hparams(hparams_file, text)[0]
+    if "loss" in hparams and hasattr(hparams["loss"], "set_counts"):
+        hparams["loss"].set_counts([1] * len(hparams["emotion_classes"]))
+    return hparams, recipe_brain(hparams_file)
+
+
+def cached_features(hparams):
+    """True where the recipe trains on cached hidden states (AdaLTM: nothing upstream of them trains)."""
+    wavlm = hparams["wavlm"]
+    return bool(hparams.get("cache_features")) and (wavlm.num_vectors == 0 or not wavlm.lambdas.lam.requires_grad)
+
+
+def synthetic_item(hparams, seconds, task=None, index=0):
+    """One training element as the recipe's pipeline gives it, for an utterance of ``seconds``: audio (or the
+    cached hidden states), an ASR transcript of :data:`CHARS_PER_S` characters per second (CTC) or
+    :data:`TEXT_RATE` LM tokens per second (HarmoniFuse), an emotion label; ``task`` for HarmoniFuse."""
+    from lobes import ctc_text
+
+    n = int(seconds * SAMPLE_RATE)
+    item = {"id": f"utt{index}"}
+    if "cache_features" in hparams and cached_features(hparams):
+        wavlm = hparams["wavlm"]
+        item["feats"] = torch.zeros((n - 400) // 320 + 1, wavlm.num_layers + 1, wavlm.hidden_size)
+    else:
+        item["sig"] = torch.zeros(n)
+    words = ("THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG " * int(seconds * CHARS_PER_S / 44 + 1))
+    words = words[:max(1, int(seconds * (TEXT_RATE if task else CHARS_PER_S)))].strip() or "A"
+    item.update(wrd=words, tokens=ctc_text.encode(words))
+    classes = len(hparams["emotion_classes"]) if "emotion_classes" in hparams else 8  # ASR recipes: unused
+    item.update(emo_idx=torch.tensor([index % classes]), spk_id=f"spk{index}",
+                soft_label=torch.nn.functional.one_hot(torch.tensor(index % classes), classes).float())
+    if task:
+        item["task"] = task
+    return item
+
+
+def recipe_predictors(hparams, brain_class, seconds, world=1, autocast_policy="cuda"):
+    """{task or None: BrainPredictor} of a recipe on meta: HarmoniFuse one per trained task (its batches are of
+    one task each), any other Brain one (``None``). ``seconds``: a number or {task: seconds}."""
+    from lobes.memory_plan import BrainPredictor
+
+    tasks = list(hparams["train_tasks"]) if "train_tasks" in hparams else [None]
+    sec = seconds if isinstance(seconds, dict) else dict.fromkeys(tasks, seconds)
+    return {t: BrainPredictor(hparams, brain_class, world=world, item=synthetic_item(hparams, sec.get(t, 11.0), t),
+                              seconds=sec.get(t, 11.0), autocast_policy=autocast_policy) for t in tasks}
+
+
+def plan_on(hparams, predictors, gpus, gpu_gb, context_gib=0.5):
+    """The plan of ``micro_batch_size: auto`` on ``gpus`` x ``gpu_gb`` GB (1e9 bytes) cards whose CUDA context
+    took ``context_gib``: {task: (micro, accumulation, peak bytes) or the refusal message}."""
+    from lobes import memory_plan as MP
+
+    free = gpu_gb * 1e9 - context_gib * GIB
+    out = {}
+    for task, pred in predictors.items():
+        where = f"of {free / GIB:.1f} GiB free on {gpus} x {gpu_gb:g} GB"
+        if task is not None:  # HarmoniFuse: its task batch as configured, no accumulation
+            peak, error = MP.plan_task_batch(pred, hparams, task, gpus, free, where)
+            out[task] = error or (hparams[f"{task}_batch_size"], 1, peak)
+            continue
+        picked = MP.plan_micro_batch(pred, hparams["batch_size"], gpus, free)
+        out[task] = picked or MP.refusal(*MP.alternatives(pred, hparams, gpus, free), pred.seconds, where)
+    return out
+
+
+def describe(pred, micro, accum, gpus):
+    from lobes.memory_plan import peak_bytes
+
+    return (f"model {pred['model'] / GIB:.2f} GiB + step peak {pred['dynamic_peak'] / GIB:.2f} GiB + kernel "
+            f"allowance {pred['kernel_temp'] / GIB:.2f} GiB"
+            + (f" + gradients kept over accumulation {pred['trainable'] / GIB:.2f}" if accum > 1 else "")
+            + (f" + DDP buckets {pred['trainable'] / GIB:.2f}" if gpus > 1 else "")
+            + f" = {peak_bytes(pred, accum, gpus) / GIB:.2f} GiB per GPU")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("row", help="an AdaLTM row YAML (or adaltm.yaml)")
-    p.add_argument("--batch", type=int, help="micro-batch per GPU (default: the row's micro_batch_size, else its "
-                   "global batch_size / gpus)")
+    p.add_argument("hparams", help="any recipe or row YAML under recipes/")
+    p.add_argument("--batch", type=int, help="micro-batch per GPU to predict (default: the YAML's micro_batch_size "
+                   "if a number, else batch_size / gpus; HarmoniFuse: <task>_batch_size)")
     p.add_argument("--max_duration", type=float, default=11.0, help="longest utterance, s (MSP-Podcast: 11)")
+    p.add_argument("--task_duration", nargs="*", default=[], metavar="TASK=SECONDS",
+                   help="HarmoniFuse: per task, e.g. asr=24.5 (LibriSpeech train-clean-100's longest)")
     p.add_argument("--precision", choices=("fp32", "bf16"))
     p.add_argument("--gradient_checkpointing", choices=("False", "True", "cnn"))
     p.add_argument("--merge_impl", choices=("materialized", "fused", "functional"))
     p.add_argument("--delta_dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--lm_mode", choices=("frozen", "lora", "full"))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more YAML overrides")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--shape", default="large", help="'large' (WavLM-Large) or a JSON dict of WavLMConfig fields")
-    p.add_argument("--plans", action="store_true", help="settings for effective batch 32 on 1x24, 2x32, 1x80 GB")
-    p.add_argument("--margin", type=float, default=0.15, help="allocator fragmentation allowance")
-    p.add_argument("--overhead_gib", type=float, default=1.5, help="CUDA context + workspace per GPU")
+    p.add_argument("--lm_shape", default="qwen2.5-0.5b", help="'qwen2.5-0.5b' or a JSON dict of LM config fields")
+    p.add_argument("--plans", action="store_true", help="micro_batch_size: auto's plan on 1x24, 2x32, 1x80 GB")
     p.add_argument("--json", help="also write the result here")
     a = p.parse_args(argv)
-    s = read_row(a.row)
-    for k in ("precision", "merge_impl", "delta_dtype", "gradient_checkpointing"):
+    overrides = dict(kv.split("=", 1) for kv in a.set)
+    for k in ("precision", "merge_impl", "gradient_checkpointing", "lm_mode"):
         if getattr(a, k) is not None:
-            s[k] = getattr(a, k)
-    if s["num_vectors"] == 0 or s["lambda_mode"] == "fixed":
-        print(f"{s['experiment']}: nothing upstream of the features trains, so the backbone runs once under "
-              "no_grad (feature cache) and training holds only α + head; the figures below are the cache build.")
-    out = {"row": str(a.row), "settings": s, "max_duration": a.max_duration}
-    batch = a.batch or s["micro_batch_size"] or max(1, s["batch_size"] // a.gpus)
-    pred = predict(s, batch, a.max_duration, a.gpus, a.shape)
-    out["prediction"] = {"batch": batch, "gpus": a.gpus, **pred}
-    print(f"{s['experiment']} ({s['num_vectors']} task vectors, λ {s['lambda_mode']}, {s['merge_impl']}, "
-          f"{s['precision']}, checkpointing {s['gradient_checkpointing']}, ΔW {s['delta_dtype'] or 'float32'}), "
-          f"micro-batch {batch} x {a.max_duration:g} s on {a.gpus} GPU(s):\n  {describe(pred)}")
-    if a.plans:
-        out["plans"] = []
-        print(f"\nbatch_size {EFFECTIVE_BATCH} (global: micro_batch_size x grad_accumulation_factor x GPUs), "
-              f"{a.max_duration:g} s utterances, peak x {1 + a.margin:.2f} + {a.overhead_gib} GiB must fit:")
-        for gpus, gb in GPU_SETUPS:
-            best = plan(s, a.max_duration, gpus, gb, a.margin, a.overhead_gib, shape=a.shape)
-            out["plans"].append(best)
-            if best is None:
-                print(f"  {gpus} x {gb} GB: does not fit even at micro-batch 1 with full checkpointing")
-            else:
-                print(f"  {gpus} x {gb} GB: micro_batch_size {best['micro_batch_size']} (grad_accumulation_factor "
-                      f"{best['grad_accumulation_factor']}), gradient_checkpointing {best['gradient_checkpointing']}"
-                      f"  (predicted {best['peak_gib']:.1f} GiB per GPU)")
+            overrides[k] = getattr(a, k)
+    if a.delta_dtype:
+        overrides["delta_dtype"] = f"!name:torch.{a.delta_dtype}"
+    hparams, brain = load_meta_recipe(a.hparams, overrides, a.shape, a.lm_shape)
+    seconds = {**dict.fromkeys(hparams["train_tasks"] if "train_tasks" in hparams else [], a.max_duration),
+               **{k: float(v) for k, v in (kv.split("=", 1) for kv in a.task_duration)}} or a.max_duration
+    predictors = recipe_predictors(hparams, brain, seconds, a.gpus)
+    out = {"hparams": str(a.hparams), "brain": brain.__name__, "overrides": overrides, "max_duration": a.max_duration,
+           "predictions": {}, "plans": []}
+    longest = ", ".join(f"{t} {v:g} s" for t, v in seconds.items()) if isinstance(seconds, dict) else f"{seconds:g} s"
+    print(f"{a.hparams} ({brain.__name__}, {hparams['precision']}), longest utterance {longest}, {a.gpus} GPU(s):")
+    for task, pred in predictors.items():
+        micro = a.batch or (hparams[f"{task}_batch_size"] if task else
+                            hparams["micro_batch_size"] if isinstance(hparams["micro_batch_size"], int)
+                            else max(1, hparams["batch_size"] // a.gpus))
+        accum = 1 if task else max(1, hparams["batch_size"] // (micro * a.gpus))
+        out["predictions"][str(task)] = {"batch": micro, "accum": accum, **pred(micro)}
+        print(f"  {task + ' batch' if task else 'micro-batch'} {micro}: {describe(pred(micro), micro, accum, a.gpus)}")
+    for gpus, gb in GPU_SETUPS if a.plans else ():  # a prediction is per process: the same for any GPU count
+        for task, plan in plan_on(hparams, predictors, gpus, gb).items():
+            what = f"{task}_batch_size" if task else "batch_size"
+            text = plan if isinstance(plan, str) else (f"micro-batch {plan[0]} x accum {plan[1]} (predicted "
+                                                        f"{plan[2] / GIB:.1f} GiB per GPU)")
+            print(f"  {gpus} x {gb} GB, {what}: {text}")
+            out["plans"].append({"gpus": gpus, "gpu_gb": gb, "task": task, "plan": plan})
     if a.json:
-        sys.path.insert(0, str(REPO))
         from lobes.io_utils import atomic_write
 
         with atomic_write(a.json) as f:

@@ -19,6 +19,11 @@ The paper's two λ figures, from the Table-1 rows' runs (each a ``coefficients.j
     --figure3 IN_DOMAIN OUT_OF_DOMAIN  -> figure3_lambda_domain.png
         (Figure 3: in-domain λ_ASR, in-domain λ_SER, out-of-domain λ_ASR, out-of-domain λ_SER; both dual-vector)
 
+Several seeds (``--seeds 1986 1987 1988``, the figure arguments then being row folders such as ``rows/setup4_dual``):
+each line is the mean of the seeds' λ per group, with a band from their minimum to their maximum (three seeds
+give a Student-t interval 4.3 standard errors wide, so the band shows the runs themselves); a row with some of
+the seeds but not all is an error.
+
 Lines keep the paper's colours (blue, orange, green, red, in the caption's order). A run that does not exist
 (a row that was not trained) is left out of its figure and named on stderr; a figure none of whose runs exist is
 not drawn.
@@ -29,6 +34,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from lobes.errors import DataError
 from lobes.plots import plot_lambda_comparison, plot_lambda_lines, plot_lambdas, plot_layer_weights
@@ -142,34 +149,59 @@ def _one_file(path):
     return files[0]
 
 
-def paper_figure(figure, runs, out_dir):
-    """Draw the paper's ``figure`` ("figure2" / "figure3") from ``runs`` ({role: coefficients.json or run folder}).
+def _role_files(spec):
+    """The coefficients.json files of one figure role: ``spec`` is one run (file or run folder) or a list of runs
+    (its seeds); [] when none exists. Some seeds of a row but not all is an error naming the missing ones."""
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    files = [_one_file(p) for p in specs]
+    missing = [str(p) for p, f in zip(specs, files) if f is None]
+    if missing and len(missing) < len(specs):
+        raise DataError(f"runs missing: {missing} (the other seeds of this row exist: draw them all or none)")
+    return [f for f in files if f is not None]
 
-    Returns ``(path or None, plotted, missing)``: ``plotted`` is ``{line label: y-data as drawn}``, ``missing``
-    the roles whose run does not exist (their lines are left out; nothing is drawn when no run exists). A run
-    that exists but lacks the λ vector its line needs is an error naming the file.
+
+def paper_figure(figure, runs, out_dir):
+    """Draw the paper's ``figure`` ("figure2" / "figure3") from ``runs`` ({role: run}); a run is a
+    coefficients.json or a run folder, or a list of them (one per seed): the line is then their mean, with a band
+    from their minimum to their maximum per group.
+
+    Returns ``(path or None, plotted, missing)``: ``plotted`` is ``{line label: y-data as drawn}`` (and
+    ``{label + " band": [low, high]}``, see ``lobes.plots.plot_lambda_lines``), ``missing`` the roles whose run does
+    not exist (their lines are left out; nothing is drawn when no run exists). A run that exists but lacks the λ
+    vector its line needs is an error naming the file.
     """
     filename, title, roles, lines = FIGURES[figure]
     unknown = set(runs) - set(roles)
     if unknown:
         raise DataError(f"{figure}: unknown run role(s) {sorted(unknown)}; expected {list(roles)}")
-    files = {role: _one_file(runs[role]) if runs.get(role) is not None else None for role in roles}
-    missing = [role for role in roles if files[role] is None]
-    series = {}
+    files = {role: _role_files(runs[role]) if runs.get(role) is not None else [] for role in roles}
+    missing = [role for role in roles if not files[role]]
+    series, bands = {}, {}
     for role, vector, label in lines:
-        if files[role] is None:
+        stacked = []
+        for f in files[role]:
+            lam, _ = load_coefficients(f)
+            if not lam or vector not in lam:
+                raise DataError(f"{f}: {figure} needs λ of the '{vector}' vector (run '{role}'), found {sorted(lam or {})}")
+            stacked.append(lam[vector])
+        if not stacked:
             continue
-        lam, _ = load_coefficients(files[role])
-        if not lam or vector not in lam:
-            raise DataError(f"{files[role]}: {figure} needs λ of the '{vector}' vector (run '{role}'), "
-                            f"found {sorted(lam or {})}")
-        series[label] = lam[vector]
+        if len({len(v) for v in stacked}) != 1:
+            raise DataError(f"{figure}: the runs of '{role}' have different numbers of merge groups: "
+                            f"{[str(f) for f in files[role]]}")
+        arr = np.asarray(stacked, dtype=np.float64)
+        series[label] = stacked[0] if len(stacked) == 1 else arr.mean(axis=0)
+        if len(stacked) > 1:
+            bands[label] = (arr.min(axis=0), arr.max(axis=0))
     if not series:
         return None, {}, missing
+    n_runs = sorted({len(f) for f in files.values() if f})
+    if n_runs != [1]:
+        title = f"{title}\nmean of {'/'.join(map(str, n_runs))} seeds; band: min–max over seeds"
     try:
-        path, plotted = plot_lambda_lines(series, Path(out_dir) / filename, title=title)
+        path, plotted = plot_lambda_lines(series, Path(out_dir) / filename, title=title, bands=bands)
     except DataError as e:
-        raise DataError(f"{figure} from {[str(f) for f in files.values() if f]}: {e}") from e
+        raise DataError(f"{figure} from {[str(f) for fs in files.values() for f in fs]}: {e}") from e
     return path, plotted, missing
 
 
@@ -182,6 +214,9 @@ def main(argv=None):
     for figure, (_, title, roles, _) in FIGURES.items():
         parser.add_argument(f"--{figure}", nargs=len(roles), metavar=tuple(r.upper() for r in roles),
                             help=f"{title}: one run (folder or {FILENAME}) per role")
+    parser.add_argument("--seeds", nargs="+", default=None,
+                        help="the figures' runs are row folders: draw each as the mean over <row>/<seed> of these "
+                             "seeds, with a min–max band")
     args = parser.parse_args(argv)
     if not args.paths and not any(getattr(args, f) for f in FIGURES):
         parser.error("give experiment folders and/or --figure2 / --figure3")
@@ -189,7 +224,10 @@ def main(argv=None):
         written = plot_runs(args.paths, args.out, args.labels) if args.paths else []
         for figure, (_, _, roles, _) in FIGURES.items():
             if getattr(args, figure):
-                path, _, missing = paper_figure(figure, dict(zip(roles, getattr(args, figure))), args.out)
+                given = getattr(args, figure)
+                if args.seeds:
+                    given = [[Path(row) / seed for seed in args.seeds] for row in given]
+                path, _, missing = paper_figure(figure, dict(zip(roles, given)), args.out)
                 if missing:
                     print(f"{figure}: no run for {missing} ({'left out' if path else 'figure not drawn'})",
                           file=sys.stderr)

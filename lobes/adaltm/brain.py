@@ -1,14 +1,15 @@
 """What the AdaLTM recipes (recipes/MSP-Podcast/adaltm, recipes/IEMOCAP/adaltm) share around their model flow.
 
 Each recipe's train.py keeps ``compute_forward`` / ``compute_objectives`` (the forward stays visible there) on top
-of ``AdaLTMBrainBase``: per-kind weight decay (λ, α, head), λ means in the epoch log, λ / α in metrics.json,
-and the test artifacts (coefficients.json, λ / α / confusion plots, the folded model). ``use_feature_cache`` swaps
+of ``AdaLTMBrainBase``: per-kind weight decay (λ, α, head), λ means in the epoch log, λ in metrics.json, and
+the test artifacts (coefficients.json, λ / α plots, the folded model). ``use_feature_cache`` swaps
 audio for cached hidden states when nothing upstream of them trains.
 """
 import json
 import logging
 from pathlib import Path
 
+import speechbrain as sb
 import torch
 
 from lobes import distributed as D
@@ -47,35 +48,35 @@ class AdaLTMBrainBase(ToolkitBrain):
         return {"lambda": wavlm.coefficients(), "alpha": self.hparams.weighted_sum.alpha().tolist(),
                 "groups": group_names(wavlm.num_layers), "lambda_mode": wavlm.lambdas.mode}
 
-    def epoch_stats(self, stage):
-        """UAR / MaF1 (validation) and the mean λ per task vector, every epoch."""
-        stats = self.ser_stats()
+    def lambda_means(self):
+        """The mean λ per task vector, logged beside the validation statistics every epoch."""
         lam = self.hparams.wavlm.coefficients()
-        stats.update({f"λ_{k} mean": round(sum(v) / len(v), 4) for k, v in lam.items()})
-        return stats
+        return {f"λ_{k} mean": round(sum(v) / len(v), 4) for k, v in lam.items()}
 
-    def test_extras(self):
-        """λ per group per task vector into metrics.json (α: ToolkitBrain); under DDP each rank's coefficients."""
+    def lambda_record(self):
+        """λ per group per task vector, for metrics.json; under DDP every rank also writes the λ it ended with to
+        ``ranks/coefficients_rank<r>.json`` (DDP must keep them identical across ranks)."""
         coeffs = self.coefficients()
         if D.is_distributed():
-            # every rank records the λ it ended with: DDP must keep them identical across ranks
             rank = torch.distributed.get_rank()
             with atomic_write(Path(self.hparams.output_folder) / "ranks" / f"coefficients_rank{rank}.json") as f:
                 json.dump(coeffs, f)
-        return {"lambdas": coeffs["lambda"]}
+        return coeffs["lambda"]
 
-    def write_artifacts(self, metrics):
-        """coefficients.json, λ / α / confusion plots and the folded model (folded_wavlm/)."""
-        super().write_artifacts(metrics)
+    def write_artifacts(self, run_title=None):
+        """Main process: coefficients.json, λ / α plots and the folded model (folded_wavlm/). ``run_title`` names
+        the run in the λ plot (default: the row, i.e. the output folder's parent)."""
+        if not sb.utils.distributed.if_main_process():
+            return
         h, coeffs, folder = self.hparams, self.coefficients(), Path(self.hparams.output_folder)
         with atomic_write(folder / "coefficients.json") as f:
             json.dump(coeffs, f, indent=2)
         if coeffs["lambda"]:
-            run = self.fold_title() or folder.parent.name  # the row's name: output folders end in <row>/<seed>
+            run = run_title or folder.parent.name  # output folders end in <row>/<seed>
             plots.plot_lambdas(coeffs["lambda"], folder / "lambdas.png", title=f"λ per group — {run}")
         plots.plot_layer_weights({"α": coeffs["alpha"]}, folder / "alphas.png", title="α per layer", first_index=1)
         export_folded(h.wavlm, h.export_folder, {"weighted_sum": h.weighted_sum, "ser_head": h.ser_head},
-                      {"classes": self.classes, "head_hidden": h.head_hidden, "pooling": h.pooling,
+                      {"classes": list(h.emotion_classes), "head_hidden": h.head_hidden, "pooling": h.pooling,
                        "head_type": h.ser_head.head_type,
                        "num_layers": h.wavlm.num_layers, "hidden_size": h.wavlm.hidden_size,
                        "include_cnn": h.weighted_sum.include_cnn, "layer_norm": h.weighted_sum.layer_norm,

@@ -8,6 +8,7 @@ and ``ToolkitBrain.make_dataloader`` shards them. The batches of one set come fr
 ``lobes.dataio.loader_kwargs`` (seeded with the recipe seed, the same on every rank).
 """
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from lobes.errors import DataError
 from lobes.harmonifuse.interleave import SequentialTaskBatchSampler, TaskTaggedConcat, make_interleaved_dataloader
 from lobes.harmonifuse.task_split import TaskSplit
 from lobes.io_utils import atomic_write
+
+logger = logging.getLogger(__name__)
 
 
 def check_hparams(hparams):
@@ -120,8 +123,24 @@ def ser_sets(hparams):
     for name, manifest in (hparams["ser_extra_sources"] or {}).items():
         if not Path(manifest).is_file():
             raise DataError(f"ser_extra_sources.{name}: manifest '{manifest}' does not exist")
-        out["train"][TaskSplit("ser", name)] = ser_datasets({"train": str(manifest)}, classes)["train"]
+        ds = ser_datasets({"train": str(manifest)}, classes)["train"]
+        out["train"][TaskSplit("ser", name)] = confident_subset(ds, hparams["pseudo_label_threshold"], name)
     return out
+
+
+def confident_subset(dataset, threshold, name):
+    """The utterances of an extra (pseudo-labelled) SER source whose top soft-label probability is at least
+    ``threshold`` (``pseudo_label_threshold``); the count left out is logged. They train on the soft labels."""
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise DataError(f"pseudo_label_threshold must be a probability in [0, 1], got {threshold}")
+    kept = dataset.filtered_sorted(key_test={"emo_soft": lambda soft: max(soft) >= float(threshold)})
+    dropped = len(dataset) - len(kept)
+    logger.info("ser_extra_sources.%s: %d of %d utterances below pseudo_label_threshold %s left out",
+                name, dropped, len(dataset), threshold)
+    if not len(kept):
+        raise DataError(f"ser_extra_sources.{name}: every one of its {len(dataset)} utterances is below "
+                        f"pseudo_label_threshold {threshold}")
+    return kept
 
 
 def build_datasets(hparams):

@@ -1,20 +1,27 @@
 """HarmoniFuse prompt-adaptive dynamic fusion over the layers of the speech language model.
 
 The paper: "per-layer importance weights are computed as a sum of a task- and layer-specific learnable
-scalar and an input-dependent score from a small FFN on the hidden state". The precise form used here:
+scalar and an input-dependent score from a small FFN on the hidden state". The precise form used here, written
+as a residual around the last layer (the one the LM head was trained on):
 
-    p_l(x)    = LN( Σ_t m_t h_{l,t} / Σ_t m_t )            mask-aware mean pool of layer l, LN without affine
-    s_{τ,l}(x) = b_{τ,l} + f(p_l(x))                        f = Linear(D, H) - Tanh - Linear(H, 1), shared by layers
-    α_{τ,l}(x) = softmax_l s_{τ,l}(x)                        one distribution over layers per sample
-    fused_t    = Σ_l α_{τ,l}(x) h_{l,t}                      [B, T, D]
+    p_l(x)     = LN( Σ_t m_t h_{l,t} / Σ_t m_t )           mask-aware mean pool of layer l, LN without affine
+    w_{τ,l}(x) = b_{τ,l} + f(p_l(x)),  l = 1..L-1           f = Linear(D, H) - Tanh - Linear(H, 1), shared
+    fused_t    = h_{L,t} + Σ_{l<L} w_{τ,l}(x) (h_{l,t} − h_{L,t})
+               = Σ_l β_{τ,l}(x) h_{l,t},   β_l = w_l (l < L),  β_L = 1 − Σ_{l<L} w_l
 
+* Identity at init: b = 0 and the output layer of f is zero, so w = 0, β = one-hot on the last layer, and the
+  model is exactly the pretrained LM (β_L = 1, the other terms are exact zeros). The earlier form,
+  softmax_l(b + f), started as an even average of all layers, which the LM head was never trained on (on the
+  pretrained tiny LM: text loss 1.57 -> 2.23 nats/token at step 0). A softmax cannot be one-hot exactly, and
+  a large initial logit on the last layer saturates it (the gradient of b_l is α_l ⟨g, h_l − fused⟩ ≈ 0).
+  Here the gradient of b_l at init is ⟨g, h_l − h_L⟩: each layer is as easy to move to as any other.
+* β is an affine combination (Σ β_l = 1 exactly), not a distribution: a weight may leave [0, 1] (extrapolate
+  away from a layer). The weights reported and plotted are β.
 * Task (prompt) conditioning comes from two places: the static term b_τ, and the hidden states themselves,
   which are computed from a sequence that starts with the task's prompt tokens. In
   :class:`lobes.harmonifuse.speech_lm.SpeechLM` the pool mask m covers only the prompt + speech positions (the
   condition), never the target tokens: pooling over targets would let a causal LM see future tokens through
-  α, and generation could not reproduce it. So α is fixed once the prefix is read.
-* The output layer of f starts at zero (no bias: a constant is cancelled by the softmax), so at step 0 the
-  dynamic model equals the static one; the ablations differ only by what training learns.
+  β, and generation could not reproduce it. So β is fixed once the prefix is read.
 * LayerNorm on the pooled vector makes f see a scale-free summary: residual-stream norms grow with depth and
   f would otherwise mostly learn "deeper = larger".
 * ``mode="static"`` drops f (ablation: static fusion only); ``mode="last"`` returns the last layer
@@ -38,10 +45,15 @@ def masked_mean(hs, mask):
     return (hs * m).sum(dim=2) / m.sum(dim=2).clamp(min=1.0)
 
 
-class PromptAdaptiveFusion(torch.nn.Module):
-    """Task- and input-dependent softmax weighting of L hidden states (see module doc).
+def residual_weights(w):
+    """Residual coefficients w [B, L-1] of layers 1..L-1 -> layer weights β [B, L] (β_L = 1 − Σ w)."""
+    return torch.cat([w, 1.0 - w.sum(dim=-1, keepdim=True)], dim=-1)
 
-    ``forward(hidden_states, task, pool_mask=None) -> (fused [B, T, D], weights [B, L])``;
+
+class PromptAdaptiveFusion(torch.nn.Module):
+    """Task- and input-dependent residual weighting of L hidden states around the last one (see module doc).
+
+    ``forward(hidden_states, task, pool_mask=None) -> (fused [B, T, D], weights β [B, L])``;
     ``hidden_states``: [L, B, T, D] tensor or a list of L tensors [B, T, D].
     """
 
@@ -57,13 +69,13 @@ class PromptAdaptiveFusion(torch.nn.Module):
         self.normalize_pooled = normalize_pooled
         if mode == "last":  # no parameter at all: one that never gets a gradient would break DDP
             self.register_parameter("layer_bias", None)
-        else:
-            self.layer_bias = torch.nn.Parameter(torch.zeros(len(self.tasks), self.num_layers))  # b_{τ,l}
+        else:  # b_{τ,l} of layers 1..L-1: the last layer's weight is 1 − Σ (it needs no parameter of its own)
+            self.layer_bias = torch.nn.Parameter(torch.zeros(len(self.tasks), self.num_layers - 1))
         if mode == "dynamic":
             self.ffn = torch.nn.Sequential(
                 torch.nn.Linear(self.hidden_size, ffn_hidden), torch.nn.Tanh(),
                 torch.nn.Linear(ffn_hidden, 1, bias=False))
-            torch.nn.init.zeros_(self.ffn[2].weight)
+            torch.nn.init.zeros_(self.ffn[2].weight)  # w = b = 0 at init: the plain last layer
         else:
             self.ffn = None
 
@@ -73,13 +85,13 @@ class PromptAdaptiveFusion(torch.nn.Module):
                             f"states of shape {tuple(hs.shape)}")
 
     def scores(self, hidden_states, task, pool_mask=None):
-        """s_{τ,l}(x): [B, L] (before the softmax)."""
+        """w_{τ,l}(x) of layers 1..L-1: [B, L-1] (residual coefficients)."""
         hs = stack_hidden_states(hidden_states)
         self._check(hs)
         return self.pooled_scores(masked_mean(hs, pool_mask), task)
 
     def pooled_scores(self, pooled, task):
-        """s_{τ,l}(x) from the already pooled layers p_l(x) before LN, [L, B, D] -> [B, L].
+        """w_{τ,l}(x) from the already pooled layers p_l(x) before LN, [L, B, D] -> [B, L-1].
 
         :class:`lobes.harmonifuse.speech_lm.SpeechLM` pools layer by layer, so the [L, B, T, D] stack is never built.
         """
@@ -91,10 +103,17 @@ class PromptAdaptiveFusion(torch.nn.Module):
         idx = task_indices(task, self.tasks, pooled.shape[1], pooled.device)
         s = self.layer_bias[idx]
         if self.mode == "dynamic":
+            pooled = pooled[:-1]  # the last layer has no coefficient of its own
             if self.normalize_pooled:
                 pooled = F.layer_norm(pooled, (pooled.shape[-1],))
             s = s + self.ffn(pooled.to(self.ffn[0].weight.dtype)).squeeze(-1).transpose(0, 1)
         return s
+
+    def pooled_weights(self, pooled, task):
+        """β(x) [B, L] from the pooled layers [L, B, D] (one-hot on the last layer for ``mode="last"``)."""
+        if self.mode == "last":
+            return self.last_layer_weights(pooled.shape[1], pooled.device, pooled.dtype)
+        return residual_weights(self.pooled_scores(pooled, task))
 
     def last_layer_weights(self, batch_size, device, dtype=torch.float32):
         """One-hot weights on the last layer, [B, L] (``mode="last"``)."""
@@ -103,16 +122,16 @@ class PromptAdaptiveFusion(torch.nn.Module):
         return w
 
     def layer_weights(self, hidden_states, task, pool_mask=None):
-        """α(x): [B, L], a distribution over layers per sample."""
+        """β(x): [B, L], layer weights summing to 1 per sample."""
         hs = stack_hidden_states(hidden_states)
         if self.mode == "last":
             self._check(hs)
             return self.last_layer_weights(hs.shape[1], hs.device, hs.dtype)
-        return F.softmax(self.scores(hs, task, pool_mask), dim=-1)
+        return residual_weights(self.scores(hs, task, pool_mask))
 
     @staticmethod
     def fuse(hidden_states, weights):
-        """Σ_l α_l h_l for precomputed weights [B, L] (generation reuses the prefix's α)."""
+        """Σ_l β_l h_l for precomputed weights [B, L] (generation reuses the prefix's β)."""
         hs = stack_hidden_states(hidden_states)
         return torch.einsum("lbtd,bl->btd", hs, weights.to(hs.dtype))
 
@@ -124,9 +143,9 @@ class PromptAdaptiveFusion(torch.nn.Module):
         return self.fuse(hs, w), w
 
     def static_weights(self, task):
-        """softmax(b_τ): the input-independent part (detached, for plots)."""
+        """β of b_τ alone: the input-independent part (detached, for plots)."""
         if self.mode == "last":
             task_indices(task, self.tasks, 1, "cpu")
             return self.last_layer_weights(1, "cpu")[0]
         idx = task_indices(task, self.tasks, 1, self.layer_bias.device)
-        return F.softmax(self.layer_bias[idx][0], dim=-1).detach().clone()
+        return residual_weights(self.layer_bias[idx])[0].detach().clone()

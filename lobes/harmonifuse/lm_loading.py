@@ -4,8 +4,12 @@
 * A directory holding ``char_tokenizer.json`` (see ``tools/make_tiny_lm.py``) uses :class:`CharTokenizer`;
   anything else goes through ``AutoTokenizer``.
 * ``mode``: ``frozen`` (no LM weight trains), ``lora`` (``peft`` adapters from ``peft_config``, e.g. a
-  ``peft.LoraConfig``; every other LM weight frozen) or ``full``. ``gradient_checkpointing`` recomputes the LM
-  layers in backward (HF checkpoints only in train mode, i.e. for ``lora`` / ``full``).
+  ``peft.LoraConfig``; every other LM weight frozen) or ``full``. LoRA's ``target_modules`` come from the
+  config: the recipe's default ``all-linear`` (every Linear / Conv1D but the head, any architecture) or None
+  (peft's per-architecture table; an architecture missing from it is a DataError naming the key).
+  ``gradient_checkpointing`` recomputes the LM layers in backward (non-reentrant; a frozen LM too, see
+  :func:`frozen_lm_mode`). ``attn_implementation`` goes to ``from_pretrained`` / ``from_config`` (``sdpa``
+  default, ``flash_attention_2`` with flash-attn on a GPU).
 * :func:`final_norm` finds the LM's final normalisation, which the LM-layer fusion applies to every layer.
 """
 import json
@@ -81,16 +85,22 @@ def resolve_dtype(name, key="lm_dtype"):
     return LM_DTYPES[name]
 
 
-def load_causal_lm(source, from_config=False, dtype=torch.float32):
+def load_causal_lm(source, from_config=False, dtype=torch.float32, attn_implementation="sdpa"):
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     kw = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}  # torch_dtype is deprecated from 4.56
+    if attn_implementation is not None:
+        kw["attn_implementation"] = attn_implementation
     try:
         if from_config:
             return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), **kw)
         return AutoModelForCausalLM.from_pretrained(source, **kw)
+    except ImportError as e:  # flash_attention_2 without the flash-attn package
+        raise DataError(f"lm_attn_implementation '{attn_implementation}' cannot be used here: {e}") from e
     except (OSError, ValueError) as e:
+        if attn_implementation is not None and "attn" in str(e).lower():
+            raise DataError(f"lm_attn_implementation '{attn_implementation}' on lm_source '{source}': {e}") from e
         raise DataError(f"lm_source '{source}' is neither a local causal-LM directory nor a reachable hub id: {e}") from e
 
 
@@ -120,6 +130,7 @@ class LMSettings:
     dtype: object = "float32"              # lm_dtype: float32 | bfloat16 | float16 (or a torch.dtype)
     gradient_checkpointing: bool = False   # lm_gradient_checkpointing
     from_config: bool = False              # lm_from_config: random weights from the source's config
+    attn_implementation: str = "sdpa"      # lm_attn_implementation: sdpa | eager | flash_attention_2 (None: HF's)
 
     def __post_init__(self):
         if self.mode not in LM_MODES:
@@ -131,7 +142,8 @@ class LMSettings:
 
 def load_lm(settings):
     """-> (the LM prepared for ``settings.mode`` (a peft model in ``lora``), its tokenizer)."""
-    lm = load_causal_lm(settings.source, from_config=settings.from_config, dtype=resolve_dtype(settings.dtype))
+    lm = load_causal_lm(settings.source, from_config=settings.from_config, dtype=resolve_dtype(settings.dtype),
+                        attn_implementation=settings.attn_implementation)
     tokenizer = load_tokenizer(settings.source)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
         raise DataError(f"lm_source '{settings.source}': tokenizer has {len(tokenizer)} tokens but the LM "
@@ -142,8 +154,26 @@ def load_lm(settings):
         lm.requires_grad_(False)
     elif settings.mode == "lora":
         from peft import get_peft_model
-        lm = get_peft_model(lm, settings.peft_config)  # freezes every LM weight but the adapters
+        try:  # freezes every LM weight but the adapters
+            lm = get_peft_model(lm, settings.peft_config)
+        except ValueError as e:  # no per-architecture default, or target names the LM does not have
+            raise DataError(f"lm_peft_config on lm_source '{settings.source}' ({lm.config.model_type}): {e}. Set "
+                            "lora_target_modules: all-linear, or this architecture's module names") from e
     return lm, tokenizer
+
+
+def frozen_lm_mode(lm, training):
+    """Train/eval mode of a frozen LM: eval (no dropout), except, when training with gradient checkpointing, the
+    layers that checkpoint (they have ``gradient_checkpointing`` set): transformers checkpoints a layer only when
+    its own ``training`` is set, and the speech input still requires grad, so a frozen LM would otherwise keep
+    every layer's activations for the backward pass to the adapter. Their submodules (dropout, attention) stay
+    in eval mode."""
+    lm.eval()
+    if training and getattr(lm, "is_gradient_checkpointing", False):
+        for m in lm.modules():
+            if getattr(m, "gradient_checkpointing", False) is True:
+                m.training = True
+    return lm
 
 
 def hf_model(lm):

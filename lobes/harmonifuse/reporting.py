@@ -14,6 +14,7 @@ import torch
 from lobes import distributed as D
 from lobes import metrics as M
 from lobes import plots
+from lobes.collectors import ASRCollector, SERCollector
 from lobes.io_utils import atomic_write
 
 INVALID = "<invalid>"                         # column of generated SER outputs that are not a class name
@@ -60,18 +61,41 @@ def ser_test_metrics(y_true, y_pred, classes, speakers, num_bootstraps, seed):
             "macro_f1": rep["macro_f1"], "invalid_rate": rep["n_invalid"] / rep["n"]}
 
 
-def by_split(ids, splits, refs, hyps):
-    """{split: {"ids", "refs", "hyps"}} from per-utterance ASR rows, splits in first-seen order."""
-    out = {}
-    for row in zip(ids, splits, refs, hyps):
-        o = out.setdefault(row[1], {"ids": [], "refs": [], "hyps": []})
-        for k, v in zip(("ids", "refs", "hyps"), (row[0], row[2], row[3])):
-            o[k].append(v)
-    return out
+class GeneratedSERCollector(SERCollector):
+    """SER outputs of a generative model: the class of the generated words (:func:`emotion_index`; ``len(classes)``
+    when invalid) and the words themselves; no class probabilities."""
+
+    def add_generated(self, ids, labels, texts, speakers):
+        self.add(ids=ids, true=labels.view(-1).cpu().tolist(), pred=[emotion_index(t, self.classes) for t in texts],
+                 text=list(texts), spk=speakers)
+
+    def summary(self):
+        return validation_ser_stats(self["true"], self["pred"], len(self.classes)) if len(self) else {}
+
+    def report(self, num_bootstraps, seed, speaker_bootstrap):
+        if not len(self):
+            return {}
+        return ser_test_metrics(self["true"], self["pred"], self.classes, self["spk"] if speaker_bootstrap else None,
+                                num_bootstraps, seed)
+
+
+def split_collector(tag, classes):
+    """The collector of one evaluation split (a ``TaskSplit``): ASR references/hypotheses or generated SER."""
+    name = f"{tag} outputs"
+    return ASRCollector(name) if tag.task == "asr" else GeneratedSERCollector(classes, name)
+
+
+def gather_by_split(losses, outputs, classes):
+    """Each split's collector gathered in that split's single-process order, read from the gathered evaluation
+    losses (``TaskLosses``: every evaluated utterance with its tag); in that order, and with an empty collector for
+    a split this rank did not decode, so that every rank joins the same gathers."""
+    return {tag: outputs.get(tag, split_collector(tag, classes)).gather(order)
+            for tag, order in losses.split_orders().items()}
 
 
 def asr_test_metrics(asr_by_split, num_bootstraps, seed):
-    """metrics.json entries of the ASR test: ``wer`` (first split) and per split its WER, CI and details."""
+    """metrics.json entries of the ASR test: ``wer`` (first split) and per split its WER, CI and details;
+    ``asr_by_split``: ``{split: ASRCollector}`` (or any rows with ``ids`` / ``refs`` / ``hyps``)."""
     details = {split: M.wer_details(o["refs"], o["hyps"]) for split, o in asr_by_split.items()}
     for split, o in asr_by_split.items():
         details[split]["wer_ci"] = M.wer_ci(o["refs"], o["hyps"], num_bootstraps, seed=seed)[1]
@@ -86,9 +110,9 @@ def asr_test_metrics(asr_by_split, num_bootstraps, seed):
     return out
 
 
-def write_predictions(folder, asr_by_split, ser_rows, classes):
-    """asr_predictions.csv (split, id, ref, hyp) and ser_predictions.csv (id, true, pred, generated text);
-    ``ser_rows``: (id, true index, predicted index, generated text) per utterance."""
+def write_predictions(folder, asr_by_split, ser):
+    """asr_predictions.csv (split, id, ref, hyp) from ``{split: ASRCollector}`` and ser_predictions.csv (id, true,
+    pred, generated text) from a :class:`GeneratedSERCollector` (None or empty: no file)."""
     if asr_by_split:
         with atomic_write(folder / "asr_predictions.csv", newline="") as f:
             w = csv.writer(f)
@@ -96,12 +120,18 @@ def write_predictions(folder, asr_by_split, ser_rows, classes):
             for split, o in asr_by_split.items():
                 for row in zip(o["ids"], o["refs"], o["hyps"]):
                     w.writerow([split, *row])
-    if ser_rows:
+    if ser is not None and len(ser):
+        names = list(ser.classes) + [INVALID]
         with atomic_write(folder / "ser_predictions.csv", newline="") as f:
             w = csv.writer(f)
             w.writerow(["id", "true", "pred", "generated"])
-            for i, t, p, text in ser_rows:
-                w.writerow([i, classes[t], (list(classes) + [INVALID])[p], text])
+            for i, t, p, text in zip(ser["ids"], ser["true"], ser["pred"], ser["text"]):
+                w.writerow([i, names[t], names[p], text])
+
+
+def top_layers(model, tasks):
+    """For the validation log: per task, the encoder layer (1-based) with the largest fusion weight α^τ."""
+    return {f"enc_top_layer_{t}": int(model.encoder_fusion.layer_weights(t).argmax()) + 1 for t in tasks}
 
 
 def gather_fusion_stats(model):

@@ -4,7 +4,7 @@
     LM input  = [BOS] [prompt_τ] [speech embeddings] [target tokens]                          ┘
     LM hidden states of layers 1..L ─ final norm ─ PromptAdaptiveFusion[τ](prefix) ─ lm_head ─ next token
 
-Settings come in groups (each a dataclass below, or the same keys as a mapping in the YAML): ``lm``
+Settings come in groups (dataclasses of :mod:`lobes.harmonifuse.settings`, or the same keys as YAML mappings): ``lm``
 (:class:`lobes.harmonifuse.lm_loading.LMSettings`: source, frozen / LoRA / full), ``speech`` (encoder layer
 fusion and adapter), ``prompts``, ``fusion`` (LM-layer fusion) and ``ser`` (how emotions are output).
 
@@ -23,9 +23,10 @@ fusion and adapter), ``prompts``, ``fusion`` (LM-layer fusion) and ``ser`` (how 
   loss is summed over chunks of k target tokens, each chunk's logits rebuilt in backward
   (:func:`chunked_cross_entropy`); ``output.logits`` is then None.
 * LM-layer fusion: HF puts the LM's final norm on the last hidden state only, so the same norm is applied to
-  layers 1..L-1 before fusing (every fused state is on the scale ``lm_head`` expects; with ``mode="last"`` the
-  model is exactly the plain LM). The embedding output (index 0) is not fused. α is computed from the prefix
-  (BOS + prompt + speech) only, see :mod:`lobes.harmonifuse.dynamic_fusion`.
+  layers 1..L-1 before fusing (every fused state is on the scale ``lm_head`` expects). The fusion is a residual
+  around the last layer that starts at zero, so at init (and always with ``mode="last"``) the model is exactly
+  the plain LM. The embedding output (index 0) is not fused. The layer weights (β, ``lm_weights``) are computed
+  from the prefix (BOS + prompt + speech) only, see :mod:`lobes.harmonifuse.dynamic_fusion`.
 * Decoding: :mod:`lobes.harmonifuse.generation` (transformers ``generate`` with the same fusion).
 * Targets: ASR = transcript text; SER in ``ser.mode="generate"`` = the emotion word as text, in ``"classify"`` =
   a linear head over the mean of the fused prefix states (labels: names from ``emotions`` or indices). Every
@@ -53,79 +54,11 @@ from lobes.harmonifuse.adapter import SpeechAdapter, to_frame_mask
 from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion, masked_mean
 from lobes.harmonifuse.generation import generate_text
 from lobes.harmonifuse.layer_select import freeze_unused_encoder_parameters, make_encoder_fusion
-from lobes.harmonifuse.lm_loading import LMSettings, final_norm, hf_model, load_lm
+from lobes.harmonifuse import targets as T
+from lobes.harmonifuse.lm_loading import LMSettings, final_norm, frozen_lm_mode, hf_model, load_lm
+from lobes.harmonifuse.settings import (DEFAULT_TASK_PROMPTS, FusionSettings, PromptSettings, SERSettings,  # noqa: F401
+                                       SpeechSettings, as_settings, check_chunk_size)
 from lobes.harmonifuse.targets import chunked_cross_entropy, label_indices, target_token_ids, teacher_forcing_tensors
-
-PROMPT_MODES = ("text", "soft")
-SER_MODES = ("generate", "classify")
-# Instruction words of prompt mode "text" when no texts are given (the recipe YAML sets its own).
-DEFAULT_TASK_PROMPTS = {"asr": "Transcribe the audio.", "ser": "Which emotion does the speaker express?"}
-
-
-@dataclass(frozen=True)
-class SpeechSettings:
-    """Encoder layer fusion and adapter (the recipe's ``encoder_gate``, ``include_cnn``, ``encoder_layer_norm``,
-    ``fixed_layer``, ``adapter_stack``, ``adapter_hidden``)."""
-
-    gate: str = "none"              # none (softmax layer sum) | channel
-    include_cnn: bool = False       # also fuse hidden state 0 (CNN output)
-    layer_norm: bool = False        # LayerNorm each layer before the per-task weights
-    fixed_layer: int = None         # ablation: transformer layer l for every task; None fuses
-    adapter_stack: int = 4          # consecutive encoder frames stacked into one LM position
-    adapter_hidden: int = None      # adapter MLP width; None = LM width
-    encoder_layers: int = None      # None reads encoder.num_layers
-    encoder_dim: int = None         # None reads encoder.hidden_size
-
-
-@dataclass(frozen=True)
-class PromptSettings:
-    """Task prompts (the recipe's ``prompt_mode``, ``task_prompts``, ``num_prompt_tokens``)."""
-
-    mode: str = "text"              # text (instruction words) | soft (learned vectors)
-    texts: dict = None              # {task: instruction} for mode text; None = DEFAULT_TASK_PROMPTS
-    num_tokens: int = 4             # learned vectors per task, mode soft
-
-    def __post_init__(self):
-        if self.mode not in PROMPT_MODES:
-            raise DataError(f"prompt_mode must be one of {PROMPT_MODES}, got '{self.mode}'")
-
-
-@dataclass(frozen=True)
-class FusionSettings:
-    """LM-layer fusion (the recipe's ``lm_fusion``, ``fusion_ffn_hidden``)."""
-
-    mode: str = "dynamic"           # dynamic (b_τ + FFN score of the prefix) | static (b_τ only) | last (plain LM)
-    ffn_hidden: int = 64            # hidden width of the FFN scoring each layer's pooled prefix
-
-
-@dataclass(frozen=True)
-class SERSettings:
-    """How the emotion task answers (the recipe's ``ser_mode``, ``emotion_classes``)."""
-
-    mode: str = "generate"          # generate (the emotion word) | classify (linear head on the fused prefix)
-    emotions: tuple = ()            # class names, the classify head's labels
-    task: str = "ser"               # the emotion task among the model's tasks
-
-    def __post_init__(self):
-        if self.mode not in SER_MODES:
-            raise DataError(f"ser_mode must be 'generate' or 'classify', got '{self.mode}'")
-
-
-def as_settings(cls, value, key):
-    """A settings dataclass from itself, a YAML mapping of its fields, or None (its defaults)."""
-    if isinstance(value, cls):
-        return value
-    try:
-        return cls(**dict(value or {}))
-    except TypeError as e:
-        raise DataError(f"speech_lm {key}: {e} (fields of {cls.__name__}: "
-                        f"{list(cls.__dataclass_fields__)})") from e
-
-
-def check_chunk_size(loss_chunk_size):
-    if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or int(loss_chunk_size) < 1):
-        raise DataError(f"loss_chunk_size must be null or a positive number of tokens, got {loss_chunk_size!r}")
-    return None if loss_chunk_size is None else int(loss_chunk_size)
 
 
 def positions(attn_mask, length):
@@ -139,9 +72,8 @@ class SpeechLMOutput:
     logits: torch.Tensor          # generate: [B, N, V] predictions of target tokens 1..N (EOS last), None when
                                   # training with loss_chunk_size (never built whole); classify: [B, C]
     target_ids: torch.Tensor      # generate: [B, N] with -100 on padding; classify: [B] label indices
-    lm_weights: torch.Tensor      # [B, L] dynamic LM-layer weights α
+    lm_weights: torch.Tensor      # [B, L] LM-layer weights β (Σ = 1; one-hot on the last layer at init)
     task: str
-
 
 
 class SpeechLM(torch.nn.Module):
@@ -239,7 +171,7 @@ class SpeechLM(torch.nn.Module):
     def train(self, mode=True):
         super().train(mode)
         if self.lm_mode == "frozen":
-            self.lm.eval()  # a frozen LM keeps dropout off
+            frozen_lm_mode(self.lm, mode)  # dropout off; checkpointing layers (if enabled) stay in training mode
         return self
 
     def _task_index(self, task):
@@ -263,24 +195,41 @@ class SpeechLM(torch.nn.Module):
         fused = self.encoder_fusion(hidden, self._task_index(task))
         return self.adapter(fused, mask)
 
+    def _head_ids(self, task):
+        """Host token ids in front of the speech: BOS (if the tokenizer has one), then in prompt mode text the
+        task's instruction words."""
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        ids = [] if bos is None else [bos]
+        return ids if self.prompts is not None else ids + self.prompt_ids[self.tasks[self._task_index(task)]]
+
+    def embed_tokens(self, task, device, extra=None):
+        """One embedding lookup for the prefix head and ``extra`` token ids [B, N] (the teacher-forced targets)
+        -> (head [H, D] = BOS + prompt_τ (its words' embeddings or the learned vectors), [B, N, D] or None).
+
+        One call per batch, so a trainable embedding gets one dense [V, D] gradient, not one per lookup."""
+        head_ids = torch.tensor(self._head_ids(task), dtype=torch.long, device=device)
+        ids = head_ids if extra is None else torch.cat([head_ids, extra.reshape(-1)])
+        emb = self._embed_ids(ids)
+        head, rest = emb[: head_ids.numel()], emb[head_ids.numel():]
+        if self.prompts is not None:
+            head = torch.cat([head, self.prompts[self._task_index(task)].to(emb.dtype)])
+        return head, (None if extra is None else rest.view(*extra.shape, emb.shape[-1]))
+
     def prompt_embeddings(self, task, device):
         """[P, D] embeddings of task τ's prompt: its instruction's token embeddings, or the learned vectors."""
-        t = self._task_index(task)
-        if self.prompts is not None:
-            return self.prompts[t].to(self.hf_lm.get_input_embeddings().weight.dtype)
-        return self._embed_ids(torch.tensor(self.prompt_ids[self.tasks[t]], dtype=torch.long, device=device))
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return self.embed_tokens(task, device)[0][(0 if bos is None else 1):]
 
-    def prefix_embeddings(self, speech, smask, task):
+    def prefix_embeddings(self, speech, smask, task, head=None):
         """Right-padded prefixes [B, K, D] and their mask [B, K], K = P + T': [BOS] + prompt_τ (P positions) +
         speech; utterance b's prefix is its first P + n_b positions (n_b = its speech length), padding is zero.
+        ``head``: the [P, D] embeddings of BOS + prompt from :meth:`embed_tokens` (None: looked up here).
 
         Fixed shapes from the batch (the speech lengths n_b stay on the device: no host read per utterance).
         """
         emb_dtype = self.hf_lm.get_input_embeddings().weight.dtype
-        head = self.prompt_embeddings(task, speech.device)
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        if bos is not None:
-            head = torch.cat([self._embed_ids(torch.full((1,), bos, dtype=torch.long, device=speech.device)), head])
+        if head is None:
+            head = self.embed_tokens(task, speech.device)[0]
         B = speech.shape[0]
         speech = speech.to(emb_dtype).masked_fill(~smask[:, :, None], 0.0)
         embeds = torch.cat([head[None].expand(B, -1, -1), speech], dim=1)
@@ -336,7 +285,7 @@ class SpeechLM(torch.nn.Module):
             return self.lm_fusion.last_layer_weights(B, hidden[0].device)
         if pooled is None:
             pooled = self.pooled_layers(hidden, pool_mask)
-        return torch.softmax(self.lm_fusion.pooled_scores(pooled, task), dim=-1)
+        return self.lm_fusion.pooled_weights(pooled, task)
 
     def fuse(self, states, alpha):
         """Σ_l α_l states_l; ``states`` from :meth:`layer_states` ([1, ...] for ``lm_fusion="last"``)."""
@@ -351,12 +300,14 @@ class SpeechLM(torch.nn.Module):
             self._alpha_count[t] += alpha.shape[0]
 
     # ----------------------------------------------------------------------------------------- forward
-    def forward(self, wavs, wav_lens, task, targets=None):
+    def forward(self, wavs, wav_lens, task, targets=None, soft_targets=None):
         speech, smask = self.encode_speech(wavs, wav_lens, task)
-        prefix, pmask = self.prefix_embeddings(speech, smask, task)
-        (B, _, D), dev = prefix.shape, speech.device
+        if soft_targets is not None and not self._is_classify(task):  # SER soft labels [B, C] (targets.py)
+            speech, smask, targets, pair_p = T.soft_target_pairs(soft_targets, self.emotions, speech, smask)
+        B, dev = speech.shape[0], speech.device
         if self._is_classify(task):
-            return self._classify(prefix, pmask, task, targets, dev)
+            return self._classify(*self.prefix_embeddings(speech, smask, task), task,
+                                  targets if soft_targets is None else soft_targets, dev)
         if targets is None:
             raise DataError(f"task '{task}' is generative: forward needs targets (use generate() to decode)")
         if len(targets) != B:
@@ -364,6 +315,9 @@ class SpeechLM(torch.nn.Module):
         tgt = target_token_ids(self.tokenizer, targets)
         N = max(len(y) for y in tgt)
         inp, target_ids, flat = teacher_forcing_tensors(tgt, dev)
+        head, target_emb = self.embed_tokens(task, dev, inp)            # BOS, prompt and targets: one lookup
+        prefix, pmask = self.prefix_embeddings(speech, smask, task, head)
+        D = prefix.shape[2]
         # Teacher forcing, right-padded: utterance b reads its prefix (K_b = P + n_b positions), then its target
         # tokens without the final EOS at K_b, K_b+1, ...; S = K + N - 1 fits the longest of both. The
         # targets go in by a scatter at device-computed positions (they overwrite speech padding, if any).
@@ -371,7 +325,7 @@ class SpeechLM(torch.nn.Module):
         steps = torch.arange(N, device=dev)
         embeds = torch.cat([prefix, prefix.new_zeros(B, N - 1, D)], dim=1)
         at = (k_b[:, None] + steps[None, : N - 1])[:, :, None].expand(-1, -1, D)
-        embeds = embeds.scatter(1, at, self._embed_ids(inp).to(embeds.dtype))
+        embeds = embeds.scatter(1, at, target_emb.to(embeds.dtype))
         pool = torch.cat([pmask, pmask.new_zeros(B, N - 1)], dim=1)      # α pools the prefix only
         gather = k_b[:, None] - 1 + steps[None, :]                        # position K_b-1+j predicts token j
         hidden, _ = self.run_decoder(embeds, None, use_cache=False)
@@ -379,6 +333,9 @@ class SpeechLM(torch.nn.Module):
         self._record(task, alpha)
         fused = self.fuse(self.layer_states(hidden, gather), alpha)     # [B, N, D]: target positions only
         head = self.hf_lm.get_output_embeddings()
+        if soft_targets is not None:  # Σ p·NLL / Σ p·tokens (chunked like the hard loss when training)
+            loss = T.soft_target_loss(fused, target_ids, flat, tgt, pair_p, head, self.loss_chunk_size if self.training else None)
+            return SpeechLMOutput(loss, None, target_ids, alpha, self.tasks[self._task_index(task)])
         if self.training and self.loss_chunk_size is not None and torch.is_grad_enabled():
             # the real target tokens by host-known indices (a fixed shape, no boolean selection)
             loss = chunked_cross_entropy(fused.reshape(B * N, -1).index_select(0, flat),
@@ -399,10 +356,9 @@ class SpeechLM(torch.nn.Module):
         logits = self.classifier(fused.to(self.classifier.weight.dtype)).float()
         labels = loss = None
         if targets is not None:
-            labels = label_indices(targets, self.emotions, dev)
+            labels = label_indices(targets, self.emotions, dev)  # soft labels [B, C] (float): soft CE
             loss = F.cross_entropy(logits, labels)
         return SpeechLMOutput(loss, logits, labels, alpha, self.tasks[self._task_index(task)])
-
 
     # -------------------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -429,7 +385,7 @@ class SpeechLM(torch.nn.Module):
 
     # ------------------------------------------------------------------------------------------- plots
     def fusion_weights(self, task):
-        """Weights for plots: encoder α^τ, encoder gate, static LM weights softmax(b_τ) and the running mean
+        """Weights for plots: encoder α^τ, encoder gate, static LM weights β(b_τ) and the running mean
         of the dynamic LM weights seen since :meth:`reset_fusion_stats` (None before any batch)."""
         t = self._task_index(task)
         count = self._alpha_count[t].item()

@@ -1,42 +1,63 @@
 """Per-task batch losses of one HarmoniFuse stage, and the task-combined loss that selects the checkpoint.
 
 Training keeps a running sum per :class:`lobes.harmonifuse.task_split.TaskSplit` on the device (read once at the
-stage end: no host read per step). Evaluation keeps one row per batch (its first utterance id, tag, loss), which
-DDP gathers back into single-process order, so the means are the same floats for any number of ranks.
+stage end: no host read per step). Evaluation is a :class:`lobes.collectors.Collector` with one row per utterance
+(its tag, its batch's loss, whether it opens the batch), gathered like every collector: DDP brings the rows back
+into single-process order, checked to be the evaluated set, so the means are the same floats for any number of
+ranks. The gathered tags also give each split's utterances in that order (:meth:`split_orders`).
 """
-from lobes import distributed as D
+from lobes.collectors import Collector
 
 
-class TaskLosses:
+class TaskLosses(Collector):
+    columns = ("ids", "tag", "loss", "first")
+
     def __init__(self):
+        super().__init__("evaluation batch losses")
         self.sums = {}                                   # training: TaskSplit -> [device sum, batches]
-        self.rows = {"ids": [], "tag": [], "loss": []}   # evaluation: one row per batch
 
     def add_train(self, tag, loss):
         sums = self.sums.setdefault(tag, [0.0, 0])
         sums[0], sums[1] = sums[0] + loss.detach(), sums[1] + 1
 
-    def add_eval(self, first_id, tag, loss):
-        for key, value in (("ids", first_id), ("tag", tag), ("loss", float(loss))):
-            self.rows[key].append(value)
+    def add_eval(self, ids, tag, loss):
+        """One evaluation batch: its utterance ids, TaskSplit and loss (a batch counts once in the means)."""
+        n = len(ids)
+        self.add(ids=ids, tag=[tag] * n, loss=[float(loss)] * n, first=[True] + [False] * (n - 1))
 
-    def gather(self, order):
-        """All ranks' evaluation rows in single-process order (``order`` from the sharded loader)."""
-        self.rows = D.gather_rows(self.rows, order)
+    def split_orders(self):
+        """TaskSplit -> its utterance ids in the rows' order (after ``gather``: single-process order)."""
+        out = {}
+        for u, tag in zip(self["ids"], self["tag"]):
+            out.setdefault(tag, []).append(u)
+        return out
 
     def means(self):
         """TaskSplit -> mean batch loss: training from the device sums, evaluation from the rows in order."""
         if self.sums:
             return {tag: float(s) / n for tag, (s, n) in self.sums.items() if n}
         sums = {}
-        for tag, loss in zip(self.rows["tag"], self.rows["loss"]):
+        for tag, loss, first in zip(self["tag"], self["loss"], self["first"]):
+            if not first:
+                continue
             s = sums.setdefault(tag, [0.0, 0])
             s[0], s[1] = s[0] + loss, s[1] + 1
         return {tag: s / n for tag, (s, n) in sums.items()}
 
-    def combined(self):
-        """Σ over tasks of the task's mean batch loss: each task counts once, whatever its batch count."""
+    def by_task(self):
+        """task -> the mean over its sets of each set's mean batch loss."""
         by_task = {}
         for tag, v in self.means().items():
             by_task.setdefault(tag.task, []).append(v)
-        return sum(sum(v) / len(v) for v in by_task.values())
+        return {task: sum(v) / len(v) for task, v in by_task.items()}
+
+    def log_stats(self):
+        """Log keys: training one per source (``loss_asr``, ``loss_ser``, ``loss_ser_emilia`` for the extra SER
+        source ``ser:emilia``: no source overwrites another's), evaluation one per task (``loss_asr``, ``loss_ser``)."""
+        if self.sums:
+            return {"loss_" + str(tag).replace(":", "_"): round(v, 4) for tag, v in sorted(self.means().items())}
+        return {f"loss_{task}": round(v, 4) for task, v in self.by_task().items()}
+
+    def combined(self):
+        """Σ over tasks of the task's mean batch loss: each task counts once, whatever its batch count."""
+        return sum(self.by_task().values())

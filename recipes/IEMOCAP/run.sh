@@ -7,7 +7,8 @@
 #   stage 1: per fold: in-domain ASR-CTC fine-tuning on the fold's training transcripts (W_ASR_in of that fold)
 #   stage 2: per fold: SER fine-tuning (W_SER of that fold; also the "SER fine-tuning" baseline row)
 #   stage 3: per fold: task vectors ΔW = W_ft − W_base, then the selected AdaLTM rows (hparams/rows)
-#   stage 4: fold averages: UA / WA / MaF1 mean ± Student-t 95% interval (average_folds.py)
+#   stage 4: fold averages: UA / WA / MaF1 mean ± Student-t 95% interval (average_folds.py); with several
+#            --seeds: results/folds.md for the first seed (with the SER row), results/folds_seed<s>.md for the others
 #
 # Examples
 #   bash recipes/IEMOCAP/run.sh --mini true                          # whole pipeline on generated data (CPU)
@@ -38,7 +39,8 @@ exp=exp/iemocap_recipe      # everything this recipe writes
 asr_out_source=             # out-of-domain ASR model for the out_of_domain_dual row (e.g. a LibriSpeech CTC model)
 asr_out_kind=auto           # hf | hf_ctc | speechbrain | auto
 rows="setup1_frozen setup2_asr_only setup3_ser_only setup4_dual"   # AdaLTM rows (hparams/rows/<row>.yaml)
-seed=1986                   # seed of every run
+tuning_folds=auto           # folds whose test data informed a setting: left out of results/folds.md (auto: 1 with --mini true and sessions, else none)
+seeds=1986                  # stage 3: each row once per seed, into rows/<row>/<seed>/fold<k>; stages 1-2: the first
 asr_args=""                 # extra overrides for the stage-1 ASR-CTC runs
 ser_args=""                 # extra overrides for the stage-2 SER runs
 adaltm_args=""              # extra overrides for the AdaLTM rows
@@ -58,7 +60,11 @@ if [ "${mini}" = true ]; then
     asr_args="--number_of_epochs=30 --batch_size=4 --lr=0.02 --lr_wavlm=0.01 --mask_time_prob=0.2 ${constant} ${asr_args}"
     ser_args="--number_of_epochs=30 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${constant} ${ser_args}"
     adaltm_args="--number_of_epochs=30 --lr=0.01 --batch_size=8 --head_hidden=64 --num_bootstraps=200 ${adaltm_args}"
+    # these settings were tried on fold 1 with its test session scored (README, "How the mini settings were
+    # chosen"): fold 1 is no held-out result, so results/folds.md averages folds 2-5
+    [ "${tuning_folds}" = auto ] && [ "${split_protocol}" = sessions ] && tuning_folds=1
 fi
+[ "${tuning_folds}" = auto ] && tuning_folds=""
 [ -n "${data_folder}" ] || { echo "--data_folder (IEMOCAP_full_release) is required (or --mini true)" >&2; exit 1; }
 case "${split_protocol}" in
     sessions) all_folds="1 2 3 4 5" ;;
@@ -73,6 +79,13 @@ for row in ${rows}; do
         echo "row out_of_domain_dual needs --asr_out_source (an out-of-domain ASR model)" >&2; exit 1
     fi
 done
+
+read -r -a seed_list <<< "${seeds}"
+[ ${#seed_list[@]} -gt 0 ] || { echo "--seeds: give at least one seed" >&2; exit 1; }
+for s in "${seed_list[@]}"; do
+    [[ ${s} =~ ^[0-9]+$ ]] || { echo "--seeds: '${s}' is not a non-negative integer" >&2; exit 1; }
+done
+seed=${seed_list[0]}        # the source models (stages 1-2: ASR-CTC, SER) and their task vectors: one seed
 
 prep=${exp}/prep
 vectors=${exp}/task_vectors
@@ -136,12 +149,15 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
             fi
         fi
         node0_end
-        for row in ${rows}; do
-            log "Stage 3b: fold ${fold}: AdaLTM row ${row}"
-            # shellcheck disable=SC2086
-            launch "${recipe_dir}/adaltm/train.py" "${recipe_dir}/adaltm/hparams/rows/${row}.yaml" "${common[@]}" \
-                --fold="${fold}" --exp_folder="${exp}/rows" \
-                --vectors_folder="${vectors}/fold${fold}" ${adaltm_args} "${extra[@]}"
+        for s in "${seed_list[@]}"; do
+            seeded=("${common[@]/#--seed=*/--seed=${s}}")
+            for row in ${rows}; do
+                log "Stage 3b: fold ${fold}: AdaLTM row ${row}, seed ${s}"
+                # shellcheck disable=SC2086
+                launch "${recipe_dir}/adaltm/train.py" "${recipe_dir}/adaltm/hparams/rows/${row}.yaml" "${seeded[@]}" \
+                    --fold="${fold}" --exp_folder="${exp}/rows" \
+                    --vectors_folder="${vectors}/fold${fold}" ${adaltm_args} "${extra[@]}"
+            done
         done
     done
 fi
@@ -150,11 +166,20 @@ if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ] && ! is_node0; then
     log "Stage 4: fold averages, on node 0"
 elif [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     log "Stage 4: fold averages (UA, WA, MaF1: mean ± Student-t 95% interval over folds)"
-    inputs=()
-    for d in ser rows; do [ -d "${exp}/${d}" ] && inputs+=("${exp}/${d}"); done
-    [ ${#inputs[@]} -gt 0 ] || { echo "no results under ${exp}/ser or ${exp}/rows: run stages 2-3 first" >&2; exit 1; }
-    "${py}" "${recipe_dir}/average_folds.py" "${inputs[@]}" --out "${exp}/results/folds" \
-        --n_folds "$(wc -w <<< "${all_folds}")"
+    for s in "${seed_list[@]}"; do   # one fold table per seed: the folds of one seed are the repeated unit
+        inputs=(); held_out=()
+        [ "${s}" = "${seed}" ] && [ -d "${exp}/ser" ] && inputs+=("${exp}/ser"/fold*)   # SER source models: first seed
+        for d in "${exp}"/rows/*/; do [ -d "${d}${s}" ] && inputs+=("${d%/}/${s}"/fold*); done
+        [ ${#inputs[@]} -gt 0 ] || { echo "no results of seed ${s} under ${exp}/ser or ${exp}/rows: run stages 2-3 first" >&2; exit 1; }
+        for f in "${inputs[@]}"; do [[ " ${tuning_folds} " == *" ${f##*/fold} "* ]] || held_out+=("${f}"); done
+        out=${exp}/results/folds; [ "${s}" = "${seed}" ] || out=${exp}/results/folds_seed${s}
+        if [ -n "${tuning_folds}" ]; then   # every fold, the tuning one(s) included: a record, not the result
+            "${py}" "${recipe_dir}/average_folds.py" "${inputs[@]}" --out "${out}_with_tuning_folds" \
+                --n_folds "$(wc -w <<< "${all_folds}")" >/dev/null
+            log "  fold(s) ${tuning_folds} left out of ${out}.md (settings were chosen on them); all folds: ${out}_with_tuning_folds.md"
+        fi
+        "${py}" "${recipe_dir}/average_folds.py" "${held_out[@]}" --out "${out}" --n_folds "$(wc -w <<< "${all_folds}")"
+    done
     if [ -d "${exp}/asr_ctc" ]; then
         "${py}" "${recipe_dir}/average_folds.py" "${exp}/asr_ctc" --out "${exp}/results/asr_folds" \
             --n_folds "$(wc -w <<< "${all_folds}")" >/dev/null

@@ -9,7 +9,9 @@
 #   stage 3: task-vector extraction, then training of the selected Table-1 rows (AdaLTM + MTL)
 #   stage 4: evaluation summary: the source models' reference rows (SER source MaF1; WER of the in- and out-of-domain
 #            ASR sources on the MSP-Podcast test split, tools.eval_asr), the results table (markdown + CSV, 95% CIs),
-#            the paper's Figure 2 (dual vs single vector λ) and Figure 3 (in- vs out-of-domain λ), per-run λ / α plots
+#            the same table marked by paired tests against Setups 1 and 4 (table_significance), with several seeds
+#            the table over seeds (table_seeds: mean ± t interval, pooled CI), the paper's Figure 2 (dual vs single
+#            vector λ) and Figure 3 (in- vs out-of-domain λ; several seeds: mean and band), per-run λ / α plots
 #
 # Examples
 #   bash run.sh --mini true                                   # whole pipeline on generated data (CPU, minutes)
@@ -19,6 +21,8 @@
 #   bash run.sh --stage 3 --stop_stage 3 --rows "setup4_dual" -- --number_of_epochs=5   # args after -- go to train.py
 #   bash run.sh --data_folder /data/MSP-Podcast --libri_folder /data/LibriSpeech --test_splits "Test1 Test2"
 #   bash run.sh --stage 4 --ser_metrics exp/my_ser/metrics.json     # table, reference rows and figures only
+#   bash run.sh --mini true --stage 3 --stop_stage 3 --seeds "1987 1988"   # more seeds of a finished run's rows,
+#   bash run.sh --mini true --stage 4 --seeds "1986 1987 1988"             # then every seed's table (README, "Seeds")
 set -euo pipefail
 
 recipe_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -54,7 +58,7 @@ test_splits="Test1"         # MSP-Podcast Split_Set value(s) forming the test sp
 eval_batch_size=8           # stage 4: utterances per batch when the ASR sources are evaluated
 rows="setup1_frozen setup2_asr_only setup3_ser_only setup4_dual out_of_domain_dual static_global adaptive_global"  # AdaLTM rows (hparams/rows)
 mtl_rows="fully_trainable static_init"   # MTL rows (../mtl/hparams/rows; fully_trainable_dlr: the variant)
-seed=1986                   # seed of every run
+seeds=1986                  # stage 3: each row trains once per seed, into rows/<row>/<seed>/; stages 1-2: the first
 asr_args=""                 # extra overrides for the stage-1 ASR-CTC fine-tuning runs
 ser_args=""                 # extra overrides for the stage-2 SER fine-tuning
 adaltm_args=""              # extra overrides for the AdaLTM rows
@@ -88,6 +92,12 @@ fi
 prep=${exp}/prep
 vectors=${exp}/task_vectors
 read -r -a test_split_list <<< "${test_splits}"
+read -r -a seed_list <<< "${seeds}"
+[ ${#seed_list[@]} -gt 0 ] || { echo "--seeds: give at least one seed" >&2; exit 1; }
+for s in "${seed_list[@]}"; do
+    [[ ${s} =~ ^[0-9]+$ ]] || { echo "--seeds: '${s}' is not a non-negative integer" >&2; exit 1; }
+done
+seed=${seed_list[0]}        # the source models (stages 1-2) and their task vectors: one seed
 test_splits_yaml="[$(IFS=,; echo "${test_split_list[*]}")]"
 common=(--seed="${seed}" --wavlm_source="${wavlm_source}" ${device:+--device="${device}"})
 msp_opts=(--test_splits="${test_splits_yaml}")   # MSP-Podcast recipes only (recorded in their hyperparams.yaml)
@@ -161,17 +171,20 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
         done
     fi
     node0_end
-    for row in ${rows}; do
-        log "Stage 3b: AdaLTM row ${row}"
-        launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${common[@]}" \
-            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True "${msp_opts[@]}" \
-            --exp_folder="${exp}/rows" --vectors_folder="${vectors}" ${adaltm_args} "${extra[@]}"
-    done
-    for row in ${mtl_rows}; do
-        log "Stage 3c: MTL baseline ${row}"
-        launch "${msp_dir}/mtl/train.py" "${msp_dir}/mtl/hparams/rows/${row}.yaml" "${common[@]}" \
-            --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True "${msp_opts[@]}" \
-            --exp_folder="${exp}/rows" --vectors_folder="${vectors}" ${mtl_args} "${extra[@]}"
+    for s in "${seed_list[@]}"; do   # seed by seed: a finished seed's table can be read while the next trains
+        seeded=("${common[@]/#--seed=*/--seed=${s}}")
+        for row in ${rows}; do
+            log "Stage 3b: AdaLTM row ${row}, seed ${s}"
+            launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${seeded[@]}" \
+                --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True "${msp_opts[@]}" \
+                --exp_folder="${exp}/rows" --vectors_folder="${vectors}" ${adaltm_args} "${extra[@]}"
+        done
+        for row in ${mtl_rows}; do
+            log "Stage 3c: MTL baseline ${row}, seed ${s}"
+            launch "${msp_dir}/mtl/train.py" "${msp_dir}/mtl/hparams/rows/${row}.yaml" "${seeded[@]}" \
+                --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True "${msp_opts[@]}" \
+                --exp_folder="${exp}/rows" --vectors_folder="${vectors}" ${mtl_args} "${extra[@]}"
+        done
     done
 fi
 
@@ -207,13 +220,34 @@ elif [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     asr_reference in "In-domain ASR source (W_ASR_in)" "${asr_in_source:-${exp}/asr_ctc_msp}"
     asr_reference out "Out-of-domain ASR source (W_ASR_out)" "${asr_out_source:-${exp}/asr_ctc_libri}"
 
-    log "Stage 4b: results table and figures"
-    "${py}" -m tools.collect_results "${exp}/rows" "${sources[@]}" --out "${results}/table"
+    log "Stage 4b: results table and figures (seeds: ${seeds})"
     rows_dir=${exp}/rows
-    "${py}" -m tools.plot_coefficients "${rows_dir}" --out "${results}/plots" \
-        --figure2 "${rows_dir}/setup4_dual/${seed}" "${rows_dir}/setup2_asr_only/${seed}" \
-                  "${rows_dir}/setup3_ser_only/${seed}" \
-        --figure3 "${rows_dir}/setup4_dual/${seed}" "${rows_dir}/out_of_domain_dual/${seed}"
-    log "results: ${results}/table.md; Figure 2 / 3: ${results}/plots/figure{2,3}_*.png"
+    runs=()                 # rows/<row>/<seed> of the selected seeds
+    for d in "${rows_dir}"/*/; do
+        for s in "${seed_list[@]}"; do [ -f "${d}${s}/metrics.json" ] && runs+=("${d%/}/${s}"); done
+    done
+    [ ${#runs[@]} -gt 0 ] || { echo "no row results of the seeds ${seeds} under ${rows_dir}: run stage 3 first" >&2; exit 1; }
+    # paired tests of every row against Setup 1 (†) and Setup 4 (‡), where those rows ran
+    marks=()
+    [ -f "${rows_dir}/setup1_frozen/${seed}/predictions.csv" ] && marks+=(--mark "†=Setup 1: Baseline (Frozen Backbone)")
+    [ -f "${rows_dir}/setup4_dual/${seed}/predictions.csv" ] && marks+=(--mark "‡=Setup 4: Proposed Dual-Vector")
+    [ ${#marks[@]} -eq 0 ] || marks+=(--significance "${results}/table_significance")
+    figures=("${rows_dir}/setup4_dual/${seed}" "${rows_dir}/setup2_asr_only/${seed}" "${rows_dir}/setup3_ser_only/${seed}"
+             "${rows_dir}/out_of_domain_dual/${seed}")
+    multi=()                # several seeds: the per-row seed table, figures as mean with a band
+    if [ ${#seed_list[@]} -gt 1 ]; then
+        multi=(--seeds_table "${results}/table_seeds")
+        figures=("${figures[@]%/*}")
+    fi
+    "${py}" -m tools.collect_results "${runs[@]}" "${sources[@]}" --out "${results}/table" "${marks[@]}" "${multi[@]}"
+    plot_seeds=(); [ ${#seed_list[@]} -eq 1 ] || plot_seeds=(--seeds "${seed_list[@]}")
+    coef_runs=()            # the runs with λ / α (AdaLTM rows; the MTL rows have none)
+    for r in "${runs[@]}"; do [ -f "${r}/coefficients.json" ] && coef_runs+=("${r}"); done
+    "${py}" -m tools.plot_coefficients "${coef_runs[@]}" --out "${results}/plots" "${plot_seeds[@]}" \
+        --figure2 "${figures[0]}" "${figures[1]}" "${figures[2]}" --figure3 "${figures[0]}" "${figures[3]}"
+    log "results: ${results}/table.md$([ ${#marks[@]} -eq 0 ] || echo ", marked: ${results}/table_significance.md")" \
+        "$([ ${#multi[@]} -eq 0 ] || echo "; over seeds: ${results}/table_seeds.md");" \
+        "Figure 2 / 3: ${results}/plots/figure{2,3}_*.png"
     cat "${results}/table.md"
+    [ ${#multi[@]} -eq 0 ] || cat "${results}/table_seeds.md"
 fi

@@ -19,12 +19,17 @@ from msp_podcast_prepare import msp_manifests, prepare_from_hparams  # noqa: E40
 from lobes.adaltm.brain import AdaLTMBrainBase, use_feature_cache  # noqa: E402
 from lobes.adaltm.feature_cache import cached_hidden  # noqa: E402
 from lobes.brains import fit_and_evaluate  # noqa: E402
+from lobes.collectors import SERCollector, run_record  # noqa: E402
 from lobes.dataio import class_counts, ser_datasets  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
 from lobes.memory_plan import resolve_micro_batch  # noqa: E402
 
 
 class AdaLTMBrain(AdaLTMBrainBase):
+    def on_stage_start(self, stage, epoch=None):
+        super().on_stage_start(stage, epoch)
+        self.ser = SERCollector(self.hparams.emotion_classes)
+
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
         if hasattr(batch, "feats"):  # cached hidden states [B, T, L+1, D] or pooled [B, L+1, D]
@@ -37,8 +42,22 @@ class AdaLTMBrain(AdaLTMBrainBase):
 
     def compute_objectives(self, logits, batch, stage):
         if stage != sb.Stage.TRAIN:
-            self.collect_ser(batch, logits)
+            self.ser.add_logits(batch.id, logits, batch.emo_idx.data, batch.spk_id)
         return self.hparams.loss(logits, batch.soft_label.data)
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TRAIN:
+            return self.log_and_checkpoint(stage, stage_loss, epoch, {})
+        self.gather(self.ser)  # DDP: every rank's outputs, in single-process order
+        if stage == sb.Stage.VALID:
+            return self.log_and_checkpoint(stage, stage_loss, epoch, {**self.ser.summary(), **self.lambda_means()})
+        h = self.hparams
+        metrics = {**run_record(h.output_folder, self.stage_loss(stage, stage_loss), table_rows=h.table_rows,
+                                alphas=h.weighted_sum.alpha().tolist()),
+                   **self.ser.report(h.num_bootstraps, h.seed, h.speaker_bootstrap), "lambdas": self.lambda_record()}
+        self.write_test(metrics, self.ser)
+        self.write_artifacts()  # coefficients.json, λ / α plots, the folded model
+        return metrics
 
 
 if __name__ == "__main__":

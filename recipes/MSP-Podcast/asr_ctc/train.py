@@ -14,6 +14,7 @@ from msp_podcast_prepare import msp_manifests, prepare_from_hparams  # noqa: E40
 
 from lobes import ctc  # noqa: E402
 from lobes.brains import ToolkitBrain, fit_and_evaluate  # noqa: E402
+from lobes.collectors import ASRCollector, run_record  # noqa: E402
 from lobes.ctc_export import export_ctc_model  # noqa: E402
 from lobes.dataio import asr_datasets  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
@@ -22,6 +23,10 @@ from lobes.memory_plan import resolve_micro_batch  # noqa: E402
 
 class ASRBrain(ToolkitBrain):
     """WavLM -> linear CTC head on the last hidden state; greedy decoding and WER on valid/test."""
+
+    def on_stage_start(self, stage, epoch=None):
+        super().on_stage_start(stage, epoch)
+        self.asr = ASRCollector()
 
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
@@ -33,9 +38,19 @@ class ASRBrain(ToolkitBrain):
     def compute_objectives(self, predictions, batch, stage):
         log_probs, mask = predictions
         if stage != sb.Stage.TRAIN:
-            self.collect_asr(batch, ctc.greedy_hyps(log_probs, mask))
+            self.asr.add(ids=batch.id, refs=batch.wrd, hyps=ctc.greedy_hyps(log_probs, mask))
         tokens, token_lens = batch.tokens
         return ctc.ctc_loss(log_probs, mask, tokens, token_lens)
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TRAIN:
+            return self.log_and_checkpoint(stage, stage_loss, epoch, {})
+        self.gather(self.asr)  # DDP: every rank's outputs, in single-process order
+        if stage == sb.Stage.VALID:
+            return self.log_and_checkpoint(stage, stage_loss, epoch, self.asr.summary())
+        h = self.hparams
+        head = run_record(h.output_folder, self.stage_loss(stage, stage_loss))
+        return self.write_test({**head, **self.asr.report(h.num_bootstraps, h.seed)})
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """HarmoniFuse results table: WER clean / other, UA, WA and MaF1 (all in %, each ± the half-width of its 95% CI).
 
-    python recipes/MSP-Podcast/harmonifuse/make_table.py EXP_ROWS_DIR --out results/harmonifuse_table
+    python recipes/MSP-Podcast/harmonifuse/make_table.py EXP_ROWS_DIR [...] --out results/harmonifuse_table
 
-Reads every ``metrics.json`` below ``EXP_ROWS_DIR`` (what ``train.py`` writes: ``wer_clean`` / ``wer_other`` with
-``*_ci``, and the SER ``test`` report with ``uar_ci``, ``accuracy_ci``, ``macro_f1_ci``) and writes
-``<out>.md``. Rows are placed by their ``table_rows`` entries (part, row, order), as ``tools.collect_results``
-does; ``–`` where a row has no value (single-task rows).
+Reads every ``metrics.json`` below the ``EXP_ROWS_DIR`` folders (run.sh passes each row's run of one seed),
+as ``train.py`` writes them (``wer_clean`` / ``wer_other`` with ``*_ci``, and the SER ``test`` report with
+``uar_ci``, ``accuracy_ci``, ``macro_f1_ci``), and writes ``<out>.md``. Rows are placed by their ``table_rows``
+entries (part, row, order), as ``tools.collect_results`` does; ``–`` where a row has no value (single-task rows).
 """
 import argparse
 import json
@@ -57,10 +57,10 @@ def make_table(paths):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("exp_dir")
+    ap.add_argument("exp_dir", nargs="+", help="folders searched for metrics.json (e.g. rows/, or rows/*/<seed>)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    paths = sorted(Path(a.exp_dir).rglob("metrics.json"))
+    paths = sorted({p for d in a.exp_dir for p in Path(d).rglob("metrics.json")})
     if not paths:
         sys.exit(f"{a.exp_dir}: no metrics.json found")
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))

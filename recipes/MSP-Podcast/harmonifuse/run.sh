@@ -5,7 +5,8 @@
 #            with --mini true: first generate the mini corpora; bases: the pretrained tiny WavLM and LM fixtures (offline demo)
 #   stage 1: training + test of the selected rows (hparams/rows/<row>.yaml), batch-interleaved ASR/SER
 #   stage 2: results tables from every row's metrics.json (results/harmonifuse_table.md: WER clean/other, UA, WA,
-#            MaF1, each with its 95% CI); fusion plots per row
+#            MaF1, each with its 95% CI; of the first seed); fusion plots per row; with several seeds also
+#            results/table_seeds.md (per row: mean ± Student-t 95% interval over seeds, pooled bootstrap CI)
 #
 # Examples
 #   bash run.sh --mini true                                   # whole pipeline on generated data (CPU)
@@ -38,7 +39,7 @@ lm_source=Qwen/Qwen2.5-0.5B            # any causal LM: hub id or local director
 exp=exp/harmonifuse_recipe  # everything this recipe writes
 rows="single_task_asr_layer12 single_task_asr_layer24 single_task_ser_layer12 single_task_ser_layer24 single_task_asr \
 single_task_ser fixed_layer_12 fixed_layer_24 static_encoder_fusion static_lm_fusion full soft_prompts channel_gate lm_frozen lm_full"  # rows (hparams/rows)
-seed=1986                   # seed of every run
+seeds=1986                  # each row trains once per seed, into rows/<row>/<seed>/ (e.g. "1986 1987 1988")
 train_args=""               # extra overrides for every row (e.g. "--number_of_epochs=5 --lr=0.0002")
 mini_lm_args=""             # LM overrides for every row but lm_* (--mini true sets the whole LM trainable)
 
@@ -63,6 +64,13 @@ if [ "${mini}" = true ]; then
 fi
 [ -n "${msp_folder}" ] || { echo "--msp_folder (MSP-Podcast root) is required (or --mini true)" >&2; exit 1; }
 [ -n "${libri_folder}" ] || { echo "--libri_folder (LibriSpeech root) is required (or --mini true)" >&2; exit 1; }
+
+read -r -a seed_list <<< "${seeds}"
+[ ${#seed_list[@]} -gt 0 ] || { echo "--seeds: give at least one seed" >&2; exit 1; }
+for s in "${seed_list[@]}"; do
+    [[ ${s} =~ ^[0-9]+$ ]] || { echo "--seeds: '${s}' is not a non-negative integer" >&2; exit 1; }
+done
+seed=${seed_list[0]}        # the seed whose runs fill harmonifuse_table.md, the model cards and the printed α
 
 prep=${exp}/prep
 splits_yaml="[$(echo ${libri_train_splits} | sed 's/ /, /g')]"
@@ -93,33 +101,43 @@ if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
 fi
 
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
-    for row in ${rows}; do
-        [ -f "${recipe_dir}/hparams/rows/${row}.yaml" ] || { echo "no row file hparams/rows/${row}.yaml" >&2; exit 1; }
-        log "Stage 1: HarmoniFuse row ${row}"
-        # shellcheck disable=SC2086
-        row_lm_args=${mini_lm_args}
-        case ${row} in lm_*) row_lm_args="" ;; esac   # the LM-mode rows keep their own lm_mode
-        launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${common[@]}" \
-            --exp_folder="${exp}/rows" ${row_lm_args} ${train_args} "${extra[@]}"
-    done
-    if [ -n "${iemocap_folder}" ]; then
-        for fold in 1 2 3 4 5; do
-            log "Stage 1: HarmoniFuse row iemocap_ser, fold ${fold}"
+    for s in "${seed_list[@]}"; do
+        seeded=("${common[@]/#--seed=*/--seed=${s}}")
+        for row in ${rows}; do
+            [ -f "${recipe_dir}/hparams/rows/${row}.yaml" ] || { echo "no row file hparams/rows/${row}.yaml" >&2; exit 1; }
+            log "Stage 1: HarmoniFuse row ${row}, seed ${s}"
             # shellcheck disable=SC2086
-            launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/iemocap_ser.yaml" "${common[@]}" \
-                --exp_folder="${exp}/rows" --iemocap_fold="${fold}" --experiment="iemocap_fold${fold}" \
-                ${mini_lm_args} ${train_args} "${extra[@]}"
+            row_lm_args=${mini_lm_args}
+            case ${row} in lm_*) row_lm_args="" ;; esac   # the LM-mode rows keep their own lm_mode
+            launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${seeded[@]}" \
+                --exp_folder="${exp}/rows" ${row_lm_args} ${train_args} "${extra[@]}"
         done
-    fi
+        if [ -n "${iemocap_folder}" ]; then
+            for fold in 1 2 3 4 5; do
+                log "Stage 1: HarmoniFuse row iemocap_ser, fold ${fold}, seed ${s}"
+                # shellcheck disable=SC2086
+                launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/iemocap_ser.yaml" "${seeded[@]}" \
+                    --exp_folder="${exp}/rows" --iemocap_fold="${fold}" --experiment="iemocap_fold${fold}" \
+                    ${mini_lm_args} ${train_args} "${extra[@]}"
+            done
+        fi
+    done
 fi
 
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ] && ! is_node0; then
     log "Stage 2: results tables, on node 0"
 elif [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
-    log "Stage 2: results table"
-    "${py}" -m tools.collect_results "${exp}/rows" --out "${exp}/results/table"
+    log "Stage 2: results table (seeds: ${seeds})"
+    runs=(); first=()       # rows/<row>/<seed> of the selected seeds; of the first seed
+    for d in "${exp}"/rows/*/; do
+        for s in "${seed_list[@]}"; do [ -f "${d}${s}/metrics.json" ] && runs+=("${d%/}/${s}"); done
+        [ -f "${d}${seed}/metrics.json" ] && first+=("${d%/}/${seed}")
+    done
+    [ ${#first[@]} -gt 0 ] || { echo "no row results of seed ${seed} under ${exp}/rows: run stage 1 first" >&2; exit 1; }
+    multi=(); [ ${#seed_list[@]} -eq 1 ] || multi=(--seeds_table "${exp}/results/table_seeds")
+    "${py}" -m tools.collect_results "${runs[@]}" --out "${exp}/results/table" "${multi[@]}"
     # WER clean / other, UA, WA and MaF1 with their 95% CIs
-    "${py}" "${recipe_dir}/make_table.py" "${exp}/rows" --out "${exp}/results/harmonifuse_table"
+    "${py}" "${recipe_dir}/make_table.py" "${first[@]}" --out "${exp}/results/harmonifuse_table"
     for m in "${exp}"/rows/*/"${seed}"/metrics.json; do   # a model card (README.md) per row
         [ -f "${m}" ] && "${py}" "${recipe_dir}/model_card.py" "$(dirname "${m}")"
     done

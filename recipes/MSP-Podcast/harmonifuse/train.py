@@ -37,6 +37,7 @@ from lobes.harmonifuse.interleave import batch_task  # noqa: E402
 from lobes.harmonifuse.task_losses import TaskLosses  # noqa: E402
 from lobes.harmonifuse.task_split import TaskSplit  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
+from lobes.memory_plan import resolve_task_batches  # noqa: E402
 
 
 class HarmoniFuseBrain(ToolkitBrain):
@@ -57,13 +58,16 @@ class HarmoniFuseBrain(ToolkitBrain):
     def compute_forward(self, batch, stage):
         tag = TaskSplit.parse(batch_task(batch))
         # target texts from the host batch, before it moves to the device (no device read)
-        targets = list(batch.wrd) if tag.task == "asr" else [self.classes[i] for i in batch.emo_idx.data.view(-1).tolist()]
+        classes = self.hparams.emotion_classes
+        targets = list(batch.wrd) if tag.task == "asr" else [classes[i] for i in batch.emo_idx.data.view(-1).tolist()]
+        # an extra SER source (ser:<name>, e.g. pseudo-labelled) trains on its soft labels (lobes.harmonifuse.targets)
+        soft = batch.soft_label.data if stage == sb.Stage.TRAIN and tag.task == "ser" and tag.split else None
         batch = batch.to(self.device)
         wavs, lens = batch.sig
         # evaluation bypasses the DDP wrapper: its forward may broadcast buffers (a collective), and the ranks'
         # evaluation shards can differ in batch count (or be empty)
         model = self.modules.speech_lm if stage == sb.Stage.TRAIN else self.speech_lm
-        out = model(wavs, lens, tag.task, targets)
+        out = model(wavs, lens, tag.task, targets, soft_targets=soft)
         hyps = None
         if self.decoding(stage):
             max_len = self.hparams.asr_max_decode_len if tag.task == "asr" else self.hparams.ser_max_decode_len
@@ -79,58 +83,40 @@ class HarmoniFuseBrain(ToolkitBrain):
             # training in check_loss_isfinite, right after this, before it is ever read
             self.losses.add_train(tag, out.loss)
             return out.loss
-        # evaluation: one row per batch, keyed by its first utterance (gathered across ranks like the outputs)
-        self.losses.add_eval(batch.id[0], tag, out.loss)
-        if hyps is not None and tag.task == "asr":
-            self.asr_out["ids"] += list(batch.id)
-            self.asr_out["split"] += [tag.split or "valid"] * len(batch.id)
-            self.asr_out["refs"] += [normalize_transcript(r) for r in batch.wrd]
-            self.asr_out["hyps"] += [normalize_transcript(h) for h in hyps]
-        elif hyps is not None:
-            self.ser_out["ids"] += list(batch.id)
-            self.ser_out["true"] += batch.emo_idx.data.view(-1).cpu().tolist()
-            self.ser_out["pred"] += [R.emotion_index(h, self.classes) for h in hyps]
-            self.ser_out["text"] += list(hyps)
-            self.ser_out["spk"] += list(batch.spk_id)
+        self.losses.add_eval(list(batch.id), tag, out.loss)  # every utterance, with its batch's loss
+        if hyps is None:
+            return out.loss
+        outputs = self.outputs.setdefault(tag, R.split_collector(tag, self.hparams.emotion_classes))
+        if tag.task == "asr":
+            outputs.add(ids=list(batch.id), refs=[normalize_transcript(r) for r in batch.wrd],
+                        hyps=[normalize_transcript(h) for h in hyps])
+        else:
+            outputs.add_generated(list(batch.id), batch.emo_idx.data, hyps, list(batch.spk_id))
         return out.loss
 
     # -- stages --------------------------------------------------------------------------------------------
-    def reset_outputs(self):
-        self.rank_batches = 0                                      # batches this rank ran in the stage
-        self.losses = TaskLosses()                                 # per-TaskSplit batch losses
-        self.asr_out = {"ids": [], "split": [], "refs": [], "hyps": []}
-        self.ser_out = {"ids": [], "true": [], "pred": [], "text": [], "spk": []}
-
     def on_stage_start(self, stage, epoch=None):
         super().on_stage_start(stage, epoch)
+        self.rank_batches = 0                                      # batches this rank ran in the stage
+        self.losses = TaskLosses()                                 # per-TaskSplit batch losses
+        self.outputs = {}                                          # TaskSplit -> its split's collector
         if stage == sb.Stage.TEST:
             self.speech_lm.reset_fusion_stats()  # the plotted dynamic weights are those of the test inputs
 
-    def sync_outputs(self):
-        """ToolkitBrain's gather of ser_out / asr_out (single-process order), plus the evaluation batch losses."""
-        synced = self._synced
-        super().sync_outputs()
-        if self._synced and not synced:
-            self.losses.gather(self._eval_order[self._stage])
-
-    def stage_loss(self, stage, stage_loss):
-        return stage_loss  # the task-combined loss from the gathered batch losses (TaskLosses.combined)
-
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        self.sync_outputs()
+        if stage != sb.Stage.TRAIN:
+            self.gather(self.losses)  # DDP: every rank's rows in single-process order, then each split's outputs
+            self.outputs = R.gather_by_split(self.losses, self.outputs, self.hparams.emotion_classes)
         if stage == sb.Stage.TEST:
             return self.write_test_outputs()
-        stats = {f"loss_{tag.task}": round(v, 4) for tag, v in self.losses.means().items()}
+        stats = self.losses.log_stats()  # training: one key per source; evaluation: per task
         stats["batches"] = D.all_gather(self.rank_batches)  # DDP: training the same count, evaluation r, r+W, ...
         if stage == sb.Stage.TRAIN:
             return self.log_and_checkpoint(stage, stage_loss, epoch, stats)
-        if self.asr_out["refs"]:
-            stats["WER"] = round(100 * M.wer(self.asr_out["refs"], self.asr_out["hyps"]), 2)
-        if self.ser_out["true"]:
-            stats.update(R.validation_ser_stats(self.ser_out["true"], self.ser_out["pred"], len(self.classes)))
-        for task in self.hparams.train_tasks:
-            stats[f"enc_top_layer_{task}"] = int(self.speech_lm.encoder_fusion.layer_weights(task).argmax()) + 1
-        self.log_and_checkpoint(stage, self.losses.combined(), epoch, stats)
+        for outputs in self.outputs.values():
+            stats.update(outputs.summary())
+        stats.update(R.top_layers(self.speech_lm, self.hparams.train_tasks))
+        self.log_and_checkpoint(stage, self.losses.combined(), epoch, stats, gathered=True)
 
     def write_test_outputs(self):
         h, slm = self.hparams, self.speech_lm
@@ -139,11 +125,10 @@ class HarmoniFuseBrain(ToolkitBrain):
                "encoder_fusion": R.fusion_description(slm), "lm_fusion": slm.lm_fusion.mode, "lm_mode": slm.lm_mode,
                "prompt_mode": slm.prompt_mode, "test_loss_by_split": {str(t): v for t, v in self.losses.means().items()}}
         out.update({"table_rows": h.table_rows} if h.table_rows else {})
-        asr = R.by_split(*(self.asr_out[k] for k in ("ids", "split", "refs", "hyps")))
+        asr = {tag.split: c for tag, c in self.outputs.items() if tag.task == "asr" and len(c)}
         out.update(R.asr_test_metrics(asr, h.num_bootstraps, h.seed) if asr else {})
-        if self.ser_out["true"]:
-            out.update(R.ser_test_metrics(self.ser_out["true"], self.ser_out["pred"], self.classes,
-                                          self.ser_out["spk"] if h.speaker_bootstrap else None, h.num_bootstraps, h.seed))
+        ser = next((c for tag, c in self.outputs.items() if tag.task == "ser"), None)
+        out.update(ser.report(h.num_bootstraps, h.seed, h.speaker_bootstrap) if ser is not None else {})
         stats = {k: round(100 * out[k], 2) for k in ("wer", "ua", "wa") if k in out}
         stats["batches"] = D.all_gather(self.rank_batches)  # per rank (train_log.txt only: metrics.json is W-free)
         h.train_logger.log_stats(stats_meta={"Epoch loaded": h.epoch_counter.current},
@@ -151,12 +136,11 @@ class HarmoniFuseBrain(ToolkitBrain):
         if sb.utils.distributed.if_main_process():
             folder = Path(h.output_folder)
             M.write_metrics(folder / "metrics.json", out)
-            R.write_predictions(folder, asr, list(zip(*(self.ser_out[k] for k in ("ids", "true", "pred", "text")))),
-                                self.classes)
+            R.write_predictions(folder, asr, ser)
             R.write_fusion_artifacts(slm, list(h.train_tasks), folder)
             if "test" in out:
-                plots.plot_confusion(out["test"]["confusion"], self.classes + [R.INVALID], folder / "confusion.png",
-                                     title=f"SER confusion — {h.experiment}")
+                plots.plot_confusion(out["test"]["confusion"], list(h.emotion_classes) + [R.INVALID],
+                                     folder / "confusion.png", title=f"SER confusion — {h.experiment}")
         return out
 
 
@@ -188,7 +172,9 @@ if __name__ == "__main__":
     check_hparams(hparams)
     if not hparams["skip_prep"]:
         prepare(hparams)
-    train_loader, (valid_set, valid_kwargs), (test_set, test_kwargs) = make_loaders(hparams, build_datasets(hparams))
+    datasets = build_datasets(hparams)
+    resolve_task_batches(hparams, run_opts, HarmoniFuseBrain, datasets["train"])  # micro_batch_size: auto
+    train_loader, (valid_set, valid_kwargs), (test_set, test_kwargs) = make_loaders(hparams, datasets)
     brain = HarmoniFuseBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                              run_opts=run_opts, checkpointer=hparams["checkpointer"])
     # Every trainable parameter gets a gradient from every batch (SpeechLM freezes what cannot), except the SER

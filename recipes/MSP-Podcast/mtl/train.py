@@ -15,6 +15,7 @@ from msp_podcast_prepare import msp_manifests, prepare_from_hparams  # noqa: E40
 
 from lobes import ctc  # noqa: E402
 from lobes.brains import ToolkitBrain, fit_and_evaluate  # noqa: E402
+from lobes.collectors import ASRCollector, SERCollector, run_record  # noqa: E402
 from lobes.dataio import class_counts, ser_datasets  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
 from lobes.memory_plan import resolve_micro_batch  # noqa: E402
@@ -22,6 +23,10 @@ from lobes.adaltm.merged_wavlm import apply_static_merge  # noqa: E402
 
 
 class MTLBrain(ToolkitBrain):
+    def on_stage_start(self, stage, epoch=None):
+        super().on_stage_start(stage, epoch)
+        self.ser, self.asr = SERCollector(self.hparams.emotion_classes), ASRCollector()
+
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
         wavs, lens = batch.sig
@@ -33,12 +38,25 @@ class MTLBrain(ToolkitBrain):
     def compute_objectives(self, predictions, batch, stage):
         logits, log_probs, mask = predictions
         if stage != sb.Stage.TRAIN:
-            self.collect_ser(batch, logits)
-            self.collect_asr(batch, ctc.greedy_hyps(log_probs, mask))
+            self.ser.add_logits(batch.id, logits, batch.emo_idx.data, batch.spk_id)
+            self.asr.add(ids=batch.id, refs=batch.wrd, hyps=ctc.greedy_hyps(log_probs, mask))
         ser = self.hparams.loss(logits, batch.soft_label.data)
         tokens, token_lens = batch.tokens
         asr = ctc.ctc_loss(log_probs, mask, tokens, token_lens)
         return self.hparams.ser_weight * ser + self.hparams.ctc_weight * asr
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TRAIN:
+            return self.log_and_checkpoint(stage, stage_loss, epoch, {})
+        self.gather(self.ser, self.asr)  # DDP: every rank's outputs, in single-process order
+        if stage == sb.Stage.VALID:
+            return self.log_and_checkpoint(stage, stage_loss, epoch, {**self.ser.summary(), **self.asr.summary()})
+        h = self.hparams
+        metrics = {**run_record(h.output_folder, self.stage_loss(stage, stage_loss), table_rows=h.table_rows,
+                                alphas=h.weighted_sum.alpha().tolist()),
+                   **self.ser.report(h.num_bootstraps, h.seed, h.speaker_bootstrap),
+                   **self.asr.report(h.num_bootstraps, h.seed)}
+        return self.write_test(metrics, self.ser)
 
 
 if __name__ == "__main__":
