@@ -310,6 +310,8 @@ def test_identity_hashes_files_once_and_names_each_change(vectors, tmp_path, mon
     other = MergedWavLM(source, paths, lambda_mode="fixed", lambda_init=0.25, delta_dtype=torch.bfloat16)
     changes = ci.describe_change(first, ci.cache_identity(other, paths, memo=memo))
     assert changes == ["λ changed", "merge delta_dtype changed"]
+    truncated = MergedWavLM(source, paths, lambda_mode="fixed", delta_rank=2)  # low-rank ΔW: other features
+    assert ci.describe_change(first, ci.cache_identity(truncated, paths, memo=memo)) == ["merge delta_rank changed"]
     assert ci.describe_change(first, ci.cache_identity(MergedWavLM(source), memo=memo)) == [
         "task vector removed", "λ removed", "merge removed"]
 

@@ -5,7 +5,8 @@ The identity (stored in the cache's ``index.json``, compared before a cache is r
 - the **base weights**: SHA-256 of every weight / config file of ``wavlm_source`` (a local directory, or the
   snapshot of a hub id in the Hugging Face cache); the in-memory W_base when no file can be found;
 - **each task vector**: SHA-256 of its safetensors file, or of its tensors when it was given in memory;
-- **λ** (exact floats), the merge implementation and ΔW's storage dtype (``delta_dtype`` rounds ΔW);
+- **λ** (exact floats), the merge implementation, ΔW's storage dtype (``delta_dtype`` rounds ΔW) and its
+  truncation (``delta_rank``);
 - the input **normalisation** (``normalize_wav``);
 - for a pooled cache, the **head** it was checked against (its entries are exact only for a ``pooled_linear``
   head with mean pooling; a frame-level entry does not depend on the head at all).
@@ -124,7 +125,8 @@ def cache_identity(wavlm, task_vectors=None, head=None, memo=None):
                 ident["task_vectors"][name] = tensors_sha256(dict(wavlm.deltas[row]))
         ident["lambda"] = {k: [float(x) for x in v] for k, v in wavlm.coefficients().items()}
         delta_dtype = next(iter(wavlm.deltas[0].values())).dtype
-        ident["merge"] = {"impl": wavlm.merge_impl, "delta_dtype": str(delta_dtype).replace("torch.", "")}
+        ident["merge"] = {"impl": wavlm.merge_impl, "delta_dtype": str(delta_dtype).replace("torch.", ""),
+                          "delta_rank": wavlm.delta_rank}  # the truncation changes the merged weights
     if head is not None:
         ident["head"] = {"type": head.head_type, "pooling": head.pooling}
     return ident
