@@ -65,12 +65,12 @@ truncated or corrupt file, or a file without a WavLM in it raises :class:`lobes.
 """
 import json
 import logging
-import math
 import re
 from pathlib import Path
 
 import torch
 
+from lobes.adaltm.lora_import import merge_lora
 from lobes.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -316,77 +316,6 @@ def _to_float32_cpu(state):
     return out, sorted(converted)
 
 
-_LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.")
-
-
-def _merge_lora(state, base_state, lora_alpha, where):
-    """Fold loralib A/B pairs into their weights (see module doc); returns (state, lora_info)."""
-    modules = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".lora_A", ".lora_B"))})
-    if not modules:
-        return state, None
-    if base_state is None:
-        raise DataError(f"{where}: holds LoRA keys ({_cap([m + '.lora_A' for m in modules], 3)}); pass "
-                        "base_state= so the importer can tell merged from unmerged LoRA weights")
-    alpha = 1.0 if lora_alpha is None else float(lora_alpha)
-    state = dict(state)
-    cases, ranks, module_ranks, per_layer_sq, per_module, factors = {}, set(), {}, {}, {}, {}
-    for m in modules:
-        ka, kb, kw = m + ".lora_A", m + ".lora_B", m + ".weight"
-        if ka not in state or kb not in state:
-            raise DataError(f"{where}: LoRA module '{m}' has only one of lora_A / lora_B")
-        if kw not in state:
-            raise DataError(f"{where}: LoRA module '{m}' has no '{kw}'")
-        if kw not in base_state:
-            raise DataError(f"{where}: LoRA weight '{kw}' is not in the base state")
-        a, b, w = state.pop(ka).float(), state.pop(kb).float(), state[kw].float()
-        wb = base_state[kw].to(torch.float32)
-        r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r or (b.shape[0], a.shape[1]) != tuple(w.shape):
-            raise DataError(f"{where}: LoRA shapes do not fit '{kw}' {tuple(w.shape)}: "
-                            f"lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}")
-        if wb.shape != w.shape:
-            raise DataError(f"{where}: '{kw}' shape {tuple(w.shape)} differs from base {tuple(wb.shape)}")
-        ranks.add(r)
-        module_ranks[m] = r
-        delta = (b @ a) * (alpha / r)
-        dn = float(delta.norm())
-        # float32 rounding of a merge is ~6e-8 |w| per element, far under 1e-6 ||W_base||.
-        tol = 1e-6 * float(wb.norm()) + 1e-3 * dn
-        if float((w - wb).norm()) <= tol:
-            case, merged = "unmerged", w + delta
-        elif float((w - wb - delta).norm()) <= tol:
-            case, merged = "merged", w
-        else:
-            case, merged = "unmerged_over_modified", w + delta
-            logger.warning("%s: '%s' differs from the base by more than its LoRA product; treating the LoRA as "
-                           "unmerged on top of a trained weight (wrong base?)", where, kw)
-        state[kw] = merged
-        cases[m] = case
-        if case != "unmerged_over_modified":  # ΔW = B A·scaling exactly: low_rank keeps these factors
-            factors[kw] = ((b * (alpha / r)).contiguous(), a.T.contiguous())
-        per_module[m] = dn
-        mt = _LAYER_RE.match(m)
-        layer = int(mt.group(1)) if mt else m
-        per_layer_sq[layer] = per_layer_sq.get(layer, 0.0) + dn * dn
-    per_layer = {k: math.sqrt(v) for k, v in per_layer_sq.items()}
-    for layer, n in sorted(per_layer.items(), key=lambda kv: str(kv[0]).zfill(6)):
-        logger.info("%s: LoRA layer %s ||dW|| = %.6g", where, layer, n)
-    distinct = sorted(set(cases.values()))
-    info = {
-        "case": distinct[0] if len(distinct) == 1 else "mixed",
-        "module_cases": cases,
-        "rank": sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks),
-        "lora_alpha": alpha,
-        "scaling": alpha / next(iter(ranks)) if len(ranks) == 1 else {m: alpha / r for m, r in module_ranks.items()},
-        "modules": modules,
-        "layers": sorted(k for k in per_layer if isinstance(k, int)),
-        "delta_norm_per_layer": per_layer,
-        "delta_norm_per_module": per_module,
-        "factors": factors,  # {weight key: (U = B·scaling, V = Aᵀ)} of the modules whose ΔW is exactly B A·scaling
-    }
-    return state, info
-
-
 def _compare_to_base(state, base_state):
     """Keys (shared, same shape) whose values differ from the base: tells full fine-tune from frozen."""
     changed = [k for k, t in state.items()
@@ -429,7 +358,7 @@ def load_backbone_state(source, kind="auto", base_state=None, lora_alpha=None):
     has_param = any(".parametrizations.weight.original" in k for k in state)
     weight_norm = "legacy weight_g/weight_v (renamed)" if legacy else ("parametrizations" if has_param else "none")
 
-    state, lora = _merge_lora(state, base_state, lora_alpha, where)
+    state, lora = merge_lora(state, base_state, lora_alpha, where)
     state, converted = _to_float32_cpu(state)
 
     info = {
