@@ -313,7 +313,13 @@ def registry_models(tmp_path_factory):
 @pytest.mark.parametrize("yaml_file", BASE_YAMLS)
 def test_every_recipe_survives_a_save_killed_half_way(yaml_file, registry_models, tmp_path, monkeypatch):
     """What a user sees when a run is killed while it writes a checkpoint, for the checkpointer each recipe's
-    YAML builds: no half-written ``CKPT+`` folder is left, and resuming finds the last complete checkpoint."""
+    YAML builds: no half-written ``CKPT+`` folder is left, and resuming finds the last complete checkpoint.
+
+    The kill is an ``os.fork`` whose child dies mid-save; forking the full suite's process (threads of earlier
+    tests hold locks) can deadlock the child, so this runs in a fresh pytest process started by
+    :func:`test_saves_killed_half_way_in_a_fresh_process`."""
+    if os.environ.get(FRESH_FORK_ENV) != "1":
+        pytest.skip("runs in a fresh process (test_saves_killed_half_way_in_a_fresh_process)")
     import ruamel.yaml
 
     from lobes.hparams_io import load_hparams
@@ -338,6 +344,20 @@ def test_every_recipe_survives_a_save_killed_half_way(yaml_file, registry_models
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert [p.name for p in save.glob("CKPT+*")] == [first.path.name]
     assert checkpointer.recover_if_possible().path == first.path
+
+
+FRESH_FORK_ENV = "TOOLKIT_TEST_FRESH_FORK"
+
+
+def test_saves_killed_half_way_in_a_fresh_process():
+    if os.environ.get(FRESH_FORK_ENV) == "1":
+        pytest.skip("the inner run")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                           "-k", "test_every_recipe_survives_a_save_killed_half_way"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, FRESH_FORK_ENV: "1"})
+    n = len(BASE_YAMLS)
+    assert proc.returncode == 0 and f"{n} passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
 def test_truncated_checkpoint_file_names_the_file(recipe_checkpointer):
