@@ -3,27 +3,9 @@ frozen LM, and lm_attn_implementation reaching transformers."""
 import pytest
 import torch
 
+from toy_encoder import ToyEncoder  # tests/ is on sys.path (pytest rootdir conftest)
 from lobes.errors import DataError
 from lobes.harmonifuse.speech_lm import SpeechLM
-
-
-class _Encoder(torch.nn.Module):
-    """Deterministic stand-in for WavLM: 80-sample frames, 2 layers of 16."""
-    num_layers, hidden_size = 2, 16
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = torch.nn.ModuleList([torch.nn.Linear(80, 16) if i == 0 else torch.nn.Linear(16, 16)
-                                         for i in range(3)])
-
-    def forward(self, wavs, wav_lens):
-        b, n = wavs.shape
-        h, hs = wavs[:, : n // 80 * 80].reshape(b, n // 80, 80), []
-        for layer in self.proj:
-            h = torch.tanh(layer(h))
-            hs.append(h)
-        return torch.stack(hs), torch.round(wav_lens * (n // 80)).long()
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +20,7 @@ def _step(lm_dir, mode, checkpointing, attn="sdpa"):
 
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    m = SpeechLM(_Encoder(), {"source": str(lm_dir), "mode": mode, "gradient_checkpointing": checkpointing,
+    m = SpeechLM(ToyEncoder(num_layers=2, seed=0), {"source": str(lm_dir), "mode": mode, "gradient_checkpointing": checkpointing,
                               "peft_config": lora, "attn_implementation": attn}).train()
     calls = []
     for layer in m.hf_lm.model.layers:  # count forward() itself: module hooks do not run in a recomputation
@@ -64,15 +46,15 @@ def test_lm_gradient_checkpointing_recomputes_the_layers_also_when_the_lm_is_fro
 
 
 def test_attn_implementation_reaches_transformers(tiny_lm):
-    sdpa = SpeechLM(_Encoder(), {"source": str(tiny_lm)}).eval()
-    eager = SpeechLM(_Encoder(), {"source": str(tiny_lm), "attn_implementation": "eager"}).eval()
+    sdpa = SpeechLM(ToyEncoder(num_layers=2, seed=0), {"source": str(tiny_lm)}).eval()
+    eager = SpeechLM(ToyEncoder(num_layers=2, seed=0), {"source": str(tiny_lm), "attn_implementation": "eager"}).eval()
     assert sdpa.hf_lm.config._attn_implementation == "sdpa" and eager.hf_lm.config._attn_implementation == "eager"
     torch.manual_seed(1)
     wavs, lens = torch.randn(2, 1200), torch.tensor([1.0, 0.7])
     assert torch.allclose(sdpa(wavs, lens, "asr", ["HELLO", "HI"]).logits,
                           eager(wavs, lens, "asr", ["HELLO", "HI"]).logits, atol=1e-5)
     with pytest.raises(DataError, match="lm_attn_implementation 'flash_attention_2'"):
-        SpeechLM(_Encoder(), {"source": str(tiny_lm), "attn_implementation": "flash_attention_2"})
+        SpeechLM(ToyEncoder(num_layers=2, seed=0), {"source": str(tiny_lm), "attn_implementation": "flash_attention_2"})
 
 
 def test_the_gpu_row_builds_a_bf16_checkpointed_lora_lm_that_trains(tiny_lm, tmp_path, monkeypatch):

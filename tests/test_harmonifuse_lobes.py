@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
+from toy_encoder import ToyEncoder  # tests/ is on sys.path (pytest rootdir conftest)
 from lobes.errors import DataError
 from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
 from lobes.harmonifuse.gated_encoder_fusion import GatedEncoderFusion
@@ -201,24 +202,6 @@ def tiny_dirs(tmp_path_factory):
     from tools.make_tiny_wavlm import make_tiny_wavlm
     root = tmp_path_factory.mktemp("hf")
     return make_tiny_wavlm(root / "wavlm"), make_tiny_lm(root / "lm")
-
-
-class ToyEncoder(torch.nn.Module):
-    """Deterministic stand-in for WavLM (80-sample frames, 3 layers): keeps padding tests exact."""
-    num_layers, hidden_size = 3, 16
-
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(80 if i == 0 else 16, 16) for i in range(4))
-
-    def forward(self, wavs, wav_lens):
-        b, n = wavs.shape
-        h = wavs[:, : n // 80 * 80].reshape(b, n // 80, 80)
-        hs = []
-        for layer in self.layers:
-            h = torch.tanh(layer(h))
-            hs.append(h)
-        return torch.stack(hs), torch.round(wav_lens * (n // 80)).long()
 
 
 def test_speech_lm_last_fusion_equals_plain_lm(tiny_dirs):

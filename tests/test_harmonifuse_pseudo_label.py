@@ -6,6 +6,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from toy_encoder import ToyEncoder  # tests/ is on sys.path (pytest rootdir conftest)
 from lobes.errors import DataError
 
 CLASSES = ["Anger", "Happiness", "Neutral", "Sadness"]
@@ -165,24 +166,6 @@ def test_a_class_map_sums_renormalises_and_keeps_the_unmapped_mass_out_of_the_co
 EMO = ["Anger", "Happiness", "Neutral", "Sadness"]
 
 
-class _Encoder(torch.nn.Module):
-    """Deterministic stand-in for WavLM: 80-sample frames, 2 layers of 16."""
-    num_layers, hidden_size = 2, 16
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = torch.nn.ModuleList([torch.nn.Linear(80, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)])
-
-    def forward(self, wavs, wav_lens):
-        b, n = wavs.shape
-        h, hs = wavs[:, : n // 80 * 80].reshape(b, n // 80, 80), []
-        for layer in self.proj:
-            h = torch.tanh(layer(h))
-            hs.append(h)
-        return torch.stack(hs), torch.round(wav_lens * (n // 80)).long()
-
-
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     from tools.make_tiny_lm import make_tiny_lm
@@ -193,7 +176,7 @@ def _speech_lm(lm_dir, mode, chunk=None):
     from lobes.harmonifuse.speech_lm import SpeechLM
 
     torch.manual_seed(0)
-    return SpeechLM(_Encoder(), str(lm_dir), ser={"mode": mode, "emotions": EMO}, loss_chunk_size=chunk)
+    return SpeechLM(ToyEncoder(num_layers=2, seed=0), str(lm_dir), ser={"mode": mode, "emotions": EMO}, loss_chunk_size=chunk)
 
 
 def test_generative_soft_loss_is_the_expected_nll_of_the_emotion_words(tiny_lm):
