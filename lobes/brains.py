@@ -24,7 +24,7 @@ import torch
 
 from lobes import distributed as D
 from lobes import stage_logging
-from lobes.collectors import write_ser_predictions
+from lobes.collectors import write_asr_predictions, write_ser_predictions
 from lobes.errors import DataError
 from lobes.results_io import write_metrics
 from lobes.schedules import LRSchedules, size_schedules
@@ -180,8 +180,9 @@ class ToolkitBrain(sb.Brain):
         self.checkpointer.save_and_keep_only(meta={"loss": stage_loss}, min_keys=["loss"],
                                              num_to_keep=self.hparams.ckpts_to_keep)
 
-    def write_test(self, metrics, ser=None, confusion_title=None):
-        """Test: log, then (main process) metrics.json, and for an SER collector predictions.csv and confusion.png."""
+    def write_test(self, metrics, ser=None, confusion_title=None, asr=None):
+        """Test: log, then (main process) metrics.json, for an SER collector predictions.csv and confusion.png, for
+        an ASR collector asr_predictions.csv (the per-utterance transcripts of the paired WER test)."""
         self.log_stats({"Epoch loaded": self.hparams.epoch_counter.current},
                        test_stats=stage_logging.logged_test_stats(metrics))
         if not sb.utils.distributed.if_main_process():
@@ -193,6 +194,8 @@ class ToolkitBrain(sb.Brain):
 
             write_ser_predictions(folder / "predictions.csv", ser)
             plot_confusion(metrics["test"]["confusion"], ser.classes, folder / "confusion.png", title=confusion_title)
+        if asr is not None and len(asr):
+            write_asr_predictions(folder / "asr_predictions.csv", asr)
         return metrics
 
 

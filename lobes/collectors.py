@@ -3,9 +3,10 @@
 A Brain creates its collectors in ``on_stage_start``, appends each evaluation batch in ``compute_objectives``,
 gathers them at the stage end (``ToolkitBrain.gather``: under DDP every rank's rows come back in single-process
 order, checked to cover the evaluated set once) and reads validation statistics (``summary``) or test metrics
-(``report``) from them. Writing metrics.json and predictions.csv are plain functions (``lobes.metrics``,
-:func:`write_ser_predictions`).
+(``report``) from them. Writing metrics.json, predictions.csv and asr_predictions.csv are plain functions
+(``lobes.metrics``, :func:`write_ser_predictions`, :func:`write_asr_predictions`).
 """
+import csv
 from pathlib import Path
 
 import torch
@@ -104,6 +105,16 @@ def write_ser_predictions(path, ser):
         f.write("id,true,pred," + ",".join(classes) + "\n")
         for i, t, p, prob in zip(ser["ids"], ser["true"], ser["pred"], ser["prob"]):
             f.write(f"{i},{classes[t]},{classes[p]}," + ",".join(f"{x:.6f}" for x in prob) + "\n")
+    return path
+
+
+def write_asr_predictions(path, asr):
+    """Per-utterance transcripts (id, ref, hyp) as CSV: what ``tools.compare_rows`` pairs for the matched-pair WER
+    test (HarmoniFuse's asr_predictions.csv has the same columns plus its ``split``)."""
+    with atomic_write(path, newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["id", "ref", "hyp"])
+        w.writerows(zip(asr["ids"], asr["refs"], asr["hyps"]))
     return path
 
 

@@ -1,4 +1,5 @@
 """tools.eval_asr: the ASR source models' WER on a manifest (our recipe's exp folder, or an HF WavLMForCTC)."""
+import csv
 import json
 import shutil
 
@@ -72,6 +73,10 @@ def test_exp_uses_the_lowest_loss_checkpoint_and_pools_the_wer(manifest, exp_dir
     assert m["wer_whisper_norm"] == pytest.approx(7 / 10, abs=1e-12)
     assert [e["hyp"] for e in m["asr_examples"]] == ["A"] * 5
     assert [e["ref"] for e in m["asr_examples"]][2] == "A"  # references are normalised as for training
+    # every transcript beside it, for the paired WER test of tools.compare_rows
+    rows = list(csv.DictReader(open(out.parent / "asr_predictions.csv", encoding="utf-8")))
+    assert [(r["id"], r["ref"], r["hyp"]) for r in rows] == [("u1", "A", "A"), ("u2", "B C", "A"), ("u3", "A", "A"),
+                                                             ("u4", "D'S E F", "A"), ("u5", "A B", "A")]
 
 
 def test_padding_does_not_change_hypotheses(manifest, exp_dir):

@@ -131,6 +131,14 @@ def test_mtl_static_init_row(pipeline):
     m = _metrics(folder)
     _in_range(m, exp)
     assert math.isfinite(m["wer"]) and m["wer"] >= 0.0
+    # its transcripts and the in-domain source's (tools.eval_asr) pair up: ΔWER = the two metrics.json WERs
+    from tools.compare_rows import compare_paths
+
+    source = exp / "results" / "sources" / "asr_in"
+    res = compare_paths(source, folder.parent, num_bootstraps=50, num_permutations=100)["asr"]
+    r = res["metrics"]["wer"]
+    assert (res["n"], res["n_runs"], res["dropped"]) == (m["test"]["n"], 1, [0, 0])
+    assert (r["a"], r["b"]) == (pytest.approx(_metrics(source)["wer"], abs=1e-12), pytest.approx(m["wer"], abs=1e-12))
 
 
 def test_results_table_has_every_run_row(pipeline):

@@ -215,3 +215,33 @@ def test_compare_rows_cli_asr(tmp_path):
 def test_iemocap_folds_use_the_shared_aggregation(load_recipe):
     avg = load_recipe("recipes/IEMOCAP/average_folds.py")
     assert avg.t_interval is S.t_interval  # folds and seeds: one Student-t code (values: test_t_interval)
+
+
+def test_recipe_transcripts_give_delta_wer_and_the_enumerated_p_through_compare_rows(tmp_path):
+    """The per-utterance transcripts a WER row writes (``write_asr_predictions``, as the MTL rows, the ASR-CTC
+    recipes and tools.eval_asr do) compared by the CLI: ΔWER by hand, p = the enumeration of all 2^7 sign flips."""
+    from lobes.collectors import ASRCollector, write_asr_predictions
+
+    refs = ["A B C", "D E", "F G H I", "J", "K L M", "N O, P", "Q R"]
+    hyps = {"source": ["A B C", "D X", "F G H", "J", "K L", "N O, P", "Q"],    # errors 0 1 1 0 1 0 1 = 4
+            "mtl": ["A B", "D X Y", "F G H I", "Z", "K L M", "N P", "Q R S"]}  # errors 1 2 0 1 0 1 1 = 6
+    folders = {"source": tmp_path / "sources" / "asr_in", "mtl": tmp_path / "rows" / "mtl_static_init" / "1986"}
+    for name, folder in folders.items():
+        asr = ASRCollector()
+        asr.add(ids=[f"u{i}" for i in range(7)], refs=refs, hyps=hyps[name])
+        write_asr_predictions(folder / "asr_predictions.csv", asr)
+    # the comma survives the CSV round trip (quoted): the reference read back is the one written
+    assert '"N O, P"' in (folders["mtl"] / "asr_predictions.csv").read_text().splitlines()[6]
+    out = tmp_path / "cmp.json"
+    cmd = [sys.executable, "-m", "tools.compare_rows", str(folders["source"]), str(tmp_path / "rows" / "mtl_static_init"),
+           "--num_permutations", "1000", "--num_bootstraps", "200", "--json", str(out)]
+    printed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
+    r = json.loads(out.read_text())["results"]["asr"]["metrics"]["wer"]
+    words = 3 + 2 + 4 + 1 + 3 + 3 + 2  # 18 reference words
+    assert (r["a"], r["b"]) == (pytest.approx(4 / words, abs=1e-12), pytest.approx(6 / words, abs=1e-12))
+    assert r["delta"] == pytest.approx(2 / words, abs=1e-12) and (r["n"], r["n_runs"]) == (7, 1)
+    d = np.array([1, 2, 0, 1, 0, 1, 1]) - np.array([0, 1, 1, 0, 1, 0, 1])  # per-utterance e_B - e_A
+    null = [np.dot(signs, d) for signs in itertools.product([-1, 1], repeat=7)]
+    exact = np.mean(np.abs(null) >= abs(d.sum()) - 1e-12)  # |Σ ±d_i| >= 2: 88 of the 128 sign vectors
+    assert exact == pytest.approx(88 / 128) and r["p"] == pytest.approx(exact, abs=1e-12)
+    assert printed[4].split()[:4] == ["WER", "22.22", "33.33", "+11.11"]

@@ -20,8 +20,10 @@ Hypotheses and references (the manifest's ``wrd``) both go through ``lobes.ctc_t
 the WER is pooled over utterances (jiwer, ``lobes.metrics.wer_details``). Writes ``--out`` (metrics.json, atomic):
 ``{"experiment", "model", "kind", "manifest", "n", "wer", "wer_details", "wer_ci", "wer_whisper_norm",
 "asr_examples"}``, which
-``tools.collect_results --source`` places as a reference row. Utterances are batched by duration (``--batch_size``);
-padding does not change a hypothesis (attention and frame masks), the test checks it against batch size 1.
+``tools.collect_results --source`` places as a reference row, and beside it ``asr_predictions.csv`` (id, ref, hyp
+of every utterance, ``lobes.collectors.write_asr_predictions``) for the paired WER test of ``tools.compare_rows``.
+Utterances are batched by duration (``--batch_size``); padding does not change a hypothesis (attention and frame
+masks), the test checks it against batch size 1.
 """
 import argparse
 import json
@@ -33,6 +35,7 @@ import torch
 from lobes import ctc_text
 from lobes import metrics as M
 from lobes.audio import read_audio
+from lobes.collectors import write_asr_predictions
 from lobes.errors import DataError
 from lobes.inference import best_checkpoint
 from lobes.wavlm_encoder import load_wavlm, run_wavlm
@@ -156,6 +159,9 @@ def evaluate(manifest_path, out, exp=None, hf_ctc=None, batch_size=8, device="cp
         "asr_examples": [{"id": k, "ref": r, "hyp": hyps[k]} for k, r in list(zip(ids, refs))[:5]],
     }
     M.write_metrics(out, metrics)
+    # beside it, every transcript: tools.compare_rows pairs them with a row's for the matched-pair WER test
+    write_asr_predictions(Path(out).parent / "asr_predictions.csv",
+                          {"ids": ids, "refs": refs, "hyps": [hyps[k] for k in ids]})
     return metrics
 
 

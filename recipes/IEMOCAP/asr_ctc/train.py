@@ -52,7 +52,7 @@ class ASRBrain(ToolkitBrain):
             return self.log_and_checkpoint(stage, stage_loss, epoch, self.asr.summary())
         h = self.hparams
         head = run_record(h.output_folder, self.stage_loss(stage, stage_loss), experiment=h.experiment, fold=h.fold)
-        return self.write_test({**head, **self.asr.report(h.num_bootstraps, h.seed)})
+        return self.write_test({**head, **self.asr.report(h.num_bootstraps, h.seed)}, asr=self.asr)
 
 
 if __name__ == "__main__":

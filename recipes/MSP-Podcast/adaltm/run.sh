@@ -9,7 +9,8 @@
 #   stage 3: task-vector extraction, then training of the selected Table-1 rows (AdaLTM + MTL)
 #   stage 4: evaluation summary: the source models' reference rows (SER source MaF1; WER of the in- and out-of-domain
 #            ASR sources on the MSP-Podcast test split, tools.eval_asr), the results table (markdown + CSV, 95% CIs),
-#            the same table marked by paired tests against Setups 1 and 4 (table_significance), with several seeds
+#            the same table marked by paired tests against Setups 1 and 4 (table_significance; --wer_mark true:
+#            WER against the in-domain ASR source too, from the rows' asr_predictions.csv), with several seeds
 #            the table over seeds (table_seeds: mean ± t interval, pooled CI), the paper's Figure 2 (dual vs single
 #            vector λ) and Figure 3 (in- vs out-of-domain λ; several seeds: mean and band), per-run λ / α plots
 #
@@ -58,6 +59,7 @@ test_splits="Test1"         # MSP-Podcast Split_Set value(s) forming the test sp
 eval_batch_size=8           # stage 4: utterances per batch when the ASR sources are evaluated
 rows="setup1_frozen setup2_asr_only setup3_ser_only setup4_dual out_of_domain_dual static_global adaptive_global"  # AdaLTM rows (hparams/rows)
 mtl_rows="fully_trainable static_init"   # MTL rows (../mtl/hparams/rows; fully_trainable_dlr: the variant)
+wer_mark=false              # stage 4: true = also mark WER (MTL rows, W_ASR_out) against W_ASR_in (§, paired test)
 seeds=1986                  # stage 3: each row trains once per seed, into rows/<row>/<seed>/; stages 1-2: the first
 asr_args=""                 # extra overrides for the stage-1 ASR-CTC fine-tuning runs
 ser_args=""                 # extra overrides for the stage-2 SER fine-tuning
@@ -208,7 +210,7 @@ elif [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
             && model=$(dirname "${model}"); }
         if [ -d "${model}/save" ]; then args=(--exp "${model}"); else args=(--hf_ctc "${model}"); fi
         local out=${results}/sources/asr_${which}/metrics.json
-        if [ -f "${out}" ]; then
+        if [ -f "${out}" ] && [ -f "${out%/*}/asr_predictions.csv" ]; then   # the transcripts: paired WER tests
             log "  ${label}: ${out} exists, kept"
         elif ! "${py}" -m tools.eval_asr "${args[@]}" --manifest "${prep}/msp/test.json" --out "${out}" \
                 --device "${device:-cpu}" --batch_size "${eval_batch_size}" --experiment "asr_${which}"; then
@@ -231,6 +233,9 @@ elif [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
     marks=()
     [ -f "${rows_dir}/setup1_frozen/${seed}/predictions.csv" ] && marks+=(--mark "†=Setup 1: Baseline (Frozen Backbone)")
     [ -f "${rows_dir}/setup4_dual/${seed}/predictions.csv" ] && marks+=(--mark "‡=Setup 4: Proposed Dual-Vector")
+    # --wer_mark true: WER (MTL rows, out-of-domain source) against the in-domain ASR source (§), same transcripts
+    [ "${wer_mark}" = true ] && [ -f "${results}/sources/asr_in/asr_predictions.csv" ] \
+        && marks+=(--mark "§=In-domain ASR source (W_ASR_in)")
     [ ${#marks[@]} -eq 0 ] || marks+=(--significance "${results}/table_significance")
     figures=("${rows_dir}/setup4_dual/${seed}" "${rows_dir}/setup2_asr_only/${seed}" "${rows_dir}/setup3_ser_only/${seed}"
              "${rows_dir}/out_of_domain_dual/${seed}")

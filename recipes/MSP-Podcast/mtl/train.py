@@ -56,7 +56,7 @@ class MTLBrain(ToolkitBrain):
                                 alphas=h.weighted_sum.alpha().tolist()),
                    **self.ser.report(h.num_bootstraps, h.seed, h.speaker_bootstrap),
                    **self.asr.report(h.num_bootstraps, h.seed)}
-        return self.write_test(metrics, self.ser)
+        return self.write_test(metrics, self.ser, asr=self.asr)
 
 
 if __name__ == "__main__":
