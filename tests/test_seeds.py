@@ -1,7 +1,12 @@
 """Several seeds of one row: the seeds table of tools.collect_results (mean ± Student-t interval over runs beside the
-pooled bootstrap CI), the λ figures as mean with a min–max band, and every run.sh's --seeds option."""
+pooled bootstrap CI), the λ figures as mean with a min–max band, every run.sh's --seeds option, and IEMOCAP's
+fold table over seeds (per fold the mean of its seeds, then the Student-t interval over the folds)."""
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +130,74 @@ def test_lambda_figure_of_several_seeds_is_their_mean_with_a_min_max_band(tmp_pa
     with pytest.raises(DataError, match=r"runs missing: \[.*setup4_dual/1999'\]"):
         PC.paper_figure("figure3", {"in_domain": [rows / "setup4_dual" / "1986", rows / "setup4_dual" / "1999"]},
                         tmp_path / "plots")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# IEMOCAP: one fold table over the seeds (recipes/IEMOCAP/average_folds.py, run.sh stage 4)
+# ----------------------------------------------------------------------------------------------------------------
+T_975_4 = 2.7764451051977934  # Student-t 97.5% quantile, 4 degrees of freedom (5 folds)
+# (fold, seed) -> right answers of 10 per class (2 classes): UA = WA = x / 10; fold 5 has seed 1986 only
+RIGHT = {(1, 1986): 5, (1, 7): 7, (2, 1986): 6, (2, 7): 6, (3, 1986): 7, (3, 7): 5, (4, 1986): 8, (4, 7): 6,
+         (5, 1986): 9}
+
+
+def write_fold_run(exp_dir, experiment, fold, seed, right, record_seed=True):
+    """rows/<experiment>/<seed>/fold<k>/metrics.json of one run; ``record_seed=False``: the seed only in the
+    hyperparams.yaml beside it (an older run)."""
+    folder = exp_dir / "rows" / experiment / str(seed) / f"fold{fold}"
+    folder.mkdir(parents=True)
+    m = {"experiment": experiment, "fold": fold, "table_rows": [{"part": "IEMOCAP", "row": "Setup 4", "order": 4}],
+         "test": {"uar": right / 10, "accuracy": right / 10, "confusion": [[right, 10 - right], [10 - right, right]]}}
+    if record_seed:
+        m["seed"] = seed
+    else:
+        (folder / "hyperparams.yaml").write_text(f"# Generated\nexperiment: {experiment}\nseed: {seed}  # the run's\n")
+    (folder / "metrics.json").write_text(json.dumps(m))
+    return folder / "metrics.json"
+
+
+def test_iemocap_fold_table_averages_the_seeds_of_each_fold_then_the_folds(load_recipe, tmp_path):
+    avg = load_recipe("recipes/IEMOCAP/average_folds.py")
+    for (fold, seed), right in RIGHT.items():
+        write_fold_run(tmp_path, "setup4_dual", fold, seed, right, record_seed=(fold, seed) != (4, 7))
+    (row,) = avg.average_folds([tmp_path / "rows"])
+    folds = [0.6, 0.6, 0.6, 0.7, 0.9]  # per fold: the mean of its seeds (fold 5: its one seed)
+    mean = sum(folds) / 5
+    std = math.sqrt(sum((v - mean) ** 2 for v in folds) / 4)
+    half = T_975_4 * std / math.sqrt(5)  # n = 5 folds, not the 9 runs
+    assert [row[f"ua_fold{k}"] for k in range(1, 6)] == pytest.approx(folds, abs=1e-12)
+    assert (row["ua_mean"], row["ua_std"]) == (pytest.approx(0.68, abs=1e-12), pytest.approx(std, abs=1e-12))
+    assert (row["ua_ci_low"], row["ua_ci_high"]) == pytest.approx((mean - half, mean + half), abs=1e-12)
+    # pooled: each fold's confusion averaged over its seeds, then summed: [[34, 16], [16, 34]], 100 utterances
+    assert (row["ua_pooled"], row["wa_pooled"], row["n"]) == (pytest.approx(0.68), pytest.approx(0.68), 100)
+    assert (row["seeds"], row["seeds_per_fold"], row["n_folds"]) == ("7 1986", "2 2 2 2 1", 5)
+    assert row["per_seed"]["ua"]["4"] == {"7": 0.6, "1986": 0.8}  # seed 7 of fold 4: from its hyperparams.yaml
+    md = avg.markdown([row])
+    assert f"| Setup 4 | 68.00 ± {100 * half:.2f} | 68.00 ± {100 * half:.2f} | - | - | 68.00 | 68.00 | 1 2 3 4 5 | " \
+           "7 1986 (per fold: 2 2 2 2 1) |" in md
+
+    # the same fold and seed twice, or a second run that records no seed: errors naming both files
+    first = tmp_path / "rows" / "setup4_dual" / "7" / "fold2" / "metrics.json"
+    again = write_fold_run(tmp_path / "copy", "setup4_dual", 2, 7, 3)
+    with pytest.raises(DataError, match=f"fold 2 twice, in {first} and {again} \\(seed 7\\)"):
+        avg.average_folds([tmp_path / "rows", again])
+    bare = tmp_path / "bare" / "metrics.json"
+    bare.parent.mkdir()
+    bare.write_text(json.dumps({"experiment": "setup4_dual", "fold": 5, "test": {"uar": 0.5}}))
+    with pytest.raises(DataError, match="fold 5 twice, .* without a recorded seed"):
+        avg.average_folds([tmp_path / "rows", bare])
+
+
+def test_iemocap_run_sh_stage4_writes_one_table_over_the_seeds(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    exp = tmp_path / "exp"
+    for (fold, seed), right in RIGHT.items():
+        write_fold_run(exp, "setup4_dual", fold, seed, right)
+    write_fold_run(exp, "setup4_dual", 1, 99, 0)  # a seed not asked for: left out
+    proc = subprocess.run(["bash", "recipes/IEMOCAP/run.sh", "--stage", "4", "--data_folder", "d", "--exp", str(exp),
+                           "--seeds", "1986 7"], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    md = (exp / "results" / "folds.md").read_text()
+    assert "| Setup 4 | 68.00 ± " in md and "| 1 2 3 4 5 | 7 1986 (per fold: 2 2 2 2 1) |" in md
+    assert sorted(p.name for p in (exp / "results").iterdir()) == ["folds.csv", "folds.json", "folds.md"]

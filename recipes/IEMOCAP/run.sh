@@ -7,8 +7,8 @@
 #   stage 1: per fold: in-domain ASR-CTC fine-tuning on the fold's training transcripts (W_ASR_in of that fold)
 #   stage 2: per fold: SER fine-tuning (W_SER of that fold; also the "SER fine-tuning" baseline row)
 #   stage 3: per fold: task vectors ΔW = W_ft − W_base, then the selected AdaLTM rows (hparams/rows)
-#   stage 4: fold averages: UA / WA / MaF1 mean ± Student-t 95% interval (average_folds.py); with several
-#            --seeds: results/folds.md for the first seed (with the SER row), results/folds_seed<s>.md for the others
+#   stage 4: fold averages (average_folds.py): per fold the mean over --seeds, then UA / WA / MaF1 mean ±
+#            Student-t 95% interval over the folds (the fold is the repeated unit), one table results/folds.md
 #
 # Examples
 #   bash recipes/IEMOCAP/run.sh --mini true                          # whole pipeline on generated data (CPU)
@@ -165,21 +165,21 @@ fi
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ] && ! is_node0; then
     log "Stage 4: fold averages, on node 0"
 elif [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ]; then
-    log "Stage 4: fold averages (UA, WA, MaF1: mean ± Student-t 95% interval over folds)"
-    for s in "${seed_list[@]}"; do   # one fold table per seed: the folds of one seed are the repeated unit
-        inputs=(); held_out=()
-        [ "${s}" = "${seed}" ] && [ -d "${exp}/ser" ] && inputs+=("${exp}/ser"/fold*)   # SER source models: first seed
+    log "Stage 4: fold averages (UA, WA, MaF1: per fold the mean over seeds; mean ± Student-t 95% interval over folds)"
+    inputs=(); held_out=()
+    [ -d "${exp}/ser" ] && inputs+=("${exp}/ser"/fold*)   # SER source models: the first seed only
+    for s in "${seed_list[@]}"; do   # every seed's runs in one table: average_folds averages the seeds of a fold
         for d in "${exp}"/rows/*/; do [ -d "${d}${s}" ] && inputs+=("${d%/}/${s}"/fold*); done
-        [ ${#inputs[@]} -gt 0 ] || { echo "no results of seed ${s} under ${exp}/ser or ${exp}/rows: run stages 2-3 first" >&2; exit 1; }
-        for f in "${inputs[@]}"; do [[ " ${tuning_folds} " == *" ${f##*/fold} "* ]] || held_out+=("${f}"); done
-        out=${exp}/results/folds; [ "${s}" = "${seed}" ] || out=${exp}/results/folds_seed${s}
-        if [ -n "${tuning_folds}" ]; then   # every fold, the tuning one(s) included: a record, not the result
-            "${py}" "${recipe_dir}/average_folds.py" "${inputs[@]}" --out "${out}_with_tuning_folds" \
-                --n_folds "$(wc -w <<< "${all_folds}")" >/dev/null
-            log "  fold(s) ${tuning_folds} left out of ${out}.md (settings were chosen on them); all folds: ${out}_with_tuning_folds.md"
-        fi
-        "${py}" "${recipe_dir}/average_folds.py" "${held_out[@]}" --out "${out}" --n_folds "$(wc -w <<< "${all_folds}")"
     done
+    [ ${#inputs[@]} -gt 0 ] || { echo "no results of the seeds ${seeds} under ${exp}/ser or ${exp}/rows: run stages 2-3 first" >&2; exit 1; }
+    for f in "${inputs[@]}"; do [[ " ${tuning_folds} " == *" ${f##*/fold} "* ]] || held_out+=("${f}"); done
+    out=${exp}/results/folds
+    if [ -n "${tuning_folds}" ]; then   # every fold, the tuning one(s) included: a record, not the result
+        "${py}" "${recipe_dir}/average_folds.py" "${inputs[@]}" --out "${out}_with_tuning_folds" \
+            --n_folds "$(wc -w <<< "${all_folds}")" >/dev/null
+        log "  fold(s) ${tuning_folds} left out of ${out}.md (settings were chosen on them); all folds: ${out}_with_tuning_folds.md"
+    fi
+    "${py}" "${recipe_dir}/average_folds.py" "${held_out[@]}" --out "${out}" --n_folds "$(wc -w <<< "${all_folds}")"
     if [ -d "${exp}/asr_ctc" ]; then
         "${py}" "${recipe_dir}/average_folds.py" "${exp}/asr_ctc" --out "${exp}/results/asr_folds" \
             --n_folds "$(wc -w <<< "${all_folds}")" >/dev/null
