@@ -121,3 +121,33 @@ def test_only_some_annotations_given_is_an_error(load_recipe):
     with pytest.raises(DataError, match=re.escape("['valid_annotation'] not set")):
         prep.annotation_manifests({"train_annotation": "a.json", "valid_annotation": None, "test_annotation": "c"})
     assert prep.annotation_manifests({f"{s}_annotation": None for s in ("train", "valid", "test")}) is None
+
+
+def test_adaltm_recipe_trains_on_speechbrain_manifests(sb_fold1, mini_iemocap, tmp_path):
+    """IEMOCAP adaltm/train.py (Setup 1: frozen base, cached features) on the same SpeechBrain manifests and options
+    as the SER recipe above: every test utterance scored once, in the renamed classes; its seed recorded."""
+    from tools.make_tiny_wavlm import make_tiny_wavlm
+
+    wavlm = make_tiny_wavlm(tmp_path / "tiny_wavlm")
+    paths = sb_fold1["paths"]
+    cmd = [sys.executable, str(ROOT / "recipes/IEMOCAP/adaltm/train.py"),
+           str(ROOT / "recipes/IEMOCAP/adaltm/hparams/rows/setup1_frozen.yaml"),
+           f"--data_folder={mini_iemocap.root}", f"--prep_folder={tmp_path / 'never_prepared'}",
+           f"--train_annotation={paths['train']}", f"--valid_annotation={paths['valid']}",
+           f"--test_annotation={paths['test']}", f"--emotion_classes={json.dumps(MSP_NAMES)}",
+           f"--speechbrain_label_map={json.dumps(TO_MSP)}", f"--wavlm_source={wavlm}",
+           f"--exp_folder={tmp_path / 'rows'}", "--seed=7", "--number_of_epochs=1", "--head_hidden=16",
+           "--num_bootstraps=20", "--device=cpu"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert not (tmp_path / "never_prepared").exists()  # the annotations replace preparation
+    out = tmp_path / "rows" / "setup1_frozen" / "7" / "fold1"
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["experiment"], m["fold"], m["seed"]) == ("setup1_frozen", 1, 7)
+    t = m["test"]
+    assert t["classes"] == MSP_NAMES and t["n"] == 10
+    assert [sum(r) for r in t["confusion"]] == [2, 3, 3, 2]  # Session 1's ang 2, hap 3, neu 3, sad 2
+    rows = list(csv.reader(open(out / "predictions.csv")))
+    assert rows[0][3:] == MSP_NAMES
+    assert {r[0]: r[1] for r in rows[1:]} == {u: TO_MSP[e["emo"]] for u, e in sb_fold1["ours"]["test"].items()}

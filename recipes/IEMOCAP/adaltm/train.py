@@ -6,8 +6,11 @@ without the test session). Same model, loss and outputs as recipes/MSP-Podcast/a
     python train.py hparams/rows/setup4_dual.yaml --data_folder /corpora/IEMOCAP_full_release --fold 1 \
         --wavlm_source microsoft/wavlm-large --vectors_folder exp/iemocap/task_vectors/fold1
 
-Writes to the output folder: metrics.json (UA = ``uar``, WA = ``accuracy``, 95% CIs, ``experiment`` and ``fold``
-for ../average_folds.py), predictions.csv, coefficients.json (λ per group per vector, α per layer), λ / α /
+SpeechBrain's own IEMOCAP manifests (``wav``, ``length``, ``emo``) work as for ../ser: ``--train_annotation``,
+``--valid_annotation``, ``--test_annotation`` replace the prepared fold.
+
+Writes to the output folder: metrics.json (UA = ``uar``, WA = ``accuracy``, 95% CIs, ``experiment``, ``fold`` and
+``seed`` for ../average_folds.py), predictions.csv, coefficients.json (λ per group per vector, α per layer), λ / α /
 confusion plots, and the folded model (folded_wavlm/).
 """
 import sys
@@ -16,7 +19,7 @@ from pathlib import Path
 import speechbrain as sb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/IEMOCAP: the prepare script
-from iemocap_prepare import iemocap_manifests, prepare_from_hparams  # noqa: E402
+from iemocap_prepare import annotation_manifests, iemocap_manifests, prepare_from_hparams  # noqa: E402
 
 from lobes.adaltm.brain import AdaLTMBrainBase, use_feature_cache  # noqa: E402
 from lobes.adaltm.feature_cache import cached_hidden  # noqa: E402
@@ -55,7 +58,8 @@ class AdaLTMBrain(AdaLTMBrainBase):
             return self.log_and_checkpoint(stage, stage_loss, epoch, {**self.ser.summary(), **self.lambda_means()})
         h = self.hparams
         metrics = {**run_record(h.output_folder, self.stage_loss(stage, stage_loss), experiment=h.experiment,
-                                fold=h.fold, table_rows=h.table_rows, alphas=h.weighted_sum.alpha().tolist()),
+                                fold=h.fold, seed=h.seed, table_rows=h.table_rows,
+                                alphas=h.weighted_sum.alpha().tolist()),
                    **self.ser.report(h.num_bootstraps, h.seed, h.speaker_bootstrap), "lambdas": self.lambda_record()}
         run = f"{h.experiment}, fold {h.fold}"
         self.write_test(metrics, self.ser, confusion_title=f"{run} (test Session {h.fold})")
@@ -69,11 +73,14 @@ if __name__ == "__main__":
     hparams, base_file, overrides = load_hparams(hparams_file, overrides)
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=base_file,
                                    overrides=overrides)
-    prepare_from_hparams(hparams, hparams["emotion_classes"])
-    manifests = iemocap_manifests(hparams)
+    manifests = annotation_manifests(hparams)  # SpeechBrain-style train/valid/test_annotation, if given
+    if manifests is None:
+        prepare_from_hparams(hparams, hparams["emotion_classes"])
+        manifests = iemocap_manifests(hparams)
+    sb_format = {"label_map": hparams["speechbrain_label_map"], "data_root": hparams["data_folder"]}
     device = run_opts.get("device") or sb.utils.distributed.infer_device()
-    datasets = use_feature_cache(hparams, ser_datasets(manifests, hparams["emotion_classes"]), device)
-    hparams["loss"].set_counts(class_counts(manifests["train"], hparams["emotion_classes"]))
+    datasets = use_feature_cache(hparams, ser_datasets(manifests, hparams["emotion_classes"], **sb_format), device)
+    hparams["loss"].set_counts(class_counts(manifests["train"], hparams["emotion_classes"], **sb_format))
 
     resolve_micro_batch(hparams, run_opts, AdaLTMBrain, datasets["train"])  # micro_batch_size: auto
     brain = AdaLTMBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
