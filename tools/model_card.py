@@ -16,7 +16,9 @@ model, so ``pipeline("audio-classification", model=REPO, trust_remote_code=True)
 The card holds: the setup (Table-1 rows, W_base, task vectors, λ mode), the hparams that matter, the test
 metrics of ``metrics.json`` in % with their 95% bootstrap CIs (UAR, precision, MaF1, accuracy; WER when present),
 the learned λ / α and the plots found in the folder, and how to use the model: ``tools.infer``, the Python API, and
-(for a folded AdaLTM export; default ``<EXP_DIR>/folded_wavlm`` when it exists) plain ``transformers`` code.
+(for a folded AdaLTM export; default ``<EXP_DIR>/folded_wavlm`` when it exists) plain ``transformers`` code; for an
+ASR-CTC experiment, whose ``finetuned_wavlm/`` is a ``WavLMForCTC`` with its processor (``lobes.ctc_export``), a
+``pipeline("automatic-speech-recognition", ...)`` snippet.
 """
 import argparse
 import json
@@ -322,23 +324,49 @@ print(dict(zip(cfg["classes"], probs.tolist())))
 ```'''
 
 
-def usage_section(exp_dir, export_dir, kind):
-    exp_dir = Path(exp_dir)
-    lines = ["## How to use", "", "### Command line", "", "```bash",
+def asr_pipeline_snippet(export_rel):
+    """Code that transcribes one file with ``transformers.pipeline`` from an ASR-CTC export (``lobes.ctc_export``)."""
+    return f'''```python
+import soundfile as sf
+from transformers import pipeline
+
+asr = pipeline("automatic-speech-recognition", model="{export_rel}")  # WavLMForCTC + its processor
+samples, rate = sf.read("speech.wav", dtype="float32")  # 16 kHz mono; a file path works too where ffmpeg is installed
+print(asr({{"raw": samples, "sampling_rate": rate}})["text"])
+```'''
+
+
+def _is_ctc_export(folder):
+    """An ``export_ctc_model`` folder: a WavLMForCTC config with the tokenizer and feature-extractor files."""
+    needed = ("config.json", "vocab.json", "tokenizer_config.json", "preprocessor_config.json")
+    if not all((folder / f).is_file() for f in needed):
+        return False
+    return "WavLMForCTC" in (_read_json(folder / "config.json") or {}).get("architectures", [])
+
+
+def _infer_lines(exp_dir, export_dir, kind):
+    asr_only = kind == "ASR-CTC"
+    lines = ["### Command line", "", "```bash",
              f"python -m tools.infer --model {exp_dir} --csv predictions.csv --json predictions.json "
              "clip1.wav folder_of_clips/"]
     if export_dir is not None:
         lines.append(f"python -m tools.infer --model {export_dir} --device cuda folder_of_clips/   # folded export")
-    lines += ["```", "",
-              "Any sample rate / channel count is accepted (downmixed and resampled to 16 kHz); folders are searched "
-              "recursively for .wav/.flac/.ogg/.mp3. The table shows the predicted emotion and its probability"
-              + (" and the CTC transcript" if kind in ("MTL", "ASR-CTC") else "")
-              + "; the CSV / JSON hold one probability per class. Exit code 1 means some files could not be read "
-              "(listed on stderr); the others were still predicted.", "",
-              "### Python", "", "```python", "from tools.infer import load_model", "",
-              f'model = load_model("{exp_dir}", device="cpu")  # the best (lowest validation loss) checkpoint',
-              'for r in model.predict(["clip1.wav", "clip2.flac"]):',
-              '    print(r["file"], r["emotion"], r["probs"], r["error"])', "```"]
+    shows = ("the CTC transcript of each file" if asr_only else "the predicted emotion and its probability"
+             + (" and the CTC transcript" if kind == "MTL" else "") + "; the CSV / JSON hold one probability per class")
+    return lines + ["```", "",
+                    "Any sample rate / channel count is accepted (downmixed and resampled to 16 kHz); folders are "
+                    f"searched recursively for .wav/.flac/.ogg/.mp3. The table shows {shows}. Exit code 1 means some "
+                    "files could not be read (listed on stderr); the others were still predicted.", "",
+                    "### Python", "", "```python", "from tools.infer import load_model", "",
+                    f'model = load_model("{exp_dir}", device="cpu")  # the best (lowest validation loss) checkpoint',
+                    'for r in model.predict(["clip1.wav", "clip2.flac"]):',
+                    '    print(r["file"], r["transcript"], r["error"])' if asr_only else
+                    '    print(r["file"], r["emotion"], r["probs"], r["error"])', "```"]
+
+
+def usage_section(exp_dir, export_dir, kind):
+    exp_dir = Path(exp_dir)
+    lines = ["## How to use", "", *_infer_lines(exp_dir, export_dir, kind)]
     if kind == "AdaLTM":
         lines += ["", "Rebuilding from the experiment directory needs W_base and the task vectors named above; the "
                       "folded export needs neither."]
@@ -350,6 +378,14 @@ def usage_section(exp_dir, export_dir, kind):
                   "`downstream.safetensors` / `downstream.json` (α and the emotion head) and `merge_info.json` "
                   "(λ per group). Without this toolkit (paths relative to this README):", "",
                   plain_transformers_snippet(shown)]
+    elif _is_ctc_export(exp_dir / "finetuned_wavlm"):
+        lines += ["", "### transformers pipeline", "",
+                  "`finetuned_wavlm/` is a `WavLMForCTC` with its processor (`Wav2Vec2CTCTokenizer` over the "
+                  "recipe's characters, `Wav2Vec2FeatureExtractor` normalising as training did): "
+                  "`pipeline(\"automatic-speech-recognition\")` decodes greedily as the recipe does. Its `wavlm.*` "
+                  "weights are the fine-tuned backbone alone, the W_ft of a task vector (`WavLMModel.from_pretrained` "
+                  "reads them and drops the CTC head). Without this toolkit (paths relative to this README):", "",
+                  asr_pipeline_snippet("finetuned_wavlm")]
     elif (exp_dir / "finetuned_wavlm" / "config.json").is_file():
         lines += ["", "`finetuned_wavlm/` holds the fine-tuned backbone alone (`WavLMModel.from_pretrained`), "
                       "without the emotion head: the W_ft of a task vector."]
