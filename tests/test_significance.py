@@ -245,3 +245,11 @@ def test_recipe_transcripts_give_delta_wer_and_the_enumerated_p_through_compare_
     exact = np.mean(np.abs(null) >= abs(d.sum()) - 1e-12)  # |Σ ±d_i| >= 2: 88 of the 128 sign vectors
     assert exact == pytest.approx(88 / 128) and r["p"] == pytest.approx(exact, abs=1e-12)
     assert printed[4].split()[:4] == ["WER", "22.22", "33.33", "+11.11"]
+
+
+def test_legend_says_why_a_row_was_not_tested():
+    rows = [{"label": "W_ASR_in", "tested": False, "has_predictions": True},  # transcripts, but SER references only
+            {"label": "old run", "tested": False, "has_predictions": False}, {"label": "S1", "tested": True}]
+    text = CR.legend([], [("†", "S1")], rows).splitlines()
+    assert text[-2:] == ["Not tested (no predictions file): old run.",
+                         "Not tested (no reference row with predictions of the same kind): W_ASR_in."]

@@ -240,6 +240,7 @@ def compare_to_references(rows, marks, alpha=0.05, **kw):
     compared = set().union(*(c["pair"] for c in out)) if out else set()
     for r, key in zip(rows, keys):
         r["tested"] = key in compared
+        r["has_predictions"] = any(systems[key].values())
         r["marks"] = {m: "".join(symbol for symbol, label in marks
                                  if any(c["pair"] == {key, key_of[label]} and c["metric"] == m and c["significant"]
                                         for c in out)) for m in LABELS}
@@ -260,9 +261,10 @@ def legend(comparisons, marks, rows, alpha=0.05, num_permutations=10000, csv_nam
                  f"of per-utterance error differences), two-sided, on {', '.join(metrics) or 'no metric'}; "
                  f"Holm–Bonferroni over the {len(comparisons)} comparisons of this table. Pre. is not tested. "
                  f"Δ, its 95% paired-bootstrap CI and p: {csv_name}.")
-    untested = [r["label"] for r in rows if not r["tested"]]
-    if untested:
-        lines.append(f"Not tested (no predictions file): {'; '.join(dict.fromkeys(untested))}.")
+    for has, why in ((False, "no predictions file"), (True, "no reference row with predictions of the same kind")):
+        untested = [r["label"] for r in rows if not r["tested"] and r.get("has_predictions", False) == has]
+        if untested:
+            lines.append(f"Not tested ({why}): {'; '.join(dict.fromkeys(untested))}.")
     return "\n".join(lines) + "\n"
 
 
