@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from lobes import distributed as D
 from lobes.harmonifuse import data as HD
-from lobes.harmonifuse.interleave import BatchShares, batch_task, is_padding, split_batch
+from lobes.harmonifuse.interleave import batch_task
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/MSP-Podcast/harmonifuse"
@@ -49,6 +49,8 @@ def _subsets(msp_manifests, libri_manifests, root, n_eval=1):
 
 
 def test_split_batch_is_contiguous_and_covers_each_item_once():
+    from lobes.harmonifuse.interleave import BatchShares, split_batch
+
     assert split_batch([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
     assert split_batch([1, 2, 3, 4, 5], 3) == [[1, 2], [3, 4], [5]]
     assert split_batch([7], 3) == [[7], [], []]
@@ -62,6 +64,8 @@ def test_ddp_shares_are_the_single_process_batches_in_its_task_order(msp_manifes
     """2 ranks (RANK / WORLD_SIZE as torchrun sets them): every epoch the ranks run the single-process task order,
     and at each step rank 0's then rank 1's utterances are that step's single-process batch, each once (a global
     batch of one utterance: rank 1 runs it as padding, which counts for nothing)."""
+    from lobes.harmonifuse.interleave import is_padding
+
     dirs = _subsets(msp_manifests, libri_manifests, tmp_path)
     h = {"train_tasks": ["asr", "ser"], "ser_extra_sources": {}, "interleave_ratio": {"asr": 1, "ser": 1},
          "interleave_length": "max", "interleave_order": "shuffle", "seed": 1, "num_workers": 0,
@@ -159,3 +163,40 @@ def test_two_gloo_processes_train_the_weights_of_one(mini_corpora, msp_manifests
     assert "train batches: [6, 6]" in log2                                 # a step = one global batch
     l1, l2 = _train_log_losses(runs[1]), _train_log_losses(runs[2])
     assert set(l1) == {"loss", "loss_asr", "loss_ser"} and l1 == pytest.approx(l2, abs=2e-4)  # logs: 4 decimals
+
+
+@pytest.mark.parametrize("mode,task,soft", [("generate", "asr", False), ("generate", "ser", False),
+                                            ("generate", "ser", True), ("classify", "ser", False),
+                                            ("classify", "ser", True)])
+def test_share_counts_are_the_loss_denominators_of_the_model(tmp_path_factory, mode, task, soft):
+    """Σ_r n_r · loss(share r) / Σ_r n_r = loss(whole batch) with n_r = share_count: the count is what the model's
+    loss averages over (target tokens with EOS, Σ p · tokens with soft labels, utterances for the classify
+    head), so DDP's average of the weighted shares is the single-process loss. Uneven target lengths: weighting
+    by utterances instead of tokens would be off."""
+    import torch
+
+    from lobes.harmonifuse.speech_lm import SpeechLM
+    from lobes.harmonifuse.task_losses import share_count
+    from tests.toy_encoder import ToyEncoder
+    from tools.make_tiny_lm import make_tiny_lm
+
+    emotions = ["Anger", "Happiness", "Neutral", "Sadness"]
+    lm = make_tiny_lm(tmp_path_factory.getbasetemp() / "share_count_lm")
+    torch.manual_seed(0)
+    m = SpeechLM(ToyEncoder(num_layers=2, seed=0), str(lm), ser={"mode": mode, "emotions": emotions}).eval()
+    wavs, lens = torch.randn(3, 800), torch.ones(3)
+    targets = ["A CAT", "THE DOG RAN FAR AWAY", "HI"] if task == "asr" else ["Anger", "Happiness", "Sadness"]
+    p = torch.tensor([[0.25, 0.75, 0, 0], [0, 0, 0.4, 0.6], [1.0, 0, 0, 0]]) if soft else None
+    whole = m(wavs, lens, task, None if soft else targets, soft_targets=p).loss.item()
+    num = den = 0.0
+    for share in (slice(0, 2), slice(2, 3)):
+        kw = {"soft_targets": p[share]} if soft else {}
+        n = share_count(m, task, targets[share], None if p is None else p[share])
+        num += n * m(wavs[share], lens[share], task, None if soft else targets[share], **kw).loss.item()
+        den += n
+    expected = {("generate", "asr"): (5 + 1) + (20 + 1) + (2 + 1), ("generate", "ser"): 6 + 10 + 8,
+                ("classify", "ser"): 3}[(mode, task)]
+    if soft and mode == "generate":  # Σ p (len(word) + EOS)
+        expected = 0.25 * 6 + 0.75 * 10 + 0.4 * 8 + 0.6 * 8 + 1.0 * 6
+    assert den == pytest.approx(expected, abs=1e-6)
+    assert num / den == pytest.approx(whole, rel=1e-6, abs=1e-7)
