@@ -140,55 +140,7 @@ def test_an_extra_ser_source_is_interleaved_at_its_ratio(msp_manifests, libri_ma
         HD.build_datasets({**h, "ser_extra_sources": {"gone": str(tmp_path / "none.json")}})
 
 
-def test_ddp_ranks_deal_out_the_single_process_training_batches(msp_manifests, libri_manifests, tmp_path,
-                                                               monkeypatch):
-    """2 ranks (RANK / WORLD_SIZE as torchrun sets them): the same task at every step, each rank half of the
-    epoch's batches, and step k of the ranks = single-process batches 2k, 2k+1 of that task, in every epoch."""
-    from lobes.harmonifuse.interleave import batch_task
-
-    first = lambda n: (lambda d: dict(sorted(d.items())[:n]))  # noqa: E731
-    msp = _subset_manifests(msp_manifests, tmp_path / "msp", {"train": first(16)})
-    libri = _subset_manifests(libri_manifests, tmp_path / "libri", {"train-clean-100": first(16)})
-    h = {"train_tasks": ["asr", "ser"], "ser_extra_sources": {}, "interleave_ratio": {"asr": 1, "ser": 1},
-         "interleave_length": 8, "interleave_order": "shuffle", "seed": 1, "num_workers": 0,
-         "dynamic_batching": False, "asr_batch_size": 2, "ser_batch_size": 2, "libri_prep_folder": str(libri),
-         "libri_train_splits": ["train-clean-100"], "libri_valid_split": "dev-clean",
-         "libri_test_splits": ["test-clean"], "msp_prep_folder": str(msp), "ser_corpus": "msp_podcast",
-         "iemocap_fold": 1,
-         "emotion_classes": ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]}
-    datasets = HD.build_datasets(h)
-
-    def run(rank, world, epoch):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", str(world))
-        train = HD.make_loaders(h, datasets)[0]
-        train.batch_sampler.set_epoch(epoch)
-        return [(str(batch_task(b)), list(b.id)) for b in train]
-
-    for epoch in (0, 1):
-        one, r0, r1 = run(0, 1, epoch), run(0, 2, epoch), run(1, 2, epoch)
-        assert len(one) == 8 and len(r0) == len(r1) == 4                    # interleave_length 8 = 4 steps x 2
-        assert [t for t, _ in r0] == [t for t, _ in r1]                     # DDP averages one task per step
-        for task in ("asr", "ser"):
-            single = [ids for t, ids in one if t == task]
-            dealt = [ids for pair in zip(*([ids for t, ids in r if t == task] for r in (r0, r1))) for ids in pair]
-            assert dealt == single and len(single) == 4
-        assert not {i for _, ids in r0 for i in ids} & {i for _, ids in r1 for i in ids}
-    assert run(0, 1, 0) != run(0, 1, 1)                                     # each epoch its own shuffle
-    # a pass of 3 batches over 2 ranks: padded with its first batch, 2 each
-    from lobes.harmonifuse.interleave import ShardedBatches
-    assert [list(ShardedBatches([[0], [1], [2]], r, 2)) for r in (0, 1)] == [[[0], [2]], [[1], [0]]]
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(DataError, match="does not split over 3 DDP ranks .* multiple of 6"):
-        HD.make_loaders(h, datasets)
-    # dynamic batching (DynamicBatchSampler, seeded): the same dealing of the single-process batches
-    h.update(dynamic_batching=True, max_batch_length_asr=6.0, max_batch_length_ser=6.0, num_buckets=2, max_batch_ex=None,
-             interleave_length="min", interleave_order="round_robin")
-    one, r0, r1 = run(0, 1, 0), run(0, 2, 0), run(1, 2, 0)
-    assert len(r0) == len(r1) >= 2 and [t for t, _ in r0] == [t for t, _ in r1]
-    for task in ("asr", "ser"):
-        dealt = [ids for pair in zip(*([ids for t, ids in r if t == task] for r in (r0, r1))) for ids in pair]
-        assert dealt == [ids for t, ids in one if t == task][: len(dealt)]
+# DDP training shares of the global batches: tests/test_harmonifuse_ddp_train.py
 
 
 # ------------------------------------------------------------------------------------------ helpers in the lobes
@@ -406,7 +358,7 @@ def test_infer_source_overrides_reach_the_modules(trained, load_recipe, tmp_path
 def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, libri_manifests, tmp_path):
     """`full` row (LoRA LM, fine-tuned WavLM) on 2 gloo processes, find_unused_parameters off: DDP raises at a
     rank's second step if any trainable parameter got no gradient in the first (e.g. masked_spec_embed). Each
-    rank trains on half of the interleaved batches; evaluation is sharded (3 test batches: 2 on rank 0, 1 on
+    rank trains on half of every global batch; evaluation is sharded (3 test batches: 2 on rank 0, 1 on
     rank 1) and gathered: a 1-process test of the same checkpoint writes the same metrics.json."""
     import shutil
 
@@ -439,10 +391,10 @@ def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, 
     state = load_file(str(ckpt / "speech_lm.ckpt"))
     assert np.abs(state["encoder_fusion.layer_logits"].numpy()).max() > 1e-4   # the ranks' steps trained it
     assert "encoder.model.masked_spec_embed" not in state
-    # interleave_length 4 (single-process batches) over 2 ranks: 2 steps, each rank one ASR and one SER batch;
+    # interleave_length 4 (steps of global batches of 2): each rank 4 steps of one utterance;
     # validation 1 ASR + 1 SER batch: one each; test 2 ASR + 1 SER batches: rank 0 the 1st and 3rd
     log = (out / "train_log.txt").read_text()
-    assert "train batches: [2, 2]" in log and "valid batches: [1, 1]" in log and "test batches: [2, 1]" in log
+    assert "train batches: [4, 4]" in log and "valid batches: [1, 1]" in log and "test batches: [2, 1]" in log
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["wer_by_split"]["test-clean"]["n_utts"] == 4 and metrics["test"]["n"] == 2  # all ranks' outputs
     fusion = json.loads((out / "fusion_weights.json").read_text())
