@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from harmonifuse_run import N_EVAL  # tests/ is on sys.path (pytest rootdir conftest)
+from harmonifuse_run import subset_manifests as _subset_manifests
 from lobes import metrics as M
 from lobes.errors import DataError
 from lobes.hparams_io import resolve_row
@@ -210,7 +212,7 @@ def test_rows_override_only_their_keys():
                                "lm_gradient_checkpointing": True, "lm_attn_implementation": "sdpa",
                                "precision": "bf16", "gradient_checkpointing": True},
               "iemocap_ser": {"ser_corpus": "iemocap", "msp_folder": None,
-                              "emotion_classes": ["neu", "hap", "ang", "sad"]}}
+                              "emotion_classes": ["neu", "hap", "ang", "sad"], "datasets": ["LibriSpeech", "IEMOCAP"]}}
     for task, other in (("asr", "msp_folder"), ("ser", "libri_folder")):
         for layer in (12, 24):  # the paper's first experiment: single task, fixed WavLM layer 12 or 24
             expect[f"single_task_{task}_layer{layer}"] = {"train_tasks": [task], other: None, "fixed_layer": layer}
@@ -249,51 +251,10 @@ def test_ddp_unused_parameter_search_only_for_the_classify_head():
 
 
 # ------------------------------------------------------------------------------------------ train.py end to end
-N_EVAL = {"msp": 16, "libri": 8}  # evaluation subsets: 2 utterances per emotion class, 8 LibriSpeech utterances
-
-
-def _subset_manifests(src, dst, keep):
-    """Copy the prepared manifests; ``keep[split]`` picks the utterances of the smaller evaluation sets."""
-    dst.mkdir(parents=True)
-    for path in src.glob("*.json"):
-        data = json.loads(path.read_text())
-        pick = keep.get(path.stem)
-        (dst / path.name).write_text(json.dumps(pick(data) if pick else data))
-    return dst
-
-
-def _two_per_class(data):
-    out, seen = {}, {}
-    for utt, entry in sorted(data.items()):
-        if seen.get(entry["emo"], 0) < 2:
-            seen[entry["emo"]] = seen.get(entry["emo"], 0) + 1
-            out[utt] = entry
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(mini_corpora, msp_manifests, libri_manifests, tmp_path_factory):
-    """One training run of the full row: 4 interleaved batches (2 ASR, 2 SER), then validation and test."""
-    from tools.make_tiny_lm import make_tiny_lm
-    from tools.make_tiny_wavlm import make_tiny_wavlm
-
-    root = tmp_path_factory.mktemp("harmonifuse")
-    wavlm, lm = make_tiny_wavlm(root / "wavlm"), make_tiny_lm(root / "lm")
-    first = lambda n: (lambda d: dict(sorted(d.items())[:n]))  # noqa: E731
-    msp = _subset_manifests(msp_manifests, root / "msp", {"valid": _two_per_class, "test": _two_per_class})
-    libri = _subset_manifests(libri_manifests, root / "libri", {"dev-clean": first(8), "test-clean": first(8)})
-    out = root / "exp"
-    cmd = [PYTHON, str(RECIPE / "train.py"), str(RECIPE / "hparams/rows/full.yaml"),
-           "--msp_folder", str(mini_corpora.msp), "--libri_folder", str(mini_corpora.libri),
-           "--skip_prep=True", f"--msp_prep_folder={msp}", f"--libri_prep_folder={libri}",
-           f"--wavlm_source={wavlm}", f"--lm_source={lm}", f"--output_folder={out}",
-           "--number_of_epochs=1", "--interleave_length=4", "--asr_batch_size=8", "--ser_batch_size=8",
-           "--lr=0.01", "--asr_max_decode_len=20", "--ser_max_decode_len=10", "--num_bootstraps=20",
-           "--device=cpu", "--noprogressbar"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
+@pytest.fixture
+def trained(harmonifuse_trained):
+    """The session's one training run of the full row (tests/harmonifuse_run.py, fixture in conftest.py)."""
+    return harmonifuse_trained
 
 
 def test_recipe_writes_checkpoint_of_trainable_parameters_only(trained):
@@ -381,16 +342,17 @@ def test_infer_cli_names_a_corrupt_file_and_predicts_the_rest(trained, mini_corp
 
 
 def test_infer_source_overrides_reach_the_modules(trained, load_recipe, tmp_path, capsys):
-    """--lm_source / --wavlm_source replace the sources the saved (reference-resolved) hyperparams.yaml names."""
+    """--lm_source replaces the base LM source the shared artefacts name; the fine-tuned WavLM is in
+    speech_modules.safetensors, so a --wavlm_source (for a frozen, referenced WavLM) reads nothing here."""
     infer = load_recipe("recipes/MSP-Podcast/harmonifuse/infer.py")
     wav = tmp_path / "a.wav"
     import soundfile as sf
 
     sf.write(str(wav), np.zeros(8000, dtype="float32"), 16000)
-    for flag in ("--lm_source", "--wavlm_source"):
-        moved = tmp_path / f"moved{flag}"
-        assert infer.main(["--model", str(trained), flag, str(moved), str(wav)]) == 2
-        assert str(moved) in capsys.readouterr().err  # the override was used (and names the missing folder)
+    moved = tmp_path / "moved_lm"
+    assert infer.main(["--model", str(trained), "--lm_source", str(moved), str(wav)]) == 2
+    assert str(moved) in capsys.readouterr().err  # the override was used (and names the missing folder)
+    assert infer.main(["--model", str(trained), "--wavlm_source", str(tmp_path / "moved_wavlm"), str(wav)]) == 0
 
 
 def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, libri_manifests, tmp_path):

@@ -32,6 +32,7 @@ from lobes import metrics as M  # noqa: E402
 from lobes import plots  # noqa: E402
 from lobes.brains import ToolkitBrain  # noqa: E402
 from lobes.ctc_text import normalize_transcript  # noqa: E402
+from lobes.harmonifuse import artefacts as A  # noqa: E402
 from lobes.harmonifuse import reporting as R  # noqa: E402
 from lobes.harmonifuse.data import build_datasets, check_hparams, make_loaders, needs_unused_parameter_search  # noqa: E402,E501
 from lobes.harmonifuse.interleave import batch_task, is_padding  # noqa: E402
@@ -147,6 +148,7 @@ class HarmoniFuseBrain(ToolkitBrain):
             M.write_metrics(folder / "metrics.json", out)
             R.write_predictions(folder, asr, ser)
             R.write_fusion_artifacts(slm, list(h.train_tasks), folder)
+            A.write_artefacts(slm, folder, A.decoding_settings(h))  # the tested model, in peft / safetensors files
             if "test" in out:
                 plots.plot_confusion(out["test"]["confusion"], list(h.emotion_classes) + [R.INVALID],
                                      folder / "confusion.png", title=f"SER confusion — {h.experiment}")
