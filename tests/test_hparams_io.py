@@ -67,3 +67,28 @@ def test_every_recipe_base_yaml_declares_the_loader_and_metric_settings():
         assert needed <= keys, (path, needed - keys)
         if "ser_head" in keys or "speech_lm" in keys:
             assert {"emotion_classes", "num_bootstraps", "speaker_bootstrap"} <= keys, path
+
+
+def test_row_chained_on_a_row_loads_was_a_scanner_error(tmp_path):
+    """A row on setup4_dual.yaml (itself a row) setting ``table_rows: []`` raised ruamel's ScannerError "mapping
+    values are not allowed here" (``exp_folder: exp/adaltm output_folder: ...``): each level was dumped and re-read,
+    and the comment after ``data_folder: !PLACEHOLDER`` lost its line break on the second dump."""
+    import ruamel.yaml
+
+    from pathlib import Path
+
+    dual = (Path(ROWS) / "setup4_dual.yaml").resolve()
+    (tmp_path / "chained.yaml").write_text(f"base_hparams: {dual}\nexperiment: chained\ntable_rows: []\n",
+                                           encoding="utf-8")
+    text = resolve_row(tmp_path / "chained.yaml")
+    merged = ruamel.yaml.YAML().load(text)
+    assert merged["table_rows"] == [] and merged["experiment"] == "chained"
+    assert merged["exp_folder"] == "exp/adaltm" and merged["output_folder"].value == "<exp_folder>/<experiment>/<seed>"
+    assert sorted(merged["task_vectors"]) == ["ASR", "SER"] and merged["lambda_mode"] == "layerwise"
+    assert sorted(merged) == sorted(ruamel.yaml.YAML().load(resolve_row(f"{ROWS}/setup4_dual.yaml")))
+    # the same through the loader, on a plain three-level chain with a comment after a tag
+    (tmp_path / "base.yaml").write_text("a: !PLACEHOLDER  # note\nb: x\nc: y\n", encoding="utf-8")
+    (tmp_path / "r1.yaml").write_text("base_hparams: base.yaml\nc: [1, 2]\n", encoding="utf-8")
+    (tmp_path / "r2.yaml").write_text("base_hparams: r1.yaml\nc: []\n", encoding="utf-8")
+    h, _, _ = load_hparams(tmp_path / "r2.yaml", "a: 1")
+    assert h == {"a": 1, "b": "x", "c": []}
