@@ -56,10 +56,25 @@ def _unknown_keys(row, base, prefix=""):
     return unknown
 
 
+def _strip_comments(node):
+    """Drop every comment of a ruamel tree, in place. ruamel re-attaches a comment after a tagged value
+    (``data_folder: !PLACEHOLDER  # ...``) to the next key; dumped, re-read and dumped again (hyperpyyaml applies
+    command-line overrides that way), such a comment can lose its line break and join two keys on one line
+    (ScannerError "mapping values are not allowed here"). The base YAML keeps the comments."""
+    ca = getattr(node, "ca", None)
+    if ca is not None:
+        ca.comment = None
+        ca.items.clear()
+        ca._post = []
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        _strip_comments(child)
+    return node
+
+
 def _resolve_map(hparams_file):
-    """``(mapping, is_row)``: a row file's mapping folded into its base's, recursively, as ruamel objects. A chain
-    is merged in memory and dumped once: dumping each level and re-reading the text moved comments (one after a
-    tagged value such as ``!PLACEHOLDER  # ...`` lost its line break, joining two keys on one line: ScannerError)."""
+    """``(mapping, is_row)``: a row file's mapping folded into its base's, recursively, as ruamel objects (a chain
+    is merged in memory and dumped once)."""
     hparams_file = Path(hparams_file)
     row = _yaml().load(hparams_file.read_text(encoding="utf-8")) or {}
     if "base_hparams" not in row:
@@ -78,7 +93,7 @@ def resolve_row(hparams_file):
     if not is_row:
         return Path(hparams_file).read_text(encoding="utf-8")
     buf = io.StringIO()
-    _yaml().dump(merged, buf)
+    _yaml().dump(_strip_comments(merged), buf)
     return buf.getvalue()
 
 

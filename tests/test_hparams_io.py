@@ -92,3 +92,25 @@ def test_row_chained_on_a_row_loads_was_a_scanner_error(tmp_path):
     (tmp_path / "r2.yaml").write_text("base_hparams: r1.yaml\nc: []\n", encoding="utf-8")
     h, _, _ = load_hparams(tmp_path / "r2.yaml", "a: 1")
     assert h == {"a": 1, "b": "x", "c": []}
+
+
+def test_row_with_command_line_table_rows_override_loads_was_a_scanner_error():
+    """``run.sh ... --adaltm_args "--table_rows=[] ..."`` on setup3_ser_only.yaml: hyperpyyaml re-dumps the resolved
+    row to apply the overrides, and the comment ruamel had moved after ``data_folder: !PLACEHOLDER`` lost its line
+    break (ScannerError "mapping values are not allowed here"). Resolved rows now carry no comments."""
+    overrides = ("seed: 1986\nwavlm_source: tools/fixtures/tiny_wavlm_pretrained\n"
+                 "data_folder: exp/adaltm_recipe/data/MSP-Podcast\nprep_folder: exp/adaltm_recipe/prep/msp\n"
+                 "skip_prep: True\ntest_splits: [Test1]\nexp_folder: exp/adaltm_recipe/rows\n"
+                 "vectors_folder: exp/adaltm_recipe/task_vectors\nnumber_of_epochs: 15\nlr: 0.01\nbatch_size: 16\n"
+                 "head_hidden: 64\nnum_bootstraps: 200\ndelta_rank: 2\nmerge_impl: lowrank\n"
+                 "experiment: setup3_ser_only_lowrank_r2\ntable_rows: []")
+    import ruamel.yaml
+    from hyperpyyaml.core import resolve_references
+
+    text = resolve_row(f"{ROWS}/setup3_ser_only.yaml")
+    resolved = ruamel.yaml.YAML().load(resolve_references(text, overrides))
+    assert "#" not in text.replace('"#', "")
+    assert resolved["table_rows"] == [] and resolved["delta_rank"] == 2 and resolved["merge_impl"] == "lowrank"
+    assert resolved["exp_folder"] == "exp/adaltm_recipe/rows"
+    assert resolved["output_folder"] == "exp/adaltm_recipe/rows/setup3_ser_only_lowrank_r2/1986"
+    assert sorted(resolved["task_vectors"]) == ["SER"] and resolved["lambda_mode"] == "layerwise"
