@@ -301,3 +301,30 @@ class EvalShards:
 
     def mean(self):
         return weighted_mean(self.loss_sum, self.count)
+
+
+# ------------------------------------------------------------------------ training shares of one global batch
+def sum_over_ranks(values):
+    """The element-wise sum over all ranks of a tensor, in float64 (``values`` itself without DDP), on the device
+    the reduction ran on: CUDA under NCCL (which reduces CUDA tensors only), so nothing waits on a host copy."""
+    if not is_distributed():
+        return values
+    t = values.detach().to(torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    torch.distributed.all_reduce(t)
+    return t
+
+
+def share_weight(count):
+    """W · n_r / Σ_r n_r: the loss weight of this rank's share of a global batch when the loss is a mean over
+    ``count`` = n_r units (utterances, or target tokens for a token-averaged loss; 0 for a padding share).
+
+    DDP averages the ranks' gradients, so shares weighted so give (1/W) Σ_r (W n_r / N) (S_r / n_r) =
+    Σ_r S_r / N, the gradient of the single-process mean over the same N units, whatever the split (equal shares
+    of utterances still hold unequal token counts). One all-reduce of the counts per step; a float64 tensor
+    (1 without DDP), on the reduction's device."""
+    if not is_distributed():
+        return torch.tensor(1.0, dtype=torch.float64)
+    total = sum_over_ranks(torch.tensor([float(count)], dtype=torch.float64))
+    return world_size() * float(count) / total[0]

@@ -6,6 +6,18 @@ import tempfile
 from pathlib import Path
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp / mkdtemp create 0600 / 0700 (private); the renamed result gets the mode a plain open() / mkdir would
+# have given, so an experiment or export stays readable by the group / the others the umask allows
+_UMASK = _umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **open_kwargs):
     """Open a temp file next to ``path``; rename it over ``path`` only if the block succeeds."""
@@ -17,6 +29,7 @@ def atomic_write(path, mode="w", **open_kwargs):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -33,6 +46,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -68,6 +82,7 @@ def atomic_dir(out, marker, tool):
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield stage
+        os.chmod(stage, DIR_MODE)
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)

@@ -308,20 +308,24 @@ def longest_by_task(train_sets):
 
 def plan_task_batch(predictor, hparams, task, world, free, where):
     """One HarmoniFuse task: ``(peak bytes, None)`` when its ``<task>_batch_size`` fits ``free`` bytes, else
-    ``(None, refusal)`` naming the largest batch of that task that fits and the settings that would fit."""
+    ``(None, refusal)`` naming the largest batch of that task that fits and the settings that would fit.
+    The batch is global: each of ``world`` GPUs runs a contiguous share of at most ceil(batch / world)
+    utterances (lobes/harmonifuse/interleave.py), and that share is what must fit."""
     want = hparams[f"{task}_batch_size"]
-    picked = largest_fitting(predictor, list(range(want, 0, -1)), lambda m: 1, world, free)
-    if picked is not None and picked[0] == want:
+    share = -(-want // world)
+    picked = largest_fitting(predictor, list(range(share, 0, -1)), lambda m: 1, world, free)
+    if picked is not None and picked[0] == share:
         return picked[2], None
-    options, base = alternatives(predictor, hparams, world, free, micro=want, accum=1)
+    options, base = alternatives(predictor, hparams, world, free, micro=share, accum=1)
     if picked is not None:
-        options.insert(0, (f"{task}_batch_size {picked[0]} (the largest that fits)", picked[2], True))
+        per_gpu = f": {picked[0]} per GPU" if world > 1 else ""
+        options.insert(0, (f"{task}_batch_size {picked[0] * world} (the largest that fits{per_gpu})", picked[2], True))
     return None, refusal(options, base, predictor.seconds, where, f"{task}_batch_size {want}")
 
 
 def resolve_task_batches(hparams, run_opts, brain_class, train_sets, predictors=None):
-    """HarmoniFuse's ``micro_batch_size: auto``: each optimizer step is one task's batch (``<task>_batch_size``
-    per process) and consecutive batches are of different tasks, so accumulation would mix tasks in one step:
+    """HarmoniFuse's ``micro_batch_size: auto``: each optimizer step is one task's batch (``<task>_batch_size``,
+    global: split over the GPUs) and consecutive batches are of different tasks, so accumulation would mix tasks in one step:
     the plan checks, on CUDA, that each task's batch of its longest utterance fits and logs each batch's
     predicted peak, or stops before any step when a configured batch does not fit, naming the largest batch of
     that task that fits and the settings that would fit at the configured one. Elsewhere (CPU, dynamic batching)

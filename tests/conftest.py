@@ -6,6 +6,7 @@
   (recipe folders have hyphens, so they are not packages).
 - ``msp_manifests`` / ``libri_manifests``: folders holding the manifests prepared from ``mini_corpora``
   (MSP: train/valid/test.json, all labelled utterances; LibriSpeech: train-clean-100/dev-clean/test-clean.json).
+- ``harmonifuse_trained``: the folder of one HarmoniFuse recipe run (tests/harmonifuse_run.py).
 """
 import importlib.util
 import json
@@ -90,3 +91,14 @@ def iemocap_manifests(mini_iemocap, tmp_path_factory):
     out = tmp_path_factory.mktemp("iemocap_manifests")
     prep.prepare_iemocap(mini_iemocap.root, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def harmonifuse_trained(mini_corpora, msp_manifests, libri_manifests, tmp_path_factory):
+    """The folder of one HarmoniFuse recipe run (full row, tests/harmonifuse_run.py), shared by the recipe and
+    export tests: defined here so that the session trains it once."""
+    try:
+        from harmonifuse_run import train_full_row
+    except ImportError:  # pytest --import-mode=importlib
+        from tests.harmonifuse_run import train_full_row
+    return train_full_row(mini_corpora, msp_manifests, libri_manifests, tmp_path_factory.mktemp("harmonifuse"))

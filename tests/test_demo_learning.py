@@ -33,7 +33,7 @@ SER_ARGS = ["--number_of_epochs=30", "--lr=0.01", "--batch_size=16", "--head_hid
 SER_MIN_UAR = 0.45          # measured 0.75 (seed 1986); 8 classes: chance 0.125
 
 
-def _train(script, hparams, args, timeout=300):
+def _train(script, hparams, args, timeout=900):
     cmd = [sys.executable, str(ROOT / script), str(ROOT / hparams), f"--seed={SEED}", f"--wavlm_source={BASE}",
            "--device=cpu", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,

@@ -436,5 +436,8 @@ def test_ram_shards_refuse_a_training_set_dealt_anew_each_epoch(monkeypatch):
         with pytest.raises(ValueError, match="Set feature_cache_dir to a folder on a filesystem all ranks share"):
             ram_shards(cache_hparams(None, None, **changes), ds, 2)
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: the loaders' micro-batch is batch_size / 2
+    # on a GPU auto becomes the plan's micro-batch, and the evaluation shards follow it: plan first, then shard
+    with pytest.raises(RuntimeError, match="must be planned .* before an in-RAM feature cache is sharded"):
+        ram_shards(cache_hparams(None, None, sorting="ascending", batch_size=2, micro_batch_size="auto"), ds, 2)
     shards = ram_shards(cache_hparams(None, None, sorting="ascending", batch_size=2), ds, 2)
     assert shards[1] == {"train": {"train01", "train00"}, "valid": {"valid01"}, "test": {"test01"}}

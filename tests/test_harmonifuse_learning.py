@@ -40,7 +40,7 @@ def mini_full_row(mini_corpora, msp_manifests, libri_manifests, tmp_path_factory
            "--seeds", str(SEED), "--device", "cpu", "--", *REDUCED, "--noprogressbar"]
     # one thread: on a loaded 2-core machine two OpenMP threads per process run several times slower
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = exp / "rows/full" / str(SEED)
     return json.loads((out / "metrics.json").read_text()), (out / "hyperparams.yaml").read_text()

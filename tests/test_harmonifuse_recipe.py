@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from harmonifuse_run import N_EVAL  # tests/ is on sys.path (pytest rootdir conftest)
+from harmonifuse_run import subset_manifests as _subset_manifests
 from lobes import metrics as M
 from lobes.errors import DataError
 from lobes.hparams_io import resolve_row
@@ -138,55 +140,7 @@ def test_an_extra_ser_source_is_interleaved_at_its_ratio(msp_manifests, libri_ma
         HD.build_datasets({**h, "ser_extra_sources": {"gone": str(tmp_path / "none.json")}})
 
 
-def test_ddp_ranks_deal_out_the_single_process_training_batches(msp_manifests, libri_manifests, tmp_path,
-                                                               monkeypatch):
-    """2 ranks (RANK / WORLD_SIZE as torchrun sets them): the same task at every step, each rank half of the
-    epoch's batches, and step k of the ranks = single-process batches 2k, 2k+1 of that task, in every epoch."""
-    from lobes.harmonifuse.interleave import batch_task
-
-    first = lambda n: (lambda d: dict(sorted(d.items())[:n]))  # noqa: E731
-    msp = _subset_manifests(msp_manifests, tmp_path / "msp", {"train": first(16)})
-    libri = _subset_manifests(libri_manifests, tmp_path / "libri", {"train-clean-100": first(16)})
-    h = {"train_tasks": ["asr", "ser"], "ser_extra_sources": {}, "interleave_ratio": {"asr": 1, "ser": 1},
-         "interleave_length": 8, "interleave_order": "shuffle", "seed": 1, "num_workers": 0,
-         "dynamic_batching": False, "asr_batch_size": 2, "ser_batch_size": 2, "libri_prep_folder": str(libri),
-         "libri_train_splits": ["train-clean-100"], "libri_valid_split": "dev-clean",
-         "libri_test_splits": ["test-clean"], "msp_prep_folder": str(msp), "ser_corpus": "msp_podcast",
-         "iemocap_fold": 1,
-         "emotion_classes": ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise"]}
-    datasets = HD.build_datasets(h)
-
-    def run(rank, world, epoch):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", str(world))
-        train = HD.make_loaders(h, datasets)[0]
-        train.batch_sampler.set_epoch(epoch)
-        return [(str(batch_task(b)), list(b.id)) for b in train]
-
-    for epoch in (0, 1):
-        one, r0, r1 = run(0, 1, epoch), run(0, 2, epoch), run(1, 2, epoch)
-        assert len(one) == 8 and len(r0) == len(r1) == 4                    # interleave_length 8 = 4 steps x 2
-        assert [t for t, _ in r0] == [t for t, _ in r1]                     # DDP averages one task per step
-        for task in ("asr", "ser"):
-            single = [ids for t, ids in one if t == task]
-            dealt = [ids for pair in zip(*([ids for t, ids in r if t == task] for r in (r0, r1))) for ids in pair]
-            assert dealt == single and len(single) == 4
-        assert not {i for _, ids in r0 for i in ids} & {i for _, ids in r1 for i in ids}
-    assert run(0, 1, 0) != run(0, 1, 1)                                     # each epoch its own shuffle
-    # a pass of 3 batches over 2 ranks: padded with its first batch, 2 each
-    from lobes.harmonifuse.interleave import ShardedBatches
-    assert [list(ShardedBatches([[0], [1], [2]], r, 2)) for r in (0, 1)] == [[[0], [2]], [[1], [0]]]
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(DataError, match="does not split over 3 DDP ranks .* multiple of 6"):
-        HD.make_loaders(h, datasets)
-    # dynamic batching (DynamicBatchSampler, seeded): the same dealing of the single-process batches
-    h.update(dynamic_batching=True, max_batch_length_asr=6.0, max_batch_length_ser=6.0, num_buckets=2, max_batch_ex=None,
-             interleave_length="min", interleave_order="round_robin")
-    one, r0, r1 = run(0, 1, 0), run(0, 2, 0), run(1, 2, 0)
-    assert len(r0) == len(r1) >= 2 and [t for t, _ in r0] == [t for t, _ in r1]
-    for task in ("asr", "ser"):
-        dealt = [ids for pair in zip(*([ids for t, ids in r if t == task] for r in (r0, r1))) for ids in pair]
-        assert dealt == [ids for t, ids in one if t == task][: len(dealt)]
+# DDP training shares of the global batches: tests/test_harmonifuse_ddp_train.py
 
 
 # ------------------------------------------------------------------------------------------ helpers in the lobes
@@ -258,7 +212,7 @@ def test_rows_override_only_their_keys():
                                "lm_gradient_checkpointing": True, "lm_attn_implementation": "sdpa",
                                "precision": "bf16", "gradient_checkpointing": True},
               "iemocap_ser": {"ser_corpus": "iemocap", "msp_folder": None,
-                              "emotion_classes": ["neu", "hap", "ang", "sad"]}}
+                              "emotion_classes": ["neu", "hap", "ang", "sad"], "datasets": ["LibriSpeech", "IEMOCAP"]}}
     for task, other in (("asr", "msp_folder"), ("ser", "libri_folder")):
         for layer in (12, 24):  # the paper's first experiment: single task, fixed WavLM layer 12 or 24
             expect[f"single_task_{task}_layer{layer}"] = {"train_tasks": [task], other: None, "fixed_layer": layer}
@@ -297,51 +251,10 @@ def test_ddp_unused_parameter_search_only_for_the_classify_head():
 
 
 # ------------------------------------------------------------------------------------------ train.py end to end
-N_EVAL = {"msp": 16, "libri": 8}  # evaluation subsets: 2 utterances per emotion class, 8 LibriSpeech utterances
-
-
-def _subset_manifests(src, dst, keep):
-    """Copy the prepared manifests; ``keep[split]`` picks the utterances of the smaller evaluation sets."""
-    dst.mkdir(parents=True)
-    for path in src.glob("*.json"):
-        data = json.loads(path.read_text())
-        pick = keep.get(path.stem)
-        (dst / path.name).write_text(json.dumps(pick(data) if pick else data))
-    return dst
-
-
-def _two_per_class(data):
-    out, seen = {}, {}
-    for utt, entry in sorted(data.items()):
-        if seen.get(entry["emo"], 0) < 2:
-            seen[entry["emo"]] = seen.get(entry["emo"], 0) + 1
-            out[utt] = entry
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(mini_corpora, msp_manifests, libri_manifests, tmp_path_factory):
-    """One training run of the full row: 4 interleaved batches (2 ASR, 2 SER), then validation and test."""
-    from tools.make_tiny_lm import make_tiny_lm
-    from tools.make_tiny_wavlm import make_tiny_wavlm
-
-    root = tmp_path_factory.mktemp("harmonifuse")
-    wavlm, lm = make_tiny_wavlm(root / "wavlm"), make_tiny_lm(root / "lm")
-    first = lambda n: (lambda d: dict(sorted(d.items())[:n]))  # noqa: E731
-    msp = _subset_manifests(msp_manifests, root / "msp", {"valid": _two_per_class, "test": _two_per_class})
-    libri = _subset_manifests(libri_manifests, root / "libri", {"dev-clean": first(8), "test-clean": first(8)})
-    out = root / "exp"
-    cmd = [PYTHON, str(RECIPE / "train.py"), str(RECIPE / "hparams/rows/full.yaml"),
-           "--msp_folder", str(mini_corpora.msp), "--libri_folder", str(mini_corpora.libri),
-           "--skip_prep=True", f"--msp_prep_folder={msp}", f"--libri_prep_folder={libri}",
-           f"--wavlm_source={wavlm}", f"--lm_source={lm}", f"--output_folder={out}",
-           "--number_of_epochs=1", "--interleave_length=4", "--asr_batch_size=8", "--ser_batch_size=8",
-           "--lr=0.01", "--asr_max_decode_len=20", "--ser_max_decode_len=10", "--num_bootstraps=20",
-           "--device=cpu", "--noprogressbar"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
+@pytest.fixture
+def trained(harmonifuse_trained):
+    """The session's one training run of the full row (tests/harmonifuse_run.py, fixture in conftest.py)."""
+    return harmonifuse_trained
 
 
 def test_recipe_writes_checkpoint_of_trainable_parameters_only(trained):
@@ -429,22 +342,23 @@ def test_infer_cli_names_a_corrupt_file_and_predicts_the_rest(trained, mini_corp
 
 
 def test_infer_source_overrides_reach_the_modules(trained, load_recipe, tmp_path, capsys):
-    """--lm_source / --wavlm_source replace the sources the saved (reference-resolved) hyperparams.yaml names."""
+    """--lm_source replaces the base LM source the shared artefacts name; the fine-tuned WavLM is in
+    speech_modules.safetensors, so a --wavlm_source (for a frozen, referenced WavLM) reads nothing here."""
     infer = load_recipe("recipes/MSP-Podcast/harmonifuse/infer.py")
     wav = tmp_path / "a.wav"
     import soundfile as sf
 
     sf.write(str(wav), np.zeros(8000, dtype="float32"), 16000)
-    for flag in ("--lm_source", "--wavlm_source"):
-        moved = tmp_path / f"moved{flag}"
-        assert infer.main(["--model", str(trained), flag, str(moved), str(wav)]) == 2
-        assert str(moved) in capsys.readouterr().err  # the override was used (and names the missing folder)
+    moved = tmp_path / "moved_lm"
+    assert infer.main(["--model", str(trained), "--lm_source", str(moved), str(wav)]) == 2
+    assert str(moved) in capsys.readouterr().err  # the override was used (and names the missing folder)
+    assert infer.main(["--model", str(trained), "--wavlm_source", str(tmp_path / "moved_wavlm"), str(wav)]) == 0
 
 
 def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, libri_manifests, tmp_path):
     """`full` row (LoRA LM, fine-tuned WavLM) on 2 gloo processes, find_unused_parameters off: DDP raises at a
     rank's second step if any trainable parameter got no gradient in the first (e.g. masked_spec_embed). Each
-    rank trains on half of the interleaved batches; evaluation is sharded (3 test batches: 2 on rank 0, 1 on
+    rank trains on half of every global batch; evaluation is sharded (3 test batches: 2 on rank 0, 1 on
     rank 1) and gathered: a 1-process test of the same checkpoint writes the same metrics.json."""
     import shutil
 
@@ -477,10 +391,10 @@ def test_ddp_two_gloo_processes_train_the_full_row(mini_corpora, msp_manifests, 
     state = load_file(str(ckpt / "speech_lm.ckpt"))
     assert np.abs(state["encoder_fusion.layer_logits"].numpy()).max() > 1e-4   # the ranks' steps trained it
     assert "encoder.model.masked_spec_embed" not in state
-    # interleave_length 4 (single-process batches) over 2 ranks: 2 steps, each rank one ASR and one SER batch;
+    # interleave_length 4 (steps of global batches of 2): each rank 4 steps of one utterance;
     # validation 1 ASR + 1 SER batch: one each; test 2 ASR + 1 SER batches: rank 0 the 1st and 3rd
     log = (out / "train_log.txt").read_text()
-    assert "train batches: [2, 2]" in log and "valid batches: [1, 1]" in log and "test batches: [2, 1]" in log
+    assert "train batches: [4, 4]" in log and "valid batches: [1, 1]" in log and "test batches: [2, 1]" in log
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["wer_by_split"]["test-clean"]["n_utts"] == 4 and metrics["test"]["n"] == 2  # all ranks' outputs
     fusion = json.loads((out / "fusion_weights.json").read_text())

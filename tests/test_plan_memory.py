@@ -171,6 +171,25 @@ def test_harmonifuse_auto_checks_each_task_batch(harmonifuse_meta, monkeypatch, 
     assert resolve_task_batches(h, {"device": "cpu"}, brain, sets) is None and h["micro_batch_size"] is None
 
 
+def test_harmonifuse_task_batch_is_global_over_the_gpus(harmonifuse_meta, monkeypatch):
+    """Under 2 processes each GPU runs half of ``<task>_batch_size`` (ceil): ASR batch 8 needs 4 per GPU; where 3
+    per GPU fit but 4 do not it is refused naming batch 6 (3 per GPU), and batch 6 is planned at 3 per GPU."""
+    from lobes.memory_plan import (MARGIN, OVERHEAD, BrainPredictor, MemoryPlanError, peak_bytes,
+                                   resolve_task_batches)
+
+    hparams, brain, sets = harmonifuse_meta
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    preds = {t: BrainPredictor(hparams, brain, sets[t], world=2) for t in ("asr", "ser")}
+    free = int(peak_bytes(preds["asr"](3), 1, 2) * (1 + MARGIN) + OVERHEAD) + 1  # 3 per GPU fit, 4 do not
+    assert peak_bytes(preds["asr"](4), 1, 2) * (1 + MARGIN) + OVERHEAD > free
+    _gpu(monkeypatch, (free + CONTEXT) / 1e9, "small GPU")
+    with pytest.raises(MemoryPlanError, match=r"asr_batch_size 6 \(the largest that fits: 3 per GPU\)"):
+        resolve_task_batches(dict(hparams, ser_batch_size=2), {"device": "cuda:0"}, brain, sets, predictors=preds)
+    line = resolve_task_batches(dict(hparams, asr_batch_size=6, ser_batch_size=2), {"device": "cuda:0"}, brain, sets,
+                                predictors=preds)
+    assert "x 2 GPUs: asr_batch_size 6 (" in line
+
+
 @pytest.mark.parametrize("bad", ["huge"])
 def test_bad_shape_is_named(bad):
     with pytest.raises(ValueError, match="--shape 'huge'"):

@@ -249,6 +249,9 @@ def ram_shards(hparams, datasets, world):
     from lobes import distributed as D
     from lobes.dataio import loader_kwargs
 
+    if hparams["micro_batch_size"] == "auto":  # the evaluation shards follow the planned micro-batch
+        raise RuntimeError("micro_batch_size: auto must be planned (lobes.memory_plan.resolve_micro_batch) before "
+                           "an in-RAM feature cache is sharded over the DDP ranks")
     shards = [{} for _ in range(world)]
     for split, ds in datasets.items():
         ids = list(ds.data_ids)

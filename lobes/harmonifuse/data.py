@@ -2,8 +2,9 @@
 
 Datasets are keyed by :class:`lobes.harmonifuse.task_split.TaskSplit`: ``asr`` / ``ser`` (+ ``ser:<name>`` per
 ``ser_extra_sources`` entry) for training, ``asr:<split>`` and ``ser:valid`` / ``ser:test`` for evaluation.
-Training interleaves whole batches of one source (``lobes.harmonifuse.interleave``); under DDP every rank gets
-its share of the single-process batches. Validation and test run every batch of every set once, set after set,
+Training interleaves whole batches of one source (``lobes.harmonifuse.interleave``); ``<task>_batch_size`` (or
+``max_batch_length_<task>``) is the global batch of one optimizer step, and under DDP every rank runs a
+contiguous share of each. Validation and test run every batch of every set once, set after set,
 and ``ToolkitBrain.make_dataloader`` shards them. The batches of one set come from the shared sampler builder
 ``lobes.dataio.loader_kwargs`` (seeded with the recipe seed, the same on every rank).
 """
@@ -173,10 +174,16 @@ def evaluation_loader_kwargs(hparams, sets):
 
 
 def make_loaders(hparams, datasets):
-    """-> training DataLoader (interleaved, this rank's shard under DDP), and for validation and test a
-    (dataset, loader kwargs) pair that ``Brain.fit`` / ``evaluate`` turn into this rank's sharded loader."""
+    """-> training DataLoader (interleaved; under DDP this rank's contiguous share of every global batch), and
+    for validation and test a (dataset, loader kwargs) pair that ``Brain.fit`` / ``evaluate`` turn into this
+    rank's sharded loader."""
     sources = train_sources(hparams)
     length = hparams["interleave_length"]
+    if D.world_size() > 1:
+        unit = "s of audio" if hparams["dynamic_batching"] else "utterances"
+        key = "max_batch_length_{}" if hparams["dynamic_batching"] else "{}_batch_size"
+        logger.info("global batches (per optimizer step) over %d ranks, each rank a contiguous share: %s",
+                    D.world_size(), ", ".join(f"{t} {hparams[key.format(t)]} {unit}" for t in hparams["train_tasks"]))
     train = make_interleaved_dataloader(
         datasets["train"],
         {t: task_batch_sampler(hparams, datasets["train"][t], t.task, True) for t in sources},

@@ -28,12 +28,14 @@ Determinism and DDP: the schedule depends only on (seed, epoch, ratio, n_τ). Th
 sampler in epoch e calls its ``set_epoch(e · P_τ + k)`` (P_τ = passes per epoch from the lengths at
 construction), so every pass is reproducible and differs from the others. Under DDP pass ``rank`` and
 ``world`` to :func:`make_interleaved_dataloader` with the *single-process* per-task batch samplers (same seed
-on every rank): each is wrapped in :class:`ShardedBatches`, which deals that pass's batches out to the ranks
-(rank r runs batches r, r+W, ...; the pass is padded to a multiple of W with its first batches), so the
-n_τ (= ceil(n_τ¹/W)) and hence the schedule are the same on every rank: at every step all ranks run the same
-task (DDP's gradient all-reduce averages batches of one task), and step k of the epoch covers the
-single-process batches kW .. kW+W-1 of that task. An int ``length`` counts single-process batches: each rank
-runs length / W of them (one epoch covers the same data for any W).
+on every rank): their batches are the *global* batches (``<task>_batch_size`` is per optimizer step, as
+``batch_size`` in the other recipes), each wrapped in :class:`BatchShares`, which gives rank r the r-th
+contiguous share of every global batch (:func:`split_batch`). The n_τ, the schedule and an int ``length`` (in
+steps) are those of one process, so at every step all ranks run the same task and together the utterances of
+the single-process batch of that step. A global batch with fewer utterances than ranks leaves some ranks an
+empty share: they run the batch's first utterance as zero-weight padding (:class:`PaddingIndex`, the item's
+``ddp_padding`` key), because DDP needs every rank's backward. The training loss of each share is weighted so
+that DDP's gradient average is the single-process batch mean (``lobes.distributed.share_weight``).
 """
 import bisect
 import math
@@ -180,11 +182,32 @@ class _Interleaver:
                 self._set_pass(t, 0)
 
 
-class ShardedBatches(torch.utils.data.Sampler):
-    """DDP rank ``rank``'s share of a batch sampler (see module doc): of each pass's batches (what one process
-    would run, in its order) rank r takes r, r+W, r+2W, ...; a pass whose count n is not a multiple of W is
-    padded with its first batches (as ``DistributedSampler`` pads utterances), so every rank has ceil(n/W).
-    ``set_epoch`` reaches the wrapped sampler: every rank must build the same passes (same seed)."""
+def split_batch(batch, world):
+    """A global batch -> ``world`` contiguous shares in order, sizes differing by at most one (the first
+    ``len(batch) % world`` shares one longer); shares are empty when the batch has fewer items than ranks."""
+    q, extra = divmod(len(batch), world)
+    bounds = [r * q + min(r, extra) for r in range(world + 1)]
+    return [list(batch[bounds[r]:bounds[r + 1]]) for r in range(world)]
+
+
+PADDING_KEY = "ddp_padding"
+
+
+class PaddingIndex(int):
+    """The dataset index of a zero-weight DDP padding item (a rank whose share of a global batch is empty runs
+    that batch's first utterance; :class:`TaskTaggedConcat` marks the item with ``ddp_padding: True``)."""
+
+
+def is_padding(batch):
+    """Whether a collated training batch is a rank's zero-weight padding (:class:`BatchShares`)."""
+    return bool(getattr(batch, PADDING_KEY, False))
+
+
+class BatchShares(torch.utils.data.Sampler):
+    """DDP rank ``rank``'s share of every global batch of ``batch_sampler`` (see module doc): the r-th of
+    :func:`split_batch`'s contiguous shares, so the ranks' shares of one step are the single-process batch of
+    that step, each utterance once; an empty share is the batch's first index as a :class:`PaddingIndex`.
+    ``set_epoch`` reaches the wrapped sampler: every rank must build the same global batches (same seed)."""
 
     def __init__(self, batch_sampler, rank, world):
         if not (0 <= int(rank) < int(world)):
@@ -192,31 +215,19 @@ class ShardedBatches(torch.utils.data.Sampler):
         self.batch_sampler, self.rank, self.world = batch_sampler, int(rank), int(world)
 
     def __len__(self):
-        return math.ceil(len(self.batch_sampler) / self.world)
+        return len(self.batch_sampler)
 
     def __iter__(self):
-        batches = [list(b) for b in self.batch_sampler]
-        if not batches:
-            return iter([])
-        n = math.ceil(len(batches) / self.world) * self.world
-        batches = (batches * math.ceil(n / len(batches)))[:n]
-        return iter(batches[self.rank::self.world])
+        for batch in self.batch_sampler:
+            batch = list(batch)
+            if not batch:
+                raise DataError("a training batch sampler yielded an empty batch")
+            yield split_batch(batch, self.world)[self.rank] or [PaddingIndex(batch[0])]
 
     def set_epoch(self, epoch):
         setter = _epoch_setter(self.batch_sampler)
         if setter is not None:
             setter.set_epoch(epoch)
-
-
-def per_rank_length(length, world, ratio):
-    """An int epoch ``length`` (single-process batches) -> what each of ``world`` ranks runs; "max"/"min" stay."""
-    if world == 1 or not isinstance(length, int) or isinstance(length, bool):
-        return length
-    per_round = sum(ratio.values())
-    if length % (world * per_round):
-        raise DataError(f"interleave length {length} does not split over {world} DDP ranks in whole rounds of "
-                        f"{per_round} batches ({ratio}): choose a multiple of {world * per_round}")
-    return length // world
 
 
 class InterleavedBatchSampler(_Interleaver, torch.utils.data.Sampler):
@@ -240,7 +251,7 @@ class InterleavedBatchSampler(_Interleaver, torch.utils.data.Sampler):
         for task, batch in self._iter_tasks():
             tasks.append(task)
             off = self.offsets[task]
-            yield [off + int(i) for i in batch]
+            yield [PaddingIndex(off + i) if isinstance(i, PaddingIndex) else off + int(i) for i in batch]
         self.last_schedule = tasks
 
 
@@ -281,6 +292,8 @@ class TaskTaggedConcat(Dataset):
                             "expected a dict (a DynamicItemDataset with output keys)")
         if "task" in item:
             raise DataError(f"dataset of task '{self.tasks[k]}' already has an output key 'task'")
+        if isinstance(i, PaddingIndex):
+            return {**item, "task": self.tasks[k], PADDING_KEY: True}
         return {**item, "task": self.tasks[k]}
 
 
@@ -289,8 +302,8 @@ def make_interleaved_dataloader(datasets, batch_samplers, ratio=None, length="ma
     """DataLoader over the task-tagged concatenation with an :class:`InterleavedBatchSampler`.
 
     ``collate_fn`` defaults to SpeechBrain's ``PaddedBatch``; ``loader_kwargs`` go to ``DataLoader``
-    (num_workers, pin_memory, ...). The sampler is ``loader.batch_sampler``. DDP: ``rank`` / ``world`` shard
-    the single-process ``batch_samplers`` with :class:`ShardedBatches` (module doc).
+    (num_workers, pin_memory, ...). The sampler is ``loader.batch_sampler``. DDP: ``rank`` / ``world`` give
+    each rank its contiguous share of every global batch of ``batch_samplers`` (:class:`BatchShares`, module doc).
     """
     if set(datasets) != set(batch_samplers):
         raise DataError(f"datasets {sorted(datasets)} and batch_samplers {sorted(batch_samplers)} name "
@@ -301,9 +314,7 @@ def make_interleaved_dataloader(datasets, batch_samplers, ratio=None, length="ma
     concat = TaskTaggedConcat(datasets)
     samplers = {t: batch_samplers[t] for t in concat.tasks}
     if world > 1:
-        samplers = {t: ShardedBatches(s, rank, world) for t, s in samplers.items()}
-        length = per_rank_length(length, world, parse_ratio(ratio if ratio is not None else [1] * len(samplers),
-                                                            list(samplers)))
+        samplers = {t: BatchShares(s, rank, world) for t, s in samplers.items()}
     sampler = InterleavedBatchSampler(samplers, concat.offsets, ratio, length, order, seed)
     return DataLoader(concat, batch_sampler=sampler, collate_fn=collate_fn, **loader_kwargs)
 

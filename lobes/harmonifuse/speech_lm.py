@@ -112,6 +112,8 @@ class SpeechLM(torch.nn.Module):
         fusion = as_settings(FusionSettings, fusion, "fusion")
         ser = as_settings(SERSettings, ser, "ser")
         self.tasks = tuple(tasks)
+        # what rebuilds this model from shared artefacts (lobes.harmonifuse.artefacts)
+        self.settings = {"lm": lm, "speech": speech, "prompts": prompts, "fusion": fusion, "ser": ser}
         self.ser_task, self.ser_mode, self.emotions = ser.task, ser.mode, list(ser.emotions)
         self.lm_mode, self.prompt_mode = lm.mode, prompts.mode
         self.loss_chunk_size = check_chunk_size(loss_chunk_size)

@@ -5,8 +5,18 @@ stage end: no host read per step). Evaluation is a :class:`lobes.collectors.Coll
 (its tag, its batch's loss, whether it opens the batch), gathered like every collector: DDP brings the rows back
 into single-process order, checked to be the evaluated set, so the means are the same floats for any number of
 ranks. The gathered tags also give each split's utterances in that order (:meth:`split_orders`).
+
+DDP training: every rank runs its share of each global batch (``lobes.harmonifuse.interleave.BatchShares``);
+:func:`share_count` is the count the share's loss is a mean over, :func:`weighted_share_loss` weights the loss
+so that DDP's gradient average is the single-process batch loss's, and :meth:`TaskLosses.reduce_train` turns the
+ranks' sums of weighted losses into the single-process per-source sums.
 """
+import torch
+
+from lobes import distributed as D
 from lobes.collectors import Collector
+from lobes.harmonifuse import targets as T
+from lobes.harmonifuse.targets import target_token_ids
 
 
 class TaskLosses(Collector):
@@ -19,6 +29,17 @@ class TaskLosses(Collector):
     def add_train(self, tag, loss):
         sums = self.sums.setdefault(tag, [0.0, 0])
         sums[0], sums[1] = sums[0] + loss.detach(), sums[1] + 1
+
+    def reduce_train(self):
+        """DDP, at the training stage end: each step's loss is the mean over ranks of their weighted share
+        losses (:func:`weighted_share_loss`), so each source's sum becomes Σ over ranks / W (every rank runs the
+        same sources and step count); the logged means then equal one process's."""
+        if not D.is_distributed() or not self.sums:
+            return
+        tags = sorted(self.sums)
+        sums = D.sum_over_ranks(torch.stack([torch.as_tensor(self.sums[t][0]).double() for t in tags]))
+        for tag, total in zip(tags, sums / D.world_size()):
+            self.sums[tag][0] = total
 
     def add_eval(self, ids, tag, loss):
         """One evaluation batch: its utterance ids, TaskSplit and loss (a batch counts once in the means)."""
@@ -61,3 +82,25 @@ class TaskLosses(Collector):
     def combined(self):
         """Σ over tasks of the task's mean batch loss: each task counts once, whatever its batch count."""
         return sum(self.by_task().values())
+
+
+def share_count(speech_lm, task, targets, soft=None):
+    """What the speech LM's loss of a batch is a mean over (``SpeechLM.forward``): the utterances for the
+    classify head (hard or soft cross-entropy, batch mean); else the target tokens with their EOS (token mean);
+    with soft labels (generative SER) Σ p · tokens over the (utterance, class) pairs, the soft loss's
+    denominator. Host-side, with the model's own tokenisation and pairing (lobes.harmonifuse.targets)."""
+    if speech_lm.ser_mode == "classify" and task == speech_lm.ser_task:
+        return len(targets)
+    if soft is None:
+        return sum(len(y) for y in target_token_ids(speech_lm.tokenizer, targets))
+    words, p = T.soft_target_pairs(soft, speech_lm.emotions)
+    return float(T.token_weights(target_token_ids(speech_lm.tokenizer, words), p).sum())
+
+
+def weighted_share_loss(loss, count):
+    """This rank's training loss under DDP, weighted by ``lobes.distributed.share_weight`` for its share of
+    ``count`` loss units (0 for a padding share: a zero gradient, yet the rank takes part in DDP's
+    all-reduce); ``loss`` itself without DDP."""
+    if not D.is_distributed():
+        return loss
+    return loss * D.share_weight(count).to(loss.device, loss.dtype)

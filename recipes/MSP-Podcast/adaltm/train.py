@@ -69,10 +69,13 @@ if __name__ == "__main__":
     prepare_from_hparams(hparams, hparams["emotion_classes"])
     manifests = msp_manifests(hparams)
     device = run_opts.get("device") or sb.utils.distributed.infer_device()
-    datasets = use_feature_cache(hparams, ser_datasets(manifests, hparams["emotion_classes"]), device)
+    datasets = ser_datasets(manifests, hparams["emotion_classes"])
     hparams["loss"].set_counts(class_counts(manifests["train"], hparams["emotion_classes"]))
-
-    resolve_micro_batch(hparams, run_opts, AdaLTMBrain, datasets["train"])  # micro_batch_size: auto
+    # micro_batch_size: auto, planned on audio before any cache: an in-RAM cache under DDP keeps the utterances of
+    # this rank's batches, which follow the micro-batch (for a cached row the plan is conservative: it counts the
+    # backbone's forward that the cache then saves)
+    resolve_micro_batch(hparams, run_opts, AdaLTMBrain, datasets["train"])
+    datasets = use_feature_cache(hparams, datasets, device)
     brain = AdaLTMBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                         run_opts=run_opts, checkpointer=hparams["checkpointer"])
     fit_and_evaluate(brain, datasets, hparams)

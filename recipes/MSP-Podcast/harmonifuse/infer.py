@@ -4,12 +4,15 @@
     python recipes/MSP-Podcast/harmonifuse/infer.py --model exp/harmonifuse/full/1986 clip.wav folder/ \
         [--device cuda] [--num_beams 4] [--batch_seconds 60] [--json out.json]
 
-``--model``: a HarmoniFuse ``output_folder`` (its ``hyperparams.yaml`` and best checkpoint under ``save/``; the
-frozen base LM / WavLM are re-read from the sources named there, override with ``--lm_source`` /
-``--wavlm_source`` when they moved). Folders are searched recursively for .wav/.flac/.ogg/.mp3; any sample rate
-and channel count (downmixed, resampled to 16 kHz). Files are decoded in batches of at most ``--batch_seconds``
-of padded audio; every trained task runs (ASR: transcript; SER: emotion word, "<invalid>" when the generated
-text is no class name). A file that cannot be read is reported with its error and the rest are still predicted.
+``--model``: a HarmoniFuse ``output_folder`` or an export of ``tools/export_harmonifuse.py``, read from its shared
+artefacts (``speech_modules.safetensors`` + ``.json``, ``lm_adapter/`` or ``lm/``; ``lobes.harmonifuse.artefacts``);
+an experiment trained before those were written is read from its best checkpoint under ``save/``. A base LM /
+frozen WavLM is re-read from the source named there: ``--lm_source`` / ``--wavlm_source`` say where it is now
+when it moved. Folders are searched recursively for .wav/.flac/.ogg/.mp3; any sample rate and channel count
+(downmixed, resampled to 16 kHz). Files are decoded in batches of at most ``--batch_seconds`` of padded audio;
+every trained task runs (ASR: transcript; SER: emotion word, "<invalid>" when the generated text is no class
+name, and ``scores``, a probability per class). A file that cannot be read is reported with its error and the
+rest are still predicted.
 
 Exit code: 0 all files predicted, 1 some failed (listed on stderr), 2 bad model directory / no input files.
 """
@@ -19,12 +22,10 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 
-def load_harmonifuse(exp_dir, device="cpu", overrides=None):
+def load_checkpoint(exp_dir, device="cpu", overrides=None):
     """(SpeechLM in eval mode with the best checkpoint loaded, hparams) of a HarmoniFuse experiment folder.
 
     The experiment is rebuilt by the toolkit's one loader (``lobes.inference.load_experiment``); its checkpoint
@@ -40,41 +41,39 @@ def load_harmonifuse(exp_dir, device="cpu", overrides=None):
     return exp.modules["speech_lm"].to(device).eval(), exp.hparams
 
 
-def predict(model, hparams, paths, device="cpu", batch_seconds=60.0, num_beams=None):
-    """One dict per file: ``file``, ``transcript`` / ``emotion`` (trained tasks), or ``error``."""
-    from lobes.audio import read_audio
-    from lobes.errors import DataError
-    from lobes.inference import SAMPLE_RATE, duration_batches
+def load_harmonifuse(model_dir, device="cpu", lm_source=None, wavlm_source=None):
+    """(SpeechLM in eval mode, decoding settings) of an experiment or an export folder.
 
-    results = {p: {"file": p} for p in paths}
-    loaded = {}
-    for p in paths:
-        try:
-            loaded[p] = read_audio(p, SAMPLE_RATE, convert=True)
-        except DataError as e:
-            results[p]["error"] = str(e)
-    good = list(loaded)
-    beams = hparams["num_beams"] if num_beams is None else num_beams
-    classes = list(model.emotions)
-    for batch in duration_batches([len(loaded[p]) / SAMPLE_RATE for p in good], batch_seconds):
-        names = [good[i] for i in batch]
-        n = max(len(loaded[p]) for p in names)
-        wavs = torch.zeros(len(names), n)
-        for i, p in enumerate(names):
-            wavs[i, : len(loaded[p])] = loaded[p]
-        lens = torch.tensor([len(loaded[p]) / n for p in names])
-        wavs, lens = wavs.to(device), lens.to(device)
-        for task in hparams["train_tasks"]:
-            max_len = hparams["asr_max_decode_len"] if task == "asr" else hparams["ser_max_decode_len"]
-            hyps = model.generate(wavs, lens, task, max_len=max_len, num_beams=beams,
-                                  length_penalty=hparams["length_penalty"])
-            for p, h in zip(names, hyps):
-                if task == "asr":
-                    results[p]["transcript"] = h
-                else:
-                    results[p]["emotion"] = h.strip() if h.strip() in classes else "<invalid>"
-                    results[p]["generated"] = h
-    return [results[p] for p in paths]
+    A folder with ``speech_modules.json`` (written after the test, or by ``tools/export_harmonifuse.py``) is read
+    from its shared artefacts (``lobes.harmonifuse.artefacts``); an experiment trained before those existed, from
+    its best checkpoint (:func:`load_checkpoint`). ``lm_source`` / ``wavlm_source``: where the LM / WavLM are now.
+    """
+    from lobes.harmonifuse.artefacts import INFO_FILE, load_artefacts
+    from lobes.inference import find_experiment
+
+    folder = Path(model_dir)
+    if not (folder / INFO_FILE).is_file():
+        folder = find_experiment(folder)
+    if (folder / INFO_FILE).is_file():
+        model, info = load_artefacts(folder, lm_source, wavlm_source, device)
+        return model, info["decoding"]
+    logger.info("%s: no %s (trained before shared artefacts were written): loading the checkpoint", folder,
+                INFO_FILE)
+    # the saved hyperparams.yaml has its references resolved: override the modules' own keys
+    overrides = {}
+    if lm_source:
+        overrides["speech_lm"] = {"lm": {"source": lm_source}}
+    if wavlm_source:
+        overrides["wavlm"] = {"source": wavlm_source}
+    return load_checkpoint(folder, device, overrides)
+
+
+def predict(model, decoding, paths, device="cpu", batch_seconds=60.0, num_beams=None):
+    """One dict per file (``lobes.harmonifuse.predict.predict``): ``file``, ``transcript`` / ``emotion``,
+    ``generated``, ``scores`` (trained tasks), or ``error``."""
+    from lobes.harmonifuse.predict import predict as predict_files
+
+    return predict_files(model, decoding, paths, device, batch_seconds, num_beams)
 
 
 def main(argv=None):
@@ -93,22 +92,16 @@ def main(argv=None):
     ap.add_argument("--json", help="write every file's result here")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # the saved hyperparams.yaml has its references resolved: override the modules' own keys
-    overrides = {}
-    if a.lm_source:
-        overrides["speech_lm"] = {"lm": {"source": a.lm_source}}
-    if a.wavlm_source:
-        overrides["wavlm"] = {"source": a.wavlm_source}
     paths = find_audio_files(a.inputs)
     if not paths:
         print("no input audio files found", file=sys.stderr)
         return 2
     try:
-        model, hparams = load_harmonifuse(a.model, a.device, overrides)
+        model, decoding = load_harmonifuse(a.model, a.device, a.lm_source, a.wavlm_source)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = predict(model, hparams, paths, a.device, a.batch_seconds, a.num_beams)
+    results = predict(model, decoding, paths, a.device, a.batch_seconds, a.num_beams)
     for r in results:
         status = "FAILED" if "error" in r else "ok"
         print(f"{r['file']}\t{r.get('emotion', '-')}\t{r.get('transcript', '-')}\t{status}")

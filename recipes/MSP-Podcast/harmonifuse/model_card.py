@@ -6,7 +6,8 @@
 The card holds the setup (speech encoder, text LM and how it was trained, prompts, both fusions), the test
 metrics of ``metrics.json`` in % with their 95% bootstrap CIs (WER clean / other, UA, WA, MaF1, invalid SER
 outputs), the learned fusion weights of ``fusion_weights.json`` per task, the plots found in the folder, and how
-to run the model (``infer.py`` and the Python API).
+to run the model (``infer.py`` and the Python API). :func:`export_card` is the card of an export of
+``tools/export_harmonifuse.py``: hub metadata (``huggingface_hub.ModelCardData``) and its loading snippet.
 """
 import argparse
 import json
@@ -80,11 +81,61 @@ def model_card(exp_dir):
               f"python recipes/MSP-Podcast/harmonifuse/infer.py --model {exp} clips/ --json predictions.json", "```",
               "", "```python", "import sys; sys.path.insert(0, 'recipes/MSP-Podcast/harmonifuse')",
               "from infer import load_harmonifuse, predict",
-              f"model, hparams = load_harmonifuse('{exp}')",
-              "print(predict(model, hparams, ['clip.wav']))  # [{'file', 'transcript', 'emotion', ...}]", "```", "",
-              "The base LM and WavLM are read from the sources above (only trained weights are in `save/`); "
-              "pass `--lm_source` / `--wavlm_source` to `infer.py` when they moved.", ""]
+              f"model, decoding = load_harmonifuse('{exp}')",
+              "print(predict(model, decoding, ['clip.wav']))  # [{'file', 'transcript', 'emotion', 'scores', ...}]",
+              "```", "",
+              "The trained weights are in `speech_modules.safetensors` and `lm_adapter/` (LoRA) or `lm/` (full LM); "
+              "a base LM or frozen WavLM is read from the source above: pass `--lm_source` / `--wavlm_source` to "
+              "`infer.py` when it moved. `python -m tools.export_harmonifuse` writes a self-contained copy.", ""]
     return "\n".join(lines)
+
+
+EXPORT_SNIPPET = """\
+from lobes.harmonifuse.artefacts import load_artefacts
+from lobes.harmonifuse.predict import predict
+
+model, info = load_artefacts("{folder}")  # lm_source="..." if lm/ moved
+print(predict(model, info["decoding"], ["speech.wav"]))  # [{{'file', 'transcript', 'emotion', 'scores', ...}}]
+"""
+
+
+def export_section(folder_name):
+    """How to load an export of tools/export_harmonifuse.py: its files and the snippet (run by a test)."""
+    return ["## Load this export", "",
+            "`lm/`: the LM with the LoRA adapters merged (`merge_and_unload`; transformers `save_pretrained`, with "
+            "its tokenizer); `speech_modules.safetensors`: WavLM, encoder fusion, adapter, LM-layer "
+            "fusion, prompts, heads; `speech_modules.json`: how to rebuild the model and decode as the experiment's "
+            "test did. The model's code is this toolkit's `lobes` package (on the Python path); run from the folder "
+            "holding this export:", "", "```python", EXPORT_SNIPPET.format(folder=folder_name).rstrip(), "```", ""]
+
+
+def export_card(exp_dir, export_dir):
+    """The export's README.md: hub metadata (huggingface_hub ``ModelCardData``, parsed back as tools/model_card.py
+    does) + the experiment's card with the export's loading section instead of the experiment's use."""
+    from huggingface_hub import ModelCardData
+
+    from lobes.errors import DataError
+    from tools.model_card import _eval_results, hub_id, load_hparams_preview, with_header
+
+    hp = load_hparams_preview(exp_dir)
+    missing = [k for k in ("language", "license", "datasets") if hp.get(k) in (None, "", [])]
+    if missing:
+        raise DataError(f"{Path(exp_dir) / 'hyperparams.yaml'}: lacks {missing}, the card's hub metadata")
+    metrics = json.loads((Path(exp_dir) / "metrics.json").read_text())
+    datasets = [str(d) for d in hp["datasets"]]
+    # SER metrics on the SER corpus (the last dataset), WER on LibriSpeech (the first)
+    results = _eval_results({k: v for k, v in metrics.items() if k != "wer"}, datasets[-1],
+                            ", ".join(str(s) for s in hp.get("test_splits") or ["test"]))
+    if metrics.get("wer") is not None:
+        results += _eval_results({"wer": metrics["wer"]}, datasets[0], str(metrics.get("wer_split", "test")))
+    data = ModelCardData(
+        model_name=f"HarmoniFuse {metrics.get('experiment', '')}".strip(), language=str(hp["language"]),
+        license=str(hp["license"]), datasets=datasets, base_model=hub_id(hp.get("lm_source"), Path.cwd()),
+        pipeline_tag="automatic-speech-recognition", tags=["harmonifuse", "speech-llm", "wavlm", "peft",
+                                                            "speech-emotion-recognition"],
+        metrics=sorted({r.metric_type for r in results}) or None, eval_results=results or None)
+    body = model_card(exp_dir).split("## Use\n", 1)[0]
+    return with_header(data, body + "\n".join(export_section(Path(export_dir).name)), Path(export_dir) / "README.md")
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import speechbrain as sb
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "LibriSpeech"))
@@ -31,10 +32,11 @@ from lobes import metrics as M  # noqa: E402
 from lobes import plots  # noqa: E402
 from lobes.brains import ToolkitBrain  # noqa: E402
 from lobes.ctc_text import normalize_transcript  # noqa: E402
+from lobes.harmonifuse import artefacts as A  # noqa: E402
 from lobes.harmonifuse import reporting as R  # noqa: E402
 from lobes.harmonifuse.data import build_datasets, check_hparams, make_loaders, needs_unused_parameter_search  # noqa: E402,E501
-from lobes.harmonifuse.interleave import batch_task  # noqa: E402
-from lobes.harmonifuse.task_losses import TaskLosses  # noqa: E402
+from lobes.harmonifuse.interleave import batch_task, is_padding  # noqa: E402
+from lobes.harmonifuse.task_losses import TaskLosses, share_count, weighted_share_loss  # noqa: E402
 from lobes.harmonifuse.task_split import TaskSplit  # noqa: E402
 from lobes.hparams_io import load_hparams  # noqa: E402
 from lobes.memory_plan import resolve_task_batches  # noqa: E402
@@ -62,6 +64,9 @@ class HarmoniFuseBrain(ToolkitBrain):
         targets = list(batch.wrd) if tag.task == "asr" else [classes[i] for i in batch.emo_idx.data.view(-1).tolist()]
         # an extra SER source (ser:<name>, e.g. pseudo-labelled) trains on its soft labels (lobes.harmonifuse.targets)
         soft = batch.soft_label.data if stage == sb.Stage.TRAIN and tag.task == "ser" and tag.split else None
+        # DDP training: this rank's share of the global batch counts this many loss units (0: a padding share)
+        share = (0 if is_padding(batch) else share_count(self.speech_lm, tag.task, targets, soft)) \
+            if stage == sb.Stage.TRAIN and D.is_distributed() else None
         batch = batch.to(self.device)
         wavs, lens = batch.sig
         # evaluation bypasses the DDP wrapper: its forward may broadcast buffers (a collective), and the ranks'
@@ -73,16 +78,18 @@ class HarmoniFuseBrain(ToolkitBrain):
             max_len = self.hparams.asr_max_decode_len if tag.task == "asr" else self.hparams.ser_max_decode_len
             hyps = self.speech_lm.generate(wavs, lens, tag.task, max_len=max_len, num_beams=self.hparams.num_beams,
                                            length_penalty=self.hparams.length_penalty)
-        return tag, out, hyps
+        return tag, out, hyps, share
 
     def compute_objectives(self, predictions, batch, stage):
-        tag, out, hyps = predictions
+        tag, out, hyps, share = predictions
         self.rank_batches += 1
         if stage == sb.Stage.TRAIN:
+            # DDP: weighted so that the ranks' gradient average is the whole global batch's (task_losses.py);
             # per-source running sum kept on the device (read once at the stage end); a non-finite loss stops
             # training in check_loss_isfinite, right after this, before it is ever read
-            self.losses.add_train(tag, out.loss)
-            return out.loss
+            loss = weighted_share_loss(out.loss, share)
+            self.losses.add_train(tag, loss)
+            return loss
         self.losses.add_eval(list(batch.id), tag, out.loss)  # every utterance, with its batch's loss
         if hyps is None:
             return out.loss
@@ -109,6 +116,9 @@ class HarmoniFuseBrain(ToolkitBrain):
             self.outputs = R.gather_by_split(self.losses, self.outputs, self.hparams.emotion_classes)
         if stage == sb.Stage.TEST:
             return self.write_test_outputs()
+        if stage == sb.Stage.TRAIN and D.is_distributed():  # the ranks' weighted share losses -> one process's
+            self.losses.reduce_train()
+            stage_loss = D.sum_over_ranks(torch.tensor(float(stage_loss))).item() / D.world_size()
         stats = self.losses.log_stats()  # training: one key per source; evaluation: per task
         stats["batches"] = D.all_gather(self.rank_batches)  # DDP: training the same count, evaluation r, r+W, ...
         if stage == sb.Stage.TRAIN:
@@ -138,6 +148,7 @@ class HarmoniFuseBrain(ToolkitBrain):
             M.write_metrics(folder / "metrics.json", out)
             R.write_predictions(folder, asr, ser)
             R.write_fusion_artifacts(slm, list(h.train_tasks), folder)
+            A.write_artefacts(slm, folder, A.decoding_settings(h))  # the tested model, in peft / safetensors files
             if "test" in out:
                 plots.plot_confusion(out["test"]["confusion"], list(h.emotion_classes) + [R.INVALID],
                                      folder / "confusion.png", title=f"SER confusion — {h.experiment}")
