@@ -351,6 +351,26 @@ def _peft_state(raw, kind, files, base_state, lora_alpha, where):
     return state, scalings, cfg["lora_alpha"]
 
 
+def _case_vs_base(state, base_state, lora, where):
+    """``info`` fields saying what the checkpoint is against its base: ``case`` (and ``changed_keys_vs_base``)."""
+    if base_state is None:
+        return {"case": "full weights (no LoRA keys; not compared to a base)"}
+    changed = _compare_to_base(state, base_state)
+    out = {"changed_keys_vs_base": len(changed)}
+    if lora is not None:
+        lora_w = {m + ".weight" for m in lora["modules"]}
+        others = [k for k in changed if k not in lora_w]
+        out["case"] = (f"LoRA ({lora['case']}) on {len(lora['modules'])} modules; "
+                       + ("rest of the backbone equals the base, so the task vector is zero elsewhere"
+                          if not others else f"{len(others)} other keys also differ from the base"))
+    elif changed:
+        out["case"] = f"full weights, {len(changed)} of {len(state)} keys differ from the base"
+    else:
+        out["case"] = "identical to the base: the task vector is zero (frozen backbone?)"
+        logger.warning("%s: backbone equals the base state; its task vector is all zeros", where)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ public API
 def load_backbone_state(source, kind="auto", base_state=None, lora_alpha=None):
     """Load a WavLM backbone state dict in canonical ``WavLMModel`` key names.
@@ -391,18 +411,9 @@ def load_backbone_state(source, kind="auto", base_state=None, lora_alpha=None):
     state, lora = merge_lora(state, base_state, lora_alpha, where, scalings=scalings)
     state, converted = _to_float32_cpu(state)
 
-    info = {
-        "source": str(source),
-        "kind": kind,
-        "files": files,
-        "prefix": prefix,
-        "dropped_keys": dropped,
-        "weight_norm": weight_norm,
-        "lora": lora,
-        "num_keys": len(state),
-        "converted_dtypes": converted,
-        "config": config,
-    }
+    info = {"source": str(source), "kind": kind, "files": files, "prefix": prefix, "dropped_keys": dropped,
+            "weight_norm": weight_norm, "lora": lora, "num_keys": len(state), "converted_dtypes": converted,
+            "config": config}
     if config and kind == "voxprofile":
         info["voxprofile_finetune_method"] = config.get("finetune_method")
         info["voxprofile_lora_rank"] = config.get("lora_rank")
@@ -410,22 +421,7 @@ def load_backbone_state(source, kind="auto", base_state=None, lora_alpha=None):
             logger.warning("%s: config says finetune_method=%s but the weights carry no LoRA keys",
                            where, config.get("finetune_method"))
 
-    if base_state is not None:
-        changed = _compare_to_base(state, base_state)
-        info["changed_keys_vs_base"] = len(changed)
-        if lora is not None:
-            lora_w = {m + ".weight" for m in lora["modules"]}
-            others = [k for k in changed if k not in lora_w]
-            info["case"] = (f"LoRA ({lora['case']}) on {len(lora['modules'])} modules; "
-                            + ("rest of the backbone equals the base, so the task vector is zero elsewhere"
-                               if not others else f"{len(others)} other keys also differ from the base"))
-        elif changed:
-            info["case"] = f"full weights, {len(changed)} of {len(state)} keys differ from the base"
-        else:
-            info["case"] = "identical to the base: the task vector is zero (frozen backbone?)"
-            logger.warning("%s: backbone equals the base state; its task vector is all zeros", where)
-    else:
-        info["case"] = "full weights (no LoRA keys; not compared to a base)"
+    info.update(_case_vs_base(state, base_state, lora, where))
     logger.info("%s: kind=%s prefix='%s' keys=%d dropped=%d weight_norm=%s case=%s",
                 where, kind, prefix, len(state), len(dropped), weight_norm, info["case"])
     return state, info
