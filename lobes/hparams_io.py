@@ -56,20 +56,44 @@ def _unknown_keys(row, base, prefix=""):
     return unknown
 
 
-def resolve_row(hparams_file):
-    """YAML text of a row file folded into its base (recursively); a plain file is returned as it is."""
+def _strip_comments(node):
+    """Drop every comment of a ruamel tree, in place. ruamel re-attaches a comment after a tagged value
+    (``data_folder: !PLACEHOLDER  # ...``) to the next key; dumped, re-read and dumped again (hyperpyyaml applies
+    command-line overrides that way), such a comment can lose its line break and join two keys on one line
+    (ScannerError "mapping values are not allowed here"). The base YAML keeps the comments."""
+    ca = getattr(node, "ca", None)
+    if ca is not None:
+        ca.comment = None
+        ca.items.clear()
+        ca._post = []
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        _strip_comments(child)
+    return node
+
+
+def _resolve_map(hparams_file):
+    """``(mapping, is_row)``: a row file's mapping folded into its base's, recursively, as ruamel objects (a chain
+    is merged in memory and dumped once)."""
     hparams_file = Path(hparams_file)
-    text = hparams_file.read_text(encoding="utf-8")
-    row = _yaml().load(text) or {}
+    row = _yaml().load(hparams_file.read_text(encoding="utf-8")) or {}
     if "base_hparams" not in row:
-        return text
+        return row, False
     base_path = (hparams_file.parent / row.pop("base_hparams")).resolve()
-    base = _yaml().load(resolve_row(base_path))
+    base, _ = _resolve_map(base_path)
     unknown = _unknown_keys(row, base)
     if unknown:  # a typo in a row must not silently train the base configuration
         raise KeyError(f"{hparams_file}: keys {unknown} do not exist in its base {base_path}")
+    return _merge(base, row), True
+
+
+def resolve_row(hparams_file):
+    """YAML text of a row file folded into its base (recursively); a plain file is returned as it is."""
+    merged, is_row = _resolve_map(hparams_file)
+    if not is_row:
+        return Path(hparams_file).read_text(encoding="utf-8")
     buf = io.StringIO()
-    _yaml().dump(_merge(base, row), buf)
+    _yaml().dump(_strip_comments(merged), buf)
     return buf.getvalue()
 
 

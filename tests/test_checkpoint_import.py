@@ -253,3 +253,67 @@ def test_hub_id_reads_weight_files_from_cache(tiny, monkeypatch):
     assert_same_state(state, tiny["base"])
     assert info["files"] == ["org/tiny-wavlm/model.safetensors"]
     assert calls == [("org/tiny-wavlm", "config.json"), ("org/tiny-wavlm", "model.safetensors")]
+
+
+# ------------------------------------------------------------------------------------------------- peft LoRA
+PEFT_CASES = {  # LoraConfig kwargs -> expected scaling per target (name suffix), computed by hand
+    "rslora": (dict(r=4, lora_alpha=8, use_rslora=True), {"q_proj": 4.0, "v_proj": 4.0, "intermediate_dense": 4.0}),
+    "patterns": (dict(r=4, lora_alpha=8, rank_pattern={"intermediate_dense": 2}, alpha_pattern={"v_proj": 3}),
+                 {"q_proj": 2.0, "v_proj": 0.75, "intermediate_dense": 4.0}),
+}
+
+
+def _peft_wavlm(base_dir, cfg):
+    """A tiny WavLM with peft LoRA on q/v/intermediate_dense; B random (peft starts it at 0, ΔW would be 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(WavLMModel.from_pretrained(base_dir),
+                           LoraConfig(target_modules=["q_proj", "v_proj", "intermediate_dense"], **cfg))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_peft_adapter_gives_merge_and_unload_weights_and_its_exact_factors(tiny, tmp_path, case):
+    import copy
+
+    cfg, scalings = PEFT_CASES[case]
+    model = _peft_wavlm(tiny["base_dir"], cfg)
+    lora = {n[len("base_model.model."):] + ".weight": (m.lora_A["default"].weight.detach().clone(),
+                                                       m.lora_B["default"].weight.detach().clone())
+            for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert len(lora) == 3 * 4  # three targets in each of the 4 layers
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    torch.save(model.state_dict(), tmp_path / "adapter" / "peft_state.pt")  # names with .default / .base_layer
+    merged = copy.deepcopy(model).merge_and_unload().state_dict()
+    for source in (tmp_path / "adapter", tmp_path / "adapter" / "peft_state.pt"):
+        state, info = load_backbone_state(source, base_state=tiny["base"])
+        assert info["kind"] == "peft" and info["lora"]["case"] == "unmerged"
+        assert sorted(state) == sorted(merged)
+        for k in merged:  # the dense ΔW = merge_and_unload's weight − base, every key
+            assert torch.allclose(state[k] - tiny["base"][k], merged[k] - tiny["base"][k], rtol=0, atol=1e-6), k
+        factors = info["lora"]["factors"]
+        assert sorted(factors) == sorted(lora)
+        for kw, (u, v) in factors.items():  # kept exactly: U = B·scaling, V = Aᵀ (peft's scaling, by hand)
+            a, b = lora[kw]
+            s = scalings[kw.split(".")[-2]]
+            assert torch.equal(u, b * s) and torch.equal(v, a.T), kw
+            assert torch.allclose(u @ v.T, merged[kw] - tiny["base"][kw], rtol=0, atol=1e-6), kw
+
+
+def test_peft_adapter_refusals_name_the_file(tiny, tmp_path):
+    model = _peft_wavlm(tiny["base_dir"], dict(r=2, lora_alpha=4))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=False)
+    with pytest.raises(DataError, match="lora_alpha is given"):
+        load_backbone_state(tmp_path / "a", base_state=tiny["base"], lora_alpha=4)
+    with pytest.raises(DataError, match="pass base_state"):  # an adapter alone needs its base
+        load_backbone_state(tmp_path / "a")
+    with pytest.raises(DataError, match="looks like|not 'hf'"):
+        load_backbone_state(tmp_path / "a", kind="hf", base_state=tiny["base"])
+    (tmp_path / "a" / "adapter_config.json").rename(tmp_path / "a" / "moved.json")
+    with pytest.raises(DataError, match="adapter_model.safetensors.*no adapter_config.json"):
+        load_backbone_state(tmp_path / "a" / "adapter_model.safetensors", base_state=tiny["base"])

@@ -67,3 +67,50 @@ def test_every_recipe_base_yaml_declares_the_loader_and_metric_settings():
         assert needed <= keys, (path, needed - keys)
         if "ser_head" in keys or "speech_lm" in keys:
             assert {"emotion_classes", "num_bootstraps", "speaker_bootstrap"} <= keys, path
+
+
+def test_row_chained_on_a_row_loads_was_a_scanner_error(tmp_path):
+    """A row on setup4_dual.yaml (itself a row) setting ``table_rows: []`` raised ruamel's ScannerError "mapping
+    values are not allowed here" (``exp_folder: exp/adaltm output_folder: ...``): each level was dumped and re-read,
+    and the comment after ``data_folder: !PLACEHOLDER`` lost its line break on the second dump."""
+    import ruamel.yaml
+
+    from pathlib import Path
+
+    dual = (Path(ROWS) / "setup4_dual.yaml").resolve()
+    (tmp_path / "chained.yaml").write_text(f"base_hparams: {dual}\nexperiment: chained\ntable_rows: []\n",
+                                           encoding="utf-8")
+    text = resolve_row(tmp_path / "chained.yaml")
+    merged = ruamel.yaml.YAML().load(text)
+    assert merged["table_rows"] == [] and merged["experiment"] == "chained"
+    assert merged["exp_folder"] == "exp/adaltm" and merged["output_folder"].value == "<exp_folder>/<experiment>/<seed>"
+    assert sorted(merged["task_vectors"]) == ["ASR", "SER"] and merged["lambda_mode"] == "layerwise"
+    assert sorted(merged) == sorted(ruamel.yaml.YAML().load(resolve_row(f"{ROWS}/setup4_dual.yaml")))
+    # the same through the loader, on a plain three-level chain with a comment after a tag
+    (tmp_path / "base.yaml").write_text("a: !PLACEHOLDER  # note\nb: x\nc: y\n", encoding="utf-8")
+    (tmp_path / "r1.yaml").write_text("base_hparams: base.yaml\nc: [1, 2]\n", encoding="utf-8")
+    (tmp_path / "r2.yaml").write_text("base_hparams: r1.yaml\nc: []\n", encoding="utf-8")
+    h, _, _ = load_hparams(tmp_path / "r2.yaml", "a: 1")
+    assert h == {"a": 1, "b": "x", "c": []}
+
+
+def test_row_with_command_line_table_rows_override_loads_was_a_scanner_error():
+    """``run.sh ... --adaltm_args "--table_rows=[] ..."`` on setup3_ser_only.yaml: hyperpyyaml re-dumps the resolved
+    row to apply the overrides, and the comment ruamel had moved after ``data_folder: !PLACEHOLDER`` lost its line
+    break (ScannerError "mapping values are not allowed here"). Resolved rows now carry no comments."""
+    overrides = ("seed: 1986\nwavlm_source: tools/fixtures/tiny_wavlm_pretrained\n"
+                 "data_folder: exp/adaltm_recipe/data/MSP-Podcast\nprep_folder: exp/adaltm_recipe/prep/msp\n"
+                 "skip_prep: True\ntest_splits: [Test1]\nexp_folder: exp/adaltm_recipe/rows\n"
+                 "vectors_folder: exp/adaltm_recipe/task_vectors\nnumber_of_epochs: 15\nlr: 0.01\nbatch_size: 16\n"
+                 "head_hidden: 64\nnum_bootstraps: 200\ndelta_rank: 2\nmerge_impl: lowrank\n"
+                 "experiment: setup3_ser_only_lowrank_r2\ntable_rows: []")
+    import ruamel.yaml
+    from hyperpyyaml.core import resolve_references
+
+    text = resolve_row(f"{ROWS}/setup3_ser_only.yaml")
+    resolved = ruamel.yaml.YAML().load(resolve_references(text, overrides))
+    assert "#" not in text.replace('"#', "")
+    assert resolved["table_rows"] == [] and resolved["delta_rank"] == 2 and resolved["merge_impl"] == "lowrank"
+    assert resolved["exp_folder"] == "exp/adaltm_recipe/rows"
+    assert resolved["output_folder"] == "exp/adaltm_recipe/rows/setup3_ser_only_lowrank_r2/1986"
+    assert sorted(resolved["task_vectors"]) == ["SER"] and resolved["lambda_mode"] == "layerwise"

@@ -229,6 +229,31 @@ def test_lora_sources_are_imported_as_their_exact_factors(tmp_path, merged):
     assert fv.rank(full) == 1 and (fv.delta(full) - tv.delta[full]).norm() > 0.5 * tv.delta[full].norm()
 
 
+def test_peft_adapter_source_is_imported_as_its_exact_factors(tmp_path):
+    """A peft adapter (save_pretrained, rsLoRA r=4) as the SER source: the task vector file keeps its factors and
+    delta_rank 1 leaves the 12 LoRA weights at rank 4, equal to merge_and_unload − base to 1e-6."""
+    from safetensors.torch import load_file
+    from test_checkpoint_import import _peft_wavlm  # tests/ is on sys.path
+
+    from tools.extract_task_vector import extract_task_vector
+    from tools.make_tiny_wavlm import make_tiny_wavlm
+
+    base_dir = make_tiny_wavlm(tmp_path / "base", seed=0)
+    base = load_file(str(base_dir / "model.safetensors"))
+    model = _peft_wavlm(base_dir, dict(r=4, lora_alpha=8, use_rslora=True))
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    merged = model.merge_and_unload().state_dict()
+    out = extract_task_vector(base_dir, tmp_path / "adapter", "SER", tmp_path / "ser.safetensors", verbose=False)
+    tv = load_task_vector(out)
+    assert tv.metadata["kind"] == "peft" and len(tv.factors) == 12
+    fv = low_rank.cached_factored(out, 1)
+    for key in tv.factors:
+        assert fv.rank(key) == 4
+        assert torch.allclose(fv.delta(key), merged[key] - base[key], rtol=0, atol=1e-6), key
+    untouched = "encoder.layers.0.attention.k_proj.weight"  # not a LoRA target: ΔW = 0
+    assert float(tv.delta[untouched].abs().max()) == 0.0
+
+
 def test_spectrum_tool_energy_per_group(tmp_path):
     """Known spectra: layer 1's matrix has singular values 3, 2, 1 (energy 9/14 at r=1), the CNN conv is zero."""
     import tools.task_vector_spectrum as spec

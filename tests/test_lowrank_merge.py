@@ -66,6 +66,25 @@ def test_lowrank_equals_functional_on_the_same_truncated_vectors(tiny, kw, rank)
     assert sum(k.endswith("_proj.weight") for k in m.lowrank_routed) == 4 * 4  # q, k, v, out of 4 layers
 
 
+def test_zero_cnn_delta_is_not_routed_and_equals_functional(tiny):
+    """The fine-tuning recipes freeze the CNN, so its ΔW is 0 in every vector (rank 0): the mini demo's
+    setup4_dual_lowrank failed in conv1d ("expected weight to be at least 1 at dimension 0, but got weight of size
+    [0, 1, 10]"). Those weights are merged by autograd; the rest stays on the no-dW path."""
+    base, asr, ser = tiny
+
+    def frozen_cnn(vec):
+        return {k: (torch.zeros_like(v) if k.startswith("feature_extractor.") else v) for k, v in vec.items()}
+
+    vectors = (base, frozen_cnn(asr), frozen_cnn(ser))
+    m_ref, m = _model(vectors, "functional"), _model(vectors, "lowrank")
+    (h_ref, g_ref), (h, g) = _run(m_ref), _run(m)
+    assert (h - h_ref).abs().max().item() <= 1e-5
+    assert torch.allclose(g, g_ref, rtol=1e-5, atol=1e-5), (g - g_ref).abs().max()
+    assert all(m.lowrank_ranks[k] == (0, 0) for k in m.lowrank_ranks if k.startswith("feature_extractor.conv"))
+    assert not any(k.startswith("feature_extractor.conv_layers.") for k in m.lowrank_routed)
+    assert sum(k.endswith("_proj.weight") for k in m.lowrank_routed) == 4 * 4
+
+
 def test_truncation_changes_the_model_and_full_rank_does_not(tiny):
     """delta_rank really truncates (the reference at r=3 differs from the exact merge), and the factors of a
     rank that keeps everything reproduce the exact merge."""

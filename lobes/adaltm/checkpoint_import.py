@@ -52,6 +52,13 @@ still carries A and B. With ``base_state`` given, each LoRA module is classified
   returned weight = stored + B@A*scaling, and a warning is logged.
 
 Without ``base_state`` a LoRA checkpoint is refused (the two cases cannot be told apart).
+
+peft LoRA (``"peft"``, detected from the ``base_model.model.`` key root): a ``save_pretrained`` adapter directory
+(``adapter_config.json`` + ``adapter_model.safetensors``, keys ``<module>.lora_A.weight``; the backbone is then
+``base_state``) or a ``PeftModel.state_dict()`` file beside its ``adapter_config.json`` (``.lora_A.default.weight``,
+``.base_layer.weight``). The names become loralib's and the pairs are folded as above, with peft's scaling from
+the config: ``lora_alpha / r``, ``lora_alpha / √r`` with ``use_rslora``, r and alpha per module from
+``rank_pattern`` / ``alpha_pattern``. DoRA, LoRA biases and several adapters are refused.
 The per-layer ||B@A*scaling|| (Frobenius over the layer's LoRA modules) is logged and put in ``info``.
 
 Weight norm: the positional convolution ``encoder.pos_conv_embed.conv`` uses weight norm; older checkpoints
@@ -70,12 +77,12 @@ from pathlib import Path
 
 import torch
 
-from lobes.adaltm.lora_import import merge_lora
+from lobes.adaltm.lora_import import is_peft_state, merge_lora, peft_to_loralib
 from lobes.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("auto", "hf", "hf_ctc", "speechbrain", "voxprofile")
+KINDS = ("auto", "hf", "hf_ctc", "speechbrain", "voxprofile", "peft")
 
 # The key every WavLMModel has exactly once: it locates the backbone prefix in any wrapper.
 ANCHOR_KEY = "feature_projection.projection.weight"
@@ -101,6 +108,8 @@ HF_WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # peft's save_pretrained
 _TORCH_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -167,8 +176,8 @@ def _read_sharded(index_path, fetch=None):
 
 
 # ------------------------------------------------------------------------------------------ source resolving
-def _read_config(directory):
-    cfg = Path(directory) / "config.json"
+def _read_config(directory, name="config.json"):
+    cfg = Path(directory) / name
     if not cfg.is_file():
         return None
     try:
@@ -209,6 +218,9 @@ def _resolve_local(path):
         return _read_weight_file(path), [str(path)], config
     if not path.is_dir():
         raise DataError(f"{path}: checkpoint not found (neither a file, a directory nor a hub id)")
+    for name in PEFT_WEIGHT_FILES if (path / PEFT_CONFIG).is_file() else ():
+        if (path / name).is_file():
+            return _read_weight_file(path / name), [str(path / name)], _read_config(path)
     for name in HF_WEIGHT_FILES:
         if (path / name).is_file():
             return _read_weight_file(path / name), [str(path / name)], _read_config(path)
@@ -323,6 +335,42 @@ def _compare_to_base(state, base_state):
     return changed
 
 
+def _peft_state(raw, kind, files, base_state, lora_alpha, where):
+    """A peft LoRA checkpoint as loralib names (lora_import) -> (state, {module: scaling}, lora_alpha); other
+    checkpoints pass unchanged with scalings None. Its scaling comes from the adapter_config.json beside it."""
+    if not is_peft_state(raw):
+        if kind == "peft":
+            raise DataError(f"{where}: expected a peft checkpoint, but no key starts with 'base_model.model.'")
+        return raw, None, lora_alpha
+    if kind not in ("auto", "peft"):
+        raise DataError(f"{where}: a peft checkpoint (keys 'base_model.model.*'), not '{kind}'; use kind peft")
+    if lora_alpha is not None:
+        raise DataError(f"{where}: lora_alpha is given, but a peft checkpoint's comes from its {PEFT_CONFIG}")
+    cfg = _read_config(Path(files[0]).parent, PEFT_CONFIG) if files and Path(files[0]).exists() else None
+    state, scalings = peft_to_loralib(raw, cfg, base_state, ANCHOR_KEY, where)
+    return state, scalings, cfg["lora_alpha"]
+
+
+def _case_vs_base(state, base_state, lora, where):
+    """``info`` fields saying what the checkpoint is against its base: ``case`` (and ``changed_keys_vs_base``)."""
+    if base_state is None:
+        return {"case": "full weights (no LoRA keys; not compared to a base)"}
+    changed = _compare_to_base(state, base_state)
+    out = {"changed_keys_vs_base": len(changed)}
+    if lora is not None:
+        lora_w = {m + ".weight" for m in lora["modules"]}
+        others = [k for k in changed if k not in lora_w]
+        out["case"] = (f"LoRA ({lora['case']}) on {len(lora['modules'])} modules; "
+                       + ("rest of the backbone equals the base, so the task vector is zero elsewhere"
+                          if not others else f"{len(others)} other keys also differ from the base"))
+    elif changed:
+        out["case"] = f"full weights, {len(changed)} of {len(state)} keys differ from the base"
+    else:
+        out["case"] = "identical to the base: the task vector is zero (frozen backbone?)"
+        logger.warning("%s: backbone equals the base state; its task vector is all zeros", where)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ public API
 def load_backbone_state(source, kind="auto", base_state=None, lora_alpha=None):
     """Load a WavLM backbone state dict in canonical ``WavLMModel`` key names.
@@ -342,11 +390,12 @@ def load_backbone_state(source, kind="auto", base_state=None, lora_alpha=None):
         raise DataError(f"{source}: unknown checkpoint kind '{kind}' (choose from {KINDS})")
     raw, files, config = _resolve(source)
     where = files[0] if files else str(source)
+    raw, scalings, lora_alpha = _peft_state(raw, kind, files, base_state, lora_alpha, where)
     prefix = _find_prefix(raw, where)
-    detected = _detect_kind(prefix, files, where)
+    detected = "peft" if scalings else _detect_kind(prefix, files, where)
     if kind == "auto":
         kind = detected
-    elif prefix not in PREFIXES[kind]:
+    elif kind != "peft" and prefix not in PREFIXES[kind]:
         raise DataError(f"{where}: expected a '{kind}' checkpoint (backbone prefix {PREFIXES[kind]}), "
                         f"but its WavLM keys start with '{prefix}' (looks like '{detected}')")
 
@@ -358,21 +407,13 @@ def load_backbone_state(source, kind="auto", base_state=None, lora_alpha=None):
     has_param = any(".parametrizations.weight.original" in k for k in state)
     weight_norm = "legacy weight_g/weight_v (renamed)" if legacy else ("parametrizations" if has_param else "none")
 
-    state, lora = merge_lora(state, base_state, lora_alpha, where)
+    scalings = scalings and {m[len(prefix):]: v for m, v in scalings.items()}
+    state, lora = merge_lora(state, base_state, lora_alpha, where, scalings=scalings)
     state, converted = _to_float32_cpu(state)
 
-    info = {
-        "source": str(source),
-        "kind": kind,
-        "files": files,
-        "prefix": prefix,
-        "dropped_keys": dropped,
-        "weight_norm": weight_norm,
-        "lora": lora,
-        "num_keys": len(state),
-        "converted_dtypes": converted,
-        "config": config,
-    }
+    info = {"source": str(source), "kind": kind, "files": files, "prefix": prefix, "dropped_keys": dropped,
+            "weight_norm": weight_norm, "lora": lora, "num_keys": len(state), "converted_dtypes": converted,
+            "config": config}
     if config and kind == "voxprofile":
         info["voxprofile_finetune_method"] = config.get("finetune_method")
         info["voxprofile_lora_rank"] = config.get("lora_rank")
@@ -380,22 +421,7 @@ def load_backbone_state(source, kind="auto", base_state=None, lora_alpha=None):
             logger.warning("%s: config says finetune_method=%s but the weights carry no LoRA keys",
                            where, config.get("finetune_method"))
 
-    if base_state is not None:
-        changed = _compare_to_base(state, base_state)
-        info["changed_keys_vs_base"] = len(changed)
-        if lora is not None:
-            lora_w = {m + ".weight" for m in lora["modules"]}
-            others = [k for k in changed if k not in lora_w]
-            info["case"] = (f"LoRA ({lora['case']}) on {len(lora['modules'])} modules; "
-                            + ("rest of the backbone equals the base, so the task vector is zero elsewhere"
-                               if not others else f"{len(others)} other keys also differ from the base"))
-        elif changed:
-            info["case"] = f"full weights, {len(changed)} of {len(state)} keys differ from the base"
-        else:
-            info["case"] = "identical to the base: the task vector is zero (frozen backbone?)"
-            logger.warning("%s: backbone equals the base state; its task vector is all zeros", where)
-    else:
-        info["case"] = "full weights (no LoRA keys; not compared to a base)"
+    info.update(_case_vs_base(state, base_state, lora, where))
     logger.info("%s: kind=%s prefix='%s' keys=%d dropped=%d weight_norm=%s case=%s",
                 where, kind, prefix, len(state), len(dropped), weight_norm, info["case"])
     return state, info

@@ -212,7 +212,9 @@ def setup_factors(model):
             model.lowrank_factors[name + suffix] = torch.nn.Parameter(
                 torch.cat([pair[i] for pair in pairs], 1).contiguous(), requires_grad=False)
         model.lowrank_ranks[key] = tuple(u.shape[1] for u, _ in pairs)
-        if _routable(model, key):
+        # a zero ΔW in every vector (rank 0: the CNN that the fine-tuning recipes freeze) has no r-wide path; a
+        # conv with 0 output channels is an error, so it is merged by autograd (W_base + an empty product)
+        if sum(model.lowrank_ranks[key]) > 0 and _routable(model, key):
             model.lowrank_routed.add(key)
 
 
