@@ -91,7 +91,7 @@ def test_cli_writes_table(exps, tmp_path, capsys):
     assert capsys.readouterr().out == text
 
 
-def test_one_experiment_in_several_rows(tmp_path):
+def test_one_experiment_in_several_rows(tmp_path, capsys):
     write(tmp_path / "dual" / "metrics.json", {
         "experiment": "dual", "test": {"uar": 0.3894, "precision": 0.3426, "macro_f1": 0.352},
         "table_rows": [{"part": "Part 4: Granularity", "row": "Adaptive Layer-wise Merging (Ours)", "order": 3},
@@ -105,6 +105,11 @@ def test_one_experiment_in_several_rows(tmp_path):
     write(tmp_path / "dual" / "metrics.json", {"test": {"uar": 0.3}, "table_rows": {"part": "x"}})
     with pytest.raises(DataError, match="'table_rows' must be"):
         CR.collect([tmp_path])
+    # table_rows: [] keeps a run out of the table (rows beyond the paper, e.g. setup4_dual_lowrank), named on stderr
+    write(tmp_path / "lowrank" / "metrics.json", {"test": {"uar": 0.3}, "table_rows": []})
+    write(tmp_path / "dual" / "metrics.json", {"test": {"uar": 0.5}, "row": "Setup 4"})
+    assert [r["label"] for r in CR.collect([tmp_path])] == ["Setup 4"]
+    assert "lowrank/metrics.json has table_rows: [] (not a table row), left out" in capsys.readouterr().err
 
 
 def test_bad_inputs(tmp_path):
