@@ -29,6 +29,7 @@ Variants (λ: 2 task vectors x 13 groups for a 12-layer model):
                       vectors as factors U Vᵀ, no dW GEMM (issue 24). Their vectors have a synthetic spectrum
                       σ_i ∝ i^-0.75 per matrix (``synthetic_factored``): time and memory depend on the rank only,
                       and energy 0.9 of that spectrum keeps ~10% of each matrix's rank (printed per run).
+                      (``_cnngc`` / ``_gc`` suffixes: checkpointing, as for the other variants)
 ``bf16_error`` (not a training variant) measures what bf16 ΔW does to the merged weights and hidden states.
 """
 import argparse
@@ -152,7 +153,7 @@ def build(variant, model_dir, vector_dir=None):
         vectors = {f"tv{i}": synthetic_factored(state, spec, seed=i + 1) for i in range(NUM_VECTORS)}
         del state
         enc = MergedWavLM(model_dir, vectors, lambda_mode="layerwise", merge_impl="lowrank", delta_rank=spec,
-                          gradient_checkpointing="_gc" in variant)
+                          gradient_checkpointing="cnn" if "_cnngc" in variant else "_gc" in variant)
         del vectors
         enc.train()
         return enc, [enc.lambdas.lam]
