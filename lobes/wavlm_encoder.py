@@ -102,7 +102,19 @@ def run_wavlm(model, wavs, wav_lens, normalize=True):
     return hidden, fmask
 
 
-class WavLMEncoder(torch.nn.Module):
+class WavLMShape:
+    """``num_layers`` / ``hidden_size`` of a module that holds a transformers WavLM as ``self.model``."""
+
+    @property
+    def num_layers(self):
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self):
+        return self.model.config.hidden_size
+
+
+class WavLMEncoder(WavLMShape, torch.nn.Module):
     """A plain (fine-tunable or frozen) WavLM returning all hidden states.
 
     Used by the ASR-CTC, SER and MTL recipes; AdaLTM uses :class:`lobes.adaltm.merged_wavlm.MergedWavLM`, which has
@@ -193,14 +205,6 @@ class WavLMEncoder(torch.nn.Module):
             spec_embed.requires_grad_(False)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    @property
-    def num_layers(self):
-        return self.model.config.num_hidden_layers
-
-    @property
-    def hidden_size(self):
-        return self.model.config.hidden_size
 
     def export_state(self):
         """The fine-tuned weights to export (without ``training_only_keys``)."""

@@ -11,6 +11,7 @@
 import importlib.util
 import json
 import shutil
+import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +32,15 @@ def _load_recipe(relpath):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to open a network connection fails the test (exports and cards load without a hub)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:]}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -27,14 +26,6 @@ TINY_LM = ROOT / "tools/fixtures/tiny_lm_pretrained"
 DECODING = {"train_tasks": ["asr", "ser"], "asr_max_decode_len": 12, "ser_max_decode_len": 6, "num_beams": 1,
             "length_penalty": 1.0}
 
-
-@pytest.fixture
-def offline(monkeypatch):
-    """Any attempt to open a network connection fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[1:]}")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture

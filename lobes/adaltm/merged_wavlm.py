@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from lobes.adaltm import layer_groups, low_rank, lowrank_linear, merged_linear
 from lobes.adaltm.merge_coefficients import MergeCoefficients
 from lobes.errors import DataError
-from lobes.wavlm_encoder import load_wavlm, run_wavlm
+from lobes.wavlm_encoder import WavLMShape, load_wavlm, run_wavlm
 
 
 def _release_freed_memory():
@@ -240,7 +240,7 @@ class _MergedGroup(torch.nn.Module):
         return self._call(*args, **kwargs)
 
 
-class MergedWavLM(torch.nn.Module):
+class MergedWavLM(WavLMShape, torch.nn.Module):
     """Frozen base + frozen task vectors + learnable λ (see module docstring).
 
     Arguments
@@ -351,14 +351,6 @@ class MergedWavLM(torch.nn.Module):
                 local = key[len(path) + 1:]
                 return path, local
         return None, key
-
-    @property
-    def num_layers(self):
-        return self.model.config.num_hidden_layers
-
-    @property
-    def hidden_size(self):
-        return self.model.config.hidden_size
 
     @property
     def num_groups(self):

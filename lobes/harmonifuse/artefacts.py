@@ -29,6 +29,7 @@ import torch
 
 from lobes.errors import DataError
 from lobes.io_utils import atomic_dir, atomic_path, atomic_write
+from lobes.wavlm_encoder import WavLMShape
 
 logger = logging.getLogger(__name__)
 FORMAT = 1
@@ -40,7 +41,7 @@ LM_DIR = "lm"
 DECODING_KEYS = ("train_tasks", "asr_max_decode_len", "ser_max_decode_len", "num_beams", "length_penalty")
 
 
-class SharedWavLM(torch.nn.Module):
+class SharedWavLM(WavLMShape, torch.nn.Module):
     """A fine-tuned WavLM rebuilt from its config and weights (no source checkpoint needed), with the
     ``forward(wavs, wav_lens) -> (hidden states, frame mask)`` of :class:`lobes.wavlm_encoder.WavLMEncoder` in
     eval mode; its parameters are named as there (``model.*``)."""
@@ -51,14 +52,6 @@ class SharedWavLM(torch.nn.Module):
         super().__init__()
         self.model = WavLMModel(WavLMConfig.from_dict(dict(config))).eval()
         self.normalize_wav = bool(normalize_wav)
-
-    @property
-    def num_layers(self):
-        return self.model.config.num_hidden_layers
-
-    @property
-    def hidden_size(self):
-        return self.model.config.hidden_size
 
     @torch.no_grad()
     def forward(self, wavs, wav_lens):
