@@ -149,14 +149,16 @@ class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):
         by_ptr = {w.untyped_storage()._cdata: name for name, w in merged.items() if w.numel()}
         coeffs = coeffs.detach().clone() if isinstance(coeffs, torch.Tensor) else list(coeffs)
 
-        self.outer = None
+        # the enclosing hooks, set on entering; a cell, not ``self``: a closure over self would make a reference
+        # cycle (self -> pack -> self) that keeps λ's copy alive until the garbage collector runs
+        self._outer = outer = [None]
 
         def pack(t):
             if t.layout == torch.strided and t.numel():
                 name = by_ptr.get(t.untyped_storage()._cdata)
                 if name is not None:
                     return _Recipe(name, t.size(), t.stride(), t.storage_offset(), t.dtype)
-            return t if self.outer is None else _Outer(self.outer[0](t), self.outer[1])
+            return t if outer[0] is None else _Outer(outer[0][0](t), outer[0][1])
 
         def unpack(x):
             if isinstance(x, _Recipe):
@@ -169,7 +171,7 @@ class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
     def __enter__(self):
-        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # (pack, unpack) or None
+        self._outer[0] = torch._C._autograd._top_saved_tensors_default_hooks(False)  # (pack, unpack) or None
         return super().__enter__()
 
 
