@@ -185,7 +185,7 @@ def gather_entries(local, round_bytes=256 * 2 ** 20):
     is held beyond the result is one round's buffers of all ranks; on CUDA (NCCL) tensors on the current device."""
     dist = torch.distributed
     world = dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
     rounds, size = [[]], 0
     for uid, t in local.items():
         nbytes = t.numel() * t.element_size()
@@ -200,6 +200,8 @@ def gather_entries(local, round_bytes=256 * 2 ** 20):
     for k in range(max(len(lay) for lay in layouts)):
         parts = [lay[k] if k < len(lay) else [] for lay in layouts]
         longest = max(sum(e[3] for e in part) for part in parts)
+        if not longest:  # no rank has an entry (an empty split)
+            continue
         send = torch.zeros(longest, dtype=torch.uint8, device=device)
         if parts[dist.get_rank()]:
             flat = torch.cat([local[uid].reshape(-1).view(torch.uint8) for uid, *_ in parts[dist.get_rank()]])
