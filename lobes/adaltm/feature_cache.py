@@ -181,8 +181,9 @@ def ram_entries(encoder, plan, load, spec, device, batch_seconds, split_over=Non
 def gather_entries(local, round_bytes=256 * 2 ** 20):
     """Every rank's {utt_id: CPU tensor} on every rank (all-gather over the initialised process group).
 
-    Each rank sends its entries as raw bytes in rounds of at most ``round_bytes`` (one entry at least), so what
-    is held beyond the result is one round's buffers of all ranks; on CUDA (NCCL) tensors on the current device."""
+    Each rank sends its entries as raw bytes in rounds of at most ``round_bytes`` (one entry at least) and drops
+    them from ``local`` once sent (they come back in the result), so what is held beyond the result is one
+    round's buffers of all ranks, not this rank's share twice; on CUDA (NCCL) the buffers are on the device."""
     dist = torch.distributed
     world = dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
@@ -208,6 +209,8 @@ def gather_entries(local, round_bytes=256 * 2 ** 20):
             send[: flat.numel()] = flat.to(device)
         recv = [torch.empty_like(send) for _ in range(world)]
         dist.all_gather(recv, send)
+        for uid, *_ in parts[dist.get_rank()]:
+            del local[uid]
         for part, buf in zip(parts, recv):
             buf, offset = buf.cpu(), 0
             for uid, shape, dtype, nbytes in part:
