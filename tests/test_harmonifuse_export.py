@@ -214,6 +214,19 @@ def test_a_corrupted_weight_is_refused_nothing_replaced_nothing_uploaded(trained
     assert [p.name for p in out.iterdir()] == [A.INFO_FILE] and (out / A.INFO_FILE).read_text() == "an earlier export"
 
 
+def test_without_a_checkpoint_the_export_is_checked_against_the_shared_artefacts(trained, tmp_path, caplog):
+    """An experiment whose save/ is gone (kept its shared artefacts only) is checked against those, said so."""
+    from tools.export_harmonifuse import export_harmonifuse
+
+    (trained / "save").rename(trained / "save.away")
+    try:
+        out, check = export_harmonifuse(trained, tmp_path / "export")
+    finally:
+        (trained / "save.away").rename(trained / "save")
+    assert check["reference"] == A.INFO_FILE and check["difference"] <= 1e-6 and check["tolerance"] == 1e-4
+    assert f"{trained}: no checkpoint" in caplog.text and (out / A.INFO_FILE).is_file()
+
+
 def _perturbed_model(tmp_path, **overrides):
     """The recipe YAML's SpeechLM on the tiny fixtures, every trainable weight moved (as training would)."""
     h, _, _ = load_hparams(str(YAML), {"msp_folder": "unused", "libri_folder": "unused",
