@@ -341,6 +341,18 @@ def test_nj_runs_a_stages_jobs_side_by_side_with_the_same_arguments(tmp_path):
     assert not (tmp_path / "a" / "e" / "logs").exists()  # nj 1: the output stays on the terminal, as before
 
 
+def test_mini_runs_one_job_per_core_and_2_gib(tmp_path):
+    """--mini true without --nj: as many one-thread jobs at once as there are cores and 2 GiB blocks available (the
+    default once wrote an awk 'print n > 1 ...' that redirected to a file named 1 and ran everything serially)."""
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) // 2097152
+    expected = max(1, min(len(os.sched_getaffinity(0)), avail))
+    proc, events = _timed_run(tmp_path, ["--mini", "true", "--stop_stage", "2"])
+    assert proc.returncode == 0, proc.stderr
+    assert _running_at_once(events) == min(expected, 3)  # 3 source models in stages 1-2
+    assert not (ROOT / "1").exists()
+
+
 def test_nj_a_failed_job_stops_the_recipe_after_its_stage_naming_it(tmp_path):
     proc, events = _timed_run(tmp_path, ["--nj", "2"], FAIL_LIBRI="1")
     assert proc.returncode == 1

@@ -7,7 +7,7 @@
 #   exp=exp/my_recipe      # everything it writes          --help lists them with their comments
 #   . "${root}/tools/recipe_lib.sh"  # --name value for every declared option; what follows -- stays in "$@"
 #
-# After it: log, launch, pool_start / pool_run / pool_wait (a stage's jobs side by side: --nj), is_node0,
+# After it: log, launch, pool_start / pool_run / pool_wait / cpu_jobs (a stage's jobs side by side: --nj), is_node0,
 # node0_begin, node0_end and ${py} are defined, the working directory is ${root}, and ${root} is on PYTHONPATH. The full command line is logged and, when the recipe declares ${exp}, written (by
 # node 0) to ${exp}/run_cmd.sh (a script that replays this invocation; ESPnet keeps the same record) and appended to
 # ${exp}/run_cmd.history. PYTORCH_CUDA_ALLOC_CONF is expandable_segments:True unless the caller set it (or
@@ -196,6 +196,14 @@ if [ "${nnodes}" -gt 1 ] && is_node0; then trap _node0_exit EXIT; fi
 # With nj > 1 and GPUs (device not cpu, nvidia-smi present), job slot s sees only GPUs s*ngpu .. (s+1)*ngpu-1 of
 # CUDA_VISIBLE_DEVICES (or of all GPUs): nj x ngpu GPUs are needed, checked before the first job. One node only:
 # the nodes' rendezvous sequence must be the same everywhere, which background jobs would not keep.
+cpu_jobs() {  # how many one-thread CPU jobs fit: one per core, at most one per 2 GiB available (a mini run: 1.5)
+    local cores mem
+    cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)   # nproc alone reports OMP_NUM_THREADS
+    mem=$(awk '/^MemAvailable:/ { print int($2 / 2097152) }' /proc/meminfo 2>/dev/null || echo 1)
+    [ "${mem:-0}" -lt "${cores}" ] && cores=${mem:-1}
+    echo $(( cores > 1 ? cores : 1 ))
+}
+
 _pool_n=1 _pool_dir= _pool_gpus=()
 declare -A _pool_job=() _pool_slot_of=() _pool_t0=()   # pid -> name, pid -> slot, pid -> start time
 _pool_slots=()                                        # slot -> pid ('' = free)

@@ -59,7 +59,7 @@ if [ "${mini}" = true ]; then
     constant='--lr_schedulers={"opt_class":null,"backbone_opt_class":null}'
     # (launch keeps the last of a repeated --key=value: --asr_args / --ser_args / --adaltm_args and -- override these)
     # the independent runs of a stage side by side, one core and at most ~2 GiB each (the same numbers)
-    nj=${nj:-$(awk -v c="$(nproc)" '/^MemAvailable:/ { m = int($2 / 2097152); n = c < m ? c : m; print n > 1 ? n : 1 }' /proc/meminfo)}
+    nj=${nj:-$(cpu_jobs)}
     asr_args="--number_of_epochs=30 --batch_size=4 --lr=0.02 --lr_wavlm=0.01 --mask_time_prob=0.2 ${constant} ${asr_args}"
     ser_args="--number_of_epochs=30 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${constant} ${ser_args}"
     adaltm_args="--number_of_epochs=30 --lr=0.01 --batch_size=8 --head_hidden=64 --num_bootstraps=200 ${adaltm_args}"

@@ -86,7 +86,7 @@ if [ "${mini}" = true ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     # the independent runs of a stage side by side, one core and at most ~2 GiB each (a run peaks at 1.5 GiB RSS):
     # the same numbers in less wall time
-    nj=${nj:-$(awk -v c="$(nproc)" '/^MemAvailable:/ { m = int($2 / 2097152); n = c < m ? c : m; print n > 1 ? n : 1 }' /proc/meminfo)}
+    nj=${nj:-$(cpu_jobs)}
     asr_args="--number_of_epochs=60 --batch_size=4 --lr=0.02 --lr_wavlm=0.01 --mask_time_prob=0.2 ${asr_args}"
     asr_args="--lr_schedulers={\"opt_class\":null,\"backbone_opt_class\":null} ${asr_args}"
     ser_args="--number_of_epochs=15 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${ser_args}"

@@ -50,7 +50,7 @@ extra=("$@")                # passed to every train.py
 if [ "${mini}" = true ]; then
     msp_folder=${msp_folder:-${exp}/data/MSP-Podcast}
     # the rows side by side, one core and at most ~2 GiB each (the same numbers in less wall time)
-    nj=${nj:-$(awk -v c="$(nproc)" '/^MemAvailable:/ { m = int($2 / 2097152); n = c < m ? c : m; print n > 1 ? n : 1 }' /proc/meminfo)}
+    nj=${nj:-$(cpu_jobs)}
     libri_folder=${libri_folder:-${exp}/data/LibriSpeech}
     [ "${wavlm_source}" = microsoft/wavlm-large ] && wavlm_source=${root}/tools/fixtures/tiny_wavlm_pretrained
     [ "${lm_source}" = Qwen/Qwen2.5-0.5B ] && lm_source=${root}/tools/fixtures/tiny_lm_pretrained
