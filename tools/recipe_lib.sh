@@ -214,6 +214,10 @@ pool_start() {  # pool_start <logdir>
     _pool_n=${nj:-1}
     [[ ${_pool_n} =~ ^[1-9][0-9]*$ ]] || { echo "--nj must be a positive integer, not '${_pool_n}'" >&2; exit 1; }
     [ "${_pool_n}" -eq 1 ] && return 0
+    if (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501 )); then   # wait -n -p
+        echo "--nj ${_pool_n} needs bash 5.1 or newer (this is ${BASH_VERSION}); --nj 1 runs with any bash 4+" >&2
+        exit 1
+    fi
     if [ "${nnodes}" -gt 1 ]; then
         echo "--nj ${_pool_n} needs one node (--nnodes ${nnodes}): run the jobs of a stage one after another" >&2
         exit 1
