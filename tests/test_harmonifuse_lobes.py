@@ -520,6 +520,24 @@ def test_speech_lm_wavlm_overfits_and_generates(tiny_dirs):
     assert m.fusion_weights("asr")["lm_dynamic_mean"] is None
 
 
+def test_simplex_fusion_trains_and_decodes_with_the_same_beta(tiny_dirs):
+    """form simplex with an input-dependent β: generate equals the reference greedy loop (β of the left-padded
+    prefix), and the teacher-forced β does not depend on the targets (only the prefix is pooled)."""
+    torch.manual_seed(0)
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), fusion={"form": "simplex"}).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(m.lm_fusion.ffn[2].weight)
+        m.lm_fusion.layer_bias.normal_()
+    wavs, lens = torch.randn(2, 1600), torch.tensor([1.0, 0.6])
+    hyp = m.generate(wavs, lens, "asr", max_len=10)
+    assert hyp == reference_greedy(m, wavs, lens, "asr", 10) and sum(len(h) for h in hyp) > 5
+    with torch.no_grad():
+        beta = m(wavs, lens, "asr", ["HELLO", "OK"]).lm_weights
+        other = m(wavs, lens, "asr", ["X", "ANOTHER ONE"]).lm_weights
+    assert torch.allclose(beta, other, atol=1e-6) and (beta - beta[:1]).abs().max() > 1e-3  # input-dependent
+    assert beta.min() >= 0 and (beta.sum(-1) - 1).abs().max() < 1e-6 and beta[:, :3].max() > 0.01
+
+
 def _markov_lm(m, rows, start, d=32):
     """Make m's LM a first-order Markov chain: every layer adds nothing (o_proj, down_proj = 0), so the final
     state is RMSNorm(embedding of the last input) and logits = W_head · that. Token i (or the start vector)
