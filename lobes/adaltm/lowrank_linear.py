@@ -36,10 +36,29 @@ def expand_lambda(lam, ranks):
     return torch.cat([lam[k].expand(r) for k, r in enumerate(ranks)]) if ranks else lam[:0]
 
 
-def _lambda_grad(du, p, ranks, dtype):
-    """dL/dλ_k = Σ over tokens and the k-th r_k columns of (δ U) ⊙ p, reduced in λ's dtype."""
-    s = (du.to(dtype) * p.to(dtype)).reshape(-1, du.shape[-1]).sum(0)
+def _lambda_grad(du, p, ranks, dtype, dim=-1):
+    """dL/dλ_k = Σ over tokens and the k-th r_k columns (along ``dim``) of (δ U) ⊙ p, reduced in λ's dtype."""
+    prod = du.to(dtype) * p.to(dtype)
+    s = prod.sum([d for d in range(prod.dim()) if d != dim % prod.dim()])
     return torch.stack([c.sum() for c in s.split(list(ranks))])
+
+
+def _single(x):
+    return int(x[0]) if isinstance(x, (tuple, list)) else int(x)
+
+
+def _conv1d_input_grad(dy, w, length, stride, padding, dilation):
+    """dL/dx of ``conv1d`` (groups = 1) as one GEMM per kernel tap, dx[:, :, t·s + j·d - pad] += W[:, :, j]ᵀ δ[:, :, t],
+    accumulated in place: x-sized memory once, plus one [B, in, T'] product at a time. Measured (2 x 4 s, the
+    CNN's second conv, benchmarks/RESULTS.md section 11): ``torch.nn.grad.conv1d_input`` allocates 4 x-sized
+    blocks (it makes a stride-0 dummy input contiguous, twice) and ``F.conv_transpose1d`` 3; this, 1."""
+    stride, padding, dilation = _single(stride), _single(padding), _single(dilation)
+    t_out = dy.shape[-1]
+    dx = dy.new_zeros(dy.shape[0], w.shape[1], length + 2 * padding)
+    for j in range(w.shape[-1]):
+        start = j * dilation
+        dx[:, :, start:start + (t_out - 1) * stride + 1:stride] += torch.matmul(w[:, :, j].T, dy)
+    return dx[:, :, padding:padding + length] if padding else dx
 
 
 class LowRankLinear(torch.autograd.Function):
@@ -63,9 +82,10 @@ class LowRankLinear(torch.autograd.Function):
         du = dy @ u.to(cd)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (torch.addmm((dy @ base.to(cd)).reshape(-1, base.shape[1]),
-                              (du * lam_r.to(cd)).reshape(-1, u.shape[1]), v.to(cd).T)
-                  .view(*dy.shape[:-1], base.shape[1]).to(ctx.x_dtype))
+            # accumulated in place: one [tokens, in] tensor, not a second one for the sum
+            dx = (dy @ base.to(cd)).reshape(-1, base.shape[1])
+            dx.addmm_((du * lam_r.to(cd)).reshape(-1, u.shape[1]), v.to(cd).T)
+            dx = dx.view(*dy.shape[:-1], base.shape[1]).to(ctx.x_dtype)
         dlam = _lambda_grad(du, p, ctx.ranks, ctx.lam_dtype) if ctx.needs_input_grad[1] else None
         dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
         return dx, dlam, None, dbias, None, None, None
@@ -90,13 +110,13 @@ class LowRankConv1d(torch.autograd.Function):
         p, base, u, v, lam_r = ctx.saved_tensors
         ranks, x_shape, x_dtype, lam_dtype, stride, padding, dilation = ctx.conf
         cd = dy.dtype
-        du = torch.einsum("bot,or->btr", dy, u.to(cd))  # Uᵀ δ_t per frame, channels last like p below
+        du = torch.matmul(u.to(cd).T, dy)  # Uᵀ δ_t per frame [B, R, T'], like p (no channels-last copy of δ)
         dx = None
         if ctx.needs_input_grad[0]:  # the CNN's first conv reads the waveform: no dX there
             w = torch.addmm(base.reshape(base.shape[0], -1), u.to(base.dtype) * lam_r, v.to(base.dtype).T)
             w = w.view(base.shape).to(cd)
-            dx = torch.nn.grad.conv1d_input(x_shape, w, dy, stride, padding, dilation).to(x_dtype)
-        dlam = _lambda_grad(du, p.transpose(1, 2), ranks, lam_dtype) if ctx.needs_input_grad[1] else None
+            dx = _conv1d_input_grad(dy, w, x_shape[-1], stride, padding, dilation).to(x_dtype)
+        dlam = _lambda_grad(du, p, ranks, lam_dtype, dim=1) if ctx.needs_input_grad[1] else None
         dbias = dy.sum((0, 2)) if ctx.needs_input_grad[3] else None
         return dx, dlam, None, dbias, None, None, None, None, None, None
 
