@@ -508,6 +508,8 @@ def main(argv=None):
                       f"{C.gib(r['peak_rss']):5.2f} GiB  load {[round(x, 1) for x in r['loadavg_1min']]}", flush=True)
         bf16 = C.run_child(__file__, ["--child", "bf16_error", "--model-dir", model_dir])
         acts = C.run_child(__file__, ["--child", "saved_activations", "--model-dir", model_dir])
+        acts_lowrank = {v: C.run_child(__file__, ["--child", f"saved_activations:{v}", "--model-dir", model_dir])
+                        for v in variants if v == "lowrank_r32"}
         results = {v: C.aggregate(rs) for v, rs in runs.items()}
         C.add_ratios(results, "ft_all")
         C.print_table(results)
@@ -515,10 +517,14 @@ def main(argv=None):
         print(f"activations saved for backward (fine-tuning forward): {C.gib(acts['total_bytes']):.3f} GiB, of which "
               f"CNN {C.gib(acts['per_group_bytes'].get('CNN', 0)):.3f}, transformer layers "
               f"{C.gib(acts['transformer_layers_bytes']):.3f}")
+        for v, r in acts_lowrank.items():
+            print(f"  {v}: {C.gib(r['total_bytes']):.3f} GiB, CNN {C.gib(r['per_group_bytes'].get('CNN', 0)):.3f}, "
+                  f"transformer layers {C.gib(r['transformer_layers_bytes']):.3f}")
         C.save_json(a.out, {"machine": C.machine_info(), "command": " ".join(sys.argv), "steps": a.steps,
                             "warmup": a.warmup, "rounds": a.rounds, "mmap_threshold": a.mmap_threshold,
                             "batch": [BATCH, SECONDS], "wall_s": time.time() - t_start,
-                            "results": results, "runs": runs, "bf16_delta": bf16, "saved_activations": acts})
+                            "results": results, "runs": runs, "bf16_delta": bf16, "saved_activations": acts,
+                            "saved_activations_lowrank": acts_lowrank})
         print(f"\nwall {time.time() - t_start:.0f} s; written {a.out}")
     finally:
         shutil.rmtree(vector_dir, ignore_errors=True)
