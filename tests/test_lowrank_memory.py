@@ -1,9 +1,13 @@
 """Memory of the lowrank λ step's backward (issue 24's ≤ 0.7x peak goal; benchmarks/RESULTS.md section 11):
 the peak of tensor bytes alive during one backward, from torch.profiler's allocator events."""
+import contextlib
+
+import pytest
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from lobes.adaltm.lowrank_linear import LowRankConv1d, LowRankLinear
+from lobes.adaltm.lowrank_linear import LowRankConv1d, LowRankLinear, LowRankOps
 
 
 def _backward_peak_bytes(out, grad):
@@ -59,3 +63,27 @@ def test_linear_backward_allocates_dx_once():
     y = LowRankLinear.apply(x, lam, base, None, u, v, ranks)
     peak = _backward_peak_bytes(y, torch.randn_like(y))
     assert peak <= 1.2 * x.numel() * 4, peak / (x.numel() * 4)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_group_norm_gelu_pair_saves_its_input_only(bf16):
+    """The GroupNorm CNN's first layer, gelu(group_norm(x)), under LowRankOps saves x once (GroupNorm's own
+    save; GELU keeps no h), where plain autograd saves x and h: 2 x-sized tensors -> 1. Same output and
+    gradients as plain autograd, bit for bit (h is recomputed by the same kernel, under the same autocast)."""
+    torch.manual_seed(0)
+    x0, conv = torch.randn(2, 16, 502), torch.randn(16, 16, 3) / 7
+    w0, b0 = 1 + 0.1 * torch.randn(16), 0.1 * torch.randn(16)
+    results = {}
+    for mode in ("plain", "lowrank"):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        saved = []
+        ops = LowRankOps({}) if mode == "lowrank" else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, s=saved: s.append(t) or t, lambda t: t), ops, \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = F.gelu(F.group_norm(F.conv1d(x, conv), 16, w, b, 1e-5))
+        big = {t.untyped_storage().data_ptr() for t in saved if t.numel() == y.numel()}
+        dy = torch.linspace(-1, 1, y.numel()).view_as(y).to(y.dtype)
+        results[mode] = (y.detach(), *torch.autograd.grad(y, (x, w, b), dy), len(big))
+    assert results["plain"][-1] == 2 and results["lowrank"][-1] == 1
+    for ref, got in zip(results["plain"][:-1], results["lowrank"][:-1]):
+        assert torch.equal(ref, got)

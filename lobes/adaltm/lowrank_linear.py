@@ -22,7 +22,9 @@ call), so that call is run by :func:`self_attention`: the same steps as torch's 
 (self-attention, separate projection weights, float position-bias mask + key padding mask, no attention weights
 returned), with the four projections routed.
 """
+import contextlib
 import inspect
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +50,17 @@ def _single(x):
 
 
 def _conv1d_input_grad(dy, w, length, stride, padding, dilation):
-    """dL/dx of ``conv1d`` (groups = 1) as one GEMM per kernel tap, dx[:, :, t·s + j·d - pad] += W[:, :, j]ᵀ δ[:, :, t],
-    accumulated in place: x-sized memory once, plus one [B, in, T'] product at a time. Measured (2 x 4 s, the
-    CNN's second conv, benchmarks/RESULTS.md section 11): ``torch.nn.grad.conv1d_input`` allocates 4 x-sized
-    blocks (it makes a stride-0 dummy input contiguous, twice) and ``F.conv_transpose1d`` 3; this, 1."""
+    """dL/dx of ``conv1d`` (groups = 1). Not ``torch.nn.grad.conv1d_input``: it hands ``convolution_backward`` a
+    stride-0 dummy input of x's shape, which that makes contiguous, twice (4 x-sized blocks alive on CPU; 150 MiB
+    of them for the CNN's second conv at 2 x 4 s, benchmarks/RESULTS.md section 11). In fp32 / fp64: one GEMM per
+    kernel tap, dx[:, :, t·s + j·d - pad] += W[:, :, j]ᵀ δ[:, :, t], summed in place (x-sized memory once, plus
+    one [B, in, T'] product). In bf16 / fp16 the taps would be rounded before they are summed, so there it is
+    the transposed convolution, one kernel that accumulates in fp32 (3 x-sized blocks on CPU)."""
     stride, padding, dilation = _single(stride), _single(padding), _single(dilation)
     t_out = dy.shape[-1]
+    if dy.dtype not in (torch.float32, torch.float64):
+        out_pad = length - ((t_out - 1) * stride - 2 * padding + dilation * (w.shape[-1] - 1) + 1)
+        return F.conv_transpose1d(dy, w, None, stride, padding, out_pad, 1, dilation)
     dx = dy.new_zeros(dy.shape[0], w.shape[1], length + 2 * padding)
     for j in range(w.shape[-1]):
         start = j * dilation
@@ -121,6 +128,33 @@ class LowRankConv1d(torch.autograd.Function):
         return dx, dlam, None, dbias, None, None, None, None, None, None
 
 
+class GeluOfGroupNorm(torch.autograd.Function):
+    """gelu(h) for h = group_norm(x) (the GroupNorm CNN's first layer). Keeps x, which GroupNorm saves anyway,
+    instead of h, and gives dL/dh one utterance at a time from h_b recomputed from x_b (the same kernel on the
+    same values under the forward's autocast): the pair saves one x-sized tensor instead of two, and its
+    backward holds three instead of four (50 MiB each at 2 x 4 s; benchmarks/RESULTS.md section 11)."""
+
+    @staticmethod
+    def forward(ctx, h, x, groups, weight, bias, eps):
+        ctx.save_for_backward(x, weight, bias)
+        dev = x.device.type
+        autocast = (dev, torch.get_autocast_dtype(dev)) if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) \
+            else None
+        ctx.conf = (groups, eps, h.dtype, autocast)
+        return F.gelu(h)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        groups, eps, dtype, autocast = ctx.conf
+        dh = torch.empty_like(dy)
+        for b in range(x.shape[0]):  # group norm is per utterance: recompute h one utterance at a time
+            with torch.autocast(autocast[0], dtype=autocast[1]) if autocast else contextlib.nullcontext():
+                h = F.group_norm(x[b:b + 1], groups, weight, bias, eps)  # as the forward ran it
+            dh[b:b + 1] = torch.ops.aten.gelu_backward(dy[b:b + 1], h.to(dtype))
+        return dh, None, None, None, None, None
+
+
 class LowRankOps(TorchFunctionMode):
     """Within this context, ``F.linear`` / ``F.conv1d`` on a routed weight run :class:`LowRankLinear` /
     :class:`LowRankConv1d`, and WavLM's attention call runs :func:`self_attention`.
@@ -132,6 +166,7 @@ class LowRankOps(TorchFunctionMode):
     def __init__(self, routes):
         super().__init__()
         self.routes = routes
+        self._group_norm = None  # (weakref to the last group_norm output, its x, groups, weight, bias, eps)
 
     def linear(self, x, w, b=None):
         route = self.routes.get(id(w))
@@ -158,6 +193,17 @@ class LowRankOps(TorchFunctionMode):
                 lam, u, v, ranks = route
                 return LowRankConv1d.apply(bound["input"], lam, bound["weight"], bound.get("bias"), u, v, ranks,
                                            bound.get("stride", 1), bound.get("padding", 0), bound.get("dilation", 1))
+        elif func is F.group_norm:
+            out = func(*args, **kwargs)
+            b = _bind(("input", "num_groups", "weight", "bias", "eps"), args, kwargs)
+            self._group_norm = (weakref.ref(out), b["input"], b["num_groups"], b.get("weight"), b.get("bias"),
+                                b.get("eps", 1e-5))
+            return out
+        elif func is F.gelu:  # gelu straight on the last group_norm's output: keep x, not h (GeluOfGroupNorm)
+            gn, self._group_norm = self._group_norm, None
+            if (gn is not None and len(args) == 1 and gn[0]() is args[0] and kwargs.get("approximate", "none") == "none"
+                    and torch.is_grad_enabled() and args[0].requires_grad):
+                return GeluOfGroupNorm.apply(args[0], *gn[1:])
         elif func is F.multi_head_attention_forward:
             bound = _MHA_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()
