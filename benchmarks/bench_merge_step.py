@@ -282,7 +282,9 @@ def saved_activations(model_dir, variant="ft_all", vector_dir=None):
 def memory_timeline(model_dir, variant, vector_dir=None):
     """Live tensor bytes through one training step (after one warm-up step), from torch.profiler's CPU
     allocator events: the peak above the step's start, the phase it falls in (forward / backward / optimizer),
-    the op running at that moment, and each phase's own peak."""
+    the op running at that moment, each phase's own peak, the peak once the CNN's backward has begun, and the
+    blocks of >= 4 MiB alive at both peaks with the op that allocated them. Run outside the comparison:
+    ``--child memory_timeline:lowrank_r32 --model-dir DIR``."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
     from lobes.ser_head import SERHead
@@ -308,6 +310,13 @@ def memory_timeline(model_dir, variant, vector_dir=None):
         with record_function("phase:optimizer"):
             opt.step()
 
+    # the CNN's backward begins when its output's gradient arrives: a marker allocation of a unique size then
+    marker, kept = 777_777, []
+
+    def mark_cnn_backward(module, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda g: kept.append(torch.empty(marker, dtype=torch.uint8)))
+    enc.model.feature_extractor.register_forward_hook(mark_cnn_backward)
     step()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -324,20 +333,38 @@ def memory_timeline(model_dir, variant, vector_dir=None):
     def phase_of(t):
         return next((k for k, (t0, t1) in phases.items() if t0 <= t <= t1), "other")
 
-    live = peak = 0
-    at_peak, phase_peak = None, {}
+    def chain(node, depth):
+        names = []
+        while node is not None and len(names) < depth:
+            names.append(node.name.replace("autograd::engine::evaluate_function: ", ""))
+            node = node.parent
+        return " < ".join(names)
+
+    cnn_bwd = next((t for t, size, _ in allocs if size == marker), float("inf"))
+    live, peaks, alive, big = 0, {"step": 0, "cnn_backward": 0}, {}, {}
+    at_peak, phase_peak = {}, {}
     for t, size, node in allocs:
         live += size
+        if size > 0:
+            alive[node.typed[1].ptr] = (size, node)
+        else:
+            alive.pop(node.typed[1].ptr, None)
         ph = phase_of(t)
         phase_peak[ph] = max(phase_peak.get(ph, 0), live)
-        if live > peak:
-            peak, at_peak = live, (t, node)
-    ops, node = [], at_peak[1].parent
-    while node is not None and len(ops) < 5:
-        ops.append(node.name)
-        node = node.parent
-    C.emit({"variant": variant, "peak_live_bytes": peak, "end_live_bytes": live, "phase_peak_bytes": phase_peak,
-            "peak_phase": phase_of(at_peak[0]), "ops_at_peak": ops})
+        for name in ("step", "cnn_backward") if t >= cnn_bwd else ("step",):
+            if live > peaks[name]:
+                peaks[name], at_peak[name] = live, (t, node)
+                big[name] = [(sz, n) for sz, n in alive.values() if sz >= 4 * 2 ** 20]
+    blocks = {}
+    for name, items in big.items():  # blocks of >= 4 MiB alive at each peak, by size and allocating op
+        rows = {}
+        for sz, n in items:
+            key = f"{sz / 2 ** 20:.1f} MiB  {chain(n.parent, 6)}"
+            rows[key] = rows.get(key, 0) + 1
+        blocks[name] = sorted(rows.items(), key=lambda kv: -float(kv[0].split()[0]) * kv[1])
+    C.emit({"variant": variant, "peak_live_bytes": peaks["step"], "cnn_backward_peak_live_bytes": peaks["cnn_backward"],
+            "end_live_bytes": live, "phase_peak_bytes": phase_peak, "peak_phase": phase_of(at_peak["step"][0]),
+            "ops_at_peak": chain(at_peak["step"][1].parent, 5), "blocks_at_peaks": blocks})
 
 
 def rss_timeline(model_dir, variant, vector_dir=None):

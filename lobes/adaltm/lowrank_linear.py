@@ -152,6 +152,7 @@ class GeluOfGroupNorm(torch.autograd.Function):
             with torch.autocast(autocast[0], dtype=autocast[1]) if autocast else contextlib.nullcontext():
                 h = F.group_norm(x[b:b + 1], groups, weight, bias, eps)  # as the forward ran it
             dh[b:b + 1] = torch.ops.aten.gelu_backward(dy[b:b + 1], h.to(dtype))
+            del h  # before the next utterance's h exists
         return dh, None, None, None, None, None
 
 
