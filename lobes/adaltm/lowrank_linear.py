@@ -158,7 +158,8 @@ class GeluOfGroupNorm(torch.autograd.Function):
 
 class LowRankOps(TorchFunctionMode):
     """Within this context, ``F.linear`` / ``F.conv1d`` on a routed weight run :class:`LowRankLinear` /
-    :class:`LowRankConv1d`, and WavLM's attention call runs :func:`self_attention`.
+    :class:`LowRankConv1d`, WavLM's attention call runs :func:`self_attention`, and GELU straight on a group_norm
+    output runs :class:`GeluOfGroupNorm` (saves GroupNorm's input only).
 
     ``routes``: {id(base weight Parameter): (λ column [K], U [out, R], V [in, R], ranks)}. Keyed by object
     identity: the module reads its own stored W_base Parameter (it is not passed to ``functional_call``).
