@@ -35,12 +35,12 @@ def _header(path, what):
             raise DataError(f"{path}: {what} is truncated or not a safetensors file ({size} bytes, fewer than "
                             f"the {_LEN_BYTES}-byte header length)")
         (n,) = struct.unpack("<Q", raw_len)
-        if n > MAX_HEADER_BYTES:
-            raise DataError(f"{path}: {what} is not a safetensors file: its header length says {n} bytes, over "
-                            f"safetensors' limit of {MAX_HEADER_BYTES}")
         if n > size - _LEN_BYTES:
             raise DataError(f"{path}: {what} is truncated or not a safetensors file: its header length says {n} "
                             f"bytes, the file holds {size - _LEN_BYTES} after it")
+        if n > MAX_HEADER_BYTES:
+            raise DataError(f"{path}: {what} is not a safetensors file: its header length says {n} bytes, over "
+                            f"safetensors' limit of {MAX_HEADER_BYTES}")
         text = f.read(n)
     try:
         header = json.loads(text.decode("utf-8"))
