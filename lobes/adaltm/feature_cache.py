@@ -31,6 +31,7 @@ states are computed once and the α + head training reads them back. At the pape
 
 Entries are [T, L+1, D] (time first, so SpeechBrain's PaddedBatch pads and measures time) or [L+1, D].
 """
+import hashlib
 import json
 import logging
 import os
@@ -173,9 +174,21 @@ def ram_entries(encoder, plan, load, spec, device, batch_seconds, split_over=Non
     every rank's share gathered (:func:`gather_entries`)."""
     mine = [u for u in plan.utterances if u[0] in plan.keep]
     if split_over is not None:
+        _check_same_ids(plan.split, [u for u, _ in mine])
         mine = rank_share(mine, *split_over)
     feats = dict(compute_batched(encoder, mine, load, device, getattr(torch, spec.dtype), spec.pooled, batch_seconds))
     return feats if split_over is None else gather_entries(feats, round_bytes)
+
+
+def _check_same_ids(split, ids):
+    """DataError on every rank when the ranks list different utterances for a split they share out ``r::world``
+    (each would compute a share of another list: utterances dropped or computed twice, found only mid-training)."""
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+    seen = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, (len(ids), digest))
+    if len(set(seen)) > 1:
+        raise DataError(f"in-RAM feature cache of '{split}': the DDP ranks list different utterances (count, digest "
+                        f"per rank: {seen}); every rank must read the same manifest")
 
 
 def gather_entries(local, round_bytes=256 * 2 ** 20):
