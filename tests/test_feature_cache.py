@@ -584,3 +584,33 @@ def _assert_gather_checks(out):
         msg = (out / f"ids{r}.txt").read_text()
         assert msg.startswith("DataError: in-RAM feature cache of 'train': the DDP ranks list different utterances "
                               "(count, digest per rank: [(4, "), msg
+
+
+def test_a_second_run_on_one_cache_folder_is_refused_before_it_touches_it(wavlm, corpus, tmp_path):
+    """Two runs side by side (run.sh --nj) on one feature_cache_dir: the second is refused, naming the folder,
+    before it removes the first one's temp shards; once the first process is gone (killed: the kernel drops its
+    flock) the folder is usable again."""
+    import subprocess
+    import sys
+
+    from lobes.errors import DataError
+
+    utts, load = corpus
+    cache = tmp_path / "cache"
+    in_progress = cache / ".train.tmp"  # the first run's build
+    in_progress.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom lobes.io_utils import hold_lock\n"
+         "hold_lock(sys.argv[1], 'cache')\nprint('held', flush=True)\ntime.sleep(120)", str(cache / ".lock.rank0")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(DataError, match=f"feature_cache_dir '{cache}' is in use by another running process"):
+            fc.FeatureCache.build(wavlm, utts, load, spec(wavlm), "train", cache)
+        assert in_progress.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    built = fc.FeatureCache.build(wavlm, utts, load, spec(wavlm), "train", cache)
+    assert not in_progress.exists() and len(built) == len(utts)

@@ -52,7 +52,7 @@ from lobes.adaltm.cache_plan import (  # noqa: F401 (sizing API re-exported: est
     replicated_splits)
 from lobes.adaltm.merged_wavlm import _release_freed_memory as release_freed_memory
 from lobes.errors import DataError
-from lobes.io_utils import atomic_write
+from lobes.io_utils import atomic_write, hold_lock
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +314,9 @@ def build_caches(encoder, sources, spec, cache_dir=None, device="cpu", batch_sec
     """
     r, w = _dist() if rank is None else (rank, world)
     if cache_dir is not None:
+        # one run per folder: another run's rank r would remove the temp shards this one writes or replace the
+        # caches it reads (rows side by side: run.sh --nj); a lock per rank, so a run's own ranks never clash
+        hold_lock(Path(cache_dir) / f".lock.rank{r}", f"feature_cache_dir '{cache_dir}'")
         if r == 0:
             remove_leftovers(cache_dir, sources)
         _barrier()
