@@ -358,8 +358,51 @@ def test_leftovers_removed_before_the_free_space_check(wavlm, corpus, tmp_path, 
     assert seen == [False]  # measured once, after the killed build's folder was gone
 
 
+RANDOM_SPLITS = {"train": [0.7, 0.5, 0.9, 0.6], "valid": [0.6, 0.8], "test": [0.55, 0.65]}
+
+
+def _held(ds, result):
+    """{id: feats} this process can read from its in-RAM caches; the DataError of any other id into ``result``."""
+    held = {}
+    for d in ds.values():
+        for i, uid in enumerate(d.data_ids):
+            try:
+                with d.output_keys_as(["feats"]):
+                    held[uid] = d[i]["feats"].contiguous()
+            except Exception as e:  # the DataError of an utterance this rank does not hold
+                result.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
+    return held
+
+
+def _train_epochs(train, hparams, rank, held, epochs=3):
+    """Ids of each epoch's batches on this rank, dealt as SpeechBrain's Brain deals a shuffled training set under
+    DDP (its own ``_train_loader_specifics``: a DistributedSampler reshuffled per epoch), and how many batch items
+    differ from this rank's cache."""
+    from types import SimpleNamespace
+
+    import speechbrain as sb
+
+    from lobes.dataio import loader_kwargs
+
+    brain = SimpleNamespace(distributed_launch=True, rank=rank, hparams=SimpleNamespace(sorting="random"))
+    kwargs = sb.Brain._train_loader_specifics(brain, train, loader_kwargs(hparams, train, train=True))
+    loader = sb.dataio.dataloader.make_dataloader(train, **kwargs)
+    out, wrong = [], 0
+    for epoch in range(epochs):
+        kwargs["sampler"].set_epoch(epoch)
+        ids = []
+        with train.output_keys_as(["id", "feats"]):
+            for batch in loader:
+                ids += batch.id
+                for i, uid in enumerate(batch.id):
+                    wrong += not torch.equal(batch.feats.data[i, : held[uid].shape[0]], held[uid])
+        out.append(ids)
+    return out, wrong
+
+
 def _ddp_worker(rank, world, port, out, source):
-    """One rank: the in-RAM caches of SPLITS under DDP; writes the features it can read."""
+    """One rank: the in-RAM caches under DDP, shuffled (RANDOM_SPLITS) then sorted (SPLITS); writes the features it
+    can read and the ids of its training batches."""
     from safetensors.torch import save_file
 
     from lobes import distributed as D
@@ -370,22 +413,19 @@ def _ddp_worker(rank, world, port, out, source):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        wavlm, result = MergedWavLM(source), {}
-        try:  # shuffled training set: no fixed shard per rank
-            use_feature_cache(cache_hparams(wavlm, None, batch_size=2), make_datasets(SPLITS)[0])
-        except ValueError as e:
-            result["random"] = str(e)
+        wavlm, result, shuffled = MergedWavLM(source), {}, {}
+        # shuffled training set: every rank holds all of it (one utterance per build batch: same shapes as the
+        # single-process reference, so the features may be compared to 1e-6)
+        h = cache_hparams(wavlm, None, batch_size=2, feature_cache_batch_seconds=0.1)
+        ds = use_feature_cache(h, make_datasets(RANDOM_SPLITS)[0])
+        held = _held(ds, shuffled)
+        shuffled["epochs"], shuffled["wrong"] = _train_epochs(ds["train"], h, rank, held)
+        save_file(held, str(Path(out) / f"rank{rank}_random.safetensors"))
+        Path(out, f"rank{rank}_random.json").write_text(json.dumps(shuffled))
         ds = use_feature_cache(cache_hparams(wavlm, None, batch_size=2, sorting="ascending"), make_datasets(SPLITS)[0])
-        held = {}
-        for d in ds.values():
-            for i, uid in enumerate(d.data_ids):
-                try:
-                    with d.output_keys_as(["feats"]):
-                        held[uid] = d[i]["feats"].contiguous()
-                except Exception as e:  # the DataError of an utterance this rank does not hold
-                    result.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
-        save_file(held, str(Path(out) / f"rank{rank}.safetensors"))
+        save_file(_held(ds, result), str(Path(out) / f"rank{rank}.safetensors"))
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        _gather_checks(rank, world, out)
         torch.distributed.barrier()
     finally:
         D.release_process_group()
@@ -393,20 +433,40 @@ def _ddp_worker(rank, world, port, out, source):
 
 def test_ddp_ram_cache_holds_only_each_ranks_share(wavlm, tmp_path):
     """2 gloo processes: each rank computes and keeps only the utterances its loaders read (valid / test: batches
-    r, r+W, ...; train unshuffled: DistributedSampler's strided share, padded); a shuffled training set is refused
-    on every rank with the setting to change."""
+    r, r+W, ...; train unshuffled: DistributedSampler's strided share, padded). A shuffled training set is held
+    whole by every rank (built half per rank and all-gathered): same features on both ranks, equal to one
+    process's to 1e-6, and every epoch's batches over both ranks read each training utterance once. Also
+    :func:`_assert_gather_checks` (gather_entries' rounds and dtypes, ranks listing different utterances)."""
     import socket
 
     from safetensors.torch import load_file
 
+    from lobes import distributed as D
     from lobes.adaltm.brain import use_feature_cache
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path), wavlm.source), nprocs=2, join=True)
+    _assert_gather_checks(tmp_path)  # one spawn for both (a spawn's imports cost ~20 s on 2 cores)
+    single = features(use_feature_cache(cache_hparams(wavlm, None, feature_cache_batch_seconds=0.1),
+                                        make_datasets(RANDOM_SPLITS)[0]))
+    train = [f"train{i:02d}" for i in range(4)]
+    held = [load_file(str(tmp_path / f"rank{r}_random.safetensors")) for r in range(2)]
+    info = [json.loads((tmp_path / f"rank{r}_random.json").read_text()) for r in range(2)]
+    for r in range(2):
+        assert set(held[r]) == {*train, f"valid{r:02d}", f"test{r:02d}"}  # all of train, its share of valid / test
+        assert len(info[r]["errors"]) == 2 and info[r]["wrong"] == 0
+        for uid, t in held[r].items():
+            torch.testing.assert_close(t, single[uid], atol=1e-6, rtol=0)
+    assert all(torch.equal(held[0][u], held[1][u]) for u in train)
+    for epoch, (ids0, ids1) in enumerate(zip(info[0]["epochs"], info[1]["epochs"])):
+        assert len(ids0) == len(ids1) == 2
+        D.check_ids(ids0 + ids1, train, f"epoch {epoch}'s training batches of both ranks")  # DataError otherwise
+    assert len({tuple(sorted(e)) for e in info[0]["epochs"]}) > 1  # rank 0 reads other utterances in other epochs
+    # sorted training set: batch_size 2 over 2 GPUs = micro 1: valid/test batches [0], [1]; train (3, ascending):
+    # indices 0,1,2 + pad 0
     single = features(use_feature_cache(cache_hparams(wavlm, None), make_datasets(SPLITS)[0]))
-    # batch_size 2 over 2 GPUs = micro 1: valid/test batches [0], [1]; train (3, ascending): indices 0,1,2 + pad 0
     expected = [{"train00", "train02", "valid00", "test00"}, {"train01", "train00", "valid01", "test01"}]
     for r in range(2):
         held = load_file(str(tmp_path / f"rank{r}.safetensors"))
@@ -416,13 +476,12 @@ def test_ddp_ram_cache_holds_only_each_ranks_share(wavlm, tmp_path):
         assert "is not in this process's in-RAM feature cache" in info["errors"][0]
         for uid, t in held.items():  # same features as one process computes (other batch composition)
             torch.testing.assert_close(t, single[uid], atol=1e-5, rtol=1e-4)
-        assert "sorting: random or dynamic_batching: True" in info["random"] and "Set feature_cache_dir" in info["random"]
 
 
-def test_ram_shards_refuse_a_training_set_dealt_anew_each_epoch(monkeypatch):
+def test_ram_shards_replicate_a_training_set_dealt_anew_each_epoch(monkeypatch):
     from torch.utils.data import DistributedSampler
 
-    from lobes.adaltm.cache_plan import ram_shards
+    from lobes.adaltm.cache_plan import ram_shards, replicated_splits
 
     # why: SpeechBrain's DDP train sampler with sorting: random reshuffles per epoch (seed + epoch), so rank 0's
     # utterances of epoch 1 are not those of epoch 0
@@ -432,12 +491,126 @@ def test_ram_shards_refuse_a_training_set_dealt_anew_each_epoch(monkeypatch):
     sampler.set_epoch(1)
     assert len(first) == 32 and set(sampler) != first
     ds, _ = make_datasets(SPLITS)
-    for changes in ({"sorting": "random"}, {"sorting": "ascending", "dynamic_batching": True}):
-        with pytest.raises(ValueError, match="Set feature_cache_dir to a folder on a filesystem all ranks share"):
-            ram_shards(cache_hparams(None, None, **changes), ds, 2)
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: the loaders' micro-batch is batch_size / 2
+    for changes in ({"sorting": "random"}, {"sorting": "ascending", "dynamic_batching": True}):
+        shards = ram_shards(cache_hparams(None, None, batch_size=2, **changes), ds, 2)
+        assert shards[0]["train"] == shards[1]["train"] == {"train00", "train01", "train02"}
+        assert replicated_splits(shards) == ["train"]  # valid / test keep their per-rank shards
+        assert not shards[0]["valid"] & shards[1]["valid"] and shards[0]["valid"] | shards[1]["valid"] == {
+            "valid00", "valid01"}
     # on a GPU auto becomes the plan's micro-batch, and the evaluation shards follow it: plan first, then shard
     with pytest.raises(RuntimeError, match="must be planned .* before an in-RAM feature cache is sharded"):
         ram_shards(cache_hparams(None, None, sorting="ascending", batch_size=2, micro_batch_size="auto"), ds, 2)
     shards = ram_shards(cache_hparams(None, None, sorting="ascending", batch_size=2), ds, 2)
     assert shards[1] == {"train": {"train01", "train00"}, "valid": {"valid01"}, "test": {"test01"}}
+
+
+def test_replicated_train_split_budget_per_host_at_paper_scale():
+    """The paper's machine (2 GPUs, one host), pooled fp32 WavLM-Large cache, shuffled training set: each rank holds
+    all 89,752 training utterances plus half of valid / test, and ``feature_cache_max_ram_gb`` is per host."""
+    from lobes.adaltm.cache_plan import check_plans, plan_split
+
+    pooled = fc.CacheSpec(25, 1024, "float32", True)
+    sizes = {"train": 89752, "valid": 25232, "test": 46366}
+    utts = {s: [(f"{s}{i}", 5.6) for i in range(n)] for s, n in sizes.items()}
+    shards = [{s: {u for u, _ in utts[s]} if s == "train" else {u for u, _ in utts[s][r::2]} for s in sizes}
+              for r in range(2)]
+    plans = [plan_split(s, utts[s], shards[0][s], pooled, None) for s in sizes]
+    per_utt = 25 * 1024 * 4 + fc.HEADER_BYTES_PER_ENTRY
+    rank = per_utt * (89752 + 25232 // 2 + 46366 // 2)
+    assert rank == 12_888_563_456  # 9.21 GB of train + 3.67 GB of valid / test, per rank
+    with pytest.raises(fc.CacheBudgetError) as e:
+        check_plans(plans, pooled, None, 16, 500, shards, per_host=2)
+    msg = str(e.value)
+    assert "need 25.78 GB per host (2 DDP ranks of 2 on it: 12.89 GB + 12.89 GB) together, over " \
+           "feature_cache_max_ram_gb: 16 (16.00 GB)" in msg
+    assert "['train'] is dealt to the ranks anew every epoch" in msg and "feature_cache_max_ram_gb (per host) to 26" in msg
+    assert "cache_dtype: !name:torch.float16: 12.92 GB (fits)" in msg
+    check_plans(plans, pooled, None, 26, 500, shards, per_host=2)  # what the message asks for fits
+    check_plans(plans, pooled, None, 16, 500, shards, per_host=1)  # one GPU per host: 12.89 GB each
+
+
+def _gather_entries_expected():
+    """{uid: tensor} over both ranks: variable lengths, bf16 and fp32, one entry larger than a round; rank 0 holds 5
+    entries (several rounds), rank 1 two (one round), so rank 1 sends empty buffers in the later rounds."""
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for r, lengths in ((0, (7, 1, 40, 3, 12)), (1, (5, 9))):
+        for i, n in enumerate(lengths):
+            dtype = torch.bfloat16 if (r + i) % 2 else torch.float32
+            out[f"r{r}_{i}"] = torch.randn(n, 3, 4, generator=g).to(dtype)
+    return out
+
+
+class _FrameEncoder(torch.nn.Module):
+    """Stands in for WavLM in compute_batched: hidden [2, B, T, 3] from the samples, all frames valid."""
+
+    def forward(self, wavs, lens):
+        hidden = wavs[None, :, :, None].expand(2, -1, -1, 3)
+        return hidden, torch.ones(wavs.shape, dtype=torch.bool)
+
+
+def _gather_checks(rank, world, out):
+    """In a rank of :func:`_ddp_worker`: :func:`fc.gather_entries` of :func:`_gather_entries_expected`, and
+    ``ram_entries`` for ranks that list different utterances; results written for :func:`_assert_gather_checks`."""
+    from types import SimpleNamespace
+
+    from lobes.adaltm.cache_plan import SplitPlan
+
+    local = {u: t for u, t in _gather_entries_expected().items() if u.startswith(f"r{rank}_")}
+    got = fc.gather_entries(local, round_bytes=200)  # 40 x 3 x 4 x 4 B = 1920 B: an entry over a round
+    assert local == {}  # sent entries are dropped from the caller's dict
+    torch.save(got, Path(out) / f"gather{rank}.pt")
+    plan = SplitPlan("train", [(f"u{i}", 0.01) for i in range(4 - rank)], {f"u{i}" for i in range(4)}, "build")
+    try:
+        got = fc.ram_entries(_FrameEncoder(), plan, lambda uid: torch.ones(160), SimpleNamespace(
+            dtype="float32", pooled=False), "cpu", 1.0, (rank, world))
+        msg = f"no error, held {sorted(got)}"
+    except Exception as e:  # noqa: BLE001 (the message is compared in the test)
+        msg = f"{type(e).__name__}: {e}"
+    Path(out, f"ids{rank}.txt").write_text(msg)
+
+
+def _assert_gather_checks(out):
+    """gather_entries over 2 gloo ranks: every entry, bitwise with its dtype and shape, on both ranks, across rounds
+    of unequal count per rank; and ram_entries refuses on every rank when the ranks list different utterances (old
+    code computed the r::2 shares of different lists: 'u3' computed by no rank, found only when a batch needs it)."""
+    want = _gather_entries_expected()
+    for r in range(2):
+        got = torch.load(out / f"gather{r}.pt", weights_only=True)
+        assert sorted(got) == sorted(want)
+        for uid, t in want.items():
+            assert got[uid].dtype == t.dtype and got[uid].shape == t.shape and torch.equal(got[uid], t), uid
+        msg = (out / f"ids{r}.txt").read_text()
+        assert msg.startswith("DataError: in-RAM feature cache of 'train': the DDP ranks list different utterances "
+                              "(count, digest per rank: [(4, "), msg
+
+
+def test_a_second_run_on_one_cache_folder_is_refused_before_it_touches_it(wavlm, corpus, tmp_path):
+    """Two runs side by side (run.sh --nj) on one feature_cache_dir: the second is refused, naming the folder,
+    before it removes the first one's temp shards; once the first process is gone (killed: the kernel drops its
+    flock) the folder is usable again."""
+    import subprocess
+    import sys
+
+    from lobes.errors import DataError
+
+    utts, load = corpus
+    cache = tmp_path / "cache"
+    in_progress = cache / ".train.tmp"  # the first run's build
+    in_progress.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom lobes.io_utils import hold_lock\n"
+         "hold_lock(sys.argv[1], 'cache')\nprint('held', flush=True)\ntime.sleep(120)", str(cache / ".lock.rank0")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(DataError, match=f"feature_cache_dir '{cache}' is in use by another running process"):
+            fc.FeatureCache.build(wavlm, utts, load, spec(wavlm), "train", cache)
+        assert in_progress.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    built = fc.FeatureCache.build(wavlm, utts, load, spec(wavlm), "train", cache)
+    assert not in_progress.exists() and len(built) == len(utts)

@@ -19,6 +19,11 @@ from lobes.harmonifuse import artefacts as A
 from lobes.harmonifuse.predict import predict
 from lobes.hparams_io import load_hparams
 
+try:
+    from fake_hub import record_uploads
+except ImportError:  # pytest --import-mode=importlib
+    from tests.fake_hub import record_uploads
+
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "recipes/MSP-Podcast/harmonifuse/hparams/harmonifuse.yaml"
 TINY_WAVLM = ROOT / "tools/fixtures/tiny_wavlm_pretrained"
@@ -151,6 +156,101 @@ def test_export_card_snippet_runs_offline_and_predicts_as_the_experiment(trained
     (tmp_path / "mine/notes.txt").write_text("keep")
     assert export_main([str(trained), str(tmp_path / "mine")]) == 2
     assert (tmp_path / "mine/notes.txt").read_text() == "keep"
+
+
+SELF_CHECK = re.compile(r"self-check: largest \|Δ log p\| (\S+) \((.+?)\) vs checkpoint CKPT\+\S+, tolerance 0.0001$", re.M)
+
+
+def test_export_checks_itself_against_the_checkpoint_then_uploads_one_commit(trained, tmp_path, monkeypatch,
+                                                                            capsys, offline):
+    """The export is loaded back as the card's snippet does and compared with the experiment's best checkpoint
+    (every trained task's log-probabilities on the fixed input: equal to float32 rounding, ≤ 1e-6 measured against
+    1e-4 allowed); --push_to_hub then uploads exactly the export's files as one commit. One model in memory at a
+    time: when a model's outputs are computed, every model loaded before it is freed (an LLM each at real scale;
+    old code left the checkpoint's model, held by reference cycles, alive while the export was loaded: [0, 1])."""
+    import gc
+    import weakref
+
+    from tools import export_harmonifuse as E
+    from tools.export_harmonifuse import main as export_main
+    from tools.export_harmonifuse import model_outputs
+
+    calls = record_uploads(monkeypatch)
+    loaded, alive = [], []
+
+    def load_spy(*args, **kwargs):
+        res = load(*args, **kwargs)
+        loaded.append(weakref.ref(res[0]))
+        return res
+
+    def outputs_spy(model, tasks):
+        alive.append(sum(r() is not None for r in loaded if r() is not model))
+        loaded.append(weakref.ref(model))
+        return outputs(model, tasks)
+
+    load, outputs = A.load_artefacts, E.model_outputs
+    monkeypatch.setattr(A, "load_artefacts", load_spy)
+    monkeypatch.setattr(E, "model_outputs", outputs_spy)
+    out = tmp_path / "hf_harmonifuse"
+    gc.disable()  # cycles freed only where the export collects them
+    try:
+        assert export_main([str(trained), str(out), "--push_to_hub", "someone/harmonifuse"]) == 0
+    finally:
+        gc.enable()
+    assert alive == [0, 0]  # at the checkpoint's outputs, then at the export's
+    m = SELF_CHECK.search(capsys.readouterr().out)
+    assert m and float(m.group(1)) <= 1e-6, m
+    outputs = model_outputs(A.load_artefacts(out)[0], ["asr", "ser"])
+    assert {k: tuple(v.shape) for k, v in outputs.items() if "class" in k} == {"ser class scores": (2, 8)}
+    assert sorted(outputs) == ["asr token log-probabilities", "ser class scores", "ser token log-probabilities"]
+    assert calls[0] == ("create_repo", "someone/harmonifuse", {"repo_type": "model", "exist_ok": True})
+    _, repo, files, message = calls[1]
+    assert len(calls) == 2 and repo == "someone/harmonifuse" and message == f"HarmoniFuse export of {trained.name}"
+    on_disk = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert files == on_disk and {"README.md", "lm/model.safetensors", "lm/config.json", A.SPEECH_FILE,
+                                 A.INFO_FILE} <= set(files)
+
+
+def test_a_corrupted_weight_is_refused_nothing_replaced_nothing_uploaded(trained, tmp_path, monkeypatch, capsys,
+                                                                          offline):
+    """One adapter weight moved by 1.0 in the written speech modules (log p moves by ~3e-2 on the tiny model):
+    exit 2 naming the difference, the earlier export left as it was, no staging folder left, nothing uploaded."""
+    from tools.export_harmonifuse import main as export_main
+
+    write = A.write_speech_modules
+
+    def write_corrupted(model, folder, *args, **kwargs):
+        path = write(model, folder, *args, **kwargs)
+        state = load_file(str(Path(folder) / A.SPEECH_FILE))
+        state["adapter.proj.0.weight"][0, 0] += 1.0
+        save_file(state, str(Path(folder) / A.SPEECH_FILE))
+        return path
+
+    monkeypatch.setattr(A, "write_speech_modules", write_corrupted)
+    calls = record_uploads(monkeypatch)
+    out = tmp_path / "hf_harmonifuse"
+    out.mkdir()
+    (out / A.INFO_FILE).write_text("an earlier export")
+    assert export_main([str(trained), str(out), "--push_to_hub", "someone/harmonifuse"]) == 2
+    err = capsys.readouterr().err
+    m = re.search(r"the export differs from the trained model \(checkpoint CKPT\+\S+\) by (\S+) in (ser|asr) "
+                  r"(token log-probabilities|class scores) \(> 0.0001 for a float32 LM\); nothing was written", err)
+    assert m and float(m.group(1)) > 1e-2, err
+    assert calls == [] and [p.name for p in tmp_path.iterdir()] == ["hf_harmonifuse"]
+    assert [p.name for p in out.iterdir()] == [A.INFO_FILE] and (out / A.INFO_FILE).read_text() == "an earlier export"
+
+
+def test_without_a_checkpoint_the_export_is_checked_against_the_shared_artefacts(trained, tmp_path, caplog):
+    """An experiment whose save/ is gone (kept its shared artefacts only) is checked against those, said so."""
+    from tools.export_harmonifuse import export_harmonifuse
+
+    (trained / "save").rename(trained / "save.away")
+    try:
+        out, check = export_harmonifuse(trained, tmp_path / "export")
+    finally:
+        (trained / "save.away").rename(trained / "save")
+    assert check["reference"] == A.INFO_FILE and check["difference"] <= 1e-6 and check["tolerance"] == 1e-4
+    assert f"{trained}: no checkpoint" in caplog.text and (out / A.INFO_FILE).is_file()
 
 
 def _perturbed_model(tmp_path, **overrides):

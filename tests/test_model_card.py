@@ -9,6 +9,10 @@ try:  # the recipe-trained experiment of test_infer (built once per session, sha
     from test_infer import adaltm_exp  # noqa: F401
 except ImportError:  # pytest --import-mode=importlib
     from tests.test_infer import adaltm_exp  # noqa: F401
+try:
+    from fake_hub import record_uploads
+except ImportError:  # pytest --import-mode=importlib
+    from tests.fake_hub import record_uploads
 from tools.model_card import metrics_section, model_card, write_model_card
 
 METRIC_NAMES = {"uar": "UAR", "precision": "Precision", "macro_f1": "MaF1", "accuracy": "Accuracy (WA)"}
@@ -139,26 +143,51 @@ def test_card_metadata_hand_computed(tmp_path):
 def test_push_to_hub_only_with_the_option(adaltm_exp, tmp_path, monkeypatch, offline):  # noqa: F811
     """Without --push_to_hub nothing reaches the hub (the network is refused); with it, one commit holds the card,
     its plots and the export folder, and the card's snippets name the repo."""
-    from huggingface_hub import HfApi
-
     from tools.model_card import main
 
     exp, _, _ = adaltm_exp
-    calls = []
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: calls.append(("create_repo", a, k)))
-    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo, ops, **k: calls.append(
-        ("create_commit", repo, sorted(op.path_in_repo for op in ops))) or "commit-url")
+    calls = record_uploads(monkeypatch)
     hf = tmp_path / "hf_export"
     hf.mkdir()
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_wavlm_emotion.py"):
-        (hf / name).write_text("{}")
+        (hf / name).write_text(f"{{}} {name}")
     assert main([str(exp), "--hf_export", str(hf)]) == 0
     assert calls == []
     assert main([str(exp), "--hf_export", str(hf), "--push_to_hub", "someone/ser-model"]) == 0
-    assert calls[0] == ("create_repo", ("someone/ser-model",), {"repo_type": "model", "exist_ok": True})
-    assert calls[1] == ("create_commit", "someone/ser-model",
-                        ["README.md", "alphas.png", "config.json", "confusion.png", "lambdas.png",
-                         "model.safetensors", "modeling_wavlm_emotion.py", "preprocessor_config.json"])
+    assert calls[0] == ("create_repo", "someone/ser-model", {"repo_type": "model", "exist_ok": True})
+    _, repo, files, message = calls[1]
+    assert len(calls) == 2 and repo == "someone/ser-model" and message == f"Model card and export of {exp.name}"
+    assert sorted(files) == ["README.md", "alphas.png", "config.json", "confusion.png", "lambdas.png",
+                             "model.safetensors", "modeling_wavlm_emotion.py", "preprocessor_config.json"]
+    assert files["README.md"] == (exp / "README.md").read_bytes() and files["config.json"] == b"{} config.json"
     card = (exp / "README.md").read_text()
     assert 'pipeline("audio-classification", model="someone/ser-model", trust_remote_code=True)' in card
     assert "library_name: transformers" in card
+
+
+def test_upload_reads_files_in_place_without_a_staging_copy(tmp_path, monkeypatch):
+    """A large export on another file system than the temp folder (hard links fail with EXDEV) where the temp folder
+    has no room for a copy: the upload reads every file where it is. Old code staged hard links in a temp folder,
+    fell back to a copy and failed with 'No space left on device'."""
+    import errno
+    import os
+
+    from tools.model_card import upload_to_hub
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def cross_device(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "model.safetensors").write_bytes(b"w" * 1000)
+    (tmp_path / "card.md").write_text("# card")
+    calls = record_uploads(monkeypatch)
+    monkeypatch.setattr(os, "link", cross_device)
+    for name in ("copyfile", "copy", "copy2", "copyfileobj"):
+        monkeypatch.setattr(shutil, name, no_room)
+    upload_to_hub("someone/big", {"README.md": tmp_path / "card.md", "lm/model.safetensors":
+                                  tmp_path / "lm" / "model.safetensors"}, "big export")
+    assert calls[1] == ("create_commit", "someone/big", {"README.md": b"# card", "lm/model.safetensors": b"w" * 1000},
+                        "big export")

@@ -11,6 +11,10 @@ try:  # the IEMOCAP ASR recipe's Brain, test hypotheses and export (tiny pretrai
     from test_asr_pipeline import ASR_DIR, recipe_asr  # noqa: F401
 except ImportError:  # pytest --import-mode=importlib
     from tests.test_asr_pipeline import ASR_DIR, recipe_asr  # noqa: F401
+try:
+    from fake_hub import record_uploads
+except ImportError:  # pytest --import-mode=importlib
+    from tests.fake_hub import record_uploads
 from tools.model_card import model_card
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +52,25 @@ def test_card_of_an_asr_experiment_runs_its_pipeline_snippet_as_the_recipe_decod
         (got[utt],) = printed
     want = {u: recipe_asr["hyps"][u] for u in got}
     assert got == want and len(set(want.values())) == 4  # four different transcripts, as the recipe decoded them
+
+
+def test_push_to_hub_uploads_the_card_and_the_ctc_export_as_one_commit(recipe_asr, asr_exp, monkeypatch,  # noqa: F811
+                                                                       offline):
+    """--push_to_hub on an ASR-CTC experiment: one commit of the card (its pipeline snippet naming the repo) and
+    the files of finetuned_wavlm/ at the repo's root, so pipeline(model=REPO) reads them; nothing without it."""
+    from tools.model_card import main
+
+    calls = record_uploads(monkeypatch)
+    assert main([str(asr_exp)]) == 0 and calls == []
+    assert main([str(asr_exp), "--push_to_hub", "someone/asr-ctc"]) == 0
+    assert calls[0] == ("create_repo", "someone/asr-ctc", {"repo_type": "model", "exist_ok": True})
+    _, repo, files, message = calls[1]
+    assert len(calls) == 2 and repo == "someone/asr-ctc" and message == f"Model card and export of {asr_exp.name}"
+    export = Path(recipe_asr["export"])
+    assert sorted(files) == ["README.md", "added_tokens.json", "config.json", "model.safetensors",
+                             "preprocessor_config.json", "special_tokens_map.json", "tokenizer_config.json",
+                             "vocab.json"]
+    assert all(files[f] == (export / f).read_bytes() for f in files if f != "README.md")
+    card = files["README.md"].decode()
+    assert card == (asr_exp / "README.md").read_text() and "library_name: transformers" in card
+    assert 'pipeline("automatic-speech-recognition", model="someone/asr-ctc")' in card

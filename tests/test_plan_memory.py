@@ -190,6 +190,20 @@ def test_harmonifuse_task_batch_is_global_over_the_gpus(harmonifuse_meta, monkey
     assert "x 2 GPUs: asr_batch_size 6 (" in line
 
 
+def test_cli_prints_a_task_batch_as_its_global_size_and_per_gpu_share(capsys):
+    """tools.plan_memory --plans on HarmoniFuse: a task batch is global, so 2 GPUs each run half of it; the plan
+    line says so (it printed 'micro-batch 8 x accum 1' for 2 x 32 GB, while predicting 4 per GPU)."""
+    out = PM.main([HF_YAML, "--shape", TINY, "--lm_shape", TINY_LM, "--max_duration", "0.5", "--plans"])
+    printed = capsys.readouterr().out
+    for task in ("asr", "ser"):
+        plans = {p["gpus"]: p["plan"] for p in out["plans"] if p["task"] == task}
+        assert f"1 x 80 GB, {task}_batch_size: {task}_batch_size 8 (predicted {plans[1][2] / PM.GIB:.1f} GiB per GPU)" \
+            in printed
+        assert f"2 x 32 GB, {task}_batch_size: {task}_batch_size 8 = 4 per GPU (predicted {plans[2][2] / PM.GIB:.1f}" \
+            in printed
+    assert "x accum" not in printed
+
+
 @pytest.mark.parametrize("bad", ["huge"])
 def test_bad_shape_is_named(bad):
     with pytest.raises(ValueError, match="--shape 'huge'"):

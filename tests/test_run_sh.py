@@ -284,3 +284,117 @@ def test_iemocap_results_leave_out_the_fold_the_mini_settings_were_chosen_on(tmp
         assert "fold(s) 1 left out of" in proc.stdout + proc.stderr
     else:
         assert len(calls) == 1
+
+
+TIMED_PYTHON = """#!/usr/bin/env bash
+echo "$(date +%s.%N) start $1 CVD=${{CUDA_VISIBLE_DEVICES:-unset}}" >> {log}
+case "$*" in *LibriSpeech/asr_ctc/train.py*) [ -n "${{FAIL_LIBRI:-}}" ] && {{ echo "no LibriSpeech here"; exit 3; }};; esac
+echo "output of $1"
+sleep 0.5
+echo "$(date +%s.%N) end $1" >> {log}
+"""
+
+
+def _timed_run(tmp_path, options, **env):
+    """The AdaLTM run.sh, stages 1-3, with a python that records when each job starts and ends (0.5 s each):
+    -> (process, [(time, "start" | "end", first argument (train.py path or -m), [CVD=...])])."""
+    tmp_path.mkdir(exist_ok=True)
+    fake = tmp_path / "python"
+    fake.write_text(TIMED_PYTHON.format(log=tmp_path / "calls"))
+    fake.chmod(0o755)
+    proc = _bash(["recipes/MSP-Podcast/adaltm/run.sh", "--stage", "1", "--stop_stage", "3", "--rows",
+                  "setup4_dual setup1_frozen", "--mtl_rows", "static_init", "--data_folder", "d", "--libri_folder", "l",
+                  "--exp", str(tmp_path / "e"), *options], PYTHON=str(fake), **env)
+    events = [line.split() for line in _calls(tmp_path)] if (tmp_path / "calls").exists() else []
+    return proc, [(float(t), what, job, rest) for t, what, job, *rest in events]
+
+
+def _running_at_once(events):
+    """The most jobs running at the same time."""
+    most = now = 0
+    for _, what, _, _ in sorted(events):
+        now += 1 if what == "start" else -1
+        most = max(most, now)
+    return most
+
+
+def test_nj_runs_a_stages_jobs_side_by_side_with_the_same_arguments(tmp_path):
+    one, events1 = _timed_run(tmp_path / "a", ["--nj", "1"])
+    two, events2 = _timed_run(tmp_path / "b", ["--nj", "2"])
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert _running_at_once(events1) == 1 and _running_at_once(events2) == 2
+    # the same 9 jobs (3 source models, 3 task vectors, 2 rows, 1 MTL row), each with the same command line
+    calls = [sorted(c.split(" start ", 1)[1].replace(str(tmp_path / p), "") for c in _calls(tmp_path / p)
+                    if " start " in c) for p in ("a", "b")]
+    assert calls[0] == calls[1] and len(calls[0]) == 9
+    # the stage boundaries hold: the task vectors (-m) after every source model ended, the rows after the vectors
+    sources = [e for e in events2 if "/adaltm/" not in e[2] and "/mtl/" not in e[2] and e[2] != "-m"]
+    vectors = [e for e in events2 if e[2] == "-m"]
+    rows = [e for e in events2 if "/adaltm/" in e[2] or "/mtl/" in e[2]]
+    assert max(t for t, *_ in sources) < min(t for t, *_ in vectors)
+    assert max(t for t, *_ in vectors) < min(t for t, *_ in rows)
+    logs = tmp_path / "b" / "e" / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == sorted(
+        f"{n}.log" for n in ("asr_ctc_msp", "asr_ctc_libri", "ser", "setup4_dual_1986", "setup1_frozen_1986",
+                             "mtl_static_init_1986"))
+    assert (logs / "ser.log").read_text() == f"output of {ROOT}/recipes/MSP-Podcast/ser/train.py\n"
+    assert not (tmp_path / "a" / "e" / "logs").exists()  # nj 1: the output stays on the terminal, as before
+
+
+def test_mini_runs_one_job_per_core_and_2_gib(tmp_path):
+    """--mini true without --nj: as many one-thread jobs at once as there are cores and 2 GiB blocks available (the
+    default once wrote an awk 'print n > 1 ...' that redirected to a file named 1 and ran everything serially)."""
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) // 2097152
+    expected = max(1, min(len(os.sched_getaffinity(0)), avail))
+    proc, events = _timed_run(tmp_path, ["--mini", "true", "--stop_stage", "2"])
+    assert proc.returncode == 0, proc.stderr
+    assert _running_at_once(events) == min(expected, 3)  # 3 source models in stages 1-2
+    assert not (ROOT / "1").exists()
+
+
+@pytest.mark.parametrize("poll", ["", "1"])  # "1": the path of bash < 5.1 (no wait -n -p)
+def test_nj_a_failed_job_stops_the_recipe_after_its_stage_naming_it(tmp_path, poll):
+    proc, events = _timed_run(tmp_path, ["--nj", "2"], FAIL_LIBRI="1", RECIPE_LIB_POLL=poll)
+    assert proc.returncode == 1
+    assert "no LibriSpeech here" in proc.stderr and "failed: asr_ctc_libri (logs in" in proc.stderr
+    # the other source models of the stage ran to their end; nothing of stage 3 started
+    assert sorted(job.split("/recipes/")[1] for _, what, job, _ in events if what == "end") == [
+        "MSP-Podcast/asr_ctc/train.py", "MSP-Podcast/ser/train.py"]
+    assert all(job != "-m" for _, _, job, _ in events)
+
+
+def test_nj_gives_each_job_slot_its_own_gpus_or_says_how_many_are_missing(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nprintf '0\\n1\\n2\\n3\\n'\n")  # --query-gpu=index: four GPUs
+    smi.chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    proc, events = _timed_run(tmp_path, ["--nj", "2", "--ngpu", "2", "--stop_stage", "2"], PATH=path)
+    assert proc.returncode == 0, proc.stderr
+    starts = [rest[0] for _, what, _, rest in sorted(events) if what == "start"]
+    # the two ASR runs start together on slots 0 and 1 (GPUs 0,1 and 2,3); SER takes the slot freed first
+    assert sorted(starts[:2]) == ["CVD=0,1", "CVD=2,3"] and starts[2] in ("CVD=0,1", "CVD=2,3")
+    proc = subprocess.run(["bash", "recipes/MSP-Podcast/adaltm/run.sh", "--stage", "1", "--stop_stage", "2", "--nj",
+                           "3", "--ngpu", "2", "--data_folder", "d", "--libri_folder", "l", "--exp",
+                           str(tmp_path / "f")], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**env, "PATH": path, "PYTHON": sys.executable})
+    assert proc.returncode == 1 and "--nj 3 x --ngpu 2 needs 6 GPUs; 4 visible (0 1 2 3): lower --nj" in proc.stderr
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--nj", "0"], "--nj must be a positive integer, not '0'"),
+    (["--nj", "1", "--stage", "3", "--stop_stage", "3", "--rows", "setup4_dual setup4_dual"],
+     "job setup4_dual_1986 given twice (a row, fold or seed listed twice?)"),
+    (["--seeds", "1986 7 1986"], "--seeds: 1986 is given twice"),
+    (["--nj", "2", "--nnodes", "2", "--master_addr", "a"], "--nj 2 needs one node (--nnodes 2)"),
+])
+def test_nj_refuses_what_it_cannot_do(tmp_path, options, message):
+    proc = _bash(["recipes/MSP-Podcast/adaltm/run.sh", "--data_folder", "d", "--exp", str(tmp_path / "e"), *options],
+                 PYTHON=str(_fake_python(tmp_path)))
+    assert proc.returncode == 1 and message in proc.stderr
+    rows = [c for c in _calls(tmp_path) if c.split()[0].endswith("adaltm/train.py")] if (
+        tmp_path / "calls").exists() else []
+    assert len(rows) <= 1  # a repeated row: refused when it comes again, before it trains a second time

@@ -222,11 +222,12 @@ def _cycle(rng, bank, n):
     return out[:n]
 
 
-def _plan_msp(rng, n_msp, test_factor=1):
-    """All rows of labels_consensus.csv with their prosody, votes and transcript (no I/O)."""
+def _msp_specs(rng, n_msp, test_factor):
+    """(EmoClass letter, Split_Set) of every row, shuffled: each labelled class in every split, plus "O"/"X" rows
+    and Test2 rows (no public labels)."""
     per_class = max(1, n_msp // len(LABELLED))
     n_extra = max(1, n_msp // 30)
-    specs = []  # (letter, Split_Set)
+    specs = []
     for letter in LABELLED:
         for split, k in _split_sizes(per_class).items():
             specs += [(letter, split)] * (k * test_factor if split == "Test1" else k)
@@ -234,36 +235,32 @@ def _plan_msp(rng, n_msp, test_factor=1):
     specs += [("X", rng.choice(["Train", "Development", "Test1"])) for _ in range(n_extra)]
     specs += [(rng.choice(LABELLED), "Test2") for _ in range(n_extra)]
     rng.shuffle(specs)
+    return specs
 
-    seg_counter = Counter()
-    rows = []
-    for letter, split in specs:
-        if rng.random() < UNKNOWN_SPEAKER_RATE:
-            spk, gender, voice, podcast = "Unknown", "Unknown", UNKNOWN_SPEAKER_VOICE, 99
-        else:
-            k = rng.randrange(len(MSP_SPEAKERS))
-            (spk, gender, voice), podcast = MSP_SPEAKERS[k], k + 1
-        seg_counter[podcast] += 1
-        act, val, dom = (m + rng.uniform(-0.6, 0.6) for m in ATTRIBUTES[letter])
-        rows.append({
-            "FileName": f"MSP-PODCAST_{podcast:04d}_{seg_counter[podcast]:04d}.wav",
-            "EmoClass": letter, "EmoAct": _fmt_attr(act), "EmoVal": _fmt_attr(val), "EmoDom": _fmt_attr(dom),
-            "SpkrID": spk, "Gender": gender, "Split_Set": split,
-            "_voice": voice, "_prosody": _prosody(rng, CLASS_PATTERN[letter]),
-            "_votes": _votes(rng, letter), "_attrs": (act, val, dom),
-        })
-    rows.sort(key=lambda r: r["FileName"])
 
-    # ~15% of utterances have no transcript file; a couple of labelled files have no detailed votes.
-    no_transcript = set(rng.sample(range(len(rows)), round(0.15 * len(rows))))
-    labelled_idx = [i for i, r in enumerate(rows) if r["EmoClass"] in LABELLED and r["Split_Set"] != "Test2"]
-    no_detail = set(rng.sample(labelled_idx, max(1, n_msp // 120)))
-    for i, r in enumerate(rows):
-        r["_has_transcript"] = i not in no_transcript
-        r["_has_detail"] = i not in no_detail
-    # Sentences: each class's Train rows cycle through its bank, transcribed rows first, so that every bank
-    # sentence is in the CTC training data once a class has as many transcribed Train rows as bank sentences.
-    # The other splits draw from the same bank (test sentences also occur in training; see the docstring).
+def _msp_row(rng, letter, split, seg_counter):
+    """One labels_consensus.csv row (speaker, attributes, prosody, votes), sorted later by its file name."""
+    if rng.random() < UNKNOWN_SPEAKER_RATE:
+        spk, gender, voice, podcast = "Unknown", "Unknown", UNKNOWN_SPEAKER_VOICE, 99
+    else:
+        k = rng.randrange(len(MSP_SPEAKERS))
+        (spk, gender, voice), podcast = MSP_SPEAKERS[k], k + 1
+    seg_counter[podcast] += 1
+    act, val, dom = (m + rng.uniform(-0.6, 0.6) for m in ATTRIBUTES[letter])
+    return {
+        "FileName": f"MSP-PODCAST_{podcast:04d}_{seg_counter[podcast]:04d}.wav",
+        "EmoClass": letter, "EmoAct": _fmt_attr(act), "EmoVal": _fmt_attr(val), "EmoDom": _fmt_attr(dom),
+        "SpkrID": spk, "Gender": gender, "Split_Set": split,
+        "_voice": voice, "_prosody": _prosody(rng, CLASS_PATTERN[letter]),
+        "_votes": _votes(rng, letter), "_attrs": (act, val, dom),
+    }
+
+
+def _assign_sentences(rng, rows):
+    """Each row's sentence and transcript text. Each class's Train rows cycle through its bank, transcribed rows
+    first, so that every bank sentence is in the CTC training data once a class has as many transcribed Train rows
+    as bank sentences. The other splits draw from the same bank (test sentences also occur in training; see the
+    docstring)."""
     for letter in sorted({r["EmoClass"] for r in rows}):
         bank = _pooled_bank(letter)
         train = sorted((r for r in rows if r["EmoClass"] == letter and r["Split_Set"] == "Train"),
@@ -282,6 +279,21 @@ def _plan_msp(rng, n_msp, test_factor=1):
         elif style < 0.35:
             text = "  " + text.replace(" ", "  ") + " "
         r["_transcript"] = text
+
+
+def _plan_msp(rng, n_msp, test_factor=1):
+    """All rows of labels_consensus.csv with their prosody, votes and transcript (no I/O)."""
+    seg_counter = Counter()
+    rows = [_msp_row(rng, letter, split, seg_counter) for letter, split in _msp_specs(rng, n_msp, test_factor)]
+    rows.sort(key=lambda r: r["FileName"])
+    # ~15% of utterances have no transcript file; a couple of labelled files have no detailed votes.
+    no_transcript = set(rng.sample(range(len(rows)), round(0.15 * len(rows))))
+    labelled_idx = [i for i, r in enumerate(rows) if r["EmoClass"] in LABELLED and r["Split_Set"] != "Test2"]
+    no_detail = set(rng.sample(labelled_idx, max(1, n_msp // 120)))
+    for i, r in enumerate(rows):
+        r["_has_transcript"] = i not in no_transcript
+        r["_has_detail"] = i not in no_detail
+    _assign_sentences(rng, rows)
     return rows
 
 

@@ -10,8 +10,10 @@ task, and ``model-index`` results: every test metric of ``metrics.json`` in % wi
 metric's name and, as numbers, in its ``args``). The network is used only with ``--push_to_hub REPO``: one commit
 to the hub model repository REPO (created if missing) with the card as README.md, the plots it links and, with
 ``--hf_export`` (default ``<EXP_DIR>/hf_export`` when it exists, written by ``tools.export_hf``), the exported
-model, so ``pipeline("audio-classification", model=REPO, trust_remote_code=True)`` works. It needs a hub token
-(``huggingface-cli login`` or ``HF_TOKEN``).
+model, so ``pipeline("audio-classification", model=REPO, trust_remote_code=True)`` works; for an ASR-CTC
+experiment, its ``finetuned_wavlm/`` (a ``WavLMForCTC`` with its processor), so
+``pipeline("automatic-speech-recognition", model=REPO)`` works. It needs a hub token (``huggingface-cli login`` or
+``HF_TOKEN``). The upload is :func:`upload_to_hub`, shared with ``tools.export_harmonifuse --push_to_hub``.
 
 The card holds: the setup (Table-1 rows, W_base, task vectors, λ mode), the hparams that matter, the test
 metrics of ``metrics.json`` in % with their 95% bootstrap CIs (UAR, precision, MaF1, accuracy; WER when present),
@@ -364,7 +366,7 @@ def _infer_lines(exp_dir, export_dir, kind):
                     '    print(r["file"], r["emotion"], r["probs"], r["error"])', "```"]
 
 
-def usage_section(exp_dir, export_dir, kind):
+def usage_section(exp_dir, export_dir, kind, repo=None):
     exp_dir = Path(exp_dir)
     lines = ["## How to use", "", *_infer_lines(exp_dir, export_dir, kind)]
     if kind == "AdaLTM":
@@ -384,8 +386,9 @@ def usage_section(exp_dir, export_dir, kind):
                   "recipe's characters, `Wav2Vec2FeatureExtractor` normalising as training did): "
                   "`pipeline(\"automatic-speech-recognition\")` decodes greedily as the recipe does. Its `wavlm.*` "
                   "weights are the fine-tuned backbone alone, the W_ft of a task vector (`WavLMModel.from_pretrained` "
-                  "reads them and drops the CTC head). Without this toolkit (paths relative to this README):", "",
-                  asr_pipeline_snippet("finetuned_wavlm")]
+                  "reads them and drops the CTC head). Without this toolkit"
+                  + (f" (the hub repo `{repo}` holds these files):" if repo else " (paths relative to this README):"),
+                  "", asr_pipeline_snippet(repo or "finetuned_wavlm")]
     elif (exp_dir / "finetuned_wavlm" / "config.json").is_file():
         lines += ["", "`finetuned_wavlm/` holds the fine-tuned backbone alone (`WavLMModel.from_pretrained`), "
                       "without the emotion head: the W_ft of a task vector."]
@@ -439,14 +442,15 @@ def model_card(exp_dir, export_dir=None, hf_export=None, repo=None):
     title = rows[0]["row"] if rows and rows[0].get("row") else (hp.get("experiment") or exp_dir.name)
     lines = [f"# {title}", "", f"Model card for `{exp_dir}` ({kind} recipe), written by `python -m tools.model_card`.",
              ""]
-    usage = usage_section(exp_dir, export_dir, kind) + (
+    usage = usage_section(exp_dir, export_dir, kind, repo) + (
         ["", *hf_export_section(hf_export, exp_dir, repo)] if hf_export is not None else [])
     for section in (setup_section(hp, kind, metrics), hparams_section(hp),
                     metrics_section(metrics, metrics_file.name), coefficients_section(exp_dir, coeffs, metrics),
                     usage):
         if section:
             lines += section + [""]
-    data = card_metadata(hp, kind, metrics, exp_dir, title, transformers_export=hf_export is not None)
+    transformers_export = hf_export is not None or (kind == "ASR-CTC" and _is_ctc_export(exp_dir / "finetuned_wavlm"))
+    data = card_metadata(hp, kind, metrics, exp_dir, title, transformers_export=transformers_export)
     return with_header(data, "\n".join(lines).rstrip() + "\n", exp_dir / "hyperparams.yaml")
 
 
@@ -458,20 +462,45 @@ def write_model_card(exp_dir, export_dir=None, hf_export=None, repo=None):
     return out
 
 
-def push_to_hub(repo, exp_dir, card_file, hf_export=None):
-    """One commit to the hub model repo ``repo`` (created if missing): the card as README.md, the plots it links,
-    and the files of ``hf_export``. The only function here that uses the network."""
+def upload_to_hub(repo, files, commit_message):
+    """One commit of ``files`` ({path in the repo: local file}) to the hub model repo ``repo`` (created if missing):
+    ``HfApi.create_repo`` + ``create_commit`` with one ``CommitOperationAdd`` per file, read from where it is (no
+    staging copy: an export holds an LLM of many GB, and a temp folder on another file system, or tmpfs, would take
+    a full copy of it). The one function of the toolkit that uploads; the model card and the HarmoniFuse export use
+    it."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    files = {"README.md": Path(card_file)}
-    files.update({f: Path(exp_dir) / f for f, _ in PLOTS if (Path(exp_dir) / f).is_file()})
-    if hf_export is not None:
-        files.update({p.name: p for p in sorted(Path(hf_export).iterdir()) if p.is_file() and p.name != "README.md"})
+    missing = [str(p) for p in files.values() if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"upload to {repo}: files not found: {missing[:5]}")
+    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
     api = HfApi()
     api.create_repo(repo, repo_type="model", exist_ok=True)
-    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
-    return api.create_commit(repo, ops, commit_message=f"Model card and export of {Path(exp_dir).name}",
-                             repo_type="model")
+    return api.create_commit(repo, ops, commit_message=commit_message, repo_type="model")
+
+
+def hub_files(exp_dir, card_file, export=None):
+    """{path in the repo: file} of an experiment's upload: the card as README.md, the plots it links, and the files
+    of ``export`` (a ``tools.export_hf`` folder, or an ASR-CTC experiment's ``finetuned_wavlm/``) at the root."""
+    files = {"README.md": Path(card_file)}
+    files.update({f: Path(exp_dir) / f for f, _ in PLOTS if (Path(exp_dir) / f).is_file()})
+    if export is not None:
+        files.update({p.name: p for p in sorted(Path(export).iterdir()) if p.is_file() and p.name != "README.md"})
+    return files
+
+
+def push_to_hub(repo, exp_dir, card_file, export=None):
+    """Upload :func:`hub_files` as one commit (:func:`upload_to_hub`)."""
+    return upload_to_hub(repo, hub_files(exp_dir, card_file, export),
+                         f"Model card and export of {Path(exp_dir).name}")
+
+
+def upload_export(exp_dir, export_dir, hf_export):
+    """The folder an upload of ``exp_dir`` ships: the ``tools.export_hf`` folder, else an ASR-CTC experiment's
+    ``finetuned_wavlm/`` (a WavLMForCTC with its processor), else None (card and plots only)."""
+    _, hf_export = _checked_exports(Path(exp_dir), export_dir, hf_export)
+    ctc = Path(exp_dir) / "finetuned_wavlm"
+    return hf_export if hf_export is not None else (ctc if _is_ctc_export(ctc) else None)
 
 
 def main(argv=None):
@@ -481,14 +510,14 @@ def main(argv=None):
     p.add_argument("--hf_export", default=None,
                    help="tools.export_hf folder (default: <exp_dir>/hf_export if any): shown in the card, pushed")
     p.add_argument("--push_to_hub", metavar="REPO", default=None,
-                   help="upload the card (+ plots, + --hf_export) to this hub model repo; needs a hub token")
+                   help="upload the card (+ plots, + --hf_export or an ASR-CTC experiment's finetuned_wavlm/) "
+                   "to this hub model repo, one commit; needs a hub token")
     a = p.parse_args(argv)
     try:
         out = write_model_card(a.exp_dir, a.export, a.hf_export, a.push_to_hub)
         print(out)
         if a.push_to_hub:
-            _, hf_export = _checked_exports(Path(a.exp_dir), a.export, a.hf_export)
-            print(push_to_hub(a.push_to_hub, a.exp_dir, out, hf_export))
+            print(push_to_hub(a.push_to_hub, a.exp_dir, out, upload_export(a.exp_dir, a.export, a.hf_export)))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

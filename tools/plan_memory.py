@@ -387,8 +387,13 @@ def main(argv=None):
     for gpus, gb in GPU_SETUPS if a.plans else ():  # a prediction is per process: the same for any GPU count
         for task, plan in plan_on(hparams, predictors, gpus, gb).items():
             what = f"{task}_batch_size" if task else "batch_size"
-            text = plan if isinstance(plan, str) else (f"micro-batch {plan[0]} x accum {plan[1]} (predicted "
-                                                        f"{plan[2] / GIB:.1f} GiB per GPU)")
+            if isinstance(plan, str):
+                text = plan
+            elif task:  # a global task batch: each GPU runs its share (lobes.memory_plan.plan_task_batch)
+                text = (f"{what} {plan[0]}" + (f" = {-(-plan[0] // gpus)} per GPU" if gpus > 1 else "")
+                        + f" (predicted {plan[2] / GIB:.1f} GiB per GPU)")
+            else:
+                text = f"micro-batch {plan[0]} x accum {plan[1]} (predicted {plan[2] / GIB:.1f} GiB per GPU)"
             print(f"  {gpus} x {gb} GB, {what}: {text}")
             out["plans"].append({"gpus": gpus, "gpu_gb": gb, "task": task, "plan": plan})
     if a.json:

@@ -7,8 +7,8 @@
 #   exp=exp/my_recipe      # everything it writes          --help lists them with their comments
 #   . "${root}/tools/recipe_lib.sh"  # --name value for every declared option; what follows -- stays in "$@"
 #
-# After it: log, launch, is_node0, node0_begin, node0_end and ${py} are defined, the working directory is ${root},
-# and ${root} is on PYTHONPATH. The full command line is logged and, when the recipe declares ${exp}, written (by
+# After it: log, launch, pool_start / pool_run / pool_wait / cpu_jobs (a stage's jobs side by side: --nj), is_node0,
+# node0_begin, node0_end and ${py} are defined, the working directory is ${root}, and ${root} is on PYTHONPATH. The full command line is logged and, when the recipe declares ${exp}, written (by
 # node 0) to ${exp}/run_cmd.sh (a script that replays this invocation; ESPnet keeps the same record) and appended to
 # ${exp}/run_cmd.history. PYTORCH_CUDA_ALLOC_CONF is expandable_segments:True unless the caller set it (or
 # PYTORCH_ALLOC_CONF): segments that grow in place instead of many fixed-size blocks waste less memory on
@@ -26,6 +26,11 @@
 #
 # node0_end is a torchrun job of tools/node_sync.py on every node (the rendezvous is the barrier): the others wait up
 # to ${node_timeout} s for node 0; if node 0 fails inside the step, its exit trap tells them and they stop too.
+
+if [ -z "${BASH_VERSINFO:-}" ] || [ "${BASH_VERSINFO[0]}" -lt 4 ]; then   # associative arrays, mapfile
+    echo "the recipes need bash 4 or newer (this is ${BASH_VERSION:-not bash}); on macOS: brew install bash" >&2
+    exit 1
+fi
 
 log() { echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[0]}) $*"; }
 
@@ -182,6 +187,116 @@ _node0_exit() {  # EXIT trap on node 0: a step that failed stops the nodes waiti
     exit "${rc}"
 }
 if [ "${nnodes}" -gt 1 ] && is_node0; then trap _node0_exit EXIT; fi
+
+# ------------------------------------------------------------------------------ jobs of one stage at once (--nj)
+# A stage's independent runs (the source models, the rows x seeds) can run side by side, as ESPnet's --nj does for
+# data jobs. Each run is the same process it would be alone (same arguments, one intra-op thread with --mini), so
+# its results do not depend on nj; only the wall time does.
+#
+#   pool_start <logdir>          # before the first job (reads ${nj}: a run.sh that declares no nj gets 1)
+#   pool_run <name> launch ...   # nj 1: runs now, output to the terminal; nj > 1: in the background, output in
+#                                # <logdir>/<name>.log, at most nj at once (waits for a free slot first)
+#   pool_wait                    # every job has ended; a failed one has its log tail printed, then exit 1
+#
+# With nj > 1 and GPUs (device not cpu, nvidia-smi present), job slot s sees only GPUs s*ngpu .. (s+1)*ngpu-1 of
+# CUDA_VISIBLE_DEVICES (or of all GPUs): nj x ngpu GPUs are needed, checked before the first job. One node only:
+# the nodes' rendezvous sequence must be the same everywhere, which background jobs would not keep.
+cpu_jobs() {  # how many one-thread CPU jobs fit: one per core, at most one per 2 GiB available (a mini run: 1.5)
+    local cores mem
+    cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)   # nproc alone reports OMP_NUM_THREADS
+    mem=$(awk '/^MemAvailable:/ { print int($2 / 2097152) }' /proc/meminfo 2>/dev/null || echo 1)
+    [ "${mem:-0}" -lt "${cores}" ] && cores=${mem:-1}
+    echo $(( cores > 1 ? cores : 1 ))
+}
+
+_pool_n=1 _pool_dir= _pool_gpus=()
+declare -A _pool_job=() _pool_slot_of=() _pool_t0=()   # pid -> name, pid -> slot, pid -> start time
+declare -A _pool_names=()                               # every job name given so far
+_pool_slots=()                                        # slot -> pid ('' = free)
+_pool_failed=()
+
+pool_start() {  # pool_start <logdir>
+    _pool_dir=$1 _pool_gpus=() _pool_failed=()
+    _pool_n=${nj:-1}
+    [[ ${_pool_n} =~ ^[1-9][0-9]*$ ]] || { echo "--nj must be a positive integer, not '${_pool_n}'" >&2; exit 1; }
+    [ "${_pool_n}" -eq 1 ] && return 0
+    if [ "${nnodes}" -gt 1 ]; then
+        echo "--nj ${_pool_n} needs one node (--nnodes ${nnodes}): run the jobs of a stage one after another" >&2
+        exit 1
+    fi
+    mkdir -p "${_pool_dir}"
+    if [ "${device:-}" != cpu ] && command -v nvidia-smi >/dev/null 2>&1; then
+        local all=() need=$((_pool_n * ${ngpu:-1}))
+        if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=, read -r -a all <<< "${CUDA_VISIBLE_DEVICES}"
+        else mapfile -t all < <(nvidia-smi --query-gpu=index --format=csv,noheader); fi
+        if [ ${#all[@]} -gt 0 ]; then
+            [ ${#all[@]} -ge "${need}" ] || { echo "--nj ${_pool_n} x --ngpu ${ngpu:-1} needs ${need} GPUs;"                 "${#all[@]} visible (${all[*]}): lower --nj" >&2; exit 1; }
+            _pool_gpus=("${all[@]}")
+        fi
+    fi
+    trap '_pool_kill 130' INT
+    trap '_pool_kill 143' TERM
+}
+
+_pool_kill() {  # _pool_kill <exit status>: on Ctrl-C / TERM the background jobs stop with the recipe
+    local pid
+    for pid in "${!_pool_job[@]}"; do   # the job's processes (python, torchrun), then its subshell
+        pkill -TERM -P "${pid}" 2>/dev/null || true
+        kill -TERM "${pid}" 2>/dev/null || true
+    done
+    exit "$1"
+}
+
+_pool_reap() {  # wait for one background job to end; free its slot, record a failure
+    local pid= rc=0 p
+    # RECIPE_LIB_POLL=1 takes the bash < 5.1 path on any bash (tests/test_run_sh.py)
+    if [ -z "${RECIPE_LIB_POLL:-}" ] && (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501 )); then
+        wait -n -p pid "${!_pool_job[@]}" || rc=$?
+    else   # bash 4.x-5.0: no wait -p; poll for a job that has ended, then collect its status
+        while [ -z "${pid}" ]; do
+            for p in "${!_pool_job[@]}"; do kill -0 "${p}" 2>/dev/null || { pid=${p}; break; }; done
+            [ -n "${pid}" ] || sleep 1
+        done
+        wait "${pid}" || rc=$?
+    fi
+    local name=${_pool_job[${pid}]} slot=${_pool_slot_of[${pid}]}
+    _pool_slots[slot]=
+    if [ "${rc}" -eq 0 ]; then
+        local t0=${_pool_t0[${pid}]}
+        log "  ${name}: done in $(( $(date +%s) - t0 )) s"
+    else
+        log "  ${name}: FAILED (exit status ${rc}); last lines of ${_pool_dir}/${name}.log:"
+        tail -n 25 "${_pool_dir}/${name}.log" >&2
+        _pool_failed+=("${name}")
+    fi
+    unset "_pool_job[${pid}]" "_pool_slot_of[${pid}]" "_pool_t0[${pid}]"
+}
+
+pool_run() {  # pool_run <name> <command...>
+    local name=$1; shift
+    if [ -n "${_pool_names[${name}]:-}" ]; then   # the same run twice would share its output folder and log
+        echo "job ${name} given twice (a row, fold or seed listed twice?)" >&2
+        exit 1
+    fi
+    _pool_names[${name}]=1
+    if [ "${_pool_n}" -eq 1 ]; then "$@"; return; fi
+    while [ ${#_pool_job[@]} -ge "${_pool_n}" ]; do _pool_reap; done
+    local slot=0
+    while [ -n "${_pool_slots[slot]:-}" ]; do slot=$((slot + 1)); done
+    local gpus=()
+    [ ${#_pool_gpus[@]} -eq 0 ] || gpus=("CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${_pool_gpus[*]:slot * ${ngpu:-1}:${ngpu:-1}}")")
+    ( [ ${#gpus[@]} -eq 0 ] || export "${gpus[@]}"; "$@" ) < /dev/null > "${_pool_dir}/${name}.log" 2>&1 &
+    _pool_slots[slot]=$! _pool_job[$!]=${name} _pool_slot_of[$!]=${slot} _pool_t0[$!]=$(date +%s)
+    log "  ${name}: started (job slot ${slot}${gpus:+, ${gpus[0]}}; log ${_pool_dir}/${name}.log)"
+}
+
+pool_wait() {  # every started job has ended; exit 1 naming the failed ones
+    while [ ${#_pool_job[@]} -gt 0 ]; do _pool_reap; done
+    if [ ${#_pool_failed[@]} -gt 0 ]; then
+        log "failed: ${_pool_failed[*]} (logs in ${_pool_dir})" >&2
+        exit 1
+    fi
+}
 
 launch() {  # launch <train.py> <hparams> [overrides...]: one process, or torchrun over ${ngpu} GPUs x ${nnodes} nodes
     local args=()

@@ -3,16 +3,21 @@
 - :func:`estimate_cache` sizes one split from the manifest durations alone (WavLM's CNN arithmetic).
 - :func:`plan_split` decides per split: reuse an existing cache (same :class:`CacheSpec`, every needed utterance
   present with the same duration), or build it (none yet, or stale: the reason names what changed).
-- :func:`check_plans` checks the **totals** against the budget of where the caches go: the sum of the in-RAM
-  shards of the largest rank against ``feature_cache_max_ram_gb``; on disk, the reused plus the new caches
-  against ``feature_cache_max_disk_gb``, and the new ones against the free space (to which the stale caches
-  about to be replaced are added back). A refusal names every split, its size, the budget and what would fit.
+- :func:`check_plans` checks the **totals** against the budget of where the caches go: in RAM, the sum over the
+  splits of what the DDP ranks of one host hold together against ``feature_cache_max_ram_gb``, which is read
+  **per host** (the machine's RAM that its ranks share; one process = one rank); on disk, the reused plus the new
+  caches against ``feature_cache_max_disk_gb``, and the new ones against the free space (to which the stale
+  caches about to be replaced are added back). A refusal names every split, its size, the budget and what would fit.
 - :func:`ram_shards` says which utterances each DDP rank keeps in RAM: those its loader reads. That is fixed
   for validation / test (``ToolkitBrain.make_dataloader`` gives rank r the single-process batches r, r+W, ...)
-  and for an unshuffled training set (``DistributedSampler``'s strided share); a shuffled or dynamically
-  batched training set is dealt out anew every epoch, so only a disk cache can serve it.
+  and for an unshuffled training set (``DistributedSampler``'s strided share). A shuffled or dynamically batched
+  training set is dealt out anew every epoch, so every rank holds the **whole** train split (replicated): the
+  budget counts it once per rank of the host, and the build is still split over the ranks and all-gathered
+  (:func:`lobes.adaltm.feature_cache.gather_entries`). Over budget, only a disk cache can serve it.
 """
 import json
+import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -162,28 +167,54 @@ def remove_leftovers(cache_dir, splits):
         shutil.rmtree(Path(cache_dir) / f".{split}.tmp", ignore_errors=True)
 
 
-def _ram_totals(plans, spec, ram_shards):
-    """Bytes of the largest rank's in-RAM shards, summed over the splits (every rank checks the same number)."""
+def ranks_per_host(world):
+    """DDP ranks that share this host's RAM: torchrun's ``LOCAL_WORLD_SIZE``, else all ``world`` (one host)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def replicated_splits(shards):
+    """Splits that every rank holds whole (a training set dealt out anew every epoch, :func:`ram_shards`)."""
+    if shards is None or len(shards) < 2:
+        return []
+    return [s for s in shards[0] if all(sh[s] == shards[0][s] for sh in shards[1:])]
+
+
+def _ram_totals(plans, spec, ram_shards, per_host):
+    """(bytes, where) of the in-RAM caches of all splits: the host whose ranks hold the most, summed over its ranks
+    (ranks r*per_host ... are on host r, as torchrun numbers them); every rank checks the same number."""
     if ram_shards is None:
-        return sum(p.estimate.bytes for p in plans)
+        return sum(p.estimate.bytes for p in plans), "in RAM"
     durations = {p.split: dict(p.utterances) for p in plans}
-    return max(sum(estimate_cache([durations[p.split][u] for u in shard[p.split]], spec).bytes for p in plans)
-               for shard in ram_shards)
+    per_rank = [sum(estimate_cache([durations[p.split][u] for u in shard[p.split]], spec).bytes for p in plans)
+                for shard in ram_shards]
+    if len(per_rank) == 1:
+        return per_rank[0], "in RAM"
+    hosts = [per_rank[i:i + per_host] for i in range(0, len(per_rank), per_host)]
+    host = max(hosts, key=sum)
+    return sum(host), (f"per host ({len(host)} DDP ranks of {len(per_rank)} on it: "
+                       f"{' + '.join(human_bytes(b) for b in host)})")
 
 
-def check_plans(plans, spec, cache_dir, max_ram_gb, max_disk_gb, ram_shards=None):
-    """Raise :class:`CacheBudgetError` when the caches of all splits together exceed their budget."""
+def check_plans(plans, spec, cache_dir, max_ram_gb, max_disk_gb, ram_shards=None, per_host=1):
+    """Raise :class:`CacheBudgetError` when the caches of all splits together exceed their budget.
+
+    ``ram_shards``: the ids each DDP rank keeps in RAM (:func:`ram_shards`); ``per_host``: how many of the ranks
+    share one host's RAM (``feature_cache_max_ram_gb`` is per host)."""
     new = [p for p in plans if p.action != "reuse"]
     if not new:
         return
     if cache_dir is None:
-        total, limit = _ram_totals(plans, spec, ram_shards), max_ram_gb * GB
+        (total, where), limit = _ram_totals(plans, spec, ram_shards, per_host), max_ram_gb * GB
         if total > limit:
-            where = "per rank (the largest DDP shard)" if ram_shards is not None and len(ram_shards) > 1 else "in RAM"
+            fix = "set feature_cache_dir to stream the caches to disk, raise feature_cache_max_ram_gb"
+            whole = replicated_splits(ram_shards)
+            if whole:
+                fix = (f"set feature_cache_dir to a folder on a filesystem all ranks share ({whole} is dealt to the "
+                       "ranks anew every epoch (sorting: random or dynamic_batching: True), so every rank holds all "
+                       f"of it), raise feature_cache_max_ram_gb (per host) to {math.ceil(total / GB)}")
             raise CacheBudgetError(refusal(plans, spec, f"{human_bytes(total)} {where}", total,
                                            f"feature_cache_max_ram_gb: {max_ram_gb} ({human_bytes(limit)})", limit,
-                                           "set feature_cache_dir to stream the caches to disk, raise "
-                                           "feature_cache_max_ram_gb"))
+                                           fix))
         return
     total = sum(p.existing_bytes if p.action == "reuse" else p.estimate.bytes for p in plans)
     limit = max_disk_gb * GB
@@ -242,8 +273,8 @@ def ram_shards(hparams, datasets, world):
     """[{split: ids rank r reads}] for r < world, for an in-RAM cache under DDP (see the module docstring).
 
     A training set the sampler deals out anew every epoch (``sorting: random`` or ``dynamic_batching: True``) has
-    no fixed shard: a ValueError asks for a disk cache instead. Run under DDP: the evaluation loaders' micro-batch
-    is the one ``lobes.dataio.loader_kwargs`` derives for this process's world size."""
+    no fixed shard: every rank gets all of it. Run under DDP: the evaluation loaders' micro-batch is the one
+    ``lobes.dataio.loader_kwargs`` derives for this process's world size."""
     from torch.utils.data import DistributedSampler
 
     from lobes import distributed as D
@@ -256,13 +287,10 @@ def ram_shards(hparams, datasets, world):
     for split, ds in datasets.items():
         ids = list(ds.data_ids)
         if split == "train":
-            if hparams["dynamic_batching"] or hparams["sorting"] == "random":
-                raise ValueError(
-                    f"feature cache in RAM under DDP ({world} processes): the training loader deals the utterances "
-                    "to the ranks anew every epoch (sorting: random or dynamic_batching: True), so a rank cannot "
-                    "hold only its own share and every rank would hold the whole train split. Set "
-                    "feature_cache_dir to a folder on a filesystem all ranks share (each rank then reads the "
-                    "features of its batches from disk), or cache_features: False.")
+            if hparams["dynamic_batching"] or hparams["sorting"] == "random":  # dealt anew every epoch
+                for r in range(world):
+                    shards[r][split] = set(ids)
+                continue
             for r in range(world):  # SpeechBrain's train sampler under DDP with sorting other than random
                 sampler = DistributedSampler(ds, num_replicas=world, rank=r, shuffle=False)
                 shards[r][split] = {ids[i] for i in sampler}

@@ -79,6 +79,7 @@ import torch
 
 from lobes.adaltm.lora_import import is_peft_state, merge_lora, peft_to_loralib
 from lobes.errors import DataError
+from lobes.safetensors_io import read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -116,12 +117,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # --------------------------------------------------------------------------------------------- file readers
 def _read_safetensors(path):
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # SafetensorError, OSError: truncated header/data, not a safetensors file
-        raise DataError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+    return read_safetensors(path, "checkpoint file")[0]  # any dtype: _to_float32_cpu converts floating ones
 
 
 def _read_torch(path):

@@ -19,8 +19,11 @@ states are computed once and the α + head training reads them back. At the pape
   when complete. Peak RAM is one shard + one batch, whatever the corpus size (benchmarks/RESULTS.md).
 - **batched on the training device and sharded across DDP ranks**: on disk, rank r computes utterances
   ``r::world`` (sorted ids) and every rank reads the shared folder; in RAM, each rank computes and keeps only the
-  utterances its loaders read (:func:`lobes.adaltm.cache_plan.ram_shards`; a training set dealt out anew every
-  epoch needs a disk cache). Batches are duration-sorted, at most ``batch_seconds`` padded seconds, on ``device``.
+  utterances its loaders read (:func:`lobes.adaltm.cache_plan.ram_shards`). A training set dealt out anew every
+  epoch (``sorting: random``, dynamic batching) is held whole by every rank: rank r computes ``r::world`` and
+  :func:`gather_entries` sends every rank's features to all (halves the one-off WavLM pass on 2 GPUs, the
+  dominant cost of a cached run; benchmarks/RESULTS.md §9). Batches are duration-sorted, at most
+  ``batch_seconds`` padded seconds, on ``device``.
 - optionally **pooled**: ``pooled=True`` stores the per-layer masked mean over time, [L+1, D] per utterance
   instead of [T, L+1, D] (~280x smaller at 5.6 s). Exact only for a head whose first op is a linear frame
   projection followed by masked mean pooling (``SERHead(head_type="pooled_linear")``), since
@@ -28,6 +31,7 @@ states are computed once and the α + head training reads them back. At the pape
 
 Entries are [T, L+1, D] (time first, so SpeechBrain's PaddedBatch pads and measures time) or [L+1, D].
 """
+import hashlib
 import json
 import logging
 import os
@@ -44,10 +48,11 @@ from safetensors.torch import save_file
 from lobes.adaltm.cache_identity import cache_identity, load_memo, save_memo
 from lobes.adaltm.cache_plan import (  # noqa: F401 (sizing API re-exported: estimate_cache, conv_frames, ...)
     FORMAT, GB, HEADER_BYTES_PER_ENTRY, INDEX_FILE, CacheBudgetError, CacheEstimate, CacheSpec, check_plans, conv_frames,
-    dtype_name, estimate_cache, human_bytes, plan_split, ram_shards, read_meta, remove_leftovers)
+    dtype_name, estimate_cache, human_bytes, plan_split, ram_shards, ranks_per_host, read_meta, remove_leftovers,
+    replicated_splits)
 from lobes.adaltm.merged_wavlm import _release_freed_memory as release_freed_memory
 from lobes.errors import DataError
-from lobes.io_utils import atomic_write
+from lobes.io_utils import atomic_write, hold_lock
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +168,73 @@ def finalize(tmp_dir, final_dir, spec, world, expected_ids):
     os.replace(tmp_dir, final_dir)
 
 
+def ram_entries(encoder, plan, load, spec, device, batch_seconds, split_over=None, round_bytes=256 * 2 ** 20):
+    """{utt_id: features} this process keeps in RAM for ``plan``: the ids in ``plan.keep``, computed here; or, for
+    a split every rank holds whole, ``split_over=(rank, world)``: this rank's ``r::world`` share computed here and
+    every rank's share gathered (:func:`gather_entries`)."""
+    mine = [u for u in plan.utterances if u[0] in plan.keep]
+    if split_over is not None:
+        _check_same_ids(plan.split, [u for u, _ in mine])
+        mine = rank_share(mine, *split_over)
+    feats = dict(compute_batched(encoder, mine, load, device, getattr(torch, spec.dtype), spec.pooled, batch_seconds))
+    return feats if split_over is None else gather_entries(feats, round_bytes)
+
+
+def _check_same_ids(split, ids):
+    """DataError on every rank when the ranks list different utterances for a split they share out ``r::world``
+    (each would compute a share of another list: utterances dropped or computed twice, found only mid-training)."""
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+    seen = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, (len(ids), digest))
+    if len(set(seen)) > 1:
+        raise DataError(f"in-RAM feature cache of '{split}': the DDP ranks list different utterances (count, digest "
+                        f"per rank: {seen}); every rank must read the same manifest")
+
+
+def gather_entries(local, round_bytes=256 * 2 ** 20):
+    """Every rank's {utt_id: CPU tensor} on every rank (all-gather over the initialised process group).
+
+    Each rank sends its entries as raw bytes in rounds of at most ``round_bytes`` (one entry at least) and drops
+    them from ``local`` once sent (they come back in the result), so what is held beyond the result is one
+    round's buffers of all ranks, not this rank's share twice; on CUDA (NCCL) the buffers are on the device."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
+    rounds, size = [[]], 0
+    for uid, t in local.items():
+        nbytes = t.numel() * t.element_size()
+        if rounds[-1] and size + nbytes > round_bytes:
+            rounds.append([])
+            size = 0
+        rounds[-1].append((uid, tuple(t.shape), dtype_name(t.dtype), nbytes))
+        size += nbytes
+    layouts = [None] * world
+    dist.all_gather_object(layouts, rounds)
+    out = {}
+    for k in range(max(len(lay) for lay in layouts)):
+        parts = [lay[k] if k < len(lay) else [] for lay in layouts]
+        longest = max(sum(e[3] for e in part) for part in parts)
+        if not longest:  # no rank has an entry (an empty split)
+            continue
+        send = torch.zeros(longest, dtype=torch.uint8, device=device)
+        if parts[dist.get_rank()]:
+            flat = torch.cat([local[uid].reshape(-1).view(torch.uint8) for uid, *_ in parts[dist.get_rank()]])
+            send[: flat.numel()] = flat.to(device)
+        recv = [torch.empty_like(send) for _ in range(world)]
+        dist.all_gather(recv, send)
+        for uid, *_ in parts[dist.get_rank()]:
+            del local[uid]
+        for part, buf in zip(parts, recv):
+            buf, offset = buf.cpu(), 0
+            for uid, shape, dtype, nbytes in part:
+                if uid in out:
+                    raise DataError(f"in-RAM feature cache: utterance '{uid}' computed by two ranks")
+                out[uid] = buf[offset: offset + nbytes].clone().view(getattr(torch, dtype)).view(shape)
+                offset += nbytes
+        del send, recv
+    return out
+
+
 def _dist():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -234,13 +306,17 @@ def build_caches(encoder, sources, spec, cache_dir=None, device="cpu", batch_sec
 
     sources: {split: ([(utt_id, duration s)], load(utt_id) -> waveform)}. Without ``cache_dir`` the caches are
     held in RAM: each process computes and keeps ``shards[rank][split]`` (the ids its loaders read under DDP,
-    :func:`lobes.adaltm.cache_plan.ram_shards`), every id when ``shards`` is None. With it, shards go to
+    :func:`lobes.adaltm.cache_plan.ram_shards`), every id when ``shards`` is None; a split that every rank holds
+    whole is computed ``r::world`` and all-gathered. With it, shards go to
     ``<cache_dir>/<split>/`` (rank r computes ids r::world; rank 0 publishes each split with one rename).
     Nothing is written before the check passes, except that the temp folders of a killed build are removed
     first (they would count against the free space). ``memo``: file digests, saved beside the caches.
     """
     r, w = _dist() if rank is None else (rank, world)
     if cache_dir is not None:
+        # one run per folder: another run's rank r would remove the temp shards this one writes or replace the
+        # caches it reads (rows side by side: run.sh --nj); a lock per rank, so a run's own ranks never clash
+        hold_lock(Path(cache_dir) / f".lock.rank{r}", f"feature_cache_dir '{cache_dir}'")
         if r == 0:
             remove_leftovers(cache_dir, sources)
         _barrier()
@@ -248,7 +324,8 @@ def build_caches(encoder, sources, spec, cache_dir=None, device="cpu", batch_sec
     for split, (utterances, _) in sources.items():
         keep = shards[r][split] if shards is not None and cache_dir is None else {u for u, _ in utterances}
         plans[split] = plan_split(split, utterances, keep, spec, cache_dir)
-    check_plans(list(plans.values()), spec, cache_dir, max_ram_gb, max_disk_gb, shards if cache_dir is None else None)
+    check_plans(list(plans.values()), spec, cache_dir, max_ram_gb, max_disk_gb, shards if cache_dir is None else None,
+                ranks_per_host(w))
     for split, p in plans.items():
         where = Path(cache_dir) / split if cache_dir is not None else "in RAM"
         if p.action == "reuse":
@@ -258,9 +335,10 @@ def build_caches(encoder, sources, spec, cache_dir=None, device="cpu", batch_sec
         else:
             logger.info("feature cache %s (%s): %s", split, where, p.estimate.describe(spec))
     if cache_dir is None:
-        return {split: FeatureCache(feats=dict(compute_batched(
-            encoder, [u for u in p.utterances if u[0] in p.keep], sources[split][1], device, getattr(torch, spec.dtype),
-            spec.pooled, batch_seconds))) for split, p in plans.items()}
+        whole = replicated_splits(shards) if w > 1 else []
+        return {split: FeatureCache(feats=ram_entries(encoder, p, sources[split][1], spec, device, batch_seconds,
+                                                      (r, w) if split in whole else None, int(shard_mb * 2 ** 20)))
+                for split, p in plans.items()}
     if r == 0 and memo is not None:
         save_memo(cache_dir, memo)
     _barrier()  # every rank has read the stale indexes before rank 0 replaces them

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lobes.errors import DataError
-from lobes.io_utils import atomic_path
+from lobes.safetensors_io import read_safetensors, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -169,33 +169,27 @@ def cache_path(vector_path, spec):
 
 
 def save_factored(fv, path):
-    from safetensors.torch import save_file
-
     tensors = {k: t.contiguous() for k, t in fv.dense.items()}
     for k, (u, v) in fv.factors.items():
         tensors[k + _U], tensors[k + _V] = u.contiguous(), v.contiguous()
     meta = {**fv.metadata, "format": FORMAT, "format_version": FORMAT_VERSION, "name": fv.name,
             "shapes": json.dumps({k: list(s) for k, s in fv.shapes.items()})}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+    write_safetensors(tensors, path, meta)
     fv.metadata = meta
     return path
 
 
 def load_factored(path):
-    from safetensors import safe_open
-
+    """A cache written by :func:`save_factored` (float32 factors and dense ΔW); DataError naming the file on any
+    defect, also a factored key without its U or V."""
+    tensors, meta = read_safetensors(path, "low-rank task vector", dtypes=(torch.float32,), file_format=FORMAT,
+                                     metadata_keys=("name", "shapes", "rank_spec"))
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise DataError(f"{path}: cannot read low-rank task vector: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{path}: not a low-rank task vector (format={meta.get('format')!r})")
-    shapes = {k: tuple(s) for k, s in json.loads(meta["shapes"]).items()}
-    factors = {k: (tensors.pop(k + _U), tensors.pop(k + _V)) for k in shapes}
-    return FactoredVector(name=meta["name"], dense=tensors, factors=factors, shapes=shapes, metadata=dict(meta))
+        shapes = {k: tuple(s) for k, s in json.loads(meta["shapes"]).items()}
+        factors = {k: (tensors.pop(k + _U), tensors.pop(k + _V)) for k in shapes}
+    except (ValueError, AttributeError, TypeError, KeyError) as e:
+        raise DataError(f"{path}: low-rank task vector metadata 'shapes' does not match its tensors ({e!r})") from e
+    return FactoredVector(name=meta["name"], dense=tensors, factors=factors, shapes=shapes, metadata=meta)
 
 
 def cached_factored(vector_path, spec):

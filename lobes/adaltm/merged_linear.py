@@ -21,6 +21,8 @@ benchmarks/RESULTS.md):
 ``.tolist()`` per group per step is a host sync that stalls the CUDA stream, and a λ built on the host next
 to CUDA weights is a device mix. tests/test_device_meta.py runs every recipe on the ``meta`` device to keep it so.
 """
+import warnings
+
 import torch
 from torch.func import functional_call
 
@@ -136,6 +138,11 @@ class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):
     The recipe keeps a detached device copy of λ (not floats read back to the host, which would sync the GPU
     per group per step); a copy, since an optimizer updates λ in place and the rebuild must use the λ of the
     forward.
+
+    Only the innermost saved-tensor hooks run, so the hooks active when this one is entered (the planner's
+    ``SavedBytes``, torch's ``save_on_cpu``, ...) are handed every tensor kept as it is; without that they never
+    saw a fused group's activations (the planner reported 0.22 GiB saved for backward at WavLM-Large shape
+    instead of ~12 GiB, benchmarks/RESULTS.md §11).
     """
 
     def __init__(self, merged, sources, coeffs):
@@ -144,12 +151,16 @@ class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):
         by_ptr = {w.untyped_storage()._cdata: name for name, w in merged.items() if w.numel()}
         coeffs = coeffs.detach().clone() if isinstance(coeffs, torch.Tensor) else list(coeffs)
 
+        # the enclosing hooks, set on entering; a cell, not ``self``: a closure over self would make a reference
+        # cycle (self -> pack -> self) that keeps λ's copy alive until the garbage collector runs
+        self._outer = outer = [None]
+
         def pack(t):
             if t.layout == torch.strided and t.numel():
                 name = by_ptr.get(t.untyped_storage()._cdata)
                 if name is not None:
                     return _Recipe(name, t.size(), t.stride(), t.storage_offset(), t.dtype)
-            return t
+            return t if outer[0] is None else _Outer(outer[0][0](t), outer[0][1])
 
         def unpack(x):
             if isinstance(x, _Recipe):
@@ -157,9 +168,27 @@ class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):
                 with torch.no_grad():  # in the forward's dtype (bf16 under CUDA autocast, which runs addmv so)
                     w = merge_values(base, deltas, coeffs, x.dtype)
                 return w.as_strided(x.size, x.stride, x.offset)
-            return x
+            return x.unpack(x.packed) if isinstance(x, _Outer) else x
 
         super().__init__(pack, unpack)
+
+    def __enter__(self):
+        self._outer[0] = _enclosing_hooks()
+        return super().__enter__()
+
+
+def _enclosing_hooks():
+    """The innermost active saved-tensor hooks (pack, unpack), or None. torch has no public accessor (functorch
+    reads the same private one; tests/test_saved_for_backward.py fails if it stops handing the tensors on). A torch
+    without it still trains with the same λ gradient; only the enclosing hooks miss the fused groups' tensors."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        warnings.warn(f"torch {torch.__version__} has no torch._C._autograd._top_saved_tensors_default_hooks (the "
+                      "toolkit pins torch==2.11.0): saved-tensor hooks around a fused λ group (tools.plan_memory's "
+                      "count of saved tensors, torch's save_on_cpu) do not see its activations, so a memory plan "
+                      "under-counts them", RuntimeWarning, stacklevel=3)
+        return None
+    return top(False)
 
 
 class _Recipe:
@@ -167,6 +196,14 @@ class _Recipe:
 
     def __init__(self, name, size, stride, offset, dtype):
         self.name, self.size, self.stride, self.offset, self.dtype = name, size, stride, offset, dtype
+
+
+class _Outer:
+    """A tensor packed by the saved-tensor hooks that were active outside :class:`RebuildMergedInBackward`."""
+    __slots__ = ("packed", "unpack")
+
+    def __init__(self, packed, unpack):
+        self.packed, self.unpack = packed, unpack
 
 
 def fused_call(module, sources, lam, args, kwargs, rebuild_in_backward=True):

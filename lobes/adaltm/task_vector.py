@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lobes.errors import DataError
-from lobes.io_utils import atomic_path
+from lobes.safetensors_io import read_safetensors, write_safetensors
 
 FORMAT = "adaltm-task-vector"
 FORMAT_VERSION = "1"
@@ -43,6 +43,9 @@ GROUP0_PREFIXES = (
 )
 _LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.")
 _MAX_LISTED = 20
+REQUIRED_METADATA = ("name", "fingerprint", "num_layers", "hidden_size", "num_keys", "key_hash")
+# ΔW in any float precision; an integer tensor is not a weight difference λ can scale
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def toolkit_version():
@@ -226,37 +229,19 @@ def save_task_vector(tv, path):
     Fingerprint fields are recomputed from the tensors and ``tv.metadata`` is set to exactly what was
     written, so ``load_task_vector(path).metadata == tv.metadata``.
     """
-    from safetensors.torch import save_file
-
     meta = _complete_metadata(tv)
     tensors = {k: t.detach().cpu().contiguous() for k, t in tv.delta.items()}
     for k, (u, v) in tv.factors.items():
         tensors[f"{FACTOR_PREFIX}{k}::U"], tensors[f"{FACTOR_PREFIX}{k}::V"] = u.contiguous(), v.contiguous()
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+    write_safetensors(tensors, path, meta)
     tv.metadata = meta
     return path
 
 
 def load_task_vector(path):
     """Read a task vector written by :func:`save_task_vector`; DataError naming the file on any defect."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            delta = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: task vector file not found") from e
-    except Exception as e:
-        raise DataError(f"{path}: cannot read task vector (truncated or corrupt safetensors?): {e}") from e
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{path}: not a task vector file (metadata format={meta.get('format')!r}, "
-                        f"expected {FORMAT!r})")
-    required = ("name", "fingerprint", "num_layers", "hidden_size", "num_keys", "key_hash")
-    missing = [k for k in required if k not in meta]
-    if missing:
-        raise DataError(f"{path}: task vector metadata lacks {missing}")
+    delta, meta = read_safetensors(path, "task vector file", dtypes=FLOAT_DTYPES, file_format=FORMAT,
+                                   metadata_keys=REQUIRED_METADATA)
     factor_keys = [k for k in delta if k.startswith(FACTOR_PREFIX)]
     factors = {k[len(FACTOR_PREFIX):-3]: (delta.pop(k), delta.pop(k[:-1] + "V")) for k in factor_keys
                if k.endswith("::U")}
@@ -266,4 +251,4 @@ def load_task_vector(path):
     bad = _nonfinite_keys(delta)
     if bad:
         raise DataError(f"{path}: task vector holds NaN/inf in {bad[:_MAX_LISTED]}")
-    return TaskVector(name=meta["name"], delta=delta, metadata=dict(meta), factors=factors)
+    return TaskVector(name=meta["name"], delta=delta, metadata=meta, factors=factors)

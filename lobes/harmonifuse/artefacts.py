@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from lobes.errors import DataError
-from lobes.io_utils import atomic_dir, atomic_path, atomic_write
+from lobes.io_utils import atomic_dir, atomic_write
+from lobes.safetensors_io import read_safetensors, write_safetensors
 from lobes.wavlm_encoder import WavLMShape
 
 logger = logging.getLogger(__name__)
@@ -128,12 +129,9 @@ def save_lm_dir(hf_lm, tokenizer, out):
 def write_speech_modules(model, folder, lm, decoding, include_encoder=False):
     """``speech_modules.safetensors``, then ``speech_modules.json`` (its presence marks a complete folder);
     ``include_encoder``: also a frozen WavLM (an export needs no source then)."""
-    from safetensors.torch import save_file
-
     info, state = model_info(model, lm, decoding, include_encoder)
     folder = Path(folder)
-    with atomic_path(folder / SPEECH_FILE) as tmp:
-        save_file(state, tmp)
+    write_safetensors(state, folder / SPEECH_FILE)
     with atomic_write(folder / INFO_FILE) as f:
         json.dump(info, f, indent=2)
         f.write("\n")
@@ -201,8 +199,6 @@ def load_artefacts(folder, lm_source=None, wavlm_source=None, device="cpu"):
 
     ``lm_source``: where the LM this folder needs is now (the base LM of kinds base / adapter, the LM of kind
     model); ``wavlm_source``: where a referenced (frozen) WavLM is now."""
-    from safetensors.torch import load_file
-
     from lobes.harmonifuse.settings import FusionSettings, PromptSettings, SERSettings, SpeechSettings
     from lobes.harmonifuse.speech_lm import SpeechLM
 
@@ -218,10 +214,7 @@ def load_artefacts(folder, lm_source=None, wavlm_source=None, device="cpu"):
 
         model.lm = PeftModel.from_pretrained(model.lm, str(folder / info["lm"]["dir"]))
     path = folder / SPEECH_FILE
-    try:
-        state = load_file(str(path))
-    except Exception as e:  # SafetensorError, OSError
-        raise DataError(f"{path}: cannot read the speech modules ({e})") from e
+    state, _ = read_safetensors(path, "speech modules file")
     missing, unexpected = model.load_state_dict(state, strict=False)
     skip = ("lm.",) if info["encoder"]["included"] else ("lm.", "encoder.")
     missing = [k for k in missing if not k.startswith(skip)]

@@ -30,6 +30,7 @@ node_rank=0                 # this machine's index, 0..nnodes-1; node 0 alone ru
 master_addr=                # node 0's host name or address, the same on every node (needed with --nnodes > 1)
 master_port=29500           # rendezvous port on node 0 (consecutive torchrun jobs alternate with the next port)
 node_timeout=3600           # seconds the other nodes wait for node 0's shared steps (data preparation, task vectors)
+nj=                         # jobs of a stage at once (folds; rows x seeds x folds), logs in <exp>/logs; empty: the CPU count with --mini true (one thread each), else 1
 mini=false                  # true: generate the mini IEMOCAP + tiny WavLM and use fast demo settings
 data_folder=                # IEMOCAP_full_release (Session1 ... Session5)
 split_protocol=sessions     # sessions (leave one session out) | speakers (leave one speaker out) | random (80/10/10)
@@ -57,6 +58,8 @@ if [ "${mini}" = true ]; then
     # came at epoch 16-24 in every fold-1 trial, so 30 epochs; SER and AdaLTM rows: 30 epochs of batches of 8
     constant='--lr_schedulers={"opt_class":null,"backbone_opt_class":null}'
     # (launch keeps the last of a repeated --key=value: --asr_args / --ser_args / --adaltm_args and -- override these)
+    # the independent runs of a stage side by side, one core and at most ~2 GiB each (the same numbers)
+    nj=${nj:-$(cpu_jobs)}
     asr_args="--number_of_epochs=30 --batch_size=4 --lr=0.02 --lr_wavlm=0.01 --mask_time_prob=0.2 ${constant} ${asr_args}"
     ser_args="--number_of_epochs=30 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${constant} ${ser_args}"
     adaltm_args="--number_of_epochs=30 --lr=0.01 --batch_size=8 --head_hidden=64 --num_bootstraps=200 ${adaltm_args}"
@@ -84,6 +87,7 @@ read -r -a seed_list <<< "${seeds}"
 [ ${#seed_list[@]} -gt 0 ] || { echo "--seeds: give at least one seed" >&2; exit 1; }
 for s in "${seed_list[@]}"; do
     [[ ${s} =~ ^[0-9]+$ ]] || { echo "--seeds: '${s}' is not a non-negative integer" >&2; exit 1; }
+    [ "$(tr ' ' '\n' <<< "${seeds}" | grep -cx "${s}")" -eq 1 ] || { echo "--seeds: ${s} is given twice" >&2; exit 1; }
 done
 seed=${seed_list[0]}        # the source models (stages 1-2: ASR-CTC, SER) and their task vectors: one seed
 
@@ -92,6 +96,8 @@ vectors=${exp}/task_vectors
 common=(--seed="${seed}" --wavlm_source="${wavlm_source}" --data_folder="${data_folder}" --prep_folder="${prep}"
         --split_protocol="${split_protocol}"
         ${device:+--device="${device}"})
+
+pool_start "${exp}/logs"
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     log "Stage 0: data preparation"
@@ -112,7 +118,7 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
     for fold in ${folds}; do
         log "Stage 1: fold ${fold}: in-domain ASR-CTC fine-tuning on IEMOCAP transcripts"
         # shellcheck disable=SC2086
-        launch "${recipe_dir}/asr_ctc/train.py" "${recipe_dir}/asr_ctc/hparams/train_asr_ctc.yaml" "${common[@]}" \
+        pool_run "asr_ctc_fold${fold}" launch "${recipe_dir}/asr_ctc/train.py" "${recipe_dir}/asr_ctc/hparams/train_asr_ctc.yaml" "${common[@]}" \
             --fold="${fold}" --output_folder="${exp}/asr_ctc/fold${fold}" ${asr_args} "${extra[@]}"
     done
 fi
@@ -121,10 +127,11 @@ if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     for fold in ${folds}; do
         log "Stage 2: fold ${fold}: SER fine-tuning"
         # shellcheck disable=SC2086
-        launch "${recipe_dir}/ser/train.py" "${recipe_dir}/ser/hparams/train_ser.yaml" "${common[@]}" \
+        pool_run "ser_fold${fold}" launch "${recipe_dir}/ser/train.py" "${recipe_dir}/ser/hparams/train_ser.yaml" "${common[@]}" \
             --fold="${fold}" --output_folder="${exp}/ser/fold${fold}" ${ser_args} "${extra[@]}"
     done
 fi
+pool_wait   # the source models are trained before their task vectors are taken
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
     for fold in ${folds}; do
@@ -154,12 +161,13 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
             for row in ${rows}; do
                 log "Stage 3b: fold ${fold}: AdaLTM row ${row}, seed ${s}"
                 # shellcheck disable=SC2086
-                launch "${recipe_dir}/adaltm/train.py" "${recipe_dir}/adaltm/hparams/rows/${row}.yaml" "${seeded[@]}" \
+                pool_run "${row}_${s}_fold${fold}" launch "${recipe_dir}/adaltm/train.py" "${recipe_dir}/adaltm/hparams/rows/${row}.yaml" "${seeded[@]}" \
                     --fold="${fold}" --exp_folder="${exp}/rows" \
                     --vectors_folder="${vectors}/fold${fold}" ${adaltm_args} "${extra[@]}"
             done
         done
     done
+    pool_wait
 fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ] && ! is_node0; then

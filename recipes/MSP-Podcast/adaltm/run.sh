@@ -40,6 +40,7 @@ node_rank=0                 # this machine's index, 0..nnodes-1; node 0 alone ru
 master_addr=                # node 0's host name or address, the same on every node (needed with --nnodes > 1)
 master_port=29500           # rendezvous port on node 0 (consecutive torchrun jobs alternate with the next port)
 node_timeout=3600           # seconds the other nodes wait for node 0's shared steps (data preparation, task vectors)
+nj=                         # jobs of a stage at once (source models; rows x seeds), logs in <exp>/logs; empty: the CPU count with --mini true (one thread each), else 1
 mini=false                  # true: generate mini corpora + tiny WavLM and use fast demo settings
 mini_msp_test_factor=3      # --mini true: Test1 utterances of the mini MSP-Podcast, times the generator's default
 mini_libri_utts=180         # --mini true: train-clean-100 utterances of the generated mini LibriSpeech
@@ -83,6 +84,9 @@ if [ "${mini}" = true ]; then
     # 1.8 s to 30 s when other jobs shared the 2 cores, and a fixed count keeps the float reduction order, hence
     # the numbers, the same on machines with more cores.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    # the independent runs of a stage side by side, one core and at most ~2 GiB each (a run peaks at 1.5 GiB RSS):
+    # the same numbers in less wall time
+    nj=${nj:-$(cpu_jobs)}
     asr_args="--number_of_epochs=60 --batch_size=4 --lr=0.02 --lr_wavlm=0.01 --mask_time_prob=0.2 ${asr_args}"
     asr_args="--lr_schedulers={\"opt_class\":null,\"backbone_opt_class\":null} ${asr_args}"
     ser_args="--number_of_epochs=15 --lr=0.003 --lr_wavlm=0.001 --head_hidden=64 --num_bootstraps=200 ${ser_args}"
@@ -98,11 +102,14 @@ read -r -a seed_list <<< "${seeds}"
 [ ${#seed_list[@]} -gt 0 ] || { echo "--seeds: give at least one seed" >&2; exit 1; }
 for s in "${seed_list[@]}"; do
     [[ ${s} =~ ^[0-9]+$ ]] || { echo "--seeds: '${s}' is not a non-negative integer" >&2; exit 1; }
+    [ "$(tr ' ' '\n' <<< "${seeds}" | grep -cx "${s}")" -eq 1 ] || { echo "--seeds: ${s} is given twice" >&2; exit 1; }
 done
 seed=${seed_list[0]}        # the source models (stages 1-2) and their task vectors: one seed
 test_splits_yaml="[$(IFS=,; echo "${test_split_list[*]}")]"
 common=(--seed="${seed}" --wavlm_source="${wavlm_source}" ${device:+--device="${device}"})
 msp_opts=(--test_splits="${test_splits_yaml}")   # MSP-Podcast recipes only (recorded in their hyperparams.yaml)
+
+pool_start "${exp}/logs"
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     log "Stage 0: data preparation"
@@ -126,7 +133,7 @@ fi
 if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
     if [ -z "${asr_in_source}" ]; then
         log "Stage 1a: in-domain ASR-CTC fine-tuning on MSP-Podcast transcripts"
-        launch "${msp_dir}/asr_ctc/train.py" "${msp_dir}/asr_ctc/hparams/train_asr_ctc.yaml" "${common[@]}" \
+        pool_run asr_ctc_msp launch "${msp_dir}/asr_ctc/train.py" "${msp_dir}/asr_ctc/hparams/train_asr_ctc.yaml" "${common[@]}" \
             --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True "${msp_opts[@]}" \
             --output_folder="${exp}/asr_ctc_msp" ${asr_args} "${extra[@]}"
     else
@@ -135,7 +142,7 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
     if [ -z "${asr_out_source}" ]; then
         [ -n "${libri_folder}" ] || { echo "--libri_folder or --asr_out_source is needed for the out-of-domain vector" >&2; exit 1; }
         log "Stage 1b: out-of-domain ASR-CTC fine-tuning on LibriSpeech"
-        launch "${root}/recipes/LibriSpeech/asr_ctc/train.py" "${root}/recipes/LibriSpeech/asr_ctc/hparams/train_asr_ctc.yaml" \
+        pool_run asr_ctc_libri launch "${root}/recipes/LibriSpeech/asr_ctc/train.py" "${root}/recipes/LibriSpeech/asr_ctc/hparams/train_asr_ctc.yaml" \
             "${common[@]}" --data_folder="${libri_folder}" --prep_folder="${prep}/libri" --skip_prep=True \
             --output_folder="${exp}/asr_ctc_libri" ${asr_args} "${extra[@]}"
     else
@@ -146,13 +153,14 @@ fi
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ]; then
     if [ -z "${ser_source}" ]; then
         log "Stage 2: SER fine-tuning on MSP-Podcast"
-        launch "${msp_dir}/ser/train.py" "${msp_dir}/ser/hparams/train_ser.yaml" "${common[@]}" \
+        pool_run ser launch "${msp_dir}/ser/train.py" "${msp_dir}/ser/hparams/train_ser.yaml" "${common[@]}" \
             --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True "${msp_opts[@]}" \
             --output_folder="${exp}/ser" ${ser_args} "${extra[@]}"
     else
         log "Stage 2: importing the SER model ${ser_source}"
     fi
 fi
+pool_wait   # the source models are trained before their task vectors are taken
 
 if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
     log "Stage 3a: task vectors ΔW = W_ft − W_base"
@@ -177,17 +185,18 @@ if [ ${stage} -le 3 ] && [ ${stop_stage} -ge 3 ]; then
         seeded=("${common[@]/#--seed=*/--seed=${s}}")
         for row in ${rows}; do
             log "Stage 3b: AdaLTM row ${row}, seed ${s}"
-            launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${seeded[@]}" \
+            pool_run "${row}_${s}" launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${seeded[@]}" \
                 --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True "${msp_opts[@]}" \
                 --exp_folder="${exp}/rows" --vectors_folder="${vectors}" ${adaltm_args} "${extra[@]}"
         done
         for row in ${mtl_rows}; do
             log "Stage 3c: MTL baseline ${row}, seed ${s}"
-            launch "${msp_dir}/mtl/train.py" "${msp_dir}/mtl/hparams/rows/${row}.yaml" "${seeded[@]}" \
+            pool_run "mtl_${row}_${s}" launch "${msp_dir}/mtl/train.py" "${msp_dir}/mtl/hparams/rows/${row}.yaml" "${seeded[@]}" \
                 --data_folder="${data_folder}" --prep_folder="${prep}/msp" --skip_prep=True "${msp_opts[@]}" \
                 --exp_folder="${exp}/rows" --vectors_folder="${vectors}" ${mtl_args} "${extra[@]}"
         done
     done
+    pool_wait
 fi
 
 if [ ${stage} -le 4 ] && [ ${stop_stage} -ge 4 ] && ! is_node0; then

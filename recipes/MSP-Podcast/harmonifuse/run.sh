@@ -29,6 +29,7 @@ node_rank=0                 # this machine's index, 0..nnodes-1; node 0 alone ru
 master_addr=                # node 0's host name or address, the same on every node (needed with --nnodes > 1)
 master_port=29500           # rendezvous port on node 0 (consecutive torchrun jobs alternate with the next port)
 node_timeout=3600           # seconds the other nodes wait for node 0's shared steps (data preparation, task vectors)
+nj=                         # rows x seeds (x folds) trained at once, logs in <exp>/logs; empty: the CPU count with --mini true (one thread each), else 1
 mini=false                  # true: generate mini corpora + tiny WavLM + tiny LM and use fast demo settings
 msp_folder=                 # MSP-Podcast root (Audios/ Labels/ Transcripts/)
 libri_folder=               # LibriSpeech root (train-clean-100/ dev-clean/ test-clean/ test-other/)
@@ -48,6 +49,8 @@ extra=("$@")                # passed to every train.py
 
 if [ "${mini}" = true ]; then
     msp_folder=${msp_folder:-${exp}/data/MSP-Podcast}
+    # the rows side by side, one core and at most ~2 GiB each (the same numbers in less wall time)
+    nj=${nj:-$(cpu_jobs)}
     libri_folder=${libri_folder:-${exp}/data/LibriSpeech}
     [ "${wavlm_source}" = microsoft/wavlm-large ] && wavlm_source=${root}/tools/fixtures/tiny_wavlm_pretrained
     [ "${lm_source}" = Qwen/Qwen2.5-0.5B ] && lm_source=${root}/tools/fixtures/tiny_lm_pretrained
@@ -70,6 +73,7 @@ read -r -a seed_list <<< "${seeds}"
 [ ${#seed_list[@]} -gt 0 ] || { echo "--seeds: give at least one seed" >&2; exit 1; }
 for s in "${seed_list[@]}"; do
     [[ ${s} =~ ^[0-9]+$ ]] || { echo "--seeds: '${s}' is not a non-negative integer" >&2; exit 1; }
+    [ "$(tr ' ' '\n' <<< "${seeds}" | grep -cx "${s}")" -eq 1 ] || { echo "--seeds: ${s} is given twice" >&2; exit 1; }
 done
 seed=${seed_list[0]}        # the seed whose runs fill harmonifuse_table.md, the model cards and the printed α
 
@@ -80,6 +84,8 @@ common=(--seed="${seed}" --wavlm_source="${wavlm_source}" --lm_source="${lm_sour
         --msp_prep_folder="${prep}/msp" --libri_prep_folder="${prep}/libri" --libri_train_splits="${splits_yaml}"
         --iemocap_prep_folder="${prep}/iemocap" ${iemocap_folder:+--iemocap_folder="${iemocap_folder}"}
         ${device:+--device="${device}"})
+
+pool_start "${exp}/logs"
 
 if [ ${stage} -le 0 ] && [ ${stop_stage} -ge 0 ]; then
     log "Stage 0: data preparation"
@@ -110,19 +116,20 @@ if [ ${stage} -le 1 ] && [ ${stop_stage} -ge 1 ]; then
             # shellcheck disable=SC2086
             row_lm_args=${mini_lm_args}
             case ${row} in lm_*) row_lm_args="" ;; esac   # the LM-mode rows keep their own lm_mode
-            launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${seeded[@]}" \
+            pool_run "${row}_${s}" launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/${row}.yaml" "${seeded[@]}" \
                 --exp_folder="${exp}/rows" ${row_lm_args} ${train_args} "${extra[@]}"
         done
         if [ -n "${iemocap_folder}" ]; then
             for fold in 1 2 3 4 5; do
                 log "Stage 1: HarmoniFuse row iemocap_ser, fold ${fold}, seed ${s}"
                 # shellcheck disable=SC2086
-                launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/iemocap_ser.yaml" "${seeded[@]}" \
+                pool_run "iemocap_ser_${s}_fold${fold}" launch "${recipe_dir}/train.py" "${recipe_dir}/hparams/rows/iemocap_ser.yaml" "${seeded[@]}" \
                     --exp_folder="${exp}/rows" --iemocap_fold="${fold}" --experiment="iemocap_fold${fold}" \
                     ${mini_lm_args} ${train_args} "${extra[@]}"
             done
         fi
     done
+    pool_wait
 fi
 
 if [ ${stage} -le 2 ] && [ ${stop_stage} -ge 2 ] && ! is_node0; then
