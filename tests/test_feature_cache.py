@@ -601,7 +601,7 @@ def test_a_second_run_on_one_cache_folder_is_refused_before_it_touches_it(wavlm,
     in_progress.mkdir(parents=True)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom lobes.io_utils import hold_lock\n"
-         "hold_lock(sys.argv[1], 'cache')\nprint('held', flush=True)\ntime.sleep(120)", str(cache / ".lock.rank0")],
+         "hold_lock(sys.argv[1], 'cache')\nprint('held', flush=True)\ntime.sleep(120)", str(tmp_path / ".cache.lock.rank0")],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:

@@ -300,6 +300,12 @@ class FeatureCache:
                             max_ram_gb, max_disk_gb, rank=rank, world=world)[split]
 
 
+def lock_path(cache_dir, rank):
+    """The lock file of ``cache_dir`` for one rank: ``.<name>.lock.rank<r>`` beside the folder."""
+    folder = Path(cache_dir).absolute()
+    return folder.parent / f".{folder.name}.lock.rank{rank}"
+
+
 def build_caches(encoder, sources, spec, cache_dir=None, device="cpu", batch_seconds=160.0, shard_mb=256,
                  max_ram_gb=16.0, max_disk_gb=500.0, shards=None, memo=None, rank=None, world=None):
     """Plan every split, check them together, then build the missing or stale ones; {split: FeatureCache}.
@@ -315,8 +321,9 @@ def build_caches(encoder, sources, spec, cache_dir=None, device="cpu", batch_sec
     r, w = _dist() if rank is None else (rank, world)
     if cache_dir is not None:
         # one run per folder: another run's rank r would remove the temp shards this one writes or replace the
-        # caches it reads (rows side by side: run.sh --nj); a lock per rank, so a run's own ranks never clash
-        hold_lock(Path(cache_dir) / f".lock.rank{r}", f"feature_cache_dir '{cache_dir}'")
+        # caches it reads (rows side by side: run.sh --nj); a lock per rank, so a run's own ranks never clash.
+        # Beside the folder, not in it: nothing is created in cache_dir before the budget check passes
+        hold_lock(lock_path(cache_dir, r), f"feature_cache_dir '{cache_dir}'")
         if r == 0:
             remove_leftovers(cache_dir, sources)
         _barrier()
