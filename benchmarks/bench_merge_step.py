@@ -237,21 +237,25 @@ def child(variant, model_dir, steps, warmup, profile=False, precision="fp32", ve
             "lowrank_ranks": sorted({r for rs in getattr(enc, "lowrank_ranks", {}).values() for r in rs})})
 
 
-def saved_activations(model_dir):
-    """Bytes autograd saves for backward during one fine-tuning forward, per merge group (unique storages,
-    parameters excluded): the activation memory every λ-training variant without checkpointing also holds."""
+def _group_modules(enc):
+    """(name, module) of the merge groups of a built variant's WavLM (wrapped or not)."""
+    wavlm = enc.model
+    mods = [("CNN", wavlm.feature_extractor), ("feature_projection", wavlm.feature_projection),
+            ("pos_conv", wavlm.encoder.pos_conv_embed)]
+    return mods + [(f"layer{i + 1}", layer) for i, layer in enumerate(wavlm.encoder.layers)]
+
+
+def saved_activations(model_dir, variant="ft_all", vector_dir=None):
+    """Bytes autograd saves for backward during one training forward of ``variant``, per merge group (unique
+    storages, parameters and buffers excluded; custom Functions' ``save_for_backward`` included), and the 12
+    largest (group kind, shape, dtype) classes of saved tensors."""
     import torch
-    from lobes.wavlm_encoder import WavLMEncoder
 
     C.set_threads()
-    enc = WavLMEncoder(model_dir, freeze=False, freeze_feature_extractor=False).train()
-    params = {p.untyped_storage().data_ptr() for p in enc.parameters()}
-    cfg = enc.model.config
-    current, seen, per_group = ["other"], set(), {}
-    mods = [("CNN", enc.model.feature_extractor), ("feature_projection", enc.model.feature_projection),
-            ("pos_conv", enc.model.encoder.pos_conv_embed)]
-    mods += [(f"layer{i + 1}", layer) for i, layer in enumerate(enc.model.encoder.layers)]
-    for name, mod in mods:
+    enc, _ = build(variant, model_dir, vector_dir)
+    params = {t.untyped_storage().data_ptr() for t in list(enc.parameters()) + list(enc.buffers())}
+    current, seen, per_group, per_shape = ["other"], set(), {}, {}
+    for name, mod in _group_modules(enc):
         mod.register_forward_pre_hook(lambda m, a, name=name: current.__setitem__(0, name))
         mod.register_forward_hook(lambda m, a, o: current.__setitem__(0, "other"))
 
@@ -259,15 +263,174 @@ def saved_activations(model_dir):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params and ptr not in seen:
             seen.add(ptr)
-            per_group[current[0]] = per_group.get(current[0], 0) + t.untyped_storage().nbytes()
+            n = t.untyped_storage().nbytes()
+            per_group[current[0]] = per_group.get(current[0], 0) + n
+            kind = "layer" if current[0].startswith("layer") else current[0]
+            key = f"{kind} {list(t.shape)} {str(t.dtype)[6:]}"
+            per_shape[key] = per_shape.get(key, 0) + n
         return t
 
     wavs = torch.randn(BATCH, int(SECONDS * SR), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         hidden, _ = enc(wavs, torch.ones(BATCH))
     layers = sum(v for k, v in per_group.items() if k.startswith("layer"))
-    C.emit({"per_group_bytes": per_group, "total_bytes": sum(per_group.values()), "transformer_layers_bytes": layers,
-            "num_layers": cfg.num_hidden_layers})
+    top = sorted(per_shape.items(), key=lambda kv: -kv[1])[:12]
+    C.emit({"variant": variant, "per_group_bytes": per_group, "total_bytes": sum(per_group.values()),
+            "transformer_layers_bytes": layers, "num_layers": len(enc.model.encoder.layers), "top_shapes": top})
+
+
+def memory_timeline(model_dir, variant, vector_dir=None):
+    """Live tensor bytes through one training step (after one warm-up step), from torch.profiler's CPU
+    allocator events: the peak above the step's start, the phase it falls in (forward / backward / optimizer),
+    the op running at that moment, each phase's own peak, the peak once the CNN's backward has begun, and the
+    blocks of >= 4 MiB alive at both peaks with the op that allocated them. Run outside the comparison:
+    ``--child memory_timeline:lowrank_r32 --model-dir DIR``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from lobes.ser_head import SERHead
+    from lobes.weighted_sum import WeightedLayerSum
+
+    C.set_threads()
+    torch.manual_seed(0)
+    enc, backbone_params = build(variant, model_dir, vector_dir)
+    num_layers, hidden_size = len(enc.model.encoder.layers), enc.model.config.hidden_size
+    ws, head = WeightedLayerSum(num_layers), SERHead(hidden_size, 256, num_classes=8, dropout=0.0)
+    opt = torch.optim.AdamW(backbone_params + list(ws.parameters()) + list(head.parameters()), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    wavs, lens = torch.randn(BATCH, int(SECONDS * SR), generator=g), torch.ones(BATCH)
+    labels = torch.randint(0, 8, (BATCH,), generator=g)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with record_function("phase:forward"):
+            hidden, mask = enc(wavs, lens)
+            loss = torch.nn.functional.cross_entropy(head(ws(hidden), mask), labels)
+        with record_function("phase:backward"):
+            loss.backward()
+        with record_function("phase:optimizer"):
+            opt.step()
+
+    # the CNN's backward begins when its output's gradient arrives: a marker allocation of a unique size then
+    marker, kept = 777_777, []
+
+    def mark_cnn_backward(module, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda g: kept.append(torch.empty(marker, dtype=torch.uint8)))
+    enc.model.feature_extractor.register_forward_hook(mark_cnn_backward)
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocs, phases, stack = [], {}, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.name.startswith("phase:"):
+            phases[node.name[6:]] = (node.start_time_ns, node.end_time_ns)
+        elif node.name == "[memory]":
+            allocs.append((node.start_time_ns, node.typed[1].alloc_size, node))
+    allocs.sort(key=lambda a: a[0])
+
+    def phase_of(t):
+        return next((k for k, (t0, t1) in phases.items() if t0 <= t <= t1), "other")
+
+    def chain(node, depth):
+        names = []
+        while node is not None and len(names) < depth:
+            names.append(node.name.replace("autograd::engine::evaluate_function: ", ""))
+            node = node.parent
+        return " < ".join(names)
+
+    cnn_bwd = next((t for t, size, _ in allocs if size == marker), float("inf"))
+    live, peaks, alive, big = 0, {"step": 0, "cnn_backward": 0}, {}, {}
+    at_peak, phase_peak = {}, {}
+    for t, size, node in allocs:
+        live += size
+        if size > 0:
+            alive[node.typed[1].ptr] = (size, node)
+        else:
+            alive.pop(node.typed[1].ptr, None)
+        ph = phase_of(t)
+        phase_peak[ph] = max(phase_peak.get(ph, 0), live)
+        for name in ("step", "cnn_backward") if t >= cnn_bwd else ("step",):
+            if live > peaks[name]:
+                peaks[name], at_peak[name] = live, (t, node)
+                big[name] = [(sz, n) for sz, n in alive.values() if sz >= 4 * 2 ** 20]
+    blocks = {}
+    for name, items in big.items():  # blocks of >= 4 MiB alive at each peak, by size and allocating op
+        rows = {}
+        for sz, n in items:
+            key = f"{sz / 2 ** 20:.1f} MiB  {chain(n.parent, 6)}"
+            rows[key] = rows.get(key, 0) + 1
+        blocks[name] = sorted(rows.items(), key=lambda kv: -float(kv[0].split()[0]) * kv[1])
+    C.emit({"variant": variant, "peak_live_bytes": peaks["step"], "cnn_backward_peak_live_bytes": peaks["cnn_backward"],
+            "end_live_bytes": live, "phase_peak_bytes": phase_peak, "peak_phase": phase_of(at_peak["step"][0]),
+            "ops_at_peak": chain(at_peak["step"][1].parent, 5), "blocks_at_peaks": blocks})
+
+
+def rss_timeline(model_dir, variant, vector_dir=None):
+    """Resident size through one training step (after one warm-up step), sampled every 2 ms by a thread, with a
+    mark where each merge group's forward and backward begins: {segment: [RSS at its start, max RSS in it]} in
+    bytes above the RSS before the step. Run with ``MALLOC_MMAP_THRESHOLD_`` low (``--mmap-threshold``) so
+    that RSS follows what is alive (tensors and any library scratch memory outside torch's allocator)."""
+    import threading
+
+    import torch
+    from lobes.ser_head import SERHead
+    from lobes.weighted_sum import WeightedLayerSum
+
+    C.set_threads()
+    torch.manual_seed(0)
+    enc, backbone_params = build(variant, model_dir, vector_dir)
+    ws = WeightedLayerSum(len(enc.model.encoder.layers))
+    head = SERHead(enc.model.config.hidden_size, 256, num_classes=8, dropout=0.0)
+    opt = torch.optim.AdamW(backbone_params + list(ws.parameters()) + list(head.parameters()), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    wavs, lens = torch.randn(BATCH, int(SECONDS * SR), generator=g), torch.ones(BATCH)
+    labels = torch.randint(0, 8, (BATCH,), generator=g)
+    marks, samples, stop = [], [], threading.Event()
+
+    def mark(name):
+        marks.append((time.perf_counter(), name))
+
+    def out_hook(m, a, o, name):
+        t = o[0] if isinstance(o, tuple) else o
+        if t.requires_grad:
+            t.register_hook(lambda grad: mark(f"bwd {name}"))
+    for name, mod in _group_modules(enc):
+        mod.register_forward_pre_hook(lambda m, a, name=name: mark(f"fwd {name}"))
+        mod.register_forward_hook(lambda m, a, o, name=name: out_hook(m, a, o, name))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        mark("fwd start")
+        hidden, mask = enc(wavs, lens)
+        loss = torch.nn.functional.cross_entropy(head(ws(hidden), mask), labels)
+        mark("bwd start")
+        loss.backward()
+        mark("optimizer")
+        opt.step()
+        mark("end")
+
+    def sampler():
+        while not stop.is_set():
+            samples.append((time.perf_counter(), C.rss_bytes()))
+            time.sleep(0.002)
+    step()
+    gc.collect()
+    marks.clear()
+    base = C.rss_bytes()
+    th = threading.Thread(target=sampler)
+    th.start()
+    step()
+    stop.set()
+    th.join()
+    segs = {}
+    for i, (t0, name) in enumerate(marks):
+        t1 = marks[i + 1][0] if i + 1 < len(marks) else t0
+        inside = [r for t, r in samples if t0 <= t <= t1] or [C.rss_bytes()]
+        segs[name] = [inside[0] - base, max(inside) - base]
+    peak = max(r for _, r in samples)
+    C.emit({"variant": variant, "rss_before_step": base, "peak_above_before": peak - base, "segments": segs})
 
 
 def bf16_error(model_dir):
@@ -328,9 +491,13 @@ def main(argv=None):
     if a.child:
         if a.child == "bf16_error":
             return bf16_error(a.model_dir)
-        if a.child == "saved_activations":
-            return saved_activations(a.model_dir)
         name, _, mode = a.child.partition(":")
+        if name == "saved_activations":
+            return saved_activations(a.model_dir, mode or "ft_all", a.vector_dir)
+        if name == "rss_timeline":
+            return rss_timeline(a.model_dir, mode, a.vector_dir)
+        if name == "memory_timeline":
+            return memory_timeline(a.model_dir, mode, a.vector_dir)
         return child(name, a.model_dir, a.steps, a.warmup, profile=mode == "profile", precision=a.precision,
                      vector_dir=a.vector_dir)
 
@@ -368,6 +535,8 @@ def main(argv=None):
                       f"{C.gib(r['peak_rss']):5.2f} GiB  load {[round(x, 1) for x in r['loadavg_1min']]}", flush=True)
         bf16 = C.run_child(__file__, ["--child", "bf16_error", "--model-dir", model_dir])
         acts = C.run_child(__file__, ["--child", "saved_activations", "--model-dir", model_dir])
+        acts_lowrank = {v: C.run_child(__file__, ["--child", f"saved_activations:{v}", "--model-dir", model_dir])
+                        for v in variants if v == "lowrank_r32"}
         results = {v: C.aggregate(rs) for v, rs in runs.items()}
         C.add_ratios(results, "ft_all")
         C.print_table(results)
@@ -375,10 +544,14 @@ def main(argv=None):
         print(f"activations saved for backward (fine-tuning forward): {C.gib(acts['total_bytes']):.3f} GiB, of which "
               f"CNN {C.gib(acts['per_group_bytes'].get('CNN', 0)):.3f}, transformer layers "
               f"{C.gib(acts['transformer_layers_bytes']):.3f}")
+        for v, r in acts_lowrank.items():
+            print(f"  {v}: {C.gib(r['total_bytes']):.3f} GiB, CNN {C.gib(r['per_group_bytes'].get('CNN', 0)):.3f}, "
+                  f"transformer layers {C.gib(r['transformer_layers_bytes']):.3f}")
         C.save_json(a.out, {"machine": C.machine_info(), "command": " ".join(sys.argv), "steps": a.steps,
                             "warmup": a.warmup, "rounds": a.rounds, "mmap_threshold": a.mmap_threshold,
                             "batch": [BATCH, SECONDS], "wall_s": time.time() - t_start,
-                            "results": results, "runs": runs, "bf16_delta": bf16, "saved_activations": acts})
+                            "results": results, "runs": runs, "bf16_delta": bf16, "saved_activations": acts,
+                            "saved_activations_lowrank": acts_lowrank})
         print(f"\nwall {time.time() - t_start:.0f} s; written {a.out}")
     finally:
         shutil.rmtree(vector_dir, ignore_errors=True)

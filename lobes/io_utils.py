@@ -1,5 +1,6 @@
 """Atomic file writing: a crash never leaves a half-written manifest, vector, checkpoint or table."""
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -88,3 +89,25 @@ def atomic_dir(out, marker, tool):
         os.replace(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+_HELD_LOCKS = {}  # path -> fd: held until the process exits (the kernel drops a flock when its holder dies)
+
+
+def hold_lock(path, what):
+    """An exclusive lock on ``path`` (created if missing) for the rest of this process; a DataError naming
+    ``what`` if another process holds it. flock, so a killed holder never leaves a stale lock behind."""
+    from lobes.errors import DataError
+
+    path = Path(path)
+    if str(path) in _HELD_LOCKS:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataError(f"{what} is in use by another running process (lock {path}); give each concurrent run its "
+                        "own folder, or run them one after another (run.sh --nj 1)") from None
+    _HELD_LOCKS[str(path)] = fd

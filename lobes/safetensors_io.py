@@ -17,6 +17,9 @@ from lobes.errors import DataError
 from lobes.io_utils import atomic_path
 
 _LEN_BYTES = 8
+# safetensors' own limit (MAX_HEADER_SIZE): a length above it is not a header, and reading it would pull up to the
+# whole of a large file of another format (a renamed .bin) into RAM before the JSON parse fails
+MAX_HEADER_BYTES = 100_000_000
 _ENTRY_KEYS = ("dtype", "shape", "data_offsets")
 
 
@@ -35,6 +38,9 @@ def _header(path, what):
         if n > size - _LEN_BYTES:
             raise DataError(f"{path}: {what} is truncated or not a safetensors file: its header length says {n} "
                             f"bytes, the file holds {size - _LEN_BYTES} after it")
+        if n > MAX_HEADER_BYTES:
+            raise DataError(f"{path}: {what} is not a safetensors file: its header length says {n} bytes, over "
+                            f"safetensors' limit of {MAX_HEADER_BYTES}")
         text = f.read(n)
     try:
         header = json.loads(text.decode("utf-8"))
@@ -43,16 +49,23 @@ def _header(path, what):
     if not isinstance(header, dict):
         raise DataError(f"{path}: {what} has an invalid header (a JSON {type(header).__name__}, not an object)")
     meta = header.pop("__metadata__", None) or {}
-    bad = [k for k, e in header.items() if not isinstance(e, dict) or any(x not in e for x in _ENTRY_KEYS)]
+    bad = [k for k, e in header.items() if not isinstance(e, dict) or any(x not in e for x in _ENTRY_KEYS)
+           or not _offsets_ok(e["data_offsets"])]
     if bad or not isinstance(meta, dict):
-        raise DataError(f"{path}: {what} has an invalid header (entries without {list(_ENTRY_KEYS)}: {bad[:5]})")
-    end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+        raise DataError(f"{path}: {what} has an invalid header (entries without {list(_ENTRY_KEYS)} or with "
+                        f"data_offsets other than [begin, end]: {bad[:5]})")
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
     held = size - _LEN_BYTES - n
     if held != end:
         raise DataError(f"{path}: {what} is truncated: its header declares {end} bytes of tensor data, the file "
                         f"holds {held}" if held < end else
                         f"{path}: {what} has {held - end} bytes after the {end} its header declares")
     return header, meta
+
+
+def _offsets_ok(offsets):
+    return (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1])
 
 
 def read_safetensors(path, what="safetensors file", dtypes=None, metadata_keys=(), file_format=None):

@@ -425,6 +425,7 @@ def _ddp_worker(rank, world, port, out, source):
         ds = use_feature_cache(cache_hparams(wavlm, None, batch_size=2, sorting="ascending"), make_datasets(SPLITS)[0])
         save_file(_held(ds, result), str(Path(out) / f"rank{rank}.safetensors"))
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        _gather_checks(rank, world, out)
         torch.distributed.barrier()
     finally:
         D.release_process_group()
@@ -434,7 +435,8 @@ def test_ddp_ram_cache_holds_only_each_ranks_share(wavlm, tmp_path):
     """2 gloo processes: each rank computes and keeps only the utterances its loaders read (valid / test: batches
     r, r+W, ...; train unshuffled: DistributedSampler's strided share, padded). A shuffled training set is held
     whole by every rank (built half per rank and all-gathered): same features on both ranks, equal to one
-    process's to 1e-6, and every epoch's batches over both ranks read each training utterance once."""
+    process's to 1e-6, and every epoch's batches over both ranks read each training utterance once. Also
+    :func:`_assert_gather_checks` (gather_entries' rounds and dtypes, ranks listing different utterances)."""
     import socket
 
     from safetensors.torch import load_file
@@ -446,6 +448,7 @@ def test_ddp_ram_cache_holds_only_each_ranks_share(wavlm, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path), wavlm.source), nprocs=2, join=True)
+    _assert_gather_checks(tmp_path)  # one spawn for both (a spawn's imports cost ~20 s on 2 cores)
     single = features(use_feature_cache(cache_hparams(wavlm, None, feature_cache_batch_seconds=0.1),
                                         make_datasets(RANDOM_SPLITS)[0]))
     train = [f"train{i:02d}" for i in range(4)]
@@ -525,3 +528,89 @@ def test_replicated_train_split_budget_per_host_at_paper_scale():
     assert "cache_dtype: !name:torch.float16: 12.92 GB (fits)" in msg
     check_plans(plans, pooled, None, 26, 500, shards, per_host=2)  # what the message asks for fits
     check_plans(plans, pooled, None, 16, 500, shards, per_host=1)  # one GPU per host: 12.89 GB each
+
+
+def _gather_entries_expected():
+    """{uid: tensor} over both ranks: variable lengths, bf16 and fp32, one entry larger than a round; rank 0 holds 5
+    entries (several rounds), rank 1 two (one round), so rank 1 sends empty buffers in the later rounds."""
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for r, lengths in ((0, (7, 1, 40, 3, 12)), (1, (5, 9))):
+        for i, n in enumerate(lengths):
+            dtype = torch.bfloat16 if (r + i) % 2 else torch.float32
+            out[f"r{r}_{i}"] = torch.randn(n, 3, 4, generator=g).to(dtype)
+    return out
+
+
+class _FrameEncoder(torch.nn.Module):
+    """Stands in for WavLM in compute_batched: hidden [2, B, T, 3] from the samples, all frames valid."""
+
+    def forward(self, wavs, lens):
+        hidden = wavs[None, :, :, None].expand(2, -1, -1, 3)
+        return hidden, torch.ones(wavs.shape, dtype=torch.bool)
+
+
+def _gather_checks(rank, world, out):
+    """In a rank of :func:`_ddp_worker`: :func:`fc.gather_entries` of :func:`_gather_entries_expected`, and
+    ``ram_entries`` for ranks that list different utterances; results written for :func:`_assert_gather_checks`."""
+    from types import SimpleNamespace
+
+    from lobes.adaltm.cache_plan import SplitPlan
+
+    local = {u: t for u, t in _gather_entries_expected().items() if u.startswith(f"r{rank}_")}
+    got = fc.gather_entries(local, round_bytes=200)  # 40 x 3 x 4 x 4 B = 1920 B: an entry over a round
+    assert local == {}  # sent entries are dropped from the caller's dict
+    torch.save(got, Path(out) / f"gather{rank}.pt")
+    plan = SplitPlan("train", [(f"u{i}", 0.01) for i in range(4 - rank)], {f"u{i}" for i in range(4)}, "build")
+    try:
+        got = fc.ram_entries(_FrameEncoder(), plan, lambda uid: torch.ones(160), SimpleNamespace(
+            dtype="float32", pooled=False), "cpu", 1.0, (rank, world))
+        msg = f"no error, held {sorted(got)}"
+    except Exception as e:  # noqa: BLE001 (the message is compared in the test)
+        msg = f"{type(e).__name__}: {e}"
+    Path(out, f"ids{rank}.txt").write_text(msg)
+
+
+def _assert_gather_checks(out):
+    """gather_entries over 2 gloo ranks: every entry, bitwise with its dtype and shape, on both ranks, across rounds
+    of unequal count per rank; and ram_entries refuses on every rank when the ranks list different utterances (old
+    code computed the r::2 shares of different lists: 'u3' computed by no rank, found only when a batch needs it)."""
+    want = _gather_entries_expected()
+    for r in range(2):
+        got = torch.load(out / f"gather{r}.pt", weights_only=True)
+        assert sorted(got) == sorted(want)
+        for uid, t in want.items():
+            assert got[uid].dtype == t.dtype and got[uid].shape == t.shape and torch.equal(got[uid], t), uid
+        msg = (out / f"ids{r}.txt").read_text()
+        assert msg.startswith("DataError: in-RAM feature cache of 'train': the DDP ranks list different utterances "
+                              "(count, digest per rank: [(4, "), msg
+
+
+def test_a_second_run_on_one_cache_folder_is_refused_before_it_touches_it(wavlm, corpus, tmp_path):
+    """Two runs side by side (run.sh --nj) on one feature_cache_dir: the second is refused, naming the folder,
+    before it removes the first one's temp shards; once the first process is gone (killed: the kernel drops its
+    flock) the folder is usable again."""
+    import subprocess
+    import sys
+
+    from lobes.errors import DataError
+
+    utts, load = corpus
+    cache = tmp_path / "cache"
+    in_progress = cache / ".train.tmp"  # the first run's build
+    in_progress.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom lobes.io_utils import hold_lock\n"
+         "hold_lock(sys.argv[1], 'cache')\nprint('held', flush=True)\ntime.sleep(120)", str(tmp_path / ".cache.lock.rank0")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(DataError, match=f"feature_cache_dir '{cache}' is in use by another running process"):
+            fc.FeatureCache.build(wavlm, utts, load, spec(wavlm), "train", cache)
+        assert in_progress.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    built = fc.FeatureCache.build(wavlm, utts, load, spec(wavlm), "train", cache)
+    assert not in_progress.exists() and len(built) == len(utts)

@@ -165,13 +165,39 @@ def test_export_checks_itself_against_the_checkpoint_then_uploads_one_commit(tra
                                                                             capsys, offline):
     """The export is loaded back as the card's snippet does and compared with the experiment's best checkpoint
     (every trained task's log-probabilities on the fixed input: equal to float32 rounding, ≤ 1e-5 (3.8e-6 measured)
-    against 1e-4 allowed); --push_to_hub then uploads exactly the export's files as one commit."""
+    against 1e-4 allowed); --push_to_hub then uploads exactly the export's files as one commit. One model in memory at a
+    time: when a model's outputs are computed, every model loaded before it is freed (an LLM each at real scale;
+    old code left the checkpoint's model, held by reference cycles, alive while the export was loaded: [0, 1])."""
+    import gc
+    import weakref
+
+    from tools import export_harmonifuse as E
     from tools.export_harmonifuse import main as export_main
     from tools.export_harmonifuse import model_outputs
 
     calls = record_uploads(monkeypatch)
+    loaded, alive = [], []
+
+    def load_spy(*args, **kwargs):
+        res = load(*args, **kwargs)
+        loaded.append(weakref.ref(res[0]))
+        return res
+
+    def outputs_spy(model, tasks):
+        alive.append(sum(r() is not None for r in loaded if r() is not model))
+        loaded.append(weakref.ref(model))
+        return outputs(model, tasks)
+
+    load, outputs = A.load_artefacts, E.model_outputs
+    monkeypatch.setattr(A, "load_artefacts", load_spy)
+    monkeypatch.setattr(E, "model_outputs", outputs_spy)
     out = tmp_path / "hf_harmonifuse"
-    assert export_main([str(trained), str(out), "--push_to_hub", "someone/harmonifuse"]) == 0
+    gc.disable()  # cycles freed only where the export collects them
+    try:
+        assert export_main([str(trained), str(out), "--push_to_hub", "someone/harmonifuse"]) == 0
+    finally:
+        gc.enable()
+    assert alive == [0, 0]  # at the checkpoint's outputs, then at the export's
     m = SELF_CHECK.search(capsys.readouterr().out)
     # float32 rounding: measured 3.8e-6 = 2^-18, one float32 ulp of a log-probability in [-64, -32) (ser class
     # scores, simplex LM fusion, the YAML default); residual LM fusion 4.8e-7 (asr token log-probabilities)

@@ -163,3 +163,31 @@ def test_push_to_hub_only_with_the_option(adaltm_exp, tmp_path, monkeypatch, off
     card = (exp / "README.md").read_text()
     assert 'pipeline("audio-classification", model="someone/ser-model", trust_remote_code=True)' in card
     assert "library_name: transformers" in card
+
+
+def test_upload_reads_files_in_place_without_a_staging_copy(tmp_path, monkeypatch):
+    """A large export on another file system than the temp folder (hard links fail with EXDEV) where the temp folder
+    has no room for a copy: the upload reads every file where it is. Old code staged hard links in a temp folder,
+    fell back to a copy and failed with 'No space left on device'."""
+    import errno
+    import os
+
+    from tools.model_card import upload_to_hub
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def cross_device(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "model.safetensors").write_bytes(b"w" * 1000)
+    (tmp_path / "card.md").write_text("# card")
+    calls = record_uploads(monkeypatch)
+    monkeypatch.setattr(os, "link", cross_device)
+    for name in ("copyfile", "copy", "copy2", "copyfileobj"):
+        monkeypatch.setattr(shutil, name, no_room)
+    upload_to_hub("someone/big", {"README.md": tmp_path / "card.md", "lm/model.safetensors":
+                                  tmp_path / "lm" / "model.safetensors"}, "big export")
+    assert calls[1] == ("create_commit", "someone/big", {"README.md": b"# card", "lm/model.safetensors": b"w" * 1000},
+                        "big export")

@@ -353,8 +353,9 @@ def test_mini_runs_one_job_per_core_and_2_gib(tmp_path):
     assert not (ROOT / "1").exists()
 
 
-def test_nj_a_failed_job_stops_the_recipe_after_its_stage_naming_it(tmp_path):
-    proc, events = _timed_run(tmp_path, ["--nj", "2"], FAIL_LIBRI="1")
+@pytest.mark.parametrize("poll", ["", "1"])  # "1": the path of bash < 5.1 (no wait -n -p)
+def test_nj_a_failed_job_stops_the_recipe_after_its_stage_naming_it(tmp_path, poll):
+    proc, events = _timed_run(tmp_path, ["--nj", "2"], FAIL_LIBRI="1", RECIPE_LIB_POLL=poll)
     assert proc.returncode == 1
     assert "no LibriSpeech here" in proc.stderr and "failed: asr_ctc_libri (logs in" in proc.stderr
     # the other source models of the stage ran to their end; nothing of stage 3 started
@@ -385,8 +386,15 @@ def test_nj_gives_each_job_slot_its_own_gpus_or_says_how_many_are_missing(tmp_pa
 
 @pytest.mark.parametrize("options, message", [
     (["--nj", "0"], "--nj must be a positive integer, not '0'"),
+    (["--nj", "1", "--stage", "3", "--stop_stage", "3", "--rows", "setup4_dual setup4_dual"],
+     "job setup4_dual_1986 given twice (a row, fold or seed listed twice?)"),
+    (["--seeds", "1986 7 1986"], "--seeds: 1986 is given twice"),
     (["--nj", "2", "--nnodes", "2", "--master_addr", "a"], "--nj 2 needs one node (--nnodes 2)"),
 ])
 def test_nj_refuses_what_it_cannot_do(tmp_path, options, message):
-    proc = _bash(["recipes/MSP-Podcast/adaltm/run.sh", "--data_folder", "d", "--exp", str(tmp_path / "e"), *options])
+    proc = _bash(["recipes/MSP-Podcast/adaltm/run.sh", "--data_folder", "d", "--exp", str(tmp_path / "e"), *options],
+                 PYTHON=str(_fake_python(tmp_path)))
     assert proc.returncode == 1 and message in proc.stderr
+    rows = [c for c in _calls(tmp_path) if c.split()[0].endswith("adaltm/train.py")] if (
+        tmp_path / "calls").exists() else []
+    assert len(rows) <= 1  # a repeated row: refused when it comes again, before it trains a second time

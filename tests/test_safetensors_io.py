@@ -131,3 +131,34 @@ def test_a_missing_metadata_key_is_named_and_a_cache_without_it_is_rebuilt(files
     with pytest.raises(DataError, match=re.escape(f"{vector}: not a task vector file (metadata format="
                                                   "'something-else', expected 'adaltm-task-vector')")):
         load_task_vector(vector)
+
+
+def test_a_header_length_over_the_limit_is_refused_before_reading(tmp_path):
+    """A large file of another format whose first 8 bytes read as a 150 MB header length: refused from the length,
+    as safetensors refuses it (limit 100 MB), without reading the 150 MB. Old code read them into RAM and then said
+    'invalid header (not safetensors JSON ...)'."""
+    import tracemalloc
+
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 150_000_000))
+        f.truncate(160_000_000)  # sparse: no disk used
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=re.escape(f"{path}: checkpoint file is not a safetensors file: its header "
+                                                      "length says 150000000 bytes, over safetensors' limit of "
+                                                      "100000000")):
+            checkpoint_import._read_safetensors(path)
+        assert tracemalloc.get_traced_memory()[1] < 10_000_000
+    finally:
+        tracemalloc.stop()
+
+
+def test_malformed_data_offsets_are_a_data_error(tmp_path):
+    """Old code: ``int(e["data_offsets"][1])`` raised a bare ValueError / TypeError naming no file."""
+    path = tmp_path / "x.safetensors"
+    for offsets in ('"ab"', "4", "[0]"):
+        header = ('{"w": {"dtype": "F32", "shape": [1], "data_offsets": %s}}' % offsets).encode()
+        path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+        with pytest.raises(DataError, match=re.escape(f"{path}: checkpoint file has an invalid header") + r".*\['w'\]"):
+            checkpoint_import._read_safetensors(path)

@@ -68,3 +68,17 @@ def test_fused_hook_hands_activations_to_an_enclosing_hook():
     loss.backward()
     assert torch.equal(lam.grad, ref) and ref.abs().sum() > 0
     assert sum(seen) * 4 > 10e6  # fp32 activations of the whole model, not only what is saved outside the groups
+
+
+def test_fused_trains_with_a_warning_when_torch_lacks_the_hook_accessor(monkeypatch):
+    """A torch without the private accessor: the fused path trains with the same dL/dλ and warns that enclosing
+    hooks miss its tensors. Old code: AttributeError on the first fused forward."""
+    cfg = pm.wavlm_config(SHAPE)
+    modules = pm.build_adaltm(cfg, 2, merge_impl="fused", head_hidden=32, device="cpu")
+    lam = modules[0].lambdas.lam
+    forward_loss(modules).backward()
+    ref, lam.grad = lam.grad.clone(), None
+    monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+    with pytest.warns(RuntimeWarning, match="has no torch._C._autograd._top_saved_tensors_default_hooks"):
+        forward_loss(modules).backward()
+    assert torch.equal(lam.grad, ref) and ref.abs().sum() > 0

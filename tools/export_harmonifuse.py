@@ -28,6 +28,7 @@ scores of ``lobes.harmonifuse.predict.emotion_scores``, all as log-probabilities
 commit (``tools.model_card.upload_to_hub``); needs a hub token. Nothing is uploaded when the check fails.
 """
 import argparse
+import gc
 import importlib.util
 import logging
 import sys
@@ -129,6 +130,7 @@ def self_check(exp_dir, stage, tasks, lm_dtype, lm_source=None, wavlm_source=Non
     from lobes.harmonifuse import artefacts as A
 
     want, source = reference_outputs(exp_dir, tasks, lm_source, wavlm_source)
+    gc.collect()  # the reference model, held by reference cycles, freed before the export is loaded
     got = model_outputs(A.load_artefacts(stage)[0], tasks)
     what, diff = largest_difference(got, want)
     tol = VERIFY_TOL[lm_dtype]
@@ -160,6 +162,7 @@ def export_harmonifuse(exp_dir, out_dir, lm_source=None, wavlm_source=None):
         A.write_speech_modules(model, stage, lm, info["decoding"], include_encoder=True)
         (stage / "README.md").write_text(card.export_card(exp_dir, out_dir))
         del model  # one model in memory at a time: the checkpoint and the export are loaded next
+        gc.collect()  # the model's reference cycles would keep it (an LLM) until the collector's next full pass
         check = self_check(exp_dir, stage, info["decoding"]["train_tasks"], info["lm"]["dtype"], lm_source,
                            wavlm_source)
     return Path(out_dir), check

@@ -464,25 +464,19 @@ def write_model_card(exp_dir, export_dir=None, hf_export=None, repo=None):
 
 def upload_to_hub(repo, files, commit_message):
     """One commit of ``files`` ({path in the repo: local file}) to the hub model repo ``repo`` (created if missing):
-    ``HfApi.create_repo`` + ``upload_folder`` of a staging folder holding exactly these files (hard links, copies
-    across file systems). The one function of the toolkit that uploads; the model card and the HarmoniFuse export
-    use it."""
-    import shutil
-    import tempfile
+    ``HfApi.create_repo`` + ``create_commit`` with one ``CommitOperationAdd`` per file, read from where it is (no
+    staging copy: an export holds an LLM of many GB, and a temp folder on another file system, or tmpfs, would take
+    a full copy of it). The one function of the toolkit that uploads; the model card and the HarmoniFuse export use
+    it."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
-    from huggingface_hub import HfApi
-
-    with tempfile.TemporaryDirectory(prefix="hub_upload.") as stage:
-        for name, path in files.items():
-            target = Path(stage) / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, target)
-            except OSError:
-                shutil.copyfile(path, target)
-        api = HfApi()
-        api.create_repo(repo, repo_type="model", exist_ok=True)
-        return api.upload_folder(repo_id=repo, folder_path=stage, repo_type="model", commit_message=commit_message)
+    missing = [str(p) for p in files.values() if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"upload to {repo}: files not found: {missing[:5]}")
+    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
+    api = HfApi()
+    api.create_repo(repo, repo_type="model", exist_ok=True)
+    return api.create_commit(repo, ops, commit_message=commit_message, repo_type="model")
 
 
 def hub_files(exp_dir, card_file, export=None):

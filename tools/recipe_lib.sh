@@ -27,6 +27,11 @@
 # node0_end is a torchrun job of tools/node_sync.py on every node (the rendezvous is the barrier): the others wait up
 # to ${node_timeout} s for node 0; if node 0 fails inside the step, its exit trap tells them and they stop too.
 
+if [ -z "${BASH_VERSINFO:-}" ] || [ "${BASH_VERSINFO[0]}" -lt 4 ]; then   # associative arrays, mapfile
+    echo "the recipes need bash 4 or newer (this is ${BASH_VERSION:-not bash}); on macOS: brew install bash" >&2
+    exit 1
+fi
+
 log() { echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[0]}) $*"; }
 
 # The option lines of a run.sh: from its "# ---- options" line to the line sourcing this file, every
@@ -206,6 +211,7 @@ cpu_jobs() {  # how many one-thread CPU jobs fit: one per core, at most one per 
 
 _pool_n=1 _pool_dir= _pool_gpus=()
 declare -A _pool_job=() _pool_slot_of=() _pool_t0=()   # pid -> name, pid -> slot, pid -> start time
+declare -A _pool_names=()                               # every job name given so far
 _pool_slots=()                                        # slot -> pid ('' = free)
 _pool_failed=()
 
@@ -214,10 +220,6 @@ pool_start() {  # pool_start <logdir>
     _pool_n=${nj:-1}
     [[ ${_pool_n} =~ ^[1-9][0-9]*$ ]] || { echo "--nj must be a positive integer, not '${_pool_n}'" >&2; exit 1; }
     [ "${_pool_n}" -eq 1 ] && return 0
-    if (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501 )); then   # wait -n -p
-        echo "--nj ${_pool_n} needs bash 5.1 or newer (this is ${BASH_VERSION}); --nj 1 runs with any bash 4+" >&2
-        exit 1
-    fi
     if [ "${nnodes}" -gt 1 ]; then
         echo "--nj ${_pool_n} needs one node (--nnodes ${nnodes}): run the jobs of a stage one after another" >&2
         exit 1
@@ -232,21 +234,31 @@ pool_start() {  # pool_start <logdir>
             _pool_gpus=("${all[@]}")
         fi
     fi
-    trap '_pool_kill' INT TERM
+    trap '_pool_kill 130' INT
+    trap '_pool_kill 143' TERM
 }
 
-_pool_kill() {  # Ctrl-C / TERM: the background jobs stop with the recipe
+_pool_kill() {  # _pool_kill <exit status>: on Ctrl-C / TERM the background jobs stop with the recipe
     local pid
     for pid in "${!_pool_job[@]}"; do   # the job's processes (python, torchrun), then its subshell
         pkill -TERM -P "${pid}" 2>/dev/null || true
         kill -TERM "${pid}" 2>/dev/null || true
     done
-    exit 130
+    exit "$1"
 }
 
 _pool_reap() {  # wait for one background job to end; free its slot, record a failure
-    local pid= rc=0
-    wait -n -p pid "${!_pool_job[@]}" || rc=$?
+    local pid= rc=0 p
+    # RECIPE_LIB_POLL=1 takes the bash < 5.1 path on any bash (tests/test_run_sh.py)
+    if [ -z "${RECIPE_LIB_POLL:-}" ] && (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501 )); then
+        wait -n -p pid "${!_pool_job[@]}" || rc=$?
+    else   # bash 4.x-5.0: no wait -p; poll for a job that has ended, then collect its status
+        while [ -z "${pid}" ]; do
+            for p in "${!_pool_job[@]}"; do kill -0 "${p}" 2>/dev/null || { pid=${p}; break; }; done
+            [ -n "${pid}" ] || sleep 1
+        done
+        wait "${pid}" || rc=$?
+    fi
     local name=${_pool_job[${pid}]} slot=${_pool_slot_of[${pid}]}
     _pool_slots[slot]=
     if [ "${rc}" -eq 0 ]; then
@@ -262,6 +274,11 @@ _pool_reap() {  # wait for one background job to end; free its slot, record a fa
 
 pool_run() {  # pool_run <name> <command...>
     local name=$1; shift
+    if [ -n "${_pool_names[${name}]:-}" ]; then   # the same run twice would share its output folder and log
+        echo "job ${name} given twice (a row, fold or seed listed twice?)" >&2
+        exit 1
+    fi
+    _pool_names[${name}]=1
     if [ "${_pool_n}" -eq 1 ]; then "$@"; return; fi
     while [ ${#_pool_job[@]} -ge "${_pool_n}" ]; do _pool_reap; done
     local slot=0

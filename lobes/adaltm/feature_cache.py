@@ -31,6 +31,7 @@ states are computed once and the α + head training reads them back. At the pape
 
 Entries are [T, L+1, D] (time first, so SpeechBrain's PaddedBatch pads and measures time) or [L+1, D].
 """
+import hashlib
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ from lobes.adaltm.cache_plan import (  # noqa: F401 (sizing API re-exported: est
     replicated_splits)
 from lobes.adaltm.merged_wavlm import _release_freed_memory as release_freed_memory
 from lobes.errors import DataError
-from lobes.io_utils import atomic_write
+from lobes.io_utils import atomic_write, hold_lock
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +174,21 @@ def ram_entries(encoder, plan, load, spec, device, batch_seconds, split_over=Non
     every rank's share gathered (:func:`gather_entries`)."""
     mine = [u for u in plan.utterances if u[0] in plan.keep]
     if split_over is not None:
+        _check_same_ids(plan.split, [u for u, _ in mine])
         mine = rank_share(mine, *split_over)
     feats = dict(compute_batched(encoder, mine, load, device, getattr(torch, spec.dtype), spec.pooled, batch_seconds))
     return feats if split_over is None else gather_entries(feats, round_bytes)
+
+
+def _check_same_ids(split, ids):
+    """DataError on every rank when the ranks list different utterances for a split they share out ``r::world``
+    (each would compute a share of another list: utterances dropped or computed twice, found only mid-training)."""
+    digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+    seen = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, (len(ids), digest))
+    if len(set(seen)) > 1:
+        raise DataError(f"in-RAM feature cache of '{split}': the DDP ranks list different utterances (count, digest "
+                        f"per rank: {seen}); every rank must read the same manifest")
 
 
 def gather_entries(local, round_bytes=256 * 2 ** 20):
@@ -287,6 +300,12 @@ class FeatureCache:
                             max_ram_gb, max_disk_gb, rank=rank, world=world)[split]
 
 
+def lock_path(cache_dir, rank):
+    """The lock file of ``cache_dir`` for one rank: ``.<name>.lock.rank<r>`` beside the folder."""
+    folder = Path(cache_dir).absolute()
+    return folder.parent / f".{folder.name}.lock.rank{rank}"
+
+
 def build_caches(encoder, sources, spec, cache_dir=None, device="cpu", batch_seconds=160.0, shard_mb=256,
                  max_ram_gb=16.0, max_disk_gb=500.0, shards=None, memo=None, rank=None, world=None):
     """Plan every split, check them together, then build the missing or stale ones; {split: FeatureCache}.
@@ -301,6 +320,10 @@ def build_caches(encoder, sources, spec, cache_dir=None, device="cpu", batch_sec
     """
     r, w = _dist() if rank is None else (rank, world)
     if cache_dir is not None:
+        # one run per folder: another run's rank r would remove the temp shards this one writes or replace the
+        # caches it reads (rows side by side: run.sh --nj); a lock per rank, so a run's own ranks never clash.
+        # Beside the folder, not in it: nothing is created in cache_dir before the budget check passes
+        hold_lock(lock_path(cache_dir, r), f"feature_cache_dir '{cache_dir}'")
         if r == 0:
             remove_leftovers(cache_dir, sources)
         _barrier()

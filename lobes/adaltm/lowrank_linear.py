@@ -22,7 +22,9 @@ call), so that call is run by :func:`self_attention`: the same steps as torch's 
 (self-attention, separate projection weights, float position-bias mask + key padding mask, no attention weights
 returned), with the four projections routed.
 """
+import contextlib
 import inspect
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +38,38 @@ def expand_lambda(lam, ranks):
     return torch.cat([lam[k].expand(r) for k, r in enumerate(ranks)]) if ranks else lam[:0]
 
 
-def _lambda_grad(du, p, ranks, dtype):
-    """dL/dλ_k = Σ over tokens and the k-th r_k columns of (δ U) ⊙ p, reduced in λ's dtype."""
-    s = (du.to(dtype) * p.to(dtype)).reshape(-1, du.shape[-1]).sum(0)
+def _lambda_grad(du, p, ranks, dtype, dim=-1):
+    """dL/dλ_k = Σ over tokens and the k-th r_k columns (along ``dim``) of (δ U) ⊙ p, reduced in λ's dtype."""
+    prod = du.to(dtype) * p.to(dtype)
+    s = prod.sum([d for d in range(prod.dim()) if d != dim % prod.dim()])
     return torch.stack([c.sum() for c in s.split(list(ranks))])
+
+
+def _single(x):
+    return int(x[0]) if isinstance(x, (tuple, list)) else int(x)
+
+
+def _conv1d_input_grad(dy, w, length, stride, padding, dilation):
+    """dL/dx of ``conv1d`` (groups = 1). Not ``torch.nn.grad.conv1d_input``: it hands ``convolution_backward`` a
+    stride-0 dummy input of x's shape, which that makes contiguous, twice (4 x-sized blocks alive on CPU; 150 MiB
+    of them for the CNN's second conv at 2 x 4 s, benchmarks/RESULTS.md section 11). In fp32 / fp64: one GEMM per
+    kernel tap, dx[:, :, t·s + j·d - pad] += W[:, :, j]ᵀ δ[:, :, t], summed in place (x-sized memory once, plus
+    one [B, in, T'] product). In bf16 / fp16 the taps would be rounded before they are summed, so there it is
+    the transposed convolution, one kernel that accumulates in fp32 (3 x-sized blocks on CPU)."""
+    stride, padding, dilation = _single(stride), _single(padding), _single(dilation)
+    t_out = dy.shape[-1]
+    if dy.dtype not in (torch.float32, torch.float64):
+        out_pad = length - ((t_out - 1) * stride - 2 * padding + dilation * (w.shape[-1] - 1) + 1)
+        return F.conv_transpose1d(dy, w, None, stride, padding, out_pad, 1, dilation)
+    dx = dy.new_zeros(dy.shape[0], w.shape[1], length + 2 * padding)
+    taps = w.permute(2, 1, 0).contiguous()  # [k, in, out]: each tap's Wᵀ contiguous for the GEMM
+    prod = None
+    for j in range(w.shape[-1]):
+        # one product buffer for all taps: as fast as the conv kernel (a fresh one per tap was 1.4x slower)
+        prod = torch.matmul(taps[j], dy) if prod is None else torch.matmul(taps[j], dy, out=prod)
+        start = j * dilation
+        dx[:, :, start:start + (t_out - 1) * stride + 1:stride] += prod
+    return dx[:, :, padding:padding + length] if padding else dx
 
 
 class LowRankLinear(torch.autograd.Function):
@@ -63,9 +93,10 @@ class LowRankLinear(torch.autograd.Function):
         du = dy @ u.to(cd)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (torch.addmm((dy @ base.to(cd)).reshape(-1, base.shape[1]),
-                              (du * lam_r.to(cd)).reshape(-1, u.shape[1]), v.to(cd).T)
-                  .view(*dy.shape[:-1], base.shape[1]).to(ctx.x_dtype))
+            # accumulated in place: one [tokens, in] tensor, not a second one for the sum
+            dx = (dy @ base.to(cd)).reshape(-1, base.shape[1])
+            dx.addmm_((du * lam_r.to(cd)).reshape(-1, u.shape[1]), v.to(cd).T)
+            dx = dx.view(*dy.shape[:-1], base.shape[1]).to(ctx.x_dtype)
         dlam = _lambda_grad(du, p, ctx.ranks, ctx.lam_dtype) if ctx.needs_input_grad[1] else None
         dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
         return dx, dlam, None, dbias, None, None, None
@@ -90,20 +121,49 @@ class LowRankConv1d(torch.autograd.Function):
         p, base, u, v, lam_r = ctx.saved_tensors
         ranks, x_shape, x_dtype, lam_dtype, stride, padding, dilation = ctx.conf
         cd = dy.dtype
-        du = torch.einsum("bot,or->btr", dy, u.to(cd))  # Uᵀ δ_t per frame, channels last like p below
+        du = torch.matmul(u.to(cd).T, dy)  # Uᵀ δ_t per frame [B, R, T'], like p (no channels-last copy of δ)
         dx = None
         if ctx.needs_input_grad[0]:  # the CNN's first conv reads the waveform: no dX there
             w = torch.addmm(base.reshape(base.shape[0], -1), u.to(base.dtype) * lam_r, v.to(base.dtype).T)
             w = w.view(base.shape).to(cd)
-            dx = torch.nn.grad.conv1d_input(x_shape, w, dy, stride, padding, dilation).to(x_dtype)
-        dlam = _lambda_grad(du, p.transpose(1, 2), ranks, lam_dtype) if ctx.needs_input_grad[1] else None
+            dx = _conv1d_input_grad(dy, w, x_shape[-1], stride, padding, dilation).to(x_dtype)
+        dlam = _lambda_grad(du, p, ranks, lam_dtype, dim=1) if ctx.needs_input_grad[1] else None
         dbias = dy.sum((0, 2)) if ctx.needs_input_grad[3] else None
         return dx, dlam, None, dbias, None, None, None, None, None, None
 
 
+class GeluOfGroupNorm(torch.autograd.Function):
+    """gelu(h) for h = group_norm(x) (the GroupNorm CNN's first layer). Keeps x, which GroupNorm saves anyway,
+    instead of h, and gives dL/dh one utterance at a time from h_b recomputed from x_b (the same kernel on the
+    same values under the forward's autocast): the pair saves one x-sized tensor instead of two, and its
+    backward holds three instead of four (50 MiB each at 2 x 4 s; benchmarks/RESULTS.md section 11)."""
+
+    @staticmethod
+    def forward(ctx, h, x, groups, weight, bias, eps):
+        ctx.save_for_backward(x, weight, bias)
+        dev = x.device.type
+        autocast = (dev, torch.get_autocast_dtype(dev)) if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) \
+            else None
+        ctx.conf = (groups, eps, h.dtype, autocast)
+        return F.gelu(h)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        groups, eps, dtype, autocast = ctx.conf
+        dh = torch.empty_like(dy)
+        for b in range(x.shape[0]):  # group norm is per utterance: recompute h one utterance at a time
+            with torch.autocast(autocast[0], dtype=autocast[1]) if autocast else contextlib.nullcontext():
+                h = F.group_norm(x[b:b + 1], groups, weight, bias, eps)  # as the forward ran it
+            dh[b:b + 1] = torch.ops.aten.gelu_backward(dy[b:b + 1], h.to(dtype))
+            del h  # before the next utterance's h exists
+        return dh, None, None, None, None, None
+
+
 class LowRankOps(TorchFunctionMode):
     """Within this context, ``F.linear`` / ``F.conv1d`` on a routed weight run :class:`LowRankLinear` /
-    :class:`LowRankConv1d`, and WavLM's attention call runs :func:`self_attention`.
+    :class:`LowRankConv1d`, WavLM's attention call runs :func:`self_attention`, and GELU straight on a group_norm
+    output runs :class:`GeluOfGroupNorm` (saves GroupNorm's input only).
 
     ``routes``: {id(base weight Parameter): (λ column [K], U [out, R], V [in, R], ranks)}. Keyed by object
     identity: the module reads its own stored W_base Parameter (it is not passed to ``functional_call``).
@@ -112,6 +172,7 @@ class LowRankOps(TorchFunctionMode):
     def __init__(self, routes):
         super().__init__()
         self.routes = routes
+        self._group_norm = None  # (weakref to the last group_norm output, its x, groups, weight, bias, eps)
 
     def linear(self, x, w, b=None):
         route = self.routes.get(id(w))
@@ -138,6 +199,17 @@ class LowRankOps(TorchFunctionMode):
                 lam, u, v, ranks = route
                 return LowRankConv1d.apply(bound["input"], lam, bound["weight"], bound.get("bias"), u, v, ranks,
                                            bound.get("stride", 1), bound.get("padding", 0), bound.get("dilation", 1))
+        elif func is F.group_norm:
+            out = func(*args, **kwargs)
+            b = _bind(("input", "num_groups", "weight", "bias", "eps"), args, kwargs)
+            self._group_norm = (weakref.ref(out), b["input"], b["num_groups"], b.get("weight"), b.get("bias"),
+                                b.get("eps", 1e-5))
+            return out
+        elif func is F.gelu:  # gelu straight on the last group_norm's output: keep x, not h (GeluOfGroupNorm)
+            gn, self._group_norm = self._group_norm, None
+            if (gn is not None and len(args) == 1 and gn[0]() is args[0] and kwargs.get("approximate", "none") == "none"
+                    and torch.is_grad_enabled() and args[0].requires_grad):
+                return GeluOfGroupNorm.apply(args[0], *gn[1:])
         elif func is F.multi_head_attention_forward:
             bound = _MHA_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()

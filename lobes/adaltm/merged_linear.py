@@ -21,6 +21,8 @@ benchmarks/RESULTS.md):
 ``.tolist()`` per group per step is a host sync that stalls the CUDA stream, and a λ built on the host next
 to CUDA weights is a device mix. tests/test_device_meta.py runs every recipe on the ``meta`` device to keep it so.
 """
+import warnings
+
 import torch
 from torch.func import functional_call
 
@@ -171,10 +173,22 @@ class RebuildMergedInBackward(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
     def __enter__(self):
-        # (pack, unpack) or None; torch has no public accessor (functorch reads the same private one), and
-        # tests/test_saved_for_backward.py fails if it stops handing the tensors on
-        self._outer[0] = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self._outer[0] = _enclosing_hooks()
         return super().__enter__()
+
+
+def _enclosing_hooks():
+    """The innermost active saved-tensor hooks (pack, unpack), or None. torch has no public accessor (functorch
+    reads the same private one; tests/test_saved_for_backward.py fails if it stops handing the tensors on). A torch
+    without it still trains with the same λ gradient; only the enclosing hooks miss the fused groups' tensors."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        warnings.warn(f"torch {torch.__version__} has no torch._C._autograd._top_saved_tensors_default_hooks (the "
+                      "toolkit pins torch==2.11.0): saved-tensor hooks around a fused λ group (tools.plan_memory's "
+                      "count of saved tensors, torch's save_on_cpu) do not see its activations, so a memory plan "
+                      "under-counts them", RuntimeWarning, stacklevel=3)
+        return None
+    return top(False)
 
 
 class _Recipe:

@@ -73,6 +73,7 @@ read -r -a seed_list <<< "${seeds}"
 [ ${#seed_list[@]} -gt 0 ] || { echo "--seeds: give at least one seed" >&2; exit 1; }
 for s in "${seed_list[@]}"; do
     [[ ${s} =~ ^[0-9]+$ ]] || { echo "--seeds: '${s}' is not a non-negative integer" >&2; exit 1; }
+    [ "$(tr ' ' '\n' <<< "${seeds}" | grep -cx "${s}")" -eq 1 ] || { echo "--seeds: ${s} is given twice" >&2; exit 1; }
 done
 seed=${seed_list[0]}        # the seed whose runs fill harmonifuse_table.md, the model cards and the printed α
 
