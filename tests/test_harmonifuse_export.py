@@ -164,8 +164,8 @@ SELF_CHECK = re.compile(r"self-check: largest \|Δ log p\| (\S+) \((.+?)\) vs ch
 def test_export_checks_itself_against_the_checkpoint_then_uploads_one_commit(trained, tmp_path, monkeypatch,
                                                                             capsys, offline):
     """The export is loaded back as the card's snippet does and compared with the experiment's best checkpoint
-    (every trained task's log-probabilities on the fixed input: equal to float32 rounding, ≤ 1e-6 measured against
-    1e-4 allowed); --push_to_hub then uploads exactly the export's files as one commit. One model in memory at a
+    (every trained task's log-probabilities on the fixed input: equal to float32 rounding, ≤ 1e-5 (3.8e-6 measured)
+    against 1e-4 allowed); --push_to_hub then uploads exactly the export's files as one commit. One model in memory at a
     time: when a model's outputs are computed, every model loaded before it is freed (an LLM each at real scale;
     old code left the checkpoint's model, held by reference cycles, alive while the export was loaded: [0, 1])."""
     import gc
@@ -199,7 +199,9 @@ def test_export_checks_itself_against_the_checkpoint_then_uploads_one_commit(tra
         gc.enable()
     assert alive == [0, 0]  # at the checkpoint's outputs, then at the export's
     m = SELF_CHECK.search(capsys.readouterr().out)
-    assert m and float(m.group(1)) <= 1e-6, m
+    # float32 rounding: measured 3.8e-6 = 2^-18, one float32 ulp of a log-probability in [-64, -32) (ser class
+    # scores, simplex LM fusion, the YAML default); residual LM fusion 4.8e-7 (asr token log-probabilities)
+    assert m and float(m.group(1)) <= 1e-5, m
     outputs = model_outputs(A.load_artefacts(out)[0], ["asr", "ser"])
     assert {k: tuple(v.shape) for k, v in outputs.items() if "class" in k} == {"ser class scores": (2, 8)}
     assert sorted(outputs) == ["asr token log-probabilities", "ser class scores", "ser token log-probabilities"]
@@ -249,7 +251,8 @@ def test_without_a_checkpoint_the_export_is_checked_against_the_shared_artefacts
         out, check = export_harmonifuse(trained, tmp_path / "export")
     finally:
         (trained / "save.away").rename(trained / "save")
-    assert check["reference"] == A.INFO_FILE and check["difference"] <= 1e-6 and check["tolerance"] == 1e-4
+    # ≤ one float32 ulp of a log p in [-64, -32) (2^-18 = 3.8e-6 measured), see the test above
+    assert check["reference"] == A.INFO_FILE and check["difference"] <= 1e-5 and check["tolerance"] == 1e-4
     assert f"{trained}: no checkpoint" in caplog.text and (out / A.INFO_FILE).is_file()
 
 

@@ -8,7 +8,7 @@ from peft import LoraConfig
 
 from toy_encoder import ToyEncoder  # tests/ is on sys.path (pytest rootdir conftest)
 from lobes.errors import DataError
-from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion
+from lobes.harmonifuse.dynamic_fusion import PromptAdaptiveFusion, clamp_inward, simplex_weights
 from lobes.harmonifuse.gated_encoder_fusion import GatedEncoderFusion
 from lobes.harmonifuse.adapter import SpeechAdapter, to_frame_mask
 from lobes.harmonifuse.generation import left_padded, pad_prefixes
@@ -127,6 +127,58 @@ def test_dynamic_fusion_starts_as_the_last_layer_exactly():
     assert torch.allclose(f.layer_bias.grad[0], expected, atol=1e-4) and expected.abs().min() > 1e-2
 
 
+def test_simplex_fusion_weights_by_hand_and_always_in_the_simplex():
+    """form simplex: β = ([w]_+, 1) / (1 + Σ [w]_+), ≥ 0 and summing to 1 for any parameters and input."""
+    w = torch.tensor([[0.5, -1.0, 2.0]])
+    assert torch.allclose(simplex_weights(w), torch.tensor([[0.5, 0.0, 2.0, 1.0]]) / 3.5, atol=1e-7)
+    torch.manual_seed(0)
+    for mode in ("dynamic", "static"):
+        f = PromptAdaptiveFusion(4, 8, ("asr", "ser"), ffn_hidden=4, mode=mode, form="simplex")
+        with torch.no_grad():
+            for p in f.parameters():
+                p.normal_(0.0, 3.0)
+        for task in ("asr", "ser"):
+            x = torch.randn(4, 6, 5, 8) * 5
+            fused, b = f(x, task)
+            assert b.shape == (6, 4) and b.min() >= 0 and (b.sum(-1) - 1).abs().max() < 1e-6
+            assert (b[:, :3] > 0).any() and (b[:, :3] == 0).any()  # both sides of the clamp are exercised
+            assert torch.allclose(fused, torch.einsum("lbtd,bl->btd", x, b), atol=1e-5)
+            s = f.static_weights(task)
+            assert s.min() >= 0 and abs(s.sum().item() - 1) < 1e-6
+    with pytest.raises(DataError, match="lm_fusion_form must be one of \\('residual', 'simplex'\\), got 'softmax'"):
+        PromptAdaptiveFusion(4, 8, form="softmax")
+
+
+def test_simplex_fusion_starts_one_hot_and_every_coefficient_learns():
+    """At init β = e_L and the fused states are h_L bit for bit; the layer coefficients (b_τ and the FFN's output
+    layer) get the residual form's gradient: ∂/∂b_l = <g, h_l − h_L>, ∂/∂W2 = Σ_l <g, h_l − h_L> tanh(W1 LN(p_l) + c1)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 5, 8) * torch.tensor([1.0, 3.0, 10.0, 0.5])[:, None, None, None]
+    g = torch.randn(2, 5, 8)
+    for mode in ("static", "dynamic"):  # dynamic last: its FFN is checked below
+        f = PromptAdaptiveFusion(4, 8, ("asr", "ser"), ffn_hidden=4, mode=mode, form="simplex")
+        fused, w = f(x, "ser")
+        assert torch.equal(w, torch.tensor([[0.0, 0.0, 0.0, 1.0]] * 2)) and torch.equal(fused, x[3])
+        assert torch.equal(f.static_weights("asr"), torch.tensor([0.0, 0.0, 0.0, 1.0]))
+        (fused * g).sum().backward()
+        per_sample = torch.stack([((x[i] - x[3]) * g).sum(dim=(1, 2)) for i in range(3)], dim=1)  # [B, L-1]
+        assert torch.allclose(f.layer_bias.grad[1], per_sample.sum(0), atol=1e-4)
+        assert per_sample.sum(0).abs().min() > 1e-2 and f.layer_bias.grad[0].abs().max() == 0  # only task ser ran
+    pooled = torch.nn.functional.layer_norm(x.mean(dim=2)[:3], (8,))  # [L-1, B, D]
+    hidden = torch.tanh(f.ffn[0](pooled))                             # [L-1, B, H]
+    expected = torch.einsum("bl,lbh->h", per_sample, hidden)
+    assert torch.allclose(f.ffn[2].weight.grad[0], expected, atol=1e-4) and expected.abs().min() > 1e-3
+
+
+def test_clamp_inward_passes_the_gradient_that_leaves_the_dead_zone():
+    """[w]_+: w ≥ 0 passes the gradient (w = 0 included, as torch's clamp); w < 0 only a negative one (it raises w)."""
+    w = torch.tensor([-1.0, -1.0, 0.5, 0.0, 0.0], requires_grad=True)
+    out = clamp_inward(w)
+    assert out.tolist() == [0.0, 0.0, 0.5, 0.0, 0.0]
+    out.backward(torch.tensor([1.0, -2.0, 3.0, 4.0, -5.0]))
+    assert w.grad.tolist() == [0.0, -2.0, 3.0, 4.0, -5.0]
+
+
 def test_dynamic_fusion_depends_on_input_static_does_not():
     torch.manual_seed(0)
     dyn = PromptAdaptiveFusion(3, 8, ("asr", "ser"), ffn_hidden=4)
@@ -243,15 +295,17 @@ def _fused_text_logits(m, ids, weights=None):
     return m.hf_lm.get_output_embeddings()(m.fuse(m.layer_states(hidden), w)), w
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_lm_fusion_starts_as_the_pretrained_lm(mode):
+@pytest.mark.parametrize("mode,form", [("dynamic", "residual"), ("static", "residual"), ("dynamic", "simplex"),
+                                       ("static", "simplex")])
+def test_lm_fusion_starts_as_the_pretrained_lm(mode, form):
     """At init the LM-layer fusion is the identity: text-only logits (and the loss on a sentence the tiny LM was
     pretrained on) equal the plain pretrained LM's. An even average of the layers (the earlier softmax init)
     raises that loss (2.58 -> 2.75 nats/token on this sentence)."""
     torch.manual_seed(0)
     m = SpeechLM(ToyEncoder(), {"source": str(PRETRAINED_LM), "mode": "lora",
                                 "peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"])},
-                 fusion={"mode": mode}).eval()
+                 fusion={"mode": mode, "form": form}).eval()
+    assert m.lm_fusion.form == form
     tok = m.tokenizer
     ids = torch.tensor([[tok.bos_token_id] + tok.encode("Stop telling me what to do.")])
     with torch.no_grad():
@@ -464,6 +518,24 @@ def test_speech_lm_wavlm_overfits_and_generates(tiny_dirs):
     assert fw["encoder"].shape == (4,) and fw["lm_static"].shape == (4,) and fw["encoder_gate"].shape == (32,)
     m.reset_fusion_stats()
     assert m.fusion_weights("asr")["lm_dynamic_mean"] is None
+
+
+def test_simplex_fusion_trains_and_decodes_with_the_same_beta(tiny_dirs):
+    """form simplex with an input-dependent β: generate equals the reference greedy loop (β of the left-padded
+    prefix), and the teacher-forced β does not depend on the targets (only the prefix is pooled)."""
+    torch.manual_seed(0)
+    m = SpeechLM(ToyEncoder(), str(tiny_dirs[1]), fusion={"form": "simplex"}).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(m.lm_fusion.ffn[2].weight)
+        m.lm_fusion.layer_bias.normal_()
+    wavs, lens = torch.randn(2, 1600), torch.tensor([1.0, 0.6])
+    hyp = m.generate(wavs, lens, "asr", max_len=10)
+    assert hyp == reference_greedy(m, wavs, lens, "asr", 10) and sum(len(h) for h in hyp) > 5
+    with torch.no_grad():
+        beta = m(wavs, lens, "asr", ["HELLO", "OK"]).lm_weights
+        other = m(wavs, lens, "asr", ["X", "ANOTHER ONE"]).lm_weights
+    assert torch.allclose(beta, other, atol=1e-6) and (beta - beta[:1]).abs().max() > 1e-3  # input-dependent
+    assert beta.min() >= 0 and (beta.sum(-1) - 1).abs().max() < 1e-6 and beta[:, :3].max() > 0.01
 
 
 def _markov_lm(m, rows, start, d=32):

@@ -219,6 +219,7 @@ def test_rows_override_only_their_keys():
     assert sorted(p.stem for p in (RECIPE / "hparams/rows").glob("*.yaml")) == sorted(expect)
     # paper-faithful defaults: softmax layer sum without gate, prompt words, dynamic LM fusion; LoRA is assumed
     assert base["fixed_layer"] is None and base["lm_fusion"] == "dynamic" and base["encoder_gate"] == "none"
+    assert base["lm_fusion_form"] == "simplex"  # chosen on validation (README, "The exact fusion forms")
     assert base["prompt_mode"] == "text" and base["lm_mode"] == "lora" and base["num_beams"] == 1
     assert dict(base["task_prompts"]) == {"asr": "Transcribe the audio.",
                                           "ser": "Which emotion does the speaker express?"}

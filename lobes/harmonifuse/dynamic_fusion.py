@@ -15,8 +15,8 @@ as a residual around the last layer (the one the LM head was trained on):
   pretrained tiny LM: text loss 1.57 -> 2.23 nats/token at step 0). A softmax cannot be one-hot exactly, and
   a large initial logit on the last layer saturates it (the gradient of b_l is α_l ⟨g, h_l − fused⟩ ≈ 0).
   Here the gradient of b_l at init is ⟨g, h_l − h_L⟩: each layer is as easy to move to as any other.
-* β is an affine combination (Σ β_l = 1 exactly), not a distribution: a weight may leave [0, 1] (extrapolate
-  away from a layer). The weights reported and plotted are β.
+* ``form="residual"`` (the default): β is an affine combination (Σ β_l = 1 exactly), not a distribution: a
+  weight may leave [0, 1] (extrapolate away from a layer). The weights reported and plotted are β.
 * Task (prompt) conditioning comes from two places: the static term b_τ, and the hidden states themselves,
   which are computed from a sequence that starts with the task's prompt tokens. In
   :class:`lobes.harmonifuse.speech_lm.SpeechLM` the pool mask m covers only the prompt + speech positions (the
@@ -24,6 +24,21 @@ as a residual around the last layer (the one the LM head was trained on):
   β, and generation could not reproduce it. So β is fixed once the prefix is read.
 * LayerNorm on the pooled vector makes f see a scale-free summary: residual-stream norms grow with depth and
   f would otherwise mostly learn "deeper = larger".
+* ``form="simplex"`` (the recipe's ``lm_fusion_form``) bounds β to the probability simplex and keeps the rest
+  (the same w, the same identity at init, the same gradient at init):
+
+      c_l = [w_{τ,l}(x)]_+,  l = 1..L-1                 a nonnegative mass per lower layer
+      β_l = c_l / (1 + Σ_{k<L} c_k),  β_L = 1 / (1 + Σ_{k<L} c_k)     the last layer has the fixed mass 1
+
+  β ≥ 0 and Σ β = 1 for any w, so the fused state is a convex mix of the normalised layers (no extrapolation
+  h_L + k (h_L − h_l), which the residual form learned on the mini runs and which acts like a sharper LM-head
+  temperature rather than a choice of layers). At init c = 0: β = e_L exactly (0/1 and 1/1 are exact), and
+  ∂β_l/∂w_l = 1, ∂β_L/∂w_l = −1, so the coefficient of layer l gets ⟨g, h_l − h_L⟩ as in the residual form.
+  Why not a gate s ∈ [0, 1] on a softmax, β = (1 − s) e_L + s softmax(z): at s = 0 its ∂β/∂z = s J = 0, so the
+  layer logits get no gradient at init (and the softmax's first direction is the even average). [w]_+ is a
+  clamp whose gradient passes where w ≥ 0 (the init, as torch's clamp) and, below 0, only when it would raise w
+  (:func:`clamp_inward`): with a plain clamp a coefficient pushed below 0 once (the residual runs pushed every
+  lower layer below 0) never gets a gradient again and that layer is dropped for the rest of training.
 * ``mode="static"`` drops f (ablation: static fusion only); ``mode="last"`` returns the last layer
   (no fusion, weights one-hot on the last layer) and has no parameters (DDP needs no
   ``find_unused_parameters`` for it).
@@ -35,6 +50,7 @@ from lobes.errors import DataError
 from lobes.harmonifuse.gated_encoder_fusion import stack_hidden_states, task_indices
 
 MODES = ("dynamic", "static", "last")
+FORMS = ("residual", "simplex")
 
 
 def masked_mean(hs, mask):
@@ -50,18 +66,47 @@ def residual_weights(w):
     return torch.cat([w, 1.0 - w.sum(dim=-1, keepdim=True)], dim=-1)
 
 
+class _ClampInward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        ctx.save_for_backward(w)
+        return w.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        # descent moves w by −grad: below 0, pass only a gradient that moves w back up (grad < 0)
+        return grad * ((w >= 0) | (grad < 0)).to(grad.dtype)
+
+
+def clamp_inward(w):
+    """[w]_+ whose gradient passes for w ≥ 0 and, for w < 0, only when it is negative (it would raise w)."""
+    return _ClampInward.apply(w)
+
+
+def simplex_weights(w):
+    """Coefficients w [B, L-1] -> β [B, L] in the simplex: ([w]_+, 1) / (1 + Σ [w]_+) (``form="simplex"``)."""
+    c = clamp_inward(w)
+    z = 1.0 + c.sum(dim=-1, keepdim=True)
+    return torch.cat([c, torch.ones_like(z)], dim=-1) / z
+
+
 class PromptAdaptiveFusion(torch.nn.Module):
-    """Task- and input-dependent residual weighting of L hidden states around the last one (see module doc).
+    """Task- and input-dependent weighting of L hidden states around the last one (see module doc); ``form``:
+    residual (β affine, unbounded) or simplex (β ≥ 0, Σ β = 1).
 
     ``forward(hidden_states, task, pool_mask=None) -> (fused [B, T, D], weights β [B, L])``;
     ``hidden_states``: [L, B, T, D] tensor or a list of L tensors [B, T, D].
     """
 
     def __init__(self, num_layers, hidden_size, tasks=("asr", "ser"), ffn_hidden=64, mode="dynamic",
-                 normalize_pooled=True):
+                 normalize_pooled=True, form="residual"):
         super().__init__()
         if mode not in MODES:
             raise DataError(f"fusion mode must be one of {MODES}, got '{mode}'")
+        if form not in FORMS:
+            raise DataError(f"lm_fusion_form must be one of {FORMS}, got '{form}'")
+        self.form = form
         self.tasks = tuple(tasks)
         self.num_layers = int(num_layers)
         self.hidden_size = int(hidden_size)
@@ -113,7 +158,11 @@ class PromptAdaptiveFusion(torch.nn.Module):
         """β(x) [B, L] from the pooled layers [L, B, D] (one-hot on the last layer for ``mode="last"``)."""
         if self.mode == "last":
             return self.last_layer_weights(pooled.shape[1], pooled.device, pooled.dtype)
-        return residual_weights(self.pooled_scores(pooled, task))
+        return self.weights_from_scores(self.pooled_scores(pooled, task))
+
+    def weights_from_scores(self, w):
+        """β [B, L] from the coefficients w [B, L-1] of layers 1..L-1, by ``form``."""
+        return residual_weights(w) if self.form == "residual" else simplex_weights(w)
 
     def last_layer_weights(self, batch_size, device, dtype=torch.float32):
         """One-hot weights on the last layer, [B, L] (``mode="last"``)."""
@@ -127,7 +176,7 @@ class PromptAdaptiveFusion(torch.nn.Module):
         if self.mode == "last":
             self._check(hs)
             return self.last_layer_weights(hs.shape[1], hs.device, hs.dtype)
-        return residual_weights(self.scores(hs, task, pool_mask))
+        return self.weights_from_scores(self.scores(hs, task, pool_mask))
 
     @staticmethod
     def fuse(hidden_states, weights):
@@ -148,4 +197,4 @@ class PromptAdaptiveFusion(torch.nn.Module):
             task_indices(task, self.tasks, 1, "cpu")
             return self.last_layer_weights(1, "cpu")[0]
         idx = task_indices(task, self.tasks, 1, self.layer_bias.device)
-        return residual_weights(self.layer_bias[idx])[0].detach().clone()
+        return self.weights_from_scores(self.layer_bias[idx])[0].detach().clone()

@@ -156,6 +156,7 @@ def write_fusion_artifacts(model, tasks, folder):
                for k in ("encoder", "encoder_gate", "lm_static", "lm_dynamic_mean")}
     first = 0 if getattr(model.encoder_fusion, "include_cnn", False) else 1
     data = {"tasks": tasks, "encoder_fusion": fusion_description(model), "lm_fusion": model.lm_fusion.mode,
+            "lm_fusion_form": model.lm_fusion.form,
             "encoder_first_layer": first, **as_list,
             "lm_dynamic_count": {t: int(model._alpha_count[model.tasks.index(t)].item()) for t in tasks}}
     with atomic_write(folder / "fusion_weights.json") as f:
@@ -166,5 +167,6 @@ def write_fusion_artifacts(model, tasks, folder):
     lm = {t.upper(): v for t, v in as_list["lm_dynamic_mean"].items() if v is not None}
     if lm:
         plots.plot_layer_weights(lm, folder / "lm_fusion_weights.png", first_index=1,
-                                 title=f"LM layer weights (lm_fusion={data['lm_fusion']}), mean over test utterances")
+                                 title=f"LM layer weights β (lm_fusion={data['lm_fusion']}, "
+                                       f"{data['lm_fusion_form']}), mean over test utterances")
     return data

@@ -41,10 +41,13 @@ class PromptSettings:
 
 @dataclass(frozen=True)
 class FusionSettings:
-    """LM-layer fusion (the recipe's ``lm_fusion``, ``fusion_ffn_hidden``)."""
+    """LM-layer fusion (the recipe's ``lm_fusion``, ``fusion_ffn_hidden``, ``lm_fusion_form``)."""
 
     mode: str = "dynamic"           # dynamic (b_τ + FFN score of the prefix) | static (b_τ only) | last (plain LM)
     ffn_hidden: int = 64            # hidden width of the FFN scoring each layer's pooled prefix
+    # residual (β affine, unbounded) | simplex (β ≥ 0, Σ = 1); dynamic_fusion.py. The recipe YAML sets simplex;
+    # residual here rebuilds exports written before the key existed as they were trained.
+    form: str = "residual"
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ fusion and adapter), ``prompts``, ``fusion`` (LM-layer fusion) and ``ser`` (how 
   loss is summed over chunks of k target tokens, each chunk's logits rebuilt in backward
   (:func:`chunked_cross_entropy`); ``output.logits`` is then None.
 * LM-layer fusion: HF puts the LM's final norm on the last hidden state only, so the same norm is applied to
-  layers 1..L-1 before fusing (every fused state is on the scale ``lm_head`` expects). The fusion is a residual
-  around the last layer that starts at zero, so at init (and always with ``mode="last"``) the model is exactly
+  layers 1..L-1 before fusing (every fused state is on the scale ``lm_head`` expects). The fusion (either
+  ``form``) starts as the last layer alone, so at init (and always with ``mode="last"``) the model is exactly
   the plain LM. The embedding output (index 0) is not fused. The layer weights (β, ``lm_weights``) are computed
   from the prefix (BOS + prompt + speech) only, see :mod:`lobes.harmonifuse.dynamic_fusion`.
 * Decoding: :mod:`lobes.harmonifuse.generation` (transformers ``generate`` with the same fusion).
@@ -95,7 +95,7 @@ class SpeechLM(torch.nn.Module):
     prompts : PromptSettings or mapping or None
         Task prompts: ``mode`` (text / soft), ``texts``, ``num_tokens``.
     fusion : FusionSettings or mapping or None
-        LM-layer fusion: ``mode`` (dynamic / static / last) and ``ffn_hidden``.
+        LM-layer fusion: ``mode`` (dynamic / static / last), ``ffn_hidden`` and ``form`` (residual / simplex).
     ser : SERSettings or mapping or None
         The emotion task: ``mode`` (generate / classify), ``emotions`` (class names), ``task`` (its name).
     loss_chunk_size : int or None
@@ -133,7 +133,7 @@ class SpeechLM(torch.nn.Module):
         self.adapter = SpeechAdapter(enc_dim, lm_dim, stack=speech.adapter_stack, hidden=speech.adapter_hidden)
         self._init_prompts(prompts, lm_dim)
         self.lm_fusion = PromptAdaptiveFusion(lm_layers, lm_dim, self.tasks, ffn_hidden=fusion.ffn_hidden,
-                                              mode=fusion.mode)
+                                              mode=fusion.mode, form=fusion.form)
         self.classifier = torch.nn.Linear(lm_dim, len(self.emotions)) if ser.mode == "classify" else None
         # Running mean of dynamic weights per task, for fusion_weights() plots (not checkpointed).
         self.register_buffer("_alpha_sum", torch.zeros(len(self.tasks), lm_layers), persistent=False)
