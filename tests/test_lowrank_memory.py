@@ -32,10 +32,10 @@ def _factors(out, inner, r, seed=0):
     return torch.randn(out, r, generator=g), torch.randn(inner, r, generator=g)
 
 
-def test_conv_backward_allocates_dx_once():
-    """The CNN's second conv at 1/8 width: dX is the one x-sized tensor of the backward. Before (dX from
-    torch.nn.grad.conv1d_input, which makes a stride-0 dummy input of x's shape contiguous twice) the peak was
-    4.0 x the bytes of x; the per-tap GEMMs leave dX plus one half-size product (1.58 x)."""
+def test_conv_backward_does_not_copy_a_dummy_input():
+    """The CNN's second conv at 1/8 width. dX from torch.nn.grad.conv1d_input (which makes a stride-0 dummy input
+    of x's shape contiguous twice) peaked at 4.07 x the bytes of x; the transposed convolution keeps 3.07 x (per-tap
+    GEMMs kept 1.58 x but were 23% slower, and the step's peak is not in the CNN's backward: RESULTS section 11)."""
     torch.manual_seed(0)
     ranks = (4, 4)
     base = torch.randn(64, 64, 3)
@@ -46,7 +46,7 @@ def test_conv_backward_allocates_dx_once():
     dy = torch.randn_like(y)
     peak = _backward_peak_bytes(y, dy)
     x_bytes = x.numel() * 4
-    assert peak <= 1.7 * x_bytes, peak / x_bytes
+    assert peak <= 3.2 * x_bytes, peak / x_bytes
     w = (base + (u * 0.5 @ v.T).view(base.shape)).requires_grad_(False)
     ref = torch.nn.grad.conv1d_input(x.shape, w, dy, 2, 0, 1)
     assert (x.grad - ref).abs().max() <= 1e-4

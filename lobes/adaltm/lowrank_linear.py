@@ -50,26 +50,15 @@ def _single(x):
 
 
 def _conv1d_input_grad(dy, w, length, stride, padding, dilation):
-    """dL/dx of ``conv1d`` (groups = 1). Not ``torch.nn.grad.conv1d_input``: it hands ``convolution_backward`` a
-    stride-0 dummy input of x's shape, which that makes contiguous, twice (4 x-sized blocks alive on CPU; 150 MiB
-    of them for the CNN's second conv at 2 x 4 s, benchmarks/RESULTS.md section 11). In fp32 / fp64: one GEMM per
-    kernel tap, dx[:, :, t·s + j·d - pad] += W[:, :, j]ᵀ δ[:, :, t], summed in place (x-sized memory once, plus
-    one [B, in, T'] product). In bf16 / fp16 the taps would be rounded before they are summed, so there it is
-    the transposed convolution, one kernel that accumulates in fp32 (3 x-sized blocks on CPU)."""
+    """dL/dx of ``conv1d`` (groups = 1) as the transposed convolution, one kernel that accumulates in fp32. Not
+    ``torch.nn.grad.conv1d_input``: it hands ``convolution_backward`` a stride-0 dummy input of x's shape, which
+    that makes contiguous, twice (4 x-sized blocks alive on CPU; 150 MiB of them for the CNN's second conv at
+    2 x 4 s, benchmarks/RESULTS.md section 11); this keeps 3. One GEMM per kernel tap summed in place keeps 1.6 but
+    was 23% slower over the CNN (367 vs 298 ms per step at 2 x 4 s, 2 threads), and the step's live peak is at the
+    start of the backward, not in the CNN's (section 11), so the faster kernel costs no peak memory."""
     stride, padding, dilation = _single(stride), _single(padding), _single(dilation)
-    t_out = dy.shape[-1]
-    if dy.dtype not in (torch.float32, torch.float64):
-        out_pad = length - ((t_out - 1) * stride - 2 * padding + dilation * (w.shape[-1] - 1) + 1)
-        return F.conv_transpose1d(dy, w, None, stride, padding, out_pad, 1, dilation)
-    dx = dy.new_zeros(dy.shape[0], w.shape[1], length + 2 * padding)
-    taps = w.permute(2, 1, 0).contiguous()  # [k, in, out]: each tap's Wᵀ contiguous for the GEMM
-    prod = None
-    for j in range(w.shape[-1]):
-        # one product buffer for all taps: as fast as the conv kernel (a fresh one per tap was 1.4x slower)
-        prod = torch.matmul(taps[j], dy) if prod is None else torch.matmul(taps[j], dy, out=prod)
-        start = j * dilation
-        dx[:, :, start:start + (t_out - 1) * stride + 1:stride] += prod
-    return dx[:, :, padding:padding + length] if padding else dx
+    out_pad = length - ((dy.shape[-1] - 1) * stride - 2 * padding + dilation * (w.shape[-1] - 1) + 1)
+    return F.conv_transpose1d(dy, w, None, stride, padding, out_pad, 1, dilation)
 
 
 class LowRankLinear(torch.autograd.Function):
@@ -79,9 +68,14 @@ class LowRankLinear(torch.autograd.Function):
     def forward(ctx, x, lam, base, bias, u, v, ranks):
         lam_r = expand_lambda(lam, ranks).to(base.dtype)
         uf, vf = u.to(base.dtype), v.to(base.dtype)  # factors may be stored in bf16 (delta_dtype)
-        w = torch.addmm(base, uf * lam_r, vf.T)  # the merged weight, alive only during this call
-        y = F.linear(x, w, bias)
         p = F.linear(x, vf.T)  # r-wide projections Vᵀ x_t: all that backward keeps of x
+        if x.numel() // x.shape[-1] < base.shape[1]:
+            # fewer tokens than inputs: (p λ) Uᵀ on the tokens (tokens x R x out) is cheaper than building the
+            # merged weight (out x in x R), and p is computed anyway
+            y = F.linear(x, base, bias)
+            y.view(-1, y.shape[-1]).addmm_((p * lam_r.to(p.dtype)).view(-1, p.shape[-1]), uf.T.to(y.dtype))
+        else:
+            y = F.linear(x, torch.addmm(base, uf * lam_r, vf.T), bias)  # merged weight alive only in this call
         ctx.save_for_backward(p, base, u, v, lam_r)
         ctx.ranks, ctx.x_dtype, ctx.lam_dtype = tuple(ranks), x.dtype, lam.dtype
         return y
