@@ -210,7 +210,7 @@ cpu_jobs() {  # how many one-thread CPU jobs fit: one per core, at most one per 
 }
 
 _pool_n=1 _pool_dir= _pool_gpus=()
-declare -A _pool_job=() _pool_slot_of=() _pool_t0=()   # pid -> name, pid -> slot, pid -> start time
+declare -A _pool_job=() _pool_t0=()                  # pid -> name, pid -> start time
 declare -A _pool_names=()                               # every job name given so far
 _pool_slots=()                                        # slot -> pid ('' = free)
 _pool_failed=()
@@ -230,7 +230,8 @@ pool_start() {  # pool_start <logdir>
         if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=, read -r -a all <<< "${CUDA_VISIBLE_DEVICES}"
         else mapfile -t all < <(nvidia-smi --query-gpu=index --format=csv,noheader); fi
         if [ ${#all[@]} -gt 0 ]; then
-            [ ${#all[@]} -ge "${need}" ] || { echo "--nj ${_pool_n} x --ngpu ${ngpu:-1} needs ${need} GPUs;"                 "${#all[@]} visible (${all[*]}): lower --nj" >&2; exit 1; }
+            [ ${#all[@]} -ge "${need}" ] || { echo "--nj ${_pool_n} x --ngpu ${ngpu:-1} needs ${need} GPUs;" \
+                "${#all[@]} visible (${all[*]}): lower --nj" >&2; exit 1; }
             _pool_gpus=("${all[@]}")
         fi
     fi
@@ -259,8 +260,8 @@ _pool_reap() {  # wait for one background job to end; free its slot, record a fa
         done
         wait "${pid}" || rc=$?
     fi
-    local name=${_pool_job[${pid}]} slot=${_pool_slot_of[${pid}]}
-    _pool_slots[slot]=
+    local name=${_pool_job[${pid}]} slot
+    for slot in "${!_pool_slots[@]}"; do [ "${_pool_slots[slot]}" != "${pid}" ] || _pool_slots[slot]=; done
     if [ "${rc}" -eq 0 ]; then
         local t0=${_pool_t0[${pid}]}
         log "  ${name}: done in $(( $(date +%s) - t0 )) s"
@@ -269,7 +270,7 @@ _pool_reap() {  # wait for one background job to end; free its slot, record a fa
         tail -n 25 "${_pool_dir}/${name}.log" >&2
         _pool_failed+=("${name}")
     fi
-    unset "_pool_job[${pid}]" "_pool_slot_of[${pid}]" "_pool_t0[${pid}]"
+    unset "_pool_job[${pid}]" "_pool_t0[${pid}]"
 }
 
 pool_run() {  # pool_run <name> <command...>
@@ -286,7 +287,7 @@ pool_run() {  # pool_run <name> <command...>
     local gpus=()
     [ ${#_pool_gpus[@]} -eq 0 ] || gpus=("CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${_pool_gpus[*]:slot * ${ngpu:-1}:${ngpu:-1}}")")
     ( [ ${#gpus[@]} -eq 0 ] || export "${gpus[@]}"; "$@" ) < /dev/null > "${_pool_dir}/${name}.log" 2>&1 &
-    _pool_slots[slot]=$! _pool_job[$!]=${name} _pool_slot_of[$!]=${slot} _pool_t0[$!]=$(date +%s)
+    _pool_slots[slot]=$! _pool_job[$!]=${name} _pool_t0[$!]=$(date +%s)
     log "  ${name}: started (job slot ${slot}${gpus:+, ${gpus[0]}}; log ${_pool_dir}/${name}.log)"
 }
 
