@@ -172,25 +172,33 @@ def build(variant, model_dir, vector_dir=None):
     return enc, [enc.lambdas.lam]
 
 
-def child(variant, model_dir, steps, warmup, profile=False, precision="fp32", vector_dir=None):
+def _head_optimizer_batch(model_dir, backbone_params):
+    """What every measured step trains beside the backbone, and its batch: (α, SER head, AdamW over backbone + α +
+    head, wavs, lens, labels), built after the backbone (the same RNG draws in every child)."""
     import torch
+    from transformers import WavLMConfig
+
     from lobes.ser_head import SERHead
     from lobes.weighted_sum import WeightedLayerSum
-
-    C.set_threads()
-    torch.manual_seed(0)
-    gc.collect()
-    rss_import = C.rss_bytes()
-    enc, backbone_params = build(variant, model_dir, vector_dir)
-    from transformers import WavLMConfig
 
     cfg = WavLMConfig.from_pretrained(model_dir)
     ws, head = WeightedLayerSum(cfg.num_hidden_layers), SERHead(cfg.hidden_size, 256, num_classes=8, dropout=0.0)
     opt = torch.optim.AdamW(backbone_params + list(ws.parameters()) + list(head.parameters()), lr=1e-5)
     g = torch.Generator().manual_seed(0)
     wavs = torch.randn(BATCH, int(SECONDS * SR), generator=g)
-    lens = torch.ones(BATCH)
     labels = torch.randint(0, 8, (BATCH,), generator=g)
+    return ws, head, opt, wavs, torch.ones(BATCH), labels
+
+
+def child(variant, model_dir, steps, warmup, profile=False, precision="fp32", vector_dir=None):
+    import torch
+
+    C.set_threads()
+    torch.manual_seed(0)
+    gc.collect()
+    rss_import = C.rss_bytes()
+    enc, backbone_params = build(variant, model_dir, vector_dir)
+    ws, head, opt, wavs, lens, labels = _head_optimizer_batch(model_dir, backbone_params)
     gc.collect()
     rss_built = C.rss_bytes()
     C.reset_peak_rss()
@@ -287,18 +295,11 @@ def memory_timeline(model_dir, variant, vector_dir=None):
     ``--child memory_timeline:lowrank_r32 --model-dir DIR``."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
-    from lobes.ser_head import SERHead
-    from lobes.weighted_sum import WeightedLayerSum
 
     C.set_threads()
     torch.manual_seed(0)
     enc, backbone_params = build(variant, model_dir, vector_dir)
-    num_layers, hidden_size = len(enc.model.encoder.layers), enc.model.config.hidden_size
-    ws, head = WeightedLayerSum(num_layers), SERHead(hidden_size, 256, num_classes=8, dropout=0.0)
-    opt = torch.optim.AdamW(backbone_params + list(ws.parameters()) + list(head.parameters()), lr=1e-5)
-    g = torch.Generator().manual_seed(0)
-    wavs, lens = torch.randn(BATCH, int(SECONDS * SR), generator=g), torch.ones(BATCH)
-    labels = torch.randint(0, 8, (BATCH,), generator=g)
+    ws, head, opt, wavs, lens, labels = _head_optimizer_batch(model_dir, backbone_params)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -375,18 +376,11 @@ def rss_timeline(model_dir, variant, vector_dir=None):
     import threading
 
     import torch
-    from lobes.ser_head import SERHead
-    from lobes.weighted_sum import WeightedLayerSum
 
     C.set_threads()
     torch.manual_seed(0)
     enc, backbone_params = build(variant, model_dir, vector_dir)
-    ws = WeightedLayerSum(len(enc.model.encoder.layers))
-    head = SERHead(enc.model.config.hidden_size, 256, num_classes=8, dropout=0.0)
-    opt = torch.optim.AdamW(backbone_params + list(ws.parameters()) + list(head.parameters()), lr=1e-5)
-    g = torch.Generator().manual_seed(0)
-    wavs, lens = torch.randn(BATCH, int(SECONDS * SR), generator=g), torch.ones(BATCH)
-    labels = torch.randint(0, 8, (BATCH,), generator=g)
+    ws, head, opt, wavs, lens, labels = _head_optimizer_batch(model_dir, backbone_params)
     marks, samples, stop = [], [], threading.Event()
 
     def mark(name):
